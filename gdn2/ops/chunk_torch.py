@@ -1,0 +1,128 @@
+r"""Chunkwise (WY) GDN-2 in pure PyTorch: any device, autograd through torch ops.
+
+Within a chunk of C tokens (index r = 1..C, all products elementwise over the K key channels):
+
+    G_r = sum_{i<=r} g_i,   gamma_r = exp(G_r)
+    e_r = gamma_r * b_r * k_r                        (erase factor, decay absorbed)
+    z_r = w_r * v_r                                  (write factor)
+    T_rs = sum_d b_rd k_rd k_sd exp(G_rd - G_sd)     for s < r (strictly lower), A = (I + T)^-1
+    Y = A E,  U = A Z                                (one triangular solve serves both)
+    R = U - Y S_0                                    (the corrected writes; S_0 = state entering the chunk)
+    O = Q_gamma S_0 + A_qk R,   Q_gamma_r = scale * gamma_r * q_r,
+                                (A_qk)_rs = scale * sum_d q_rd k_sd exp(G_rd - G_sd)  for s <= r
+    S_C = Diag(gamma_C) S_0 + K_tail^T R,   K_tail_r = exp(G_C - G_r) * k_r
+
+Exponents are always formed as differences G_r - G_s (masked to -inf above the diagonal before exp), never as
+gamma_r / gamma_s, so nothing overflows however strong the decay. Everything runs in fp32 (float64 for float64
+inputs); the state is carried in that dtype. Padding a sequence at its end with k = v = 0, g = 0 is exact.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gdn2.ops.naive import check_gdn2_inputs, compute_dtype, expand_key_heads, l2norm, sequence_bounds
+
+CHUNK_SIZE = 64
+# Upper bound on elements of the [.., C, C, K] decay-difference tensor built at once (bounds peak memory).
+_PAIRWISE_BUDGET = 1 << 25
+
+
+def _pad_to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, NC, C, D], zero-padding T up to a multiple of the chunk length."""
+    T = x.shape[1]
+    pad = (-T) % chunk
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+    B, Tp, H, D = x.shape
+    return x.reshape(B, Tp // chunk, chunk, H, D).permute(0, 3, 1, 2, 4)
+
+
+def _pairwise_decayed_products(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool):
+    """M_rs = sum_d left_rd right_sd exp(G_rd - G_sd) for s < r (s <= r if inclusive), else 0.
+
+    left, right, G: [..., C, K] -> [..., C, C]. Built in slices of the leading axes to bound memory.
+    """
+    C, K = G.shape[-2:]
+    lead = G.shape[:-2]
+    flat = [x.reshape(-1, C, K) for x in (left, right, G)]
+    mask = torch.ones(C, C, dtype=torch.bool, device=G.device).tril(0 if inclusive else -1)
+    step = max(1, _PAIRWISE_BUDGET // (C * C * K))
+    parts = []
+    for i in range(0, flat[0].shape[0], step):
+        lf, rt, g = (x[i:i + step] for x in flat)
+        diff = g[:, :, None, :] - g[:, None, :, :]                              # [n, C(r), C(s), K]
+        decay = torch.where(mask[None, :, :, None], diff, diff.new_tensor(float("-inf"))).exp()
+        parts.append(torch.einsum("nrk,nsk,nrsk->nrs", lf, rt, decay))
+    return torch.cat(parts).reshape(*lead, C, C)
+
+
+def _chunk_gdn2_one(q, k, v, g, b, w, scale: float, state: torch.Tensor, chunk: int):
+    """One sequence batch, already in the accumulation dtype. q, k, g, b [B, T, Hv, K]; v, w [B, T, Hv, V];
+    state [B, Hv, K, V]. Returns o [B, T, Hv, V] and the final state."""
+    T = q.shape[1]
+    qc, kc, vc, gc, bc, wc = (_pad_to_chunks(x, chunk) for x in (q, k, v, g, b, w))   # [B, H, NC, C, D]
+    G = gc.cumsum(-2)
+    gamma = G.exp()
+    erase = gamma * bc * kc
+    write = wc * vc
+    strict_lower = _pairwise_decayed_products(bc * kc, kc, G, inclusive=False)
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    Y, U = torch.linalg.solve_triangular(
+        eye + strict_lower, torch.cat([erase, write], -1), upper=False, unitriangular=True
+    ).split([erase.shape[-1], write.shape[-1]], -1)
+    A_qk = _pairwise_decayed_products(qc * scale, kc, G, inclusive=True)
+    q_gamma = qc * scale * gamma
+    k_tail = (G[..., -1:, :] - G).exp() * kc
+    gamma_last = gamma[..., -1, :]
+
+    outputs = []
+    for n in range(qc.shape[2]):
+        R = U[:, :, n] - Y[:, :, n] @ state
+        outputs.append(q_gamma[:, :, n] @ state + A_qk[:, :, n] @ R)
+        state = gamma_last[:, :, n, :, None] * state + k_tail[:, :, n].transpose(-1, -2) @ R
+    o = torch.stack(outputs, 2)                                                    # [B, H, NC, C, V]
+    o = o.permute(0, 2, 3, 1, 4).reshape(q.shape[0], -1, o.shape[1], o.shape[-1])[:, :T]
+    return o, state
+
+
+def torch_chunk_gdn2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise GDN-2 (shapes as in naive_recurrent_gdn2). Returns o [B, T, Hv, V] and final state [N, Hv, K, V]."""
+    N = check_gdn2_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    Hv, V = v.shape[2], v.shape[3]
+    out_dtype = v.dtype
+    acc = compute_dtype(out_dtype)
+    scale = K ** -0.5 if scale is None else scale
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    q, k, g, b = (expand_key_heads(x, Hv).to(acc) for x in (q, k, g, b))
+    v, w = v.to(acc), w.to(acc)
+    if initial_state is None:
+        initial_state = q.new_zeros(N, Hv, K, V)
+    initial_state = initial_state.to(acc)
+
+    if cu_seqlens is None:
+        o, final_state = _chunk_gdn2_one(q, k, v, g, b, w, scale, initial_state, chunk_size)
+    else:
+        pieces, states = [], []
+        for n, (_, start, end) in enumerate(sequence_bounds(cu_seqlens, B, T)):
+            seg = [x[:, start:end] for x in (q, k, v, g, b, w)]
+            o_n, s_n = _chunk_gdn2_one(*seg, scale, initial_state[n:n + 1], chunk_size)
+            pieces.append(o_n)
+            states.append(s_n)
+        o, final_state = torch.cat(pieces, 1), torch.cat(states)
+    return o.to(out_dtype), (final_state if output_final_state else None)
