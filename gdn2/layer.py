@@ -1,0 +1,178 @@
+"""The GDN-2 token mixer (as in the official code; parameter names match it and fla's GatedDeltaNet2).
+
+x [B, T, d] -> q, k = L2norm(SiLU(conv(W_q x))), SiLU(conv(W_k x))   [B, T, H, K]
+               v = SiLU(conv(W_v x))                                 [B, T, Hv, V]
+               g = -exp(A_log) * softplus(f_proj(x) + dt_bias)       [B, T, H, K]  (fp32, low-rank f_proj)
+               b = sigmoid(b_proj x) (x2 if allow_neg_eigval),  w = sigmoid(w_proj x)
+            o = GDN-2(q, k, v, g, b, w);  y = o_proj(RMSNorm(o) * act(g_proj x)),  act = SiLU (or sigmoid)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
+
+# Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
+RECURRENT_MAX_TOKENS = 16
+
+
+@dataclass
+class GDN2LayerState:
+    """What one GDN-2 mixer carries between calls.
+
+    recurrent_state: [B, Hv, K, V] fp32.  conv_states: (q, k, v) inputs of the last conv_size - 1 tokens,
+    each [B, D, conv_size - 1] with D = H*K, H*K, Hv*V (None without short convs).
+    """
+
+    recurrent_state: torch.Tensor
+    conv_states: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal conv over time followed by SiLU. weight [D, 1, W] (nn.Conv1d's layout and fla's)."""
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False):
+        super().__init__()
+        self.hidden_size, self.kernel_size = hidden_size, kernel_size
+        self.weight = nn.Parameter(torch.empty(hidden_size, 1, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D], cache [B, D, W-1] (the previous inputs; zeros when None) -> (y [B, T, D], new cache)."""
+        B, T, D = x.shape
+        xt = x.transpose(1, 2)
+        if cache is None:
+            cache = xt.new_zeros(B, D, self.kernel_size - 1)
+        padded = torch.cat([cache.to(xt.dtype), xt], dim=-1)                 # [B, D, W-1+T]
+        y = F.conv1d(padded, self.weight.to(xt.dtype), self.bias, groups=D)  # [B, D, T]
+        new_cache = padded[..., padded.shape[-1] - (self.kernel_size - 1):]
+        return F.silu(y.transpose(1, 2)), new_cache
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over the last axis (one weight shared by heads) times act(gate). Computed in fp32."""
+
+    def __init__(self, dim: int, eps: float, activation: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        act = F.silu if self.activation == "silu" else torch.sigmoid
+        return (y * act(gate.float())).to(x.dtype)
+
+
+class GatedDeltaNet2(nn.Module):
+    """GDN-2 mixer. Shapes: x [B, T, hidden_size] -> [B, T, hidden_size]."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        expand_v: float = 1.0,
+        num_v_heads: int | None = None,
+        conv_size: int = 4,
+        use_short_conv: bool = True,
+        allow_neg_eigval: bool = False,
+        output_gate_activation: str = "silu",
+        norm_eps: float = 1e-5,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        self.head_k_dim = head_dim
+        self.head_v_dim = int(head_dim * expand_v)
+        self.key_dim = self.num_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.use_short_conv = use_short_conv
+        self.allow_neg_eigval = allow_neg_eigval
+        self.conv_size = conv_size
+        self.layer_idx = layer_idx
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size)
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size)
+            self.v_conv1d = ShortConvolution(self.value_dim, conv_size)
+        self.f_proj = nn.Sequential(
+            nn.Linear(hidden_size, self.head_v_dim, bias=False),
+            nn.Linear(self.head_v_dim, self.key_dim, bias=False),
+        )
+        self.b_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.w_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.A_log._no_weight_decay = True
+        self.dt_bias = nn.Parameter(torch.empty(self.key_dim, dtype=torch.float32))
+        self.dt_bias._no_weight_decay = True
+        self.g_proj = nn.Sequential(
+            nn.Linear(hidden_size, self.head_v_dim, bias=False),
+            nn.Linear(self.head_v_dim, self.value_dim, bias=True),
+        )
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps, activation=output_gate_activation)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Official init: Xavier-uniform (gain 2^-2.5) linears, zero biases, A ~ U(1, 16), dt ~ logU(1e-3, 1e-1)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight, gain=2 ** -2.5)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        log_dt = torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)
+        dt = log_dt.exp().clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))                  # inverse softplus
+
+    def _conv(self, name: str, x: torch.Tensor, cache: torch.Tensor | None):
+        if not self.use_short_conv:
+            return F.silu(x), None
+        return getattr(self, f"{name}_conv1d")(x, cache)
+
+    def forward(
+        self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False
+    ) -> tuple[torch.Tensor, GDN2LayerState | None]:
+        """hidden_states [B, T, d]; state: the carried state (None at the start of a sequence).
+        Returns y [B, T, d] and the state after the last token (when use_cache, else None)."""
+        B, T, _ = hidden_states.shape
+        conv_in = state.conv_states if (state is not None and state.conv_states is not None) else (None,) * 3
+        q, cq = self._conv("q", self.q_proj(hidden_states), conv_in[0])
+        k, ck = self._conv("k", self.k_proj(hidden_states), conv_in[1])
+        v, cv = self._conv("v", self.v_proj(hidden_states), conv_in[2])
+        g = -self.A_log.float().exp().repeat_interleave(self.head_k_dim) * F.softplus(
+            self.f_proj(hidden_states).float() + self.dt_bias
+        )
+        b = self.b_proj(hidden_states).sigmoid()
+        if self.allow_neg_eigval:
+            b = b * 2.0
+        w = self.w_proj(hidden_states).sigmoid()
+
+        q, k, g, b = (x.reshape(B, T, self.num_heads, self.head_k_dim) for x in (q, k, g, b))
+        v, w = (x.reshape(B, T, self.num_v_heads, self.head_v_dim) for x in (v, w))
+        previous = state.recurrent_state if state is not None else None
+        if previous is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
+            recurrent = previous if use_cache else previous.clone()
+            o, recurrent = recurrent_step_gdn2(q, k, v, g, b, w, recurrent, use_qk_l2norm_in_kernel=True)
+        else:
+            o, recurrent = chunk_gdn2(
+                q, k, v, g, b, w, initial_state=previous, output_final_state=use_cache, use_qk_l2norm_in_kernel=True
+            )
+        gate = self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
+        y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.value_dim))
+        new_state = GDN2LayerState(recurrent, (cq, ck, cv) if self.use_short_conv else None) if use_cache else None
+        return y, new_state

@@ -1,0 +1,269 @@
+"""GDN-2 causal language model (transformers PreTrainedModel; module names follow fla's models).
+
+model.embeddings -> L x [ x += attn(attn_norm(x));  x += mlp(mlp_norm(x)) ] -> model.norm -> lm_head (untied)
+where attn is the GDN-2 mixer (gdn2/layer.py) and mlp a SwiGLU MLP. Decoding carries a GDN2Cache: per layer the
+fp32 recurrent state [B, Hv, K, V] and the short-conv inputs, O(1) memory per generated token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from gdn2.configuration import GDN2Config
+from gdn2.layer import GatedDeltaNet2, GDN2LayerState
+
+
+class GDN2Cache(Cache):
+    """Recurrent cache: one GDN2LayerState per layer (None until the layer has run) and the tokens seen so far."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[])
+        self.states: list[GDN2LayerState | None] = [None] * num_layers
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __repr__(self) -> str:
+        return f"GDN2Cache(layers={len(self.states)}, seen_tokens={self.seen_tokens})"
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search)."""
+        for state in self.states:
+            if state is None:
+                continue
+            idx = beam_idx.to(state.recurrent_state.device)
+            state.recurrent_state = state.recurrent_state.index_select(0, idx)
+            if state.conv_states is not None:
+                state.conv_states = tuple(c.index_select(0, idx) for c in state.conv_states)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the cache (constant in the sequence length)."""
+        total = 0
+        for state in self.states:
+            if state is not None:
+                tensors = [state.recurrent_state, *(state.conv_states or ())]
+                total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GDN2Block(nn.Module):
+    """Pre-norm block: x += mixer(norm(x)); x += mlp(norm(x))."""
+
+    def __init__(self, config: GDN2Config, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = GatedDeltaNet2(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            head_dim=config.head_dim,
+            expand_v=config.expand_v,
+            num_v_heads=config.num_v_heads,
+            conv_size=config.conv_size,
+            use_short_conv=config.use_short_conv,
+            allow_neg_eigval=config.allow_neg_eigval,
+            output_gate_activation=config.output_gate_activation,
+            norm_eps=config.norm_eps,
+            layer_idx=layer_idx,
+        )
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, state: GDN2LayerState | None, use_cache: bool):
+        mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache)
+        x = x + mixed
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, new_state
+
+
+class GDN2PreTrainedModel(PreTrainedModel):
+    config_class = GDN2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["GDN2Block"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Embeddings, head and MLP: N(0, initializer_range); mixers keep their own (official) init."""
+        if isinstance(module, GatedDeltaNet2):
+            module.reset_parameters()
+            for sub in module.modules():
+                sub._is_hf_initialized = True
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        elif isinstance(module, nn.Linear) and not getattr(module, "_is_hf_initialized", False):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (RMSNorm,)):
+            nn.init.ones_(module.weight)
+
+
+class GDN2Model(GDN2PreTrainedModel):
+    def __init__(self, config: GDN2Config):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([GDN2Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: GDN2Cache | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids [B, T] (or inputs_embeds [B, T, d]). attention_mask, if given, must be all ones: padding is
+        not supported because padded tokens would flow into the recurrent state."""
+        _reject_unused(kwargs)
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "GDN-2 does not take padded batches (padding would enter the recurrent state): "
+                "run sequences of different lengths one by one or pack them with cu_seqlens"
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = GDN2Cache(len(self.layers))
+        if past_key_values is not None and not isinstance(past_key_values, GDN2Cache):
+            raise TypeError(f"past_key_values must be a GDN2Cache; got {type(past_key_values).__name__}")
+        for i, layer in enumerate(self.layers):
+            state = past_key_values.states[i] if past_key_values is not None else None
+            x, new_state = layer(x, state, use_cache)
+            if use_cache:
+                past_key_values.states[i] = new_state
+        if use_cache:
+            past_key_values.seen_tokens += x.shape[1]
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+
+
+# Arguments transformers' generate() passes that a recurrent model has no use for.
+_GENERATE_KWARGS = {"position_ids", "cache_position", "return_dict", "output_attentions", "output_hidden_states"}
+
+
+def _reject_unused(kwargs: dict) -> None:
+    unknown = set(kwargs) - _GENERATE_KWARGS
+    if unknown:
+        raise TypeError(f"unexpected arguments {sorted(unknown)}")
+
+
+class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
+    _tied_weights_keys: list[str] = []
+
+    def __init__(self, config: GDN2Config):
+        super().__init__(config)
+        self.model = GDN2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own GDN2Cache
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: GDN2Cache | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits [B, T, vocab] (fp32-upcast is left to the caller); loss when labels [B, T] are given (shifted
+        inside, -100 ignored). logits_to_keep > 0 computes only the last that many positions' logits."""
+        out = self.model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+            use_cache=use_cache, attention_mask=attention_mask, **kwargs,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, use_cache=True, **kwargs):
+        """Feed only the tokens the cache has not seen yet."""
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            input_ids = input_ids[:, past_key_values.get_seq_length():]
+            inputs_embeds = None
+        inputs = {"past_key_values": past_key_values, "use_cache": use_cache}
+        if inputs_embeds is not None:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids.contiguous()
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
