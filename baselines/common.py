@@ -1,0 +1,297 @@
+"""Pure-PyTorch pieces the baseline reference paths share (CPU-capable; parameter names follow fla's modules).
+
+The API is small on purpose; every mixer here and in the family modules follows one protocol:
+
+    mixer(hidden_states [B, T, d], state: <layer state> | None, use_cache: bool) -> (y [B, T, d], new_state | None)
+
+where the layer state is whatever that mixer needs to continue a sequence (None at its start) and new_state is
+returned only when use_cache is True. A `LayerStates` cache holds one such state per layer.
+
+Exports
+- RMSNorm(dim, eps)                          weight [dim]; fp32 compute            (gdn2.modeling)
+- GatedRMSNorm(dim, eps, activation)         RMSNorm(x) * act(gate); "silu"/"swish"/"sigmoid" (gdn2.layer)
+- ShortConvolution(D, kernel_size, bias)     depthwise causal conv + SiLU with a carried cache [B, D, W-1]
+                                             (weight [D, 1, W], bias [D]: nn.Conv1d's and fla's layout) (gdn2.layer)
+- SwiGLUMLP(d, intermediate)                 gate_proj / up_proj / down_proj, no biases (gdn2.modeling)
+- swiglu_width(d, hidden_ratio)              fla's GatedMLP default width (2/3 * ratio * d, rounded up to 256)
+- gate_activation(name)                      "swish" | "silu" -> "silu", "sigmoid" -> "sigmoid" (else ValueError)
+- apply_rotary(x, positions, base)           GPT-NeoX (half-split, non-interleaved) RoPE, as fla's RotaryEmbedding
+- SlidingWindowAttention(...)                fla's Attention layer (q_proj, k_proj, v_proj, o_proj; GQA; RoPE;
+                                             optional window) with a windowed KV cache: AttentionState
+- PreNormBlock(attn_norm, attn, mlp_norm, mlp)    x += attn(attn_norm(x)); x += mlp(mlp_norm(x))
+- LayerStates(num_layers)                    the generic cache: .states[i], .seen_tokens, get_seq_length()
+- MixerStackLM(...)                          model.embeddings / model.layers / model.norm / lm_head shell with the
+                                             transformers calling convention EvalModel uses
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gdn2.layer import ShortConvolution as ShortConvolution  # noqa: F401  (re-exported)
+from gdn2.layer import GatedRMSNorm as _GDN2GatedRMSNorm
+from gdn2.modeling import RMSNorm as RMSNorm  # noqa: F401  (re-exported)
+from gdn2.modeling import SwiGLUMLP as SwiGLUMLP  # noqa: F401  (re-exported)
+
+__all__ = [
+    "RMSNorm", "GatedRMSNorm", "ShortConvolution", "SwiGLUMLP", "swiglu_width", "gate_activation", "apply_rotary",
+    "AttentionState", "SlidingWindowAttention", "PreNormBlock", "LayerStates", "MixerStackLM", "LMOutput",
+]
+
+
+def gate_activation(name: str) -> str:
+    """fla's output-gate activation names -> ours: 'swish'/'silu' -> 'silu', 'sigmoid' -> 'sigmoid'."""
+    if name in ("swish", "silu"):
+        return "silu"
+    if name == "sigmoid":
+        return "sigmoid"
+    raise ValueError(f"output gate activation must be 'swish', 'silu' or 'sigmoid'; got {name!r}")
+
+
+class GatedRMSNorm(_GDN2GatedRMSNorm):
+    """RMSNorm over the last axis times act(gate), fp32 compute; accepts fla's activation names."""
+
+    def __init__(self, dim: int, eps: float, activation: str = "swish"):
+        super().__init__(dim, eps=eps, activation=gate_activation(activation))
+
+
+def swiglu_width(hidden_size: int, hidden_ratio: float | None = 4, intermediate_size: int | None = None) -> int:
+    """fla GatedMLP's width: intermediate_size if given, else 2/3 * hidden_ratio * d rounded up to a multiple of 256."""
+    if intermediate_size is not None:
+        return int(intermediate_size)
+    width = int(hidden_size * (4 if hidden_ratio is None else hidden_ratio) * 2 / 3)
+    return 256 * ((width + 255) // 256)
+
+
+# ------------------------------------------------------------------------------------------ attention
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE on x [B, T, H, D] at integer positions [T]: half-split (GPT-NeoX) layout, fp32 angles."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None]            # [T, D/2]
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[None, :, None, :]
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[None, :, None, :]
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class AttentionState:
+    """What an attention layer carries: RoPE'd keys and values of the last tokens it may still attend to.
+
+    keys, values: [B, S, Hkv, D] (S <= window_size - 1 for a windowed layer; all past tokens otherwise);
+    position: how many tokens the layer has seen (the next token's RoPE position).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    position: int
+
+
+class SlidingWindowAttention(nn.Module):
+    """Causal softmax attention with RoPE and an optional sliding window (fla's Attention layer, in torch).
+
+    Parameter names and shapes as fla.layers.attn.Attention: q_proj [d, d], k_proj / v_proj [Hkv*D, d]
+    (bias when qkv_bias), o_proj [d, d]; D = d // num_heads. Query t attends to keys t - window_size + 1 .. t
+    (flash-attn's window (window_size - 1, 0)); window_size None means full causal attention.
+    """
+
+    QUERY_BLOCK = 1024  # queries per block in prefill, so memory stays O(block * (block + window))
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, qkv_bias: bool = False,
+                 window_size: int | None = None, rope_theta: float = 10000.0, layer_idx: int | None = None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % self.num_kv_heads != 0 or hidden_size % num_heads != 0:
+            raise ValueError(f"attention needs num_heads={num_heads} to divide hidden_size={hidden_size} and to be a "
+                             f"multiple of num_kv_heads={self.num_kv_heads}")
+        self.head_dim = hidden_size // num_heads
+        self.kv_dim = self.num_kv_heads * self.head_dim
+        self.window_size = window_size
+        self.rope_theta = float(rope_theta)
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, self.kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, self.kv_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def state_floats(self) -> int:
+        """KV-cache floats this layer holds at most (window_size keys and values); 0 for unbounded (full)."""
+        return 0 if self.window_size is None else 2 * self.window_size * self.kv_dim
+
+    def forward(self, hidden_states: torch.Tensor, state: AttentionState | None = None, use_cache: bool = False):
+        B, T, _ = hidden_states.shape
+        D = self.head_dim
+        start = 0 if state is None else state.position
+        positions = torch.arange(start, start + T, device=hidden_states.device)
+        q = apply_rotary(self.q_proj(hidden_states).view(B, T, self.num_heads, D), positions, self.rope_theta)
+        k = apply_rotary(self.k_proj(hidden_states).view(B, T, self.num_kv_heads, D), positions, self.rope_theta)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, D)
+        if state is not None:
+            k_all, v_all = torch.cat([state.keys.to(k.dtype), k], 1), torch.cat([state.values.to(v.dtype), v], 1)
+        else:
+            k_all, v_all = k, v
+        past = k_all.shape[1] - T                                   # cached keys sit at positions start-past..start-1
+        key_pos = torch.arange(start - past, start + T, device=hidden_states.device)
+        group = self.num_heads // self.num_kv_heads
+        kh = k_all.repeat_interleave(group, 2).transpose(1, 2)      # [B, H, S, D]
+        vh = v_all.repeat_interleave(group, 2).transpose(1, 2)
+        outputs = []
+        for a in range(0, T, self.QUERY_BLOCK):
+            b = min(a + self.QUERY_BLOCK, T)
+            qpos = positions[a:b]
+            lo = 0 if self.window_size is None else max(0, past + a - self.window_size + 1)
+            hi = past + b
+            allowed = key_pos[None, lo:hi] <= qpos[:, None]
+            if self.window_size is not None:
+                allowed &= key_pos[None, lo:hi] > qpos[:, None] - self.window_size
+            o = F.scaled_dot_product_attention(q[:, a:b].transpose(1, 2), kh[:, :, lo:hi], vh[:, :, lo:hi],
+                                               attn_mask=allowed)
+            outputs.append(o.transpose(1, 2))
+        y = self.o_proj(torch.cat(outputs, 1).reshape(B, T, self.hidden_size))
+        new_state = None
+        if use_cache:
+            keep = k_all.shape[1] if self.window_size is None else self.window_size - 1
+            keep = min(keep, k_all.shape[1])
+            new_state = AttentionState(k_all[:, k_all.shape[1] - keep:], v_all[:, v_all.shape[1] - keep:], start + T)
+        return y, new_state
+
+
+# ------------------------------------------------------------------------------------------ blocks and the LM shell
+class PreNormBlock(nn.Module):
+    """x += attn(attn_norm(x)); x += mlp(mlp_norm(x)) (fla's block layout and names). mlp may be None."""
+
+    def __init__(self, attn_norm: nn.Module, attn: nn.Module, mlp_norm: nn.Module | None, mlp: nn.Module | None):
+        super().__init__()
+        self.attn_norm, self.attn = attn_norm, attn
+        if mlp is not None:
+            self.mlp_norm, self.mlp = mlp_norm, mlp
+        else:
+            self.mlp = None
+
+    def forward(self, x: torch.Tensor, state: Any, use_cache: bool):
+        mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache)
+        x = x + mixed
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, new_state
+
+
+class LayerStates:
+    """The generic cache of a mixer stack: states[i] is what layer i returned last (None before it ran),
+    seen_tokens counts the tokens fed so far. Memory is O(1) in the sequence for recurrent layers and
+    O(window) for sliding-window attention."""
+
+    def __init__(self, num_layers: int):
+        self.states: list[Any] = [None] * num_layers
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.seen_tokens
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __repr__(self) -> str:
+        return f"LayerStates(layers={len(self.states)}, seen_tokens={self.seen_tokens})"
+
+    def state_bytes(self) -> int:
+        """Bytes held by every tensor in the cache."""
+        return sum(t.numel() * t.element_size() for t in _tensors(self.states))
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    return []
+
+
+@dataclass
+class LMOutput:
+    """What the LM shell returns: logits [B, T', vocab] and the cache (LayerStates or None)."""
+
+    logits: torch.Tensor
+    past_key_values: LayerStates | None = None
+    loss: torch.Tensor | None = None
+
+
+class _Backbone(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, layers: Sequence[nn.Module], norm: nn.Module):
+        super().__init__()
+        self.embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+
+class MixerStackLM(nn.Module):
+    """model.embeddings -> model.layers (each `layer(x, state, use_cache) -> (x, state)`) -> model.norm -> lm_head.
+
+    The state-dict names are those of fla's *ForCausalLM models (model.embeddings.weight, model.layers.N...,
+    model.norm.weight, lm_head.weight). tie_word_embeddings shares lm_head.weight with the embeddings (and then
+    lm_head.weight is not a separate entry to load). `config` is kept for description (any object).
+    Call convention (what EvalModel uses):
+        lm(input_ids [B, T], past_key_values=LayerStates | None, use_cache=bool, logits_to_keep=int) -> LMOutput
+    """
+
+    def __init__(self, config: Any, vocab_size: int, hidden_size: int, layers: Sequence[nn.Module],
+                 norm: nn.Module, tie_word_embeddings: bool = False):
+        super().__init__()
+        self.config = config
+        self.model = _Backbone(vocab_size, hidden_size, layers, norm)
+        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.tie_word_embeddings = tie_word_embeddings
+        if tie_word_embeddings:
+            self.lm_head.weight = self.model.embeddings.weight
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embeddings
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: LayerStates | None = None,
+                use_cache: bool = False, logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **unused) -> LMOutput:
+        """input_ids [B, T]; attention_mask, if given, must be all ones (padding would enter the state)."""
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("padded batches are not supported (padding would enter the recurrent state); "
+                             "run sequences one by one")
+        unknown = set(unused) - {"position_ids", "cache_position", "return_dict", "output_attentions",
+                                 "output_hidden_states"}
+        if unknown:
+            raise TypeError(f"unexpected arguments {sorted(unknown)}")
+        if use_cache and past_key_values is None:
+            past_key_values = LayerStates(len(self.model.layers))
+        if past_key_values is not None and not isinstance(past_key_values, LayerStates):
+            raise TypeError(f"past_key_values must be a LayerStates; got {type(past_key_values).__name__}")
+        x = self.model.embeddings(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            state = past_key_values.states[i] if past_key_values is not None else None
+            x, new_state = layer(x, state, use_cache)
+            if use_cache:
+                past_key_values.states[i] = new_state
+        if use_cache:
+            past_key_values.seen_tokens += input_ids.shape[1]
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return LMOutput(logits=logits, past_key_values=past_key_values if use_cache else None, loss=loss)
