@@ -1,0 +1,135 @@
+"""GDN-2 layer and causal LM: decoding equals the full forward, save/load, parameter counts, registration."""
+import pytest
+import torch
+
+import gdn2
+from gdn2 import GDN2Config, GDN2ForCausalLM, named_config
+from gdn2.layer import GatedDeltaNet2
+
+
+def tiny_model(seed=0, **overrides) -> GDN2ForCausalLM:
+    torch.manual_seed(seed)
+    config = named_config("gdn2-tiny", vocab_size=97, **overrides)
+    return GDN2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_v_heads": 4}, {"output_gate_activation": "sigmoid"}])
+def test_prefill_then_decode_equals_full_forward(overrides):
+    model = tiny_model(**overrides)
+    ids = torch.randint(0, 97, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :70], use_cache=True)            # chunkwise prefill over more than one chunk
+        cache, pieces = out.past_key_values, [out.logits]
+        for t in range(70, 150):                              # then one token at a time
+            step = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            pieces.append(step.logits)
+    assert cache.get_seq_length() == 150
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_memory_is_constant_per_token():
+    model = tiny_model()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 97, (1, 10)), use_cache=True).past_key_values
+        before = cache.state_bytes()
+        for _ in range(20):
+            cache = model(torch.randint(0, 97, (1, 1)), past_key_values=cache, use_cache=True).past_key_values
+    assert cache.state_bytes() == before
+
+
+def test_generate_is_greedy_decoding_with_the_cache():
+    model = tiny_model()
+    prompt = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
+    generated = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, seq)
+
+
+def test_save_load_round_trip(tmp_path):
+    gdn2.register()
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(num_v_heads=4, output_gate_activation="sigmoid")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, GDN2ForCausalLM) and loaded.config.output_gate_activation == "sigmoid"
+    ids = torch.randint(0, 97, (1, 80))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_register_leaves_fla_registrations_alone():
+    pytest.importorskip("fla.models", reason="fla is an optional GPU extra")
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    import fla.models  # noqa: F401  (fla registers its model types at import)
+
+    before = CONFIG_MAPPING["gated_deltanet"]
+    gdn2.register()
+    gdn2.register()  # idempotent
+    assert CONFIG_MAPPING["gated_deltanet"] is before
+    assert type(AutoConfig.for_model("gdn2")) is GDN2Config
+
+
+def test_paper_config_parameter_counts_on_meta():
+    with torch.device("meta"):
+        model = GDN2ForCausalLM(named_config("gdn2-1.3B"))
+    assert sum(p.numel() for p in model.model.layers.parameters()) == 1_302_638_112
+    assert sum(p.numel() for p in model.model.layers[0].attn.parameters()) == 29_454_480
+    assert model.config.state_floats_per_layer() == 16 * 128 * 128 == 262_144
+
+
+def test_mixer_init_follows_the_official_code():
+    torch.manual_seed(0)
+    layer = GatedDeltaNet2(hidden_size=256, num_heads=4, head_dim=64)
+    bound = 2 ** -2.5 * (6 / (256 + 256)) ** 0.5          # xavier-uniform bound for q_proj (256 -> 256)
+    assert layer.q_proj.weight.abs().max() <= bound and layer.q_proj.weight.abs().max() > 0.9 * bound
+    assert torch.all(layer.g_proj[1].bias == 0)
+    A = layer.A_log.exp()
+    assert A.min() >= 1 and A.max() <= 16
+    dt = torch.nn.functional.softplus(layer.dt_bias)
+    assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 0.1 * 1.001
+    assert layer.A_log.dtype == torch.float32 and layer.dt_bias.dtype == torch.float32
+
+
+def test_output_gate_activation_changes_the_output():
+    torch.manual_seed(0)
+    silu = GatedDeltaNet2(hidden_size=64, num_heads=2, head_dim=16, output_gate_activation="silu")
+    sigm = GatedDeltaNet2(hidden_size=64, num_heads=2, head_dim=16, output_gate_activation="sigmoid")
+    sigm.load_state_dict(silu.state_dict())
+    x = torch.randn(1, 10, 64)
+    ys, _ = silu(x)
+    yg, _ = sigm(x)
+    assert not torch.allclose(ys, yg)
+    with pytest.raises(ValueError, match="output_gate_activation"):
+        GDN2Config(output_gate_activation="relu")
+
+
+def test_padding_is_refused_not_leaked_into_state():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="padded"):
+        model(ids, attention_mask=mask)
+
+
+def test_a_training_step_lowers_the_loss():
+    # a training step is another use of the same model code: fit one short batch
+    model = tiny_model().train()
+    ids = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
