@@ -25,6 +25,10 @@ class ContextTooLongError(ValueError):
     """A request longer than the model's hard context limit."""
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """The model produced NaN or Inf logits (raised only when EvalModel.check_finite is on; the runner records it)."""
+
+
 @dataclass
 class EvalModel:
     """A loaded model behind the common interface.
@@ -48,6 +52,8 @@ class EvalModel:
     trained_length: int | None = None
     allow_longer_context: bool = False
     info: dict = field(default_factory=dict)
+    segment: int = DEFAULT_SEGMENT      # default segment length for long inputs (the runner halves it after an OOM)
+    check_finite: bool = False          # raise NonFiniteLogitsError when a forward pass returns NaN/Inf logits
 
     # ---------------------------------------------------------------- sizes
     def state_floats_per_layer(self) -> int:
@@ -90,15 +96,19 @@ class EvalModel:
     # ---------------------------------------------------------------- forward
     def _forward(self, ids: torch.Tensor, cache, keep: int):
         out = self.lm(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        if self.check_finite and not bool(torch.isfinite(out.logits).all()):
+            raise NonFiniteLogitsError(f"{self.name}: NaN/Inf in the logits of a forward pass over {ids.shape[1]} tokens")
         return out.logits, out.past_key_values
 
     @torch.no_grad()
-    def token_logprobs(self, ids: Sequence[int], score_from: int = 1, segment: int = DEFAULT_SEGMENT):
+    def token_logprobs(self, ids: Sequence[int], score_from: int = 1, segment: int | None = None):
         """log p(ids[t] | ids[:t]) and whether ids[t] is the argmax, for t in [score_from, len(ids)).
 
         The sequence runs in segments of `segment` tokens with the cache carried, so memory stays bounded and only
-        the scored positions' logits are kept. Returns (logprobs [n] float64 CPU, greedy [n] bool CPU).
+        the scored positions' logits are kept (segment None: self.segment). Returns (logprobs [n] float64 CPU,
+        greedy [n] bool CPU).
         """
+        segment = segment or self.segment
         if not 1 <= score_from <= len(ids) - 1:
             raise ValueError(f"score_from must be in [1, {len(ids) - 1}] for {len(ids)} tokens; got {score_from}")
         self.check_length(len(ids))
@@ -154,8 +164,10 @@ class EvalModel:
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
-                     segment: int = DEFAULT_SEGMENT) -> list[int]:
-        """Greedy decoding: chunkwise prefill in segments, then one token at a time with the state carried."""
+                     segment: int | None = None) -> list[int]:
+        """Greedy decoding: chunkwise prefill in segments (None: self.segment), then one token at a time with the
+        state carried."""
+        segment = segment or self.segment
         self.check_length(len(prompt_ids) + max_new_tokens)
         tokens = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)[None]
         cache, logits = None, None
