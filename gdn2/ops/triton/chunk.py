@@ -1,0 +1,98 @@
+"""Public Triton entry point for chunkwise GDN-2: picks the inference-only forward or the autograd Function.
+
+    triton_chunk_gdn2(q, k, v, g, b, w, scale=None, initial_state=None, output_final_state=False,
+                      use_qk_l2norm_in_kernel=False, cu_seqlens=None) -> (o [B, T, Hv, V], final_state | None)
+
+q, k, g, b: [B, T, H, K]; v, w: [B, T, Hv, V] (Hv a multiple of H; value head j reads key head j // (Hv // H));
+g is the natural-log decay per key channel; the state is fp32 [N, Hv, K, V]. With cu_seqlens [N + 1], B must be 1.
+Dispatch: the autograd Function (training forward that keeps per-chunk states, then chunk_bwd.py) when grad mode is
+on and any input requires grad; otherwise the inference-only forward (chunk_infer.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from gdn2.ops.naive import check_gdn2_inputs
+from gdn2.ops.triton.chunk_bwd import chunk_backward
+from gdn2.ops.triton.chunk_fwd import intra_forward, recurrence_forward
+from gdn2.ops.triton.chunk_infer import inference_forward
+from gdn2.ops.triton.utils import inverse_norms, sequence_layout
+
+
+def _l2norm_vjp(x: torch.Tensor, inv_norm: torch.Tensor, grad_hat: torch.Tensor) -> torch.Tensor:
+    """Gradient wrt x of x_hat = x * inv_norm (inv_norm = 1/sqrt(|x|^2 + eps)): r (d - x_hat <x_hat, d>)."""
+    x_hat = x.float() * inv_norm[..., None]
+    return inv_norm[..., None] * (grad_hat - x_hat * (x_hat * grad_hat).sum(-1, keepdim=True))
+
+
+class ChunkGDN2Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, b, w, scale, initial_state, output_final_state, use_l2, cu_seqlens):
+        B, T, H, K = q.shape
+        HV, V = v.shape[2], v.shape[3]
+        layout = sequence_layout(cu_seqlens, B, T, q.device)
+        cu, chunk_indices, chunk_offsets, n_chunks = layout
+        qf, kf, gf, bf = (x.reshape(B * T, H, K).contiguous() for x in (q, k, g, b))
+        vf, wf = (x.reshape(B * T, HV, V).contiguous() for x in (v, w))
+        rq, rk = (inverse_norms(qf), inverse_norms(kf)) if use_l2 else (qf, kf)
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        A, Aqk = intra_forward(qf, kf, gf, bf, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
+        o, ht, hs = recurrence_forward(qf, kf, vf, gf, bf, wf, rq, rk, A, Aqk, h0, scale, cu, chunk_offsets,
+                                       n_chunks, cu.numel() - 1, use_l2, store_final=output_final_state,
+                                       store_states=True)
+        ctx.save_for_backward(qf, kf, vf, gf, bf, wf, rq, rk, A, Aqk, hs, h0)
+        ctx.meta = (scale, layout, use_l2, (B, T, H, K, HV, V), initial_state is not None,
+                    initial_state.dtype if initial_state is not None else None,
+                    tuple(x.dtype for x in (q, k, v, g, b, w)))
+        return o.reshape(B, T, HV, V), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        qf, kf, vf, gf, bf, wf, rq, rk, A, Aqk, hs, h0 = ctx.saved_tensors
+        scale, layout, use_l2, (B, T, H, K, HV, V), has_h0, h0_dtype, dtypes = ctx.meta
+        do = do.reshape(B * T, HV, V).contiguous()
+        dht = dht.float().contiguous() if dht is not None else None
+        dq, dk, db, dg, dv, dw, dh0 = chunk_backward(qf, kf, vf, gf, bf, wf, rq, rk, A, Aqk, hs, h0, do, dht, scale,
+                                                     layout, use_l2)
+        if use_l2:
+            dq = _l2norm_vjp(qf, rq, dq)
+            dk = _l2norm_vjp(kf, rk, dk)
+        grads = [x.reshape(B, T, H, K) for x in (dq, dk)] + [dv.reshape(B, T, HV, V)]
+        grads += [dg.reshape(B, T, H, K), db.reshape(B, T, H, K), dw.reshape(B, T, HV, V)]
+        grads = [x.to(dt) for x, dt in zip(grads, dtypes)]
+        dh0 = dh0.to(h0_dtype) if has_h0 else None
+        return (*grads, None, dh0, None, None, None)
+
+
+def triton_chunk_gdn2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise GDN-2 on Triton kernels; see the module docstring for shapes and dispatch."""
+    check_gdn2_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    if K > 256 or V > 256:
+        raise ValueError(f"the Triton kernels support K, V <= 256; got K={K}, V={V} (use backend='torch')")
+    scale = K ** -0.5 if scale is None else float(scale)
+    inputs = (q, k, v, g, b, w) + ((initial_state,) if initial_state is not None else ())
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return ChunkGDN2Function.apply(q, k, v, g, b, w, scale, initial_state, output_final_state,
+                                       use_qk_l2norm_in_kernel, cu_seqlens)
+    layout = sequence_layout(cu_seqlens, B, T, q.device)
+    qf, kf, gf, bf = (x.reshape(B * T, H, K).contiguous() for x in (q, k, g, b))
+    vf, wf = (x.reshape(B * T, HV, V).contiguous() for x in (v, w))
+    rq, rk = (inverse_norms(qf), inverse_norms(kf)) if use_qk_l2norm_in_kernel else (qf, kf)
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    o, ht = inference_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_qk_l2norm_in_kernel,
+                              output_final_state)
+    return o.reshape(B, T, HV, V), ht

@@ -1,0 +1,144 @@
+"""Shared plumbing for the GDN-2 Triton kernels: launch configs, sequence/chunk bookkeeping, small helpers.
+
+Launch configs
+--------------
+On a GPU every kernel is wrapped in ``triton.autotune`` over a short list of configs (``*_CONFIGS`` in each kernel
+file). Under ``TRITON_INTERPRET=1`` (CPU, CI) the autotuner cannot run (it needs a driver to time), so every kernel is
+launched with one fixed config (``*_INTERPRET`` next to the list). ``INTERPRET`` is read once, at import time: set the
+variable before importing this package (tests/conftest.py does).
+
+Sequences
+---------
+All kernels see packed tokens: [TT, H, K] with TT = B*T. A padded batch is treated as B packed sequences of length T,
+so there is one code path for both layouts. ``chunk_indices[c] = (sequence n, chunk i within n)`` drives the
+chunk-parallel kernels; ``chunk_offsets[n]`` is the first global chunk of sequence n (where its per-chunk states go).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CHUNK = 64          # chunk length C; the intra-chunk kernels are written for 4 sub-chunks of 16
+SUB = 16
+L2NORM_EPS = 1e-6
+
+
+def _patch_interpreter_scalar_index():
+    """Triton 3.6's interpreter turns a loaded scalar into a numpy array of shape (1,) and calls int() on it when it
+    is a loop bound (range(n_chunks)); numpy >= 2.3 refuses that. Re-register __index__ to take the single element.
+    Only under TRITON_INTERPRET=1; compiled kernels are untouched."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    if not getattr(interpreter, "_gdn2_index_patch", False):
+        interpreter._patch_lang_tensor = patched
+        interpreter._gdn2_index_patch = True
+
+
+if INTERPRET:
+    _patch_interpreter_scalar_index()
+
+
+class FixedLaunch:
+    """Stands in for a triton.autotune object under the interpreter: launches ``fn`` with one config."""
+
+    def __init__(self, fn, config: triton.Config):
+        self.fn = fn
+        self.configs = [config]
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            config = self.configs[0]
+            meta = dict(config.kwargs)
+            resolved = grid({**kwargs, **meta}) if callable(grid) else grid
+            return self.fn[resolved](*args, **kwargs, **meta, num_warps=config.num_warps,
+                                     num_stages=config.num_stages)
+        return launch
+
+
+def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config):
+    """triton.autotune(configs, key) on a GPU; one fixed config under TRITON_INTERPRET=1."""
+    def wrap(fn):
+        if INTERPRET:
+            return FixedLaunch(fn, interpret_config)
+        return triton.autotune(configs=configs, key=key)(fn)
+    return wrap
+
+
+def pin_config(kernel, config: triton.Config | None):
+    """Force an autotuned kernel onto one config (None restores the full list). Used by the GPU check script to run
+    every config, not only the autotuner's winner."""
+    if not hasattr(kernel, "_all_configs"):
+        kernel._all_configs = list(kernel.configs)
+    kernel.configs = list(kernel._all_configs) if config is None else [config]
+    if hasattr(kernel, "cache"):
+        kernel.cache.clear()
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_layout(batch: int, length: int, device: torch.device):
+    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+    return _layout_from_cu(cu, device)
+
+
+def _layout_from_cu(cu_cpu: torch.Tensor, device):
+    lens = (cu_cpu[1:] - cu_cpu[:-1]).long()
+    nchunks = (lens + CHUNK - 1) // CHUNK
+    offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    offsets[1:] = nchunks.cumsum(0)
+    seq = torch.repeat_interleave(torch.arange(len(lens)), nchunks)
+    local = torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(nchunks)
+    indices = torch.stack([seq, local], 1).to(torch.int32).contiguous()
+    return (cu_cpu.to(torch.int32).to(device), indices.to(device), offsets.to(torch.int32).to(device),
+            int(offsets[-1]))
+
+
+def sequence_layout(cu_seqlens: torch.Tensor | None, batch: int, length: int, device):
+    """Returns (cu_seqlens int32 [N+1], chunk_indices int32 [NC, 2], chunk_offsets int32 [N+1], NC total chunks)."""
+    if cu_seqlens is None:
+        return _padded_layout(batch, length, torch.device(device))
+    return _layout_from_cu(cu_seqlens.detach().to("cpu", torch.int64), device)
+
+
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """[TT, H, K] -> [TT, H] fp32 1/sqrt(sum x^2 + eps): the only thing the fused L2-norm materialises."""
+    return torch.rsqrt(x.float().square().sum(-1) + L2NORM_EPS).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# jit helpers shared by the chunk kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def load_rows(ptr, t, t_end, stride_t, cols, n_cols):
+    """[len(t), len(cols)] fp32 tile of rows t (masked t < t_end) and columns cols (masked < n_cols)."""
+    mask = (t < t_end)[:, None] & (cols < n_cols)[None, :]
+    return tl.load(ptr + t[:, None] * stride_t + cols[None, :], mask=mask, other=0.).to(tl.float32)
+
+
+@triton.jit
+def load_scale(ptr, t, t_end, stride_t):
+    """[len(t)] fp32 per-row factor (the inverse L2 norm), 0 for rows past t_end."""
+    return tl.load(ptr + t * stride_t, mask=t < t_end, other=0.).to(tl.float32)
+
+
+@triton.jit
+def unit_lower_inverse16(Tm):
+    """(I + Tm)^-1 for a strictly lower triangular [16, 16] fp32 Tm, by forward substitution (exact fp32)."""
+    r16 = tl.arange(0, 16)
+    inv = (r16[:, None] == r16[None, :]).to(tl.float32)
+    for r in tl.static_range(1, 16):
+        t_r = tl.sum(tl.where(r16[:, None] == r, Tm, 0.), 0)                    # row r of T, over s
+        new_row = tl.where(r16 == r, 1., 0.) - tl.sum(t_r[:, None] * inv, 0)
+        inv = tl.where(r16[:, None] == r, new_row[None, :], inv)
+    return inv
