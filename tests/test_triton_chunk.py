@@ -1,0 +1,109 @@
+"""Our GDN-2 Triton chunk kernels under TRITON_INTERPRET=1 (CPU, fp32) against the float64 token-serial recurrence.
+
+Bounds: relative RMSE (||x - ref|| / ||ref||) <= 1e-4. The interpreter computes every tl.dot in fp32 (numpy), so
+the only error is fp32 rounding through a 64-step solve and a few chunks of recurrence (seen: ~1e-6); 1e-4 leaves
+room for platforms with different summation orders while still failing any wrong index, mask or gate (those give
+errors of order 1e-1 .. 1).
+"""
+import pytest
+import torch
+
+from gdn2.ops.chunk import chunk_gdn2
+from gdn2.ops.naive import naive_recurrent_gdn2
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+TOL = 1e-4
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, HV, K, V, N, normalise, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    if normalise:
+        q, k = (torch.nn.functional.normalize(x, dim=-1) for x in (q, k))
+    v = torch.randn(B, T, HV, V, generator=gen)
+    g = -torch.rand(B, T, H, K, generator=gen) * torch.rand(1, 1, 1, K, generator=gen) * 2    # some fast channels
+    b = torch.rand(B, T, H, K, generator=gen)
+    w = torch.rand(B, T, HV, V, generator=gen)
+    h0 = torch.randn(N, HV, K, V, generator=gen)
+    return q, k, v, g, b, w, h0
+
+
+CASES = [
+    # (B, T, H, HV, K, V, l2norm, cu_seqlens)           what it covers
+    (1, 1, 1, 1, 16, 16, False, None),                   # T = 1
+    (2, 65, 1, 2, 16, 32, False, None),                  # T = C + 1, batch, grouped value heads, K != V
+    (1, 130, 2, 2, 32, 16, True, None),                  # three chunks, fused L2-norm, K > V
+    (1, 150, 1, 1, 16, 16, False, [0, 1, 66, 150]),      # varlen: lengths 1, 65, 84
+]
+
+
+@pytest.mark.parametrize("B,T,H,HV,K,V,l2,cu", CASES)
+def test_forward_backward_vs_float64_recurrence(B, T, H, HV, K, V, l2, cu):
+    cu = torch.tensor(cu) if cu is not None else None
+    N = B if cu is None else len(cu) - 1
+    inputs = make_inputs(B, T, H, HV, K, V, N, not l2, seed=T + K)
+    ours = [x.clone().requires_grad_() for x in inputs]
+    o, ht = chunk_gdn2(*ours[:6], initial_state=ours[6], output_final_state=True, use_qk_l2norm_in_kernel=l2,
+                       cu_seqlens=cu, backend="triton")
+    assert o.dtype == torch.float32 and ht.dtype == torch.float32
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    ((o * do).sum() + (ht * dht).sum()).backward()
+
+    ref = [x.double().clone().requires_grad_() for x in inputs]
+    ro, rh = naive_recurrent_gdn2(*ref[:6], initial_state=ref[6], output_final_state=True,
+                                  use_qk_l2norm_in_kernel=l2, cu_seqlens=cu)
+    ((ro * do.double()).sum() + (rh * dht.double()).sum()).backward()
+    assert rel(o, ro) < TOL
+    assert rel(ht, rh) < TOL
+    for name, a, r in zip(["q", "k", "v", "g", "b", "w", "h0"], ours, ref):
+        assert torch.isfinite(a.grad).all(), name
+        assert rel(a.grad, r.grad) < TOL, (name, rel(a.grad, r.grad))
+
+
+def test_inference_forward_no_state_no_grad():
+    """The no-grad path (inference forward) matches too, without an initial state and without the final state."""
+    q, k, v, g, b, w, _ = make_inputs(1, 100, 1, 2, 16, 16, 1, True, seed=3)
+    with torch.no_grad():
+        o, ht = chunk_gdn2(q, k, v, g, b, w, backend="triton")
+    ro, _ = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)))
+    assert ht is None
+    assert rel(o, ro) < TOL
+
+
+def test_strong_decay_does_not_overflow():
+    """g as low as -30 per token: exp(G_r - G_s) for s > r would overflow if formed as gamma_r / gamma_s."""
+    q, k, v, g, b, w, h0 = make_inputs(1, 64, 1, 1, 16, 16, 1, True, seed=5)
+    g = g * 15
+    with torch.no_grad():
+        o, ht = chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True, backend="triton")
+    ro, rh = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)), initial_state=h0.double(),
+                                  output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+    assert rel(o, ro) < TOL and rel(ht, rh) < TOL
+
+
+def test_unwritten_outputs_are_caught(monkeypatch):
+    """Poison every buffer the kernels allocate (torch.empty -> NaN): any element they fail to write shows as NaN."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        x = real_empty(*args, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    import gdn2.ops.triton.chunk_bwd as bwd
+    import gdn2.ops.triton.chunk_fwd as fwd
+    monkeypatch.setattr(fwd.torch, "empty", poisoned)
+    monkeypatch.setattr(bwd.torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: real_empty(x.shape, dtype=x.dtype).fill_(float("nan")))
+    inputs = make_inputs(1, 80, 1, 2, 16, 16, 1, True, seed=9)
+    ours = [x.clone().requires_grad_() for x in inputs]
+    o, ht = chunk_gdn2(*ours[:6], initial_state=ours[6], output_final_state=True, backend="triton")
+    (o.sum() + ht.sum()).backward()
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+    for x in ours:
+        assert torch.isfinite(x.grad).all()
