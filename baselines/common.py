@@ -22,6 +22,10 @@ Exports
 - LayerStates(num_layers)                    the generic cache: .states[i], .seen_tokens, get_seq_length()
 - MixerStackLM(...)                          model.embeddings / model.layers / model.norm / lm_head shell with the
                                              transformers calling convention EvalModel uses
+- gated_delta_rule(q, k, v, g, beta, ...)    KDA / Gated DeltaNet recurrence through gdn2.ops (b = w = beta)
+- fla_settings / build_mixer_stack / keep_fp32 / perturb_unit_weights   fla config handling and model assembly
+- FLAFamilyBase                              a ModelFamily for fla-format folders: config defaults, upstream-or-
+                                             reference choice, strict loading, the doctor's conformance_models hook
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from gdn2.layer import ShortConvolution as ShortConvolution  # noqa: F401  (re-e
 from gdn2.layer import GatedRMSNorm as _GDN2GatedRMSNorm
 from gdn2.modeling import RMSNorm as RMSNorm  # noqa: F401  (re-exported)
 from gdn2.modeling import SwiGLUMLP as SwiGLUMLP  # noqa: F401  (re-exported)
+from harness.registry import ModelFamily  # light: the registry imports no backend
 
 __all__ = [
     "RMSNorm", "GatedRMSNorm", "ShortConvolution", "SwiGLUMLP", "swiglu_width", "gate_activation", "apply_rotary",
@@ -295,3 +300,260 @@ class MixerStackLM(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return LMOutput(logits=logits, past_key_values=past_key_values if use_cache else None, loss=loss)
+
+
+# ------------------------------------------------------------------------------------------ delta-rule recurrences
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     previous: torch.Tensor | None, use_cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule with a per-key-channel decay (KDA; Gated DeltaNet when g is constant over K), run through
+    gdn2.ops with b = w = beta (the GDN-2 reduction): S <- Diag(exp g) S; S <- S + beta k (v - S^T k)^T.
+
+    q, k [B, T, H, K] (L2-normalised inside); v [B, T, Hv, V]; g [B, T, Hv, K] natural-log decay (fp32);
+    beta [B, T, Hv]; previous [B, Hv, K, V] fp32 or None. Key heads are repeated over their value-head group.
+    Returns o [B, T, Hv, V] and the state after the last token (None unless use_cache).
+    Dispatch: chunkwise (Triton on CUDA, torch on CPU); a few tokens continuing a state use the recurrent step.
+    """
+    from gdn2.layer import RECURRENT_MAX_TOKENS
+    from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
+    from gdn2.ops.naive import expand_key_heads
+
+    B, T, Hv, V = v.shape
+    K = q.shape[-1]
+    q, k = expand_key_heads(q, Hv), expand_key_heads(k, Hv)
+    b = beta[..., None].expand(B, T, Hv, K).to(q.dtype).contiguous()
+    w = beta[..., None].expand(B, T, Hv, V).to(v.dtype).contiguous()
+    if previous is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
+        state = previous if use_cache else previous.clone()
+        o, state = recurrent_step_gdn2(q, k, v, g, b, w, state, use_qk_l2norm_in_kernel=True)
+        return o, state if use_cache else None
+    return chunk_gdn2(q, k, v, g, b, w, initial_state=previous, output_final_state=use_cache,
+                      use_qk_l2norm_in_kernel=True)
+
+
+# ------------------------------------------------------------------------------------------ fla-format families
+class ConfigError(ValueError):
+    """A checkpoint config the reference path cannot build (names the field and the value)."""
+
+
+def fla_settings(config: dict, defaults: dict, source: str = "config.json") -> dict:
+    """fla config.json -> the fields a reference model needs: `defaults` (the fla config class's defaults) updated
+    by the file, `attn` parsed per layer, the MLP width resolved; features the reference path lacks are refused."""
+    s = {**defaults, **{k: v for k, v in config.items() if k in defaults or k == "attn"}}
+    if config.get("attnres_block_size") is not None:
+        raise ConfigError(f"{source}: attnres_block_size={config['attnres_block_size']} (attention residuals) is not "
+                          "supported by the reference path; only standard pre-norm residual blocks are")
+    if s.get("hidden_act", "swish") != "swish":
+        raise ConfigError(f"{source}: hidden_act={s['hidden_act']!r} is not supported; the MLP must be SwiGLU "
+                          "('swish')")
+    for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        value = s.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{source}: field {field!r} must be a positive integer; got {value!r}")
+    s["intermediate_size"] = swiglu_width(s["hidden_size"], s.get("hidden_ratio"), s.get("intermediate_size"))
+    s["attn_layers"] = parse_attn_section(s.get("attn"), s["num_hidden_layers"], source)
+    return s
+
+
+def parse_attn_section(attn, num_layers: int, source: str = "config.json") -> dict[int, dict]:
+    """fla's `attn` config section (a dict or a list of dicts: layers, num_heads, num_kv_heads, qkv_bias,
+    window_size, rope_theta) -> {layer index: attention settings with defaults filled}."""
+    if attn is None:
+        return {}
+    specs = [attn] if isinstance(attn, dict) else attn
+    if not isinstance(specs, list):
+        raise ConfigError(f"{source}: 'attn' must be a dict or a list of dicts; got {attn!r}")
+    layers: dict[int, dict] = {}
+    for spec in specs:
+        if not isinstance(spec, dict) or "layers" not in spec or "num_heads" not in spec:
+            raise ConfigError(f"{source}: every 'attn' entry needs 'layers' and 'num_heads'; got {spec!r}")
+        settings = dict(num_heads=spec["num_heads"], num_kv_heads=spec.get("num_kv_heads") or spec["num_heads"],
+                        qkv_bias=bool(spec.get("qkv_bias", False)), window_size=spec.get("window_size"),
+                        rope_theta=float(spec.get("rope_theta", 10000.0)))
+        if spec.get("qk_norm"):
+            raise ConfigError(f"{source}: attn qk_norm is not supported by the reference path")
+        for i in spec["layers"]:
+            if not isinstance(i, int) or not 0 <= i < num_layers or i in layers:
+                raise ConfigError(f"{source}: attn layer index {i!r} is out of range [0, {num_layers}) or repeated")
+            layers[i] = settings
+    return layers
+
+
+def build_mixer_stack(settings: dict, make_mixer, config: Any = None) -> MixerStackLM:
+    """fla's block layout from parsed settings: layer i is SlidingWindowAttention when settings['attn_layers'] names
+    it, else make_mixer(i); each wrapped as PreNormBlock(RMSNorm, mixer, RMSNorm, SwiGLUMLP)."""
+    d, eps = settings["hidden_size"], settings["norm_eps"]
+    blocks = []
+    for i in range(settings["num_hidden_layers"]):
+        spec = settings["attn_layers"].get(i)
+        mixer = SlidingWindowAttention(d, layer_idx=i, **spec) if spec is not None else make_mixer(i)
+        blocks.append(PreNormBlock(RMSNorm(d, eps), mixer, RMSNorm(d, eps), SwiGLUMLP(d, settings["intermediate_size"])))
+    return MixerStackLM(config if config is not None else settings, settings["vocab_size"], d, blocks,
+                        RMSNorm(d, eps), tie_word_embeddings=bool(settings.get("tie_word_embeddings", False)))
+
+
+def keep_fp32(module: nn.Module, names: Sequence[str] = ("A_log", "dt_bias", "D")) -> nn.Module:
+    """Put decay parameters back to fp32 after module.to(dtype) (they feed exp / softplus)."""
+    for sub in module.modules():
+        for name in names:
+            p = getattr(sub, name, None)
+            if isinstance(p, nn.Parameter):
+                p.data = p.data.float()
+    return module
+
+
+FORCE_REFERENCE_ENV = "HARNESS_FORCE_REFERENCE"  # =1: use the pure-torch reference path even where fla would run
+
+
+class FLAFamilyBase(ModelFamily):
+    """A family whose checkpoints are fla-format HF folders (config.json + safetensors) of one fla model class.
+
+    Subclasses set: upstream_class (e.g. "GatedDeltaNetForCausalLM"), upstream_config_class, defaults (the fla
+    config class's __init__ defaults, so a config.json that omits a field means what fla means), paper_config and
+    tiny_config (dicts in fla's field names); and implement make_mixer(settings, layer_idx) and
+    mixer_state_floats(settings). Loading: fla's own model on CUDA when fla (and, for hybrids, flash-attn) imports,
+    else the pure-torch reference (same parameter names, gdn2's Triton kernels on CUDA, torch chunkwise on CPU).
+    """
+
+    upstream_module = "fla.models"
+    upstream_class = ""
+    upstream_config_class = ""
+    defaults: dict = {}
+    paper_config: dict = {}
+    tiny_config: dict = {}
+
+    # ---------------------------------------------------------------- config and sizes
+    def settings(self, config: dict, source: str = "config.json") -> dict:
+        return fla_settings(config, self.defaults, source)
+
+    def make_mixer(self, settings: dict, layer_idx: int) -> nn.Module:
+        raise NotImplementedError
+
+    def mixer_state_floats(self, settings: dict) -> int:
+        raise NotImplementedError
+
+    def state_floats_per_layer(self, config: dict) -> int:
+        return self.mixer_state_floats(self.settings(config))
+
+    # ---------------------------------------------------------------- backends
+    def upstream_unavailable(self, device: torch.device, config: dict | None = None) -> str | None:
+        """Why fla's own model cannot run here (None: it can)."""
+        import importlib
+        import os
+
+        if device.type != "cuda":
+            return "fla's kernels need CUDA"
+        if os.environ.get(FORCE_REFERENCE_ENV) == "1":
+            return f"{FORCE_REFERENCE_ENV}=1"
+        try:
+            importlib.import_module(self.upstream_module)
+        except Exception as err:  # not installed, or broken against this torch/triton
+            return f"fla is not importable ({type(err).__name__}: {err})"
+        if config is not None and config.get("attn"):
+            try:
+                importlib.import_module("flash_attn")
+            except Exception:
+                return "flash-attn is not installed (fla's Attention layer needs it)"
+        return None
+
+    def upstream_note(self, device: torch.device) -> str:
+        """Extra words about the upstream backend on this device (e.g. a known kernel restriction)."""
+        return ""
+
+    def backend_for(self, device: torch.device, config: dict | None = None) -> str:
+        reason = self.upstream_unavailable(device, config)
+        if reason is None:
+            import fla
+
+            note = self.upstream_note(device)
+            return f"fla {getattr(fla, '__version__', '?')} Triton kernels ({self.upstream_class})" + (
+                f"; {note}" if note else "")
+        kernels = "gdn2 Triton kernels (ours)" if device.type == "cuda" else "gdn2 torch chunkwise (ours)"
+        return f"torch reference + {kernels}; upstream unavailable: {reason}"
+
+    def backend(self, device: torch.device) -> str:
+        return self.backend_for(device, None)
+
+    # ---------------------------------------------------------------- builders
+    def build_reference(self, config: dict, source: str = "config.json") -> MixerStackLM:
+        settings = self.settings(config, source)
+        return build_mixer_stack(settings, lambda i: self.make_mixer(settings, i), config=dict(config))
+
+    def build_upstream(self, config: dict) -> nn.Module:
+        import importlib
+
+        module = importlib.import_module(self.upstream_module)
+        config_class = getattr(module, self.upstream_config_class)
+        model_class = getattr(module, self.upstream_class)
+        skip = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype"}
+        return model_class(config_class(**{k: v for k, v in config.items() if k not in skip}))
+
+    # ---------------------------------------------------------------- loading
+    def load(self, source: str, device: torch.device, dtype: torch.dtype, tokenizer: str | None):
+        from pathlib import Path
+
+        from harness.checkpoint import load_tokenizer, load_weights_strict, read_state_dict, resolve_source
+        from harness.model import EvalModel
+        from harness.registry import read_config
+
+        folder = resolve_source(source)
+        config = read_config(folder)
+        settings = self.settings(config, str(folder / "config.json"))
+        tok = load_tokenizer(folder, tokenizer)
+        state = read_state_dict(folder)
+        if settings.get("tie_word_embeddings") and "lm_head.weight" not in state and \
+                "model.embeddings.weight" in state:
+            state["lm_head.weight"] = state["model.embeddings.weight"]
+        reason = self.upstream_unavailable(device, config)
+        if reason is None:
+            lm = self.build_upstream(config)
+        else:
+            with torch.device("meta"):
+                lm = self.build_reference(config, str(folder / "config.json"))
+            lm = lm.to_empty(device="cpu")
+            if lm.tie_word_embeddings:
+                lm.lm_head.weight = lm.model.embeddings.weight
+        load_weights_strict(lm, state, str(folder))
+        lm = keep_fp32(lm.to(device=device, dtype=dtype).eval())
+        full_attention = any(s["window_size"] is None for s in settings["attn_layers"].values())
+        attn = settings["attn_layers"]
+        info = {"hybrid_attention_layers": sorted(attn)} if attn else {}
+        return EvalModel(
+            name=Path(source).name or source, family=self.name, lm=lm, tokenizer=tok, device=device, dtype=dtype,
+            source=source, backend=self.backend_for(device, config), state_floats=self.mixer_state_floats(settings),
+            max_length=settings.get("max_position_embeddings") if full_attention else None,
+            trained_length=settings.get("max_position_embeddings"), info=info,
+        )
+
+    # ---------------------------------------------------------------- conformance (harness/doctor.py)
+    def conformance_configs(self) -> dict[str, dict]:
+        """Named tiny configs the doctor checks: the plain model, and a hybrid with sliding-window attention."""
+        hybrid = {**self.tiny_config, "attn": {"layers": [1], "num_heads": 4, "window_size": 48, "rope_theta": 10000.0}}
+        return {"": dict(self.tiny_config), "hybrid": hybrid}
+
+    def conformance_models(self, device: torch.device, variant: str = "") -> tuple[nn.Module, nn.Module]:
+        """(upstream_lm, reference_lm) on `device`, fp32, identical random weights (norm weights perturbed so they
+        are tested too). Raises harness.doctor.ConformanceSkipped when the upstream cannot run here."""
+        from harness.checkpoint import load_weights_strict
+        from harness.doctor import ConformanceSkipped
+
+        config = self.conformance_configs()[variant]
+        reason = self.upstream_unavailable(device, config)
+        if reason is not None:
+            raise ConformanceSkipped(reason)
+        torch.manual_seed(0)
+        upstream = self.build_upstream(config)
+        perturb_unit_weights(upstream)
+        reference = self.build_reference(config)
+        load_weights_strict(reference, upstream.state_dict(), f"{self.upstream_class} (random init)")
+        return (upstream.to(device=device, dtype=torch.float32).eval(),
+                reference.to(device=device, dtype=torch.float32).eval())
+
+
+@torch.no_grad()
+def perturb_unit_weights(module: nn.Module, scale: float = 0.1, seed: int = 1) -> None:
+    """Add noise to 1-D parameters other than decay parameters (norm weights start at 1 and biases at 0, which
+    would hide a mix-up between them)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() == 1 and not name.endswith(("A_log", "dt_bias", ".D")):
+            p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
