@@ -33,7 +33,7 @@ from gdn2.ops.triton.utils import CHUNK, load_rows, tuned
 
 DSTATE_CONFIGS = [
     triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-    for bv in (32, 64) for nw in (4, 8) for ns in (1, 2)
+    for bv in (32, 64) for nw in (4, 8) for ns in (2,)
 ]
 DSTATE_INTERPRET = triton.Config({"BV": 32}, num_warps=4, num_stages=1)
 DAV_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=1) for bv in (32, 64) for nw in (4, 8)]

@@ -33,13 +33,13 @@ from gdn2.ops.triton.utils import CHUNK, load_rows, load_scale, tuned, unit_lowe
 # Intra kernel: BKS is the K slice held at once (the [16, 16, BKS] pairwise tile sets register pressure).
 INTRA_CONFIGS = [
     triton.Config({"BKS": bks}, num_warps=nw, num_stages=ns)
-    for bks in (16, 32) for nw in (2, 4) for ns in (1, 2)
+    for bks in (16, 32) for nw in (2, 4) for ns in (1,)
 ]
 INTRA_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 
 RECURRENCE_CONFIGS = [
     triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-    for bv in (32, 64) for nw in (4, 8) for ns in (1, 2)
+    for bv in (32, 64) for nw in (4, 8) for ns in (2,)
 ]
 RECURRENCE_INTERPRET = triton.Config({"BV": 32}, num_warps=4, num_stages=1)
 

@@ -1,0 +1,143 @@
+"""Benchmark our GDN-2 Triton kernels against flash-linear-attention's chunk_gdn2 and chunk_kda, same run, same card.
+
+bf16 q, k, v, b, w (fp32 g, as the layer computes it), H = 16, K = V = 128, (B, T) in (8, 4096), (2, 16384),
+(1, 65536): inference forward (no grad), training forward (inputs require grad; forward only), forward + backward;
+the decode step at B = 1 and B = 64 (one token, state updated in place). Timing: triton.testing.do_bench (CUDA
+events), median, after warm-up, on freshly drawn inputs; the decode step also from a CUDA graph of 32 steps (GPU time
+per step without launch gaps). The floor is the bytes every implementation must move (inputs read once, outputs
+written once) over the copy bandwidth measured in the same run.
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --out results/bench
+Writes <out>/kernels-<card>.csv and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+
+import torch
+import triton
+
+from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2
+
+H, K, V = 16, 128, 128
+SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
+
+
+def bench(fn, grad_to_none=None):
+    return triton.testing.do_bench(fn, warmup=100, rep=400, grad_to_none=grad_to_none, return_mode="median")
+
+
+def copy_bandwidth():
+    x = torch.randn(1 << 28, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def inputs(B, T, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    bf = torch.bfloat16
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, K, device="cuda", generator=gen), dim=-1).to(bf)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, device="cuda", generator=gen), dim=-1).to(bf)
+    v = torch.randn(B, T, H, V, device="cuda", generator=gen).to(bf)
+    g = -torch.nn.functional.softplus(torch.randn(B, T, H, K, device="cuda", generator=gen) - 2) * 0.5
+    b = torch.rand(B, T, H, K, device="cuda", generator=gen).to(bf)
+    w = torch.rand(B, T, H, V, device="cuda", generator=gen).to(bf)
+    beta = torch.rand(B, T, H, device="cuda", generator=gen).to(bf)
+    return q, k, v, g, b, w, beta
+
+
+def load_fla():
+    try:
+        from fla.ops.gdn2 import chunk_gdn2, fused_recurrent_gdn2
+        from fla.ops.kda import chunk_kda
+        return chunk_gdn2, chunk_kda, fused_recurrent_gdn2
+    except Exception as e:                                                     # fla missing: ours only
+        print(f"fla not importable ({type(e).__name__}: {e}); timing ours only")
+        return None, None, None
+
+
+def time_modes(call, args, do):
+    """(inference fwd, training fwd, fwd+bwd) in ms for call(*args) -> o."""
+    out = {}
+    with torch.no_grad():
+        out["infer_fwd"] = bench(lambda: call(*args))
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
+    out["train_fwd"] = bench(lambda: call(*leaves))
+
+    def fwd_bwd():
+        call(*leaves).backward(do)
+    out["fwd_bwd"] = bench(fwd_bwd, grad_to_none=leaves)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--skip-fla", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    card = torch.cuda.get_device_name().replace(" ", "-")
+    bw = copy_bandwidth()
+    print(f"card {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    fla_gdn2, fla_kda, fla_rec = (None, None, None) if args.skip_fla else load_fla()
+    rows = []
+
+    def add(shape, mode, ours, gdn2, kda, floor_bytes):
+        floor_ms = floor_bytes / bw * 1e3
+        row = dict(card=card, date=datetime.date.today().isoformat(), shape=shape, mode=mode,
+                   ours_ms=round(ours, 4), fla_gdn2_ms=None if gdn2 is None else round(gdn2, 4),
+                   fla_kda_ms=None if kda is None else round(kda, 4), floor_ms=round(floor_ms, 4),
+                   ours_over_fla_gdn2=None if gdn2 is None else round(ours / gdn2, 3),
+                   ours_over_floor=round(ours / floor_ms, 2))
+        rows.append(row)
+        print(" | ".join(str(v) for v in row.values()), flush=True)
+
+    for i, (B, T) in enumerate(SHAPES):
+        q, k, v, g, b, w, beta = inputs(B, T, seed=i)
+        do = torch.randn_like(v)
+        ntok = B * T * H
+        fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
+        bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
+        ours = time_modes(lambda *a: triton_chunk_gdn2(*a)[0], (q, k, v, g, b, w), do)
+        gd = time_modes(lambda *a: fla_gdn2(*a)[0], (q, k, v, g, b, w), do) if fla_gdn2 else {}
+        kd = time_modes(lambda *a: fla_kda(*a)[0], (q, k, v, g, beta), do) if fla_kda else {}
+        for mode in ("infer_fwd", "train_fwd", "fwd_bwd"):
+            add(f"B{B}_T{T}", mode, ours[mode], gd.get(mode), kd.get(mode),
+                fwd_bytes if mode != "fwd_bwd" else fwd_bytes + bwd_bytes)
+        del q, k, v, g, b, w, beta, do
+        torch.cuda.empty_cache()
+
+    for B in (1, 64):
+        q, k, v, g, b, w, _ = inputs(B, 1, seed=10 + B)
+        state = torch.randn(B, H, K, V, device="cuda") * 0.1
+        floor_bytes = B * H * (2 * K * V * 4 + 3 * K * 2 + K * 4 + 3 * V * 2)
+        ours = bench(lambda: triton_recurrent_step_gdn2(q, k, v, g, b, w, state, None, False))
+        steps = 32
+        graph = torch.cuda.CUDAGraph()
+        triton_recurrent_step_gdn2(q, k, v, g, b, w, state, None, False)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            for _ in range(steps):
+                triton_recurrent_step_gdn2(q, k, v, g, b, w, state, None, False)
+        ours_graph = bench(graph.replay) / steps
+        fla_ms = None
+        if fla_rec is not None:
+            st = state.clone()
+            fla_ms = bench(lambda: fla_rec(q, k, v, g, b, w, initial_state=st, output_final_state=True))
+        add(f"B{B}_T1", "decode_step", ours, fla_ms, None, floor_bytes)
+        add(f"B{B}_T1", "decode_step_graph", ours_graph, None, None, floor_bytes)
+
+    path = os.path.join(args.out, f"kernels-{card}.csv")
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        wr.writeheader()
+        wr.writerows(rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""GPU correctness check of every launch config of our GDN-2 Triton kernels (H100, triton 3.6).
+
+For each kernel and each of its configs (the others pinned to their first config), fresh random inputs, outputs
+poisoned with NaN before the run (every torch.empty inside our kernel modules is NaN-filled), compared with a float64
+reference (torch chunkwise, autograd in float64) by relative error ||x - ref|| / ||ref||:
+bf16 <= 1e-2, fp32 <= 2e-3, for o, the final state and every gradient (q, k, v, g, b, w, h0); the inference (no-grad)
+forward too. Extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V with V = 256) run on the first
+config of every kernel. The decode kernel: every (BV, num_warps) entry vs a float64 step.
+
+    PYTHONUNBUFFERED=1 python benchmarks/check_kernels_gpu.py --out results/bench [--budget-s 300]
+Writes <out>/check-<card>.csv; prints a per-config summary.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import time
+
+import torch
+
+from gdn2.ops.chunk_torch import torch_chunk_gdn2
+from gdn2.ops.recurrent import torch_recurrent_step_gdn2
+from gdn2.ops.triton import chunk_bwd, chunk_fwd, recurrent, triton_chunk_gdn2, triton_recurrent_step_gdn2
+from gdn2.ops.triton.utils import pin_config
+
+KERNELS = {
+    "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
+    "fwd_recurrence": chunk_fwd.gdn2_fwd_kernel_recurrence,
+    "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
+    "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
+    "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
+}
+TOL = {torch.bfloat16: 1e-2, torch.float32: 2e-3}
+MAIN = dict(name="paper_T4097", B=1, T=4097, H=16, HV=16, K=128, V=128, cu=None, l2=False, h0=True)
+EXTRA = [
+    dict(name="varlen_grouped_l2_K256", B=1, T=1500, H=2, HV=4, K=256, V=64, cu=[0, 7, 700, 1500], l2=True, h0=True),
+    dict(name="batch_K64_V256", B=2, T=300, H=1, HV=2, K=64, V=256, cu=None, l2=False, h0=False),
+]
+
+
+def cfg_name(c):
+    return ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """NaN-fill every floating torch.empty / empty_like made while our kernels allocate their outputs."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def empty(*a, **kw):
+        x = real_empty(*a, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    def like(x, *a, **kw):
+        y = real_like(x, *a, **kw)
+        return y.fill_(float("nan")) if y.is_floating_point() else y
+
+    torch.empty, torch.empty_like = empty, like
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_like
+
+
+def make_inputs(case, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B, T, H, HV, K, V = (case[x] for x in "B T H HV K V".split())
+    dev = "cuda"
+    q = torch.randn(B, T, H, K, device=dev, generator=gen)
+    k = torch.randn(B, T, H, K, device=dev, generator=gen)
+    if not case["l2"]:
+        q, k = (torch.nn.functional.normalize(x, dim=-1) for x in (q, k))
+    v = torch.randn(B, T, HV, V, device=dev, generator=gen)
+    # decay like the layer's: -exp(A_log) * softplus(.), per channel, some channels fast
+    g = -torch.nn.functional.softplus(torch.randn(B, T, H, K, device=dev, generator=gen) - 2) * \
+        torch.rand(1, 1, H, K, device=dev, generator=gen) * 4
+    b = torch.rand(B, T, H, K, device=dev, generator=gen)
+    w = torch.rand(B, T, HV, V, device=dev, generator=gen)
+    N = B if case["cu"] is None else len(case["cu"]) - 1
+    h0 = torch.randn(N, HV, K, V, device=dev, generator=gen) if case["h0"] else None
+    cu = torch.tensor(case["cu"], device=dev, dtype=torch.int32) if case["cu"] is not None else None
+    return [q, k, v, g, b, w], h0, cu
+
+
+def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
+    ins = [x.clone().requires_grad_(grad) for x in xs]
+    h = h0.clone().requires_grad_(grad) if h0 is not None else None
+    o, ht = fn(*ins, initial_state=h, output_final_state=True, use_qk_l2norm_in_kernel=l2, cu_seqlens=cu)
+    out = {"o": o.detach(), "ht": ht.detach()}
+    if grad:
+        torch.autograd.backward([o, ht], [do.to(o.dtype), dht])
+        for n, x in zip("q k v g b w".split(), ins):
+            out["d" + n] = x.grad
+        if h is not None:
+            out["dh0"] = h.grad
+    return out
+
+
+def check_case(case, seed, label, rows):
+    xs, h0, cu = make_inputs(case, seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    B, T, HV, V, K = case["B"], case["T"], case["HV"], case["V"], case["K"]
+    do = torch.randn(B, T, HV, V, device="cuda", generator=gen)
+    dht = torch.randn(len(case["cu"]) - 1 if case["cu"] else B, HV, K, V, device="cuda", generator=gen)
+    ref = run_one(torch_chunk_gdn2, [x.double() for x in xs], h0.double() if h0 is not None else None, cu,
+                  case["l2"], do.double(), dht.double())
+    worst = 0.0
+    for dtype in (torch.bfloat16, torch.float32):
+        cast = [x.to(dtype) if i != 3 else x for i, x in enumerate(xs)]          # g stays fp32, as in the layer
+        for mode in ("train", "infer"):
+            with poisoned_allocations():
+                if mode == "train":
+                    got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht)
+                else:
+                    with torch.no_grad():
+                        got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht, grad=False)
+            torch.cuda.synchronize()
+            for name, val in got.items():
+                r = ref[name]
+                err = ((val.double() - r).norm() / r.norm()).item()
+                if not torch.isfinite(val).all():
+                    err = float("inf")
+                ratio = err / TOL[dtype]
+                worst = max(worst, ratio)
+                rows.append(dict(label=label, case=case["name"], dtype=str(dtype).split(".")[-1], mode=mode,
+                                 tensor=name, rel_err=f"{err:.3e}", tol=TOL[dtype], ok=err <= TOL[dtype]))
+    return worst
+
+
+def check_decode(rows):
+    worst_all = {}
+    for cfg in recurrent.DECODE_CONFIGS:
+        worst = 0.0
+        for (B, T, H, HV, l2) in [(1, 1, 16, 16, False), (64, 1, 16, 16, True), (3, 3, 4, 8, False)]:
+            K = V = 128
+            gen = torch.Generator(device="cuda").manual_seed(B * 100 + T)
+            q, k = (torch.randn(B, T, H, K, device="cuda", generator=gen) for _ in range(2))
+            k = torch.nn.functional.normalize(k, dim=-1)
+            v = torch.randn(B, T, HV, V, device="cuda", generator=gen)
+            g = -torch.rand(B, T, H, K, device="cuda", generator=gen)
+            b = torch.rand(B, T, H, K, device="cuda", generator=gen)
+            w = torch.rand(B, T, HV, V, device="cuda", generator=gen)
+            state = torch.randn(B, HV, K, V, device="cuda", generator=gen)
+            ref_state = state.double()
+            ref_o = torch_recurrent_step_gdn2(*(x.double() for x in (q, k, v, g, b, w)), ref_state, None, l2)
+            ins = [x.bfloat16() if i != 3 else x for i, x in enumerate((q, k, v, g, b, w))]
+            ref_state_bf = state.double()
+            ref_o_bf = torch_recurrent_step_gdn2(*(x.double() for x in ins), ref_state_bf, None, l2)
+            o = triton_recurrent_step_gdn2(*ins, state, None, l2, config=cfg)
+            torch.cuda.synchronize()
+            for name, val, r in (("o", o, ref_o_bf), ("state", state, ref_state_bf)):
+                err = ((val.double() - r).norm() / r.norm()).item()
+                worst = max(worst, err / TOL[torch.float32])
+                rows.append(dict(label=f"decode BV={cfg[0]},w{cfg[1]}", case=f"B{B}_T{T}_H{H}_HV{HV}_l2{l2}",
+                                 dtype="bf16-in", mode="decode", tensor=name, rel_err=f"{err:.3e}",
+                                 tol=TOL[torch.float32], ok=err <= TOL[torch.float32]))
+        worst_all[cfg] = worst
+    return worst_all
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--budget-s", type=float, default=300)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    card = torch.cuda.get_device_name().replace(" ", "-")
+    rows, summary = [], []
+    start = time.time()
+    for kname, kern in KERNELS.items():
+        pin_config(kern, kern.configs[0])
+    seed = 1000
+    for kname, kern in KERNELS.items():
+        for cfg in list(kern._all_configs):
+            if time.time() - start > args.budget_s:
+                summary.append((kname, cfg_name(cfg), "NOT RUN (time budget)"))
+                continue
+            pin_config(kern, cfg)
+            seed += 7
+            t = time.time()
+            try:
+                worst = check_case(MAIN, seed, f"{kname} {cfg_name(cfg)}", rows)
+                status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'} ({time.time() - t:.0f}s)"
+            except Exception as e:                                             # a config that fails to compile/run
+                status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
+            summary.append((kname, cfg_name(cfg), status))
+            print(f"{kname:15s} {cfg_name(cfg):28s} {status}", flush=True)
+        pin_config(kern, kern._all_configs[0])
+    for case in EXTRA:
+        seed += 7
+        try:
+            worst = check_case(case, seed, f"first configs {case['name']}", rows)
+            status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'}"
+        except Exception as e:
+            status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
+        summary.append(("all(first)", case["name"], status))
+        print(f"{'all(first)':15s} {case['name']:28s} {status}", flush=True)
+    for cfg, worst in check_decode(rows).items():
+        status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'}"
+        summary.append(("decode", f"BV={cfg[0]},w{cfg[1]}", status))
+        print(f"{'decode':15s} {f'BV={cfg[0]},w{cfg[1]}':28s} {status}", flush=True)
+    for kern in KERNELS.values():
+        pin_config(kern, None)
+    path = os.path.join(args.out, f"check-{card}.csv")
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        wr.writeheader()
+        wr.writerows(rows)
+    with open(os.path.join(args.out, f"check-summary-{card}.txt"), "w") as f:
+        for r in summary:
+            f.write(" | ".join(r) + "\n")
+    print(f"wrote {path}; {sum(not r['ok'] for r in rows)} failing rows of {len(rows)}")
+
+
+if __name__ == "__main__":
+    main()
