@@ -1,0 +1,598 @@
+"""The sweep runner: a plan of cells (model x task x context length) -> one committed row per scored sample.
+
+    plan = Plan(models=["gdn2-tiny-random"], cells=[CellPlan("niah_single_1", [1024, 2048])], samples=4)
+    summary = run_plan(plan, ResultsStore("runs/x"))
+
+Per model: load it once (skipped when every cell is already complete), then per cell: the task generates the
+cell's samples with the model's tokenizer (seeded), the cell's identity (seed, tokenizer hash, haystack, task
+config, model source, dtype) is checked against the store, stored samples are skipped, and each remaining sample is
+evaluated and committed in its own transaction. Under torchrun each rank evaluates the samples it owns
+(index % world_size == rank).
+
+Failures never stop the sweep: a sample that runs out of memory is retried with the segment halved (down to
+MIN_SEGMENT) and then stored as a failure row (error_kind "oom"); NaN/Inf logits or a non-finite score give a
+"nonfinite" row; any other exception an "exception" row. After MAX_CONSECUTIVE_FAILURES failures in a row the rest of
+the cell is abandoned (the cell is marked failed; its unattempted samples are retried by the next run). A cell that
+cannot even produce its samples, or a model that cannot load, marks its cells failed and the sweep moves on.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from harness.distributed import DistContext
+from harness.eval_task import Sample, SampleResult
+from harness.store import NO_LENGTH, CellIdentityError, ResultsStore, SampleRow, dumps
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIN_SEGMENT = 64
+MAX_CONSECUTIVE_FAILURES = 3
+PACKAGES = ("torch", "triton", "transformers", "tokenizers", "lm_eval", "flash-linear-attention", "mamba-ssm",
+            "wonderwords", "numpy", "pandas", "gdn2-harness")
+
+
+# ------------------------------------------------------------------------------------------------ plans
+@dataclass
+class CellPlan:
+    """One task of a plan and its lengths (None: the task has no length axis)."""
+
+    task: str
+    lengths: list[int | None] = field(default_factory=lambda: [None])
+    samples: int | None = None          # None: the plan's default
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    models: list[str]
+    cells: list[CellPlan]
+    samples: int | None = 4             # default samples per cell (None: the task's full set)
+    seed: int = 0
+    limit: int | None = None            # cap on samples per cell (lm-eval --limit semantics)
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 1
+    name: str = "custom"
+    paper_rows: dict[str, str] = field(default_factory=dict)   # model name -> "setting:Paper Model"
+    retry_failed: bool = False
+    allow_longer_context: bool = False
+
+    def expand(self) -> list[tuple[str, int | None, int | None, dict]]:
+        """(task, length, num_samples, options) for every cell, in plan order."""
+        out = []
+        for cell in self.cells:
+            n = cell.samples if cell.samples is not None else self.samples
+            if self.limit is not None:
+                n = self.limit if n is None else min(n, self.limit)
+            for length in cell.lengths or [None]:
+                out.append((cell.task, length, n, cell.options))
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SUITE_KEYS = {"description", "models", "samples", "seed", "report", "cells"}
+CELL_KEYS = {"task", "lengths", "samples", "options"}
+
+
+def parse_length(value: Any) -> int | None:
+    """1024 | "1024" | "1k" | "4K" | None -> tokens."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    try:
+        if text.endswith("k"):
+            return int(float(text[:-1]) * 1024)
+        return int(text)
+    except ValueError:
+        raise ValueError(f"context length {value!r} is neither an integer nor a number with a k suffix (e.g. 4k)")
+
+
+def suite_names() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(name_or_path: str) -> dict:
+    """A suite file (harness/suites/<name>.yaml, or a path) as a dict, validated (see harness/suites/README.md)."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = SUITES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        from harness.registry import unknown_name
+
+        raise unknown_name("suite", name_or_path, suite_names())
+    suite = yaml.safe_load(path.read_text()) or {}
+    bad = set(suite) - SUITE_KEYS
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; a suite has {sorted(SUITE_KEYS)}")
+    for i, cell in enumerate(suite.get("cells") or []):
+        if "task" not in cell:
+            raise ValueError(f"{path}: cells[{i}] has no 'task'")
+        bad = set(cell) - CELL_KEYS
+        if bad:
+            raise ValueError(f"{path}: cells[{i}] ({cell['task']}) has unknown key(s) {sorted(bad)}; "
+                             f"a cell has {sorted(CELL_KEYS)}")
+    suite["name"] = path.stem
+    suite["path"] = str(path)
+    return suite
+
+
+def plan_from_suite(suite: dict, **overrides: Any) -> Plan:
+    """A Plan from a suite dict; overrides (models, samples, seed, lengths, ...) win when not None."""
+    cells = []
+    for cell in suite.get("cells") or []:
+        lengths = [parse_length(x) for x in (cell.get("lengths") or [None])]
+        cells.append(CellPlan(task=cell["task"], lengths=lengths, samples=cell.get("samples"),
+                              options=dict(cell.get("options") or {})))
+    plan = Plan(models=list(suite.get("models") or []), cells=cells, samples=suite.get("samples", 4),
+                seed=int(suite.get("seed", 0)), name=suite.get("name", "custom"))
+    lengths = overrides.pop("lengths", None)
+    if lengths:
+        for cell in plan.cells:
+            if cell.lengths != [None]:
+                cell.lengths = [parse_length(x) for x in lengths]
+    if overrides.get("samples") is not None:   # the command line wins over per-cell suite values too
+        for cell in plan.cells:
+            cell.samples = None
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(plan, key, value)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def tokenizer_sha(tokenizer: Any) -> str:
+    """Hash of what the tokenizer does: its serialized rules and vocabulary (not its file path)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    elif hasattr(tokenizer, "to_str"):
+        text = tokenizer.to_str()
+    elif hasattr(tokenizer, "serialized_model_proto"):
+        return hashlib.sha256(tokenizer.serialized_model_proto()).hexdigest()[:16]
+    elif hasattr(tokenizer, "get_vocab"):
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    else:
+        text = repr(tokenizer)
+    extra = json.dumps([getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")])
+    return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
+
+
+def haystack_identity(samples: list[Sample]) -> list[list[str]]:
+    """The distinct (haystack name, sha256) of a cell's sample records (empty when the task has no haystack)."""
+    seen = set()
+    for s in samples:
+        p = s.payload if isinstance(s.payload, dict) else {}
+        if "haystack" in p or "haystack_sha256" in p:
+            seen.add((str(p.get("haystack")), str(p.get("haystack_sha256", ""))))
+    return [list(x) for x in sorted(seen)]
+
+
+def sample_sha(sample: Sample) -> str:
+    return hashlib.sha256(dumps(sample.payload).encode()).hexdigest()[:16]
+
+
+def task_config(task: Any) -> Any:
+    cfg = getattr(task, "config", None)
+    if callable(cfg):
+        cfg = cfg()
+    return cfg if cfg is not None else {"name": getattr(task, "name", type(task).__name__)}
+
+
+# ------------------------------------------------------------------------------------------------ run metadata
+def git_state() -> tuple[str | None, int | None]:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head, int(bool(dirty)) if head else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run_metadata(plan: Plan, argv: list[str] | None) -> dict:
+    head, dirty = git_state()
+    return {"argv": argv if argv is not None else sys.argv, "plan": plan.to_dict(), "git_hash": head,
+            "git_dirty": dirty, "packages": package_versions(), "host": platform.node(), "device": plan.device,
+            "dtype": plan.dtype, "seed": plan.seed}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def is_oom(err: BaseException) -> bool:
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        "out of memory" in text.lower() or "can't allocate memory" in text or isinstance(err, MemoryError))
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _nonfinite(result: SampleResult) -> str | None:
+    values = {"score": result.score, **{k: v for k, v in (result.metrics or {}).items() if isinstance(v, float)}}
+    bad = [k for k, v in values.items() if v is None and k == "score" or isinstance(v, float) and not math.isfinite(v)]
+    return f"non-finite value(s) in the result: {', '.join(bad)}" if bad else None
+
+
+def evaluate_with_retries(fn: Callable[[], Any], model: Any) -> tuple[Any, str | None, str | None]:
+    """Run fn() (one sample or one batch); returns (result, error_kind, error). Out of memory: halve the model's
+    segment and retry, down to MIN_SEGMENT; NaN/Inf logits: 'nonfinite'; anything else: 'exception'."""
+    from harness.model import NonFiniteLogitsError
+
+    original = getattr(model, "segment", None)
+    try:
+        while True:
+            try:
+                return fn(), None, None
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except NonFiniteLogitsError as err:
+                return None, "nonfinite", str(err)
+            except BaseException as err:  # noqa: BLE001 - every failure becomes a row
+                if is_oom(err):
+                    free_memory()
+                    segment = getattr(model, "segment", None)
+                    if segment is not None and segment // 2 >= MIN_SEGMENT:
+                        model.segment = segment // 2
+                        continue
+                    return None, "oom", f"out of memory at segment {segment} (retried down from {original}): {err}"
+                if isinstance(err, FloatingPointError):
+                    return None, "nonfinite", str(err)
+                tb = traceback.format_exception(type(err), err, err.__traceback__)
+                return None, "exception", f"{type(err).__name__}: {err}\n{''.join(tb[-6:])}"
+    finally:
+        if original is not None:
+            model.segment = original
+
+
+@dataclass
+class CellSummary:
+    model: str
+    task: str
+    length: int | None
+    planned: int = 0
+    skipped: int = 0
+    ok: int = 0
+    failed: int = 0
+    status: str = "done"
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    cells: list[CellSummary] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed_cells(self) -> list[CellSummary]:
+        return [c for c in self.cells if c.status == "failed" or c.failed]
+
+
+class Progress:
+    """A tqdm bar per cell: samples done / planned, samples/s, tokens/s and ETA; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self.bar = None
+        self.tokens = 0
+        self.start = time.time()
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sample", dynamic_ncols=True,
+                            leave=True, file=sys.stderr, mininterval=0.5)
+
+    def update(self, tokens: int, failed: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            rate = self.tokens / max(time.time() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{rate:,.0f} tok/s" + (f", {failed} failed" if failed else ""), refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tokens_of(result: SampleResult | None, sample: Sample) -> int:
+    p = sample.payload if isinstance(sample.payload, dict) else {}
+    if result is not None and result.metrics:
+        t = result.metrics.get("prompt_tokens", 0) + result.metrics.get("generated_tokens", 0)
+        if t:
+            return int(t)
+        if "tokens" in result.metrics:
+            return int(result.metrics["tokens"])
+    return int(p.get("length") or 0)
+
+
+def model_row(model: Any, spec: str, paper_row: str | None) -> dict:
+    from harness.store import dumps as _  # noqa: F401  (keeps import order obvious)
+
+    describe = model.describe()
+    config = getattr(model.lm, "config", None)
+    setting, paper_model = None, None
+    paper_row = paper_row or describe.get("paper_row")
+    if paper_row:
+        setting, _, paper_model = paper_row.partition(":")
+    return {
+        "model": model.name, "spec": spec, "family": model.family, "source": model.source, "backend": model.backend,
+        "device": str(model.device), "dtype": describe.get("dtype"),
+        "state_floats_per_layer": model.state_floats_per_layer(),
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "num_params_non_embedding": model.num_params(True), "num_params": model.num_params(False),
+        "tokenizer_sha": tokenizer_sha(model.tokenizer),
+        "tokenizer_name": str(getattr(model.tokenizer, "name_or_path", "") or ""),
+        "paper_setting": setting or None, "paper_model": paper_model or None,
+        "random_init": int("bundled" in describe and "random" in str(describe.get("bundled", "")).lower()),
+        "describe": describe,
+    }
+
+
+class SweepRunner:
+    """Runs a Plan into a ResultsStore (see the module docstring)."""
+
+    def __init__(self, plan: Plan, store: ResultsStore, dist: DistContext | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None, loader: Callable[..., Any] | None = None,
+                 argv: list[str] | None = None):
+        self.plan = plan
+        self.store = store
+        self.dist = dist or DistContext()
+        self.progress = progress and self.dist.is_main
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.loader = loader
+        self.argv = argv
+        self.run_id = ""
+
+    def _say(self, msg: str) -> None:
+        if self.dist.is_main:
+            self.log(msg)
+
+    # -------------------------------------------------------------------------------------------- top level
+    def run(self) -> RunSummary:
+        from harness.task_adapters import resolve_task
+
+        start = time.time()
+        self.run_id = self.dist.broadcast(time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+        summary = RunSummary(run_id=self.run_id, output=str(self.store.folder))
+        self.store.start_run(self.run_id, self.dist.rank, self.dist.world_size, run_metadata(self.plan, self.argv))
+        cells = self.plan.expand()
+        tasks: dict[tuple[str, str], Any] = {}
+        for task_name, _, _, options in cells:      # fail fast on unknown task names, before loading anything
+            key = (task_name, json.dumps(options, sort_keys=True))
+            if key not in tasks:
+                tasks[key] = resolve_task(task_name, options)
+        status = "failed"
+        try:
+            for spec in self.plan.models:
+                summary.cells.extend(self._run_model(spec, cells, tasks))
+            status = "done"
+        finally:
+            summary.seconds = time.time() - start
+            self.store.finish_run(self.run_id, self.dist.rank, status if status == "done" else "interrupted",
+                                  {"cells": [asdict(c) for c in summary.cells], "seconds": summary.seconds})
+        return summary
+
+    def _load(self, spec: str):
+        if self.loader is not None:
+            return self.loader(spec)
+        from harness.registry import load_model
+
+        return load_model(spec, device=self.dist.device(self.plan.device), dtype=self.plan.dtype,
+                          allow_longer_context=self.plan.allow_longer_context)
+
+    def _cell_key(self, task: Any, length: int | None) -> int:
+        return length if (getattr(task, "uses_length", True) and length is not None) else NO_LENGTH
+
+    def _complete_without_loading(self, name: str, cells, tasks) -> bool:
+        """Whether every cell of this model already has all its (owned) samples stored, so loading can be skipped."""
+        for task_name, length, n, options in cells:
+            task = tasks[(task_name, json.dumps(options, sort_keys=True))]
+            if n is None:
+                return False
+            stored = self.store.stored_samples(name, task.name, self._cell_key(task, length))
+            owned = [i for i in range(n) if self.dist.owns(i)]
+            if any(i not in stored or (self.plan.retry_failed and stored[i][0] == "error") for i in owned):
+                return False
+        return True
+
+    def _run_model(self, spec: str, cells, tasks) -> list[CellSummary]:
+        known_name = self.store.model_name_for_spec(spec)
+        if known_name and self._complete_without_loading(known_name, cells, tasks):
+            self._say(f"[{known_name}] every cell is already stored in {self.store.path}; nothing to run")
+            out = []
+            for task_name, length, n, options in cells:
+                task = tasks[(task_name, json.dumps(options, sort_keys=True))]
+                out.append(CellSummary(known_name, task.name, length, planned=n or 0, skipped=n or 0))
+            return out
+        self._say(f"[{spec}] loading on {self.dist.device(self.plan.device)} ({self.plan.dtype})")
+        try:
+            model = self._load(spec)
+        except Exception as err:  # noqa: BLE001 - a model that cannot load fails its cells, not the sweep
+            message = f"model {spec!r} failed to load: {type(err).__name__}: {err}"
+            self._say(f"FAILED {message}")
+            out = []
+            for task_name, length, n, options in cells:
+                task = tasks[(task_name, json.dumps(options, sort_keys=True))]
+                if self.dist.is_main:
+                    self.store.set_cell_status(known_name or spec, task.name, self._cell_key(task, length), "failed",
+                                               message, self.run_id)
+                out.append(CellSummary(known_name or spec, task.name, length, planned=n or 0, status="failed",
+                                       error=message))
+            return out
+        model.check_finite = True
+        self.store.put_model(model_row(model, spec, self.plan.paper_rows.get(model.name)
+                                       or self.plan.paper_rows.get(spec)))
+        out = []
+        try:
+            for task_name, length, n, options in cells:
+                task = tasks[(task_name, json.dumps(options, sort_keys=True))]
+                out.append(self._run_cell(model, task, length, n))
+        finally:
+            del model
+            free_memory()
+        return out
+
+    # -------------------------------------------------------------------------------------------- one cell
+    def _run_cell(self, model: Any, task: Any, length: int | None, n: int | None) -> CellSummary:
+        t0 = time.time()
+        uses_length = getattr(task, "uses_length", True)
+        length = length if uses_length else None
+        key = self._cell_key(task, length)
+        cell = CellSummary(model.name, task.name, length)
+        label = f"{model.name} | {task.name}" + (f" @ {length}" if length else "")
+        try:
+            samples = task.samples(model, length, n if n is not None else -1, self.plan.seed)
+            if n is not None:
+                samples = samples[:n]
+        except Exception as err:  # noqa: BLE001
+            cell.status, cell.error = "failed", f"could not build samples: {type(err).__name__}: {err}"
+            self._say(f"FAILED {label}: {cell.error}")
+            if self.dist.is_main:
+                self.store.set_cell_status(model.name, task.name, key, "failed", cell.error, self.run_id)
+            return cell
+        identity = {"task": task.name, "task_config": task_config(task), "seed": self.plan.seed,
+                    "tokenizer_sha": tokenizer_sha(model.tokenizer), "haystack": haystack_identity(samples),
+                    "model_source": model.source, "dtype": str(model.dtype).replace("torch.", "")}
+        identity_sha = hashlib.sha256(dumps(identity).encode()).hexdigest()[:16]
+        self.store.begin_cell(model.name, task.name, key, identity, identity_sha, len(samples), self.run_id)
+        if self.plan.retry_failed:
+            self.store.delete_failed(model.name, task.name, key)
+        stored = self.store.stored_samples(model.name, task.name, key)
+        shas = {s.index: sample_sha(s) for s in samples}
+        changed = [i for i, (_, sha) in stored.items() if sha and i in shas and shas[i] != sha]
+        if changed:
+            raise CellIdentityError(
+                f"cell ({model.name}, {task.name}, {key}): {len(changed)} stored sample(s) (e.g. index {changed[0]}) "
+                "differ from the ones generated now although the configuration matches (a generator changed?). "
+                "Use a new --output folder.")
+        mine = [s for s in samples if self.dist.owns(s.index)]
+        todo = [s for s in mine if s.index not in stored]
+        cell.planned, cell.skipped = len(mine), len(mine) - len(todo)
+        if not todo:
+            self._finish_cell(cell, key, t0)
+            return cell
+        bar = Progress(self.progress, total=len(mine), initial=cell.skipped, desc=label)
+        try:
+            if hasattr(task, "evaluate_cell"):
+                self._evaluate_batched(model, task, todo, key, cell, bar)
+            else:
+                self._evaluate_each(model, task, todo, key, cell, bar)
+        finally:
+            bar.close()
+        self._finish_cell(cell, key, t0)
+        return cell
+
+    def _finish_cell(self, cell: CellSummary, key: int, t0: float) -> None:
+        cell.seconds = time.time() - t0
+        if self.dist.is_main or cell.status == "failed":
+            self.store.set_cell_status(cell.model, cell.task, key, cell.status, cell.error, self.run_id)
+        if cell.status == "failed":
+            self._say(f"FAILED {cell.model} | {cell.task} @ {cell.length}: {cell.error}")
+
+    def _row(self, model, task, key, sample: Sample, result: SampleResult | None, kind, error, elapsed) -> SampleRow:
+        if result is not None:
+            record = result.record or (sample.payload if isinstance(sample.payload, dict) else {})
+            return SampleRow(model.name, task.name, key, sample.index, "ok", float(result.score), result.prediction,
+                             metrics=result.metrics, record=record, sample_sha=sample_sha(sample),
+                             seed=self.plan.seed, elapsed_s=elapsed, run_id=self.run_id, rank=self.dist.rank)
+        record = sample.payload if isinstance(sample.payload, dict) else {}
+        return SampleRow(model.name, task.name, key, sample.index, "error", None, "", error_kind=kind, error=error,
+                         record=record, sample_sha=sample_sha(sample), seed=self.plan.seed, elapsed_s=elapsed,
+                         run_id=self.run_id, rank=self.dist.rank)
+
+    def _commit(self, model, task, key, sample, result, kind, error, elapsed, cell: CellSummary, bar) -> bool:
+        if result is not None:
+            problem = _nonfinite(result)
+            if problem:
+                result, kind, error = None, "nonfinite", problem
+        self.store.add_sample(self._row(model, task, key, sample, result, kind, error, elapsed))
+        if result is None:
+            cell.failed += 1
+        else:
+            cell.ok += 1
+        bar.update(_tokens_of(result, sample), cell.failed)
+        return result is not None
+
+    def _evaluate_each(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress) -> None:
+        streak, last_error = 0, None
+        for sample in todo:
+            t = time.time()
+            result, kind, error = evaluate_with_retries(lambda: task.evaluate(model, sample), model)
+            ok = self._commit(model, task, key, sample, result, kind, error, time.time() - t, cell, bar)
+            streak, last_error = (0, None) if ok else (streak + 1, error)
+            if streak >= MAX_CONSECUTIVE_FAILURES:
+                cell.status = "failed"
+                cell.error = (f"{streak} failures in a row; rest of the cell abandoned (rerun retries it). "
+                              f"Last: {(last_error or '').splitlines()[0]}")
+                return
+
+    def _evaluate_batched(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress) -> None:
+        """Tasks whose engine scores many samples at once (lm-eval): batches of --batch-size samples, each batch
+        committed as soon as it returns."""
+        size = max(1, int(self.plan.batch_size))
+        streak = 0
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
+            t = time.time()
+            results, kind, error = evaluate_with_retries(lambda: task.evaluate_cell(model, batch), model)
+            elapsed = (time.time() - t) / len(batch)
+            by_index = {r.index: r for r in results or []}
+            failed_before = cell.failed
+            for sample in batch:
+                result = by_index.get(sample.index)
+                k = None if result is not None else (kind or "exception")
+                e = None if result is not None else (error or "the task returned no result for this sample")
+                self._commit(model, task, key, sample, result, k, e, elapsed, cell, bar)
+            streak = streak + 1 if cell.failed > failed_before and error else 0
+            if streak >= MAX_CONSECUTIVE_FAILURES:
+                cell.status, cell.error = "failed", f"{streak} failed batches in a row; last: {error}"
+                return
+
+
+def run_plan(plan: Plan, store: ResultsStore, dist: DistContext | None = None, progress: bool = True,
+             argv: list[str] | None = None, **kwargs: Any) -> RunSummary:
+    return SweepRunner(plan, store, dist, progress=progress, argv=argv, **kwargs).run()
+
+
+def default_output() -> Path:
+    return Path(os.environ.get("GDN2_RUNS", "runs")) / "default"

@@ -1,0 +1,261 @@
+"""The results store: one SQLite database per output folder, `<output>/results.sqlite` (standard library, WAL).
+
+Every scored sample is one row of `samples`, committed in its own transaction the moment it exists, keyed by
+(model, task, length, sample_index) UNIQUE and written with INSERT OR IGNORE: a rerun of the same plan skips what is
+stored, a kill -9 loses at most the sample in flight, and no sample is ever stored twice. Failures are rows too
+(status 'error', score NULL, error_kind 'oom' | 'nonfinite' | 'exception').
+
+Tables
+    meta     (key PRIMARY KEY, value)                         schema version
+    runs     (run_id, rank) PRIMARY KEY: argv, plan, git hash, package versions, device, dtype, seed, host, times
+    models   (model PRIMARY KEY): spec, family, source, backend, dtype, state size, parameter count, tokenizer
+             identity, paper row it maps to (setting, paper_model), describe() JSON
+    cells    (model, task, length) PRIMARY KEY: identity JSON (seed, tokenizer sha, haystack identity, task config,
+             model source, dtype) and its sha, status ('running' | 'done' | 'failed'), error, samples planned
+    samples  (model, task, length, sample_index) UNIQUE: status, score, prediction, error_kind, error, metrics JSON,
+             record JSON (input, references, needle depths, length, ...), sample_sha, seed, elapsed_s, rank, run_id
+
+length is 0 for tasks without a context-length axis (SQLite treats NULLs as distinct in UNIQUE keys).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+SCHEMA_VERSION = 1
+DB_NAME = "results.sqlite"
+NO_LENGTH = 0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT NOT NULL, rank INTEGER NOT NULL, world_size INTEGER NOT NULL,
+    started_at TEXT NOT NULL, finished_at TEXT, status TEXT NOT NULL,
+    argv TEXT, plan TEXT, git_hash TEXT, git_dirty INTEGER, packages TEXT, host TEXT,
+    device TEXT, dtype TEXT, seed INTEGER, summary TEXT,
+    PRIMARY KEY (run_id, rank)
+);
+CREATE TABLE IF NOT EXISTS models (
+    model TEXT PRIMARY KEY, spec TEXT, family TEXT, source TEXT, backend TEXT, device TEXT, dtype TEXT,
+    state_floats_per_layer INTEGER, num_layers INTEGER, num_params_non_embedding INTEGER, num_params INTEGER,
+    tokenizer_sha TEXT, tokenizer_name TEXT, paper_setting TEXT, paper_model TEXT, random_init INTEGER,
+    describe TEXT, updated_at TEXT
+);
+CREATE TABLE IF NOT EXISTS cells (
+    model TEXT NOT NULL, task TEXT NOT NULL, length INTEGER NOT NULL,
+    identity TEXT NOT NULL, identity_sha TEXT NOT NULL, seed INTEGER, tokenizer_sha TEXT, haystack TEXT,
+    num_samples INTEGER, status TEXT NOT NULL, error TEXT, run_id TEXT, updated_at TEXT,
+    PRIMARY KEY (model, task, length)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL, task TEXT NOT NULL, length INTEGER NOT NULL, sample_index INTEGER NOT NULL,
+    status TEXT NOT NULL, score REAL, prediction TEXT, error_kind TEXT, error TEXT,
+    metrics TEXT, record TEXT, sample_sha TEXT, seed INTEGER, elapsed_s REAL,
+    run_id TEXT, rank INTEGER, created_at TEXT,
+    UNIQUE (model, task, length, sample_index)
+);
+CREATE INDEX IF NOT EXISTS samples_by_cell ON samples (model, task, length, status);
+"""
+
+
+class CellIdentityError(RuntimeError):
+    """A cell already stored under this output folder was produced by a different configuration."""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def dumps(obj: Any) -> str:
+    """JSON for the store: sorted keys, NaN/Inf as null (strict JSON readers choke on NaN)."""
+    return json.dumps(_finite(obj), sort_keys=True, default=str, ensure_ascii=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+@dataclass
+class SampleRow:
+    model: str
+    task: str
+    length: int
+    sample_index: int
+    status: str                      # "ok" | "error"
+    score: float | None = None
+    prediction: str = ""
+    error_kind: str | None = None    # "oom" | "nonfinite" | "exception"
+    error: str | None = None
+    metrics: dict | None = None
+    record: dict | None = None
+    sample_sha: str | None = None
+    seed: int | None = None
+    elapsed_s: float | None = None
+    run_id: str | None = None
+    rank: int = 0
+
+
+class ResultsStore:
+    """The SQLite store of one output folder. Safe to share between processes of one host (WAL, busy timeout)."""
+
+    def __init__(self, output: str | Path, create: bool = True, timeout_s: float = 120.0):
+        self.folder = Path(output)
+        self.path = self.folder / DB_NAME
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(
+                f"no results store at {self.path}; pass the --output folder of a run (it holds {DB_NAME})")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+        if create:
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = FULL")
+            with self.transaction():
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        version = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if version is None or int(version[0]) != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} has schema version {version and version[0]}; this harness reads "
+                               f"version {SCHEMA_VERSION}. Use a fresh --output folder.")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "ResultsStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): takes the write lock up front, so two ranks never
+        deadlock upgrading a read lock."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------------------------------------ runs
+    def start_run(self, run_id: str, rank: int, world_size: int, meta: dict) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO runs (run_id, rank, world_size, started_at, status, argv, plan, git_hash,"
+                " git_dirty, packages, host, device, dtype, seed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, rank, world_size, now(), "running", dumps(meta.get("argv")), dumps(meta.get("plan")),
+                 meta.get("git_hash"), meta.get("git_dirty"), dumps(meta.get("packages")), meta.get("host"),
+                 meta.get("device"), meta.get("dtype"), meta.get("seed")))
+
+    def finish_run(self, run_id: str, rank: int, status: str, summary: dict) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE runs SET finished_at = ?, status = ?, summary = ? WHERE run_id = ? AND rank = ?",
+                      (now(), status, dumps(summary), run_id, rank))
+
+    # ------------------------------------------------------------------------------------------------ models
+    def put_model(self, row: dict) -> None:
+        cols = ["model", "spec", "family", "source", "backend", "device", "dtype", "state_floats_per_layer",
+                "num_layers", "num_params_non_embedding", "num_params", "tokenizer_sha", "tokenizer_name",
+                "paper_setting", "paper_model", "random_init", "describe"]
+        values = [dumps(row.get(c)) if c == "describe" else row.get(c) for c in cols]
+        with self.transaction() as c:
+            c.execute(f"INSERT OR REPLACE INTO models ({', '.join(cols)}, updated_at) "
+                      f"VALUES ({', '.join('?' * len(cols))}, ?)", values + [now()])
+
+    def model_name_for_spec(self, spec: str) -> str | None:
+        row = self.conn.execute("SELECT model FROM models WHERE spec = ? ORDER BY updated_at DESC", (spec,)).fetchone()
+        return row[0] if row else None
+
+    # ------------------------------------------------------------------------------------------------ cells
+    def begin_cell(self, model: str, task: str, length: int, identity: dict, identity_sha: str,
+                   num_samples: int | None, run_id: str) -> None:
+        """Record a cell as running, or check that the stored cell was made by the same configuration."""
+        with self.transaction() as c:
+            row = c.execute("SELECT identity, identity_sha FROM cells WHERE model = ? AND task = ? AND length = ?",
+                            (model, task, length)).fetchone()
+            if row is not None and row["identity_sha"] != identity_sha:
+                has_rows = c.execute("SELECT 1 FROM samples WHERE model = ? AND task = ? AND length = ? LIMIT 1",
+                                     (model, task, length)).fetchone()
+                if has_rows:
+                    stored = json.loads(row["identity"])
+                    diff = {k: (stored.get(k), identity.get(k)) for k in set(stored) | set(identity)
+                            if stored.get(k) != identity.get(k)}
+                    raise CellIdentityError(
+                        f"cell ({model}, {task}, {length}) in {self.path} was produced by a different configuration; "
+                        f"differences (stored, now): {diff}. Use a new --output folder, or the same settings "
+                        "(seed, tokenizer, haystack, dtype) as the stored run.")
+            c.execute(
+                "INSERT INTO cells (model, task, length, identity, identity_sha, seed, tokenizer_sha, haystack,"
+                " num_samples, status, error, run_id, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (model, task, length) DO UPDATE SET identity = excluded.identity,"
+                " identity_sha = excluded.identity_sha, seed = excluded.seed, tokenizer_sha = excluded.tokenizer_sha,"
+                " haystack = excluded.haystack, num_samples = MAX(COALESCE(cells.num_samples, 0),"
+                " COALESCE(excluded.num_samples, 0)), status = CASE WHEN cells.status = 'done' THEN 'done'"
+                " ELSE 'running' END, error = NULL, run_id = excluded.run_id, updated_at = excluded.updated_at",
+                (model, task, length, dumps(identity), identity_sha, identity.get("seed"),
+                 identity.get("tokenizer_sha"), dumps(identity.get("haystack")), num_samples, "running", None,
+                 run_id, now()))
+
+    def set_cell_status(self, model: str, task: str, length: int, status: str, error: str | None = None,
+                        run_id: str | None = None) -> None:
+        """Mark a cell done/failed; creates a bare row for cells that failed before they had an identity."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO cells (model, task, length, identity, identity_sha, status, error, run_id, updated_at)"
+                " VALUES (?,?,?,'{}','',?,?,?,?) ON CONFLICT (model, task, length) DO UPDATE SET"
+                " status = excluded.status, error = excluded.error, updated_at = excluded.updated_at",
+                (model, task, length, status, error, run_id, now()))
+
+    # ------------------------------------------------------------------------------------------------ samples
+    def add_sample(self, row: SampleRow) -> bool:
+        """Commit one sample row (its own transaction). False if the key was already stored (never overwrites)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO samples (model, task, length, sample_index, status, score, prediction,"
+                " error_kind, error, metrics, record, sample_sha, seed, elapsed_s, run_id, rank, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (row.model, row.task, row.length, row.sample_index, row.status,
+                 row.score if row.score is None or math.isfinite(row.score) else None,
+                 row.prediction, row.error_kind, row.error, dumps(row.metrics or {}), dumps(row.record or {}),
+                 row.sample_sha, row.seed, row.elapsed_s, row.run_id, row.rank, now()))
+            return cur.rowcount == 1
+
+    def stored_samples(self, model: str, task: str, length: int) -> dict[int, tuple[str, str | None]]:
+        """sample_index -> (status, sample_sha) of the rows stored for a cell."""
+        rows = self.conn.execute(
+            "SELECT sample_index, status, sample_sha FROM samples WHERE model = ? AND task = ? AND length = ?",
+            (model, task, length)).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def delete_failed(self, model: str, task: str, length: int) -> int:
+        """Drop a cell's failure rows so that they are retried (--retry-failed)."""
+        with self.transaction() as c:
+            return c.execute("DELETE FROM samples WHERE model = ? AND task = ? AND length = ? AND status = 'error'",
+                             (model, task, length)).rowcount
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def query(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, tuple(params)).fetchall()
+
+
+def open_store(output: str | Path) -> ResultsStore:
+    """Open an existing store for reading (report, export); FileNotFoundError names the missing file."""
+    return ResultsStore(output, create=False)

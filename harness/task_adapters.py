@@ -1,0 +1,207 @@
+"""EvalTask adapters for the tasks of tasks/ (RULER, MQAR), and the one lookup the CLI and runner use for every kind
+of task name.
+
+    task = resolve_task("niah_single_1")                # RULER (also the paper's names: s_niah_1, mk_niah_1, ...)
+    task = resolve_task("mqar")                         # token-level MQAR (tasks.mqar)
+    task = resolve_task("lm_eval:piqa")                 # lm-eval and perplexity tasks (harness.lm_eval_tasks)
+    task = resolve_task("my_pkg.tasks:MyTask", {...})   # any EvalTask: "module:attribute" (class, factory or object)
+
+An adapter turns the task's records into harness Samples (payload = the task's flat record, so the store keeps the
+input, references, needle depths in tokens and length of every sample) and scores one sample per evaluate().
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from typing import Any
+
+from harness.eval_task import EvalTask, Sample, SampleResult
+from harness.model import EvalModel
+from harness.registry import UnknownNameError, unknown_name
+
+LM_EVAL_PREFIXES = ("lm_eval:", "lmeval:", "ppl:", "perplexity:")
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RulerEvalTask:
+    """A RULER row of tasks.ruler.task.RULER_TASKS behind the EvalTask contract: greedy generation of
+    max_new_tokens after input + answer_prefix, RULER post-processing and metric, score in percent."""
+
+    uses_length = True
+
+    def __init__(self, ruler_task: Any, haystack_file: str | None = None):
+        self.ruler = ruler_task
+        self.name = ruler_task.name
+        self.haystack_file = haystack_file
+        self.metric_name = ruler_task.metric
+
+    def config(self) -> dict:
+        """What makes this task's samples what they are (part of a cell's identity in the store)."""
+        return {"kind": "ruler", "name": self.name, "family": self.ruler.family, "knobs": repr(self.ruler.knobs),
+                "metric": self.ruler.metric, "max_new_tokens": self.ruler.max_new_tokens,
+                "haystack_file": self.haystack_file}
+
+    def samples(self, model: EvalModel, length: int | None, num_samples: int, seed: int) -> list[Sample]:
+        if length is None:
+            raise ValueError(f"{self.name} needs a context length (--lengths)")
+        built = self.ruler.build_samples(model.tokenizer, length=length, num_samples=num_samples, seed=seed,
+                                         haystack_file=self.haystack_file)
+        return [Sample(index=s.index, payload=s.to_record()) for s in built]
+
+    def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
+        record = sample.payload
+        prompt = record["input"] + record["answer_prefix"]
+        prompt_ids = model.encode(prompt)
+        eos = model.tokenizer.eos_token_id
+        generated = model.generate_ids(prompt_ids, record["max_new_tokens"],
+                                       stop_ids=[eos] if eos is not None else [])
+        prediction = model.decode(generated)
+        score = self.ruler.score(prediction, record)
+        return SampleResult(index=sample.index, score=score, prediction=prediction,
+                            metrics={"prompt_tokens": len(prompt_ids), "generated_tokens": len(generated)},
+                            record=record)
+
+
+class MqarEvalTask:
+    """The token-level MQAR task (tasks.mqar; Zoology's multi-query associative recall) behind the EvalTask
+    contract. Its samples are token-id sequences; the score is the percent of queried values the model predicts
+    greedily (teacher-forced, one forward pass with the recurrent state carried)."""
+
+    uses_length = True
+
+    def __init__(self, mqar_task: Any, **options: Any):
+        self.mqar = mqar_task
+        self.name = getattr(mqar_task, "name", "mqar")
+        self.options = options
+
+    def config(self) -> dict:
+        cfg = getattr(self.mqar, "config", None)
+        cfg = cfg() if callable(cfg) else cfg
+        return {"kind": "mqar", "name": self.name, "config": repr(cfg), "options": self.options}
+
+    def samples(self, model: EvalModel, length: int | None, num_samples: int, seed: int) -> list[Sample]:
+        if length is None:
+            raise ValueError(f"{self.name} needs a sequence length (--lengths)")
+        vocab_size = _vocab_size(model)
+        built = self.mqar.build_samples(vocab_size=vocab_size, length=length, num_samples=num_samples, seed=seed,
+                                        **self.options)
+        out = []
+        for i, s in enumerate(built):
+            record = s.to_record() if hasattr(s, "to_record") else dict(s)
+            out.append(Sample(index=int(record.get("index", i)), payload=record))
+        return out
+
+    def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
+        record = sample.payload
+        ids = list(record["input_ids"])
+        _, greedy_ids = _greedy_next_tokens(model, ids)
+        score, detail = self.mqar.score(greedy_ids, record)
+        return SampleResult(index=sample.index, score=float(score), prediction=json.dumps(detail.get("predicted", [])),
+                            metrics={k: v for k, v in detail.items() if isinstance(v, (int, float))}, record=record)
+
+
+def _vocab_size(model: EvalModel) -> int:
+    config = getattr(model.lm, "config", None)
+    size = getattr(config, "vocab_size", None)
+    return int(size) if size else len(model.tokenizer)
+
+
+def _greedy_next_tokens(model: EvalModel, ids: list[int]):
+    """Teacher-forced argmax prediction at every position: [len(ids) - 1] predicted next ids."""
+    import torch
+
+    tokens = torch.tensor(ids, dtype=torch.long, device=model.device)[None]
+    cache, preds = None, []
+    with torch.no_grad():
+        for start in range(0, tokens.shape[1] - 1, model.segment):
+            end = min(start + model.segment, tokens.shape[1] - 1)
+            logits, cache = model._forward(tokens[:, start:end], cache, end - start)
+            preds.append(logits[0].argmax(-1).cpu())
+    pred = torch.cat(preds).tolist()
+    return ids, pred
+
+
+# ---------------------------------------------------------------------------------------------------- lookup
+def _ruler_adapter(canonical: str, task: Any, options: dict) -> EvalTask:
+    kind = getattr(task, "kind", "generate")
+    if kind == "token":
+        return MqarEvalTask(task, **options)
+    return RulerEvalTask(task, **options)
+
+
+def resolve_task(name: str, options: dict | None = None, offline: bool = True) -> EvalTask:
+    """The EvalTask for a task name (see the module docstring); UnknownNameError with the nearest known name."""
+    options = dict(options or {})
+    if ":" in name and not name.startswith(LM_EVAL_PREFIXES):
+        module_name, attr = name.split(":", 1)
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise UnknownNameError(f"task {name!r}: cannot import {attr!r} from module {module_name!r} ({err})")
+        task = obj(**options) if callable(obj) and not isinstance(obj, EvalTask) else obj
+        return task
+    if name.startswith(LM_EVAL_PREFIXES) or name in _lm_eval_names():
+        lm_eval_task = _lm_eval_factory()
+        if lm_eval_task is None:
+            raise UnknownNameError(f"task {name!r} needs harness.lm_eval_tasks (lm-eval and perplexity tasks), which "
+                                   "is not importable in this checkout; install the eval extra: pip install -e '.[eval]'")
+        return lm_eval_task(name, offline=offline, **options)
+    import tasks
+
+    try:
+        canonical = tasks.resolve_name(name)
+    except tasks.UnknownTaskError:
+        raise unknown_name("task", name, list_task_names()) from None
+    return _ruler_adapter(canonical, tasks.get_task(canonical), options)
+
+
+def _lm_eval_factory():
+    try:
+        from harness.lm_eval_tasks import lm_eval_task
+    except ImportError:
+        return None
+    return lm_eval_task
+
+
+def _lm_eval_names() -> list[str]:
+    try:
+        from harness import lm_eval_tasks
+    except ImportError:
+        return []
+    names = getattr(lm_eval_tasks, "list_lm_eval_tasks", None) or getattr(lm_eval_tasks, "list_tasks", None)
+    if callable(names):
+        try:
+            found = names()
+            return list(found) if not isinstance(found, dict) else list(found)
+        except Exception:
+            return []
+    return list(getattr(lm_eval_tasks, "TASKS", {}) or [])
+
+
+def list_task_names() -> list[str]:
+    import tasks
+
+    return sorted(tasks.list_tasks()) + sorted(_lm_eval_names())
+
+
+def describe_tasks() -> list[dict]:
+    """One row per task for `list tasks`: name, aliases, kind, description."""
+    import tasks
+
+    rows = []
+    for name, aliases in tasks.list_tasks().items():
+        try:
+            task = tasks.get_task(name)
+            kind = getattr(task, "kind", "generate")
+            description = getattr(task, "description", "") or ""
+        except Exception as err:  # a task module still missing: say so instead of failing the listing
+            kind, description = "?", f"(not loadable: {type(err).__name__}: {err})"
+        rows.append({"task": name, "aliases": ", ".join(aliases), "kind": kind, "length axis": "yes",
+                     "description": description})
+    for name in _lm_eval_names():
+        rows.append({"task": name, "aliases": "", "kind": "lm-eval", "length axis": "no", "description": ""})
+    return rows
