@@ -84,7 +84,8 @@ def find_num_units(family: Family, counter: TokenCounter, length: int, max_new_t
         raise LengthTargetError(
             f"context length {length} is too small for task {task!r} with tokenizer {counter.name}: the prompt with "
             f"the smallest haystack ({n_min} {family.unit}s) is {t_min} tokens, plus {max_new_tokens} to generate "
-            f"makes {t_min + max_new_tokens} > {length}. Use a length of at least ~{2 * (t_min + max_new_tokens)}."
+            f"makes {t_min + max_new_tokens} > {length}. Use a length above {t_min + max_new_tokens} (a real haystack "
+            f"needs several times that)."
         )
     # Slope from a second probe, then bracket the answer and bisect.
     n_probe = n_min + max(8, (budget - t_min) // 8)
