@@ -84,24 +84,32 @@ class MqarEvalTask:
         return {"kind": "mqar", "name": self.name, "config": repr(cfg), "options": self.options}
 
     def samples(self, model: EvalModel, length: int | None, num_samples: int, seed: int) -> list[Sample]:
+        """One sequence per index, each drawn from its own seed (SeedSequence([seed, index])), so sample i is the
+        same whatever num_samples is (tasks.mqar draws a whole batch from one stream; a resumed cell with more
+        samples must not change the samples already stored)."""
+        import numpy as np
+
         if length is None:
             raise ValueError(f"{self.name} needs a sequence length (--lengths)")
         vocab_size = _vocab_size(model)
-        built = self.mqar.build_samples(vocab_size=vocab_size, length=length, num_samples=num_samples, seed=seed,
-                                        **self.options)
         out = []
-        for i, s in enumerate(built):
-            record = s.to_record() if hasattr(s, "to_record") else dict(s)
-            out.append(Sample(index=int(record.get("index", i)), payload=record))
+        for index in range(num_samples):
+            sample_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+            built = self.mqar.build_samples(vocab_size=vocab_size, length=length, num_samples=1, seed=sample_seed,
+                                            **self.options)[0]
+            record = built.to_record()
+            record.update(index=index, seed=seed, sample_seed=sample_seed)
+            out.append(Sample(index=index, payload=record))
         return out
 
     def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
         record = sample.payload
-        ids = list(record["input_ids"])
-        _, greedy_ids = _greedy_next_tokens(model, ids)
-        score, detail = self.mqar.score(greedy_ids, record)
+        predicted_next = _greedy_next_tokens(model, list(record["input_ids"]))
+        score, detail = self.mqar.score(predicted_next, record)
         return SampleResult(index=sample.index, score=float(score), prediction=json.dumps(detail.get("predicted", [])),
-                            metrics={k: v for k, v in detail.items() if isinstance(v, (int, float))}, record=record)
+                            metrics={"correct": detail.get("correct"), "num_queries": detail.get("num_queries"),
+                                     "tokens": len(record["input_ids"])},
+                            record=record)
 
 
 def _vocab_size(model: EvalModel) -> int:
@@ -110,8 +118,9 @@ def _vocab_size(model: EvalModel) -> int:
     return int(size) if size else len(model.tokenizer)
 
 
-def _greedy_next_tokens(model: EvalModel, ids: list[int]):
-    """Teacher-forced argmax prediction at every position: [len(ids) - 1] predicted next ids."""
+def _greedy_next_tokens(model: EvalModel, ids: list[int]) -> list[int]:
+    """Teacher-forced argmax at every position: out[t] = argmax p(. | ids[0..t]), for t in [0, len(ids) - 1).
+    One pass in segments of model.segment tokens with the recurrent state carried."""
     import torch
 
     tokens = torch.tensor(ids, dtype=torch.long, device=model.device)[None]
@@ -121,8 +130,7 @@ def _greedy_next_tokens(model: EvalModel, ids: list[int]):
             end = min(start + model.segment, tokens.shape[1] - 1)
             logits, cache = model._forward(tokens[:, start:end], cache, end - start)
             preds.append(logits[0].argmax(-1).cpu())
-    pred = torch.cat(preds).tolist()
-    return ids, pred
+    return torch.cat(preds).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- lookup
