@@ -13,7 +13,6 @@ It encodes whole batches in one call, and maps a character offset to the index o
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,23 +70,16 @@ class TokenCounter:
             encs = self._backend.encode_batch(texts, add_special_tokens=False)
             return [Encoded(len(e.ids), _backend_char_to_token(e)) for e in encs]
         if self._spm is not None:
-            if not need_offsets:
-                return [Encoded(len(ids), _unavailable) for ids in self._spm.encode(texts)]
-            out = []
-            for text in texts:
-                proto = self._spm.encode(text, out_type="immutable_proto")
-                begins = [p.begin for p in proto.pieces]
-                out.append(Encoded(len(begins), _spm_char_to_token(text, begins)))
-            return out
+            # sentencepiece gives offsets only through protobuf (not a dependency): a needle's depth is then the
+            # token count of the text before it (RULER's own definition of token_position_answer).
+            spm_tok = self._spm
+            return [Encoded(len(ids), (lambda t: lambda pos: len(spm_tok.encode(t[:pos])))(text))
+                    for text, ids in zip(texts, spm_tok.encode(texts))]
         out = []
         for text in texts:
             n = len(self._callable(text))
             out.append(Encoded(n, (lambda t: lambda pos: len(self._callable(t[:pos])))(text)))
         return out
-
-
-def _unavailable(pos: int) -> int:
-    raise RuntimeError("offsets were not requested for this encoding")
 
 
 def _backend_char_to_token(enc) -> Callable[[int], int]:
@@ -99,16 +91,6 @@ def _backend_char_to_token(enc) -> Callable[[int], int]:
         offsets = enc.offsets
         starts = [s for s, _ in offsets]
         return min(bisect.bisect_left(starts, pos), len(starts) - 1)
-
-    return char_to_token
-
-
-def _spm_char_to_token(text: str, byte_begins: list[int]) -> Callable[[int], int]:
-    ascii_text = text.isascii()
-
-    def char_to_token(pos: int) -> int:
-        byte_pos = pos if ascii_text else len(text[:pos].encode("utf-8"))
-        return max(bisect.bisect_right(byte_begins, byte_pos) - 1, 0)
 
     return char_to_token
 
@@ -165,20 +147,9 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     raise ValueError(f"do not know how to load a tokenizer from {str(p)!r}")
 
 
-class _NamedProxy:
-    """Attach a name to objects (Rust / SWIG classes) that do not accept new attributes."""
-
-
 def _named(tok: Any, name: str) -> Any:
     try:
         tok._ruler_name = name
     except (AttributeError, TypeError):
         pass
     return tok
-
-
-def tokenizer_fingerprint(counter: TokenCounter) -> str:
-    """Stable identity of a tokenizer's behaviour: its token counts on a fixed probe text (used in records)."""
-    probe = ("The grass is green. One of the special magic numbers for dynamic-ATM is: 1234567.\n"
-             "VAR ABCDE = 12345 Answer: 1. word 2. uuid 3d4f-...")
-    return json.dumps(counter.count([probe, probe[:40], probe[40:]]))

@@ -73,3 +73,21 @@ def test_essay_depths_spread_over_the_context():
     samples = get_task("niah_single_2").build_samples(tok, 4096, 40, seed=1)
     pct = [s.needle_depth_percent[0] for s in samples]
     assert min(pct) < 15 and max(pct) > 80  # depths drawn from 0..100 %
+
+
+def test_sentencepiece_and_plain_callable_tokenizers_agree_with_fast():
+    """The same Mistral tokenizer as a Rust-backed HF object, a SentencePieceProcessor and a bare callable gives
+    the same samples (offsets vs prefix counting may move a depth by one token at a boundary)."""
+    import sentencepiece as spm
+
+    from tasks.offline_tokenizers import mistral_model_path
+
+    fast = OFFLINE_TOKENIZERS["mistral"]()
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_model_path()))
+    task = get_task("niah_multikey_1")
+    ref = task.build_samples(fast, 2048, 2, seed=4)
+    for tok in [sp, lambda text: sp.encode(text)]:
+        other = task.build_samples(tok, 2048, 2, seed=4)
+        for a, b in zip(ref, other):
+            assert (a.input, a.length, a.outputs) == (b.input, b.length, b.outputs)
+            assert all(abs(x - y) <= 1 for x, y in zip(a.needle_depth_tokens, b.needle_depth_tokens))
