@@ -557,3 +557,30 @@ def perturb_unit_weights(module: nn.Module, scale: float = 0.1, seed: int = 1) -
     for name, p in module.named_parameters():
         if p.dim() == 1 and not name.endswith(("A_log", "dt_bias", ".D")):
             p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
+# ------------------------------------------------------------------------------------------ tiny checkpoints
+def write_checkpoint_folder(folder, config: dict, state: dict[str, torch.Tensor], tokenizer=None,
+                            weights: str = "model.safetensors") -> "Path":
+    """Write an HF-format folder: config.json, the weights (model.safetensors, or pytorch_model.bin when
+    weights ends in .bin) and, when `tokenizer` names a tokenizer folder, its files. For tests and examples:
+    `write_checkpoint_folder(tmp, family.tiny_config, lm.state_dict(), BPE_4K)`."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}  # clone: tied weights share storage
+    if weights.endswith(".bin"):
+        torch.save(tensors, folder / weights)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(folder / weights), metadata={"format": "pt"})
+    if tokenizer is not None:
+        for f in Path(tokenizer).iterdir():
+            if f.is_file():
+                shutil.copy(f, folder / f.name)
+    return folder

@@ -36,7 +36,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder (safetensors preferred, sharded or not; else pytorch_model.bin)."""
     import json
 
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     def load_one(file: Path) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             if file.suffix == ".safetensors":
                 return load_file(str(file))
             return torch.load(file, map_location="cpu", weights_only=True)
-        except (SafetensorsError, RuntimeError, EOFError, OSError, ValueError) as err:
+        except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as err:
             raise ValueError(f"weight file {file} is corrupt or truncated ({type(err).__name__}: {err})") from err
 
     for name in WEIGHT_FILES:
