@@ -3,8 +3,8 @@
 - accuracy_vs_length_<task>: mean score vs context length, one line per model, 95% intervals as error bars;
 - needle_heatmap_<model>_<task>: mean score by needle depth (where the queried needle sits, percent of the input)
   x context length, from the per-sample records (token_position_answer / input_tokens, else the first needle);
-- perplexity_vs_position_<task>: per-position-bucket perplexity when the perplexity task stores it per sample
-  (metrics or record keys nll_by_bucket / tokens_by_bucket, with bucket edges in bucket_edges);
+- perplexity_vs_position_<task>: per-position-bucket perplexity of the ppl:<corpus> tasks (their records hold
+  bucket_nll / bucket_tokens and the bucket size), exp(summed nll / summed tokens) per bucket over the samples;
 - accuracy_vs_state_size: mean score over the length-axis cells of each model vs its recurrent state per layer.
 
 Every function returns the paths it wrote and writes nothing when the store has no data for it.
@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from harness.report import NO_LENGTH, Results, _model_info, _safe, cell_stats, length_label
+from harness.report import NO_LENGTH, Results, _model_info, _safe, cell_stats, is_perplexity_task, length_label
 
 DEPTH_BINS = 10
 
@@ -43,7 +43,7 @@ def accuracy_vs_length(results: Results, out: Path) -> list[Path]:
     plt = _plt()
     stats = cell_stats(results)
     written = []
-    for task in sorted({t for (_, t, l) in stats if l != NO_LENGTH}):
+    for task in sorted({t for (_, t, l) in stats if l != NO_LENGTH and not is_perplexity_task(t)}):
         fig, ax = plt.subplots(figsize=(6, 4))
         lengths_seen = set()
         for model in sorted({m for (m, t, _) in stats if t == task}):
@@ -125,10 +125,12 @@ def perplexity_vs_position(results: Results, out: Path) -> list[Path]:
             edges = None
             for metrics, record in zip(group["metrics"], group["record"]):
                 data = {**json.loads(record or "{}"), **json.loads(metrics or "{}")}
-                nll, toks = data.get("nll_by_bucket"), data.get("tokens_by_bucket")
+                nll, toks = data.get("bucket_nll"), data.get("bucket_tokens")
                 if not nll or not toks:
                     continue
-                edges = data.get("bucket_edges") or edges
+                size = data.get("bucket")
+                if size:
+                    edges = [i * size for i in range(len(nll) + 1)]
                 for i, (a, b) in enumerate(zip(nll, toks)):
                     if b:
                         nll_sum[i] = nll_sum.get(i, 0.0) + a
@@ -158,7 +160,8 @@ def accuracy_vs_state_size(results: Results, out: Path) -> list[Path]:
     info = _model_info(results)
     points = []
     for model in sorted({m for (m, _, _) in stats}):
-        values = [s.value for (m, _, l), s in stats.items() if m == model and l != NO_LENGTH and not math.isnan(s.value)]
+        values = [s.value for (m, t, l), s in stats.items()
+                  if m == model and l != NO_LENGTH and not is_perplexity_task(t) and not math.isnan(s.value)]
         state = info.get(model, {}).get("state_floats_per_layer")
         if values and state is not None and not (isinstance(state, float) and math.isnan(state)) and state > 0:
             points.append((model, float(state), sum(values) / len(values)))

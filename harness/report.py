@@ -129,18 +129,47 @@ class CellStat:
         return out
 
 
+def _cell_aggregates(results: Results) -> dict[tuple[str, str, int], tuple[dict, dict]]:
+    """(model, task, length) -> (aggregate, meta) of cells a whole-cell engine (lm-eval) scored."""
+    out = {}
+    if results.cells.empty or "aggregate" not in results.cells:
+        return out
+    for r in results.cells.to_dict("records"):
+        if isinstance(r.get("aggregate"), str) and r["aggregate"]:
+            meta = r["meta"] if isinstance(r.get("meta"), str) else "{}"
+            out[(r["model"], r["task"], int(r["length"]))] = (json.loads(r["aggregate"]), json.loads(meta))
+    return out
+
+
 def cell_stats(results: Results) -> dict[tuple[str, str, int], CellStat]:
-    """(model, task, length) -> CellStat of the mean score over the cell's ok rows."""
+    """(model, task, length) -> CellStat over the cell's ok rows: the mean score, except perplexity rows (metrics
+    nll_sum and tokens: exp(sum nll / sum tokens)) and whole-cell engine cells (their first paper column)."""
     out: dict[tuple[str, str, int], CellStat] = {}
     df = results.samples
     if df.empty:
         return out
+    aggregates = _cell_aggregates(results)
     for (model, task, length), group in df.groupby(["model", "task", "length"], sort=True):
-        ok = group[group["status"] == "ok"]["score"].astype(float).tolist()
+        ok_rows = group[group["status"] == "ok"]
+        ok = ok_rows["score"].astype(float).tolist()
         failed = int((group["status"] != "ok").sum())
+        key = (model, task, int(length))
+        metrics = [json.loads(m or "{}") for m in ok_rows["metrics"]]
+        if metrics and all("nll_sum" in m and m.get("tokens") for m in metrics):
+            value = math.exp(sum(m["nll_sum"] for m in metrics) / sum(m["tokens"] for m in metrics))
+            out[key] = CellStat(value, len(ok), failed)
+            continue
+        if key in aggregates:
+            aggregate, meta = aggregates[key]
+            columns = list((meta.get("paper_columns") or {}))
+            if columns and aggregate.get(columns[0]) is not None:
+                value = float(aggregate[columns[0]])
+                lo, hi = (math.nan, math.nan) if "ppl" in columns[0] else interval95(ok)
+                out[key] = CellStat(value, len(ok), failed, lo, hi)
+                continue
         mean = sum(ok) / len(ok) if ok else math.nan
         lo, hi = interval95(ok)
-        out[(model, task, int(length))] = CellStat(mean, len(ok), failed, lo, hi)
+        out[key] = CellStat(mean, len(ok), failed, lo, hi)
     return out
 
 
@@ -152,7 +181,7 @@ def _metric_stat(group: Any, metric: str) -> CellStat:
     metrics = [json.loads(m or "{}") for m in ok["metrics"]]
     if metric.endswith("perplexity"):
         count_key = {"word_perplexity": "words", "byte_perplexity": "bytes"}.get(metric, "tokens")
-        nll = [m.get("nll") for m in metrics]
+        nll = [m.get("nll_sum", m.get("nll")) for m in metrics]
         counts = [m.get(count_key) for m in metrics]
         if metrics and all(v is not None for v in nll) and all(c for c in counts):
             return CellStat(math.exp(sum(nll) / sum(counts)), len(metrics), failed)
@@ -272,6 +301,10 @@ def _latex_escape(text: str) -> str:
     return text
 
 
+def is_perplexity_task(task: str) -> bool:
+    return task.startswith(("ppl:", "perplexity:")) or task.endswith("wikitext")
+
+
 def human(n: Any) -> str:
     """1536 -> '1.5K', 1_300_000_000 -> '1.3B'; '' for missing."""
     if n is None or (isinstance(n, float) and math.isnan(n)):
@@ -362,8 +395,8 @@ def table_all(results: Results) -> Table:
     cols: dict[str, tuple[str, int]] = {}
     for (_, task, length) in sorted(stats, key=lambda k: (k[1], k[2])):
         cols[f"{task}@{length_label(length)}" if length != NO_LENGTH else task] = (task, length)
-    table = Table("all", "All cells: mean score per sample (percent; 95% interval where samples are few)",
-                  list(cols))
+    table = Table("all", "All cells (accuracy: mean per-sample score in percent, 95% interval where samples are few; "
+                         "ppl: corpus perplexity)", list(cols))
     models = sorted({m for (m, _, _) in stats} | set(results.cells["model"]) if not results.cells.empty
                     else {m for (m, _, _) in stats})
     failed_cells = _failed_cells(results)
@@ -431,9 +464,22 @@ def _metric_table(results: Results, name: str, title: str, spec: dict[str, tuple
     paper = paper_table(name)
     df = results.samples
     columns, values = [], {}
+    for (model, task, _), (aggregate, meta) in _cell_aggregates(results).items():   # lm-eval: its own aggregate
+        group = df[(df["model"] == model) & (df["task"] == task)] if not df.empty else df
+        n_ok = int((group["status"] == "ok").sum()) if not group.empty else 0
+        n_failed = len(group) - n_ok
+        for col in (meta.get("paper_columns") or {}):
+            if col in spec and aggregate.get(col) is not None:
+                primary = col == next(iter(meta.get("paper_columns") or {}))
+                lo, hi = (math.nan, math.nan)
+                if primary and "ppl" not in col:   # the rows' score is the primary column's per-sample value
+                    lo, hi = interval95(group[group["status"] == "ok"]["score"].astype(float).tolist())
+                values[(model, col)] = CellStat(float(aggregate[col]), n_ok, n_failed, lo, hi)
+                if col not in columns:
+                    columns.append(col)
     for col, (patterns, metric) in spec.items():
         for (model, task), group in (df.groupby(["model", "task"]) if not df.empty else []):
-            if _task_matches(task, patterns):
+            if _task_matches(task, patterns) and (model, col) not in values:
                 values[(model, col)] = _metric_stat(group, metric)
                 if col not in columns:
                     columns.append(col)

@@ -427,6 +427,12 @@ class SweepRunner:
         """Whether every cell of this model already has all its (owned) samples stored, so loading can be skipped."""
         for task_name, length, n, options in cells:
             task = tasks[(task_name, json.dumps(options, sort_keys=True))]
+            if is_whole_cell(task):
+                if not self.dist.is_main:
+                    continue
+                if not _whole_cell_covered(self.store.cell(name, task.name, NO_LENGTH), n):
+                    return False
+                continue
             if n is None:
                 return False
             stored = self.store.stored_samples(name, task.name, self._cell_key(task, length))
@@ -480,6 +486,8 @@ class SweepRunner:
         key = self._cell_key(task, length)
         cell = CellSummary(model.name, task.name, length)
         label = f"{model.name} | {task.name}" + (f" @ {length}" if length else "")
+        if is_whole_cell(task):
+            return self._run_whole_cell(model, task, n, cell, label, t0)
         try:
             samples = task.samples(model, length, n if n is not None else -1, self.plan.seed)
             if n is not None:
@@ -513,10 +521,7 @@ class SweepRunner:
             return cell
         bar = Progress(self.progress, total=len(mine), initial=cell.skipped, desc=label)
         try:
-            if hasattr(task, "evaluate_cell"):
-                self._evaluate_batched(model, task, todo, key, cell, bar)
-            else:
-                self._evaluate_each(model, task, todo, key, cell, bar)
+            self._evaluate_each(model, task, todo, key, cell, bar)
         finally:
             bar.close()
         self._finish_cell(cell, key, t0)
@@ -566,27 +571,63 @@ class SweepRunner:
                               f"Last: {(last_error or '').splitlines()[0]}")
                 return
 
-    def _evaluate_batched(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress) -> None:
-        """Tasks whose engine scores many samples at once (lm-eval): batches of --batch-size samples, each batch
-        committed as soon as it returns."""
-        size = max(1, int(self.plan.batch_size))
-        streak = 0
-        for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
-            t = time.time()
-            results, kind, error = evaluate_with_retries(lambda: task.evaluate_cell(model, batch), model)
-            elapsed = (time.time() - t) / len(batch)
-            by_index = {r.index: r for r in results or []}
-            failed_before = cell.failed
-            for sample in batch:
-                result = by_index.get(sample.index)
-                k = None if result is not None else (kind or "exception")
-                e = None if result is not None else (error or "the task returned no result for this sample")
-                self._commit(model, task, key, sample, result, k, e, elapsed, cell, bar)
-            streak = streak + 1 if cell.failed > failed_before and error else 0
-            if streak >= MAX_CONSECUTIVE_FAILURES:
-                cell.status, cell.error = "failed", f"{streak} failed batches in a row; last: {error}"
-                return
+    def _run_whole_cell(self, model, task, n: int | None, cell: CellSummary, label: str, t0: float) -> CellSummary:
+        """A task whose engine scores a whole cell at once (lm-eval: evaluate_cell(model, limit, seed) -> rows,
+        aggregate, meta). Runs on rank 0 only; its rows are committed together when the engine returns, so an
+        interrupted lm-eval cell reruns from its start (stored rows are never duplicated: INSERT OR IGNORE)."""
+        key = NO_LENGTH
+        if not self.dist.is_main:
+            cell.status = "skipped (rank 0 runs whole-cell tasks)"
+            return cell
+        stored_cell = self.store.cell(model.name, task.name, key)
+        if _whole_cell_covered(stored_cell, n):
+            cell.skipped = len(self.store.stored_samples(model.name, task.name, key))
+            cell.planned = cell.skipped
+            return cell
+        identity = {"task": task.name, "task_config": task_config_whole(task), "seed": self.plan.seed,
+                    "tokenizer_sha": tokenizer_sha(model.tokenizer), "haystack": [],
+                    "model_source": model.source, "dtype": str(model.dtype).replace("torch.", "")}
+        identity_sha = hashlib.sha256(dumps(identity).encode()).hexdigest()[:16]
+        self.store.begin_cell(model.name, task.name, key, identity, identity_sha, n, self.run_id)
+        self._say(f"{label}: evaluating the whole cell at once ({'all' if n is None else n} samples; "
+                  "the engine shows its own progress)")
+        result, kind, error = evaluate_with_retries(
+            lambda: task.evaluate_cell(model, limit=n, seed=self.plan.seed), model)
+        if result is None:
+            cell.status, cell.error = "failed", f"{kind}: {error}"
+            self._finish_cell(cell, key, t0)
+            return cell
+        rows = list(getattr(result, "rows", result))
+        bar = Progress(False, total=len(rows), initial=0, desc=label)
+        elapsed = (time.time() - t0) / max(len(rows), 1)
+        for r in rows:
+            sample = Sample(index=r.index, payload=r.record)
+            if self._commit(model, task, key, sample, r, None, None, elapsed, cell, bar):
+                pass
+        cell.planned = len(rows)
+        self.store.set_cell_aggregate(model.name, task.name, key, getattr(result, "aggregate", {}) or {},
+                                      getattr(result, "meta", {}) or {}, n)
+        self._finish_cell(cell, key, t0)
+        return cell
+
+
+def is_whole_cell(task: Any) -> bool:
+    """Tasks evaluated a cell at a time (lm-eval) expose evaluate_cell(model, limit=, seed=)."""
+    return callable(getattr(task, "evaluate_cell", None))
+
+
+def _whole_cell_covered(row: Any, n: int | None) -> bool:
+    """Whether a stored whole-cell task cell already covers a request for n samples (None: the full set)."""
+    if row is None or row["status"] != "done":
+        return False
+    stored = row["num_samples"]
+    return stored is None or (n is not None and n <= stored)
+
+
+def task_config_whole(task: Any) -> dict:
+    return {"name": task.name, "lm_eval_task": getattr(task, "lm_eval_name", None),
+            "source": getattr(task, "source", None), "offline": getattr(task, "offline", None),
+            "truncate_input_to": getattr(task, "truncate_input_to", None)}
 
 
 def run_plan(plan: Plan, store: ResultsStore, dist: DistContext | None = None, progress: bool = True,

@@ -12,6 +12,7 @@ Tables
              identity, paper row it maps to (setting, paper_model), describe() JSON
     cells    (model, task, length) PRIMARY KEY: identity JSON (seed, tokenizer sha, haystack identity, task config,
              model source, dtype) and its sha, status ('running' | 'done' | 'failed'), error, samples planned
+             (NULL: a whole-cell task's full set), aggregate / meta JSON of tasks scored a cell at once (lm-eval)
     samples  (model, task, length, sample_index) UNIQUE: status, score, prediction, error_kind, error, metrics JSON,
              record JSON (input, references, needle depths, length, ...), sample_sha, seed, elapsed_s, rank, run_id
 
@@ -51,6 +52,7 @@ CREATE TABLE IF NOT EXISTS cells (
     model TEXT NOT NULL, task TEXT NOT NULL, length INTEGER NOT NULL,
     identity TEXT NOT NULL, identity_sha TEXT NOT NULL, seed INTEGER, tokenizer_sha TEXT, haystack TEXT,
     num_samples INTEGER, status TEXT NOT NULL, error TEXT, run_id TEXT, updated_at TEXT,
+    aggregate TEXT, meta TEXT,
     PRIMARY KEY (model, task, length)
 );
 CREATE TABLE IF NOT EXISTS samples (
@@ -223,6 +225,18 @@ class ResultsStore:
                 " VALUES (?,?,?,'{}','',?,?,?,?) ON CONFLICT (model, task, length) DO UPDATE SET"
                 " status = excluded.status, error = excluded.error, updated_at = excluded.updated_at",
                 (model, task, length, status, error, run_id, now()))
+
+    def set_cell_aggregate(self, model: str, task: str, length: int, aggregate: dict, meta: dict,
+                           num_samples: int | None) -> None:
+        """The cell-level metrics and provenance of a whole-cell task (lm-eval), and how many samples it asked for
+        (None: the full set)."""
+        with self.transaction() as c:
+            c.execute("UPDATE cells SET aggregate = ?, meta = ?, num_samples = ? WHERE model = ? AND task = ?"
+                      " AND length = ?", (dumps(aggregate), dumps(meta), num_samples, model, task, length))
+
+    def cell(self, model: str, task: str, length: int) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM cells WHERE model = ? AND task = ? AND length = ?",
+                                 (model, task, length)).fetchone()
 
     # ------------------------------------------------------------------------------------------------ samples
     def add_sample(self, row: SampleRow) -> bool:

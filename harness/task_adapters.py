@@ -152,7 +152,7 @@ def resolve_task(name: str, options: dict | None = None, offline: bool = True) -
             raise UnknownNameError(f"task {name!r}: cannot import {attr!r} from module {module_name!r} ({err})")
         task = obj(**options) if callable(obj) and not isinstance(obj, EvalTask) else obj
         return task
-    if name.startswith(LM_EVAL_PREFIXES) or name in _lm_eval_names():
+    if name.startswith(LM_EVAL_PREFIXES) or f"lm_eval:{name}" in _lm_eval_names():
         lm_eval_task = _lm_eval_factory()
         if lm_eval_task is None:
             raise UnknownNameError(f"task {name!r} needs harness.lm_eval_tasks (lm-eval and perplexity tasks), which "
@@ -176,18 +176,21 @@ def _lm_eval_factory():
 
 
 def _lm_eval_names() -> list[str]:
+    """lm-eval paper-table tasks (lm_eval:<key>) and perplexity corpora (ppl:<corpus>), when their modules exist."""
+    names = []
     try:
-        from harness import lm_eval_tasks
+        from harness.lm_eval_tasks import CATALOG
+
+        names += [f"lm_eval:{key}" for key in CATALOG]
     except ImportError:
-        return []
-    names = getattr(lm_eval_tasks, "list_lm_eval_tasks", None) or getattr(lm_eval_tasks, "list_tasks", None)
-    if callable(names):
-        try:
-            found = names()
-            return list(found) if not isinstance(found, dict) else list(found)
-        except Exception:
-            return []
-    return list(getattr(lm_eval_tasks, "TASKS", {}) or [])
+        pass
+    try:
+        from tasks.perplexity import CORPORA
+
+        names += [f"ppl:{corpus}" for corpus in CORPORA]
+    except ImportError:
+        pass
+    return names
 
 
 def list_task_names() -> list[str]:
@@ -211,5 +214,16 @@ def describe_tasks() -> list[dict]:
         rows.append({"task": name, "aliases": ", ".join(aliases), "kind": kind, "length axis": "yes",
                      "description": description})
     for name in _lm_eval_names():
-        rows.append({"task": name, "aliases": "", "kind": "lm-eval", "length axis": "no", "description": ""})
+        description, kind, axis = "", "lm-eval", "no"
+        if name.startswith("lm_eval:"):
+            from harness.lm_eval_tasks import CATALOG
+
+            spec = CATALOG[name.split(":", 1)[1]]
+            columns = ", ".join(c for c, _ in spec.columns)
+            offline = spec.offline_source or f"not offline: {spec.missing_why}"
+            description = f"paper {spec.table} ({columns}); offline: {offline}"
+        else:
+            kind, axis = "perplexity", "yes"
+            description = "token/word perplexity of consecutive sequences of the length, per-position buckets"
+        rows.append({"task": name, "aliases": "", "kind": kind, "length axis": axis, "description": description})
     return rows
