@@ -525,6 +525,9 @@ class FLAFamilyBase(ModelFamily):
         )
 
     # ---------------------------------------------------------------- conformance (harness/doctor.py)
+    def conformance_variants(self) -> list[str]:
+        return list(self.conformance_configs())
+
     def conformance_configs(self) -> dict[str, dict]:
         """Named tiny configs the doctor checks: the plain model, and a hybrid with sliding-window attention."""
         hybrid = {**self.tiny_config, "attn": {"layers": [1], "num_heads": 4, "window_size": 48, "rope_theta": 10000.0}}

@@ -1,0 +1,222 @@
+"""`doctor`: check, on this machine's GPU, that the kernels the harness trusts agree with each other.
+
+For every family (and each of its variants, e.g. a hybrid with sliding-window attention) the doctor builds the
+upstream model (fla, mamba-ssm, transformers, fla's GDN-2 layer...) and our pure-PyTorch reference path from a tiny
+config with IDENTICAL random weights, in fp32, and checks on a sequence longer than one chunk (default 160 tokens
+> 2 x 64):
+
+  1. logits: upstream vs reference                     relative error ||a - b|| / ||a|| <= tolerance (1e-3)
+  2. prefill + decode vs one full forward, upstream    prefill 100 tokens, 16 single-token steps, then the rest
+  3. prefill + decode vs one full forward, reference   as one chunk continuing the carried state
+  4. reference on the device vs the same weights on CPU (our GPU kernels vs our torch path; CUDA only)
+
+Families whose upstream cannot run here report "skipped: <reason>" (not a failure). Exit status: 0 when nothing
+failed, 1 when a check failed or raised, 2 when the device is not available.
+
+The hook a family implements (duck-typed; FLAFamilyBase in baselines/common.py implements it for fla families):
+
+    def conformance_models(self, device: torch.device, variant: str = "") -> tuple[nn.Module, nn.Module]:
+        '''(upstream_lm, reference_lm): fp32, on `device`, identical weights, both called as
+        lm(input_ids=[1, T], past_key_values=cache | None, use_cache=bool) -> .logits [1, T, V], .past_key_values.
+        Raise harness.doctor.ConformanceSkipped("why") (or any exception whose message starts with
+        "skipped:") when the upstream cannot run here.'''
+
+    def conformance_variants(self) -> list[str]:      # optional; default [""]
+        '''Names of the variants to check, each passed to conformance_models (e.g. "", "hybrid", "mimo").'''
+
+Families without conformance_models are listed as "skipped: no conformance hook".
+Usage: `python run_eval.py doctor [--family NAME ...] [--device cuda]`, or run_doctor() from Python.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+SEQ_LEN = 160        # > 2 chunks of 64
+PREFILL = 100        # tokens in the prefill call
+DECODE_STEPS = 16    # single-token calls after the prefill; the rest of the sequence then goes in one call
+TOLERANCE = 1e-3
+
+
+class ConformanceSkipped(Exception):
+    """Raised by conformance_models when the upstream implementation cannot run on this machine."""
+
+
+@dataclass
+class DoctorRow:
+    family: str
+    check: str
+    status: str               # "ok" | "FAIL" | "skipped" | "error"
+    value: float | None = None
+    limit: float | None = None
+    detail: str = ""
+
+
+def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    """||expected - actual|| / ||expected|| over all elements, in float64."""
+    e, a = expected.double().cpu(), actual.double().cpu()
+    return float((e - a).norm() / e.norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def full_logits(lm, ids: torch.Tensor) -> torch.Tensor:
+    return lm(input_ids=ids, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def incremental_logits(lm, ids: torch.Tensor, prefill: int = PREFILL, steps: int = DECODE_STEPS) -> torch.Tensor:
+    """Logits of ids fed as: prefill tokens in one call, `steps` single tokens, then the rest in one call,
+    the cache carried throughout."""
+    out = lm(input_ids=ids[:, :prefill], use_cache=True)
+    pieces, cache = [out.logits.float()], out.past_key_values
+    position = prefill
+    bounds = [(t, t + 1) for t in range(prefill, min(prefill + steps, ids.shape[1]))]
+    if prefill + steps < ids.shape[1]:
+        bounds.append((prefill + steps, ids.shape[1]))
+    for start, end in bounds:
+        out = lm(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True)
+        pieces.append(out.logits.float())
+        cache = out.past_key_values
+        position = end
+    assert position == ids.shape[1]
+    return torch.cat(pieces, dim=1)
+
+
+def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance: float = TOLERANCE) -> list[DoctorRow]:
+    """All checks of one family object (every variant)."""
+    name = family.name
+    if not hasattr(family, "conformance_models"):
+        return [DoctorRow(name, "conformance", "skipped", detail="no conformance hook")]
+    variants = family.conformance_variants() if hasattr(family, "conformance_variants") else [""]
+    rows: list[DoctorRow] = []
+    for variant in variants:
+        label = f"{name}[{variant}]" if variant else name
+        try:
+            upstream, reference = family.conformance_models(device, variant) if variant else \
+                family.conformance_models(device)
+        except ConformanceSkipped as why:
+            rows.append(DoctorRow(label, "conformance", "skipped", detail=str(why)))
+            continue
+        except Exception as err:  # a broken upstream install is a finding, not a crash of the doctor
+            if str(err).startswith("skipped:"):  # the RuntimeError("skipped: ...") convention counts as a skip
+                rows.append(DoctorRow(label, "conformance", "skipped", detail=str(err)[len("skipped:"):].strip()))
+                continue
+            rows.append(DoctorRow(label, "build models", "error", detail=f"{type(err).__name__}: {err}"))
+            continue
+        vocab = reference.get_output_embeddings().weight.shape[0]
+        gen = torch.Generator().manual_seed(1234)
+        ids = torch.randint(0, vocab, (1, seq_len), generator=gen).to(device)
+
+        def measure(check: str, compute) -> torch.Tensor | None:
+            try:
+                expected, actual = compute()
+            except Exception as err:
+                rows.append(DoctorRow(label, check, "error", detail=f"{type(err).__name__}: {err}"))
+                return None
+            err_value = relative_error(expected, actual)
+            ok = err_value <= tolerance and torch.isfinite(actual).all()
+            rows.append(DoctorRow(label, check, "ok" if ok else "FAIL", err_value, tolerance))
+            return actual
+
+        state = {}
+
+        def upstream_full():
+            state["up"] = full_logits(upstream, ids)
+            return state["up"], state["up"]
+
+        def reference_full():
+            state["ref"] = full_logits(reference, ids)
+            return state["ref"], state["ref"]
+
+        try:
+            upstream_full()
+            reference_full()
+        except Exception as err:
+            rows.append(DoctorRow(label, "forward", "error", detail=f"{type(err).__name__}: {err}"))
+            continue
+        measure(f"logits upstream vs reference (T={seq_len})", lambda: (state["up"], state["ref"]))
+        measure("prefill+decode vs full (upstream)", lambda: (state["up"], incremental_logits(upstream, ids)))
+        measure("prefill+decode vs full (reference)", lambda: (state["ref"], incremental_logits(reference, ids)))
+        if device.type == "cuda":
+            def on_cpu():
+                cpu_copy = copy.deepcopy(reference).cpu()
+                return state["ref"], full_logits(cpu_copy, ids.cpu())
+            measure("reference on cuda vs cpu", on_cpu)
+        del upstream, reference
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_doctor(families: list[str] | None = None, device: str = "cuda", seq_len: int = SEQ_LEN,
+               tolerance: float = TOLERANCE, print_table: bool = True) -> tuple[list[DoctorRow], int]:
+    """Run the conformance checks; returns (rows, exit status) and prints a table unless print_table=False."""
+    # fp32 means fp32: no TF32 in torch matmuls nor in Triton dots that do not pin their precision.
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+    from harness.registry import all_families, get_family, resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except ValueError as err:
+        if print_table:
+            print(f"doctor: {err}", file=sys.stderr)
+        return [], 2
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    rows: list[DoctorRow] = []
+    try:
+        selected = [get_family(n) for n in families] if families else []
+        if not families:
+            for name in _family_names():
+                try:
+                    selected.append(get_family(name))
+                except Exception as err:  # a family module that does not import is reported, others still run
+                    rows.append(DoctorRow(name, "import", "error", detail=f"{type(err).__name__}: {err}"))
+        for family in selected:
+            rows.extend(check_family(family, dev, seq_len, tolerance))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+    status = 1 if any(r.status in ("FAIL", "error") for r in rows) else 0
+    if print_table:
+        print(format_rows(rows, dev))
+        print("doctor: " + ("all checks passed" if status == 0 else "FAILED (see rows marked FAIL / error)")
+              + f"; {sum(r.status == 'skipped' for r in rows)} skipped")
+    return rows, status
+
+
+def _family_names() -> list[str]:
+    from harness.registry import family_names
+
+    return family_names()
+
+
+def format_rows(rows: list[DoctorRow], device: torch.device | None = None) -> str:
+    header = ("family", "check", "status", "rel. error", "limit", "detail")
+    body = [(r.family, r.check, r.status, "" if r.value is None else f"{r.value:.2e}",
+             "" if r.limit is None else f"{r.limit:.0e}", r.detail) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)] if body else [len(h) for h in header]
+    widths[-1] = 0  # detail last and unpadded
+    lines = [f"doctor on {device}" if device is not None else "doctor"]
+    for row in (header, *body):
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", action="append", help="check only this family (repeatable)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE)
+    args = parser.parse_args(argv)
+    return run_doctor(args.family, args.device, args.seq_len, args.tolerance)[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
