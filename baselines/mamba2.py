@@ -137,7 +137,8 @@ class Mamba2Mixer(nn.Module):
         self.D.fill_(1.0)
 
     def _dt(self, dt_raw: torch.Tensor) -> torch.Tensor:
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        acc = torch.float64 if dt_raw.dtype == torch.float64 else torch.float32
+        dt = F.softplus(dt_raw.to(acc) + self.dt_bias.to(acc))
         lo, hi = self.config.dt_limit
         if (lo, hi) != (0.0, float("inf")):
             dt = dt.clamp(lo, hi)
@@ -153,7 +154,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = torch.split(xBC, [c.ssm_dim, G * N, G * N], dim=-1)
         x = x.reshape(Bsz, T, H, P)
         B, C = B.reshape(Bsz, T, G, N), C.reshape(Bsz, T, G, N)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
         D = self.D.reshape(H, P) if c.D_has_hdim else self.D[:, None]
         previous = None if state is None else state.ssm
 
