@@ -132,3 +132,11 @@ def test_cli_tokenizer_file_path(tmp_path):
         assert _generate(["--task", "fwe", "--length", "1024", "--samples", "2", "--tokenizer", str(path),
                           "--out", str(out)]) == 0
         assert len(out.read_text().splitlines()) == 2
+
+
+def test_registry_aliases_match_task_rows():
+    for name, aliases in list_tasks().items():
+        task = get_task(name)
+        assert task.name == name
+        if hasattr(task, "aliases"):
+            assert tuple(task.aliases) == tuple(aliases)

@@ -137,9 +137,12 @@ _ROWS = [
     _niah("niah_mqar_nl", "essay", "words", "numbers", k=16, q=4,
           description="ours: natural-language MQAR, 16 key-value needles in essay, 4 queried",
           aliases=("mqar_nl",)),
-    RulerTask("vt", "variable_tracking", VTKnobs(), "variable tracking: 1 chain, 4 hops, noise"),
-    RulerTask("cwe", "common_words_extraction", CWEKnobs(), "common words: 10 words x30 among x3"),
-    RulerTask("fwe", "freq_words_extraction", FWEKnobs(), "frequent coded words, zeta alpha 2.0"),
+    RulerTask("vt", "variable_tracking", VTKnobs(), "variable tracking: 1 chain, 4 hops, noise",
+              ("variable_tracking",)),
+    RulerTask("cwe", "common_words_extraction", CWEKnobs(), "common words: 10 words x30 among x3",
+              ("common_words_extraction",)),
+    RulerTask("fwe", "freq_words_extraction", FWEKnobs(), "frequent coded words, zeta alpha 2.0",
+              ("freq_words_extraction",)),
 ]
 RULER_TASKS: dict[str, RulerTask] = {t.name: t for t in _ROWS}
 
