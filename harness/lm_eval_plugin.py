@@ -1,0 +1,205 @@
+"""Every registry model as an lm-eval LM: `@register_model("harness")`, delegating to EvalModel.
+
+    lm_eval.simple_evaluate(model="harness", model_args="spec=gdn2-tiny-random,device=cpu", tasks=[...])
+    python -m harness.lm_eval_cli --model harness --model_args spec=gdn2-tiny-random --tasks piqa
+
+model_args: spec (a registry spec: bundled name, family=path, checkpoint folder), device, dtype, tokenizer,
+allow_longer_context, max_length (window of loglikelihood_rolling), rolling ("windows" | "carry"),
+truncate_input_to (left-truncate every input to this many tokens, recorded), segment. In Python, `model=` takes an
+already loaded EvalModel instead of a spec.
+
+Semantics, request by request (batch size 1, always: padding would leak into a recurrent state, so none is used;
+lm-eval's --batch_size is accepted and ignored with a warning):
+- loglikelihood: EvalModel.loglikelihood's tokenisation (lm-eval's: whole string encoded, cut at the context's
+  length, trailing context spaces moved to the continuation, empty context -> prefix token); the whole input runs
+  with the state carried, no truncation. A model with a hard context limit refuses a longer input
+  (ContextTooLongError) unless allow_longer_context.
+- loglikelihood_rolling: lm-eval's own semantics (what HFLM does): the document is cut into disjoint windows of
+  max_length predicted tokens (lm_eval.utils.get_rolling_token_windows, context_len=1), each window scored from a
+  fresh state, the first conditioned on the prefix token. This is what the wikitext numbers of every lm-eval paper
+  mean, and it puts a recurrent model and a transformer on the same footing. max_length: the model_arg, else the
+  model's hard limit, else its training length, else 2048. rolling=carry runs the whole document in one pass with
+  the state carried instead (EvalModel.loglikelihood_rolling): longer context than lm-eval's, not comparable to
+  published numbers; position-bucketed perplexity (tasks/perplexity.py) is the tool for length extrapolation.
+- generate_until: greedy, stops at EOS, at the first of `until` (the text is cut before it) or after max_gen_toks
+  (default 256, lm-eval's); sampling arguments are ignored (greedy is what every paper table uses), with a warning.
+- truncate_input_to=N: the input (context, plus the continuation for loglikelihood) keeps its last N tokens, cut on
+  the left as the "Just read twice" suite does at 2K; every cut is recorded in `self.truncations` keyed by the
+  context string (input tokens before, tokens kept), so results can say how many samples were cut.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from harness.model import EvalModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 2048      # lm-eval's HFLM default when a model states no length
+DEFAULT_MAX_GEN_TOKS = 256     # lm-eval's default for generate_until
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no", ""):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {value!r}")
+    return bool(value)
+
+
+@register_model("harness", "gdn2-harness")
+class HarnessLM(LM):
+    """lm-eval LM over an EvalModel (see the module docstring for the semantics of each request type)."""
+
+    def __init__(self, spec: str | None = None, model: EvalModel | None = None, device: str = "auto",
+                 dtype: str = "auto", tokenizer: str | None = None, allow_longer_context: bool = False,
+                 max_length: int | None = None, rolling: str = "windows", truncate_input_to: int | None = None,
+                 segment: int | None = None, batch_size: Any = 1, max_batch_size: Any = None, **unused: Any) -> None:
+        super().__init__()
+        if unused:
+            log.warning("harness LM: ignoring model_args %s (not used by this LM)", sorted(unused))
+        if batch_size not in (None, 1, "1", "auto") or max_batch_size not in (None, 1, "1"):
+            log.warning("harness LM runs batch size 1 (padding would leak into recurrent state); "
+                        "ignoring batch_size=%r max_batch_size=%r", batch_size, max_batch_size)
+        if model is None:
+            if not spec:
+                raise ValueError("harness LM needs model_args spec=<bundled name | family=path | checkpoint folder>")
+            from harness.registry import load_model
+            model = load_model(str(spec), device=device or "auto", dtype=dtype or "auto", tokenizer=tokenizer,
+                               allow_longer_context=_as_bool(allow_longer_context))
+        elif _as_bool(allow_longer_context):
+            model.allow_longer_context = True
+        if rolling not in ("windows", "carry"):
+            raise ValueError(f"rolling must be 'windows' (lm-eval's disjoint windows) or 'carry'; got {rolling!r}")
+        if segment:
+            model.segment = int(segment)
+        self.model = model
+        self.rolling = rolling
+        self.truncate_input_to = int(truncate_input_to) if truncate_input_to else None
+        self._max_length = int(max_length) if max_length else None
+        self._device = model.device
+        self.truncations: dict[str, tuple[int, int]] = {}
+        self._warned_sampling = False
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def max_length(self) -> int:
+        """Window length (predicted tokens per window) of loglikelihood_rolling."""
+        if self._max_length:
+            return self._max_length
+        if self.model.max_length:
+            # EvalModel.check_length counts the last (predicted, never fed) token too, so a window of exactly the
+            # hard limit would be refused: one token less.
+            return self.model.max_length - 1
+        return self.model.trained_length or DEFAULT_MAX_LENGTH
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.model.tokenizer, "name_or_path", self.model.name)).replace("/", "__")
+
+    def describe(self) -> dict:
+        """What results should record about this LM (model identity plus the request semantics in force)."""
+        return {**self.model.describe(), "batch_size": 1, "rolling": self.rolling,
+                "rolling_window": self.max_length if self.rolling == "windows" else None,
+                "truncate_input_to": self.truncate_input_to}
+
+    # ---------------------------------------------------------------- helpers
+    def _truncate(self, key: str, ids: list[int], keep_at_least: int = 0) -> list[int]:
+        """Left-truncate ids to truncate_input_to tokens (never below keep_at_least), recording the cut."""
+        limit = self.truncate_input_to
+        if limit is None or len(ids) <= limit:
+            return ids
+        keep = max(limit, keep_at_least)
+        self.truncations[key] = (len(ids), keep)
+        return ids[len(ids) - keep:]
+
+    def _progress(self, requests, desc: str):
+        return tqdm(requests, desc=f"{self.model.name} {desc}", disable=len(requests) < 20, leave=False)
+
+    # ---------------------------------------------------------------- lm-eval API
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        results = []
+        for request in self._progress(requests, "loglikelihood"):
+            context, continuation = request.args
+            context_ids, continuation_ids = self.model.split_request(context, continuation)
+            ids = self._truncate(context, context_ids + continuation_ids, keep_at_least=len(continuation_ids) + 1)
+            score_from = len(ids) - len(continuation_ids)
+            logprobs, greedy = self.model.token_logprobs(ids, score_from=score_from)
+            result = (float(logprobs.sum()), bool(greedy.all()))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
+            results.append(result)
+        return results
+
+    def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
+        """(context ids, predicted ids) of each disjoint window of text, exactly as lm-eval's HFLM builds them."""
+        windows = get_rolling_token_windows(token_list=self.model.encode(text), prefix_token=self.model.prefix_token_id,
+                                            max_seq_len=self.max_length, context_len=1)
+        return [make_disjoint_window(w) for w in windows]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        results = []
+        for request in self._progress(requests, "loglikelihood_rolling"):
+            (text,) = request.args
+            if self.rolling == "carry":
+                total = self.model.loglikelihood_rolling([text])[0]
+            else:
+                total = 0.0
+                for context_ids, predicted_ids in self.rolling_windows(text):
+                    logprobs, _ = self.model.token_logprobs(context_ids + predicted_ids, score_from=len(context_ids))
+                    total += float(logprobs.sum())
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            results.append(total)
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results = []
+        for request in self._progress(requests, "generate_until"):
+            context, gen_kwargs = request.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_gen_toks = int(gen_kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            if (gen_kwargs.get("do_sample") or gen_kwargs.get("temperature", 0)) and not self._warned_sampling:
+                log.warning("harness LM decodes greedily; ignoring sampling arguments %s", gen_kwargs)
+                self._warned_sampling = True
+            prompt_ids = self.model.encode(context) if context else [self.model.prefix_token_id]
+            prompt_ids = self._truncate(context, prompt_ids)
+            text = self.greedy_until(prompt_ids, max_gen_toks, until)
+            self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
+            results.append(text)
+        return results
+
+    @torch.no_grad()
+    def greedy_until(self, prompt_ids: list[int], max_new_tokens: int, until: list[str]) -> str:
+        """Greedy continuation of prompt_ids, stopped at EOS, at the first stop string (cut before it) or after
+        max_new_tokens. Same prefill/decode as EvalModel.generate_ids, plus the early stop on strings (which
+        generate_ids lacks), so a 256-token budget is not spent after the answer's newline."""
+        m = self.model
+        m.check_length(len(prompt_ids) + max_new_tokens)
+        eos = m.tokenizer.eos_token_id
+        tokens = torch.tensor(prompt_ids, dtype=torch.long, device=m.device)[None]
+        cache, logits = None, None
+        for start in range(0, tokens.shape[1], m.segment):
+            logits, cache = m._forward(tokens[:, start:start + m.segment], cache, 1)
+        generated: list[int] = []
+        text = ""
+        for _ in range(max_new_tokens):
+            next_id = int(logits[0, -1].argmax())
+            if eos is not None and next_id == eos:
+                break
+            generated.append(next_id)
+            text = m.decode(generated)
+            if any(s and s in text for s in until) or len(generated) == max_new_tokens:
+                break
+            logits, cache = m._forward(torch.tensor([[next_id]], device=m.device), cache, 1)
+        cuts = [text.index(s) for s in until if s and s in text]
+        return text[:min(cuts)] if cuts else text
