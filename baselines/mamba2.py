@@ -305,13 +305,12 @@ class Mamba2Family(ModelFamily):
         return load_mamba_family(self, source, device, dtype, tokenizer, mamba2_configs, build_mamba2,
                                  use_kernels=device.type == "cuda" and _mamba_ssm_kernels() is not None)
 
-    def conformance_models(self, device: torch.device | str):
-        """(upstream, reference) on identical random weights: fla's Mamba2ForCausalLM (mamba-ssm Triton kernels on
-        CUDA) and our torch reference. Raises RuntimeError('skipped: ...') when the upstream cannot run here."""
+    def conformance_models(self, device: torch.device | str, variant: str = ""):
+        """harness/doctor.py's hook: (upstream, ours) on identical random weights, fp32: fla's Mamba2ForCausalLM
+        (mamba-ssm Triton kernels, CUDA only) and our MambaLM with the kernels load() would use on `device`.
+        variant "groups": n_groups = 2. Raises RuntimeError('skipped: ...') when the upstream cannot run here."""
         from baselines.mamba_common import fla_conformance_pair
 
-        config = {"model_type": "mamba2", "vocab_size": 256, "hidden_size": 128, "state_size": 32, "head_dim": 32,
-                  "expand": 2, "n_groups": 1, "num_hidden_layers": 2, "chunk_size": 64, "tie_word_embeddings": False}
         def needs():
             if _mamba_ssm_kernels() is None:
                 return None
@@ -321,7 +320,13 @@ class Mamba2Family(ModelFamily):
                         "install the selective_scan_cuda stub before importing fla")
             return True
 
+        config = {"model_type": "mamba2", "vocab_size": 256, "hidden_size": 128, "state_size": 64, "head_dim": 64,
+                  "expand": 2, "n_groups": 2 if variant == "groups" else 1, "num_hidden_layers": 2,
+                  "chunk_size": 64, "tie_word_embeddings": False}
+        device = torch.device(device)
         upstream, ours = fla_conformance_pair(config, "Mamba2ForCausalLM", mamba2_configs, build_mamba2, device,
-                                              needs=needs)
-        upstream.supports_decode = True
+                                              needs=needs, use_kernels=device.type == "cuda")
         return upstream, ours
+
+    def conformance_variants(self) -> list[str]:
+        return ["", "groups"]

@@ -446,9 +446,12 @@ def randomize_for_conformance(lm: nn.Module, seed: int = 0) -> None:
                 p.mul_(1 + 0.3 * noise)
 
 
-def fla_conformance_pair(config_dict: dict, arch: str, make_config, build, device, needs=None):
-    """(upstream fla model, our reference MambaLM) with identical random weights, fp32, on `device`.
+def fla_conformance_pair(config_dict: dict, arch: str, make_config, build, device, needs=None,
+                         use_kernels: bool = False):
+    """(upstream fla model, our MambaLM) with identical random weights, fp32, on `device` (harness/doctor.py's hook).
 
+    use_kernels: whether our model uses the upstream CUDA kernels where it would in load() (the doctor's
+    "reference on cuda vs cpu" check then compares that path with the torch path on CPU).
     Raises RuntimeError('skipped: <reason>') when the upstream model cannot run here."""
     device = torch.device(device)
     if device.type != "cuda":
@@ -481,5 +484,5 @@ def fla_conformance_pair(config_dict: dict, arch: str, make_config, build, devic
 
     state = {k: v.detach().cpu() for k, v in upstream.state_dict().items()}
     load_weights_strict(ours, rename_checkpoint_keys(state, ours.config), f"fla {arch}")
-    ours = set_kernels(ours.to(device).float().eval(), False)
+    ours = set_kernels(ours.to(device).float().eval(), use_kernels)
     return upstream, ours
