@@ -284,6 +284,10 @@ class Mamba2Family(ModelFamily):
     loads_from = ("HF folders of fla's Mamba2ForCausalLM (config.json + safetensors); mamba-ssm MambaLMHeadModel "
                   "folders (config.json + pytorch_model.bin, ssm_cfg.layer 'Mamba2', e.g. state-spaces/mamba2-*)")
 
+    # The paper's matched baseline (spec/gdn2.md): expand 2, head dim 64, d_state 64 at d_model 2048 -> 64 heads.
+    paper_config = {"model_type": "mamba2", "hidden_size": 2048, "expand": 2, "head_dim": 64, "state_size": 64,
+                    "n_groups": 1, "vocab_size": 32000}
+
     def claims(self, config: dict) -> bool:
         if is_mamba_ssm_config(config):
             return mamba_ssm_layer(config) == "Mamba2"

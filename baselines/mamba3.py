@@ -304,6 +304,13 @@ class Mamba3Family(ModelFamily):
     loads_from = ("HF folders of fla's Mamba3ForCausalLM (config.json + safetensors); mamba-ssm MambaLMHeadModel "
                   "folders (config.json + pytorch_model.bin, ssm_cfg.layer 'Mamba3'); SISO and MIMO (is_mimo)")
 
+    # The paper's matched baselines (spec/gdn2.md): expand 2, head dim 64, d_state 64 at d_model 2048; MIMO rank 4.
+    paper_config = {"model_type": "mamba3", "hidden_size": 2048, "expand": 2, "head_dim": 64, "state_size": 64,
+                    "n_groups": 1, "vocab_size": 32000}
+
+    def paper_configs(self) -> dict[str, dict]:
+        return {"SISO": self.paper_config, "MIMO r4": {**self.paper_config, "is_mimo": True, "mimo_rank": 4}}
+
     def claims(self, config: dict) -> bool:
         if is_mamba_ssm_config(config):
             return mamba_ssm_layer(config) == "Mamba3"
