@@ -61,6 +61,8 @@ def gdn2_config_fields(config: dict, source: str = "config.json") -> tuple[dict,
                                 "allow_neg_eigval", "norm_eps", "max_position_embeddings", "tie_word_embeddings",
                                 "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")}
     fields["output_gate_activation"] = gate_activation(s["output_gate_activation"])
+    # Tied embeddings load as an untied head holding the same values (GDN2ForCausalLM is built untied).
+    fields["tie_word_embeddings"] = False
     return fields, s["attn_layers"]
 
 
@@ -70,10 +72,8 @@ def build_from_folder(folder: Path) -> nn.Module:
     config = read_config(folder)
     lm = build_model(config, str(folder / "config.json"), meta=True)
     state = read_state_dict(folder)
-    if getattr(lm.config, "tie_word_embeddings", False) if not isinstance(lm.config, dict) else \
-            lm.config.get("tie_word_embeddings"):
-        if "lm_head.weight" not in state and "model.embeddings.weight" in state:
-            state["lm_head.weight"] = state["model.embeddings.weight"]
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in state and "model.embeddings.weight" in state:
+        state["lm_head.weight"] = state["model.embeddings.weight"]
     load_weights_strict(lm, state, str(folder))
     return lm
 
