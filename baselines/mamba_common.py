@@ -207,7 +207,7 @@ class GroupedRMSNormGated(nn.Module):
         return y.to(x.dtype)
 
 
-class LayerNormNoop(nn.LayerNorm):
+class FP32LayerNorm(nn.LayerNorm):
     """nn.LayerNorm computed in fp32 (mamba-ssm's rms_norm=False models)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +252,7 @@ class MambaBlock(nn.Module):
 
     def __init__(self, config: MambaLMConfig, mixer: nn.Module):
         super().__init__()
-        norm_cls = RMSNorm if config.rms_norm else (lambda d, eps: LayerNormNoop(d, eps=eps))
+        norm_cls = RMSNorm if config.rms_norm else (lambda d, eps: FP32LayerNorm(d, eps=eps))
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = norm_cls(config.hidden_size, config.norm_eps)
         self.mixer = mixer
@@ -276,7 +276,7 @@ class _Backbone(nn.Module):
         super().__init__()
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([MambaBlock(config, m) for m in mixers])
-        norm_cls = RMSNorm if config.rms_norm else (lambda d, eps: LayerNormNoop(d, eps=eps))
+        norm_cls = RMSNorm if config.rms_norm else (lambda d, eps: FP32LayerNorm(d, eps=eps))
         self.norm_f = norm_cls(config.hidden_size, config.norm_eps)
 
 
