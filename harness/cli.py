@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lengths", nargs="+", metavar="L", help="context lengths (1024, 4k, ...) for length-axis "
                                                                  "tasks; default: the suite's, else 1k 2k")
     plan.add_argument("--samples", type=int, help="samples per cell (RULER/MQAR/ppl; lm-eval: documents); "
-                                                  "default: the suite's")
+                                                  "default: the suite's, else 100 (lm-eval: all documents)")
     plan.add_argument("--seed", type=int, help="seed of the sample generators (default: the suite's, else 0)")
     plan.add_argument("--limit", type=int, help="cap on samples per cell, lm-eval --limit style (quick looks)")
     plan.add_argument("--paper-row", action="append", default=[], metavar="MODEL=SETTING:NAME",
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     hw.add_argument("--batch-size", type=int, default=1,
                     help="recorded; recurrent models run batch 1 (padding would leak into the state)")
+    hw.add_argument("--online", action="store_true",
+                    help="lm-eval tasks: use lm-eval's own datasets from the HF hub instead of the offline copies")
     hw.add_argument("--allow-longer-context", action="store_true",
                     help="let models with a hard context limit (transformers) run past it instead of failing")
     out = run.add_argument_group("output")
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
 
     doc = sub.add_parser("doctor", formatter_class=Formatter, add_help=False,
-                         help="check the installation: devices, kernels, each family's reference path")
+                         help="check that each family's upstream kernels and our reference path agree "
+                              "(GPU; `doctor --help` for options)")
     doc.add_argument("-h", "--help", action="store_true")
     doc.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -157,7 +160,7 @@ def make_plan(args: argparse.Namespace):
     plan = plan_from_suite(suite, models=args.models, samples=args.samples, seed=args.seed, limit=args.limit,
                            lengths=None if args.tasks else args.lengths, device=args.device, dtype=args.dtype,
                            batch_size=args.batch_size, retry_failed=args.retry_failed,
-                           allow_longer_context=args.allow_longer_context,
+                           allow_longer_context=args.allow_longer_context, offline=not args.online,
                            paper_rows=_parse_paper_rows(args.paper_row))
     plan.name = name
     if args.tasks:
@@ -298,7 +301,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, entry in bundled.BUNDLED.items():
         print(f"  {name}  [{entry.family}]  {entry.description}")
     try:
-        from harness.describe import describe_families
+        from harness.describe import print_families
     except ImportError:
         from harness.registry import family_names
 
@@ -306,14 +309,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("(harness.describe is not available in this checkout; no backend details)")
         return 0
     print()
-    result = describe_families(args.device)
-    if isinstance(result, str):
-        print(result)
-    elif isinstance(result, list) and result and isinstance(result[0], dict):
-        _print_rows(result)
-    elif result is not None:
-        print(result)
-    return 0
+    return int(print_families(args.device) or 0)
 
 
 # ------------------------------------------------------------------------------------------------ others
@@ -339,22 +335,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     try:
-        from harness.doctor import run_doctor
+        from harness.doctor import main as doctor_main
     except ImportError as err:
-        print(f"error: `doctor` needs harness.doctor.run_doctor, which is not importable here ({err})",
-              file=sys.stderr)
+        print(f"error: `doctor` needs harness.doctor, which is not importable here ({err})", file=sys.stderr)
         return 2
-    import inspect
-
-    params = inspect.signature(run_doctor).parameters
-    argv = list(args.args) + (["--help"] if args.help else [])
-    if "argv" in params:
-        result = run_doctor(argv=argv)
-    elif argv and params:
-        result = run_doctor(argv)
-    else:
-        result = run_doctor()
-    return int(result) if isinstance(result, (int, bool)) else 0
+    argv = [a for a in args.args if a != "--"] + (["--help"] if args.help else [])
+    return int(doctor_main(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

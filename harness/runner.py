@@ -43,6 +43,7 @@ SUITES_DIR = Path(__file__).resolve().parent / "suites"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIN_SEGMENT = 64
 MAX_CONSECUTIVE_FAILURES = 3
+DEFAULT_SAMPLES = 100        # per-sample tasks when neither the suite nor --samples says (lm-eval: the full set)
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "lm_eval", "flash-linear-attention", "mamba-ssm",
             "wonderwords", "numpy", "pandas", "gdn2-harness")
 
@@ -62,7 +63,7 @@ class CellPlan:
 class Plan:
     models: list[str]
     cells: list[CellPlan]
-    samples: int | None = 4             # default samples per cell (None: the task's full set)
+    samples: int | None = None          # default samples per cell (None: DEFAULT_SAMPLES; lm-eval: the full set)
     seed: int = 0
     limit: int | None = None            # cap on samples per cell (lm-eval --limit semantics)
     device: str = "auto"
@@ -72,6 +73,7 @@ class Plan:
     paper_rows: dict[str, str] = field(default_factory=dict)   # model name -> "setting:Paper Model"
     retry_failed: bool = False
     allow_longer_context: bool = False
+    offline: bool = True                # lm-eval tasks: the offline data copies (tasks/lm_eval_yaml)
 
     def expand(self) -> list[tuple[str, int | None, int | None, dict]]:
         """(task, length, num_samples, options) for every cell, in plan order."""
@@ -143,7 +145,7 @@ def plan_from_suite(suite: dict, **overrides: Any) -> Plan:
         lengths = [parse_length(x) for x in (cell.get("lengths") or [None])]
         cells.append(CellPlan(task=cell["task"], lengths=lengths, samples=cell.get("samples"),
                               options=dict(cell.get("options") or {})))
-    plan = Plan(models=list(suite.get("models") or []), cells=cells, samples=suite.get("samples", 4),
+    plan = Plan(models=list(suite.get("models") or []), cells=cells, samples=suite.get("samples"),
                 seed=int(suite.get("seed", 0)), name=suite.get("name", "custom"))
     lengths = overrides.pop("lengths", None)
     if lengths:
@@ -400,7 +402,13 @@ class SweepRunner:
         for task_name, _, _, options in cells:      # fail fast on unknown task names, before loading anything
             key = (task_name, json.dumps(options, sort_keys=True))
             if key not in tasks:
-                tasks[key] = resolve_task(task_name, options)
+                try:
+                    tasks[key] = resolve_task(task_name, options, offline=self.plan.offline)
+                except KeyError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - e.g. an lm-eval task without offline data: its cells fail
+                    tasks[key] = UnavailableTask(task_name, f"{type(err).__name__}: {err}",
+                                                 uses_length=not task_name.startswith("lm_eval:"))
         status = "failed"
         try:
             for spec in self.plan.models:
@@ -427,14 +435,15 @@ class SweepRunner:
         """Whether every cell of this model already has all its (owned) samples stored, so loading can be skipped."""
         for task_name, length, n, options in cells:
             task = tasks[(task_name, json.dumps(options, sort_keys=True))]
+            if isinstance(task, UnavailableTask):
+                return False
             if is_whole_cell(task):
                 if not self.dist.is_main:
                     continue
                 if not _whole_cell_covered(self.store.cell(name, task.name, NO_LENGTH), n):
                     return False
                 continue
-            if n is None:
-                return False
+            n = DEFAULT_SAMPLES if n is None else n
             stored = self.store.stored_samples(name, task.name, self._cell_key(task, length))
             owned = [i for i in range(n) if self.dist.owns(i)]
             if any(i not in stored or (self.plan.retry_failed and stored[i][0] == "error") for i in owned):
@@ -486,12 +495,16 @@ class SweepRunner:
         key = self._cell_key(task, length)
         cell = CellSummary(model.name, task.name, length)
         label = f"{model.name} | {task.name}" + (f" @ {length}" if length else "")
+        if isinstance(task, UnavailableTask):
+            cell.status, cell.error = "failed", f"task unavailable: {task.error}"
+            self._finish_cell(cell, key, t0)
+            return cell
+        if n is None and not is_whole_cell(task):
+            n = DEFAULT_SAMPLES
         if is_whole_cell(task):
             return self._run_whole_cell(model, task, n, cell, label, t0)
         try:
-            samples = task.samples(model, length, n if n is not None else -1, self.plan.seed)
-            if n is not None:
-                samples = samples[:n]
+            samples = task.samples(model, length, n, self.plan.seed)[:n]
         except Exception as err:  # noqa: BLE001
             cell.status, cell.error = "failed", f"could not build samples: {type(err).__name__}: {err}"
             self._say(f"FAILED {label}: {cell.error}")
@@ -532,7 +545,8 @@ class SweepRunner:
         if self.dist.is_main or cell.status == "failed":
             self.store.set_cell_status(cell.model, cell.task, key, cell.status, cell.error, self.run_id)
         if cell.status == "failed":
-            self._say(f"FAILED {cell.model} | {cell.task} @ {cell.length}: {cell.error}")
+            where = f" @ {cell.length}" if cell.length else ""
+            self._say(f"FAILED {cell.model} | {cell.task}{where}: {cell.error}")
 
     def _row(self, model, task, key, sample: Sample, result: SampleResult | None, kind, error, elapsed) -> SampleRow:
         if result is not None:
@@ -609,6 +623,15 @@ class SweepRunner:
                                       getattr(result, "meta", {}) or {}, n)
         self._finish_cell(cell, key, t0)
         return cell
+
+
+@dataclass
+class UnavailableTask:
+    """A task name that resolved but cannot run here (e.g. no offline data); its cells are recorded as failed."""
+
+    name: str
+    error: str
+    uses_length: bool = True
 
 
 def is_whole_cell(task: Any) -> bool:
