@@ -97,6 +97,13 @@ def get_family(name: str) -> ModelFamily:
     name = _ALIASES.get(name, name)
     if name not in _FAMILIES and name in BUILTIN_FAMILIES:
         importlib.import_module(BUILTIN_FAMILIES[name])
+    if name not in _FAMILIES:  # maybe an alias of a built-in not imported yet: aliases live in the modules
+        for module in BUILTIN_FAMILIES.values():
+            try:
+                importlib.import_module(module)
+            except Exception:  # a broken module must not hide the others; it fails when asked for by name
+                pass
+        name = _ALIASES.get(name, name)
     if name not in _FAMILIES:
         raise unknown_name("model family", name, family_names() + list(_ALIASES))
     return _FAMILIES[name]
