@@ -90,6 +90,18 @@ class HarnessLM(LM):
         self.truncations: dict[str, tuple[int, int]] = {}
         self._warned_sampling = False
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "HarnessLM":
+        """lm-eval's CLI adds batch_size / max_batch_size / device; model_args win where both name a key."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "HarnessLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     # ---------------------------------------------------------------- identity
     @property
     def max_length(self) -> int:
