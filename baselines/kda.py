@@ -122,8 +122,7 @@ class KDAFamily(FLAFamilyBase):
     paper_config = dict(hidden_size=2304, num_hidden_layers=18, num_heads=16, head_dim=128, expand_v=1.0,
                         vocab_size=32000, max_position_embeddings=4096)
     tiny_config = dict(model_type="kda", hidden_size=128, num_hidden_layers=2, num_heads=2, head_dim=32,
-                       expand_v=1.0, vocab_size=512, intermediate_size=256, norm_eps=1e-5,
-                       fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False)
+                       expand_v=1.0, vocab_size=512, intermediate_size=256, norm_eps=1e-5)
 
     def settings(self, config: dict, source: str = "config.json") -> dict:
         s = super().settings(config, source)
