@@ -444,6 +444,9 @@ class SweepRunner:
                     return False
                 continue
             n = DEFAULT_SAMPLES if n is None else n
+            row = self.store.cell(name, task.name, self._cell_key(task, length))
+            if row is None or row["seed"] != self.plan.seed:    # a different seed must reach the identity check
+                return False
             stored = self.store.stored_samples(name, task.name, self._cell_key(task, length))
             owned = [i for i in range(n) if self.dist.owns(i)]
             if any(i not in stored or (self.plan.retry_failed and stored[i][0] == "error") for i in owned):
