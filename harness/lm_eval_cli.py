@@ -23,6 +23,7 @@ def rewrite_argv(argv: list[str]) -> list[str]:
     from harness.lm_eval_tasks import offline_include_path
 
     out: list[str] = []
+    rendered = False
     offline = "--offline" in argv
     argv = [a for a in argv if a != "--offline"]
     i = 0
@@ -39,12 +40,16 @@ def rewrite_argv(argv: list[str]) -> list[str]:
             continue
         if Path(value).resolve() == TEMPLATE_DIR:
             value = str(offline_include_path())
-            offline = False       # already included
+            rendered = True
         out += ["--include_path", value]
+    if offline and "--include_path" in out and not rendered:
+        raise SystemExit("--offline adds the rendered tasks/lm_eval_yaml folder as --include_path, and lm-eval honours "
+                         "only one: put your own YAMLs there or drop --offline")
     if offline:
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
-        out += ["--include_path", str(offline_include_path())]
+        if not rendered:
+            out += ["--include_path", str(offline_include_path())]
     return out
 
 
