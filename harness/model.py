@@ -11,7 +11,7 @@ scoring of long texts) is written once, here. Batch size is 1 throughout: paddin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -111,7 +111,7 @@ class EvalModel:
         segment = segment or self.segment
         if not 1 <= score_from <= len(ids) - 1:
             raise ValueError(f"score_from must be in [1, {len(ids) - 1}] for {len(ids)} tokens; got {score_from}")
-        self.check_length(len(ids))
+        self.check_length(len(ids) - 1)                          # the last token is scored, never fed
         tokens = torch.tensor(list(ids), dtype=torch.long, device=self.device)[None]
         cache, logprobs, greedy = None, [], []
         inputs = tokens[:, :-1]                                   # position t predicts token t + 1
@@ -122,10 +122,11 @@ class EvalModel:
             logits, cache = self._forward(inputs[:, start:end], cache, keep)
             if first_scored >= end:
                 continue
-            lp = F.log_softmax(logits[0].float(), dim=-1)
+            scores = logits[0].float()                            # [keep, vocab]; no second vocab-sized copy
             targets = tokens[0, first_scored + 1:end + 1]
-            logprobs.append(lp.gather(-1, targets[:, None])[:, 0].double().cpu())
-            greedy.append((lp.argmax(-1) == targets).cpu())
+            target_lp = scores.gather(-1, targets[:, None])[:, 0] - scores.logsumexp(-1)
+            logprobs.append(target_lp.double().cpu())
+            greedy.append((scores.argmax(-1) == targets).cpu())
         return torch.cat(logprobs), torch.cat(greedy)
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -164,9 +165,9 @@ class EvalModel:
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
-                     segment: int | None = None) -> list[int]:
+                     segment: int | None = None, stop_when: Callable[[list[int]], bool] | None = None) -> list[int]:
         """Greedy decoding: chunkwise prefill in segments (None: self.segment), then one token at a time with the
-        state carried."""
+        state carried. Stops at a token in stop_ids (not returned), or once stop_when(generated ids) is true."""
         segment = segment or self.segment
         self.check_length(len(prompt_ids) + max_new_tokens)
         tokens = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)[None]
@@ -180,7 +181,7 @@ class EvalModel:
             if next_id in stop:
                 break
             generated.append(next_id)
-            if len(generated) == max_new_tokens:
+            if len(generated) == max_new_tokens or (stop_when is not None and stop_when(generated)):
                 break
             logits, cache = self._forward(torch.tensor([[next_id]], device=self.device), cache, 1)
         return generated
@@ -189,8 +190,15 @@ class EvalModel:
         """Greedy continuation of each prompt, cut at the first stop string (EOS always stops)."""
         eos = self.tokenizer.eos_token_id
         outputs = []
+        stops = [s for s in stop or () if s]
+
+        def hit_stop(ids: list[int]) -> bool:
+            tail = self.decode(ids[-16:])                          # a stop string ends within the last tokens
+            return any(s in tail for s in stops)
+
         for prompt in prompts:
-            ids = self.generate_ids(self.encode(prompt), max_new_tokens, stop_ids=[eos] if eos is not None else [])
+            ids = self.generate_ids(self.encode(prompt), max_new_tokens, stop_ids=[eos] if eos is not None else [],
+                                    stop_when=hit_stop if stops else None)
             text = self.decode(ids)
             for s in stop or ():
                 if s and s in text:
