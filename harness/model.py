@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # Long inputs are fed in segments of this many tokens, the cache carried between them (exact for every family).
 DEFAULT_SEGMENT = 2048
