@@ -26,6 +26,7 @@ Exports
 - fla_settings / build_mixer_stack / keep_fp32 / perturb_unit_weights   fla config handling and model assembly
 - FLAFamilyBase                              a ModelFamily for fla-format folders: config defaults, upstream-or-
                                              reference choice, strict loading, the doctor's conformance_models hook
+- write_checkpoint_folder(folder, config, state, tokenizer)   tiny HF-format folders for tests and examples
 """
 from __future__ import annotations
 

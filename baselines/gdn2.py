@@ -10,7 +10,7 @@ Formats
   config class, so a field the file omits takes KDAConfig's default (the closest fla class; norm_eps 1e-6).
   A config with an fla `attn` section builds a hybrid: GDN-2 mixers interleaved with sliding-window attention.
 - lit_gpt checkpoints of the official training code (a .pth file, or a folder holding one, without config.json):
-  converted on the fly by baselines.gdn2_lit_gpt (see there; also a CLI that writes an HF folder).
+  converted on the fly by baselines.gdn2_lit_gpt (GDN-2 and swa_gdn2 hybrids; also a CLI that writes an HF folder).
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ class GDN2Family(ModelFamily):
     model_types = ("gdn2",) + FLA_MODEL_TYPES
     architectures = ("GDN2ForCausalLM",) + FLA_ARCHITECTURES
     loads_from = ("HF folders of gdn2.GDN2ForCausalLM; fla-format GatedDeltaNet2 folders (sigmoid gate, hybrids "
-                  "via attn); official lit_gpt .pth checkpoints; bundled models")
+                  "via attn); official lit_gpt .pth checkpoints (GDN-2, swa hybrids); bundled models")
     paper_config = dict(model_type="gdn2", vocab_size=32000, hidden_size=2304, num_hidden_layers=18, num_heads=16,
                         head_dim=128, intermediate_size=6208, max_position_embeddings=4096)
 

@@ -206,13 +206,58 @@ def test_lit_gpt_checkpoint_through_registry_and_cli(lit_checkpoint, tmp_path):
         assert torch.equal(reloaded.lm(ids()).logits, lm(ids()).logits)
 
 
-def test_lit_gpt_hybrid_and_unknown_tensors_are_refused_by_name(lit_checkpoint, tmp_path):
+def test_lit_gpt_swa_hybrid_converts(tmp_path):
+    """swa_gdn2 layout: block 1 is lit_gpt CausalSelfAttention with a fused qkv laid out per query group as
+    [q_1..q_g, k, v] (here 4 heads of 16, 2 query groups, window 16)."""
+    from baselines.gdn2 import build_hybrid
+
+    torch.manual_seed(0)
+    config = GDN2Config(**TINY)
+    attn = {1: dict(num_heads=4, num_kv_heads=2, qkv_bias=False, window_size=16, rope_theta=10000.0)}
+    hybrid = perturbed(build_hybrid(config, attn))
+    state = {}
+    for i, block in enumerate(hybrid.model.layers):
+        h = f"transformer.h.{i}."
+        state[h + "norm_1.weight"], state[h + "norm_2.weight"] = block.attn_norm.weight, block.mlp_norm.weight
+        state[h + "mlp.swiglu.w1.weight"] = block.mlp.gate_proj.weight
+        state[h + "mlp.swiglu.w2.weight"] = block.mlp.up_proj.weight
+        state[h + "mlp.swiglu.w3.weight"] = block.mlp.down_proj.weight
+        if i == 1:
+            q, k, v = (w.view(-1, 16, 64) for w in (block.attn.q_proj.weight, block.attn.k_proj.weight,
+                                                   block.attn.v_proj.weight))
+            fused = [torch.cat([q[2 * g], q[2 * g + 1], k[g], v[g]]) for g in range(2)]
+            state[h + "attn.attn.weight"] = torch.cat(fused)
+            state[h + "attn.proj.weight"] = block.attn.o_proj.weight
+        else:
+            for name, tensor in block.attn.state_dict().items():
+                state[h + "attn." + name] = tensor
+    state.update({"transformer.wte.weight": hybrid.model.embeddings.weight, "lm_head.weight": hybrid.lm_head.weight,
+                  "transformer.ln_f.weight": hybrid.model.norm.weight})
+    torch.save({"model": {k: v.detach().clone() for k, v in state.items()}}, tmp_path / "swa.pth")
+    converted = convert_lit_gpt_checkpoint(tmp_path / "swa.pth", attn_head_size=16, local_window=16)
+    assert converted.attn_layers == attn
+    with torch.no_grad():
+        assert torch.allclose(converted(ids(60)).logits, hybrid(ids(60)).logits, atol=1e-5)
+    assert convert_main([str(tmp_path / "swa.pth"), str(tmp_path / "hf"), "--attn-head-size", "16",
+                         "--local-window", "16", "--tokenizer", str(BPE_4K)]) == 0
+    reloaded = load_model(str(tmp_path / "hf"), device="cpu")
+    assert reloaded.info["hybrid_attention_layers"] == [1] and reloaded.lm.config.output_gate_activation == "silu"
+    with torch.no_grad():
+        assert torch.allclose(reloaded.lm(ids(60)).logits, hybrid(ids(60)).logits, atol=1e-5)
+
+
+def test_lit_gpt_bad_checkpoints_are_refused_by_name(lit_checkpoint, tmp_path):
     lm, _ = lit_checkpoint
     state = to_lit_gpt(lm)
-    hybrid = {**state, "transformer.h.1.attn.attn.weight": torch.zeros(3, 3)}
-    torch.save(hybrid, tmp_path / "hybrid.pth")
-    with pytest.raises(LitGPTConversionError, match=r"layers \[1\] are softmax-attention blocks"):
-        convert_lit_gpt_checkpoint(tmp_path / "hybrid.pth")
+    attention = {"transformer.h.1.attn.attn.weight": torch.zeros(40, 64), "transformer.h.1.attn.proj.weight":
+                 torch.zeros(64, 64)}
+    torch.save({**state, **attention}, tmp_path / "hybrid.pth")
+    with pytest.raises(LitGPTConversionError, match=r"attn.attn.weight \(40, 64\) does not fit n_head=4"):
+        convert_lit_gpt_checkpoint(tmp_path / "hybrid.pth", attn_head_size=16)
+    attention["transformer.h.1.attn.attn.weight"] = torch.zeros(3 * 64, 64)  # fits; but GDN-2 tensors remain
+    torch.save({**state, **attention}, tmp_path / "mixed.pth")
+    with pytest.raises(LitGPTConversionError, match=r"no place in GDN2ForCausalLM: transformer.h.1.attn.A_log"):
+        convert_lit_gpt_checkpoint(tmp_path / "mixed.pth", attn_head_size=16)
     torch.save({**state, "transformer.h.0.norm_1.bias": torch.zeros(64)}, tmp_path / "bias.pth")
     with pytest.raises(LitGPTConversionError, match="transformer.h.0.norm_1.bias"):
         convert_lit_gpt_checkpoint(tmp_path / "bias.pth")
