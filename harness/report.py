@@ -286,7 +286,10 @@ class Table:
         import pandas as pd
 
         buf = io.StringIO()
-        pd.DataFrame(self.csv_rows()).to_csv(buf, index=False, lineterminator="\n")
+        frame = pd.DataFrame(self.csv_rows())
+        if not frame.empty:
+            frame = frame.astype({"state_floats_per_layer": "Int64", "num_params_non_embedding": "Int64"})
+        frame.to_csv(buf, index=False, lineterminator="\n")
         return buf.getvalue()
 
 
@@ -296,7 +299,7 @@ def _round(v: Any) -> Any:
 
 def _latex_escape(text: str) -> str:
     for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
-                 ("–", "--"), ("Δ", "$\\Delta$"), ("↳", "")):
+                 ("–", "--"), ("−", "$-$"), ("Δ", "$\\Delta$"), ("↳", "")):
         text = text.replace(a, b)
     return text
 
@@ -325,7 +328,7 @@ def length_label(length: int) -> str:
 def _model_info(results: Results) -> dict[str, dict]:
     info = {}
     for rec in results.models.to_dict("records"):
-        info[rec["model"]] = rec
+        info[rec["model"]] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
     return info
 
 
