@@ -1,0 +1,80 @@
+"""The command line: help for every command, list commands, errors that say what to do, the no-argument quick run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_help_for_every_command(capsys):
+    for argv in (["--help"], ["run", "--help"], ["report", "--help"], ["list", "--help"], ["generate", "--help"],
+                 ["bench", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage:" in out
+    assert "python run_eval.py list suites" in build_parser().format_help()
+
+
+def test_list_suites_tasks_models(capsys):
+    assert main(["list", "suites"]) == 0
+    out = capsys.readouterr().out
+    for suite in ("quick", "paper-table3"):
+        assert suite in out
+    assert main(["list", "tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "niah_single_1" in out and "s_niah_1" in out and "mqar" in out
+    assert main(["list", "models"]) == 0
+    out = capsys.readouterr().out
+    assert "gdn2-tiny-random" in out and "random init" in out
+
+
+def test_unknown_names_suggest_the_nearest(capsys, tmp_path):
+    assert main(["run", "--tasks", "niah_singel_1", "--output", str(tmp_path)]) == 2
+    assert "niah_single_1" in capsys.readouterr().err
+    assert main(["run", "--suite", "quik", "--output", str(tmp_path)]) == 2
+    assert "'quick'" in capsys.readouterr().err
+
+
+def test_report_of_a_missing_folder_says_what_to_pass(capsys, tmp_path):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "--output folder" in capsys.readouterr().err
+
+
+def test_bad_paper_row_is_explained(tmp_path):
+    with pytest.raises(SystemExit, match="recurrent:NAME"):
+        main(["run", "--paper-row", "x=Gated DeltaNet-2", "--output", str(tmp_path)])
+
+
+def test_run_then_report_in_process(tmp_path, capsys):
+    out = tmp_path / "r"
+    code = main(["run", "--models", "gdn2-tiny-random", "--device", "cpu", "--tasks", "mqar", "--lengths", "128",
+                 "--samples", "2", "--output", str(out), "--no-progress",
+                 "--paper-row", "gdn2-tiny-random=recurrent:Gated DeltaNet-2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "mqar@128" in printed and "results.sqlite" in printed
+    assert (out / "report" / "all.md").is_file() and (out / "exports" / "gdn2-tiny-random" / "results.json").is_file()
+    assert main(["report", str(out), "--format", "latex", "--no-plots"]) == 0
+    assert "\\begin{tabular}" in capsys.readouterr().out
+
+
+def test_no_arguments_runs_the_quick_suite(tmp_path):
+    """`python run_eval.py` on a fresh CPU machine: the quick suite into runs/default, the report, the paths, and a
+    plain statement that the bundled model is random-init."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(REPO / "run_eval.py")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs" / "default" / "results.sqlite").is_file()
+    assert "random-init" in done.stderr and "chance-level" in done.stdout
+    assert "niah_single_1@1k" in done.stdout and "niah_single_1@2k" in done.stdout and "mqar@256" in done.stdout
+    assert "runs/default/results.sqlite" in done.stdout
