@@ -28,7 +28,7 @@ GDN_DEFAULTS = dict(
     attn_mode="chunk", hidden_size=2048, expand_v=2.0, use_gate=True, use_short_conv=True, allow_neg_eigval=False,
     conv_size=4, head_dim=256, num_heads=6, num_v_heads=None, max_position_embeddings=2048, hidden_ratio=4,
     intermediate_size=None, hidden_act="swish", num_hidden_layers=21, norm_eps=1e-6, attn=None,
-    tie_word_embeddings=False, vocab_size=32000, output_gate_activation="swish", conv_bias=False,
+    tie_word_embeddings=False, vocab_size=32000, output_gate_activation="swish",
 )
 
 
@@ -132,7 +132,7 @@ class GatedDeltaNetFamily(FLAFamilyBase):
         return GatedDeltaNetMixer(
             hidden_size=s["hidden_size"], expand_v=s["expand_v"], head_dim=s["head_dim"], num_heads=s["num_heads"],
             num_v_heads=s["num_v_heads"], use_gate=s["use_gate"], use_short_conv=s["use_short_conv"],
-            allow_neg_eigval=s["allow_neg_eigval"], conv_size=s["conv_size"], conv_bias=s["conv_bias"],
+            allow_neg_eigval=s["allow_neg_eigval"], conv_size=s["conv_size"], conv_bias=False,  # fla blocks pass none
             norm_eps=s["norm_eps"], output_gate_activation=s["output_gate_activation"], layer_idx=layer_idx,
         )
 

@@ -30,7 +30,7 @@ KDA_DEFAULTS = dict(
     attn_mode="chunk", hidden_size=2048, expand_v=1.0, use_short_conv=True, allow_neg_eigval=False, safe_gate=False,
     lower_bound=None, conv_size=4, head_dim=128, num_heads=16, num_v_heads=None, max_position_embeddings=2048,
     hidden_ratio=4, intermediate_size=None, hidden_act="swish", num_hidden_layers=24, norm_eps=1e-6, attn=None,
-    tie_word_embeddings=False, vocab_size=32000, conv_bias=False,
+    tie_word_embeddings=False, vocab_size=32000,
 )
 
 
@@ -137,7 +137,7 @@ class KDAFamily(FLAFamilyBase):
             hidden_size=s["hidden_size"], expand_v=s["expand_v"], head_dim=s["head_dim"], num_heads=s["num_heads"],
             num_v_heads=s["num_v_heads"], use_short_conv=s["use_short_conv"], allow_neg_eigval=s["allow_neg_eigval"],
             safe_gate=s["safe_gate"], lower_bound=s["lower_bound"], conv_size=s["conv_size"],
-            conv_bias=s["conv_bias"], norm_eps=s["norm_eps"], layer_idx=layer_idx,
+            conv_bias=False, norm_eps=s["norm_eps"], layer_idx=layer_idx,  # fla blocks pass no conv_bias
         )
 
     def mixer_state_floats(self, s: dict) -> int:

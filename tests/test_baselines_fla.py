@@ -311,3 +311,15 @@ def test_unsupported_fla_config_fields_are_refused(tmp_path):
         get_family("kda").build_reference({**CONFIGS["kda"], "attn": {**HYBRID_ATTN, "layers": [5]}})
     with pytest.raises(ValueError, match="'tanh'"):
         get_family("gated_deltanet").build_reference({**CONFIGS["gated_deltanet"], "output_gate_activation": "tanh"})
+
+
+def test_hybrid_with_full_attention_has_a_hard_context_limit(tmp_path):
+    config = {**CONFIGS["gated_deltanet-hybrid"], "attn": {**HYBRID_ATTN, "window_size": None}}
+    torch.manual_seed(0)
+    lm = get_family("gated_deltanet").build_reference(config)
+    model = load_model(str(write_checkpoint_folder(tmp_path / "full", config, lm.state_dict(), BPE_4K)), device="cpu")
+    assert model.max_length == 512
+    from harness.model import ContextTooLongError
+
+    with pytest.raises(ContextTooLongError, match="context limit of 512"):
+        model.loglikelihood([("word " * 600, " end")])
