@@ -478,6 +478,7 @@ class SweepRunner:
                                        error=message))
             return out
         model.check_finite = True
+        _threads_for(model)
         self.store.put_model(model_row(model, spec, self.plan.paper_rows.get(model.name)
                                        or self.plan.paper_rows.get(spec)))
         out = []
@@ -635,6 +636,19 @@ class UnavailableTask:
     name: str
     error: str
     uses_length: bool = True
+
+
+SMALL_CPU_MODEL = 20_000_000
+
+
+def _threads_for(model: Any) -> None:
+    """Tiny models on the CPU run single-threaded: at d=128 intra-op threads cost more than they give, and on a busy
+    machine they spin (measured: 0.6 s vs 2-12 s per 2K-token RULER sample on 2 shared cores). OMP_NUM_THREADS wins."""
+    import torch
+
+    if (getattr(model, "device", None) is not None and model.device.type == "cpu"
+            and "OMP_NUM_THREADS" not in os.environ and model.num_params(False) < SMALL_CPU_MODEL):
+        torch.set_num_threads(1)
 
 
 def is_whole_cell(task: Any) -> bool:
