@@ -61,7 +61,9 @@ def load_fla():
 
 
 def time_modes(call, args, do):
-    """(inference fwd, training fwd, fwd+bwd) in ms for call(*args) -> o."""
+    # every implementation gets the same initial state and returns its final state (chunked prefill)
+    """(inference fwd, training fwd, fwd+bwd) in ms for call(*args) -> o. The initial state h0 [B, H, K, V] and the
+    final state are part of every call (chunked prefill); h0 needs no grad."""
     out = {}
     with torch.no_grad():
         out["infer_fwd"] = bench(lambda: call(*args))
@@ -102,9 +104,11 @@ def main():
         ntok = B * T * H
         fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
         bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
-        ours = time_modes(lambda *a: triton_chunk_gdn2(*a)[0], (q, k, v, g, b, w), do)
-        gd = time_modes(lambda *a: fla_gdn2(*a)[0], (q, k, v, g, b, w), do) if fla_gdn2 else {}
-        kd = time_modes(lambda *a: fla_kda(*a)[0], (q, k, v, g, beta), do) if fla_kda else {}
+        h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
+        kw = dict(initial_state=h0, output_final_state=True)
+        ours = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
+        gd = time_modes(lambda *a: fla_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do) if fla_gdn2 else {}
+        kd = time_modes(lambda *a: fla_kda(*a, **kw)[0], (q, k, v, g, beta), do) if fla_kda else {}
         for mode in ("infer_fwd", "train_fwd", "fwd_bwd"):
             add(f"B{B}_T{T}", mode, ours[mode], gd.get(mode), kd.get(mode),
                 fwd_bytes if mode != "fwd_bwd" else fwd_bytes + bwd_bytes)

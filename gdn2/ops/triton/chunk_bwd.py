@@ -29,16 +29,22 @@ import triton
 import triton.language as tl
 
 from gdn2.ops.triton.chunk_fwd import _load_sub, chunk_key_side
-from gdn2.ops.triton.utils import CHUNK, load_rows, tuned
+from gdn2.ops.triton.utils import CHUNK, half_pipelined, load_rows, tuned
 
 DSTATE_CONFIGS = [
-    triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-    for bv in (32, 64) for nw in (4, 8) for ns in (2,)
+    triton.Config({"BV": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 32}, num_warps=4, num_stages=1),
 ]
 DSTATE_INTERPRET = triton.Config({"BV": 32}, num_warps=4, num_stages=1)
-DAV_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=1) for bv in (32, 64) for nw in (4, 8)]
+DAV_CONFIGS = [triton.Config({"BV": 32}, num_warps=4, num_stages=1), triton.Config({"BV": 64}, num_warps=8, num_stages=1)]
+
+
+def _dav_fits(config, dtype):
+    """fp32 inputs with BV=64 need 311296 B of shared memory (compiled for sm_90, 2026-11-27), over the limit."""
+    return dtype != torch.float32 or config.kwargs["BV"] <= 32
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
-DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=nw, num_stages=1) for bks in (16, 32) for nw in (2, 4)]
+DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=1) for bks in (16, 32)]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 
 
@@ -49,7 +55,8 @@ def _load_T64(ptr, t, eos, stride_t):
     return tl.load(ptr + t[None, :] * stride_t + c64[:, None], mask=(t < eos)[None, :], other=0.).to(tl.float32)
 
 
-@tuned(DSTATE_CONFIGS, key=["K", "V", "HV", "USE_L2"], interpret_config=DSTATE_INTERPRET)
+@tuned(DSTATE_CONFIGS, key=["K", "V", "HV", "USE_L2"], interpret_config=DSTATE_INTERPRET, fits=half_pipelined,
+       dtype_arg="do")
 @triton.jit
 def gdn2_bwd_kernel_dstate(q, k, g, b, rq, rk, A, Aqk, do, dht, dh0, dhs, cu_seqlens, chunk_offsets, scale,
                            H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
@@ -98,7 +105,7 @@ def gdn2_bwd_kernel_dstate(q, k, g, b, rq, rk, A, Aqk, do, dht, dh0, dhs, cu_seq
         tl.store(dh0 + i_nh * K * V + state_off, dS, mask=mkv)
 
 
-@tuned(DAV_CONFIGS, key=["K", "V", "HV", "USE_L2"], interpret_config=DAV_INTERPRET)
+@tuned(DAV_CONFIGS, key=["K", "V", "HV", "USE_L2"], interpret_config=DAV_INTERPRET, fits=_dav_fits)
 @triton.jit
 def gdn2_bwd_kernel_dav(q, k, v, g, b, w, rq, rk, A, Aqk, hs, dhs, do, dv, dw, dT, dAqk, dq, dk, db, dG,
                         cu_seqlens, chunk_indices, scale,
@@ -225,7 +232,7 @@ def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
     tl.store(ptr + t[:, None] * stride_t + cols[None, :], x, mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
 
 
-@tuned(DQKG_CONFIGS, key=["K", "USE_L2"], interpret_config=DQKG_INTERPRET)
+@tuned(DQKG_CONFIGS, key=["K", "USE_L2"], interpret_config=DQKG_INTERPRET, dtype_arg="q")
 @triton.jit
 def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_seqlens, chunk_indices, scale,
                          H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr):

@@ -67,13 +67,34 @@ class FixedLaunch:
         return launch
 
 
-def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config):
-    """triton.autotune(configs, key) on a GPU; one fixed config under TRITON_INTERPRET=1."""
+def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, fits=None,
+          dtype_arg: str = "v"):
+    """triton.autotune(configs, key) on a GPU; one fixed config under TRITON_INTERPRET=1.
+
+    fits(config, dtype) -> bool drops configs that cannot run for the dtype of argument `dtype_arg` (e.g. fp32 tiles
+    that overflow the 227 KiB of shared memory an H100 block may use); the wrapper keeps it as `.fits` so the GPU
+    check runs each config exactly on the dtypes it may be picked for."""
+    fits = fits or (lambda config, dtype: True)
+
+    def prune(configs, named_args, **kwargs):
+        dtype = named_args[dtype_arg].dtype
+        return [c for c in configs if fits(c, dtype)] or list(configs)
+
     def wrap(fn):
         if INTERPRET:
-            return FixedLaunch(fn, interpret_config)
-        return triton.autotune(configs=configs, key=key)(fn)
+            launcher = FixedLaunch(fn, interpret_config)
+        else:
+            launcher = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+        launcher.fits = fits
+        return launcher
     return wrap
+
+
+def half_pipelined(config: triton.Config, dtype) -> bool:
+    """Serial-loop kernels: num_stages=2 (prefetch the next chunk) fits shared memory for 16-bit inputs only; fp32
+    inputs run the num_stages=1 entries. Seen on H100 (2026-11-27, first GPU check): the fp32 recurrence kernel at
+    num_stages=2 asked for 303104 B (BV=32) / 327680 B (BV=64) of shared memory, over the 232448 B limit."""
+    return (config.num_stages == 1) == (dtype == torch.float32)
 
 
 def pin_config(kernel, config: triton.Config | None):
