@@ -197,7 +197,7 @@ def _reject_unused(kwargs: dict) -> None:
 
 
 class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
-    _tied_weights_keys: list[str] = []
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}  # tied only if config says so
 
     def __init__(self, config: GDN2Config):
         super().__init__(config)
