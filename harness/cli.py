@@ -167,7 +167,9 @@ def make_plan(args: argparse.Namespace):
         from harness.task_adapters import resolve_task
 
         for cell in plan.cells:   # tasks without a length axis get one cell, not one per length
-            if not getattr(resolve_task(cell.task, cell.options), "uses_length", True):
+            if cell.task.startswith(("lm_eval:", "lmeval:")):
+                cell.lengths = [None]
+            elif not getattr(resolve_task(cell.task, cell.options, offline=plan.offline), "uses_length", True):
                 cell.lengths = [None]
         for cell in plan.cells:
             cell.lengths = [parse_length(x) for x in cell.lengths]
@@ -226,7 +228,11 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         for c in bad_cells:
             print(f"  FAILED {c.model} | {c.task}" + (f" @ {c.length}" if c.length else "") + f": {c.error}")
         if not args.no_report:
-            _print_report(output, plots=True, exports=True)
+            try:
+                _print_report(output, plots=True, exports=True)
+            except ImportError as err:   # pandas / matplotlib come with the eval extra
+                print(f"(no report: {err}; install the eval extra: pip install -e '.[eval]', then run "
+                      f"`python run_eval.py report {output}`)")
         print(f"\nresults: {output / 'results.sqlite'} (rerun the same command to resume or extend)")
     dist.close()
     return 1 if summary.failed_cells and all(c.status == "failed" for c in summary.cells) else 0
