@@ -153,7 +153,7 @@ def _parse_paper_rows(items: list[str]) -> dict[str, str]:
 
 
 def make_plan(args: argparse.Namespace):
-    from harness.runner import CellPlan, load_suite, parse_length, plan_from_suite
+    from harness.runner import load_suite, parse_length, plan_from_suite
 
     if args.tasks:
         suite = load_suite(args.suite) if args.suite else {"name": "custom", "models": ["gdn2-tiny-random"]}
@@ -173,7 +173,7 @@ def make_plan(args: argparse.Namespace):
         from harness.task_adapters import resolve_task
 
         for cell in plan.cells:   # tasks without a length axis get one cell, not one per length
-            if cell.task.startswith(("lm_eval:", "lmeval:")):
+            if cell.task.startswith("lm_eval:"):
                 cell.lengths = [None]
             elif not getattr(resolve_task(cell.task, cell.options, offline=plan.offline), "uses_length", True):
                 cell.lengths = [None]

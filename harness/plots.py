@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 from harness.report import NO_LENGTH, Results, _model_info, _safe, cell_stats, is_perplexity_task, length_label
 

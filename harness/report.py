@@ -305,7 +305,7 @@ def _latex_escape(text: str) -> str:
 
 
 def is_perplexity_task(task: str) -> bool:
-    return task.startswith(("ppl:", "perplexity:")) or task.endswith("wikitext")
+    return task.startswith("ppl:") or task.endswith("wikitext")
 
 
 def human(n: Any) -> str:
@@ -458,7 +458,7 @@ def _haystack_substituted(results: Results) -> list[bool]:
 
 
 def _task_matches(task: str, patterns: Sequence[str]) -> bool:
-    base = re.sub(r"^(lm_eval|lmeval|ppl|perplexity):", "", task.lower())
+    base = re.sub(r"^(lm_eval|ppl):", "", task.lower())
     return any(base == p or base.startswith(p + "_") or base.endswith("_" + p) or base == f"{p}_ppl" for p in patterns)
 
 

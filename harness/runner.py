@@ -347,9 +347,7 @@ def _tokens_of(result: SampleResult | None, sample: Sample) -> int:
     return int(p.get("length") or 0)
 
 
-def model_row(model: Any, spec: str, paper_row: str | None) -> dict:
-    from harness.store import dumps as _  # noqa: F401  (keeps import order obvious)
-
+def model_row(model: Any, spec: str, paper_row: str | None, tokenizer_hash: str) -> dict:
     describe = model.describe()
     config = getattr(model.lm, "config", None)
     setting, paper_model = None, None
@@ -362,7 +360,7 @@ def model_row(model: Any, spec: str, paper_row: str | None) -> dict:
         "state_floats_per_layer": model.state_floats_per_layer(),
         "num_layers": getattr(config, "num_hidden_layers", None),
         "num_params_non_embedding": model.num_params(True), "num_params": model.num_params(False),
-        "tokenizer_sha": tokenizer_sha(model.tokenizer),
+        "tokenizer_sha": tokenizer_hash,
         "tokenizer_name": str(getattr(model.tokenizer, "name_or_path", "") or ""),
         "paper_setting": setting or None, "paper_model": paper_model or None,
         "random_init": int("bundled" in describe and "random" in str(describe.get("bundled", "")).lower()),
@@ -384,6 +382,7 @@ class SweepRunner:
         self.loader = loader
         self.argv = argv
         self.run_id = ""
+        self.tokenizer_hash = ""
 
     def _say(self, msg: str) -> None:
         if self.dist.is_main:
@@ -479,8 +478,9 @@ class SweepRunner:
             return out
         model.check_finite = True
         _threads_for(model)
+        self.tokenizer_hash = tokenizer_sha(model.tokenizer)      # once per model: serialising a vocab is not free
         self.store.put_model(model_row(model, spec, self.plan.paper_rows.get(model.name)
-                                       or self.plan.paper_rows.get(spec)))
+                                       or self.plan.paper_rows.get(spec), self.tokenizer_hash))
         out = []
         try:
             for task_name, length, n, options in cells:
@@ -516,15 +516,15 @@ class SweepRunner:
                 self.store.set_cell_status(model.name, task.name, key, "failed", cell.error, self.run_id)
             return cell
         identity = {"task": task.name, "task_config": task_config(task), "seed": self.plan.seed,
-                    "tokenizer_sha": tokenizer_sha(model.tokenizer), "haystack": haystack_identity(samples),
+                    "tokenizer_sha": self.tokenizer_hash, "haystack": haystack_identity(samples),
                     "model_source": model.source, "dtype": str(model.dtype).replace("torch.", "")}
         identity_sha = hashlib.sha256(dumps(identity).encode()).hexdigest()[:16]
         self.store.begin_cell(model.name, task.name, key, identity, identity_sha, len(samples), self.run_id)
         if self.plan.retry_failed:
             self.store.delete_failed(model.name, task.name, key)
         stored = self.store.stored_samples(model.name, task.name, key)
-        shas = {s.index: sample_sha(s) for s in samples}
-        changed = [i for i, (_, sha) in stored.items() if sha and i in shas and shas[i] != sha]
+        by_index = {s.index: s for s in samples}
+        changed = [i for i, (_, sha) in stored.items() if sha and i in by_index and sample_sha(by_index[i]) != sha]
         if changed:
             raise CellIdentityError(
                 f"cell ({model.name}, {task.name}, {key}): {len(changed)} stored sample(s) (e.g. index {changed[0]}) "
@@ -603,7 +603,7 @@ class SweepRunner:
             cell.planned = cell.skipped
             return cell
         identity = {"task": task.name, "task_config": task_config_whole(task), "seed": self.plan.seed,
-                    "tokenizer_sha": tokenizer_sha(model.tokenizer), "haystack": [],
+                    "tokenizer_sha": self.tokenizer_hash, "haystack": [],
                     "model_source": model.source, "dtype": str(model.dtype).replace("torch.", "")}
         identity_sha = hashlib.sha256(dumps(identity).encode()).hexdigest()[:16]
         self.store.begin_cell(model.name, task.name, key, identity, identity_sha, n, self.run_id)
@@ -616,12 +616,11 @@ class SweepRunner:
             self._finish_cell(cell, key, t0)
             return cell
         rows = list(getattr(result, "rows", result))
-        bar = Progress(False, total=len(rows), initial=0, desc=label)
+        silent = Progress(False, total=len(rows), initial=0, desc=label)
         elapsed = (time.time() - t0) / max(len(rows), 1)
         for r in rows:
-            sample = Sample(index=r.index, payload=r.record)
-            if self._commit(model, task, key, sample, r, None, None, elapsed, cell, bar):
-                pass
+            self._commit(model, task, key, Sample(index=r.index, payload=r.record), r, None, None, elapsed, cell,
+                         silent)
         cell.planned = len(rows)
         self.store.set_cell_aggregate(model.name, task.name, key, getattr(result, "aggregate", {}) or {},
                                       getattr(result, "meta", {}) or {}, n)

@@ -11,7 +11,6 @@ input, references, needle depths in tokens and length of every sample) and score
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from typing import Any
@@ -20,11 +19,7 @@ from harness.eval_task import EvalTask, Sample, SampleResult
 from harness.model import EvalModel
 from harness.registry import UnknownNameError, unknown_name
 
-LM_EVAL_PREFIXES = ("lm_eval:", "lmeval:", "ppl:", "perplexity:")
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+LM_EVAL_PREFIXES = ("lm_eval:", "ppl:")   # what harness.lm_eval_tasks.lm_eval_task resolves
 
 
 class RulerEvalTask:

@@ -1,7 +1,6 @@
 """notebooks/analysis.ipynb executes (nbclient) against a small results folder and shows the report tables."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat
