@@ -76,45 +76,7 @@ def time_modes(call, args, do):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="results/bench")
-    ap.add_argument("--skip-fla", action="store_true")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    card = torch.cuda.get_device_name().replace(" ", "-")
-    bw = copy_bandwidth()
-    print(f"card {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    fla_gdn2, fla_kda, fla_rec = (None, None, None) if args.skip_fla else load_fla()
-    rows = []
-
-    def add(shape, mode, ours, gdn2, kda, floor_bytes):
-        floor_ms = floor_bytes / bw * 1e3
-        row = dict(card=card, date=datetime.date.today().isoformat(), shape=shape, mode=mode,
-                   ours_ms=round(ours, 4), fla_gdn2_ms=None if gdn2 is None else round(gdn2, 4),
-                   fla_kda_ms=None if kda is None else round(kda, 4), floor_ms=round(floor_ms, 4),
-                   ours_over_fla_gdn2=None if gdn2 is None else round(ours / gdn2, 3),
-                   ours_over_floor=round(ours / floor_ms, 2))
-        rows.append(row)
-        print(" | ".join(str(v) for v in row.values()), flush=True)
-
-    for i, (B, T) in enumerate(SHAPES):
-        q, k, v, g, b, w, beta = inputs(B, T, seed=i)
-        do = torch.randn_like(v)
-        ntok = B * T * H
-        fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
-        bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
-        h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
-        kw = dict(initial_state=h0, output_final_state=True)
-        ours = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
-        gd = time_modes(lambda *a: fla_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do) if fla_gdn2 else {}
-        kd = time_modes(lambda *a: fla_kda(*a, **kw)[0], (q, k, v, g, beta), do) if fla_kda else {}
-        for mode in ("infer_fwd", "train_fwd", "fwd_bwd"):
-            add(f"B{B}_T{T}", mode, ours[mode], gd.get(mode), kd.get(mode),
-                fwd_bytes if mode != "fwd_bwd" else fwd_bytes + bwd_bytes)
-        del q, k, v, g, b, w, beta, do
-        torch.cuda.empty_cache()
-
+def decode_rows(add, fla_rec):
     for B in (1, 64):
         q, k, v, g, b, w, _ = inputs(B, 1, seed=10 + B)
         state = torch.randn(B, H, K, V, device="cuda") * 0.1
@@ -135,12 +97,74 @@ def main():
         add(f"B{B}_T1", "decode_step", ours, fla_ms, None, floor_bytes)
         add(f"B{B}_T1", "decode_step_graph", ours_graph, None, None, floor_bytes)
 
-    path = os.path.join(args.out, f"kernels-{card}.csv")
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        wr.writeheader()
-        wr.writerows(rows)
-    print(f"wrote {path}")
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--skip-fla", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    card = torch.cuda.get_device_name().replace(" ", "-")
+    bw = copy_bandwidth()
+    print(f"card {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    fla_gdn2, fla_kda, fla_rec = (None, None, None) if args.skip_fla else load_fla()
+    rows = []
+
+    def write(rows):
+        with open(os.path.join(args.out, f"kernels-{card}.csv"), "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            wr.writeheader()
+            wr.writerows(rows)
+
+    def add(shape, mode, ours, gdn2, kda, floor_bytes):
+        floor_ms = floor_bytes / bw * 1e3
+        row = dict(card=card, date=datetime.date.today().isoformat(), shape=shape, mode=mode,
+                   ours_ms=round(ours, 4), fla_gdn2_ms=None if gdn2 is None else round(gdn2, 4),
+                   fla_kda_ms=None if kda is None else round(kda, 4), floor_ms=round(floor_ms, 4),
+                   ours_over_fla_gdn2=None if gdn2 is None else round(ours / gdn2, 3),
+                   ours_over_floor=round(ours / floor_ms, 2))
+        rows.append(row)
+        print(" | ".join(str(v) for v in row.values()), flush=True)
+
+    # Phase 1: ours on every shape (compiles once); phase 2: fla on every shape. Rows are printed as they come, so
+    # a run cut short still reports what it finished.
+    ours_ms, fla_ms = {}, {}
+    for i, (B, T) in enumerate(SHAPES):
+        q, k, v, g, b, w, beta = inputs(B, T, seed=i)
+        do = torch.randn_like(v)
+        h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
+        kw = dict(initial_state=h0, output_final_state=True)
+        ours_ms[(B, T)] = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
+        print(f"ours B{B}_T{T}: {ours_ms[(B, T)]}", flush=True)
+        del q, k, v, g, b, w, beta, do
+        torch.cuda.empty_cache()
+    decode_rows(add, fla_rec)
+    for i, (B, T) in enumerate(SHAPES):
+        if fla_gdn2 is None:
+            break
+        q, k, v, g, b, w, beta = inputs(B, T, seed=i)
+        do = torch.randn_like(v)
+        h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
+        kw = dict(initial_state=h0, output_final_state=True)
+        gd = time_modes(lambda *a: fla_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
+        print(f"fla gdn2 B{B}_T{T}: {gd}", flush=True)
+        kd = time_modes(lambda *a: fla_kda(*a, **kw)[0], (q, k, v, g, beta), do)
+        print(f"fla kda B{B}_T{T}: {kd}", flush=True)
+        fla_ms[(B, T)] = (gd, kd)
+        del q, k, v, g, b, w, beta, do
+        torch.cuda.empty_cache()
+    for (B, T), ours in ours_ms.items():
+        ntok = B * T * H
+        fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
+        bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
+        gd, kd = fla_ms.get((B, T), ({}, {}))
+        for mode in ("infer_fwd", "train_fwd", "fwd_bwd"):
+            add(f"B{B}_T{T}", mode, ours[mode], gd.get(mode), kd.get(mode),
+                fwd_bytes if mode != "fwd_bwd" else fwd_bytes + bwd_bytes)
+        write(rows)
+
+    write(rows)
+    print(f"wrote {os.path.join(args.out, f'kernels-{card}.csv')}")
 
 
 if __name__ == "__main__":
