@@ -461,7 +461,7 @@ class SweepRunner:
                 task = tasks[(task_name, json.dumps(options, sort_keys=True))]
                 out.append(CellSummary(known_name, task.name, length, planned=n or 0, skipped=n or 0))
             return out
-        self._say(f"[{spec}] loading on {self.dist.device(self.plan.device)} ({self.plan.dtype})")
+        self._say(f"[{spec}] loading (device {self.dist.device(self.plan.device)}, dtype {self.plan.dtype})")
         try:
             model = self._load(spec)
         except Exception as err:  # noqa: BLE001 - a model that cannot load fails its cells, not the sweep
@@ -478,6 +478,8 @@ class SweepRunner:
             return out
         model.check_finite = True
         _threads_for(model)
+        self._say(f"[{spec}] {model.name}: {model.family}, {model.backend} on {model.device}, "
+                  f"{str(model.dtype).replace('torch.', '')}")
         self.tokenizer_hash = tokenizer_sha(model.tokenizer)      # once per model: serialising a vocab is not free
         self.store.put_model(model_row(model, spec, self.plan.paper_rows.get(model.name)
                                        or self.plan.paper_rows.get(spec), self.tokenizer_hash))
