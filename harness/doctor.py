@@ -111,16 +111,23 @@ def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance
         gen = torch.Generator().manual_seed(1234)
         ids = torch.randint(0, vocab, (1, seq_len), generator=gen).to(device)
 
-        def measure(check: str, compute) -> torch.Tensor | None:
+        def measure(check: str, compute, limit: float = tolerance, detail: str = "") -> torch.Tensor | None:
             try:
                 expected, actual = compute()
             except Exception as err:
                 rows.append(DoctorRow(label, check, "error", detail=f"{type(err).__name__}: {err}"))
                 return None
             err_value = relative_error(expected, actual)
-            ok = err_value <= tolerance and bool(torch.isfinite(actual).all())
-            rows.append(DoctorRow(label, check, "ok" if ok else "FAIL", err_value, tolerance))
+            ok = err_value <= limit and bool(torch.isfinite(actual).all())
+            rows.append(DoctorRow(label, check, "ok" if ok else "FAIL", err_value, limit, detail))
             return actual
+
+        # A family may declare a looser upstream-vs-reference limit when the upstream kernel itself computes in
+        # lower precision (mamba-ssm's Mamba-3 SISO casts to bf16 inside); the row says so.
+        upstream_limit, upstream_note = tolerance, ""
+        if hasattr(family, "conformance_tolerance") and family.conformance_tolerance(variant) > tolerance:
+            upstream_limit = family.conformance_tolerance(variant)
+            upstream_note = "family-declared limit: the upstream kernel computes in bf16 internally"
 
         state = {}
         for key, lm in (("up", upstream), ("ref", reference)):
@@ -130,7 +137,8 @@ def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance
                 which = "upstream" if key == "up" else "reference"
                 rows.append(DoctorRow(label, f"forward ({which})", "error", detail=f"{type(err).__name__}: {err}"))
         if "up" in state and "ref" in state:
-            measure(f"logits upstream vs reference (T={seq_len})", lambda: (state["up"], state["ref"]))
+            measure(f"logits upstream vs reference (T={seq_len})", lambda: (state["up"], state["ref"]),
+                    upstream_limit, upstream_note)
         if "up" in state:
             measure("prefill+decode vs full (upstream)", lambda: (state["up"], incremental_logits(upstream, ids)))
         if "ref" in state:
