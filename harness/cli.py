@@ -131,11 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
 
-    doc = sub.add_parser("doctor", formatter_class=Formatter, add_help=False,
+    doc = sub.add_parser("doctor", formatter_class=Formatter,
                          help="check that each family's upstream kernels and our reference path agree "
                               "(GPU; `doctor --help` for options)")
-    doc.add_argument("-h", "--help", action="store_true")
-    doc.add_argument("args", nargs=argparse.REMAINDER)
+    try:
+        from harness.doctor import add_doctor_arguments
+
+        add_doctor_arguments(doc)
+    except ImportError as err:  # keep the rest of the CLI usable; the subcommand then says why
+        doc.set_defaults(doctor_error=str(err))
     return parser
 
 
@@ -346,13 +350,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    try:
-        from harness.doctor import main as doctor_main
-    except ImportError as err:
-        print(f"error: `doctor` needs harness.doctor, which is not importable here ({err})", file=sys.stderr)
+    if getattr(args, "doctor_error", None):
+        print(f"error: `doctor` needs harness.doctor, which is not importable here ({args.doctor_error})",
+              file=sys.stderr)
         return 2
-    argv = [a for a in args.args if a != "--"] + (["--help"] if args.help else [])
-    return int(doctor_main(argv) or 0)
+    from harness.doctor import run_doctor
+
+    return run_doctor(args.family, args.device, args.seq_len, args.tolerance)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,12 +179,16 @@ def run_doctor(families: list[str] | None = None, device: str = "cuda", seq_len:
                 except Exception as err:  # a family module that does not import is reported, others still run
                     rows.append(DoctorRow(name, "import", "error", detail=f"{type(err).__name__}: {err}"))
         for family in selected:
-            rows.extend(check_family(family, dev, seq_len, tolerance))
+            if print_table:
+                print(f"doctor: checking {family.name} on {dev} ...", file=sys.stderr, flush=True)
+            family_rows = check_family(family, dev, seq_len, tolerance)
+            if print_table:
+                print(format_rows(family_rows, dev), flush=True)
+            rows.extend(family_rows)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
     status = 1 if any(r.status in ("FAIL", "error") for r in rows) else 0
     if print_table:
-        print(format_rows(rows, dev))
         print("doctor: " + ("all checks passed" if status == 0 else "FAILED (see rows marked FAIL / error)")
               + f"; {sum(r.status == 'skipped' for r in rows)} skipped")
     return rows, status
@@ -208,14 +212,19 @@ def format_rows(rows: list[DoctorRow], device: torch.device | None = None) -> st
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="doctor", description=__doc__.splitlines()[0])
+def add_doctor_arguments(parser) -> None:
+    """The doctor's options (shared by `python -m harness.doctor` and `run_eval.py doctor`)."""
     parser.add_argument("--family", action="append", help="check only this family (repeatable)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="doctor", description=__doc__.splitlines()[0])
+    add_doctor_arguments(parser)
     args = parser.parse_args(argv)
     return run_doctor(args.family, args.device, args.seq_len, args.tolerance)[1]
 

@@ -78,3 +78,10 @@ def test_no_arguments_runs_the_quick_suite(tmp_path):
     assert "random-init" in done.stderr and "chance-level" in done.stdout
     assert "niah_single_1@1k" in done.stdout and "niah_single_1@2k" in done.stdout and "mqar@256" in done.stdout
     assert "runs/default/results.sqlite" in done.stdout
+
+
+def test_doctor_options_pass_through_the_cli(capsys):
+    # `run_eval.py doctor --family X --device D` must reach the doctor (an earlier REMAINDER wiring refused them)
+    assert main(["doctor", "--family", "transformer", "--device", "cpu", "--seq-len", "70"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer  logits upstream vs reference (T=70)  ok" in out
