@@ -82,6 +82,6 @@ def test_no_arguments_runs_the_quick_suite(tmp_path):
 
 def test_doctor_options_pass_through_the_cli(capsys):
     # `run_eval.py doctor --family X --device D` must reach the doctor (an earlier REMAINDER wiring refused them)
-    assert main(["doctor", "--family", "transformer", "--device", "cpu", "--seq-len", "70"]) == 0
+    assert main(["doctor", "--family", "transformer", "--device", "cpu", "--seq-len", "130"]) == 0
     out = capsys.readouterr().out
-    assert "transformer  logits upstream vs reference (T=70)  ok" in out
+    assert "transformer  logits upstream vs reference (T=130)  ok" in out
