@@ -157,6 +157,9 @@ def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance
 def run_doctor(families: list[str] | None = None, device: str = "cuda", seq_len: int = SEQ_LEN,
                tolerance: float = TOLERANCE, print_table: bool = True) -> tuple[list[DoctorRow], int]:
     """Run the conformance checks; returns (rows, exit status) and prints a table unless print_table=False."""
+    if seq_len <= PREFILL + DECODE_STEPS:
+        raise ValueError(f"doctor: --seq-len must exceed {PREFILL + DECODE_STEPS} (a {PREFILL}-token prefill, "
+                         f"{DECODE_STEPS} decode steps, then the rest); got {seq_len}")
     # fp32 means fp32: no TF32 in torch matmuls nor in Triton dots that do not pin their precision.
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     from harness.registry import get_family, resolve_device
