@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lm-eval tasks: use lm-eval's own datasets from the HF hub instead of the offline copies")
     hw.add_argument("--allow-longer-context", action="store_true",
                     help="let models with a hard context limit (transformers) run past it instead of failing")
+    hw.add_argument("--haystack-file", metavar="PATH",
+                    help="essay haystack text for RULER tasks (.txt, .txt.gz, or RULER's PaulGrahamEssays.json); "
+                         "default: the public-domain text shipped in tasks/data (not comparable to published numbers)")
     out = run.add_argument_group("output")
     out.add_argument("--output", "-o", help=f"results folder (default: {DEFAULT_OUTPUT} for the quick suite, "
                                             "runs/<suite> for a suite, runs/custom otherwise)")
@@ -183,9 +186,23 @@ def make_plan(args: argparse.Namespace):
                 cell.lengths = [None]
         for cell in plan.cells:
             cell.lengths = [parse_length(x) for x in cell.lengths]
+    if args.haystack_file:
+        set_essay_haystack(plan, args.haystack_file)
     if not plan.models:
         raise SystemExit("error: no models: pass --models SPEC ... (see `run_eval.py list models`)")
     return plan
+
+
+def set_essay_haystack(plan, haystack_file: str) -> None:
+    """Point every RULER cell with an essay haystack at haystack_file (it becomes part of the cell's identity)."""
+    from harness.task_adapters import RulerEvalTask, resolve_task
+
+    if not Path(haystack_file).is_file():
+        raise FileNotFoundError(f"--haystack-file {haystack_file}: no such file")
+    for cell in plan.cells:
+        task = resolve_task(cell.task, cell.options, offline=plan.offline)
+        if isinstance(task, RulerEvalTask) and task.ruler.haystack_type == "essay":
+            cell.options = dict(cell.options, haystack_file=str(Path(haystack_file).resolve()))
 
 
 def default_output_for(args: argparse.Namespace, plan) -> Path:

@@ -85,3 +85,23 @@ def test_doctor_options_pass_through_the_cli(capsys):
     assert main(["doctor", "--family", "transformer", "--device", "cpu", "--seq-len", "130"]) == 0
     out = capsys.readouterr().out
     assert "transformer  logits upstream vs reference (T=130)  ok" in out
+
+
+def test_haystack_file_reaches_essay_cells_only(tmp_path):
+    essay = tmp_path / "essays.txt"
+    essay.write_text(" ".join(f"Sentence number {i} is about gardens and rivers." for i in range(3000)))
+    args = build_parser().parse_args(["run", "--tasks", "niah_single_1", "niah_single_2", "--lengths", "1k",
+                                      "--haystack-file", str(essay), "--output", str(tmp_path / "out")])
+    from harness.cli import make_plan
+
+    plan = make_plan(args)
+    options = {cell.task: cell.options for cell in plan.cells}
+    assert options["niah_single_2"] == {"haystack_file": str(essay.resolve())}   # essay haystack
+    assert options["niah_single_1"] == {}                                         # noise haystack: untouched
+    assert main(["run", "--tasks", "niah_single_2", "--lengths", "1k", "--samples", "1", "--haystack-file",
+                 str(essay), "--output", str(tmp_path / "out"), "--no-report", "--no-progress"]) == 0
+    import json
+    import sqlite3
+
+    record = sqlite3.connect(tmp_path / "out" / "results.sqlite").execute("select record from samples").fetchone()[0]
+    assert "Sentence number" in record and json.loads(record)["haystack"] == "essays"
