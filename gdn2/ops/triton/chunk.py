@@ -5,7 +5,7 @@
 
 q, k, g, b: [B, T, H, K]; v, w: [B, T, Hv, V] (Hv a multiple of H; value head j reads key head j // (Hv // H));
 g is the natural-log decay per key channel; the state is fp32 [N, Hv, K, V]. With cu_seqlens [N + 1], B must be 1.
-Dispatch: the autograd Function (training forward that keeps per-chunk states, then chunk_bwd.py) when grad mode is
+Dispatch: the autograd Function (chunk_fwd.chunk_forward keeping its intermediates, then chunk_bwd.py) when grad mode is
 on and any input requires grad; otherwise the inference-only forward (chunk_infer.py).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from gdn2.ops.naive import check_gdn2_inputs
 from gdn2.ops.triton.chunk_bwd import chunk_backward
-from gdn2.ops.triton.chunk_fwd import intra_forward, recurrence_forward
+from gdn2.ops.triton.chunk_fwd import chunk_forward
 from gdn2.ops.triton.chunk_infer import inference_forward
 from gdn2.ops.triton.utils import inverse_norms, sequence_layout
 
@@ -36,11 +36,9 @@ class ChunkGDN2Function(torch.autograd.Function):
         vf, wf = (x.reshape(B * T, HV, V).contiguous() for x in (v, w))
         rq, rk = (inverse_norms(qf), inverse_norms(kf)) if use_l2 else (qf, kf)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        A, Aqk = intra_forward(qf, kf, gf, bf, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
-        o, ht, hs = recurrence_forward(qf, kf, vf, gf, bf, wf, rq, rk, A, Aqk, h0, scale, cu, chunk_offsets,
-                                       n_chunks, cu.numel() - 1, use_l2, store_final=output_final_state,
-                                       store_states=True)
-        ctx.save_for_backward(qf, kf, vf, gf, bf, wf, rq, rk, A, Aqk, hs, h0)
+        o, ht, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, output_final_state)
+        ctx.saved_names = tuple(saved)
+        ctx.save_for_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, *saved.values())
         ctx.meta = (scale, layout, use_l2, (B, T, H, K, HV, V), initial_state is not None,
                     initial_state.dtype if initial_state is not None else None,
                     tuple(x.dtype for x in (q, k, v, g, b, w)))
@@ -48,11 +46,12 @@ class ChunkGDN2Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        qf, kf, vf, gf, bf, wf, rq, rk, A, Aqk, hs, h0 = ctx.saved_tensors
+        qf, kf, vf, gf, bf, wf, rq, rk, h0, *rest = ctx.saved_tensors
+        saved = dict(zip(ctx.saved_names, rest))
         scale, layout, use_l2, (B, T, H, K, HV, V), has_h0, h0_dtype, dtypes = ctx.meta
         do = do.reshape(B * T, HV, V).contiguous()
         dht = dht.float().contiguous() if dht is not None else None
-        dq, dk, db, dg, dv, dw, dh0 = chunk_backward(qf, kf, vf, gf, bf, wf, rq, rk, A, Aqk, hs, h0, do, dht, scale,
+        dq, dk, db, dg, dv, dw, dh0 = chunk_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, saved, do, dht, scale,
                                                      layout, use_l2)
         if use_l2:
             dq = _l2norm_vjp(qf, rq, dq)

@@ -1,25 +1,33 @@
 r"""GDN-2 chunkwise backward kernels (gate-aware: the gates sit inside the products that accumulate dA).
 
-Forward per chunk (see chunk_fwd.py): W = Z - E S_0, R = A W, O = Q S_0 + Aqk R, S_C = Diag(e^{G_C}) S_0 + Kt^T R,
-A = (I + T)^-1, T_rs = sum_d (b k)_rd k_sd e^{G_rd - G_sd} (s < r), Aqk_rs = sum_d (scale q)_rd k_sd e^{G_rd - G_sd}.
+Forward per chunk (see chunk_fwd.py): Y = A E, U = A Z, R = U - Y S_0, O = Q S_0 + Aqk R,
+S_C = Diag(e^{G_C}) S_0 + Kt^T R, A = (I + T)^-1, T_rs = sum_d (b k)_rd k_sd e^{G_rd - G_sd} (s < r),
+Aqk_rs = sum_d (scale q)_rd k_sd e^{G_rd - G_sd}.
 
 Backward, with dS_C the gradient of the state leaving the chunk:
-    dR  = Aqk^T dO + Kt dS_C,           dW = A^T dR            (dZ = dW: dv = dW w, dw = dW v)
-    dS_0 = Q^T dO + Diag(e^{G_C}) dS_C - E^T dW                 (the reverse state recurrence)
-    dA  = dR W^T,  dAqk = tril(dO R^T),  dT = -tril(A^T dA A^T, -1)
-    dQ  = dO S_0^T,  dE = -dW S_0^T,  dKt = R dS_C^T,  d e^{G_C} = rowsum(dS_C * S_0)
+    dR  = Aqk^T dO + Kt dS_C
+    dS_0 = Q^T dO + Diag(e^{G_C}) dS_C - Y^T dR                 (the reverse state recurrence)
+    dU = dR,  dY = -dR S_0^T,  dZ = A^T dU (dv = dZ w, dw = dZ v),  dE = A^T dY
+    dA  = dU Z^T + dY E^T,  dAqk = tril(dO R^T),  dT = -tril(A^T dA A^T, -1)
+    dQ  = dO S_0^T,  dKt = R dS_C^T,  d e^{G_C} = rowsum(dS_C * S_0)
     For M_rs = sum_d L_rd R_sd e^{G_rd - G_sd}:  dL_r = sum_s dM_rs R_s e_rs,  dR_s = sum_r dM_rs L_r e_rs,
                                                  dG += L dL - R dR     (per channel)
     dG from the elementwise factors: dQ*Q + dE*E - dKt*Kt, and at the chunk's last token sum_r dKt*Kt + dS-term;
     dg = reverse cumsum of dG inside the chunk.
 
-Kernels
-  gdn2_bwd_kernel_dstate  grid (V blocks, sequences * value heads): the reverse walk; writes dS_C of every chunk and
-                          dS_0 of the sequence (the initial-state gradient).
-  gdn2_bwd_kernel_dav     grid (chunks, key heads): loops over the value heads of the group and V blocks; writes
-                          dv, dw, dT, dAqk and the elementwise parts of dq, dk, db, dG (fp32).
+Kernels (in launch order; only dstate is sequential)
+  gdn2_bwd_kernel_dlocal  grid (V blocks, chunks, value heads): dR_local = Aqk^T dO.
+  gdn2_bwd_kernel_dstate  grid (V blocks, sequences * value heads): the reverse walk, state as up to four [BK, BV]
+                          fp32 blocks. Per chunk: stores dS_C, dR = dR_local + Kt dS_C (stored), then
+                          dS <- Diag(e^{G_C}) dS + Q^T dO - Y^T dR; writes dS_0 of the sequence (initial-state grad).
+  gdn2_bwd_kernel_dqk     grid (chunks, key heads, K blocks of BK): sums over the group's value heads and V blocks
+                          dQ, dY, dKt, d e^{G_C}; dE = A^T dY; writes the elementwise parts of dq, dk, db, dG (fp32)
+                          and this K block's share of dA, dY E^T ([NK, TT, H, 64] fp32).
+  gdn2_bwd_kernel_dav     grid (chunks, key heads): dZ = A^T dR -> dv, dw; dA = sum of the K-block shares + dR Z^T;
+                          dAqk = tril(dO R^T); dT = -A^T dA A^T (fp32, IEEE products).
   gdn2_bwd_kernel_dqkg    grid (chunks, key heads, K slices): the pairwise-decay products' backward in 16-row
                           sub-chunks (same boundary trick as the forward), adds them, and the reverse cumsum for dg.
+With fp32 inputs every fp32 product uses IEEE precision (utils.dot_precision); with 16-bit inputs tf32.
 The q/k L2-norm VJP (if fused) is applied on the [TT, H, K] results in PyTorch.
 """
 from __future__ import annotations
@@ -28,21 +36,29 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import _load_sub, chunk_key_side
-from gdn2.ops.triton.utils import CHUNK, half_pipelined, load_rows, tuned
+from gdn2.ops.triton.chunk_fwd import (_load_sub, block_sizes, chunk_key_side, key_vector, state_block,
+                                       state_block_t, store_state_block, store_tile, tile, tile_t)
+from gdn2.ops.triton.utils import CHUNK, dot_precision, load_rows, tuned
 
+DLOCAL_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
+                                                                                       num_stages=2)]
+DLOCAL_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 DSTATE_CONFIGS = [
     triton.Config({"BV": 32}, num_warps=4, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BV": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BV": 32}, num_warps=2, num_stages=2),
+    triton.Config({"BV": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BV": 32}, num_warps=4, num_stages=3),
 ]
-DSTATE_INTERPRET = triton.Config({"BV": 32}, num_warps=4, num_stages=1)
-DAV_CONFIGS = [triton.Config({"BV": 32}, num_warps=4, num_stages=1), triton.Config({"BV": 64}, num_warps=8, num_stages=1)]
-
-
-def _dav_fits(config, dtype):
-    """fp32 inputs with BV=64 need 311296 B of shared memory (compiled for sm_90, 2026-11-27), over the limit."""
-    return dtype != torch.float32 or config.kwargs["BV"] <= 32
+DSTATE_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
+# dqk: BK is fixed by the shape (64, or K if smaller); BV is the V slice of the inner loop.
+DQK_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
+                                                                                  num_stages=2),
+               triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
+DQK_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
+DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
+                                                                                  num_stages=2),
+               triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=1) for bks in (16, 32)]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
@@ -55,12 +71,29 @@ def _load_T64(ptr, t, eos, stride_t):
     return tl.load(ptr + t[None, :] * stride_t + c64[:, None], mask=(t < eos)[None, :], other=0.).to(tl.float32)
 
 
-@tuned(DSTATE_CONFIGS, key=["K", "V", "HV", "USE_L2"], interpret_config=DSTATE_INTERPRET, fits=half_pipelined,
+@tuned(DLOCAL_CONFIGS, key=["V", "HV", "PREC"], interpret_config=DLOCAL_INTERPRET, dtype_arg="do")
+@triton.jit
+def gdn2_bwd_kernel_dlocal(Aqk, do, dRl, cu_seqlens, chunk_indices, H: tl.constexpr, HV: tl.constexpr,
+                           V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_v, i_c, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    t = bos + i_t * 64 + tl.arange(0, 64)
+    dt = do.dtype.element_ty
+    AqT = tile_t(Aqk + i_h * 64, t, eos, H * 64, 0, 64, 64).to(dt)
+    x = tl.dot(AqT, tile(do + i_hv * V, t, eos, HV * V, i_v * BV, V, BV), input_precision=PREC)
+    store_tile(dRl + i_hv * V, x, t, eos, HV * V, i_v * BV, V, BV)
+
+
+@tuned(DSTATE_CONFIGS, key=["K", "V", "HV", "HAS_DHT", "STORE_DH0", "PREC"], interpret_config=DSTATE_INTERPRET,
        dtype_arg="do")
 @triton.jit
-def gdn2_bwd_kernel_dstate(q, k, g, b, rq, rk, A, Aqk, do, dht, dh0, dhs, cu_seqlens, chunk_offsets, scale,
+def gdn2_bwd_kernel_dstate(Y, Qg, Kt, gC, dRl, do, dht, dh0, dhs, dR, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, USE_L2: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+                           BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // HV
     i_hv = i_nh % HV
@@ -71,47 +104,82 @@ def gdn2_bwd_kernel_dstate(q, k, g, b, rq, rk, A, Aqk, do, dht, dh0, dhs, cu_seq
     first_chunk = tl.load(chunk_offsets + i_n)
     SK = H * K
     SV = HV * V
-    q += i_h * K
-    k += i_h * K
-    g += i_h * K
-    b += i_h * K
-    rq += i_h
-    rk += i_h
+    Y += i_h * K
+    Qg += i_h * K
+    Kt += i_h * K
+    dRl += i_hv * V
+    dR += i_hv * V
     do += i_hv * V
-    A += i_h * 64
-    Aqk += i_h * 64
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
+    v0 = i_v * BV
+    cv = v0 + tl.arange(0, BV)
     c64 = tl.arange(0, 64)
-    mkv = (ck < K)[:, None] & (cv < V)[None, :]
-    state_off = ck[:, None] * V + cv[None, :]
     dt = do.dtype.element_ty
+    D1 = tl.zeros([BK, BV], dtype=tl.float32)
+    D2 = tl.zeros([BK, BV], dtype=tl.float32)
+    D3 = tl.zeros([BK, BV], dtype=tl.float32)
+    D4 = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        dS = tl.load(dht + i_nh * K * V + state_off, mask=mkv, other=0.).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        p0 = dht + i_nh * K * V
+        D1 = state_block(p0, 0, cv, K, V, BK).to(tl.float32)
+        if K > BK:
+            D2 = state_block(p0, BK, cv, K, V, BK).to(tl.float32)
+        if K > 2 * BK:
+            D3 = state_block(p0, 2 * BK, cv, K, V, BK).to(tl.float32)
+        if K > 3 * BK:
+            D4 = state_block(p0, 3 * BK, cv, K, V, BK).to(tl.float32)
     for j in range(n_chunks):
         i_t = n_chunks - 1 - j
+        i_c = first_chunk + i_t
         t = bos + i_t * 64 + c64
-        tl.store(dhs + ((first_chunk + i_t) * HV + i_hv) * K * V + state_off, dS.to(dhs.dtype.element_ty), mask=mkv)
-        G, G_last, E, Q, Kt, _, _, _ = chunk_key_side(q, k, g, b, rq, rk, t, eos, ck, scale, SK, H, K, USE_L2)
-        dOt = load_rows(do, t, eos, SV, cv, V).to(dt)
-        At = _load_T64(A, t, eos, H * 64)
-        Aqt = _load_T64(Aqk, t, eos, H * 64)
-        dR = tl.dot(Aqt.to(dt), dOt) + tl.dot(Kt.to(dt), dS.to(dt))
-        dW = tl.dot(At, dR)
-        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(Q.to(dt)), dOt) - tl.dot(tl.trans(E.to(dt)), dW.to(dt))
+        ph = dhs + (i_c * HV + i_hv) * K * V
+        pg = gC + (i_c * H + i_h) * K
+        dOt = tile(do, t, eos, SV, v0, V, BV)
+        store_state_block(ph, D1, 0, cv, K, V, BK)
+        dRb = tile(dRl, t, eos, SV, v0, V, BV).to(tl.float32)
+        dRb += tl.dot(tile(Kt, t, eos, SK, 0, K, BK), D1.to(dt), input_precision=PREC)
+        if K > BK:
+            store_state_block(ph, D2, BK, cv, K, V, BK)
+            dRb += tl.dot(tile(Kt, t, eos, SK, BK, K, BK), D2.to(dt), input_precision=PREC)
+        if K > 2 * BK:
+            store_state_block(ph, D3, 2 * BK, cv, K, V, BK)
+            dRb += tl.dot(tile(Kt, t, eos, SK, 2 * BK, K, BK), D3.to(dt), input_precision=PREC)
+        if K > 3 * BK:
+            store_state_block(ph, D4, 3 * BK, cv, K, V, BK)
+            dRb += tl.dot(tile(Kt, t, eos, SK, 3 * BK, K, BK), D4.to(dt), input_precision=PREC)
+        store_tile(dR, dRb, t, eos, SV, v0, V, BV)
+        dRd = dRb.to(dt)
+        D1 = D1 * key_vector(pg, 0, K, BK)[:, None] + tl.dot(tile_t(Qg, t, eos, SK, 0, K, BK), dOt,
+                                                              input_precision=PREC) \
+            - tl.dot(tile_t(Y, t, eos, SK, 0, K, BK), dRd, input_precision=PREC)
+        if K > BK:
+            D2 = D2 * key_vector(pg, BK, K, BK)[:, None] + tl.dot(tile_t(Qg, t, eos, SK, BK, K, BK), dOt,
+                                                                   input_precision=PREC) \
+                - tl.dot(tile_t(Y, t, eos, SK, BK, K, BK), dRd, input_precision=PREC)
+        if K > 2 * BK:
+            D3 = D3 * key_vector(pg, 2 * BK, K, BK)[:, None] + tl.dot(tile_t(Qg, t, eos, SK, 2 * BK, K, BK), dOt,
+                                                                       input_precision=PREC) \
+                - tl.dot(tile_t(Y, t, eos, SK, 2 * BK, K, BK), dRd, input_precision=PREC)
+        if K > 3 * BK:
+            D4 = D4 * key_vector(pg, 3 * BK, K, BK)[:, None] + tl.dot(tile_t(Qg, t, eos, SK, 3 * BK, K, BK), dOt,
+                                                                       input_precision=PREC) \
+                - tl.dot(tile_t(Y, t, eos, SK, 3 * BK, K, BK), dRd, input_precision=PREC)
     if STORE_DH0:
-        tl.store(dh0 + i_nh * K * V + state_off, dS, mask=mkv)
+        p0 = dh0 + i_nh * K * V
+        store_state_block(p0, D1, 0, cv, K, V, BK)
+        if K > BK:
+            store_state_block(p0, D2, BK, cv, K, V, BK)
+        if K > 2 * BK:
+            store_state_block(p0, D3, 2 * BK, cv, K, V, BK)
+        if K > 3 * BK:
+            store_state_block(p0, D4, 3 * BK, cv, K, V, BK)
 
 
-@tuned(DAV_CONFIGS, key=["K", "V", "HV", "USE_L2"], interpret_config=DAV_INTERPRET, fits=_dav_fits)
+@tuned(DQK_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC"], interpret_config=DQK_INTERPRET, dtype_arg="do")
 @triton.jit
-def gdn2_bwd_kernel_dav(q, k, v, g, b, w, rq, rk, A, Aqk, hs, dhs, do, dv, dw, dT, dAqk, dq, dk, db, dG,
-                        cu_seqlens, chunk_indices, scale,
-                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, USE_L2: tl.constexpr):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+def gdn2_bwd_kernel_dqk(q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, dG, dAE, cu_seqlens, chunk_indices,
+                        scale, TT, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr):
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + 2 * i_c)
     i_t = tl.load(chunk_indices + 2 * i_c + 1)
     bos = tl.load(cu_seqlens + i_n)
@@ -121,59 +189,36 @@ def gdn2_bwd_kernel_dav(q, k, v, g, b, w, rq, rk, A, Aqk, hs, dhs, do, dv, dw, d
     SK = H * K
     SV = HV * V
     S64 = H * 64
-    ck = tl.arange(0, BK)
+    k0 = i_k * BK
+    ck = k0 + tl.arange(0, BK)
     c64 = tl.arange(0, 64)
     t = t0 + c64
     mt = t < eos
-    koff = i_h * K
-    G, G_last, E, Q, Kt, qt, kt, bt = chunk_key_side(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h,
-                                                     t, eos, ck, scale, SK, H, K, USE_L2)
-    dt = v.dtype.element_ty
-    Am = load_rows(A + i_h * 64, t, eos, S64, c64, 64)
-    Aq = load_rows(Aqk + i_h * 64, t, eos, S64, c64, 64)
-    Aqt = tl.trans(Aq).to(dt)
-    Amt = tl.trans(Am)
-    Ed = E.to(dt)
-    Ktd = Kt.to(dt)
-    dA = tl.zeros([64, 64], dtype=tl.float32)
-    dAq = tl.zeros([64, 64], dtype=tl.float32)
+    dt = do.dtype.element_ty
     dQ = tl.zeros([64, BK], dtype=tl.float32)
-    dE = tl.zeros([64, BK], dtype=tl.float32)
+    dY = tl.zeros([64, BK], dtype=tl.float32)
     dKt = tl.zeros([64, BK], dtype=tl.float32)
     dgl = tl.zeros([BK], dtype=tl.float32)
     for j in range(HV // H):
         i_hv = i_h * (HV // H) + j
+        voff = i_hv * V
+        soff = (i_c * HV + i_hv) * K * V
         for v0 in range(0, V, BV):
             cv = v0 + tl.arange(0, BV)
-            mkv = (ck < K)[:, None] & (cv < V)[None, :]
-            soff = (i_c * HV + i_hv) * K * V + ck[:, None] * V + cv[None, :]
-            S0 = tl.load(hs + soff, mask=mkv, other=0.).to(dt)
-            dSC = tl.load(dhs + soff, mask=mkv, other=0.).to(tl.float32)
-            voff = i_hv * V
-            vt = load_rows(v + voff, t, eos, SV, cv, V)
-            wt = load_rows(w + voff, t, eos, SV, cv, V)
-            dOt = load_rows(do + voff, t, eos, SV, cv, V).to(dt)
-            Wp = wt * vt - tl.dot(Ed, S0)
-            R = tl.dot(Am, Wp)
-            dR = tl.dot(Aqt, dOt) + tl.dot(Ktd, dSC.to(dt))
-            dW = tl.dot(Amt, dR)
-            mvo = mt[:, None] & (cv < V)[None, :]
-            optr = t[:, None] * SV + voff + cv[None, :]
-            tl.store(dv + optr, (dW * wt).to(dv.dtype.element_ty), mask=mvo)
-            tl.store(dw + optr, (dW * vt).to(dw.dtype.element_ty), mask=mvo)
-            Rd = R.to(dt)
-            dA += tl.dot(dR.to(dt), tl.trans(Wp.to(dt)))
-            dAq += tl.dot(dOt, tl.trans(Rd))
-            S0t = tl.trans(S0)
-            dQ += tl.dot(dOt, S0t)
-            dE -= tl.dot(dW.to(dt), S0t)
-            dKt += tl.dot(Rd, tl.trans(dSC.to(dt)))
-            dgl += tl.sum(dSC * S0.to(tl.float32), 1)
-    incl = c64[:, None] >= c64[None, :]
-    strict = c64[:, None] > c64[None, :]
-    dTm = -tl.dot(Amt, tl.dot(dA, Amt, input_precision="ieee"), input_precision="ieee")
-    tl.store(dT + t[:, None] * S64 + i_h * 64 + c64[None, :], tl.where(strict, dTm, 0.), mask=mt[:, None])
-    tl.store(dAqk + t[:, None] * S64 + i_h * 64 + c64[None, :], tl.where(incl, dAq, 0.), mask=mt[:, None])
+            S0T = state_block_t(hs + soff, k0, cv, K, V, BK)                    # [BV, BK]
+            dSCT = state_block_t(dhs + soff, k0, cv, K, V, BK)
+            dQ += tl.dot(tile(do + voff, t, eos, SV, v0, V, BV), S0T, input_precision=PREC)
+            dY -= tl.dot(tile(dR + voff, t, eos, SV, v0, V, BV), S0T, input_precision=PREC)
+            dKt += tl.dot(tile(R + voff, t, eos, SV, v0, V, BV), dSCT, input_precision=PREC)
+            dgl += tl.sum(dSCT.to(tl.float32) * S0T.to(tl.float32), 0)
+    koff = i_h * K
+    G, G_last, E, Q, Kt, qt, kt, bt = chunk_key_side(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h,
+                                                     t, eos, ck, scale, SK, H, K, USE_L2)
+    AT = tile_t(A + i_h * 64, t, eos, S64, 0, 64, 64).to(tl.float32)
+    dE = tl.dot(AT, dY, input_precision=PREC)
+    # this K block's share of dA = dY E^T (E^T loaded transposed is not needed: E is an elementwise tile)
+    dAE_blk = tl.dot(dY, tl.trans(E), input_precision=PREC)
+    tl.store(dAE + (i_k * TT + t[:, None]) * S64 + i_h * 64 + c64[None, :], dAE_blk, mask=mt[:, None])
     gamma = tl.exp(G)
     tail = tl.exp(G_last[None, :] - G)
     dGp = dQ * Q + dE * E - dKt * Kt
@@ -184,6 +229,48 @@ def gdn2_bwd_kernel_dav(q, k, v, g, b, w, rq, rk, A, Aqk, hs, dhs, do, dv, dw, d
     tl.store(dk + kptr, dE * gamma * bt + dKt * tail, mask=mk)
     tl.store(db + kptr, dE * gamma * kt, mask=mk)
     tl.store(dG + kptr, dGp, mask=mk)
+
+
+@tuned(DAV_CONFIGS, key=["K", "V", "HV", "NK", "PREC"], interpret_config=DAV_INTERPRET, dtype_arg="do")
+@triton.jit
+def gdn2_bwd_kernel_dav(v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu_seqlens, chunk_indices, TT,
+                        H: tl.constexpr, HV: tl.constexpr, V: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+                        PREC: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    SV = HV * V
+    S64 = H * 64
+    c64 = tl.arange(0, 64)
+    t = bos + i_t * 64 + c64
+    mt = t < eos
+    dt = do.dtype.element_ty
+    AT = tile_t(A + i_h * 64, t, eos, S64, 0, 64, 64).to(tl.float32)
+    dA = tl.zeros([64, 64], dtype=tl.float32)
+    for i_k in range(NK):
+        dA += tile(dAE + i_k * TT * S64 + i_h * 64, t, eos, S64, 0, 64, 64)
+    dAq = tl.zeros([64, 64], dtype=tl.float32)
+    for j in range(HV // H):
+        voff = (i_h * (HV // H) + j) * V
+        for v0 in range(0, V, BV):
+            dRt = tile(dR + voff, t, eos, SV, v0, V, BV)
+            dZ = tl.dot(AT, dRt.to(tl.float32), input_precision=PREC)
+            wt = tile(w + voff, t, eos, SV, v0, V, BV).to(tl.float32)
+            vt = tile(v + voff, t, eos, SV, v0, V, BV).to(tl.float32)
+            store_tile(dv + voff, dZ * wt, t, eos, SV, v0, V, BV)
+            store_tile(dw + voff, dZ * vt, t, eos, SV, v0, V, BV)
+            ZT = tile_t(w + voff, t, eos, SV, v0, V, BV).to(tl.float32) * \
+                tile_t(v + voff, t, eos, SV, v0, V, BV).to(tl.float32)
+            dA += tl.dot(dRt, ZT.to(dt), input_precision=PREC)
+            dAq += tl.dot(tile(do + voff, t, eos, SV, v0, V, BV), tile_t(R + voff, t, eos, SV, v0, V, BV),
+                          input_precision=PREC)
+    incl = c64[:, None] >= c64[None, :]
+    strict = c64[:, None] > c64[None, :]
+    dTm = -tl.dot(AT, tl.dot(dA, AT, input_precision="ieee"), input_precision="ieee")
+    tl.store(dT + t[:, None] * S64 + i_h * 64 + c64[None, :], tl.where(strict, dTm, 0.), mask=mt[:, None])
+    tl.store(dAqk + t[:, None] * S64 + i_h * 64 + c64[None, :], tl.where(incl, dAq, 0.), mask=mt[:, None])
 
 
 @triton.jit
@@ -206,14 +293,14 @@ def _load16(ptr, t, eos, col0, stride_t):
 
 
 @triton.jit
-def _off_backward(dTm, dQm, bk_t, qs_t, lt, ref, kb_j, G_j):
+def _off_backward(dTm, dQm, bk_t, qs_t, lt, ref, kb_j, G_j, PREC: tl.constexpr):
     """Sub-chunk i (rows, bk_t/qs_t already times lt = exp(G_i - ref)) against earlier sub-chunk j (columns).
     Returns (grad of bk_i, grad of qs_i, grad of k_j)."""
     rt = tl.exp(ref[None, :] - G_j)
     right = kb_j * rt
-    d_bk = tl.dot(dTm, right) * lt
-    d_qs = tl.dot(dQm, right) * lt
-    d_k = (tl.dot(tl.trans(dTm), bk_t) + tl.dot(tl.trans(dQm), qs_t)) * rt
+    d_bk = tl.dot(dTm, right, input_precision=PREC) * lt
+    d_qs = tl.dot(dQm, right, input_precision=PREC) * lt
+    d_k = (tl.dot(tl.trans(dTm), bk_t, input_precision=PREC) + tl.dot(tl.trans(dQm), qs_t, input_precision=PREC)) * rt
     return d_bk, d_qs, d_k
 
 
@@ -232,10 +319,11 @@ def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
     tl.store(ptr + t[:, None] * stride_t + cols[None, :], x, mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
 
 
-@tuned(DQKG_CONFIGS, key=["K", "USE_L2"], interpret_config=DQKG_INTERPRET, dtype_arg="q")
+@tuned(DQKG_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=DQKG_INTERPRET, dtype_arg="q")
 @triton.jit
 def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_seqlens, chunk_indices, scale,
-                         H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr):
+                         H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr,
+                         PREC: tl.constexpr):
     """dq, dk, db are updated in place (elementwise partials in, totals out); dG partials in, dg out."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + 2 * i_c)
@@ -277,34 +365,34 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
     # off-diagonal sub-chunks (boundary reference = carry before the row sub-chunk)
     lb = tl.exp(Gb - cb[None, :])
     x, y, z = _off_backward(_load16(dT, tb, eos, 0, S64), _load16(dAqk, tb, eos, 0, S64), bkb * lb, qb * lb, lb, cb,
-                            ka, Ga)
+                            ka, Ga, PREC)
     dbk_b += x
     dqs_b += y
     dk_a += z
     lc = tl.exp(Gc - cc[None, :])
     x, y, z = _off_backward(_load16(dT, tc, eos, 0, S64), _load16(dAqk, tc, eos, 0, S64), bkc * lc, qc * lc, lc, cc,
-                            ka, Ga)
+                            ka, Ga, PREC)
     dbk_c += x
     dqs_c += y
     dk_a += z
     x, y, z = _off_backward(_load16(dT, tc, eos, 16, S64), _load16(dAqk, tc, eos, 16, S64), bkc * lc, qc * lc, lc,
-                            cc, kb, Gb)
+                            cc, kb, Gb, PREC)
     dbk_c += x
     dqs_c += y
     dk_b += z
     ld = tl.exp(Gd - cd[None, :])
     x, y, z = _off_backward(_load16(dT, td, eos, 0, S64), _load16(dAqk, td, eos, 0, S64), bkd * ld, qd * ld, ld, cd,
-                            ka, Ga)
+                            ka, Ga, PREC)
     dbk_d += x
     dqs_d += y
     dk_a += z
     x, y, z = _off_backward(_load16(dT, td, eos, 16, S64), _load16(dAqk, td, eos, 16, S64), bkd * ld, qd * ld, ld,
-                            cd, kb, Gb)
+                            cd, kb, Gb, PREC)
     dbk_d += x
     dqs_d += y
     dk_b += z
     x, y, z = _off_backward(_load16(dT, td, eos, 32, S64), _load16(dAqk, td, eos, 32, S64), bkd * ld, qd * ld, ld,
-                            cd, kc, Gc)
+                            cd, kc, Gc, PREC)
     dbk_d += x
     dqs_d += y
     dk_c += z
@@ -338,29 +426,44 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
     _store_rows(db, bd_, td, eos, SK, cols, K)
 
 
-def chunk_backward(q, k, v, g, b, w, rq, rk, A, Aqk, hs, h0, do, dht, scale, layout, use_l2):
-    """Returns dq, dk, db, dg ([TT, H, K] fp32, before the L2-norm VJP), dv, dw ([TT, Hv, V]), dh0 or None."""
+def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, use_l2):
+    """saved: the intermediates of chunk_fwd.chunk_forward. Returns dq, dk, db, dg ([TT, H, K] fp32, before the
+    L2-norm VJP), dv, dw ([TT, Hv, V]), dh0 or None."""
     cu, chunk_indices, chunk_offsets, n_chunks = layout
     n_seqs = cu.numel() - 1
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
-    BK = triton.next_power_of_2(K)
+    BK, _ = block_sizes(K, V)
+    NK = triton.cdiv(K, BK)
+    prec = dot_precision(v.dtype)
     dev = q.device
-    dhs = torch.empty(n_chunks, HV, K, V, device=dev, dtype=hs.dtype)
+    do = do.to(v.dtype)
+    A, Aqk, R, hs = saved["A"], saved["Aqk"], saved["R"], saved["hs"]
+    dRl = torch.empty_like(v)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
+    gdn2_bwd_kernel_dlocal[grid](Aqk, do, dRl, cu, chunk_indices, H=H, HV=HV, V=V, PREC=prec)
+    dhs = torch.empty(n_chunks, HV, K, V, device=dev, dtype=v.dtype)
+    dR = torch.empty_like(v)
     dh0 = torch.empty(n_seqs, HV, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seqs * HV)
-    gdn2_bwd_kernel_dstate[grid](q, k, g, b, rq, rk, A, Aqk, do, dht, dh0, dhs, cu, chunk_offsets, scale,
-                                 H=H, HV=HV, K=K, V=V, BK=BK, USE_L2=use_l2, HAS_DHT=dht is not None,
-                                 STORE_DH0=h0 is not None)
+    gdn2_bwd_kernel_dstate[grid](saved["Y"], saved["Qg"], saved["Kt"], saved["gC"], dRl, do, dht, dh0, dhs, dR,
+                                 cu, chunk_offsets, H=H, HV=HV, K=K, V=V, BK=BK, HAS_DHT=dht is not None,
+                                 STORE_DH0=h0 is not None, PREC=prec)
+    del dRl
+    dq, dk, db, dG, dg = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(5))
+    dAE = torch.empty(NK, TT, H, CHUNK, device=dev, dtype=torch.float32)
+    gdn2_bwd_kernel_dqk[(n_chunks, H, NK)](q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, dG, dAE, cu,
+                                           chunk_indices, scale, TT, H=H, HV=HV, K=K, V=V, BK=BK, USE_L2=use_l2,
+                                           PREC=prec)
+    del dhs
     dv = torch.empty_like(v)
     dw = torch.empty_like(w)
     dT = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
     dAqk = torch.empty_like(dT)
-    dq, dk, db, dG, dg = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(5))
-    gdn2_bwd_kernel_dav[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Aqk, hs, dhs, do, dv, dw, dT, dAqk,
-                                       dq, dk, db, dG, cu, chunk_indices, scale,
-                                       H=H, HV=HV, K=K, V=V, BK=BK, USE_L2=use_l2)
+    gdn2_bwd_kernel_dav[(n_chunks, H)](v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu, chunk_indices, TT,
+                                       H=H, HV=HV, V=V, NK=NK, PREC=prec)
+    del dAE
     grid = lambda meta: (n_chunks, H, triton.cdiv(K, meta["BKS"]))
     gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu, chunk_indices, scale,
-                               H=H, K=K, USE_L2=use_l2)
+                               H=H, K=K, USE_L2=use_l2, PREC=prec)
     return dq, dk, db, dg, dv, dw, dh0

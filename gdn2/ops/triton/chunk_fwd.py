@@ -6,21 +6,32 @@ Per chunk of C = 64 tokens (rows r, s = 0..63), per head, elementwise over the K
     T_rs   = sum_d b_rd k_rd k_sd exp(G_rd - G_sd)            s <  r      A = (I + T)^-1  (fp32)
     Aqk_rs = scale sum_d q_rd k_sd exp(G_rd - G_sd)           s <= r
     E_r = exp(G_r) b_r k_r,  Z_r = w_r v_r,  Q_r = scale exp(G_r) q_r,  Kt_r = exp(G_C - G_r) k_r
-    R   = A (Z - E S_0)              (= U - Y S_0 with U = A Z, Y = A E: one inverse serves both)
+    Y = A E,  U = A Z                (one inverse serves the erase and the write side)
+    R   = U - Y S_0
     O   = Q S_0 + Aqk R
     S_C = Diag(exp G_C) S_0 + Kt^T R
+
+Only R and S_C depend on the state carried between chunks; everything else is chunk-parallel.
 
 Exponents are differences. Inside a 16-row sub-chunk the pairs (r, s) are formed explicitly, exp(G_r - G_s) with
 s > r masked to -inf. Between sub-chunks i > j the product is split at the boundary G_ref = G at the last row of
 sub-chunk i-1: exp(G_r - G_ref) * exp(G_ref - G_s), both factors <= 1 because G never increases (g <= 0), so
 nothing can overflow; it is the same number as exp(G_r - G_s) up to rounding (never gamma_r * (1 / gamma_s)).
 
-Kernels
-  gdn2_fwd_kernel_intra       grid (chunks, key heads): T and Aqk, the fp32 solve; writes A [TT, H, 64] fp32 and
-                              Aqk [TT, H, 64]. Both depend on key-head inputs only, so grouped value heads share them.
-  gdn2_fwd_kernel_recurrence  grid (V blocks, sequences * value heads): walks the chunks of one sequence carrying
-                              S [K, BV] in fp32 registers; writes O, optionally every chunk's entering state
-                              (training: the backward needs them) and the final state.
+Kernels (in launch order)
+  gdn2_fwd_kernel_intra   grid (chunks, key heads): T and Aqk, the fp32 solve; writes A [TT, H, 64] fp32 and
+                          Aqk [TT, H, 64]. Both depend on key-head inputs only, so grouped value heads share them.
+  gdn2_fwd_kernel_wy      grid (chunks, key heads): the rest of the state-independent work, in K blocks of BK <= 64:
+                          Y = A E, Q, Kt [TT, H, K] and exp(G_C) [NC, H, K] (fp32); U = A Z [TT, Hv, V] for each value
+                          head of the group. Y, Q, Kt, U are stored in v's dtype (the tensor-core operand dtype).
+  gdn2_fwd_kernel_state   grid (V blocks, sequences * value heads): the only sequential kernel. Per chunk: stores the
+                          entering state S_0 (v's dtype), R = U - Y S_0 (K/BK products [64, BK] x [BK, BV]), stores R,
+                          S <- Diag(exp G_C) S + Kt^T R (K/BK products [BK, 64] x [64, BV]). The state [K, BV] lives in
+                          fp32 registers as up to four [BK, BV] blocks (K <= 256), so no [64, K] tile is ever formed.
+  gdn2_fwd_kernel_output  grid (V blocks, chunks, value heads): O = Q S_0 + Aqk R, chunk-parallel.
+The per-chunk states (NC x Hv x K x V in v's dtype: 0.27 GB at B=8, T=4096, H=16, K=V=128, bf16) are written by the
+state kernel and read once by the output kernel, in the inference path too: that buys a chunk-parallel output
+instead of two more products on the sequential path (docs/kernels.md weighs it).
 """
 from __future__ import annotations
 
@@ -28,20 +39,34 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.utils import CHUNK, half_pipelined, load_rows, load_scale, tuned, unit_lower_inverse16
+from gdn2.ops.triton.utils import CHUNK, dot_precision, load_rows, load_scale, tuned, unit_lower_inverse16
 
 # Intra kernel: BKS is the K slice held at once (the [16, 16, BKS] pairwise tile sets register pressure).
 # (num_warps=2 variants compiled 2-3x slower for no expected gain; dropped to keep the autotuner's compile time short.)
 INTRA_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=1) for bks in (16, 32)]
 INTRA_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 
-# 16-bit inputs: the num_stages=2 entries; fp32 inputs: the num_stages=1 entry (see utils.half_pipelined).
-RECURRENCE_CONFIGS = [
+# WY kernel: one [64, 64] fp32 A tile times [64, BK] / [64, BV] tiles; BK, BV fixed by the shape (<= 64).
+WY_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=4, num_stages=1)]
+WY_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
+
+# Sequential state kernel: BV is the V slice per program (B*Hv*V/BV programs). fla's equivalent (chunk_delta_h)
+# tunes BV in {32, 64}, 2-4 warps, 2-4 stages. The first entry is the default (GDN2_TRITON_AUTOTUNE=0).
+STATE_CONFIGS = [
     triton.Config({"BV": 32}, num_warps=4, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BV": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BV": 32}, num_warps=2, num_stages=2),
+    triton.Config({"BV": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BV": 32}, num_warps=4, num_stages=3),
 ]
-RECURRENCE_INTERPRET = triton.Config({"BV": 32}, num_warps=4, num_stages=1)
+STATE_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
+
+OUTPUT_CONFIGS = [
+    triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 64}, num_warps=8, num_stages=2),
+]
+OUTPUT_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -221,13 +246,94 @@ def chunk_key_side(q, k, g, b, rq, rk, t, eos, cols, scale, SK, SH, K: tl.conste
     return G, G_last, E, Q, Kt, qt, kt, bt
 
 
-@tuned(RECURRENCE_CONFIGS, key=["K", "V", "HV", "USE_L2", "STORE_STATES"], interpret_config=RECURRENCE_INTERPRET,
-       fits=half_pipelined)
+
 @triton.jit
-def gdn2_fwd_kernel_recurrence(q, k, v, g, b, w, rq, rk, A, Aqk, h0, o, ht, hs, cu_seqlens, chunk_offsets, scale,
-                               H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                               BK: tl.constexpr, BV: tl.constexpr, USE_L2: tl.constexpr, HAS_H0: tl.constexpr,
-                               STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr):
+def tile(ptr, t, eos, stride_t, c0, n_cols, BC: tl.constexpr):
+    """[64, BC] tile (stored dtype) of rows t (masked t < eos), columns c0 .. c0 + BC (masked < n_cols)."""
+    cols = c0 + tl.arange(0, BC)
+    return tl.load(ptr + t[:, None] * stride_t + cols[None, :], mask=(t < eos)[:, None] & (cols < n_cols)[None, :],
+                   other=0.)
+
+
+@triton.jit
+def tile_t(ptr, t, eos, stride_t, c0, n_cols, BC: tl.constexpr):
+    """[BC, 64] transposed tile: out[c, j] = M[t_j, c0 + c] (loaded transposed, no tl.trans)."""
+    cols = c0 + tl.arange(0, BC)
+    return tl.load(ptr + t[None, :] * stride_t + cols[:, None], mask=(t < eos)[None, :] & (cols < n_cols)[:, None],
+                   other=0.)
+
+
+@triton.jit
+def store_tile(ptr, x, t, eos, stride_t, c0, n_cols, BC: tl.constexpr):
+    cols = c0 + tl.arange(0, BC)
+    tl.store(ptr + t[:, None] * stride_t + cols[None, :], x.to(ptr.dtype.element_ty),
+             mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
+
+
+@triton.jit
+def state_block(ptr, k0, cv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """[BK, BV] block (stored dtype) of a row-major [K, V] state at ptr: rows k0 .. k0 + BK, columns cv."""
+    ck = k0 + tl.arange(0, BK)
+    return tl.load(ptr + ck[:, None] * V + cv[None, :], mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.)
+
+
+@triton.jit
+def state_block_t(ptr, k0, cv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """[BV, BK] transposed block of a row-major [K, V] state: out[j, c] = S[k0 + c, cv_j]."""
+    ck = k0 + tl.arange(0, BK)
+    return tl.load(ptr + ck[None, :] * V + cv[:, None], mask=(ck < K)[None, :] & (cv < V)[:, None], other=0.)
+
+
+@triton.jit
+def store_state_block(ptr, x, k0, cv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    ck = k0 + tl.arange(0, BK)
+    tl.store(ptr + ck[:, None] * V + cv[None, :], x.to(ptr.dtype.element_ty),
+             mask=(ck < K)[:, None] & (cv < V)[None, :])
+
+
+@triton.jit
+def key_vector(ptr, k0, K: tl.constexpr, BK: tl.constexpr):
+    ck = k0 + tl.arange(0, BK)
+    return tl.load(ptr + ck, mask=ck < K, other=0.).to(tl.float32)
+
+
+@tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC"], interpret_config=WY_INTERPRET, dtype_arg="v")
+@triton.jit
+def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu_seqlens, chunk_indices, scale,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    SK = H * K
+    SV = HV * V
+    t = bos + i_t * 64 + tl.arange(0, 64)
+    koff = i_h * K
+    Am = tile(A + i_h * 64, t, eos, H * 64, 0, 64, 64).to(tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        G, G_last, E, Q, Ktb, _, _, _ = chunk_key_side(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h,
+                                                       t, eos, cols, scale, SK, H, K, USE_L2)
+        store_tile(Y + koff, tl.dot(Am, E, input_precision=PREC), t, eos, SK, k0, K, BK)
+        store_tile(Qg + koff, Q, t, eos, SK, k0, K, BK)
+        store_tile(Kt + koff, Ktb, t, eos, SK, k0, K, BK)
+        tl.store(gC + (i_c * H + i_h) * K + cols, tl.exp(G_last), mask=cols < K)
+    for j in range(HV // H):
+        voff = (i_h * (HV // H) + j) * V
+        for v0 in range(0, V, BV):
+            Z = tile(w + voff, t, eos, SV, v0, V, BV).to(tl.float32) * tile(v + voff, t, eos, SV, v0, V, BV).to(
+                tl.float32)
+            store_tile(U + voff, tl.dot(Am, Z, input_precision=PREC), t, eos, SV, v0, V, BV)
+
+
+@tuned(STATE_CONFIGS, key=["K", "V", "HV", "HAS_H0", "STORE_FINAL", "PREC"], interpret_config=STATE_INTERPRET,
+       dtype_arg="U")
+@triton.jit
+def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, cu_seqlens, chunk_offsets,
+                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // HV
     i_hv = i_nh % HV
@@ -235,49 +341,99 @@ def gdn2_fwd_kernel_recurrence(q, k, v, g, b, w, rq, rk, A, Aqk, h0, o, ht, hs, 
     bos = tl.load(cu_seqlens + i_n)
     eos = tl.load(cu_seqlens + i_n + 1)
     n_chunks = (eos - bos + 63) // 64
+    first_chunk = tl.load(chunk_offsets + i_n)
     SK = H * K
     SV = HV * V
-    q += i_h * K
-    k += i_h * K
-    g += i_h * K
-    b += i_h * K
-    rq += i_h
-    rk += i_h
-    v += i_hv * V
-    w += i_hv * V
-    o += i_hv * V
-    A += i_h * 64
-    Aqk += i_h * 64
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
+    Y += i_h * K
+    Kt += i_h * K
+    U += i_hv * V
+    R += i_hv * V
+    v0 = i_v * BV
+    cv = v0 + tl.arange(0, BV)
     c64 = tl.arange(0, 64)
-    mkv = (ck < K)[:, None] & (cv < V)[None, :]
-    state_off = ck[:, None] * V + cv[None, :]
-    dt = v.dtype.element_ty
+    dt = U.dtype.element_ty
+    # the state [K, BV] as up to four [BK, BV] fp32 blocks (rows 0, BK, 2 BK, 3 BK)
+    S1 = tl.zeros([BK, BV], dtype=tl.float32)
+    S2 = tl.zeros([BK, BV], dtype=tl.float32)
+    S3 = tl.zeros([BK, BV], dtype=tl.float32)
+    S4 = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0 + i_nh * K * V + state_off, mask=mkv, other=0.).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+        p0 = h0 + i_nh * K * V
+        S1 = state_block(p0, 0, cv, K, V, BK).to(tl.float32)
+        if K > BK:
+            S2 = state_block(p0, BK, cv, K, V, BK).to(tl.float32)
+        if K > 2 * BK:
+            S3 = state_block(p0, 2 * BK, cv, K, V, BK).to(tl.float32)
+        if K > 3 * BK:
+            S4 = state_block(p0, 3 * BK, cv, K, V, BK).to(tl.float32)
     for i_t in range(n_chunks):
+        i_c = first_chunk + i_t
         t = bos + i_t * 64 + c64
-        if STORE_STATES:
-            i_c = tl.load(chunk_offsets + i_n) + i_t
-            tl.store(hs + (i_c * HV + i_hv) * K * V + state_off, S.to(hs.dtype.element_ty), mask=mkv)
-        G, G_last, E, Q, Kt, _, _, _ = chunk_key_side(q, k, g, b, rq, rk, t, eos, ck, scale, SK, H, K, USE_L2)
-        vt = load_rows(v, t, eos, SV, cv, V)
-        wt = load_rows(w, t, eos, SV, cv, V)
-        Sd = S.to(dt)
-        Wp = wt * vt - tl.dot(E.to(dt), Sd)                                    # Z - E S_0
-        At = load_rows(A, t, eos, H * 64, c64, 64)
-        R = tl.dot(At, Wp)                                                      # A (Z - E S_0), fp32/tf32
-        Aq = load_rows(Aqk, t, eos, H * 64, c64, 64)
-        Rd = R.to(dt)
-        out = tl.dot(Q.to(dt), Sd) + tl.dot(Aq.to(dt), Rd)
-        tl.store(o + t[:, None] * SV + cv[None, :], out.to(o.dtype.element_ty),
-                 mask=(t < eos)[:, None] & (cv < V)[None, :])
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(Kt.to(dt)), Rd)
+        ph = hs + (i_c * HV + i_hv) * K * V
+        pg = gC + (i_c * H + i_h) * K
+        store_state_block(ph, S1, 0, cv, K, V, BK)
+        Rb = tile(U, t, eos, SV, v0, V, BV).to(tl.float32)
+        Rb -= tl.dot(tile(Y, t, eos, SK, 0, K, BK), S1.to(dt), input_precision=PREC)
+        if K > BK:
+            store_state_block(ph, S2, BK, cv, K, V, BK)
+            Rb -= tl.dot(tile(Y, t, eos, SK, BK, K, BK), S2.to(dt), input_precision=PREC)
+        if K > 2 * BK:
+            store_state_block(ph, S3, 2 * BK, cv, K, V, BK)
+            Rb -= tl.dot(tile(Y, t, eos, SK, 2 * BK, K, BK), S3.to(dt), input_precision=PREC)
+        if K > 3 * BK:
+            store_state_block(ph, S4, 3 * BK, cv, K, V, BK)
+            Rb -= tl.dot(tile(Y, t, eos, SK, 3 * BK, K, BK), S4.to(dt), input_precision=PREC)
+        store_tile(R, Rb, t, eos, SV, v0, V, BV)
+        Rd = Rb.to(dt)
+        S1 = S1 * key_vector(pg, 0, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 0, K, BK), Rd,
+                                                              input_precision=PREC)
+        if K > BK:
+            S2 = S2 * key_vector(pg, BK, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, BK, K, BK), Rd,
+                                                                   input_precision=PREC)
+        if K > 2 * BK:
+            S3 = S3 * key_vector(pg, 2 * BK, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 2 * BK, K, BK), Rd,
+                                                                       input_precision=PREC)
+        if K > 3 * BK:
+            S4 = S4 * key_vector(pg, 3 * BK, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 3 * BK, K, BK), Rd,
+                                                                       input_precision=PREC)
     if STORE_FINAL:
-        tl.store(ht + i_nh * K * V + state_off, S, mask=mkv)
+        pt = ht + i_nh * K * V
+        store_state_block(pt, S1, 0, cv, K, V, BK)
+        if K > BK:
+            store_state_block(pt, S2, BK, cv, K, V, BK)
+        if K > 2 * BK:
+            store_state_block(pt, S3, 2 * BK, cv, K, V, BK)
+        if K > 3 * BK:
+            store_state_block(pt, S4, 3 * BK, cv, K, V, BK)
+
+
+@tuned(OUTPUT_CONFIGS, key=["K", "V", "HV", "PREC"], interpret_config=OUTPUT_INTERPRET, dtype_arg="R")
+@triton.jit
+def gdn2_fwd_kernel_output(Qg, Aqk, hs, R, o, cu_seqlens, chunk_indices,
+                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, PREC: tl.constexpr):
+    i_v, i_c, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    t = bos + i_t * 64 + tl.arange(0, 64)
+    v0 = i_v * BV
+    cv = v0 + tl.arange(0, BV)
+    dt = R.dtype.element_ty
+    ph = hs + (i_c * HV + i_hv) * K * V
+    acc = tl.dot(tile(Aqk + i_h * 64, t, eos, H * 64, 0, 64, 64).to(dt), tile(R + i_hv * V, t, eos, HV * V, v0, V, BV),
+                 input_precision=PREC)
+    for k0 in range(0, K, BK):
+        acc += tl.dot(tile(Qg + i_h * K, t, eos, H * K, k0, K, BK), state_block(ph, k0, cv, K, V, BK),
+                      input_precision=PREC)
+    store_tile(o + i_hv * V, acc, t, eos, HV * V, v0, V, BV)
+
+
+def block_sizes(K: int, V: int) -> tuple[int, int]:
+    """(BK, BV) cap for the key / value blocks: 64, or the (power-of-two padded) dimension if smaller."""
+    return min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
 
 
 def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2):
@@ -290,17 +446,29 @@ def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2
     return A, Aqk
 
 
-def recurrence_forward(q, k, v, g, b, w, rq, rk, A, Aqk, h0, scale, cu, chunk_offsets, n_chunks, n_seqs,
-                       use_l2, store_final, store_states):
-    """Runs the chunk recurrence; returns o [TT, Hv, V], final state [N, Hv, K, V] fp32 or None, per-chunk entering
-    states [NC, Hv, K, V] (v's dtype) or None."""
+def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
+    """The four forward launches. Returns o [TT, Hv, V], the final state [N, Hv, K, V] fp32 or None, and the
+    intermediates the backward reads: dict(A, Aqk, Y, Qg, Kt, gC, hs, R)."""
+    cu, chunk_indices, chunk_offsets, n_chunks = layout
+    n_seqs = cu.numel() - 1
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
-    o = torch.empty_like(v)
-    ht = torch.empty(n_seqs, HV, K, V, device=q.device, dtype=torch.float32) if store_final else None
-    hs = torch.empty(n_chunks, HV, K, V, device=q.device, dtype=v.dtype) if store_states else None
+    BK, BV = block_sizes(K, V)
+    prec = dot_precision(v.dtype)
+    dev = q.device
+    A, Aqk = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
+    Y, Qg, Kt = (torch.empty(TT, H, K, device=dev, dtype=v.dtype) for _ in range(3))
+    gC = torch.empty(n_chunks, H, K, device=dev, dtype=torch.float32)
+    U = torch.empty_like(v)
+    gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu, chunk_indices, scale,
+                                      H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec)
+    hs = torch.empty(n_chunks, HV, K, V, device=dev, dtype=v.dtype)
+    R = torch.empty_like(v)
+    ht = torch.empty(n_seqs, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seqs * HV)
-    gdn2_fwd_kernel_recurrence[grid](q, k, v, g, b, w, rq, rk, A, Aqk, h0, o, ht, hs, cu, chunk_offsets, scale,
-                                     H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), USE_L2=use_l2,
-                                     HAS_H0=h0 is not None, STORE_FINAL=store_final, STORE_STATES=store_states)
-    return o, ht, hs
+    gdn2_fwd_kernel_state[grid](Y, U, Kt, gC, h0, R, hs, ht, cu, chunk_offsets, H=H, HV=HV, K=K, V=V, BK=BK,
+                                HAS_H0=h0 is not None, STORE_FINAL=output_final_state, PREC=prec)
+    o = torch.empty_like(v)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
+    gdn2_fwd_kernel_output[grid](Qg, Aqk, hs, R, o, cu, chunk_indices, H=H, HV=HV, K=K, V=V, BK=BK, PREC=prec)
+    return o, ht, dict(A=A, Aqk=Aqk, Y=Y, Qg=Qg, Kt=Kt, gC=gC, hs=hs, R=R)

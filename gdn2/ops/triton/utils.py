@@ -7,6 +7,10 @@ file). Under ``TRITON_INTERPRET=1`` (CPU, CI) the autotuner cannot run (it needs
 launched with one fixed config (``*_INTERPRET`` next to the list). ``INTERPRET`` is read once, at import time: set the
 variable before importing this package (tests/conftest.py does).
 
+``GDN2_TRITON_AUTOTUNE=0`` (read at import time too) skips autotuning on the GPU as well: each kernel then launches
+its first config that fits the input dtype (the "default" config, first in each ``*_CONFIGS`` list), so a quick run
+compiles one variant per kernel instead of all of them. Autotuning stays the default (benchmarks).
+
 Sequences
 ---------
 All kernels see packed tokens: [TT, H, K] with TT = B*T. A padded batch is treated as B packed sequences of length T,
@@ -23,6 +27,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("GDN2_TRITON_AUTOTUNE", "1") != "0"
 CHUNK = 64          # chunk length C; the intra-chunk kernels are written for 4 sub-chunks of 16
 SUB = 16
 L2NORM_EPS = 1e-6
@@ -51,15 +56,20 @@ if INTERPRET:
 
 
 class FixedLaunch:
-    """Stands in for a triton.autotune object under the interpreter: launches ``fn`` with one config."""
+    """Stands in for a triton.autotune object where no autotuning runs (the interpreter, or GDN2_TRITON_AUTOTUNE=0):
+    launches ``fn`` with the first of ``configs`` that fits the dtype of argument ``dtype_arg``."""
 
-    def __init__(self, fn, config: triton.Config):
+    def __init__(self, fn, configs: list[triton.Config], fits, dtype_arg: str):
         self.fn = fn
-        self.configs = [config]
+        self.configs = list(configs)
+        self.fits = fits
+        self.dtype_arg = dtype_arg
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            config = self.configs[0]
+            named = {**dict(zip(self.fn.arg_names, args)), **kwargs}
+            dtype = named[self.dtype_arg].dtype
+            config = next((c for c in self.configs if self.fits(c, dtype)), self.configs[0])
             meta = dict(config.kwargs)
             resolved = grid({**kwargs, **meta}) if callable(grid) else grid
             return self.fn[resolved](*args, **kwargs, **meta, num_warps=config.num_warps,
@@ -69,11 +79,13 @@ class FixedLaunch:
 
 def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, fits=None,
           dtype_arg: str = "v"):
-    """triton.autotune(configs, key) on a GPU; one fixed config under TRITON_INTERPRET=1.
+    """triton.autotune(configs, key) on a GPU; one fixed config under TRITON_INTERPRET=1 (interpret_config) or with
+    GDN2_TRITON_AUTOTUNE=0 (the first config that fits the dtype).
 
     fits(config, dtype) -> bool drops configs that cannot run for the dtype of argument `dtype_arg` (e.g. fp32 tiles
-    that overflow the 227 KiB of shared memory an H100 block may use); the wrapper keeps it as `.fits` so the GPU
-    check runs each config exactly on the dtypes it may be picked for."""
+    that overflow the 227 KiB of shared memory an H100 block may use; benchmarks/compile_check_sm90.py measures that
+    without a GPU); the wrapper keeps it as `.fits` so the GPU check runs each config exactly on the dtypes it may be
+    picked for."""
     fits = fits or (lambda config, dtype: True)
 
     def prune(configs, named_args, **kwargs):
@@ -82,19 +94,22 @@ def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton
 
     def wrap(fn):
         if INTERPRET:
-            launcher = FixedLaunch(fn, interpret_config)
+            launcher = FixedLaunch(fn, [interpret_config], lambda c, d: True, dtype_arg)
+        elif not AUTOTUNE:
+            launcher = FixedLaunch(fn, configs, fits, dtype_arg)
         else:
             launcher = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
         launcher.fits = fits
+        launcher.interpret_config = interpret_config
         return launcher
     return wrap
 
 
-def half_pipelined(config: triton.Config, dtype) -> bool:
-    """Serial-loop kernels: num_stages=2 (prefetch the next chunk) fits shared memory for 16-bit inputs only; fp32
-    inputs run the num_stages=1 entries. Seen on H100 (2026-11-27, first GPU check): the fp32 recurrence kernel at
-    num_stages=2 asked for 303104 B (BV=32) / 327680 B (BV=64) of shared memory, over the 232448 B limit."""
-    return (config.num_stages == 1) == (dtype == torch.float32)
+def dot_precision(dtype) -> str:
+    """input_precision of the tl.dot calls whose operands are fp32: "ieee" (exact fp32 FMA, no tensor cores) when the
+    inputs are fp32, "tf32" (tensor cores) otherwise. Seen on H100 (2026-11-27): with tf32 on fp32 inputs, db came out
+    at 2.01e-3 .. 2.04e-3 relative error against the 2e-3 bound (the dA / dT path)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def pin_config(kernel, config: triton.Config | None):
