@@ -30,7 +30,6 @@ Exports
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -38,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gdn2.cache import RecurrentCache, check_forward_args, run_layers
 from gdn2.layer import ShortConvolution as ShortConvolution  # noqa: F401  (re-exported)
 from gdn2.layer import GatedRMSNorm as _GDN2GatedRMSNorm
 from gdn2.modeling import RMSNorm as RMSNorm  # noqa: F401  (re-exported)
@@ -192,39 +192,8 @@ class PreNormBlock(nn.Module):
         return x, new_state
 
 
-class LayerStates:
-    """The generic cache of a mixer stack: states[i] is what layer i returned last (None before it ran),
-    seen_tokens counts the tokens fed so far. Memory is O(1) in the sequence for recurrent layers and
-    O(window) for sliding-window attention."""
-
-    def __init__(self, num_layers: int):
-        self.states: list[Any] = [None] * num_layers
-        self.seen_tokens = 0
-
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return self.seen_tokens
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __repr__(self) -> str:
-        return f"LayerStates(layers={len(self.states)}, seen_tokens={self.seen_tokens})"
-
-    def state_bytes(self) -> int:
-        """Bytes held by every tensor in the cache."""
-        return sum(t.numel() * t.element_size() for t in _tensors(self.states))
-
-
-def _tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _tensors(item)]
-    if isinstance(obj, dict):
-        return [t for item in obj.values() for t in _tensors(item)]
-    return []
+# The generic cache of a mixer stack is the one the GDN-2 model uses (gdn2/cache.py): .states[i], .seen_tokens.
+LayerStates = RecurrentCache
 
 
 @dataclass
@@ -274,25 +243,9 @@ class MixerStackLM(nn.Module):
                 use_cache: bool = False, logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **unused) -> LMOutput:
         """input_ids [B, T]; attention_mask, if given, must be all ones (padding would enter the state)."""
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("padded batches are not supported (padding would enter the recurrent state); "
-                             "run sequences one by one")
-        unknown = set(unused) - {"position_ids", "cache_position", "return_dict", "output_attentions",
-                                 "output_hidden_states"}
-        if unknown:
-            raise TypeError(f"unexpected arguments {sorted(unknown)}")
-        if use_cache and past_key_values is None:
-            past_key_values = LayerStates(len(self.model.layers))
-        if past_key_values is not None and not isinstance(past_key_values, LayerStates):
-            raise TypeError(f"past_key_values must be a LayerStates; got {type(past_key_values).__name__}")
-        x = self.model.embeddings(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            state = past_key_values.states[i] if past_key_values is not None else None
-            x, new_state = layer(x, state, use_cache)
-            if use_cache:
-                past_key_values.states[i] = new_state
-        if use_cache:
-            past_key_values.seen_tokens += input_ids.shape[1]
+        check_forward_args(attention_mask, unused)
+        x, past_key_values = run_layers(self.model.layers, self.model.embeddings(input_ids), past_key_values,
+                                        use_cache)
         x = self.model.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

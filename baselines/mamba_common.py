@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.common import LayerStates, LMOutput, RMSNorm
+from gdn2.cache import check_forward_args, run_layers
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -305,27 +306,11 @@ class MambaLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, past_key_values: LayerStates | None = None, use_cache: bool = False,
                 logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None, **unused) -> LMOutput:
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("padded batches are not supported (padding would enter the recurrent state); "
-                             "run sequences one by one")
-        unknown = set(unused) - {"position_ids", "cache_position", "return_dict", "output_attentions",
-                                 "output_hidden_states"}
-        if unknown:
-            raise TypeError(f"unexpected arguments {sorted(unknown)}")
-        if use_cache and past_key_values is None:
-            past_key_values = LayerStates(len(self.backbone.layers))
-        if past_key_values is not None and not isinstance(past_key_values, LayerStates):
-            raise TypeError(f"past_key_values must be a LayerStates; got {type(past_key_values).__name__}")
+        check_forward_args(attention_mask, unused)
         x = self.backbone.embeddings(input_ids)
         if self.config.residual_in_fp32:
             x = x.float() if x.dtype != torch.float64 else x
-        for i, layer in enumerate(self.backbone.layers):
-            state = past_key_values.states[i] if past_key_values is not None else None
-            x, new_state = layer(x, state, use_cache)
-            if use_cache:
-                past_key_values.states[i] = new_state
-        if use_cache:
-            past_key_values.seen_tokens += input_ids.shape[1]
+        x, past_key_values = run_layers(self.backbone.layers, x, past_key_values, use_cache)
         x = self.backbone.norm_f(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

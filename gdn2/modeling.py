@@ -10,53 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from gdn2.cache import RecurrentCache, check_forward_args, run_layers
 from gdn2.configuration import GDN2Config
 from gdn2.layer import GatedDeltaNet2, GDN2LayerState
 
 
-class GDN2Cache(Cache):
-    """Recurrent cache: one GDN2LayerState per layer (None until the layer has run) and the tokens seen so far."""
-
-    is_compileable = False
-
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[])
-        self.states: list[GDN2LayerState | None] = [None] * num_layers
-        self.seen_tokens = 0
-
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return self.seen_tokens
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return -1
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __repr__(self) -> str:
-        return f"GDN2Cache(layers={len(self.states)}, seen_tokens={self.seen_tokens})"
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search)."""
-        for state in self.states:
-            if state is None:
-                continue
-            idx = beam_idx.to(state.recurrent_state.device)
-            state.recurrent_state = state.recurrent_state.index_select(0, idx)
-            if state.conv_states is not None:
-                state.conv_states = tuple(c.index_select(0, idx) for c in state.conv_states)
-
-    def state_bytes(self) -> int:
-        """Bytes held by the cache (constant in the sequence length)."""
-        total = 0
-        for state in self.states:
-            if state is not None:
-                tensors = [state.recurrent_state, *(state.conv_states or ())]
-                total += sum(t.numel() * t.element_size() for t in tensors)
-        return total
+# The GDN-2 model's cache is the shared recurrent cache (one GDN2LayerState per layer); the name stays for users.
+GDN2Cache = RecurrentCache
 
 
 class RMSNorm(nn.Module):
@@ -162,38 +124,13 @@ class GDN2Model(GDN2PreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] (or inputs_embeds [B, T, d]). attention_mask, if given, must be all ones: padding is
         not supported because padded tokens would flow into the recurrent state."""
-        _reject_unused(kwargs)
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "GDN-2 does not take padded batches (padding would enter the recurrent state): "
-                "run sequences of different lengths one by one or pack them with cu_seqlens"
-            )
+        check_forward_args(attention_mask, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = GDN2Cache(len(self.layers))
-        if past_key_values is not None and not isinstance(past_key_values, GDN2Cache):
-            raise TypeError(f"past_key_values must be a GDN2Cache; got {type(past_key_values).__name__}")
-        for i, layer in enumerate(self.layers):
-            state = past_key_values.states[i] if past_key_values is not None else None
-            x, new_state = layer(x, state, use_cache)
-            if use_cache:
-                past_key_values.states[i] = new_state
-        if use_cache:
-            past_key_values.seen_tokens += x.shape[1]
+        x, past_key_values = run_layers(self.layers, x, past_key_values, use_cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
-
-
-# Arguments transformers' generate() passes that a recurrent model has no use for.
-_GENERATE_KWARGS = {"position_ids", "cache_position", "return_dict", "output_attentions", "output_hidden_states"}
-
-
-def _reject_unused(kwargs: dict) -> None:
-    unknown = set(kwargs) - _GENERATE_KWARGS
-    if unknown:
-        raise TypeError(f"unexpected arguments {sorted(unknown)}")
 
 
 class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):

@@ -133,3 +133,15 @@ def test_a_training_step_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_reorder_cache_selects_batch_rows():
+    # beam search reorders the cache: after swapping rows, decoding continues each row's own sequence
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = model(ids[:, :39], use_cache=True).past_key_values
+        cache.reorder_cache(torch.tensor([1, 0]))
+        swapped = model(ids[[1, 0], 39:], past_key_values=cache, use_cache=True).logits
+        full = model(ids[[1, 0]], use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(swapped, full, rtol=1e-5, atol=1e-5)
