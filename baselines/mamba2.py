@@ -222,6 +222,29 @@ def check_mamba_ssm_shell(config: dict, source: str) -> None:
                          "supported; only pure Mamba-2 / Mamba-3 stacks load")
 
 
+def mamba_ssm_lm_config(config: dict, source: str, layer: str, mixer_class, known: dict[str, str],
+                        ignored: set[str]) -> MambaLMConfig:
+    """MambaLMConfig of a mamba-ssm MambaLMHeadModel config.json whose ssm_cfg.layer is `layer`; `known` maps
+    ssm_cfg keys to mixer-config fields, `ignored` are init-only keys; anything else is refused by name."""
+    check_mamba_ssm_shell(config, source)
+    if mamba_ssm_layer(config) != layer:
+        raise ValueError(f"{source}: ssm_cfg.layer is {mamba_ssm_layer(config)!r}, not {layer!r}")
+    ssm = dict(config.get("ssm_cfg") or {})
+    ssm.pop("layer", None)
+    unknown = set(ssm) - set(known) - ignored
+    if unknown:
+        raise ValueError(f"{source}: unsupported {layer} ssm_cfg keys {sorted(unknown)} (this loader follows "
+                         f"mamba-ssm 2.3.2.post1's {layer} arguments)")
+    mixer = mixer_class(hidden_size=int(config["d_model"]), **{known[k]: v for k, v in ssm.items() if k in known})
+    return MambaLMConfig(
+        vocab_size=padded_vocab(config), hidden_size=int(config["d_model"]), num_hidden_layers=int(config["n_layer"]),
+        mixer=mixer, norm_eps=float(config.get("norm_epsilon", 1e-5)), rms_norm=bool(config.get("rms_norm", True)),
+        residual_in_fp32=bool(config.get("residual_in_fp32", True)),
+        tie_word_embeddings=bool(config.get("tie_embeddings", True)),
+        d_intermediate=int(config.get("d_intermediate", 0) or 0), source_format="mamba_ssm",
+    )
+
+
 _FLA_MIXER_KEYS_M2 = {"state_size", "expand", "head_dim", "n_groups", "conv_kernel", "use_conv_bias", "use_bias",
                       "rmsnorm", "norm_before_gate", "norm_eps", "D_has_hdim", "chunk_size"}
 
@@ -229,29 +252,13 @@ _FLA_MIXER_KEYS_M2 = {"state_size", "expand", "head_dim", "n_groups", "conv_kern
 def mamba2_configs(config: dict, source: str = "config.json") -> MambaLMConfig:
     """MambaLMConfig (with a Mamba2MixerConfig) from an fla / HF config.json or a mamba-ssm config.json."""
     if is_mamba_ssm_config(config):
-        check_mamba_ssm_shell(config, source)
-        if mamba_ssm_layer(config) != "Mamba2":
-            raise ValueError(f"{source}: ssm_cfg.layer is {mamba_ssm_layer(config)!r}, not 'Mamba2'")
-        ssm = dict(config.get("ssm_cfg") or {})
-        ssm.pop("layer", None)
         known = {"d_state": "state_size", "d_conv": "conv_kernel", "expand": "expand", "headdim": "head_dim",
                  "ngroups": "n_groups", "d_ssm": "d_ssm", "D_has_hdim": "D_has_hdim", "rmsnorm": "rmsnorm",
                  "norm_before_gate": "norm_before_gate", "dt_limit": "dt_limit", "bias": "use_bias",
                  "conv_bias": "use_conv_bias", "chunk_size": "chunk_size"}
         ignored = {"conv_init", "A_init_range", "dt_min", "dt_max", "dt_init_floor", "use_mem_eff_path",
                    "sequence_parallel", "process_group"}
-        unknown = set(ssm) - set(known) - ignored
-        if unknown:
-            raise ValueError(f"{source}: unsupported Mamba2 ssm_cfg keys {sorted(unknown)}")
-        mixer = Mamba2MixerConfig(hidden_size=int(config["d_model"]),
-                                  **{known[k]: v for k, v in ssm.items() if k in known})
-        return MambaLMConfig(
-            vocab_size=padded_vocab(config), hidden_size=int(config["d_model"]), num_hidden_layers=int(config["n_layer"]),
-            mixer=mixer, norm_eps=float(config.get("norm_epsilon", 1e-5)), rms_norm=bool(config.get("rms_norm", True)),
-            residual_in_fp32=bool(config.get("residual_in_fp32", True)),
-            tie_word_embeddings=bool(config.get("tie_embeddings", True)),
-            d_intermediate=int(config.get("d_intermediate", 0) or 0), source_format="mamba_ssm",
-        )
+        return mamba_ssm_lm_config(config, source, "Mamba2", Mamba2MixerConfig, known, ignored)
     act = config.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"{source}: Mamba-2 with hidden_act={act!r} is not supported (only silu)")

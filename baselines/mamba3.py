@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from baselines.mamba_common import (GroupedRMSNormGated, MambaLM, MambaLMConfig, RecurrentState, trapezoid_scan,
                                     trapezoid_step)
-from baselines.mamba2 import check_mamba_ssm_shell, is_mamba_ssm_config, mamba_ssm_layer, padded_vocab
+from baselines.mamba2 import is_mamba_ssm_config, mamba_ssm_layer, mamba_ssm_lm_config
 from harness.model import EvalModel
 from harness.registry import ModelFamily, register_family
 
@@ -242,28 +242,11 @@ _FLA_MIXER_KEYS_M3 = {"state_size", "expand", "head_dim", "n_groups", "rope_frac
 def mamba3_configs(config: dict, source: str = "config.json") -> MambaLMConfig:
     """MambaLMConfig (with a Mamba3MixerConfig) from an fla config.json or a mamba-ssm config.json."""
     if is_mamba_ssm_config(config):
-        check_mamba_ssm_shell(config, source)
-        if mamba_ssm_layer(config) != "Mamba3":
-            raise ValueError(f"{source}: ssm_cfg.layer is {mamba_ssm_layer(config)!r}, not 'Mamba3'")
-        ssm = dict(config.get("ssm_cfg") or {})
-        ssm.pop("layer", None)
         known = {"d_state": "state_size", "expand": "expand", "headdim": "head_dim", "ngroups": "n_groups",
                  "rope_fraction": "rope_fraction", "A_floor": "A_floor", "is_outproj_norm": "is_outproj_norm",
                  "is_mimo": "is_mimo", "mimo_rank": "mimo_rank", "chunk_size": "chunk_size"}
         ignored = {"dt_min", "dt_max", "dt_init_floor", "dropout", "n_layer"}
-        unknown = set(ssm) - set(known) - ignored
-        if unknown:
-            raise ValueError(f"{source}: unsupported Mamba3 ssm_cfg keys {sorted(unknown)} (this loader follows "
-                             "mamba-ssm 2.3.2.post1's Mamba3 arguments)")
-        mixer = Mamba3MixerConfig(hidden_size=int(config["d_model"]),
-                                  **{known[k]: v for k, v in ssm.items() if k in known})
-        return MambaLMConfig(
-            vocab_size=padded_vocab(config), hidden_size=int(config["d_model"]), num_hidden_layers=int(config["n_layer"]),
-            mixer=mixer, norm_eps=float(config.get("norm_epsilon", 1e-5)), rms_norm=bool(config.get("rms_norm", True)),
-            residual_in_fp32=bool(config.get("residual_in_fp32", True)),
-            tie_word_embeddings=bool(config.get("tie_embeddings", True)),
-            d_intermediate=int(config.get("d_intermediate", 0) or 0), source_format="mamba_ssm",
-        )
+        return mamba_ssm_lm_config(config, source, "Mamba3", Mamba3MixerConfig, known, ignored)
     fields = {k: config[k] for k in _FLA_MIXER_KEYS_M3 if k in config}
     hidden = int(config.get("hidden_size", 2048))
     mixer = Mamba3MixerConfig(hidden_size=hidden, **fields)
