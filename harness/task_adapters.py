@@ -79,23 +79,13 @@ class MqarEvalTask:
         return {"kind": "mqar", "name": self.name, "config": repr(cfg), "options": self.options}
 
     def samples(self, model: EvalModel, length: int | None, num_samples: int, seed: int) -> list[Sample]:
-        """One sequence per index, each drawn from its own seed (SeedSequence([seed, index])), so sample i is the
-        same whatever num_samples is (tasks.mqar draws a whole batch from one stream; a resumed cell with more
-        samples must not change the samples already stored)."""
-        import numpy as np
-
+        """One sequence per index (tasks.mqar draws sample i from its own seed, so a resumed cell with more
+        samples keeps the samples already stored)."""
         if length is None:
             raise ValueError(f"{self.name} needs a sequence length (--lengths)")
-        vocab_size = _vocab_size(model)
-        out = []
-        for index in range(num_samples):
-            sample_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-            built = self.mqar.build_samples(vocab_size=vocab_size, length=length, num_samples=1, seed=sample_seed,
-                                            **self.options)[0]
-            record = built.to_record()
-            record.update(index=index, seed=seed, sample_seed=sample_seed)
-            out.append(Sample(index=index, payload=record))
-        return out
+        built = self.mqar.build_samples(vocab_size=_vocab_size(model), length=length, num_samples=num_samples,
+                                        seed=seed, **self.options)
+        return [Sample(index=s.index, payload=s.to_record()) for s in built]
 
     def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
         record = sample.payload

@@ -15,8 +15,9 @@ A sequence of T tokens over a vocabulary of V ids:
 
 Accuracy is measured only at the query positions (argmax of the next-token distribution == the value).
 
-The same generator serves evaluation (``MQAR_TASK.build_samples`` / ``score``, one record per sequence) and training
-(``mqar_arrays`` / ``mqar_batches``: numpy int64 arrays [N, T], pass them to torch.from_numpy).
+The same generator serves evaluation (``MQAR_TASK.build_samples`` / ``score``, one record per sequence; sample i is
+drawn from its own seed ``sample_seed(seed, i)``, so it does not depend on how many samples are asked for) and
+training (``mqar_arrays`` / ``mqar_batches``: numpy int64 arrays [N, T], pass them to torch.from_numpy).
 """
 from __future__ import annotations
 
@@ -83,10 +84,15 @@ def mqar_arrays(num_examples: int, seq_len: int, vocab_size: int, num_kv_pairs: 
     return inputs, labels
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of evaluation sample ``index`` of a cell seeded ``seed`` (numpy SeedSequence of (seed, index))."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
 def mqar_batches(batch_size: int, seq_len: int, vocab_size: int, num_kv_pairs: int = 8, power_a: float = 0.01,
                  seed: int = 0, random_non_queries: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """An endless stream of training batches; batch i uses the seed sequence (seed, i), so it is reproducible
-    and disjoint from ``mqar_arrays(seed=seed)`` evaluation data."""
+    """An endless stream of training batches; batch i uses the seed sequence (seed, 1, i), so it is reproducible
+    and its seeds differ from the evaluation samples' (``sample_seed``: the sequence (seed, index))."""
     step = 0
     while True:
         batch_seed = np.random.SeedSequence([seed, 1, step]).generate_state(1)[0]
@@ -109,7 +115,8 @@ def mqar_accuracy(predicted_next_ids: np.ndarray, labels: np.ndarray) -> float:
 @dataclass
 class MQARSample:
     """One MQAR sequence. query_positions[i]: the position of the i-th queried key (in order of position);
-    target_ids[i]: the value the model must predict right after it."""
+    target_ids[i]: the value the model must predict right after it. seed: the cell's seed; sample_seed: the seed
+    this sequence was drawn from (``sample_seed(seed, index)``)."""
 
     index: int
     input_ids: list[int]
@@ -120,6 +127,7 @@ class MQARSample:
     num_kv_pairs: int
     power_a: float
     seed: int
+    sample_seed: int
     task: str = "mqar"
 
     def to_record(self) -> dict:
@@ -144,17 +152,18 @@ class MQARTask:
                 "random_non_queries": self.random_non_queries}
 
     def build_samples(self, vocab_size: int, length: int, num_samples: int, seed: int = 0,
-                      num_kv_pairs: int | None = None, power_a: float | None = None,
-                      tokenizer=None) -> list[MQARSample]:
-        """``length`` is the sequence length T. ``num_kv_pairs`` defaults to the task's (8)."""
+                      num_kv_pairs: int | None = None, power_a: float | None = None) -> list[MQARSample]:
+        """``length`` is the sequence length T. ``num_kv_pairs`` defaults to the task's (8). Sample i is drawn
+        from ``sample_seed(seed, i)`` alone: the same whatever ``num_samples`` is."""
         k = self.num_kv_pairs if num_kv_pairs is None else int(num_kv_pairs)
         a = self.power_a if power_a is None else float(power_a)
-        inputs, labels = mqar_arrays(num_samples, length, vocab_size, k, a, seed, self.random_non_queries)
         samples = []
-        for i in range(num_samples):
-            pos = np.flatnonzero(labels[i] != IGNORE_INDEX)
-            samples.append(MQARSample(i, inputs[i].tolist(), pos.tolist(), labels[i, pos].tolist(), length,
-                                      vocab_size, k, a, seed))
+        for index in range(num_samples):
+            own_seed = sample_seed(seed, index)
+            inputs, labels = mqar_arrays(1, length, vocab_size, k, a, own_seed, self.random_non_queries)
+            pos = np.flatnonzero(labels[0] != IGNORE_INDEX)
+            samples.append(MQARSample(index, inputs[0].tolist(), pos.tolist(), labels[0, pos].tolist(), length,
+                                      vocab_size, k, a, seed, own_seed))
         return samples
 
     def score(self, predicted_next_ids: Sequence[int], sample: MQARSample | dict) -> tuple[float, dict]:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tasks import get_task
-from tasks.mqar import IGNORE_INDEX, MQAR_TASK, mqar_accuracy, mqar_arrays, mqar_batches
+from tasks.mqar import IGNORE_INDEX, MQAR_TASK, mqar_accuracy, mqar_arrays, mqar_batches, sample_seed
 
 
 def test_structure_keys_values_queries():
@@ -74,6 +74,20 @@ def test_task_interface():
     score, detail = task.score(pred, s.to_record())
     assert score == 25.0 and detail["correct"] == 4 and detail["num_queries"] == 16
     assert task.build_samples(2048, 512, 3, seed=0, num_kv_pairs=16)[2] == samples[2]
+
+
+def test_sample_i_does_not_depend_on_the_number_of_samples():
+    few = MQAR_TASK.build_samples(vocab_size=512, length=128, num_samples=2, seed=7)
+    many = MQAR_TASK.build_samples(vocab_size=512, length=128, num_samples=6, seed=7)
+    assert many[:2] == few
+    assert len({tuple(s.input_ids) for s in many}) == 6          # distinct sequences, not one repeated
+    assert [s.index for s in many] == list(range(6)) and all(s.seed == 7 for s in many)
+    # sample i is mqar_arrays of one sequence at its own seed (what stores written before this change hold)
+    inputs, labels = mqar_arrays(1, 128, 512, 8, seed=int(np.random.SeedSequence([7, 3]).generate_state(1)[0]))
+    assert many[3].sample_seed == sample_seed(7, 3) and many[3].input_ids == inputs[0].tolist()
+    assert many[3].target_ids == labels[0][labels[0] != IGNORE_INDEX].tolist()
+    other_seed = MQAR_TASK.build_samples(vocab_size=512, length=128, num_samples=2, seed=8)
+    assert other_seed[0].input_ids != few[0].input_ids
 
 
 def test_errors_are_clear():
