@@ -522,8 +522,9 @@ class SweepRunner:
                     "model_source": model.source, "dtype": str(model.dtype).replace("torch.", "")}
         identity_sha = hashlib.sha256(dumps(identity).encode()).hexdigest()[:16]
         self.store.begin_cell(model.name, task.name, key, identity, identity_sha, len(samples), self.run_id)
-        if self.plan.retry_failed:
-            self.store.delete_failed(model.name, task.name, key)
+        mine = [s for s in samples if self.dist.owns(s.index)]
+        if self.plan.retry_failed:   # only this rank's rows: another rank may have stored its retries already
+            self.store.delete_failed(model.name, task.name, key, [s.index for s in mine])
         stored = self.store.stored_samples(model.name, task.name, key)
         by_index = {s.index: s for s in samples}
         changed = [i for i, (_, sha) in stored.items() if sha and i in by_index and sample_sha(by_index[i]) != sha]
@@ -532,7 +533,6 @@ class SweepRunner:
                 f"cell ({model.name}, {task.name}, {key}): {len(changed)} stored sample(s) (e.g. index {changed[0]}) "
                 "differ from the ones generated now although the configuration matches (a generator changed?). "
                 "Use a new --output folder.")
-        mine = [s for s in samples if self.dist.owns(s.index)]
         todo = [s for s in mine if s.index not in stored]
         cell.planned, cell.skipped = len(mine), len(mine) - len(todo)
         if not todo:

@@ -259,11 +259,14 @@ class ResultsStore:
             (model, task, length)).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
-    def delete_failed(self, model: str, task: str, length: int) -> int:
-        """Drop a cell's failure rows so that they are retried (--retry-failed)."""
+    def delete_failed(self, model: str, task: str, length: int, indices: Iterable[int] | None = None) -> int:
+        """Drop a cell's failure rows so that they are retried (--retry-failed): those of ``indices`` (a rank's own
+        samples; another rank may already have stored its retried rows), or all when None."""
+        sql = "DELETE FROM samples WHERE model = ? AND task = ? AND length = ? AND status = 'error'"
         with self.transaction() as c:
-            return c.execute("DELETE FROM samples WHERE model = ? AND task = ? AND length = ? AND status = 'error'",
-                             (model, task, length)).rowcount
+            if indices is None:
+                return c.execute(sql, (model, task, length)).rowcount
+            return sum(c.execute(sql + " AND sample_index = ?", (model, task, length, i)).rowcount for i in indices)
 
     # ------------------------------------------------------------------------------------------------ reading
     def query(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:

@@ -85,6 +85,24 @@ def test_failing_cells_and_models_do_not_stop_the_sweep(tmp_path, tiny):
     assert (again.cells[0].ok, again.cells[0].failed, again.cells[0].skipped) == (0, 3, 3)
 
 
+def test_retry_failed_on_one_rank_leaves_other_ranks_rows(tmp_path, tiny):
+    """Under torchrun every rank retries its own failures; a slow rank must not delete rows that a faster rank has
+    already stored again."""
+    from harness.distributed import DistContext
+
+    run(tmp_path, [CellPlan(f"{SUPPORT}:FlakyTask", [16])], samples=6, tiny=tiny)   # failures at 1, 3, 5
+    first = {r["sample_index"]: r["run_id"] for r in rows(tmp_path, "status = 'error'")}
+    plan = Plan(models=["gdn2-tiny-random"], cells=[CellPlan(f"{SUPPORT}:FlakyTask", [16])], samples=6,
+                device="cpu", retry_failed=True)
+    with ResultsStore(tmp_path) as store:
+        summary = SweepRunner(plan, store, DistContext(rank=1, world_size=3), progress=False, log=lambda m: None,
+                              loader=lambda spec: tiny).run()
+    assert (summary.cells[0].planned, summary.cells[0].failed) == (2, 1)          # rank 1 owns samples 1 and 4
+    again = {r["sample_index"]: r["run_id"] for r in rows(tmp_path, "status = 'error'")}
+    assert set(again) == {1, 3, 5}
+    assert again[3] == first[3] and again[5] == first[5] and again[1] != first[1]
+
+
 def test_oom_retries_with_smaller_segments_then_records_a_failure(tmp_path, tiny):
     from test_runner_support import OOMTask
 

@@ -30,6 +30,9 @@ def test_rows_are_stored_exactly_once_and_never_overwritten(tmp_path):
         assert not store.add_sample(row(0, score=0.0))
         assert store.add_sample(row(1, status="error", score=None, error_kind="oom", error="x"))
         assert store.stored_samples("m", "t", 1024) == {0: ("ok", None), 1: ("error", None)}
+        assert store.add_sample(row(2, status="error", score=None, error_kind="oom", error="x"))
+        assert store.delete_failed("m", "t", 1024, indices=[0, 2]) == 1          # an ok row is never deleted
+        assert set(store.stored_samples("m", "t", 1024)) == {0, 1}
         assert store.delete_failed("m", "t", 1024) == 1
         stored = store.query("SELECT score, record FROM samples")
     assert [r[0] for r in stored] == [100.0]
