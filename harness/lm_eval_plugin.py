@@ -10,9 +10,9 @@ already loaded EvalModel instead of a spec.
 
 Semantics, request by request (batch size 1, always: padding would leak into a recurrent state, so none is used;
 lm-eval's --batch_size is accepted and ignored with a warning):
-- loglikelihood: EvalModel.loglikelihood's tokenisation (lm-eval's: whole string encoded, cut at the context's
-  length, trailing context spaces moved to the continuation, empty context -> prefix token); the whole input runs
-  with the state carried, no truncation. A model with a hard context limit refuses a longer input
+- loglikelihood: EvalModel.split_request's tokenisation (lm-eval's _encode_pair: trailing context whitespace moved
+  to the continuation, the context encoded alone, the continuation = what the whole string adds past it, empty
+  context -> prefix token); the whole input runs with the state carried, no truncation. A model with a hard context limit refuses a longer input
   (ContextTooLongError) unless allow_longer_context.
 - loglikelihood_rolling: lm-eval's own semantics (what HFLM does): the document is cut into disjoint windows of
   max_length predicted tokens (lm_eval.utils.get_rolling_token_windows, context_len=1), each window scored from a

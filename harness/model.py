@@ -138,18 +138,22 @@ class EvalModel:
         return results
 
     def split_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Token ids of context and continuation as lm-eval splits them: encode the whole string, cut at the
-        length of the encoded context (trailing context spaces move to the continuation); empty context -> prefix."""
+        """Token ids of context and continuation exactly as lm-eval's _encode_pair (causal LMs): trailing whitespace
+        of the context moves to the continuation; the context ids are the context encoded alone, the continuation
+        ids what encoding the whole string adds past that many tokens; empty context -> [prefix token]."""
         if not continuation:
             raise ValueError("loglikelihood request with an empty continuation")
         if not context:
             return [self.prefix_token_id], self.encode(continuation)
-        spaces = len(context) - len(context.rstrip(" "))
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.encode(context + continuation)
+        trailing = len(context) - len(context.rstrip())
+        if trailing:
+            context, continuation = context[:-trailing], context[-trailing:] + continuation
         context_ids = self.encode(context)
-        return whole[:len(context_ids)], whole[len(context_ids):]
+        continuation_ids = self.encode(context + continuation)[len(context_ids):]
+        if not continuation_ids:
+            raise ValueError(f"{self.name}: continuation {continuation!r} adds no token to the context "
+                             f"(...{context[-40:]!r}): its text merges into the context's last tokens")
+        return context_ids, continuation_ids
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         """Sum of log p over every token of each text, conditioned on the prefix token (lm-eval semantics,

@@ -27,17 +27,27 @@ def _full_logprobs(model, ids):
     return F.log_softmax(logits, dim=-1)
 
 
+class _LmEvalEncoder:
+    """What lm-eval's TemplateLM._encode_pair reads from its LM: a causal backend and tok_encode (no special tokens,
+    as HFLM encodes for causal models)."""
+
+    backend = "causal"
+
+    def __init__(self, model):
+        self.tok_encode = lambda text: model.tokenizer.encode(text, add_special_tokens=False)
+
+
 def _direct_loglikelihood(model, context, continuation):
-    tok = model.tokenizer
+    """Oracle: lm-eval's own _encode_pair for the split (empty context -> prefix token, as lm-eval's loglikelihood
+    does), then one full forward."""
+    from lm_eval.api.model import TemplateLM
+
     if context:
-        spaces = len(context) - len(context.rstrip(" "))
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = tok.encode(context + continuation, add_special_tokens=False)
-        n_ctx = len(tok.encode(context, add_special_tokens=False))
+        context_ids, continuation_ids = TemplateLM._encode_pair(_LmEvalEncoder(model), context, continuation)
     else:
-        whole = [tok.eos_token_id] + tok.encode(continuation, add_special_tokens=False)
-        n_ctx = 1
+        context_ids, continuation_ids = [model.tokenizer.eos_token_id], model.tokenizer.encode(
+            continuation, add_special_tokens=False)
+    whole, n_ctx = context_ids + continuation_ids, len(context_ids)
     lp = _full_logprobs(model, whole)
     targets = whole[n_ctx:]
     rows = lp[n_ctx - 1:len(whole) - 1]
@@ -48,12 +58,22 @@ def _direct_loglikelihood(model, context, continuation):
 
 def test_loglikelihood_equals_direct_computation(model):
     requests = [("Who's there? Nay, answer me:", " stand"), ("Long live the ", "king!"), ("", "Hamlet"),
-                (TEXT, " And so good night.")]
+                (TEXT, " And so good night."),
+                ("Who goes there?\n", "Nay, answer me"),      # trailing newline moves to the continuation
+                ("Long live th", "e king!")]                   # context ids != the whole string's first ids
+    whole, alone = model.encode("Long live the king!"), model.encode("Long live th")
+    assert whole[:len(alone)] != alone
     got = HarnessLM(model=model).loglikelihood(_instances("loglikelihood", requests))
     for (context, continuation), (ll, greedy) in zip(requests, got):
         want_ll, want_greedy = _direct_loglikelihood(model, context, continuation)
         assert ll == pytest.approx(want_ll, abs=1e-3, rel=1e-5)
         assert greedy == want_greedy
+
+
+def test_continuation_merged_into_the_context_is_refused_by_name(model):
+    # "Long live the king!" and "Long live the ki" encode to the same number of tokens: nothing left to score
+    with pytest.raises(ValueError, match="adds no token"):
+        model.loglikelihood([("Long live the ki", "ng!")])
 
 
 def test_rolling_uses_lm_eval_disjoint_windows(model):
