@@ -108,15 +108,25 @@ def interval95(scores: Sequence[float]) -> tuple[float, float]:
     return (max(0.0, mean - half), min(100.0, mean + half))
 
 
+def standard_error(scores: Sequence[float]) -> float:
+    """Standard error of the mean of per-sample scores (sample standard deviation / sqrt(n)); NaN below 2 samples."""
+    n = len(scores)
+    if n < 2:
+        return math.nan
+    mean = sum(scores) / n
+    return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)
+
+
 @dataclass
 class CellStat:
-    """One table cell: the value, its sample count and interval (lo/hi NaN when not applicable)."""
+    """One table cell: the value, its sample count, interval and standard error (NaN when not applicable)."""
 
     value: float
     n: int = 0
     failed: int = 0
     lo: float = math.nan
     hi: float = math.nan
+    stderr: float = math.nan
 
     def text(self, digits: int = 1, few: int = FEW_SAMPLES) -> str:
         if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
@@ -164,12 +174,13 @@ def cell_stats(results: Results) -> dict[tuple[str, str, int], CellStat]:
             columns = list((meta.get("paper_columns") or {}))
             if columns and aggregate.get(columns[0]) is not None:
                 value = float(aggregate[columns[0]])
-                lo, hi = (math.nan, math.nan) if "ppl" in columns[0] else interval95(ok)
-                out[key] = CellStat(value, len(ok), failed, lo, hi)
+                if "ppl" in columns[0]:
+                    out[key] = CellStat(value, len(ok), failed)
+                else:
+                    out[key] = CellStat(value, len(ok), failed, *interval95(ok), standard_error(ok))
                 continue
         mean = sum(ok) / len(ok) if ok else math.nan
-        lo, hi = interval95(ok)
-        out[key] = CellStat(mean, len(ok), failed, lo, hi)
+        out[key] = CellStat(mean, len(ok), failed, *interval95(ok), standard_error(ok))
     return out
 
 
@@ -571,9 +582,8 @@ def lm_eval_json(results: Results) -> dict:
             if m != model:
                 continue
             key = task if length == NO_LENGTH else f"{task}@{length}"
-            half = (stat.hi - stat.lo) / 2 if not _isnan(stat.lo) else math.nan
             res[key] = {"alias": key, "score,none": _round(stat.value),
-                        "score_stderr,none": _round(half / Z95) if not _isnan(half) else "N/A",
+                        "score_stderr,none": "N/A" if _isnan(stat.stderr) else _round(stat.stderr),
                         "n,none": stat.n, "failed,none": stat.failed}
             n_samples[key] = {"original": stat.n + stat.failed, "effective": stat.n}
         info = _model_info(results).get(model, {})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import build_tables, interval95, lm_eval_json, load_results, write_report
+from harness.report import build_tables, interval95, lm_eval_json, load_results, standard_error, write_report
 from harness.store import ResultsStore, SampleRow
 
 EXPECTED = Path(__file__).resolve().parent / "data" / "expected_report"
@@ -101,11 +101,15 @@ def test_paper_rows_and_deltas(known_store):
 
 def test_intervals():
     lo, hi = interval95([100.0] * 5)
-    assert hi == pytest.approx(100.0) and 50 < lo < 60                  # Wilson, 5/5
+    assert hi == pytest.approx(100.0) and lo == pytest.approx(56.55, abs=0.01)   # Wilson, 5/5: 5 / (5 + z^2)
     lo, hi = interval95([0.0, 100.0] * 50)
     assert lo == pytest.approx(40.38, abs=0.01) and hi == pytest.approx(59.62, abs=0.01)
-    lo, hi = interval95([25.0, 50.0, 75.0])
-    assert lo < 50 < hi
+    lo, hi = interval95([25.0, 50.0, 75.0])          # normal: 50 +- 1.96 * 25 / sqrt(3)
+    assert lo == pytest.approx(50 - 1.959964 * 25 / 3 ** 0.5) and hi == pytest.approx(50 + 1.959964 * 25 / 3 ** 0.5)
+    assert interval95([60.0, 90.0]) == (pytest.approx(75 - 1.959964 * 15), 100.0)   # se 15; clipped at 100
+    assert all(math.isnan(x) for x in interval95([50.0])) and all(math.isnan(x) for x in interval95([]))
+    assert standard_error([100.0, 100.0, 0.0, 100.0, 100.0]) == pytest.approx(20.0)
+    assert math.isnan(standard_error([100.0]))
 
 
 def test_write_report_files_plots_and_exports(known_store, tmp_path):
@@ -120,4 +124,8 @@ def test_write_report_files_plots_and_exports(known_store, tmp_path):
     data = json.loads((known_store / "exports" / "gdn2-demo" / "results.json").read_text())
     assert data["results"]["niah_single_1@2048"]["failed,none"] == 1
     assert data["git_hash"] == "0" * 40
-    assert lm_eval_json(load_results(known_store))["gdn2-demo"]["n-samples"]["niah_single_1@1024"]["effective"] == 5
+    exported = lm_eval_json(load_results(known_store))["gdn2-demo"]
+    assert exported["n-samples"]["niah_single_1@1024"]["effective"] == 5
+    # scores 100, 100, 0, 100, 100: sample sd sqrt(2000), standard error sqrt(2000 / 5) = 20 (lm-eval's stderr)
+    assert exported["results"]["niah_single_1@1024"]["score_stderr,none"] == pytest.approx(20.0)
+    assert exported["results"]["ppl:shakespeare@512"]["score_stderr,none"] == "N/A"
