@@ -455,17 +455,26 @@ def table3(results: Results) -> Table:
                     row.cells[col] = stat
         table.rows.append(row)
         table.rows.extend(_paper_rows_for(results, table, paper, model, row, {c: c for c in columns}))
-    if any(_haystack_substituted(results)):
-        table.notes.append("essay haystacks are a public-domain substitute for Paul Graham's essays: S-NIAH-2/3 and "
-                           "MK-NIAH-1 are not directly comparable to the paper's numbers")
+    substitutes = _substituted_essays(results)
+    if substitutes:
+        table.notes.append(f"essay haystack {', '.join(substitutes)} is not Paul Graham's essays (RULER's text): "
+                           "S-NIAH-2/3 and MK-NIAH-1 are not directly comparable to the paper's numbers")
     return table
 
 
-def _haystack_substituted(results: Results) -> list[bool]:
+def _substituted_essays(results: Results) -> list[str]:
+    """Names of the essay haystacks of Table 3 cells that are not RULER's PaulGrahamEssays text (the noise and
+    needle haystacks are RULER's own)."""
     if results.cells.empty or "haystack" not in results.cells:
         return []
-    return ["paul" not in str(h).lower() and "essay" in str(h).lower() or "areopagitica" in str(h).lower()
-            for h in results.cells["haystack"].fillna("")]
+    names = set()
+    for task, haystack in zip(results.cells["task"], results.cells["haystack"]):
+        if task not in TABLE3_TASKS or not isinstance(haystack, str) or not haystack:
+            continue
+        for name, _sha in json.loads(haystack):
+            if name not in ("noise", "needle") and "paulgraham" not in re.sub(r"[^a-z]", "", name.lower()):
+                names.add(name)
+    return sorted(names)
 
 
 def _task_matches(task: str, patterns: Sequence[str]) -> bool:

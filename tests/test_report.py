@@ -129,3 +129,15 @@ def test_write_report_files_plots_and_exports(known_store, tmp_path):
     # scores 100, 100, 0, 100, 100: sample sd sqrt(2000), standard error sqrt(2000 / 5) = 20 (lm-eval's stderr)
     assert exported["results"]["niah_single_1@1024"]["score_stderr,none"] == pytest.approx(20.0)
     assert exported["results"]["ppl:shakespeare@512"]["score_stderr,none"] == "N/A"
+
+
+@pytest.mark.parametrize("haystack,noted", [("milton-areopagitica", True), ("moby-dick", True),
+                                            ("PaulGrahamEssays", False), ("paul_graham_essays", False)])
+def test_table3_notes_every_essay_haystack_that_is_not_rulers(tmp_path, haystack, noted):
+    with ResultsStore(tmp_path) as store:
+        for task, hay in (("niah_single_1", "noise"), ("niah_single_2", haystack)):
+            store.begin_cell("m", task, 1024, {"haystack": [[hay, "0" * 64]]}, task, 1, "run-1")
+            store.add_sample(SampleRow("m", task, 1024, 0, "ok", 100.0))
+    notes = build_tables(tmp_path)["table3"].notes
+    assert any(haystack in n and "not directly comparable" in n for n in notes) == noted
+    assert not any("noise" in n for n in notes)
