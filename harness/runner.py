@@ -38,6 +38,7 @@ import yaml
 from harness.distributed import DistContext
 from harness.eval_task import Sample, SampleResult
 from harness.store import NO_LENGTH, CellIdentityError, ResultsStore, SampleRow, dumps
+from tasks.cli import parse_length
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,21 +93,6 @@ class Plan:
 
 SUITE_KEYS = {"description", "models", "samples", "seed", "report", "cells"}
 CELL_KEYS = {"task", "lengths", "samples", "options"}
-
-
-def parse_length(value: Any) -> int | None:
-    """1024 | "1024" | "1k" | "4K" | None -> tokens."""
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    text = str(value).strip().lower()
-    try:
-        if text.endswith("k"):
-            return int(float(text[:-1]) * 1024)
-        return int(text)
-    except ValueError:
-        raise ValueError(f"context length {value!r} is neither an integer nor a number with a k suffix (e.g. 4k)")
 
 
 def suite_names() -> list[str]:

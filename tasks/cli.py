@@ -15,18 +15,35 @@ import sys
 import time
 
 
-def parse_length(text: str) -> int:
-    """"4096", "4k", "4K", "128k" -> tokens (k = 1024)."""
-    t = text.strip().lower()
+def parse_length(value: int | str | None) -> int | None:
+    """4096 | "4096" | "4k" | "4K" | "1.5k" -> tokens (k = 1024); None -> None (no length axis). The one parser of
+    context lengths (this command, run --lengths, suite files); ValueError unless a positive whole number of tokens."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        tokens = float(value)
+    else:
+        text = str(value).strip().lower()
+        try:
+            tokens = float(text[:-1]) * 1024 if text.endswith("k") else float(int(text))
+        except ValueError:
+            raise ValueError(f"context length {value!r} is neither an integer nor a number with a k suffix "
+                             "(e.g. 4096, 4k)") from None
+    if tokens <= 0 or not tokens.is_integer():
+        raise ValueError(f"context length {value!r} is {tokens:g} tokens; it must be a positive whole number")
+    return int(tokens)
+
+
+def _length_argument(text: str) -> int:
     try:
-        return int(t[:-1]) * 1024 if t.endswith("k") else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"length must be an integer or like 4k, got {text!r}") from None
+        return parse_length(text)
+    except ValueError as err:   # argparse shows an ArgumentTypeError's message as it is
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--task", required=True, help="task name or alias (e.g. niah_single_1, s_niah_1, vt, mqar)")
-    parser.add_argument("--length", required=True, type=parse_length,
+    parser.add_argument("--length", required=True, type=_length_argument,
                         help="context length in tokens: prompt + answer prefix + generation budget (e.g. 4096, 4k)")
     parser.add_argument("--samples", type=int, default=500, help="number of samples (RULER default 500)")
     parser.add_argument("--tokenizer", default=None,

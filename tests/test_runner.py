@@ -148,9 +148,11 @@ def test_suites_parse_and_expand():
     table3 = plan_from_suite(load_suite("paper-table3"), samples=5, limit=3)
     assert {n for _, _, n, _ in table3.expand()} == {3}
     assert len(table3.expand()) == 14
-    assert parse_length("4k") == 4096 and parse_length(2048) == 2048
-    with pytest.raises(ValueError):
-        parse_length("four")
+    assert parse_length("4k") == 4096 and parse_length(2048) == 2048 and parse_length("1.5K") == 1536
+    assert parse_length(None) is None
+    for bad in ("four", "4.3k", "0", "-1k", "1e3"):    # 4.3k = 4403.2 tokens was truncated to 4403
+        with pytest.raises(ValueError, match="context length"):
+            parse_length(bad)
 
 
 def test_bad_suite_keys_are_errors(tmp_path):
