@@ -109,9 +109,7 @@ class HarnessLM(LM):
         if self._max_length:
             return self._max_length
         if self.model.max_length:
-            # EvalModel.check_length counts the last (predicted, never fed) token too, so a window of exactly the
-            # hard limit would be refused: one token less.
-            return self.model.max_length - 1
+            return self.model.max_length      # as HFLM: a window feeds max_length tokens (the last is only predicted)
         return self.model.trained_length or DEFAULT_MAX_LENGTH
 
     @property

@@ -103,6 +103,19 @@ def test_rolling_uses_lm_eval_disjoint_windows(model):
     assert one == pytest.approx(carry, abs=1e-3, rel=1e-5)
 
 
+def test_rolling_window_is_the_model_context_limit(model):
+    """As HFLM: a model with a hard limit of N tokens gets windows that feed exactly N tokens (no refusal)."""
+    import dataclasses
+
+    limited = dataclasses.replace(model, max_length=10)
+    lm = HarnessLM(model=limited)
+    assert lm.max_length == 10
+    (got,) = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(TEXT,)]))
+    (want,) = HarnessLM(model=model, max_length=10).loglikelihood_rolling(_instances("loglikelihood_rolling",
+                                                                                     [(TEXT,)]))
+    assert got == want
+
+
 def test_generate_until_greedy_stops_and_budget(model):
     lm = HarnessLM(model=model)
     prompt = "Who's there? Nay, answer me:"
