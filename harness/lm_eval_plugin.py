@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -183,33 +182,7 @@ class HarnessLM(LM):
                 self._warned_sampling = True
             prompt_ids = self.model.encode(context) if context else [self.model.prefix_token_id]
             prompt_ids = self._truncate(context, prompt_ids)
-            text = self.greedy_until(prompt_ids, max_gen_toks, until)
+            text = self.model.greedy_text(prompt_ids, max_gen_toks, until)
             self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
             results.append(text)
         return results
-
-    @torch.no_grad()
-    def greedy_until(self, prompt_ids: list[int], max_new_tokens: int, until: list[str]) -> str:
-        """Greedy continuation of prompt_ids, stopped at EOS, at the first stop string (cut before it) or after
-        max_new_tokens. Same prefill/decode as EvalModel.generate_ids, plus the early stop on strings (which
-        generate_ids lacks), so a 256-token budget is not spent after the answer's newline."""
-        m = self.model
-        m.check_length(len(prompt_ids) + max_new_tokens)
-        eos = m.tokenizer.eos_token_id
-        tokens = torch.tensor(prompt_ids, dtype=torch.long, device=m.device)[None]
-        cache, logits = None, None
-        for start in range(0, tokens.shape[1], m.segment):
-            logits, cache = m._forward(tokens[:, start:start + m.segment], cache, 1)
-        generated: list[int] = []
-        text = ""
-        for _ in range(max_new_tokens):
-            next_id = int(logits[0, -1].argmax())
-            if eos is not None and next_id == eos:
-                break
-            generated.append(next_id)
-            text = m.decode(generated)
-            if any(s and s in text for s in until) or len(generated) == max_new_tokens:
-                break
-            logits, cache = m._forward(torch.tensor([[next_id]], device=m.device), cache, 1)
-        cuts = [text.index(s) for s in until if s and s in text]
-        return text[:min(cuts)] if cuts else text

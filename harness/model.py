@@ -191,23 +191,19 @@ class EvalModel:
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] | None = None) -> list[str]:
         """Greedy continuation of each prompt, cut at the first stop string (EOS always stops)."""
-        eos = self.tokenizer.eos_token_id
-        outputs = []
+        return [self.greedy_text(self.encode(prompt), max_new_tokens, stop) for prompt in prompts]
+
+    def greedy_text(self, prompt_ids: Sequence[int], max_new_tokens: int, stop: Sequence[str] | None = None) -> str:
+        """Greedy continuation of prompt_ids as text: decoding stops at EOS, once a stop string appears, or after
+        max_new_tokens; the text is cut before the first stop string."""
         stops = [s for s in stop or () if s]
-
-        def hit_stop(ids: list[int]) -> bool:
-            tail = self.decode(ids[-16:])                          # a stop string ends within the last tokens
-            return any(s in tail for s in stops)
-
-        for prompt in prompts:
-            ids = self.generate_ids(self.encode(prompt), max_new_tokens, stop_ids=[eos] if eos is not None else [],
-                                    stop_when=hit_stop if stops else None)
-            text = self.decode(ids)
-            for s in stop or ():
-                if s and s in text:
-                    text = text[:text.index(s)]
-            outputs.append(text)
-        return outputs
+        eos = self.tokenizer.eos_token_id
+        ids = self.generate_ids(prompt_ids, max_new_tokens, stop_ids=[eos] if eos is not None else [],
+                                stop_when=(lambda generated: any(s in self.decode(generated) for s in stops))
+                                if stops else None)
+        text = self.decode(ids)
+        cuts = [text.index(s) for s in stops if s in text]
+        return text[:min(cuts)] if cuts else text
 
     def describe(self) -> dict:
         """Identity of the model for result records."""
