@@ -130,10 +130,6 @@ class SlidingWindowAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, self.kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def state_floats(self) -> int:
-        """KV-cache floats this layer holds at most (window_size keys and values); 0 for unbounded (full)."""
-        return 0 if self.window_size is None else 2 * self.window_size * self.kv_dim
-
     def forward(self, hidden_states: torch.Tensor, state: AttentionState | None = None, use_cache: bool = False):
         B, T, _ = hidden_states.shape
         D = self.head_dim

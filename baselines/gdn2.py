@@ -14,6 +14,7 @@ Formats
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -84,19 +85,11 @@ def build_model(config: dict, source: str = "config.json", meta: bool = False) -
 
     fields, attn_layers = gdn2_config_fields(config, source)
     gdn2_config = GDN2Config(**fields)
-    with torch.device("meta") if meta else _nullcontext():
+    with torch.device("meta") if meta else contextlib.nullcontext():
         lm = GDN2ForCausalLM(gdn2_config) if not attn_layers else build_hybrid(gdn2_config, attn_layers)
     if meta:
         lm = lm.to_empty(device="cpu")
     return lm
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def build_hybrid(config, attn_layers: dict[int, dict]) -> nn.Module:

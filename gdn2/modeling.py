@@ -200,7 +200,3 @@ class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
