@@ -82,7 +82,7 @@ def check_forward_args(attention_mask: torch.Tensor | None, extra_kwargs: dict) 
     recurrent state) and unknown keyword arguments."""
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError("padded batches are not supported (padding would enter the recurrent state): run sequences "
-                         "of different lengths one by one, or pack them with cu_seqlens")
+                         "of different lengths one by one")
     unknown = set(extra_kwargs) - GENERATE_KWARGS
     if unknown:
         raise TypeError(f"unexpected arguments {sorted(unknown)}")

@@ -116,8 +116,12 @@ def test_padding_is_refused_not_leaked_into_state():
     ids = torch.randint(0, 97, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, :3] = 0
-    with pytest.raises(ValueError, match="padded"):
+    with pytest.raises(ValueError, match="padded") as refused:
         model(ids, attention_mask=mask)
+    # the advice names nothing forward refuses: it takes no packed (cu_seqlens) input
+    assert "cu_seqlens" not in str(refused.value)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        model(ids.reshape(1, 16), cu_seqlens=torch.tensor([0, 8, 16]))
 
 
 def test_a_training_step_lowers_the_loss():
