@@ -68,7 +68,13 @@ class MqarEvalTask:
 
     uses_length = True
 
+    OPTIONS = ("num_kv_pairs", "power_a")    # what a suite cell's options may set (tasks.mqar build_samples)
+
     def __init__(self, mqar_task: Any, **options: Any):
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"task {getattr(mqar_task, 'name', 'mqar')!r}: unknown option(s) {unknown}; "
+                             f"known: {list(self.OPTIONS)}")
         self.mqar = mqar_task
         self.name = getattr(mqar_task, "name", "mqar")
         self.options = options

@@ -95,3 +95,11 @@ def test_errors_are_clear():
         mqar_arrays(1, 30, 1000, 8)
     with pytest.raises(ValueError, match="too small"):
         mqar_arrays(1, 256, 10, 8)
+
+
+def test_adapter_refuses_unknown_options_before_any_model_loads():
+    from harness.task_adapters import resolve_task
+
+    assert resolve_task("mqar", {"num_kv_pairs": 16}).options == {"num_kv_pairs": 16}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_kv_pair'\]"):
+        resolve_task("mqar", {"num_kv_pair": 16})
