@@ -385,14 +385,15 @@ class PerplexityTask:
         return [Sample(index=i, payload={"start": i * length, "length": length}) for i in range(count)]
 
     def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
-        from tasks.perplexity import bucketed_perplexity
+        from tasks.perplexity import bucketed_perplexity, words_in_span
 
         start, length = sample.payload["start"], sample.payload["length"]
-        ids = self._tokens(model)[start:start + length]
-        result = bucketed_perplexity(model, ids, bucket=self.bucket, max_length=length)
+        corpus_ids = self._tokens(model)
+        result = bucketed_perplexity(model, corpus_ids[start:start + length], bucket=self.bucket, max_length=length)
+        words = words_in_span(model, corpus_ids, start, start + length)   # each word in the row where it starts
         return SampleResult(
             index=sample.index, score=result.token_perplexity,
-            metrics={"nll_sum": result.nll_sum, "tokens": float(result.tokens), "words": float(result.words)},
+            metrics={"nll_sum": result.nll_sum, "tokens": float(result.tokens), "words": float(words)},
             record={"corpus": self.corpus, "start_token": start, "length": length, "bucket": self.bucket,
                     "bucket_nll": result.bucket_nll, "bucket_tokens": result.bucket_tokens})
 

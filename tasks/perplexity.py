@@ -12,8 +12,11 @@ Conventions
 - Every sequence is conditioned on the model's prefix token (BOS, else EOS), so all its tokens are scored, as lm-eval
   does for the first window of a document. A corpus_perplexity over a text equals a bucketed_perplexity of the same
   tokens with one bucket (tested).
-- Word perplexity = exp(total nll / words), words counted as lm-eval's wikitext task counts them (re.split(r"\\s+"))
-  on the text scored; bits per byte = total nll / ln 2 / UTF-8 bytes.
+- Word perplexity = exp(total nll / words), words = the whitespace-separated words of the text scored (lm-eval's
+  wikitext count, len(re.split(r"\\s+", doc)), is the same except that it also counts an empty string at a leading
+  or trailing whitespace). A text cut into consecutive token sequences counts each word once, in the sequence where
+  it starts (words_in_span), so the sequences' words add up to the text's. Bits per byte = total nll / ln 2 / UTF-8
+  bytes of the text scored.
 - bucketed_perplexity cuts the token stream into consecutive sequences of max_length tokens (a last, shorter piece is
   dropped unless it is the only one) and sums the nll of position p (0-based in its sequence) into bucket
   p // bucket; bucket perplexity = exp(bucket nll / bucket tokens). Past the training length the buckets show
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -62,8 +64,14 @@ def corpus_text(corpus: str) -> str:
 
 
 def count_words(text: str) -> int:
-    """Words as lm-eval's wikitext task counts them."""
-    return len(re.split(r"\s+", text))
+    """Whitespace-separated words of text."""
+    return len(text.split())
+
+
+def words_in_span(model, ids: Sequence[int], start: int, end: int) -> int:
+    """Words that start within tokens [start, end) of ids: the words of the decoded prefix ids[:end] minus those of
+    ids[:start] (a word cut at `start` belongs to the span before). Consecutive spans add up to the text's count."""
+    return count_words(model.decode(list(ids[:end]))) - (count_words(model.decode(list(ids[:start]))) if start else 0)
 
 
 @dataclass
@@ -126,6 +134,8 @@ def bucketed_perplexity(model, text_or_ids: str | Sequence[int], bucket: int = 5
     """
     if bucket < 1:
         raise ValueError(f"bucket must be a positive number of tokens; got {bucket}")
+    if num_sequences is not None and num_sequences < 1:
+        raise ValueError(f"num_sequences must be at least 1 (or None: all that fit); got {num_sequences}")
     ids = model.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
     if not ids:
         raise ValueError("bucketed_perplexity of an empty input")
@@ -135,7 +145,6 @@ def bucketed_perplexity(model, text_or_ids: str | Sequence[int], bucket: int = 5
         starts = starts[:num_sequences]
     n_buckets = math.ceil(min(length, len(ids)) / bucket)
     bucket_nll, bucket_tokens = [0.0] * n_buckets, [0] * n_buckets
-    words = nbytes = 0
     for start in starts:
         seq = ids[start:start + length]
         logprobs = sequence_logprobs(model, seq, segment)
@@ -143,8 +152,7 @@ def bucketed_perplexity(model, text_or_ids: str | Sequence[int], bucket: int = 5
             part = logprobs[b * bucket:(b + 1) * bucket]
             bucket_nll[b] += -float(part.sum())
             bucket_tokens[b] += int(part.numel())
-        text = model.decode(seq)
-        words += count_words(text)
-        nbytes += len(text.encode("utf-8"))
-    return PerplexityResult(nll_sum=sum(bucket_nll), tokens=sum(bucket_tokens), words=words, bytes=nbytes,
+    scored = model.decode(ids[:starts[-1] + length])           # the sequences tile the input from its start
+    return PerplexityResult(nll_sum=sum(bucket_nll), tokens=sum(bucket_tokens), words=count_words(scored),
+                            bytes=len(scored.encode("utf-8")),
                             bucket=bucket, bucket_nll=bucket_nll, bucket_tokens=bucket_tokens, sequences=len(starts))

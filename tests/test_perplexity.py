@@ -39,6 +39,9 @@ def test_buckets_sum_to_the_total(model, text):
     # each sequence is an independent document conditioned on the prefix token
     first = corpus_perplexity(model, model.decode(ids[:128]))
     assert first.tokens == 128
+    # words: those of the text scored, each counted once (not once more per sequence boundary)
+    scored = model.decode(ids[:128 * res.sequences])
+    assert res.words == len(scored.split()) and res.bytes == len(scored.encode("utf-8"))
 
 
 def test_segments_carry_state_exactly(model, text):
@@ -59,5 +62,8 @@ def test_perplexity_cell_rows_aggregate_to_the_corpus_number(model):
     direct = bucketed_perplexity(model, ids, bucket=128, max_length=256)
     assert agg["token_perplexity"] == pytest.approx(direct.token_perplexity, rel=1e-9)
     assert [b["perplexity"] for b in agg["buckets"]] == pytest.approx(direct.bucket_perplexity(), rel=1e-9)
+    # the rows' words add up to the words of the text they cover, as the direct computation counts them
+    assert sum(r.metrics["words"] for r in rows) == direct.words == len(model.decode(ids).split())
+    assert agg["word_perplexity"] == pytest.approx(direct.word_perplexity, rel=1e-9)
     with pytest.raises(ValueError, match="fewer than one sequence"):
         task.samples(model, 10 ** 7, num_samples=1, seed=0)
