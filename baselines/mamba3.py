@@ -160,6 +160,8 @@ class Mamba3Mixer(nn.Module):
         acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
         A = (-F.softplus(dd_A.to(acc))).clamp(max=-c.A_floor)                    # [B, T, H]
         DT = F.softplus(dd_dt.to(acc) + self.dt_bias.to(acc))
+        if self.use_kernels and hidden_states.is_cuda and not c.is_mimo and not (state is not None and T == 1):
+            return self._siso_kernel(hidden_states, z, x, B, C, A, DT, trap, angles, state, use_cache)
         lam = torch.sigmoid(trap.to(acc))
         rates = torch.tanh(angles.to(acc)) * math.pi                               # [B, T, A]
         theta = torch.cumsum(rates[:, :, None, :] * DT[..., None], dim=1)          # [B, T, H, A]
@@ -176,8 +178,6 @@ class Mamba3Mixer(nn.Module):
         v = xh[:, :, None] * self.mimo_x.to(acc).transpose(0, 1) if c.is_mimo else xh[:, :, None]
         gamma, eta = lam * DT, (1 - lam) * DT
         previous = None if state is None else state.ssm
-        if self.use_kernels and hidden_states.is_cuda and not c.is_mimo and not (previous is not None and T == 1):
-            return self._siso_kernel(hidden_states, z, x, B, C, A, DT, trap, angles, state, use_cache)
         if previous is not None and T == 1:
             o, new_ssm = trapezoid_step(q[:, 0], k[:, 0], v[:, 0], (A * DT)[:, 0], gamma[:, 0], eta[:, 0], previous)
             o = o[:, None]
