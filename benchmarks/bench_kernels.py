@@ -8,7 +8,9 @@ per step without launch gaps). The floor is the bytes every implementation must 
 written once) over the copy bandwidth measured in the same run.
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --out results/bench
-Writes <out>/kernels-<card>.csv and prints the table.
+Writes <out>/kernels-<card>.csv, kernels-<card>.md (table + targets), kernels-<card>.png (if matplotlib imports) and
+prints the table. GDN2_TRITON_AUTOTUNE is left as set (autotuning by default: the first call per shape compiles and
+times every config, outside the timed region).
 """
 from __future__ import annotations
 
@@ -164,7 +166,66 @@ def main():
         write(rows)
 
     write(rows)
-    print(f"wrote {os.path.join(args.out, f'kernels-{card}.csv')}")
+    write_markdown(rows, card, bw, os.path.join(args.out, f"kernels-{card}.md"))
+    write_plot(rows, card, os.path.join(args.out, f"kernels-{card}.png"))
+    print(f"wrote {os.path.join(args.out, f'kernels-{card}.csv')} (.md, .png)")
+
+
+TARGETS = {("B8_T4096", "infer_fwd"): 1.1, ("B8_T4096", "fwd_bwd"): 9.0, ("B1_T1", "decode_step"): 0.020}
+
+
+def write_markdown(rows, card, bw, path):
+    import fla
+    import torch as _torch
+    lines = [f"# GDN-2 Triton kernels vs fla ({card}, {datetime.date.today().isoformat()})", "",
+             f"triton {triton.__version__}, torch {_torch.__version__}, fla {getattr(fla, '__version__', '?')}; "
+             f"bf16 q,k,v,b,w, fp32 g, H={H}, K=V={K}, initial state in, final state out; median of "
+             f"triton.testing.do_bench. Floor = bytes that must move / {bw / 1e12:.2f} TB/s measured copy. "
+             f"GDN2_TRITON_AUTOTUNE={os.environ.get('GDN2_TRITON_AUTOTUNE', '1')}.", "",
+             "| shape | mode | ours ms | fla gdn2 ms | fla kda ms | floor ms | ours / fla gdn2 | ours / floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["shape"], r["mode"], r["ours_ms"], r["fla_gdn2_ms"], r["fla_kda_ms"], r["floor_ms"],
+                 r["ours_over_fla_gdn2"], r["ours_over_floor"]]
+        lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    lines += ["", "Targets:"]
+    for (shape, mode), target in TARGETS.items():
+        got = next((r["ours_ms"] for r in rows if r["shape"] == shape and r["mode"] == mode), None)
+        verdict = "not run" if got is None else ("MET" if got <= target else f"MISSED ({got / target:.2f}x over)")
+        lines.append(f"- {shape} {mode} <= {target} ms: {got} ms, {verdict}")
+    chunked = [r for r in rows if r["ours_over_fla_gdn2"] is not None and "decode" not in r["mode"]]
+    if chunked:
+        worst = max(chunked, key=lambda r: r["ours_over_fla_gdn2"])
+        lines.append(f"- ahead of fla chunk_gdn2 at every chunked row: "
+                     f"{'YES' if worst['ours_over_fla_gdn2'] < 1 else 'NO'} (worst: {worst['shape']} {worst['mode']}, "
+                     f"ours / fla = {worst['ours_over_fla_gdn2']})")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_plot(rows, card, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:                                                     # plot is optional
+        print(f"no plot ({type(e).__name__}: {e})")
+        return
+    chunked = [r for r in rows if "decode" not in r["mode"]]
+    labels = [f"{r['shape']}\n{r['mode']}" for r in chunked]
+    xs = range(len(chunked))
+    fig, ax = plt.subplots(figsize=(max(8, len(chunked) * 0.9), 4.5))
+    for i, (key, name) in enumerate([("ours_ms", "ours"), ("fla_gdn2_ms", "fla chunk_gdn2"),
+                                     ("fla_kda_ms", "fla chunk_kda")]):
+        ax.bar([x + (i - 1) * 0.27 for x in xs], [r[key] or 0 for r in chunked], width=0.27, label=name)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("ms (median)")
+    ax.set_yscale("log")
+    ax.set_title(f"GDN-2 chunked kernels, {card}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@ poisoned with NaN before the run (every torch.empty inside our kernel modules is
 reference (torch chunkwise, autograd in float64) by relative error ||x - ref|| / ||ref||:
 bf16 <= 1e-2, fp32 <= 2e-3, for o, the final state and every gradient (q, k, v, g, b, w, h0); the inference (no-grad)
 forward too. Extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V with V = 256) run on the first
-config of every kernel. The decode kernel: every (BV, num_warps) entry vs a float64 step.
+fitting config of every kernel, in bf16 and fp32; the K = 256 shape also on every sequential-kernel config that fits
+K = 256 (they hold the state as four [64, BV] blocks there). The decode kernel: every (BV, num_warps) entry vs a
+float64 step.
 
     PYTHONUNBUFFERED=1 python benchmarks/check_kernels_gpu.py --out results/bench [--budget-s 300]
+    python benchmarks/check_kernels_gpu.py --smoke --out /tmp/smoke     # CPU: the same plumbing under the Triton
+                                                                         # interpreter on tiny shapes (no GPU)
 Writes <out>/check-<card>.csv; prints a per-config summary.
 """
 from __future__ import annotations
@@ -16,28 +20,44 @@ import argparse
 import contextlib
 import csv
 import os
+import sys
 import time
 
-import torch
+SMOKE = "--smoke" in sys.argv
+if SMOKE:                                          # before any Triton kernel module is imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
-from gdn2.ops.chunk_torch import torch_chunk_gdn2
-from gdn2.ops.recurrent import torch_recurrent_step_gdn2
-from gdn2.ops.triton import chunk_bwd, chunk_fwd, recurrent, triton_chunk_gdn2, triton_recurrent_step_gdn2
-from gdn2.ops.triton.utils import pin_config
+import torch  # noqa: E402
+
+from gdn2.ops.chunk_torch import torch_chunk_gdn2  # noqa: E402
+from gdn2.ops.recurrent import torch_recurrent_step_gdn2  # noqa: E402
+from gdn2.ops.triton import chunk_bwd, chunk_fwd, recurrent, triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
+from gdn2.ops.triton.utils import pin_config  # noqa: E402
+
+DEV = "cpu" if SMOKE else "cuda"
 
 KERNELS = {
     "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
-    "fwd_recurrence": chunk_fwd.gdn2_fwd_kernel_recurrence,
+    "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
+    "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
+    "fwd_output": chunk_fwd.gdn2_fwd_kernel_output,
+    "bwd_dlocal": chunk_bwd.gdn2_bwd_kernel_dlocal,
     "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
+    "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,
     "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
     "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
 }
+SEQUENTIAL = ("fwd_state", "bwd_dstate")
 TOL = {torch.bfloat16: 1e-2, torch.float32: 2e-3}
 MAIN = dict(name="paper_T4097", B=1, T=4097, H=16, HV=16, K=128, V=128, cu=None, l2=False, h0=True)
 EXTRA = [
     dict(name="varlen_grouped_l2_K256", B=1, T=1500, H=2, HV=4, K=256, V=64, cu=[0, 7, 700, 1500], l2=True, h0=True),
     dict(name="batch_K64_V256", B=2, T=300, H=1, HV=2, K=64, V=256, cu=None, l2=False, h0=False),
 ]
+if SMOKE:                                          # tiny stand-ins with the same features
+    MAIN = dict(MAIN, name="smoke_T130", T=130, H=1, HV=1, K=32, V=32)
+    EXTRA = [dict(EXTRA[0], name="smoke_varlen_K256", T=90, H=1, HV=2, K=256, V=16, cu=[0, 7, 90]),
+             dict(EXTRA[1], name="smoke_V256", T=70, K=16, V=256)]
 
 
 def cfg_name(c):
@@ -65,9 +85,9 @@ def poisoned_allocations():
 
 
 def make_inputs(case, seed):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
     B, T, H, HV, K, V = (case[x] for x in "B T H HV K V".split())
-    dev = "cuda"
+    dev = DEV
     q = torch.randn(B, T, H, K, device=dev, generator=gen)
     k = torch.randn(B, T, H, K, device=dev, generator=gen)
     if not case["l2"]:
@@ -98,26 +118,26 @@ def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
     return out
 
 
-def pin_for(dtype, under_test=None):
-    """Pin every kernel to its first config that may run on `dtype`; the kernel under test to its given config."""
+def pin_for(dtype, K, under_test=None):
+    """Pin every kernel to its first config that may run on (`dtype`, K); the kernel under test to its given config."""
     for kname, kern in KERNELS.items():
         if under_test is not None and kname == under_test[0]:
             pin_config(kern, under_test[1])
         else:
-            pin_config(kern, next(c for c in kern._all_configs if kern.fits(c, dtype)))
+            pin_config(kern, next(c for c in kern._all_configs if kern.fits(c, dtype, K)))
 
 
 def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), under_test=None):
     xs, h0, cu = make_inputs(case, seed)
-    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    gen = torch.Generator(device=DEV).manual_seed(seed + 1)
     B, T, HV, V, K = case["B"], case["T"], case["HV"], case["V"], case["K"]
-    do = torch.randn(B, T, HV, V, device="cuda", generator=gen)
-    dht = torch.randn(len(case["cu"]) - 1 if case["cu"] else B, HV, K, V, device="cuda", generator=gen)
+    do = torch.randn(B, T, HV, V, device=DEV, generator=gen)
+    dht = torch.randn(len(case["cu"]) - 1 if case["cu"] else B, HV, K, V, device=DEV, generator=gen)
     ref = run_one(torch_chunk_gdn2, [x.double() for x in xs], h0.double() if h0 is not None else None, cu,
                   case["l2"], do.double(), dht.double())
     worst = 0.0
     for dtype in dtypes:
-        pin_for(dtype, under_test)
+        pin_for(dtype, K, under_test)
         cast = [x.to(dtype) if i != 3 else x for i, x in enumerate(xs)]          # g stays fp32, as in the layer
         for mode in ("train", "infer"):
             with poisoned_allocations():
@@ -126,7 +146,8 @@ def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), 
                 else:
                     with torch.no_grad():
                         got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht, grad=False)
-            torch.cuda.synchronize()
+            if not SMOKE:
+                torch.cuda.synchronize()
             for name, val in got.items():
                 r = ref[name]
                 err = ((val.double() - r).norm() / r.norm()).item()
@@ -143,23 +164,25 @@ def check_decode(rows):
     worst_all = {}
     for cfg in recurrent.DECODE_CONFIGS:
         worst = 0.0
-        for (B, T, H, HV, l2) in [(1, 1, 16, 16, False), (64, 1, 16, 16, True), (3, 3, 4, 8, False)]:
-            K = V = 128
-            gen = torch.Generator(device="cuda").manual_seed(B * 100 + T)
-            q, k = (torch.randn(B, T, H, K, device="cuda", generator=gen) for _ in range(2))
+        shapes = [(1, 1, 16, 16, False), (64, 1, 16, 16, True), (3, 3, 4, 8, False)]
+        for (B, T, H, HV, l2) in (shapes if not SMOKE else [(1, 2, 1, 2, True)]):
+            K = V = 128 if not SMOKE else 32
+            gen = torch.Generator(device=DEV).manual_seed(B * 100 + T)
+            q, k = (torch.randn(B, T, H, K, device=DEV, generator=gen) for _ in range(2))
             k = torch.nn.functional.normalize(k, dim=-1)
-            v = torch.randn(B, T, HV, V, device="cuda", generator=gen)
-            g = -torch.rand(B, T, H, K, device="cuda", generator=gen)
-            b = torch.rand(B, T, H, K, device="cuda", generator=gen)
-            w = torch.rand(B, T, HV, V, device="cuda", generator=gen)
-            state = torch.randn(B, HV, K, V, device="cuda", generator=gen)
+            v = torch.randn(B, T, HV, V, device=DEV, generator=gen)
+            g = -torch.rand(B, T, H, K, device=DEV, generator=gen)
+            b = torch.rand(B, T, H, K, device=DEV, generator=gen)
+            w = torch.rand(B, T, HV, V, device=DEV, generator=gen)
+            state = torch.randn(B, HV, K, V, device=DEV, generator=gen)
             ref_state = state.double()
             ref_o = torch_recurrent_step_gdn2(*(x.double() for x in (q, k, v, g, b, w)), ref_state, None, l2)
-            ins = [x.bfloat16() if i != 3 else x for i, x in enumerate((q, k, v, g, b, w))]
+            ins = [x.to(torch.float32 if SMOKE else torch.bfloat16) if i != 3 else x for i, x in enumerate((q, k, v, g, b, w))]
             ref_state_bf = state.double()
             ref_o_bf = torch_recurrent_step_gdn2(*(x.double() for x in ins), ref_state_bf, None, l2)
             o = triton_recurrent_step_gdn2(*ins, state, None, l2, config=cfg)
-            torch.cuda.synchronize()
+            if not SMOKE:
+                torch.cuda.synchronize()
             for name, val, r in (("o", o, ref_o_bf), ("state", state, ref_state_bf)):
                 err = ((val.double() - r).norm() / r.norm()).item()
                 worst = max(worst, err / TOL[torch.float32])
@@ -174,9 +197,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (read before import)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    card = torch.cuda.get_device_name().replace(" ", "-")
+    card = "cpu-interpreter" if SMOKE else torch.cuda.get_device_name().replace(" ", "-")
     rows, summary = [], []
     start = time.time()
     for kname, kern in KERNELS.items():
@@ -186,13 +210,13 @@ def main():
         summary.append(("decode", f"BV={cfg[0]},w{cfg[1]}", status))
         print(f"{'decode':15s} {f'BV={cfg[0]},w{cfg[1]}':28s} {status}", flush=True)
     seed = 1000
-    DT = (torch.bfloat16, torch.float32)
+    DT = (torch.bfloat16, torch.float32) if not SMOKE else (torch.float32,)     # the interpreter mangles bf16
     for kname, kern in KERNELS.items():
         for cfg in list(kern._all_configs):
             if time.time() - start > args.budget_s:
                 summary.append((kname, cfg_name(cfg), "NOT RUN (time budget)"))
                 continue
-            dtypes = [d for d in DT if kern.fits(cfg, d)]
+            dtypes = [d for d in DT if kern.fits(cfg, d, MAIN["K"])]
             seed += 7
             t = time.time()
             try:
@@ -203,19 +227,26 @@ def main():
                 status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
             summary.append((kname, cfg_name(cfg), status))
             print(f"{kname:15s} {cfg_name(cfg):28s} {[str(d)[6:] for d in dtypes]} {status}", flush=True)
-    for case in EXTRA:
+    extra_runs = [(case, None) for case in EXTRA]
+    K256 = EXTRA[0]
+    extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL for cfg in KERNELS[kname]._all_configs[1:]
+                   if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
+    for case, under_test in extra_runs:
         seed += 7
+        label = "all(first)" if under_test is None else under_test[0]
+        name = case["name"] if under_test is None else f"{case['name']} {cfg_name(under_test[1])}"
         if time.time() - start > args.budget_s:
-            summary.append(("all(first)", case["name"], "NOT RUN (time budget)"))
-            print(f"{'all(first)':15s} {case['name']:28s} NOT RUN (time budget)", flush=True)
+            summary.append((label, name, "NOT RUN (time budget)"))
+            print(f"{label:15s} {name:28s} NOT RUN (time budget)", flush=True)
             continue
+        dtypes = [d for d in DT if under_test is None or KERNELS[under_test[0]].fits(under_test[1], d, case["K"])]
         try:
-            worst = check_case(case, seed, f"first configs {case['name']}", rows, (torch.bfloat16,))
+            worst = check_case(case, seed, f"{label} {name}", rows, dtypes, under_test)
             status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'}"
         except Exception as e:
             status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
-        summary.append(("all(first)", case["name"], status))
-        print(f"{'all(first)':15s} {case['name']:28s} {status}", flush=True)
+        summary.append((label, name, status))
+        print(f"{label:15s} {name:28s} {[str(d)[6:] for d in dtypes]} {status}", flush=True)
     for kern in KERNELS.values():
         pin_config(kern, None)
     path = os.path.join(args.out, f"check-{card}.csv")

@@ -39,6 +39,8 @@ CASES = [
     (2, 65, 1, 2, 16, 32, False, None),                  # T = C + 1, batch, grouped value heads, K != V
     (1, 130, 2, 2, 32, 16, True, None),                  # three chunks, fused L2-norm, K > V
     (1, 150, 1, 1, 16, 16, False, [0, 1, 66, 150]),      # varlen: lengths 1, 65, 84
+    (1, 70, 1, 2, 256, 32, True, None),                  # K = 256: four K blocks of 64 in the sequential kernels
+    (1, 100, 1, 1, 80, 48, False, [0, 37, 100]),         # K = 80: a partial second K block, V not a power of 2
 ]
 
 
@@ -73,6 +75,20 @@ def test_inference_forward_no_state_no_grad():
     ro, _ = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)))
     assert ht is None
     assert rel(o, ro) < TOL
+
+
+def test_inference_forward_fused_output(monkeypatch):
+    """GDN2_TRITON_INFER_FUSED=1: the output inside the sequential walk (no per-chunk states), K = 80 (two K blocks),
+    varlen, grouped value heads, initial and final state."""
+    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "1")
+    cu = torch.tensor([0, 50, 140])
+    q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=11)
+    with torch.no_grad():
+        o, ht = chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                           backend="triton")
+    ro, rh = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)), initial_state=h0.double(),
+                                  output_final_state=True, cu_seqlens=cu)
+    assert rel(o, ro) < TOL and rel(ht, rh) < TOL
 
 
 def test_strong_decay_does_not_overflow():

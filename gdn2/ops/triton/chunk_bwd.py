@@ -24,10 +24,12 @@ Kernels (in launch order; only dstate is sequential)
                           dQ, dY, dKt, d e^{G_C}; dE = A^T dY; writes the elementwise parts of dq, dk, db, dG (fp32)
                           and this K block's share of dA, dY E^T ([NK, TT, H, 64] fp32).
   gdn2_bwd_kernel_dav     grid (chunks, key heads): dZ = A^T dR -> dv, dw; dA = sum of the K-block shares + dR Z^T;
-                          dAqk = tril(dO R^T); dT = -A^T dA A^T (fp32, IEEE products).
+                          dAqk = tril(dO R^T); dT = -A^T dA A^T (fp32: IEEE products for fp32 inputs, tf32x3
+                          - three tf32 passes, about fp32 accuracy on tensor cores - for 16-bit inputs).
   gdn2_bwd_kernel_dqkg    grid (chunks, key heads, K slices): the pairwise-decay products' backward in 16-row
                           sub-chunks (same boundary trick as the forward), adds them, and the reverse cumsum for dg.
-With fp32 inputs every fp32 product uses IEEE precision (utils.dot_precision); with 16-bit inputs tf32.
+With fp32 inputs the fp32 products of dqk, dav, dqkg (the dA / dT path) use IEEE precision (utils.dot_precision),
+the others tf32 (utils.SERIAL_PRECISION); with 16-bit inputs tf32 throughout.
 The q/k L2-norm VJP (if fused) is applied on the [TT, H, K] results in PyTorch.
 """
 from __future__ import annotations
@@ -38,26 +40,52 @@ import triton.language as tl
 
 from gdn2.ops.triton.chunk_fwd import (_load_sub, block_sizes, chunk_key_side, key_vector, state_block,
                                        state_block_t, store_state_block, store_tile, tile, tile_t)
-from gdn2.ops.triton.utils import CHUNK, dot_precision, load_rows, tuned
+from gdn2.ops.triton.utils import CHUNK, SERIAL_PRECISION, dot_precision, load_rows, solve_precision, tuned
 
 DLOCAL_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
                                                                                        num_stages=2)]
 DLOCAL_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
+# Same list and key as the forward state kernel (chunk_fwd.STATE_CONFIGS); dstate_fits from the sm_90 compile report.
 DSTATE_CONFIGS = [
     triton.Config({"BV": 32}, num_warps=4, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 16}, num_warps=4, num_stages=2),
     triton.Config({"BV": 32}, num_warps=2, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=3),
     triton.Config({"BV": 32}, num_warps=4, num_stages=3),
 ]
+
+
+def dstate_fits(config, dtype, K) -> bool:
+    """Whether the bwd dstate kernel's sm_90 build stays within 232,448 B of shared memory (compile_check_sm90.py,
+    2026-11-27): 16-bit inputs: every entry up to K = 128 (<= 188,416 B); K <= 256 num_stages=2 only (3 stages:
+    315,392 / 335,872 B; BV=64 at 2 stages: 229,376 B). fp32: K <= 64 every entry (<= 229,376 B); K <= 128 the
+    BV=16 and 2-warp entries (217,088 / 118,784 B; BV=32/64 at 4 warps: 237,568 / 278,528 B); K <= 256 the 2-warp
+    entry only (217,088 B)."""
+    if K is None:
+        return True
+    if dtype != torch.float32:
+        return K <= 128 or config.num_stages < 3
+    if K <= 64:
+        return True
+    if K <= 128:
+        return config.num_stages < 3 and (config.num_warps == 2 or config.kwargs["BV"] <= 16)
+    return config.num_warps == 2
+
+
 DSTATE_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
-# dqk: BK is fixed by the shape (64, or K if smaller); BV is the V slice of the inner loop.
-DQK_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
-                                                                                  num_stages=2),
+DQK_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+               triton.Config({"BV": 32}, num_warps=4, num_stages=2),
+               triton.Config({"BV": 64}, num_warps=8, num_stages=2),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DQK_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
-DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
-                                                                                  num_stages=2),
+# dav at 4 warps holds A^T, dA, dAqk ([64, 64] fp32 each) and spills ~3.2 KB per thread (sm_90 compile, bf16);
+# the 8-warp entries halve the per-thread share (the spec's Hopper warning about 8 warps on a 64x64 accumulator is
+# why the GPU check runs every entry).
+DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+               triton.Config({"BV": 32}, num_warps=4, num_stages=2),
+               triton.Config({"BV": 64}, num_warps=8, num_stages=2),
+               triton.Config({"BV": 32}, num_warps=8, num_stages=1),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=1) for bks in (16, 32)]
@@ -88,10 +116,10 @@ def gdn2_bwd_kernel_dlocal(Aqk, do, dRl, cu_seqlens, chunk_indices, H: tl.conste
     store_tile(dRl + i_hv * V, x, t, eos, HV * V, i_v * BV, V, BV)
 
 
-@tuned(DSTATE_CONFIGS, key=["K", "V", "HV", "HAS_DHT", "STORE_DH0", "PREC"], interpret_config=DSTATE_INTERPRET,
-       dtype_arg="do")
+@tuned(DSTATE_CONFIGS, key=["K", "V", "HV", "NSH_LOG2", "HAS_DHT", "STORE_DH0", "PREC"],
+       interpret_config=DSTATE_INTERPRET, fits=dstate_fits, dtype_arg="do")
 @triton.jit
-def gdn2_bwd_kernel_dstate(Y, Qg, Kt, gC, dRl, do, dht, dh0, dhs, dR, cu_seqlens, chunk_offsets,
+def gdn2_bwd_kernel_dstate(Y, Qg, Kt, gC, dRl, do, dht, dh0, dhs, dR, cu_seqlens, chunk_offsets, NSH_LOG2,
                            H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -231,11 +259,11 @@ def gdn2_bwd_kernel_dqk(q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, d
     tl.store(dG + kptr, dGp, mask=mk)
 
 
-@tuned(DAV_CONFIGS, key=["K", "V", "HV", "NK", "PREC"], interpret_config=DAV_INTERPRET, dtype_arg="do")
+@tuned(DAV_CONFIGS, key=["V", "HV", "NK", "PREC", "PREC_T"], interpret_config=DAV_INTERPRET, dtype_arg="do")
 @triton.jit
 def gdn2_bwd_kernel_dav(v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu_seqlens, chunk_indices, TT,
                         H: tl.constexpr, HV: tl.constexpr, V: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, PREC_T: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + 2 * i_c)
     i_t = tl.load(chunk_indices + 2 * i_c + 1)
@@ -268,7 +296,7 @@ def gdn2_bwd_kernel_dav(v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu_seqlens, c
                           input_precision=PREC)
     incl = c64[:, None] >= c64[None, :]
     strict = c64[:, None] > c64[None, :]
-    dTm = -tl.dot(AT, tl.dot(dA, AT, input_precision="ieee"), input_precision="ieee")
+    dTm = -tl.dot(AT, tl.dot(dA, AT, input_precision=PREC_T), input_precision=PREC_T)
     tl.store(dT + t[:, None] * S64 + i_h * 64 + c64[None, :], tl.where(strict, dTm, 0.), mask=mt[:, None])
     tl.store(dAqk + t[:, None] * S64 + i_h * 64 + c64[None, :], tl.where(incl, dAq, 0.), mask=mt[:, None])
 
@@ -441,14 +469,15 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     A, Aqk, R, hs = saved["A"], saved["Aqk"], saved["R"], saved["hs"]
     dRl = torch.empty_like(v)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
-    gdn2_bwd_kernel_dlocal[grid](Aqk, do, dRl, cu, chunk_indices, H=H, HV=HV, V=V, PREC=prec)
+    gdn2_bwd_kernel_dlocal[grid](Aqk, do, dRl, cu, chunk_indices, H=H, HV=HV, V=V, PREC=SERIAL_PRECISION)
     dhs = torch.empty(n_chunks, HV, K, V, device=dev, dtype=v.dtype)
     dR = torch.empty_like(v)
     dh0 = torch.empty(n_seqs, HV, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seqs * HV)
     gdn2_bwd_kernel_dstate[grid](saved["Y"], saved["Qg"], saved["Kt"], saved["gC"], dRl, do, dht, dh0, dhs, dR,
-                                 cu, chunk_offsets, H=H, HV=HV, K=K, V=V, BK=BK, HAS_DHT=dht is not None,
-                                 STORE_DH0=h0 is not None, PREC=prec)
+                                 cu, chunk_offsets, (n_seqs * HV).bit_length(), H=H, HV=HV, K=K, V=V, BK=BK,
+                                 HAS_DHT=dht is not None,
+                                 STORE_DH0=h0 is not None, PREC=SERIAL_PRECISION)
     del dRl
     dq, dk, db, dG, dg = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(5))
     dAE = torch.empty(NK, TT, H, CHUNK, device=dev, dtype=torch.float32)
@@ -461,7 +490,7 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     dT = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
     dAqk = torch.empty_like(dT)
     gdn2_bwd_kernel_dav[(n_chunks, H)](v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu, chunk_indices, TT,
-                                       H=H, HV=HV, V=V, NK=NK, PREC=prec)
+                                       H=H, HV=HV, V=V, NK=NK, PREC=prec, PREC_T=solve_precision(v.dtype))
     del dAE
     grid = lambda meta: (n_chunks, H, triton.cdiv(K, meta["BKS"]))
     gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu, chunk_indices, scale,

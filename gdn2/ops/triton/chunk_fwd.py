@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.utils import CHUNK, dot_precision, load_rows, load_scale, tuned, unit_lower_inverse16
+from gdn2.ops.triton.utils import CHUNK, SERIAL_PRECISION, load_rows, load_scale, tuned, unit_lower_inverse16
 
 # Intra kernel: BKS is the K slice held at once (the [16, 16, BKS] pairwise tile sets register pressure).
 # (num_warps=2 variants compiled 2-3x slower for no expected gain; dropped to keep the autotuner's compile time short.)
@@ -51,10 +51,13 @@ WY_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, nu
 WY_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
 
 # Sequential state kernel: BV is the V slice per program (B*Hv*V/BV programs). fla's equivalent (chunk_delta_h)
-# tunes BV in {32, 64}, 2-4 warps, 2-4 stages. The first entry is the default (GDN2_TRITON_AUTOTUNE=0).
+# tunes BV in {32, 64}, 2-4 warps, 2-4 stages; BV=16 is for few sequences*heads (B=1, H=16: 128 programs at V=128).
+# The first entry is the default (GDN2_TRITON_AUTOTUNE=0). The autotune key includes log2(sequences * value heads),
+# so B=1 and B=8 are tuned separately. state_fits: from benchmarks/compile_check_sm90.py (sm_90, 2026-11-27).
 STATE_CONFIGS = [
     triton.Config({"BV": 32}, num_warps=4, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 16}, num_warps=4, num_stages=2),
     triton.Config({"BV": 32}, num_warps=2, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=3),
     triton.Config({"BV": 32}, num_warps=4, num_stages=3),
@@ -328,12 +331,29 @@ def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu_seqlens
             store_tile(U + voff, tl.dot(Am, Z, input_precision=PREC), t, eos, SV, v0, V, BV)
 
 
-@tuned(STATE_CONFIGS, key=["K", "V", "HV", "HAS_H0", "STORE_FINAL", "PREC"], interpret_config=STATE_INTERPRET,
-       dtype_arg="U")
+def state_fits(config, dtype, K) -> bool:
+    """Whether the fwd state kernel's sm_90 build stays within 232,448 B of shared memory (measured with
+    benchmarks/compile_check_sm90.py, 2026-11-27; fp32 operand tiles need about twice bf16's):
+    16-bit inputs: every entry up to K = 256 (largest: BV=64, 3 stages, K=256: 229,376 B).
+    fp32: K <= 64 every entry (<= 163,840 B); K <= 128 num_stages=2 only (3 stages: 237,568 / 278,528 B);
+    K <= 256 only the 2-warp entry (151,552 B; BV=16/32/64 at 4 warps: 286,720 / 311,296 / 360,448 B)."""
+    if dtype != torch.float32 or K is None or K <= 64:
+        return True
+    if K <= 128:
+        return config.num_stages < 3
+    return config.num_warps == 2
+
+
+@tuned(STATE_CONFIGS, key=["K", "V", "HV", "NSH_LOG2", "HAS_H0", "STORE_FINAL", "FUSE_OUTPUT", "PREC"],
+       interpret_config=STATE_INTERPRET, fits=state_fits, dtype_arg="U")
 @triton.jit
-def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, cu_seqlens, chunk_offsets,
+def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, chunk_offsets, NSH_LOG2,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
+                          BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+                          FUSE_OUTPUT: tl.constexpr, PREC: tl.constexpr):
+    """FUSE_OUTPUT=False: stores the per-chunk states hs and R (the output kernel reads them).
+    FUSE_OUTPUT=True (inference only, GDN2_TRITON_INFER_FUSED=1): computes O = Q S_0 + Aqk R in the walk and stores
+    neither hs nor R."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // HV
     i_hv = i_nh % HV
@@ -371,20 +391,35 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, cu_seqlens, chunk_offsets
         t = bos + i_t * 64 + c64
         ph = hs + (i_c * HV + i_hv) * K * V
         pg = gC + (i_c * H + i_h) * K
-        store_state_block(ph, S1, 0, cv, K, V, BK)
+        if not FUSE_OUTPUT:
+            store_state_block(ph, S1, 0, cv, K, V, BK)
         Rb = tile(U, t, eos, SV, v0, V, BV).to(tl.float32)
         Rb -= tl.dot(tile(Y, t, eos, SK, 0, K, BK), S1.to(dt), input_precision=PREC)
         if K > BK:
-            store_state_block(ph, S2, BK, cv, K, V, BK)
+            if not FUSE_OUTPUT:
+                store_state_block(ph, S2, BK, cv, K, V, BK)
             Rb -= tl.dot(tile(Y, t, eos, SK, BK, K, BK), S2.to(dt), input_precision=PREC)
         if K > 2 * BK:
-            store_state_block(ph, S3, 2 * BK, cv, K, V, BK)
+            if not FUSE_OUTPUT:
+                store_state_block(ph, S3, 2 * BK, cv, K, V, BK)
             Rb -= tl.dot(tile(Y, t, eos, SK, 2 * BK, K, BK), S3.to(dt), input_precision=PREC)
         if K > 3 * BK:
-            store_state_block(ph, S4, 3 * BK, cv, K, V, BK)
+            if not FUSE_OUTPUT:
+                store_state_block(ph, S4, 3 * BK, cv, K, V, BK)
             Rb -= tl.dot(tile(Y, t, eos, SK, 3 * BK, K, BK), S4.to(dt), input_precision=PREC)
-        store_tile(R, Rb, t, eos, SV, v0, V, BV)
         Rd = Rb.to(dt)
+        if FUSE_OUTPUT:
+            out = tl.dot(tile(Aqk + i_h * 64, t, eos, H * 64, 0, 64, 64).to(dt), Rd, input_precision=PREC)
+            out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 0, K, BK), S1.to(dt), input_precision=PREC)
+            if K > BK:
+                out += tl.dot(tile(Qg + i_h * K, t, eos, SK, BK, K, BK), S2.to(dt), input_precision=PREC)
+            if K > 2 * BK:
+                out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 2 * BK, K, BK), S3.to(dt), input_precision=PREC)
+            if K > 3 * BK:
+                out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 3 * BK, K, BK), S4.to(dt), input_precision=PREC)
+            store_tile(o + i_hv * V, out, t, eos, SV, v0, V, BV)
+        else:
+            store_tile(R, Rb, t, eos, SV, v0, V, BV)
         S1 = S1 * key_vector(pg, 0, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 0, K, BK), Rd,
                                                               input_precision=PREC)
         if K > BK:
@@ -446,15 +481,16 @@ def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2
     return A, Aqk
 
 
-def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
-    """The four forward launches. Returns o [TT, Hv, V], the final state [N, Hv, K, V] fp32 or None, and the
-    intermediates the backward reads: dict(A, Aqk, Y, Qg, Kt, gC, hs, R)."""
+def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state, fuse_output=False):
+    """The forward launches. Returns o [TT, Hv, V], the final state [N, Hv, K, V] fp32 or None, and the
+    intermediates the backward reads: dict(A, Aqk, Y, Qg, Kt, gC, hs, R) (hs and R are None with fuse_output:
+    inference only, the output is then computed inside the sequential walk and no per-chunk state is stored)."""
     cu, chunk_indices, chunk_offsets, n_chunks = layout
     n_seqs = cu.numel() - 1
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     BK, BV = block_sizes(K, V)
-    prec = dot_precision(v.dtype)
+    prec = SERIAL_PRECISION
     dev = q.device
     A, Aqk = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
     Y, Qg, Kt = (torch.empty(TT, H, K, device=dev, dtype=v.dtype) for _ in range(3))
@@ -462,13 +498,17 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     U = torch.empty_like(v)
     gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu, chunk_indices, scale,
                                       H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec)
-    hs = torch.empty(n_chunks, HV, K, V, device=dev, dtype=v.dtype)
-    R = torch.empty_like(v)
+    hs = None if fuse_output else torch.empty(n_chunks, HV, K, V, device=dev, dtype=v.dtype)
+    R = None if fuse_output else torch.empty_like(v)
+    o = torch.empty_like(v)
     ht = torch.empty(n_seqs, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seqs * HV)
-    gdn2_fwd_kernel_state[grid](Y, U, Kt, gC, h0, R, hs, ht, cu, chunk_offsets, H=H, HV=HV, K=K, V=V, BK=BK,
-                                HAS_H0=h0 is not None, STORE_FINAL=output_final_state, PREC=prec)
-    o = torch.empty_like(v)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
-    gdn2_fwd_kernel_output[grid](Qg, Aqk, hs, R, o, cu, chunk_indices, H=H, HV=HV, K=K, V=V, BK=BK, PREC=prec)
+    # with fuse_output, hs and R are never touched (constexpr-guarded); o stands in for their pointers
+    gdn2_fwd_kernel_state[grid](Y, U, Kt, gC, h0, o if fuse_output else R, o if fuse_output else hs, ht, Qg, Aqk, o,
+                                cu, chunk_offsets, (n_seqs * HV).bit_length(),
+                                H=H, HV=HV, K=K, V=V, BK=BK, HAS_H0=h0 is not None, STORE_FINAL=output_final_state,
+                                FUSE_OUTPUT=fuse_output, PREC=prec)
+    if not fuse_output:
+        grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
+        gdn2_fwd_kernel_output[grid](Qg, Aqk, hs, R, o, cu, chunk_indices, H=H, HV=HV, K=K, V=V, BK=BK, PREC=prec)
     return o, ht, dict(A=A, Aqk=Aqk, Y=Y, Qg=Qg, Kt=Kt, gC=gC, hs=hs, R=R)

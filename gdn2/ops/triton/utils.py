@@ -57,7 +57,7 @@ if INTERPRET:
 
 class FixedLaunch:
     """Stands in for a triton.autotune object where no autotuning runs (the interpreter, or GDN2_TRITON_AUTOTUNE=0):
-    launches ``fn`` with the first of ``configs`` that fits the dtype of argument ``dtype_arg``."""
+    launches ``fn`` with the first of ``configs`` that fits the dtype of argument ``dtype_arg`` and the key width K."""
 
     def __init__(self, fn, configs: list[triton.Config], fits, dtype_arg: str):
         self.fn = fn
@@ -69,7 +69,7 @@ class FixedLaunch:
         def launch(*args, **kwargs):
             named = {**dict(zip(self.fn.arg_names, args)), **kwargs}
             dtype = named[self.dtype_arg].dtype
-            config = next((c for c in self.configs if self.fits(c, dtype)), self.configs[0])
+            config = next((c for c in self.configs if self.fits(c, dtype, named.get("K"))), self.configs[0])
             meta = dict(config.kwargs)
             resolved = grid({**kwargs, **meta}) if callable(grid) else grid
             return self.fn[resolved](*args, **kwargs, **meta, num_warps=config.num_warps,
@@ -82,19 +82,20 @@ def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton
     """triton.autotune(configs, key) on a GPU; one fixed config under TRITON_INTERPRET=1 (interpret_config) or with
     GDN2_TRITON_AUTOTUNE=0 (the first config that fits the dtype).
 
-    fits(config, dtype) -> bool drops configs that cannot run for the dtype of argument `dtype_arg` (e.g. fp32 tiles
+    fits(config, dtype, K) -> bool drops configs that cannot run for the dtype of argument `dtype_arg` and the key
+    width K (None for kernels without a K argument) (e.g. fp32 tiles
     that overflow the 227 KiB of shared memory an H100 block may use; benchmarks/compile_check_sm90.py measures that
     without a GPU); the wrapper keeps it as `.fits` so the GPU check runs each config exactly on the dtypes it may be
     picked for."""
-    fits = fits or (lambda config, dtype: True)
+    fits = fits or (lambda config, dtype, K: True)
 
     def prune(configs, named_args, **kwargs):
-        dtype = named_args[dtype_arg].dtype
-        return [c for c in configs if fits(c, dtype)] or list(configs)
+        named = {**named_args, **kwargs}
+        return [c for c in configs if fits(c, named[dtype_arg].dtype, named.get("K"))] or list(configs)
 
     def wrap(fn):
         if INTERPRET:
-            launcher = FixedLaunch(fn, [interpret_config], lambda c, d: True, dtype_arg)
+            launcher = FixedLaunch(fn, [interpret_config], lambda c, d, K: True, dtype_arg)
         elif not AUTOTUNE:
             launcher = FixedLaunch(fn, configs, fits, dtype_arg)
         else:
@@ -106,10 +107,22 @@ def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton
 
 
 def dot_precision(dtype) -> str:
-    """input_precision of the tl.dot calls whose operands are fp32: "ieee" (exact fp32 FMA, no tensor cores) when the
-    inputs are fp32, "tf32" (tensor cores) otherwise. Seen on H100 (2026-11-27): with tf32 on fp32 inputs, db came out
-    at 2.01e-3 .. 2.04e-3 relative error against the 2e-3 bound (the dA / dT path)."""
+    """input_precision of the fp32-operand tl.dot calls on the dA / dT path (backward kernels dqk, dav, dqkg): "ieee"
+    (exact fp32 FMA, no tensor cores) when the inputs are fp32, "tf32" (tensor cores) otherwise. Seen on H100
+    (2026-11-27): with tf32 on fp32 inputs, db came out at 2.01e-3 .. 2.04e-3 relative error against the 2e-3 bound.
+    The other kernels (wy, state, output, dlocal, dstate) always use SERIAL_PRECISION: IEEE products there would move
+    the sequential kernels off the tensor cores (and, compiled for sm_90, spill tens of KiB per thread)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+SERIAL_PRECISION = "tf32"
+
+
+def solve_precision(dtype) -> str:
+    """The two [64, 64] products of dT = -A^T dA A^T (bwd dav): "ieee" for fp32 inputs, "tf32x3" otherwise (about
+    fp32 accuracy on the tensor cores; the IEEE build of these products held [64, 64] FMA operand tiles in registers
+    and spilled)."""
+    return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
 def pin_config(kernel, config: triton.Config | None):

@@ -1,0 +1,152 @@
+"""Compile every launch config of our GDN-2 chunk kernels for sm_90 (H100) WITHOUT a GPU and report resources.
+
+For each kernel, config, input dtype (bf16, fp32) and key width K (128, 256; V = 128, H = Hv = 16, every optional
+input present), Triton compiles for GPUTarget("cuda", 90, 32) on the CPU; we print the shared memory the launch will
+ask for (metadata.shared) and, from the bundled ptxas -v on the generated PTX, registers per thread and spill bytes.
+A config that needs more than 232,448 B of shared memory (the H100's per-block opt-in maximum) cannot launch; the
+script lists those, and each kernel's ``fits`` (chunk_fwd.py / chunk_bwd.py) must exclude them (checked at the end).
+
+    .venv/bin/python benchmarks/compile_check_sm90.py [--kernels state,dstate] [--K 128,256] [--csv out.csv]
+
+Needs no CUDA driver (the interpreter must be OFF: do not set TRITON_INTERPRET). Takes minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from gdn2.ops.triton import chunk_bwd, chunk_fwd  # noqa: E402
+from gdn2.ops.triton.chunk_fwd import block_sizes  # noqa: E402
+from gdn2.ops.triton.utils import SERIAL_PRECISION, dot_precision, solve_precision  # noqa: E402
+
+SMEM_LIMIT = 232_448
+TARGET = GPUTarget("cuda", 90, 32)
+KERNELS = {
+    "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
+    "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
+    "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
+    "fwd_state_fused": chunk_fwd.gdn2_fwd_kernel_state,                     # FUSE_OUTPUT=True (inference option)
+    "fwd_output": chunk_fwd.gdn2_fwd_kernel_output,
+    "bwd_dlocal": chunk_bwd.gdn2_bwd_kernel_dlocal,
+    "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
+    "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,
+    "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
+    "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
+}
+# pointer arguments that are fp32 whatever the input dtype (g, the solve, states in and out, fp32 gradients)
+FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG", "dg", "dAE", "dT", "dAqk",
+                 "rq", "rk"}
+INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
+SCALARS = {"scale": "fp32", "TT": "i32", "NSH_LOG2": "i32"}
+# kernels launched with SERIAL_PRECISION (tf32 for fp32 operands); the rest with dot_precision(dtype)
+SERIAL_KERNELS = {"fwd_wy", "fwd_state", "fwd_state_fused", "fwd_output", "bwd_dlocal", "bwd_dstate"}
+
+
+def signature_for(kname, fn, config, dtype, K, V, H=16, HV=16):
+    dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    BK, BV = block_sizes(K, V)
+    consts = dict(H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NK=triton.cdiv(K, BK), USE_L2=True, HAS_H0=True,
+                  STORE_FINAL=True, HAS_DHT=True, STORE_DH0=True, FUSE_OUTPUT=kname.endswith("_fused"),
+                  PREC=SERIAL_PRECISION if kname in SERIAL_KERNELS else dot_precision(dtype),
+                  PREC_T=solve_precision(dtype))
+    consts.update(config.kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if fn.params[i].is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = consts[name]
+        elif name in SCALARS:
+            signature[name] = SCALARS[name]
+        else:
+            signature[name] = "*i32" if name in INT_POINTERS else "*fp32" if name in FP32_POINTERS else f"*{dt}"
+            attrs[(i,)] = [["tt.divisibility", 16]]                        # torch allocations are 16-B aligned
+    return signature, constexprs, attrs
+
+
+def ptxas_report(ptx: str) -> tuple[int | None, int | None]:
+    """(registers per thread, spill store bytes) from the bundled ptxas -v; (None, None) if unavailable."""
+    from triton.backends.nvidia import compiler as nv
+    try:
+        ptxas = nv.get_ptxas(90).path
+    except Exception:
+        return None, None
+    arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
+
+
+def cfg_name(c):
+    return ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", default=",".join(KERNELS))
+    ap.add_argument("--K", default="128,256")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    rows = []
+    print(f"{'kernel':11s} {'config':22s} {'dtype':9s} {'K':>4s} {'smem B':>8s} {'regs':>5s} {'spill B':>7s}  "
+          f"launch  fits()", flush=True)
+    for kname in args.kernels.split(","):
+        launcher = KERNELS[kname]
+        fn = launcher.fn
+        while not isinstance(fn, triton.runtime.jit.JITFunction):
+            fn = fn.fn
+        for config in launcher.configs:
+            for dtype in (torch.bfloat16, torch.float32):
+                for K in (int(x) for x in args.K.split(",")):
+                    sig, consts, attrs = signature_for(kname, fn, config, dtype, K, 128)
+                    t = time.time()
+                    try:
+                        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
+                                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                        smem = k.metadata.shared
+                        regs, spill = ptxas_report(k.asm["ptx"])
+                        err = ""
+                    except Exception as e:                                 # a config that does not compile
+                        smem, regs, spill, err = None, None, None, f"{type(e).__name__}: {str(e)[:200]}"
+                    ok = smem is not None and smem <= SMEM_LIMIT
+                    fits = launcher.fits(config, dtype, K)
+                    flag = "" if ok == fits else "  <-- fits() disagrees"
+                    row = dict(kernel=kname, config=cfg_name(config), dtype=str(dtype)[6:], K=K, smem=smem,
+                               regs=regs, spill=spill, launch_ok=ok, fits=fits, compile_s=round(time.time() - t, 1),
+                               error=err)
+                    rows.append(row)
+                    print(f"{kname:11s} {row['config']:22s} {row['dtype']:9s} {K:4d} {str(smem):>8s} "
+                          f"{str(regs):>5s} {str(spill):>7s}  {'ok' if ok else 'NO':6s}  {fits}{flag} "
+                          f"({row['compile_s']}s){' ' + err if err else ''}", flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+    bad = [r for r in rows if r["launch_ok"] != r["fits"]]
+    print(f"{len(rows)} compiles; {sum(not r['launch_ok'] for r in rows)} cannot launch; "
+          f"{len(bad)} where fits() disagrees with the compile")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
