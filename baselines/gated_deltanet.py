@@ -58,7 +58,7 @@ class GatedDeltaNetMixer(nn.Module):
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.a_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(self.num_v_heads, dtype=torch.float32).uniform_(1, 16).log())
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads, dtype=torch.float32).uniform_(0, 16).log())  # fla: U(0, 16)
         self.dt_bias = nn.Parameter(_inverse_softplus_dt(self.num_v_heads))
         if use_short_conv:
             self.q_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias)

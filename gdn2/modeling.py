@@ -175,6 +175,8 @@ class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
             input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
             use_cache=use_cache, attention_mask=attention_mask, **kwargs,
         )
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with labels")
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

@@ -178,3 +178,11 @@ def test_bad_shapes_are_named():
         chunk_gdn2(q, k, v[:, :, :3], g, b, w[:, :, :3], backend="torch")
     with pytest.raises(ValueError, match="backend"):
         chunk_gdn2(q, k, v, g, b, w, backend="cuda")
+
+
+def test_recurrent_step_names_bad_shapes():
+    q, k, v, g, b, w, h0 = make_inputs(T=2)
+    with pytest.raises(ValueError, match="initial_state must be"):
+        recurrent_step_gdn2(q, k, v, g, b, w, h0[:1], backend="torch")
+    with pytest.raises(ValueError, match="g must have q's shape"):
+        recurrent_step_gdn2(q, k, v, g[..., :3], b, w, h0.clone(), backend="torch")

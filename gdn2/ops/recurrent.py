@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from gdn2.ops.naive import compute_dtype, expand_key_heads, l2norm
+from gdn2.ops.naive import check_gdn2_inputs, compute_dtype, expand_key_heads, l2norm
 
 
 def torch_recurrent_step_gdn2(q, k, v, g, b, w, state, scale, use_qk_l2norm_in_kernel):
@@ -45,10 +45,7 @@ def recurrent_step_gdn2(
     backend: "auto" (Triton for CUDA tensors), "torch" or "triton"."""
     from gdn2.ops.chunk import resolve_backend
 
-    B, T, H, K = q.shape
-    Hv, V = v.shape[2], v.shape[3]
-    if tuple(state.shape) != (B, Hv, K, V):
-        raise ValueError(f"state must be [B, Hv, K, V] = {(B, Hv, K, V)}; got {tuple(state.shape)}")
+    check_gdn2_inputs(q, k, v, g, b, w, state, cu_seqlens=None)     # names any mis-shaped input (state included)
     if state.dtype != compute_dtype(state.dtype):
         raise ValueError(f"state must be float32 (or float64); got {state.dtype}")
     chosen = resolve_backend(backend, q.device)
