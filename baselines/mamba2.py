@@ -319,7 +319,7 @@ class Mamba2Family(ModelFamily):
     def conformance_models(self, device: torch.device | str, variant: str = ""):
         """harness/doctor.py's hook: (upstream, ours) on identical random weights, fp32: fla's Mamba2ForCausalLM
         (mamba-ssm Triton kernels, CUDA only) and our MambaLM with the kernels load() would use on `device`.
-        variant "groups": n_groups = 2. Raises RuntimeError('skipped: ...') when the upstream cannot run here."""
+        variant "groups": n_groups = 2. Raises harness.doctor.ConformanceSkipped when the upstream cannot run here."""
         from baselines.mamba_common import fla_conformance_pair
 
         def needs():

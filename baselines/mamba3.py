@@ -333,7 +333,7 @@ class Mamba3Family(ModelFamily):
         """harness/doctor.py's hook: (upstream, ours) on identical random weights, fp32: fla's Mamba3ForCausalLM
         (mamba-ssm's Triton SISO / TileLang MIMO kernels; decode needs the CuTe step) and our MambaLM with the
         kernels load() would use. variant "" = SISO, "mimo" = MIMO rank 4, "outproj_norm" = SISO with the gated
-        output norm. Raises RuntimeError('skipped: ...') when the upstream cannot run here.
+        output norm. Raises harness.doctor.ConformanceSkipped when the upstream cannot run here.
 
         Tolerance: mamba3_siso_combined casts Q/K/V/trap/angles/Z to bf16 (and keeps the cumulative angles in
         bf16), so upstream-vs-reference agreement is at bf16 level (see conformance_tolerance), not 1e-3."""

@@ -437,22 +437,24 @@ def fla_conformance_pair(config_dict: dict, arch: str, make_config, build, devic
 
     use_kernels: whether our model uses the upstream CUDA kernels where it would in load() (the doctor's
     "reference on cuda vs cpu" check then compares that path with the torch path on CPU).
-    Raises RuntimeError('skipped: <reason>') when the upstream model cannot run here."""
+    Raises harness.doctor.ConformanceSkipped(<reason>) when the upstream model cannot run here."""
+    from harness.doctor import ConformanceSkipped
+
     device = torch.device(device)
     if device.type != "cuda":
-        raise RuntimeError(f"skipped: fla's {arch} runs only on CUDA (mamba-ssm Triton kernels); device is {device}")
+        raise ConformanceSkipped(f"fla's {arch} runs only on CUDA (mamba-ssm Triton kernels); device is {device}")
     install_selective_scan_stub()
     if needs is not None:
         reason = needs()
         if isinstance(reason, str):
-            raise RuntimeError(f"skipped: {reason}")
+            raise ConformanceSkipped(reason)
         if reason is None:
-            raise RuntimeError("skipped: mamba-ssm's kernels are not importable (pip install mamba-ssm==2.3.2.post1 "
+            raise ConformanceSkipped("mamba-ssm's kernels are not importable (pip install mamba-ssm==2.3.2.post1 "
                                "with MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE --no-build-isolation)")
     try:
         import fla.models as fla_models
     except Exception as err:
-        raise RuntimeError(f"skipped: flash-linear-attention is not importable ({type(err).__name__}: {err})") from err
+        raise ConformanceSkipped(f"flash-linear-attention is not importable ({type(err).__name__}: {err})") from err
     config_cls = getattr(fla_models, arch.replace("ForCausalLM", "Config"))
     model_cls = getattr(fla_models, arch)
     fields = {k: v for k, v in config_dict.items() if k != "model_type"}

@@ -18,8 +18,7 @@ The hook a family implements (duck-typed; FLAFamilyBase in baselines/common.py i
     def conformance_models(self, device: torch.device, variant: str = "") -> tuple[nn.Module, nn.Module]:
         '''(upstream_lm, reference_lm): fp32, on `device`, identical weights, both called as
         lm(input_ids=[1, T], past_key_values=cache | None, use_cache=bool) -> .logits [1, T, V], .past_key_values.
-        Raise harness.doctor.ConformanceSkipped("why") (or any exception whose message starts with
-        "skipped:") when the upstream cannot run here.'''
+        Raise harness.doctor.ConformanceSkipped("why") when the upstream cannot run here.'''
 
     def conformance_variants(self) -> list[str]:      # optional; default [""]
         '''Names of the variants to check, each passed to conformance_models (e.g. "", "hybrid", "mimo").'''
@@ -102,9 +101,6 @@ def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance
             rows.append(DoctorRow(label, "conformance", "skipped", detail=str(why)))
             continue
         except Exception as err:  # a broken upstream install is a finding, not a crash of the doctor
-            if str(err).startswith("skipped:"):  # the RuntimeError("skipped: ...") convention counts as a skip
-                rows.append(DoctorRow(label, "conformance", "skipped", detail=str(err)[len("skipped:"):].strip()))
-                continue
             rows.append(DoctorRow(label, "build models", "error", detail=f"{type(err).__name__}: {err}"))
             continue
         vocab = reference.get_output_embeddings().weight.shape[0]

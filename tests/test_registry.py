@@ -143,7 +143,9 @@ def test_doctor_reports_a_mismatch_and_the_skip_convention():
         name = "skipping"
 
         def conformance_models(self, device):
-            raise RuntimeError("skipped: no kernels here")
+            from harness.doctor import ConformanceSkipped
+
+            raise ConformanceSkipped("no kernels here")
 
     rows = check_family(Mismatched(), torch.device("cpu"), seq_len=120)
     assert rows[0].status == "FAIL" and rows[0].value > 1e-3
