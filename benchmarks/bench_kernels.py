@@ -1,7 +1,8 @@
 """Benchmark our GDN-2 Triton kernels against flash-linear-attention's chunk_gdn2 and chunk_kda, same run, same card.
 
 bf16 q, k, v, b, w (fp32 g, as the layer computes it), H = 16, K = V = 128, (B, T) in (8, 4096), (2, 16384),
-(1, 65536): inference forward (no grad), training forward (inputs require grad; forward only), forward + backward;
+(1, 65536): inference forward (no grad; ours in both variants: per-chunk states + output kernel, and
+GDN2_TRITON_INFER_FUSED=1), training forward (inputs require grad; forward only), forward + backward;
 the decode step at B = 1 and B = 64 (one token, state updated in place). Timing: triton.testing.do_bench (CUDA
 events), median, after warm-up, on freshly drawn inputs; the decode step also from a CUDA graph of 32 steps (GPU time
 per step without launch gaps). The floor is the bytes every implementation must move (inputs read once, outputs
@@ -137,6 +138,10 @@ def main():
         h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
         kw = dict(initial_state=h0, output_final_state=True)
         ours_ms[(B, T)] = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
+        os.environ["GDN2_TRITON_INFER_FUSED"] = "1"                           # the other inference variant
+        with torch.no_grad():
+            ours_ms[(B, T)]["infer_fwd_fused"] = bench(lambda: triton_chunk_gdn2(q, k, v, g, b, w, **kw))
+        os.environ["GDN2_TRITON_INFER_FUSED"] = "0"
         print(f"ours B{B}_T{T}: {ours_ms[(B, T)]}", flush=True)
         del q, k, v, g, b, w, beta, do
         torch.cuda.empty_cache()
@@ -160,8 +165,9 @@ def main():
         fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
         bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
         gd, kd = fla_ms.get((B, T), ({}, {}))
-        for mode in ("infer_fwd", "train_fwd", "fwd_bwd"):
-            add(f"B{B}_T{T}", mode, ours[mode], gd.get(mode), kd.get(mode),
+        for mode in ("infer_fwd", "infer_fwd_fused", "train_fwd", "fwd_bwd"):
+            fla_mode = "infer_fwd" if mode == "infer_fwd_fused" else mode     # fla has one inference forward
+            add(f"B{B}_T{T}", mode, ours[mode], gd.get(fla_mode), kd.get(fla_mode),
                 fwd_bytes if mode != "fwd_bwd" else fwd_bytes + bwd_bytes)
         write(rows)
 

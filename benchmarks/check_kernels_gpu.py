@@ -4,7 +4,7 @@ For each kernel and each of its configs (the others pinned to their first config
 poisoned with NaN before the run (every torch.empty inside our kernel modules is NaN-filled), compared with a float64
 reference (torch chunkwise, autograd in float64) by relative error ||x - ref|| / ||ref||:
 bf16 <= 1e-2, fp32 <= 2e-3, for o, the final state and every gradient (q, k, v, g, b, w, h0); the inference (no-grad)
-forward too. Extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V with V = 256) run on the first
+forward too, both variants (per-chunk states + output kernel; GDN2_TRITON_INFER_FUSED=1: output inside the walk). Extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V with V = 256) run on the first
 fitting config of every kernel, in bf16 and fp32; the K = 256 shape also on every sequential-kernel config that fits
 K = 256 (they hold the state as four [64, BV] blocks there). The decode kernel: every (BV, num_warps) entry vs a
 float64 step.
@@ -118,13 +118,18 @@ def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
     return out
 
 
-def pin_for(dtype, K, under_test=None):
-    """Pin every kernel to its first config that may run on (`dtype`, K); the kernel under test to its given config."""
+def pin_for(dtype, K, under_test=None, fused=False):
+    """Pin every kernel to its first config that may run on (`dtype`, K, inference variant); the kernel under test to
+    its given config. Returns False if the config under test cannot run in that setting (the mode is skipped)."""
     for kname, kern in KERNELS.items():
+        flags = (fused,) if kname == "fwd_state" else ()
         if under_test is not None and kname == under_test[0]:
+            if not kern.fits(under_test[1], dtype, K, *flags):
+                return False
             pin_config(kern, under_test[1])
         else:
-            pin_config(kern, next(c for c in kern._all_configs if kern.fits(c, dtype, K)))
+            pin_config(kern, next(c for c in kern._all_configs if kern.fits(c, dtype, K, *flags)))
+    return True
 
 
 def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), under_test=None):
@@ -137,15 +142,18 @@ def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), 
                   case["l2"], do.double(), dht.double())
     worst = 0.0
     for dtype in dtypes:
-        pin_for(dtype, K, under_test)
         cast = [x.to(dtype) if i != 3 else x for i, x in enumerate(xs)]          # g stays fp32, as in the layer
-        for mode in ("train", "infer"):
+        for mode in ("train", "infer", "infer_fused"):
+            if not pin_for(dtype, K, under_test, fused=mode == "infer_fused"):
+                continue
+            os.environ["GDN2_TRITON_INFER_FUSED"] = "1" if mode == "infer_fused" else "0"
             with poisoned_allocations():
                 if mode == "train":
                     got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht)
                 else:
                     with torch.no_grad():
                         got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht, grad=False)
+            os.environ["GDN2_TRITON_INFER_FUSED"] = "0"
             if not SMOKE:
                 torch.cuda.synchronize()
             for name, val in got.items():

@@ -56,7 +56,7 @@ DSTATE_CONFIGS = [
 ]
 
 
-def dstate_fits(config, dtype, K) -> bool:
+def dstate_fits(config, dtype, K, *flags) -> bool:
     """Whether the bwd dstate kernel's sm_90 build stays within 232,448 B of shared memory (compile_check_sm90.py,
     2026-11-27): 16-bit inputs: every entry up to K = 128 (<= 188,416 B); K <= 256 num_stages=2 only (3 stages:
     315,392 / 335,872 B; BV=64 at 2 stages: 229,376 B). fp32: K <= 64 every entry (<= 229,376 B); K <= 128 the
@@ -347,7 +347,10 @@ def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
     tl.store(ptr + t[:, None] * stride_t + cols[None, :], x, mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
 
 
-@tuned(DQKG_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=DQKG_INTERPRET, dtype_arg="q")
+# dq, dk, db are updated in place: the autotuner must restore them between timed configs (the first version did not;
+# with two configs its first autotuned call per shape accumulated the pairwise part more than once).
+@tuned(DQKG_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=DQKG_INTERPRET, dtype_arg="q",
+       restore_value=("dq", "dk", "db"))
 @triton.jit
 def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_seqlens, chunk_indices, scale,
                          H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr,

@@ -331,13 +331,24 @@ def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu_seqlens
             store_tile(U + voff, tl.dot(Am, Z, input_precision=PREC), t, eos, SV, v0, V, BV)
 
 
-def state_fits(config, dtype, K) -> bool:
+def state_fits(config, dtype, K, fuse_output=False) -> bool:
     """Whether the fwd state kernel's sm_90 build stays within 232,448 B of shared memory (measured with
-    benchmarks/compile_check_sm90.py, 2026-11-27; fp32 operand tiles need about twice bf16's):
-    16-bit inputs: every entry up to K = 256 (largest: BV=64, 3 stages, K=256: 229,376 B).
-    fp32: K <= 64 every entry (<= 163,840 B); K <= 128 num_stages=2 only (3 stages: 237,568 / 278,528 B);
-    K <= 256 only the 2-warp entry (151,552 B; BV=16/32/64 at 4 warps: 286,720 / 311,296 / 360,448 B)."""
-    if dtype != torch.float32 or K is None or K <= 64:
+    benchmarks/compile_check_sm90.py, 2026-11-27; fp32 operand tiles need about twice bf16's).
+    Plain (per-chunk states out): 16-bit inputs every entry up to K = 256 (largest: BV=64, 3 stages, K=256:
+    229,376 B); fp32: K <= 64 every entry (<= 163,840 B), K <= 128 num_stages=2 only (3 stages: 237,568 / 278,528 B),
+    K <= 256 only the 2-warp entry (151,552 B; BV=16/32/64 at 4 warps: 286,720 / 311,296 / 360,448 B).
+    fuse_output (Q and Aqk tiles too): 16-bit K <= 128 every entry (<= 212,992 B), K <= 256 BV=16 (225,280 B) and
+    2 warps (114,688 B) only (BV=32: 237,568 B); fp32 K <= 64 all but BV=64 at 3 stages (262,144 B), above that
+    2 warps only (131,072 B at K=128, 229,376 B at K=256)."""
+    if K is None:
+        return True
+    if fuse_output:
+        if dtype != torch.float32:
+            return K <= 128 or config.num_warps == 2 or config.kwargs["BV"] <= 16
+        if K <= 64:
+            return not (config.kwargs["BV"] >= 64 and config.num_stages >= 3)
+        return config.num_warps == 2
+    if dtype != torch.float32 or K <= 64:
         return True
     if K <= 128:
         return config.num_stages < 3
@@ -345,7 +356,7 @@ def state_fits(config, dtype, K) -> bool:
 
 
 @tuned(STATE_CONFIGS, key=["K", "V", "HV", "NSH_LOG2", "HAS_H0", "STORE_FINAL", "FUSE_OUTPUT", "PREC"],
-       interpret_config=STATE_INTERPRET, fits=state_fits, dtype_arg="U")
+       interpret_config=STATE_INTERPRET, fits=state_fits, dtype_arg="U", fits_args=("FUSE_OUTPUT",))
 @triton.jit
 def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, chunk_offsets, NSH_LOG2,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,

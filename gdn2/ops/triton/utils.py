@@ -59,17 +59,19 @@ class FixedLaunch:
     """Stands in for a triton.autotune object where no autotuning runs (the interpreter, or GDN2_TRITON_AUTOTUNE=0):
     launches ``fn`` with the first of ``configs`` that fits the dtype of argument ``dtype_arg`` and the key width K."""
 
-    def __init__(self, fn, configs: list[triton.Config], fits, dtype_arg: str):
+    def __init__(self, fn, configs: list[triton.Config], fits, dtype_arg: str, fits_args: tuple = ()):
         self.fn = fn
         self.configs = list(configs)
         self.fits = fits
         self.dtype_arg = dtype_arg
+        self.fits_args = fits_args
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             named = {**dict(zip(self.fn.arg_names, args)), **kwargs}
             dtype = named[self.dtype_arg].dtype
-            config = next((c for c in self.configs if self.fits(c, dtype, named.get("K"))), self.configs[0])
+            extra = [named[a] for a in self.fits_args]
+            config = next((c for c in self.configs if self.fits(c, dtype, named.get("K"), *extra)), self.configs[0])
             meta = dict(config.kwargs)
             resolved = grid({**kwargs, **meta}) if callable(grid) else grid
             return self.fn[resolved](*args, **kwargs, **meta, num_warps=config.num_warps,
@@ -78,28 +80,32 @@ class FixedLaunch:
 
 
 def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, fits=None,
-          dtype_arg: str = "v"):
+          dtype_arg: str = "v", fits_args: tuple = (), restore_value: tuple = ()):
     """triton.autotune(configs, key) on a GPU; one fixed config under TRITON_INTERPRET=1 (interpret_config) or with
     GDN2_TRITON_AUTOTUNE=0 (the first config that fits the dtype).
 
     fits(config, dtype, K) -> bool drops configs that cannot run for the dtype of argument `dtype_arg` and the key
-    width K (None for kernels without a K argument) (e.g. fp32 tiles
+    width K (None for kernels without a K argument), plus the values of the launch arguments named in `fits_args`
+    (e.g. fp32 tiles
     that overflow the 227 KiB of shared memory an H100 block may use; benchmarks/compile_check_sm90.py measures that
     without a GPU); the wrapper keeps it as `.fits` so the GPU check runs each config exactly on the dtypes it may be
-    picked for."""
-    fits = fits or (lambda config, dtype, K: True)
+    picked for. restore_value names the arguments a kernel updates in place: the autotuner restores them after each
+    timed config (otherwise the timing runs would accumulate into them)."""
+    fits = fits or (lambda config, dtype, K, *flags: True)
 
     def prune(configs, named_args, **kwargs):
         named = {**named_args, **kwargs}
-        return [c for c in configs if fits(c, named[dtype_arg].dtype, named.get("K"))] or list(configs)
+        extra = [named[a] for a in fits_args]
+        return [c for c in configs if fits(c, named[dtype_arg].dtype, named.get("K"), *extra)] or list(configs)
 
     def wrap(fn):
         if INTERPRET:
-            launcher = FixedLaunch(fn, [interpret_config], lambda c, d, K: True, dtype_arg)
+            launcher = FixedLaunch(fn, [interpret_config], lambda *a: True, dtype_arg)
         elif not AUTOTUNE:
-            launcher = FixedLaunch(fn, configs, fits, dtype_arg)
+            launcher = FixedLaunch(fn, configs, fits, dtype_arg, fits_args)
         else:
-            launcher = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+            launcher = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                       restore_value=list(restore_value))(fn)
         launcher.fits = fits
         launcher.interpret_config = interpret_config
         return launcher
