@@ -31,6 +31,7 @@ Exports
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -514,7 +515,7 @@ def perturb_unit_weights(module: nn.Module, scale: float = 0.1, seed: int = 1) -
 
 # ------------------------------------------------------------------------------------------ tiny checkpoints
 def write_checkpoint_folder(folder, config: dict, state: dict[str, torch.Tensor], tokenizer=None,
-                            weights: str = "model.safetensors") -> "Path":
+                            weights: str = "model.safetensors") -> Path:
     """Write an HF-format folder: config.json, the weights (model.safetensors, or pytorch_model.bin when
     weights ends in .bin) and, when `tokenizer` names a tokenizer folder, its files. For tests and examples:
     `write_checkpoint_folder(tmp, family.tiny_config, lm.state_dict(), BPE_4K)`."""

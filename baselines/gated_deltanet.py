@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from baselines.common import (FLAFamilyBase, GatedRMSNorm, RMSNorm, ShortConvolution, gated_delta_rule,
                               gate_activation)
-from gdn2.layer import GDN2LayerState
+from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
 from harness.registry import register_family
 
 # fla 0.6.0 GatedDeltaNetConfig.__init__ defaults (a config.json that omits a field means these).
@@ -59,7 +59,7 @@ class GatedDeltaNetMixer(nn.Module):
         self.a_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads, dtype=torch.float32).uniform_(0, 16).log())  # fla: U(0, 16)
-        self.dt_bias = nn.Parameter(_inverse_softplus_dt(self.num_v_heads))
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.num_v_heads))
         if use_short_conv:
             self.q_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias)
             self.k_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias)
@@ -71,18 +71,9 @@ class GatedDeltaNetMixer(nn.Module):
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
-    def _qkv(self, x: torch.Tensor, state: GDN2LayerState | None):
-        if not self.use_short_conv:
-            return F.silu(self.q_proj(x)), F.silu(self.k_proj(x)), F.silu(self.v_proj(x)), None
-        conv_in = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
-        q, cq = self.q_conv1d(self.q_proj(x), conv_in[0])
-        k, ck = self.k_conv1d(self.k_proj(x), conv_in[1])
-        v, cv = self.v_conv1d(self.v_proj(x), conv_in[2])
-        return q, k, v, (cq, ck, cv)
-
     def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False):
         B, T, _ = hidden_states.shape
-        q, k, v, conv_states = self._qkv(hidden_states, state)
+        q, k, v, conv_states = short_conv_qkv(self, hidden_states, state)
         q = q.reshape(B, T, self.num_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
@@ -99,14 +90,6 @@ class GatedDeltaNetMixer(nn.Module):
             o = self.o_norm(o)
         y = self.o_proj(o.reshape(B, T, self.value_dim).to(hidden_states.dtype))
         return y, (GDN2LayerState(recurrent, conv_states) if use_cache else None)
-
-
-def _inverse_softplus_dt(n: int) -> torch.Tensor:
-    """fla's dt_bias init: inverse softplus of dt ~ logU(1e-3, 1e-1), clamped >= 1e-4."""
-    import math
-
-    dt = torch.exp(torch.rand(n) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 @register_family("gated_deltanet", "gdn")

@@ -15,14 +15,13 @@ The recurrence runs through gdn2.ops with b = w = beta (GDN-2 reduces to KDA).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.common import FLAFamilyBase, GatedRMSNorm, ShortConvolution, gated_delta_rule
-from gdn2.layer import GDN2LayerState
+from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
 from harness.registry import register_family
 
 # fla 0.6.0 KDAConfig.__init__ defaults (a config.json that omits a field means these).
@@ -69,8 +68,7 @@ class KDAMixer(nn.Module):
         self.b_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
         A = torch.zeros(self.num_v_heads) if safe_gate else torch.empty(self.num_v_heads).uniform_(1, 16).log()
         self.A_log = nn.Parameter(A.float())
-        dt = torch.exp(torch.rand(self.gate_dim) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.gate_dim))
         self.g_proj = nn.Sequential(nn.Linear(hidden_size, self.head_v_dim, bias=False),
                                     nn.Linear(self.head_v_dim, self.value_dim, bias=True))
         self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps, activation="sigmoid")
@@ -87,15 +85,7 @@ class KDAMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False):
         B, T, _ = hidden_states.shape
-        if self.use_short_conv:
-            conv_in = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
-            q, cq = self.q_conv1d(self.q_proj(hidden_states), conv_in[0])
-            k, ck = self.k_conv1d(self.k_proj(hidden_states), conv_in[1])
-            v, cv = self.v_conv1d(self.v_proj(hidden_states), conv_in[2])
-            conv_states = (cq, ck, cv)
-        else:
-            q, k, v = (F.silu(p(hidden_states)) for p in (self.q_proj, self.k_proj, self.v_proj))
-            conv_states = None
+        q, k, v, conv_states = short_conv_qkv(self, hidden_states, state)
         q = q.reshape(B, T, self.num_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)

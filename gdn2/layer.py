@@ -33,6 +33,25 @@ class GDN2LayerState:
     conv_states: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
+def inverse_softplus_dt(n: int) -> torch.Tensor:
+    """dt_bias init shared by the delta-rule family: softplus^-1(dt), dt ~ logU(1e-3, 1e-1) clamped >= 1e-4. [n] fp32"""
+    log_dt = torch.rand(n) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)
+    dt = log_dt.exp().clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def short_conv_qkv(mixer: nn.Module, x: torch.Tensor, state) -> tuple:
+    """q, k, v = SiLU(conv(W x)) for a mixer with q/k/v_proj and (if use_short_conv) q/k/v_conv1d, continuing the
+    conv inputs carried in state.conv_states. Returns (q, k, v, conv_states or None); shapes [B, T, D]."""
+    projections = (mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x))
+    if not mixer.use_short_conv:
+        return (*(F.silu(p) for p in projections), None)
+    carried = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
+    (q, cq), (k, ck), (v, cv) = (conv(p, c) for conv, p, c in
+                                 zip((mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d), projections, carried))
+    return q, k, v, (cq, ck, cv)
+
+
 class ShortConvolution(nn.Module):
     """Depthwise causal conv over time followed by SiLU. weight [D, 1, W] (nn.Conv1d's layout and fla's)."""
 
@@ -135,14 +154,7 @@ class GatedDeltaNet2(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
-        log_dt = torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)
-        dt = log_dt.exp().clamp(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))                  # inverse softplus
-
-    def _conv(self, name: str, x: torch.Tensor, cache: torch.Tensor | None):
-        if not self.use_short_conv:
-            return F.silu(x), None
-        return getattr(self, f"{name}_conv1d")(x, cache)
+        self.dt_bias.copy_(inverse_softplus_dt(self.dt_bias.numel()))
 
     def forward(
         self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False
@@ -150,10 +162,7 @@ class GatedDeltaNet2(nn.Module):
         """hidden_states [B, T, d]; state: the carried state (None at the start of a sequence).
         Returns y [B, T, d] and the state after the last token (when use_cache, else None)."""
         B, T, _ = hidden_states.shape
-        conv_in = state.conv_states if (state is not None and state.conv_states is not None) else (None,) * 3
-        q, cq = self._conv("q", self.q_proj(hidden_states), conv_in[0])
-        k, ck = self._conv("k", self.k_proj(hidden_states), conv_in[1])
-        v, cv = self._conv("v", self.v_proj(hidden_states), conv_in[2])
+        q, k, v, conv_states = short_conv_qkv(self, hidden_states, state)
         g = -self.A_log.float().exp().repeat_interleave(self.head_k_dim) * F.softplus(
             self.f_proj(hidden_states).float() + self.dt_bias
         )
@@ -174,5 +183,5 @@ class GatedDeltaNet2(nn.Module):
             )
         gate = self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
         y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.value_dim))
-        new_state = GDN2LayerState(recurrent, (cq, ck, cv) if self.use_short_conv else None) if use_cache else None
+        new_state = GDN2LayerState(recurrent, conv_states) if use_cache else None
         return y, new_state

@@ -91,7 +91,7 @@ def naive_recurrent_gdn2(
     packed sequences when cu_seqlens [N + 1] is given with B = 1).
     Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] (accumulation dtype) or None.
     """
-    N = check_gdn2_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
+    check_gdn2_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     out_dtype = v.dtype
