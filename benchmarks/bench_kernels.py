@@ -9,8 +9,9 @@ per step without launch gaps). The floor is the bytes every implementation must 
 written once) over the copy bandwidth measured in the same run.
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --out results/bench
-Writes <out>/kernels-<card>.csv, kernels-<card>.md (table + targets), kernels-<card>.png (if matplotlib imports) and
-prints the table. GDN2_TRITON_AUTOTUNE is left as set (autotuning by default: the first call per shape compiles and
+Writes <out>/kernels-<card>.csv, kernels-<card>.md (table + targets), kernels-<card>.png (if matplotlib imports;
+else redraw it on the CPU: python benchmarks/bench_kernels.py --plot-from <out>/kernels-<card>.csv) and prints the
+table. GDN2_TRITON_AUTOTUNE is left as set (autotuning by default: the first call per shape compiles and
 times every config, outside the timed region).
 """
 from __future__ import annotations
@@ -105,7 +106,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--plot-from", default=None, help="kernels-<card>.csv: only redraw its .png here (no GPU)")
     args = ap.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            rows = [{k: (float(v) if k.endswith("_ms") and v not in ("", "None") else None if v in ("", "None")
+                         else v) for k, v in r.items()} for r in csv.DictReader(f)]
+        write_plot(rows, rows[0]["card"], args.plot_from[:-4] + ".png")
+        return
     os.makedirs(args.out, exist_ok=True)
     card = torch.cuda.get_device_name().replace(" ", "-")
     bw = copy_bandwidth()

@@ -123,12 +123,17 @@ def pin_for(dtype, K, under_test=None, fused=False):
     its given config. Returns False if the config under test cannot run in that setting (the mode is skipped)."""
     for kname, kern in KERNELS.items():
         flags = (fused,) if kname == "fwd_state" else ()
+        fits = lambda c: SMOKE or kern.fits(c, dtype, K, *flags)            # noqa: E731 (interpreter: no limits)
         if under_test is not None and kname == under_test[0]:
-            if not kern.fits(under_test[1], dtype, K, *flags):
+            if not fits(under_test[1]):
                 return False
             pin_config(kern, under_test[1])
         else:
-            pin_config(kern, next(c for c in kern._all_configs if kern.fits(c, dtype, K, *flags)))
+            config = next((c for c in kern._all_configs if fits(c)), None)
+            if config is None:
+                print(f"  no config of {kname} fits {dtype} K={K}{' (fused)' if fused else ''}: mode skipped")
+                return False
+            pin_config(kern, config)
     return True
 
 
