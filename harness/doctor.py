@@ -156,6 +156,9 @@ def run_doctor(families: list[str] | None = None, device: str = "cuda", seq_len:
     if seq_len <= PREFILL + DECODE_STEPS:
         raise ValueError(f"doctor: --seq-len must exceed {PREFILL + DECODE_STEPS} (a {PREFILL}-token prefill, "
                          f"{DECODE_STEPS} decode steps, then the rest); got {seq_len}")
+    # Our kernels launch one config each: the doctor checks numerics, and autotuning every config costs minutes of
+    # compilation (an H100 run was cut off by it). `benchmarks/check_kernels_gpu.py` checks every config.
+    os.environ.setdefault("GDN2_TRITON_AUTOTUNE", "0")
     # fp32 means fp32: no TF32 in torch matmuls nor in Triton dots that do not pin their precision.
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     from harness.registry import get_family, resolve_device
