@@ -69,9 +69,9 @@ class EvalModel:
         return total - sum(p.numel() for p in self.lm.parameters() if id(p) in skip)
 
     # ---------------------------------------------------------------- tokens
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text, no special tokens."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of text; no special tokens unless asked (then the tokenizer's own default, e.g. Llama's BOS)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -50,7 +50,9 @@ class RulerEvalTask:
     def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
         record = sample.payload
         prompt = record["input"] + record["answer_prefix"]
-        prompt_ids = model.encode(prompt)
+        # As RULER's HF wrapper: the prompt gets the tokenizer's default special tokens (BOS for Llama-style
+        # tokenizers, none for GPT-NeoX); the length window is counted without them, as RULER counts it.
+        prompt_ids = model.encode(prompt, add_special_tokens=True)
         eos = model.tokenizer.eos_token_id
         generated = model.generate_ids(prompt_ids, record["max_new_tokens"],
                                        stop_ids=[eos] if eos is not None else [])
