@@ -286,6 +286,12 @@ class ConfigError(ValueError):
     """A checkpoint config the reference path cannot build (names the field and the value)."""
 
 
+# The paper's matched delta-rule baselines (Gated DeltaNet, KDA): H = 16, K = V = 128, so 262,144 state floats
+# per layer, at GDN-2's 1.3B shape (d_model 2304, 18 layers, Llama-2 vocabulary, 4K training context).
+PAPER_DELTA_RULE_CONFIG = dict(hidden_size=2304, num_hidden_layers=18, num_heads=16, head_dim=128, expand_v=1.0,
+                               vocab_size=32000, max_position_embeddings=4096)
+
+
 def fla_settings(config: dict, defaults: dict, source: str = "config.json") -> dict:
     """fla config.json -> the fields a reference model needs: `defaults` (the fla config class's defaults) updated
     by the file, `attn` parsed per layer, the MLP width resolved; features the reference path lacks are refused."""

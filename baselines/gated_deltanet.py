@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.common import (FLAFamilyBase, GatedRMSNorm, RMSNorm, ShortConvolution, gated_delta_rule,
-                              gate_activation)
+from baselines.common import (PAPER_DELTA_RULE_CONFIG, FLAFamilyBase, GatedRMSNorm, RMSNorm, ShortConvolution,
+                              gate_activation, gated_delta_rule)
 from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
 from harness.registry import register_family
 
@@ -100,9 +100,7 @@ class GatedDeltaNetFamily(FLAFamilyBase):
     upstream_class = "GatedDeltaNetForCausalLM"
     upstream_config_class = "GatedDeltaNetConfig"
     defaults = GDN_DEFAULTS
-    # The paper's matched baseline: H = 16, K = V = 128 (state 262,144 floats per layer).
-    paper_config = dict(hidden_size=2304, num_hidden_layers=18, num_heads=16, head_dim=128, expand_v=1.0,
-                        vocab_size=32000, max_position_embeddings=4096)
+    paper_config = PAPER_DELTA_RULE_CONFIG
     tiny_config = dict(model_type="gated_deltanet", hidden_size=128, num_hidden_layers=2, num_heads=2, head_dim=32,
                        expand_v=2.0, vocab_size=512, intermediate_size=256, norm_eps=1e-5)
 
