@@ -285,7 +285,8 @@ class Mamba3Family(ModelFamily):
     model_types = ("mamba3",)
     architectures = ("Mamba3ForCausalLM",)
     loads_from = ("HF folders of fla's Mamba3ForCausalLM (config.json + safetensors); mamba-ssm MambaLMHeadModel "
-                  "folders (config.json + pytorch_model.bin, ssm_cfg.layer 'Mamba3'); SISO and MIMO (is_mimo)")
+                  "folders (config.json + pytorch_model.bin, ssm_cfg.layer 'Mamba3', as mamba-ssm after 2.3.2.post1 "
+                  "saves them: 2.3.2.post1's own MambaLMHeadModel builds only Mamba1/Mamba2); SISO and MIMO (is_mimo)")
 
     # The paper's matched baselines (spec/gdn2.md): expand 2, head dim 64, d_state 64 at d_model 2048; MIMO rank 4.
     paper_config = {"model_type": "mamba3", "hidden_size": 2048, "expand": 2, "head_dim": 64, "state_size": 64,
