@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gdn2.ops.naive import check_gdn2_inputs, compute_dtype, expand_key_heads, l2norm, sequence_bounds
+from gdn2.ops.naive import check_gdn2_inputs, compute_dtype, prepare_inputs, sequence_bounds
 
 CHUNK_SIZE = 64
 # Upper bound on elements of the [.., C, C, K] decay-difference tensor built at once (bounds peak memory).
@@ -106,11 +106,7 @@ def torch_chunk_gdn2(
     Hv, V = v.shape[2], v.shape[3]
     out_dtype = v.dtype
     acc = compute_dtype(out_dtype)
-    scale = K ** -0.5 if scale is None else scale
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    q, k, g, b = (expand_key_heads(x, Hv).to(acc) for x in (q, k, g, b))
-    v, w = v.to(acc), w.to(acc)
+    q, k, g, b, v, w, scale = prepare_inputs(q, k, v, g, b, w, scale, use_qk_l2norm_in_kernel, acc)
     if initial_state is None:
         initial_state = q.new_zeros(N, Hv, K, V)
     initial_state = initial_state.to(acc)

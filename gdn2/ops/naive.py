@@ -64,6 +64,18 @@ def check_gdn2_inputs(q, k, v, g, b, w, initial_state, cu_seqlens) -> int:
     return N
 
 
+def prepare_inputs(q, k, v, g, b, w, scale: float | None, use_qk_l2norm: bool, acc: torch.dtype):
+    """What every PyTorch path does first: scale defaults to K^-1/2, q and k optionally L2-normalised, the key-side
+    tensors repeated over their value-head groups ([B, T, H, K] -> [B, T, Hv, K]), everything cast to acc.
+    Returns (q, k, v, g, b, w, scale)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    Hv = v.shape[2]
+    q, k, g, b = (expand_key_heads(x, Hv).to(acc) for x in (q, k, g, b))
+    return q, k, g, b, v.to(acc), w.to(acc), scale
+
+
 def sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, length: int) -> list[tuple[int, int, int]]:
     """(batch row, start, end) of every sequence: rows of a padded batch, or segments of a packed one."""
     if cu_seqlens is None:
@@ -96,11 +108,7 @@ def naive_recurrent_gdn2(
     Hv, V = v.shape[2], v.shape[3]
     out_dtype = v.dtype
     acc = compute_dtype(out_dtype)
-    scale = K ** -0.5 if scale is None else scale
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    q, k, g, b = (expand_key_heads(x, Hv).to(acc) for x in (q, k, g, b))
-    v, w = v.to(acc), w.to(acc)
+    q, k, g, b, v, w, scale = prepare_inputs(q, k, v, g, b, w, scale, use_qk_l2norm_in_kernel, acc)
 
     outputs = torch.zeros(B, T, Hv, V, dtype=acc, device=v.device)
     final_states = []

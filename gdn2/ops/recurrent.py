@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from gdn2.ops.naive import check_gdn2_inputs, compute_dtype, expand_key_heads, l2norm
+from gdn2.ops.naive import check_gdn2_inputs, compute_dtype, prepare_inputs
 
 
 def torch_recurrent_step_gdn2(q, k, v, g, b, w, state, scale, use_qk_l2norm_in_kernel):
     """Pure-PyTorch step; updates `state` [B, Hv, K, V] in place and returns o [B, T, Hv, V]."""
-    K = q.shape[-1]
-    Hv = v.shape[2]
-    scale = K ** -0.5 if scale is None else scale
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    acc = state.dtype
-    q, k, g, b = (expand_key_heads(x, Hv).to(acc) for x in (q, k, g, b))
-    v32, w32 = v.to(acc), w.to(acc)
+    q, k, g, b, v32, w32, scale = prepare_inputs(q, k, v, g, b, w, scale, use_qk_l2norm_in_kernel, state.dtype)
     outputs = []
     for t in range(q.shape[1]):
         state.mul_(g[:, t].exp()[..., None])
