@@ -37,6 +37,7 @@ from gdn2.ops.triton.utils import pin_config  # noqa: E402
 DEV = "cpu" if SMOKE else "cuda"
 
 KERNELS = {
+    "fwd_diag": chunk_fwd.gdn2_fwd_kernel_diag,
     "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
     "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
     "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
@@ -45,6 +46,7 @@ KERNELS = {
     "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
     "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,
     "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
+    "bwd_ddiag": chunk_bwd.gdn2_bwd_kernel_ddiag,
     "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
 }
 SEQUENTIAL = ("fwd_state", "bwd_dstate")
@@ -211,23 +213,32 @@ def main():
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (read before import)")
+    ap.add_argument("--kernels", default=None, help="comma-separated names (e.g. bwd_ddiag): check only their configs "
+                                                     "on the main shape; no decode, no extra shapes")
     args = ap.parse_args()
+    only = None if args.kernels is None else set(args.kernels.split(","))
     os.makedirs(args.out, exist_ok=True)
     card = "cpu-interpreter" if SMOKE else torch.cuda.get_device_name().replace(" ", "-")
     rows, summary = [], []
     start = time.time()
+
+    def record(kname, name, status, dtypes=None):
+        """Print one summary line and rewrite both result files (a run cut short keeps what it finished)."""
+        summary.append((kname, name, status))
+        print(f"{kname:15s} {name:28s} {'' if dtypes is None else [str(d)[6:] for d in dtypes]} {status}", flush=True)
+        write_results(args.out, card, rows, summary)
+
     for kname, kern in KERNELS.items():
         pin_config(kern, kern.configs[0])
-    for cfg, worst in check_decode(rows).items():
+    for cfg, worst in (check_decode(rows) if only is None else {}).items():
         status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'}"
-        summary.append(("decode", f"BV={cfg[0]},w{cfg[1]}", status))
-        print(f"{'decode':15s} {f'BV={cfg[0]},w{cfg[1]}':28s} {status}", flush=True)
+        record("decode", f"BV={cfg[0]},w{cfg[1]}", status)
     seed = 1000
     DT = (torch.bfloat16, torch.float32) if not SMOKE else (torch.float32,)     # the interpreter mangles bf16
     for kname, kern in KERNELS.items():
-        for cfg in list(kern._all_configs):
+        for cfg in (list(kern._all_configs) if only is None or kname in only else []):
             if time.time() - start > args.budget_s:
-                summary.append((kname, cfg_name(cfg), "NOT RUN (time budget)"))
+                record(kname, cfg_name(cfg), "NOT RUN (time budget)")
                 continue
             dtypes = [d for d in DT if kern.fits(cfg, d, MAIN["K"])]
             seed += 7
@@ -238,19 +249,17 @@ def main():
                 status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'} ({time.time() - t:.0f}s)"
             except Exception as e:                                             # a config that fails to compile/run
                 status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
-            summary.append((kname, cfg_name(cfg), status))
-            print(f"{kname:15s} {cfg_name(cfg):28s} {[str(d)[6:] for d in dtypes]} {status}", flush=True)
-    extra_runs = [(case, None) for case in EXTRA]
+            record(kname, cfg_name(cfg), status, dtypes)
+    extra_runs = [(case, None) for case in EXTRA] if only is None else []
     K256 = EXTRA[0]
-    extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL for cfg in KERNELS[kname]._all_configs[1:]
+    extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None for cfg in KERNELS[kname]._all_configs[1:]
                    if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
     for case, under_test in extra_runs:
         seed += 7
         label = "all(first)" if under_test is None else under_test[0]
         name = case["name"] if under_test is None else f"{case['name']} {cfg_name(under_test[1])}"
         if time.time() - start > args.budget_s:
-            summary.append((label, name, "NOT RUN (time budget)"))
-            print(f"{label:15s} {name:28s} NOT RUN (time budget)", flush=True)
+            record(label, name, "NOT RUN (time budget)")
             continue
         dtypes = [d for d in DT if under_test is None or KERNELS[under_test[0]].fits(under_test[1], d, case["K"])]
         try:
@@ -258,19 +267,22 @@ def main():
             status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'}"
         except Exception as e:
             status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
-        summary.append((label, name, status))
-        print(f"{label:15s} {name:28s} {[str(d)[6:] for d in dtypes]} {status}", flush=True)
+        record(label, name, status, dtypes)
     for kern in KERNELS.values():
         pin_config(kern, None)
-    path = os.path.join(args.out, f"check-{card}.csv")
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        wr.writeheader()
-        wr.writerows(rows)
-    with open(os.path.join(args.out, f"check-summary-{card}.txt"), "w") as f:
+    print(f"wrote {args.out}/check-{card}.csv; {sum(not r['ok'] for r in rows)} failing rows of {len(rows)}")
+
+
+def write_results(out, card, rows, summary):
+    """check-<card>.csv (one row per tensor checked) and check-summary-<card>.txt (one line per config)."""
+    if rows:
+        with open(os.path.join(out, f"check-{card}.csv"), "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            wr.writeheader()
+            wr.writerows(rows)
+    with open(os.path.join(out, f"check-summary-{card}.txt"), "w") as f:
         for r in summary:
             f.write(" | ".join(r) + "\n")
-    print(f"wrote {path}; {sum(not r['ok'] for r in rows)} failing rows of {len(rows)}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from gdn2.ops.triton.utils import SERIAL_PRECISION, dot_precision, solve_precisi
 SMEM_LIMIT = 232_448
 TARGET = GPUTarget("cuda", 90, 32)
 KERNELS = {
+    "fwd_diag": chunk_fwd.gdn2_fwd_kernel_diag,
     "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
     "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
     "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
@@ -44,10 +45,12 @@ KERNELS = {
     "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
     "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,
     "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
+    "bwd_ddiag": chunk_bwd.gdn2_bwd_kernel_ddiag,
     "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
 }
 # pointer arguments that are fp32 whatever the input dtype (g, the solve, states in and out, fp32 gradients)
 FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG", "dg", "dAE", "dT", "dAqk",
+                 "dbk", "dqs", "dkd",
                  "rq", "rk"}
 INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
 SCALARS = {"scale": "fp32", "TT": "i32", "NSH_LOG2": "i32"}
@@ -58,7 +61,7 @@ SERIAL_KERNELS = {"fwd_wy", "fwd_state", "fwd_state_fused", "fwd_output", "bwd_d
 def signature_for(kname, fn, config, dtype, K, V, H=16, HV=16):
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     BK, BV = block_sizes(K, V)
-    consts = dict(H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NK=triton.cdiv(K, BK), USE_L2=True, HAS_H0=True,
+    consts = dict(H=H, HV=HV, K=K, KP=triton.next_power_of_2(K), V=V, BK=BK, BV=BV, NK=triton.cdiv(K, BK), USE_L2=True, HAS_H0=True,
                   STORE_FINAL=True, HAS_DHT=True, STORE_DH0=True, FUSE_OUTPUT=kname.endswith("_fused"),
                   PREC=SERIAL_PRECISION if kname in SERIAL_KERNELS else dot_precision(dtype),
                   PREC_T=solve_precision(dtype))

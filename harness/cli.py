@@ -373,7 +373,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 2
     from harness.doctor import run_doctor
 
-    return run_doctor(args.family, args.device, args.seq_len, args.tolerance)[1]
+    return run_doctor(args.family, args.device, args.seq_len, args.tolerance, full_autotune=args.full_autotune)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,12 @@ The hook a family implements (duck-typed; FLAFamilyBase in baselines/common.py i
         '''Names of the variants to check, each passed to conformance_models (e.g. "", "hybrid", "mimo").'''
 
 Families without conformance_models are listed as "skipped: no conformance hook".
-Usage: `python run_eval.py doctor [--family NAME ...] [--device cuda]`, or run_doctor() from Python.
+
+Autotuning: by default every Triton autotuner (fla's, mamba-ssm's, ours) runs only its first config that survives
+the kernel's own pruning: the doctor checks the math of each kernel, and timing every config of every upstream
+kernel cost minutes per family on an H100 (runs were cut off by it). `--full-autotune` restores normal autotuning
+(the kernels then run the configs a sweep would pick); `benchmarks/check_kernels_gpu.py` checks every config of ours.
+Usage: `python run_eval.py doctor [--family NAME ...] [--device cuda] [--full-autotune]`, or run_doctor().
 """
 from __future__ import annotations
 
@@ -85,13 +90,26 @@ def incremental_logits(lm, ids: torch.Tensor, prefill: int = PREFILL, steps: int
     return torch.cat(pieces, dim=1)
 
 
-def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance: float = TOLERANCE) -> list[DoctorRow]:
-    """All checks of one family object (every variant)."""
+def first_config_autotuning() -> None:
+    """Make every triton.autotune'd kernel (fla, mamba-ssm, ours) launch the first config left after its own pruning,
+    without timing the others. Process-wide and permanent: for the doctor's command-line runs only."""
+    from triton.runtime.autotuner import Autotuner
+
+    if getattr(Autotuner, "_doctor_first_config", False):
+        return
+    prune = Autotuner.prune_configs
+    Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
+    Autotuner._doctor_first_config = True
+
+
+def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance: float = TOLERANCE,
+                 on_row=None) -> list[DoctorRow]:
+    """All checks of one family object (every variant); on_row(row) is called as each row is made."""
     name = family.name
     if not hasattr(family, "conformance_models"):
         return [DoctorRow(name, "conformance", "skipped", detail="no conformance hook")]
     variants = family.conformance_variants() if hasattr(family, "conformance_variants") else [""]
-    rows: list[DoctorRow] = []
+    rows = _RowList(on_row)
     for variant in variants:
         label = f"{name}[{variant}]" if variant else name
         try:
@@ -147,12 +165,28 @@ def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance
         del upstream, reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return list(rows)
+
+
+class _RowList(list):
+    """A list of DoctorRow that reports each appended row (so a run cut short still shows what it measured)."""
+
+    def __init__(self, on_row):
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row: DoctorRow) -> None:
+        super().append(row)
+        if self.on_row is not None:
+            self.on_row(row)
 
 
 def run_doctor(families: list[str] | None = None, device: str = "cuda", seq_len: int = SEQ_LEN,
-               tolerance: float = TOLERANCE, print_table: bool = True) -> tuple[list[DoctorRow], int]:
-    """Run the conformance checks; returns (rows, exit status) and prints a table unless print_table=False."""
+               tolerance: float = TOLERANCE, print_table: bool = True,
+               full_autotune: bool = True) -> tuple[list[DoctorRow], int]:
+    """Run the conformance checks; returns (rows, exit status) and prints a table unless print_table=False.
+    full_autotune=False: every Triton autotuner runs its first config only (first_config_autotuning; the CLI's
+    default)."""
     if seq_len <= PREFILL + DECODE_STEPS:
         raise ValueError(f"doctor: --seq-len must exceed {PREFILL + DECODE_STEPS} (a {PREFILL}-token prefill, "
                          f"{DECODE_STEPS} decode steps, then the rest); got {seq_len}")
@@ -161,6 +195,8 @@ def run_doctor(families: list[str] | None = None, device: str = "cuda", seq_len:
     os.environ.setdefault("GDN2_TRITON_AUTOTUNE", "0")
     # fp32 means fp32: no TF32 in torch matmuls nor in Triton dots that do not pin their precision.
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+    if not full_autotune:
+        first_config_autotuning()
     from harness.registry import get_family, resolve_device
 
     try:
@@ -183,7 +219,7 @@ def run_doctor(families: list[str] | None = None, device: str = "cuda", seq_len:
         for family in selected:
             if print_table:
                 print(f"doctor: checking {family.name} on {dev} ...", file=sys.stderr, flush=True)
-            family_rows = check_family(family, dev, seq_len, tolerance)
+            family_rows = check_family(family, dev, seq_len, tolerance, on_row=_print_row if print_table else None)
             if print_table:
                 print(format_rows(family_rows, dev), flush=True)
             rows.extend(family_rows)
@@ -200,6 +236,11 @@ def _family_names() -> list[str]:
     from harness.registry import family_names
 
     return family_names()
+
+
+def _print_row(row: DoctorRow) -> None:
+    value = "" if row.value is None else f" {row.value:.2e} (limit {row.limit:.0e})"
+    print(f"  {row.family}: {row.check}: {row.status}{value} {row.detail}".rstrip(), file=sys.stderr, flush=True)
 
 
 def format_rows(rows: list[DoctorRow], device: torch.device | None = None) -> str:
@@ -220,6 +261,9 @@ def add_doctor_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
+    parser.add_argument("--full-autotune", action="store_true",
+                        help="time every config of every Triton autotuner as a sweep would (minutes per family); "
+                             "default: each autotuned kernel runs its first config")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="doctor", description=__doc__.splitlines()[0])
     add_doctor_arguments(parser)
     args = parser.parse_args(argv)
-    return run_doctor(args.family, args.device, args.seq_len, args.tolerance)[1]
+    return run_doctor(args.family, args.device, args.seq_len, args.tolerance,
+                      full_autotune=args.full_autotune)[1]
 
 
 if __name__ == "__main__":

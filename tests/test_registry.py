@@ -2,6 +2,11 @@
 (harness/describe.py) and `doctor` (harness/doctor.py) as plain functions."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -118,9 +123,40 @@ def test_doctor_runs_what_it_can_and_skips_the_rest_on_cpu(capsys):
     assert by[("kda", "conformance")].status == "skipped" and "CUDA" in by[("kda", "conformance")].detail
     assert by[("kda[hybrid]", "conformance")].status == "skipped"
     assert by[("gdn2", "conformance")].status == "skipped"
-    assert "doctor on cpu" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "doctor on cpu" in out.out
+    # rows stream to stderr as they are measured (a run cut short still shows them)
+    assert "transformer: logits upstream vs reference (T=130): ok" in out.err
     if NO_CUDA:
         assert run_doctor(device="cuda", print_table=False)[1] == 2
+
+
+def test_doctor_first_config_autotuning_keeps_one_pruned_config(tmp_path):
+    # process-wide patch: run it in a child interpreter so no other test sees it
+    code = """
+import triton, triton.language as tl
+from harness.doctor import first_config_autotuning
+configs = [triton.Config({"B": b}) for b in (1, 2, 4)]
+prune = {"early_config_prune": lambda cs, nargs, **kw: [c for c in cs if c.kwargs["B"] > 1]}
+@triton.autotune(configs=configs, key=[], prune_configs_by=prune)
+@triton.jit
+def kern(x, B: tl.constexpr):
+    pass
+kern.nargs = {"x": None}
+before = [c.kwargs["B"] for c in kern.prune_configs({})]
+first_config_autotuning()
+first_config_autotuning()
+after = [c.kwargs["B"] for c in kern.prune_configs({})]
+print(before, after)
+"""
+    script = tmp_path / "autotune_probe.py"                                 # @triton.jit needs a source file
+    script.write_text(code)
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "[2, 4] [2]"
 
 
 def test_doctor_reports_a_mismatch_and_the_skip_convention():

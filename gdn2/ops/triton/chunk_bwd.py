@@ -38,9 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (_load_sub, block_sizes, chunk_key_side, key_vector, state_block,
+from gdn2.ops.triton.chunk_fwd import (_load16, _load_sub, block_sizes, chunk_key_side, key_vector, state_block,
                                        state_block_t, store_state_block, store_tile, tile, tile_t)
-from gdn2.ops.triton.utils import CHUNK, SERIAL_PRECISION, dot_precision, load_rows, solve_precision, tuned
+from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
+                                   tuned)
 
 DLOCAL_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
                                                                                        num_stages=2)]
@@ -88,6 +89,14 @@ DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 32}, num_warps=8, num_stages=1),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
+# ddiag: BKD key channels per program (its outputs are per channel, so K splits over the grid for free); one or two
+# warps keep the reductions over the 16 rows inside a warp (H100, 2026-11-27: the full-K tile at 2 warps took 5.1 ms
+# at B=8, T=4096, most of it cross-warp reductions).
+DDIAG_CONFIGS = [triton.Config({"BKD": 32}, num_warps=1, num_stages=1),
+                 triton.Config({"BKD": 64}, num_warps=2, num_stages=1),
+                 triton.Config({"BKD": 32}, num_warps=2, num_stages=1),
+                 triton.Config({"BKD": 64}, num_warps=4, num_stages=1)]
+DDIAG_INTERPRET = triton.Config({"BKD": 32}, num_warps=1, num_stages=1)
 DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=1) for bks in (16, 32)]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 
@@ -301,23 +310,62 @@ def gdn2_bwd_kernel_dav(v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu_seqlens, c
     tl.store(dAqk + t[:, None] * S64 + i_h * 64 + c64[None, :], tl.where(incl, dAq, 0.), mask=mt[:, None])
 
 
+@tuned(DDIAG_CONFIGS, key=["K", "USE_L2"], interpret_config=DDIAG_INTERPRET, dtype_arg="q")
 @triton.jit
-def _diag_backward(dTd, dQd, bk, qs, kb, G):
-    """Inside one sub-chunk: grads of (b k), (scale q) and k through T_ii and Aqk_ii (dTd, dQd already masked)."""
+def gdn2_bwd_kernel_ddiag(q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, cu_seqlens, chunk_indices, scale,
+                          H: tl.constexpr, K: tl.constexpr, BKD: tl.constexpr, USE_L2: tl.constexpr):
+    """Backward of the diagonal [16, 16] blocks, one sub-chunk and BKD key channels per program, [16, BKD] tiles
+    (e_rs = exp(G_r - G_s), s <= r, G_s built row by row as in gdn2_fwd_kernel_diag):
+        dbk_r = sum_s dT_rs k_s e_rs,   dqs_r = sum_s dAqk_rs k_s e_rs,   dk_s = sum_r (dT_rs bk_r + dAqk_rs qs_r) e_rs
+    into fp32 [TT, H, K] buffers that gdn2_bwd_kernel_dqkg adds to the off-diagonal parts."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c = i_s // 4
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    SK = H * K
+    S64 = H * 64
+    t0 = bos + i_t * 64 + (i_s % 4) * 16
     r16 = tl.arange(0, 16)
-    incl = (r16[:, None] >= r16[None, :])[:, :, None]
-    decay = tl.exp(tl.where(incl, G[:, None, :] - G[None, :, :], float("-inf")))
-    right = kb[None, :, :] * decay
-    d_bk = tl.sum(dTd[:, :, None] * right, 1)
-    d_qs = tl.sum(dQd[:, :, None] * right, 1)
-    d_k = tl.sum((dTd[:, :, None] * bk[:, None, :] + dQd[:, :, None] * qs[:, None, :]) * decay, 0)
-    return d_bk, d_qs, d_k
-
-
-@triton.jit
-def _load16(ptr, t, eos, col0, stride_t):
-    c16 = tl.arange(0, 16)
-    return tl.load(ptr + t[:, None] * stride_t + col0 + c16[None, :], mask=(t < eos)[:, None], other=0.)
+    cols = i_k * BKD + tl.arange(0, BKD)
+    mk = cols < K
+    koff = i_h * K
+    q += koff
+    k += koff
+    g += koff
+    b += koff
+    dbk += koff
+    dqs += koff
+    dkd += koff
+    rq += i_h
+    rk += i_h
+    src = i_h * 64 + (i_s % 4) * 16 + r16
+    kt = load_rows(k, t0 + r16, eos, SK, cols, K)
+    if USE_L2:
+        kt = kt * load_scale(rk, t0 + r16, eos, H)[:, None]
+    G_r = tl.zeros([BKD], dtype=tl.float32)
+    Gs = tl.zeros([16, BKD], dtype=tl.float32)
+    d_k = tl.zeros([16, BKD], dtype=tl.float32)
+    for r in tl.static_range(16):
+        tr = t0 + r
+        ok = tr < eos
+        G_r += tl.load(g + tr * SK + cols, mask=mk & ok, other=0.)
+        Gs = tl.where((r16 == r)[:, None], G_r[None, :], Gs)
+        kr = tl.load(k + tr * SK + cols, mask=mk & ok, other=0.).to(tl.float32)
+        qr = tl.load(q + tr * SK + cols, mask=mk & ok, other=0.).to(tl.float32) * scale
+        if USE_L2:
+            kr = kr * tl.load(rk + tr * H, mask=ok, other=0.)
+            qr = qr * tl.load(rq + tr * H, mask=ok, other=0.)
+        bkr = tl.load(b + tr * SK + cols, mask=mk & ok, other=0.).to(tl.float32) * kr
+        e = tl.exp(tl.where((r16 <= r)[:, None], G_r[None, :] - Gs, float("-inf")))
+        dTr = tl.load(dT + tr * S64 + src, mask=ok & (r16 < r), other=0.)[:, None]
+        dQr = tl.load(dAqk + tr * S64 + src, mask=ok & (r16 <= r), other=0.)[:, None]
+        ke = kt * e
+        tl.store(dbk + tr * SK + cols, tl.sum(dTr * ke, 0), mask=mk & ok)
+        tl.store(dqs + tr * SK + cols, tl.sum(dQr * ke, 0), mask=mk & ok)
+        d_k += (dTr * bkr[None, :] + dQr * qr[None, :]) * e
+    _store_rows(dkd, d_k, t0 + r16, eos, SK, cols, K)
 
 
 @triton.jit
@@ -352,7 +400,8 @@ def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
 @tuned(DQKG_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=DQKG_INTERPRET, dtype_arg="q",
        restore_value=("dq", "dk", "db"))
 @triton.jit
-def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_seqlens, chunk_indices, scale,
+def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, dq, dk, db, dG, dg, cu_seqlens, chunk_indices,
+                         scale,
                          H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr,
                          PREC: tl.constexpr):
     """dq, dk, db are updated in place (elementwise partials in, totals out); dG partials in, dg out."""
@@ -371,6 +420,9 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
     dq += koff
     dk += koff
     db += koff
+    dbk += koff
+    dqs += koff
+    dkd += koff
     dG += koff
     dg += koff
     rq += i_h
@@ -388,11 +440,19 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
     Gb, cc, qb, kb, bkb = _load_sub(q, k, g, b, rq, rk, tb, eos, cb, cols, scale, SK, H, K, USE_L2)
     Gc, cd, qc, kc, bkc = _load_sub(q, k, g, b, rq, rk, tc, eos, cc, cols, scale, SK, H, K, USE_L2)
     Gd, _, qd, kd, bkd = _load_sub(q, k, g, b, rq, rk, td, eos, cd, cols, scale, SK, H, K, USE_L2)
-    # diagonal sub-chunks
-    dbk_a, dqs_a, dk_a = _diag_backward(_load16(dT, ta, eos, 0, S64), _load16(dAqk, ta, eos, 0, S64), bka, qa, ka, Ga)
-    dbk_b, dqs_b, dk_b = _diag_backward(_load16(dT, tb, eos, 16, S64), _load16(dAqk, tb, eos, 16, S64), bkb, qb, kb, Gb)
-    dbk_c, dqs_c, dk_c = _diag_backward(_load16(dT, tc, eos, 32, S64), _load16(dAqk, tc, eos, 32, S64), bkc, qc, kc, Gc)
-    dbk_d, dqs_d, dk_d = _diag_backward(_load16(dT, td, eos, 48, S64), _load16(dAqk, td, eos, 48, S64), bkd, qd, kd, Gd)
+    # diagonal sub-chunks (gdn2_bwd_kernel_ddiag)
+    dbk_a = load_rows(dbk, ta, eos, SK, cols, K)
+    dqs_a = load_rows(dqs, ta, eos, SK, cols, K)
+    dk_a = load_rows(dkd, ta, eos, SK, cols, K)
+    dbk_b = load_rows(dbk, tb, eos, SK, cols, K)
+    dqs_b = load_rows(dqs, tb, eos, SK, cols, K)
+    dk_b = load_rows(dkd, tb, eos, SK, cols, K)
+    dbk_c = load_rows(dbk, tc, eos, SK, cols, K)
+    dqs_c = load_rows(dqs, tc, eos, SK, cols, K)
+    dk_c = load_rows(dkd, tc, eos, SK, cols, K)
+    dbk_d = load_rows(dbk, td, eos, SK, cols, K)
+    dqs_d = load_rows(dqs, td, eos, SK, cols, K)
+    dk_d = load_rows(dkd, td, eos, SK, cols, K)
     # off-diagonal sub-chunks (boundary reference = carry before the row sub-chunk)
     lb = tl.exp(Gb - cb[None, :])
     x, y, z = _off_backward(_load16(dT, tb, eos, 0, S64), _load16(dAqk, tb, eos, 0, S64), bkb * lb, qb * lb, lb, cb,
@@ -495,7 +555,12 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     gdn2_bwd_kernel_dav[(n_chunks, H)](v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu, chunk_indices, TT,
                                        H=H, HV=HV, V=V, NK=NK, PREC=prec, PREC_T=solve_precision(v.dtype))
     del dAE
+    dbk, dqs, dkd = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(3))
+    grid = lambda meta: (4 * n_chunks, H, triton.cdiv(K, meta["BKD"]))
+    gdn2_bwd_kernel_ddiag[grid](q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, cu, chunk_indices, scale,
+                                H=H, K=K, USE_L2=use_l2)
     grid = lambda meta: (n_chunks, H, triton.cdiv(K, meta["BKS"]))
-    gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu, chunk_indices, scale,
+    gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, dq, dk, db, dG, dg, cu, chunk_indices,
+                               scale,
                                H=H, K=K, USE_L2=use_l2, PREC=prec)
     return dq, dk, db, dg, dv, dw, dh0

@@ -41,9 +41,14 @@ import triton.language as tl
 
 from gdn2.ops.triton.utils import CHUNK, SERIAL_PRECISION, load_rows, load_scale, tuned, unit_lower_inverse16
 
-# Intra kernel: BKS is the K slice held at once (the [16, 16, BKS] pairwise tile sets register pressure).
-# (num_warps=2 variants compiled 2-3x slower for no expected gain; dropped to keep the autotuner's compile time short.)
-INTRA_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=1) for bks in (16, 32)]
+# Diagonal-block kernel: one 16-row sub-chunk per program, the full K as one [16, KP] tile (H100 autotune pick at
+# B=8, T=4096, K=128: 2 warps).
+DIAG_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (2, 4, 8, 1)]
+DIAG_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
+
+# Intra kernel (off-diagonal blocks and the solve): BKS is the K slice of the off-diagonal products.
+INTRA_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=1) for bks in (16, 32)] + [
+    triton.Config({"BKS": 16}, num_warps=2, num_stages=1)]
 INTRA_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 
 # WY kernel: one [64, 64] fp32 A tile times [64, BK] / [64, BV] tiles; BK, BV fixed by the shape (<= 64).
@@ -86,14 +91,50 @@ def _load_sub(q, k, g, b, rq, rk, t, eos, carry, cols, scale, SK, SH, K: tl.cons
     return G, carry + tl.sum(gb, 0), qb * scale, kb, bk
 
 
+@tuned(DIAG_CONFIGS, key=["K", "USE_L2"], interpret_config=DIAG_INTERPRET, dtype_arg="q")
 @triton.jit
-def _diag_products(bk, qs, kb, G):
-    """Inside one sub-chunk: (sum_d bk_r k_s e_rs, sum_d qs_r k_s e_rs) for s <= r, e_rs = exp(G_r - G_s)."""
+def gdn2_fwd_kernel_diag(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
+                         H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, USE_L2: tl.constexpr):
+    """The diagonal [16, 16] blocks, one 16-row sub-chunk per program: row r of T (s < r) into A, row r of Aqk
+    (s <= r) into Aqk, over the full K (padded to KP) at once. G_s is built row by row in the [16, KP] tile Gs from
+    the same running sum as G_r, so exp(G_r - G_s) is exactly 1 at s = r and <= 1 below it."""
+    i_s, i_h = tl.program_id(0), tl.program_id(1)
+    i_c = i_s // 4
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    SK = H * K
+    S64 = H * 64
+    t0 = bos + i_t * 64 + (i_s % 4) * 16
     r16 = tl.arange(0, 16)
-    incl = (r16[:, None] >= r16[None, :])[:, :, None]
-    decay = tl.exp(tl.where(incl, G[:, None, :] - G[None, :, :], float("-inf")))
-    right = kb[None, :, :] * decay
-    return tl.sum(bk[:, None, :] * right, 2), tl.sum(qs[:, None, :] * right, 2)
+    cols = tl.arange(0, KP)
+    q += i_h * K
+    k += i_h * K
+    g += i_h * K
+    b += i_h * K
+    rq += i_h
+    rk += i_h
+    kt = load_rows(k, t0 + r16, eos, SK, cols, K)
+    if USE_L2:
+        kt = kt * load_scale(rk, t0 + r16, eos, H)[:, None]
+    G_r = tl.zeros([KP], dtype=tl.float32)
+    Gs = tl.zeros([16, KP], dtype=tl.float32)
+    dst = i_h * 64 + (i_s % 4) * 16 + r16
+    for r in tl.static_range(16):
+        tr = t0 + r
+        ok = tr < eos
+        G_r += tl.load(g + tr * SK + cols, mask=(cols < K) & ok, other=0.)
+        Gs = tl.where((r16 == r)[:, None], G_r[None, :], Gs)
+        kr = tl.load(k + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32)
+        qr = tl.load(q + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32) * scale
+        if USE_L2:
+            kr = kr * tl.load(rk + tr * H, mask=ok, other=0.)
+            qr = qr * tl.load(rq + tr * H, mask=ok, other=0.)
+        bkr = tl.load(b + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32) * kr
+        right = kt * tl.exp(tl.where((r16 <= r)[:, None], G_r[None, :] - Gs, float("-inf")))
+        tl.store(A + tr * S64 + dst, tl.where(r16 < r, tl.sum(right * bkr[None, :], 1), 0.), mask=ok)
+        tl.store(Aqk + tr * S64 + dst, tl.sum(right * qr[None, :], 1).to(Aqk.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -102,6 +143,14 @@ def _off_products(bk_t, qs_t, ref, kb_j, G_j):
     right = kb_j * tl.exp(ref[None, :] - G_j)
     return (tl.dot(bk_t, tl.trans(right), input_precision="ieee"),
             tl.dot(qs_t, tl.trans(right), input_precision="ieee"))
+
+
+@triton.jit
+def _load16(ptr, t, eos, col0, stride_t):
+    """[16, 16] fp32 block of a [TT, ., 64] per-chunk matrix: rows t (0 past eos), columns col0 .. col0 + 15."""
+    c16 = tl.arange(0, 16)
+    return tl.load(ptr + t[:, None] * stride_t + col0 + c16[None, :], mask=(t < eos)[:, None], other=0.).to(
+        tl.float32)
 
 
 @triton.jit
@@ -133,8 +182,8 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
     tc = ta + 32
     td = ta + 48
     z = tl.zeros([16, 16], dtype=tl.float32)
-    Taa, Tbb, Tcc, Tdd, Tba, Tca, Tcb, Tda, Tdb, Tdc = z, z, z, z, z, z, z, z, z, z
-    Qaa, Qbb, Qcc, Qdd, Qba, Qca, Qcb, Qda, Qdb, Qdc = z, z, z, z, z, z, z, z, z, z
+    Tba, Tca, Tcb, Tda, Tdb, Tdc = z, z, z, z, z, z
+    Qba, Qca, Qcb, Qda, Qdb, Qdc = z, z, z, z, z, z
     for k0 in range(0, K, BKS):
         cols = k0 + tl.arange(0, BKS)
         c0 = tl.zeros([BKS], dtype=tl.float32)
@@ -142,18 +191,6 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
         Gb, cc, qb, kb, bkb = _load_sub(q, k, g, b, rq, rk, tb, eos, cb, cols, scale, SK, H, K, USE_L2)
         Gc, cd, qc, kc, bkc = _load_sub(q, k, g, b, rq, rk, tc, eos, cc, cols, scale, SK, H, K, USE_L2)
         Gd, _, qd, kd, bkd = _load_sub(q, k, g, b, rq, rk, td, eos, cd, cols, scale, SK, H, K, USE_L2)
-        x, y = _diag_products(bka, qa, ka, Ga)
-        Taa += x
-        Qaa += y
-        x, y = _diag_products(bkb, qb, kb, Gb)
-        Tbb += x
-        Qbb += y
-        x, y = _diag_products(bkc, qc, kc, Gc)
-        Tcc += x
-        Qcc += y
-        x, y = _diag_products(bkd, qd, kd, Gd)
-        Tdd += x
-        Qdd += y
         # sub-chunk b against a, reference G at the last row of a (= carry cb)
         lb = tl.exp(Gb - cb[None, :])
         x, y = _off_products(bkb * lb, qb * lb, cb, ka, Ga)
@@ -176,13 +213,15 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
         x, y = _off_products(bkd * ld, qd * ld, cd, kc, Gc)
         Tdc += x
         Qdc += y
-    strict = r16[:, None] > r16[None, :]
-    # diagonal blocks of A = (I + T)^-1 by forward substitution, then the block recursion
-    #   A_ij = -A_ii sum_{j <= m < i} T_im A_mj         (all fp32, IEEE products)
-    Aaa = unit_lower_inverse16(tl.where(strict, Taa, 0.))
-    Abb = unit_lower_inverse16(tl.where(strict, Tbb, 0.))
-    Acc = unit_lower_inverse16(tl.where(strict, Tcc, 0.))
-    Add = unit_lower_inverse16(tl.where(strict, Tdd, 0.))
+    A += i_h * 64
+    Aqk += i_h * 64
+    S64 = H * 64
+    # diagonal blocks of A = (I + T)^-1 by forward substitution of the strictly lower T_ii that gdn2_fwd_kernel_diag
+    # left in A, then the block recursion  A_ij = -A_ii sum_{j <= m < i} T_im A_mj   (all fp32, IEEE products)
+    Aaa = unit_lower_inverse16(_load16(A, ta, eos, 0, S64))
+    Abb = unit_lower_inverse16(_load16(A, tb, eos, 16, S64))
+    Acc = unit_lower_inverse16(_load16(A, tc, eos, 32, S64))
+    Add = unit_lower_inverse16(_load16(A, td, eos, 48, S64))
     Aba = -tl.dot(Abb, tl.dot(Tba, Aaa, input_precision="ieee"), input_precision="ieee")
     Acb = -tl.dot(Acc, tl.dot(Tcb, Abb, input_precision="ieee"), input_precision="ieee")
     Aca = -tl.dot(Acc, tl.dot(Tca, Aaa, input_precision="ieee") + tl.dot(Tcb, Aba, input_precision="ieee"),
@@ -192,10 +231,6 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
                   input_precision="ieee")
     Ada = -tl.dot(Add, tl.dot(Tda, Aaa, input_precision="ieee") + tl.dot(Tdb, Aba, input_precision="ieee")
                   + tl.dot(Tdc, Aca, input_precision="ieee"), input_precision="ieee")
-    A += i_h * 64
-    Aqk += i_h * 64
-    S64 = H * 64
-    incl = r16[:, None] >= r16[None, :]
     _store16(A, Aaa, ta, eos, 0, S64)
     _store16(A, z, ta, eos, 16, S64)
     _store16(A, z, ta, eos, 32, S64)
@@ -212,22 +247,18 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
     _store16(A, Adb, td, eos, 16, S64)
     _store16(A, Adc, td, eos, 32, S64)
     _store16(A, Add, td, eos, 48, S64)
-    _store16(Aqk, tl.where(incl, Qaa, 0.), ta, eos, 0, S64)
     _store16(Aqk, z, ta, eos, 16, S64)
     _store16(Aqk, z, ta, eos, 32, S64)
     _store16(Aqk, z, ta, eos, 48, S64)
     _store16(Aqk, Qba, tb, eos, 0, S64)
-    _store16(Aqk, tl.where(incl, Qbb, 0.), tb, eos, 16, S64)
     _store16(Aqk, z, tb, eos, 32, S64)
     _store16(Aqk, z, tb, eos, 48, S64)
     _store16(Aqk, Qca, tc, eos, 0, S64)
     _store16(Aqk, Qcb, tc, eos, 16, S64)
-    _store16(Aqk, tl.where(incl, Qcc, 0.), tc, eos, 32, S64)
     _store16(Aqk, z, tc, eos, 48, S64)
     _store16(Aqk, Qda, td, eos, 0, S64)
     _store16(Aqk, Qdb, td, eos, 16, S64)
     _store16(Aqk, Qdc, td, eos, 32, S64)
-    _store16(Aqk, tl.where(incl, Qdd, 0.), td, eos, 48, S64)
 
 
 @triton.jit
@@ -487,6 +518,8 @@ def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2
     TT, H, K = q.shape
     A = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32)
     Aqk = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
+    gdn2_fwd_kernel_diag[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, cu, chunk_indices, scale,
+                                            H=H, K=K, KP=triton.next_power_of_2(K), USE_L2=use_l2)
     gdn2_fwd_kernel_intra[(n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, cu, chunk_indices, scale,
                                          H=H, K=K, USE_L2=use_l2)
     return A, Aqk
