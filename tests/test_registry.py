@@ -131,23 +131,30 @@ def test_doctor_runs_what_it_can_and_skips_the_rest_on_cpu(capsys):
         assert run_doctor(device="cuda", print_table=False)[1] == 2
 
 
-def test_doctor_first_config_autotuning_keeps_one_pruned_config(tmp_path):
-    # process-wide patch: run it in a child interpreter so no other test sees it
+def test_doctor_autotunes_to_the_first_config_that_launches(tmp_path):
+    # process-wide patch: run it in a child interpreter so no other test sees it. Triton's _bench (which needs a GPU)
+    # is replaced by a stand-in that fails to launch B=2 (as an over-limit config does: inf) and records the calls.
     code = """
 import triton, triton.language as tl
+from triton.runtime.autotuner import Autotuner
+calls = []
+def fake_bench(self, *args, config, **kwargs):
+    calls.append(config.kwargs["B"])
+    return [float("inf")] * 3 if config.kwargs["B"] == 2 else [1.0] * 3
+Autotuner._bench = fake_bench
 from harness.doctor import first_config_autotuning
-configs = [triton.Config({"B": b}) for b in (1, 2, 4)]
+configs = [triton.Config({"B": b}) for b in (1, 2, 4, 8)]
 prune = {"early_config_prune": lambda cs, nargs, **kw: [c for c in cs if c.kwargs["B"] > 1]}
 @triton.autotune(configs=configs, key=[], prune_configs_by=prune)
 @triton.jit
 def kern(x, B: tl.constexpr):
     pass
 kern.nargs = {"x": None}
-before = [c.kwargs["B"] for c in kern.prune_configs({})]
 first_config_autotuning()
 first_config_autotuning()
-after = [c.kwargs["B"] for c in kern.prune_configs({})]
-print(before, after)
+for _ in range(2):                                  # two autotune keys: the search restarts for each
+    timings = {c.kwargs["B"]: kern._bench(config=c)[0] for c in kern.prune_configs({})}
+    print(min(timings, key=timings.get), calls)
 """
     script = tmp_path / "autotune_probe.py"                                 # @triton.jit needs a source file
     script.write_text(code)
@@ -156,7 +163,8 @@ print(before, after)
     env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=repo)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[0] == "[2, 4] [2]"
+    # pruning left B = 2, 4, 8; B = 2 fails to launch, B = 4 is picked, B = 8 is never compiled
+    assert out.stdout.splitlines() == ["4 [2, 4]", "4 [2, 4, 2, 4]"]
 
 
 def test_doctor_reports_a_mismatch_and_the_skip_convention():
@@ -188,3 +196,20 @@ def test_doctor_reports_a_mismatch_and_the_skip_convention():
     assert rows[1].status == "ok" and rows[2].status == "ok"  # each model agrees with itself
     (row,) = check_family(Skipping(), torch.device("cpu"))
     assert row.status == "skipped" and row.detail == "no kernels here"
+
+    class Declared(Mismatched):
+        """A family whose upstream computes in lower precision (declared limit) and cannot decode here."""
+        name = "declared"
+
+        def conformance_tolerance(self, variant=""):
+            return 10.0
+
+        def conformance_skips(self, variant=""):
+            return {"prefill+decode vs full (upstream)": "no decode kernel"}
+
+    rows = {r.check: r for r in check_family(Declared(), torch.device("cpu"), seq_len=120)}
+    logits = rows["logits upstream vs reference (T=120)"]
+    assert logits.status == "ok" and logits.limit == 10.0 and logits.value > 1e-3 and "family-declared" in logits.detail
+    assert rows["prefill+decode vs full (reference)"].limit == 10.0
+    skipped = rows["prefill+decode vs full (upstream)"]
+    assert skipped.status == "skipped" and skipped.detail == "no decode kernel" and skipped.value is None
