@@ -1,8 +1,8 @@
 """Benchmark our GDN-2 Triton kernels against flash-linear-attention's chunk_gdn2 and chunk_kda, same run, same card.
 
 bf16 q, k, v, b, w (fp32 g, as the layer computes it), H = 16, K = V = 128, (B, T) in (8, 4096), (2, 16384),
-(1, 65536): inference forward (no grad; ours in both variants: per-chunk states + output kernel, and
-GDN2_TRITON_INFER_FUSED=1), training forward (inputs require grad; forward only), forward + backward;
+(1, 65536): inference forward (no grad; ours in both variants: per-chunk states + output kernel, row infer_fwd,
+and the output inside the walk, row infer_fwd_fused; gdn2/ops/triton/chunk_infer.py picks between them), training forward (inputs require grad; forward only), forward + backward;
 the decode step at B = 1 and B = 64 (one token, state updated in place). Timing: triton.testing.do_bench (CUDA
 events), median, after warm-up, on freshly drawn inputs; the decode step also from a CUDA graph of 32 steps (GPU time
 per step without launch gaps). The floor is the bytes every implementation must move (inputs read once, outputs
@@ -144,11 +144,12 @@ def main():
         do = torch.randn_like(v)
         h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
         kw = dict(initial_state=h0, output_final_state=True)
+        os.environ["GDN2_TRITON_INFER_FUSED"] = "0"                           # infer_fwd row: the split variant
         ours = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
         os.environ["GDN2_TRITON_INFER_FUSED"] = "1"                           # the other inference variant
         with torch.no_grad():
             ours["infer_fwd_fused"] = bench(lambda: triton_chunk_gdn2(q, k, v, g, b, w, **kw))
-        os.environ["GDN2_TRITON_INFER_FUSED"] = "0"
+        os.environ.pop("GDN2_TRITON_INFER_FUSED")
         print(f"ours B{B}_T{T}: {ours}", flush=True)
         gd, kd = {}, {}
         if fla_gdn2 is not None:

@@ -91,6 +91,23 @@ def test_inference_forward_fused_output(monkeypatch):
     assert rel(o, ro) < TOL and rel(ht, rh) < TOL
 
 
+def test_inference_output_variant_choice(monkeypatch):
+    """Fused output by default where the H100 measured it faster (16-bit inputs, K <= 128); the variable forces
+    either; anything else is refused with the accepted values."""
+    from gdn2.ops.triton.chunk_infer import use_fused_output
+
+    monkeypatch.delenv("GDN2_TRITON_INFER_FUSED", raising=False)
+    assert use_fused_output(torch.bfloat16, 128) and use_fused_output(torch.float16, 64)
+    assert not use_fused_output(torch.float32, 128) and not use_fused_output(torch.bfloat16, 256)
+    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "0")
+    assert not use_fused_output(torch.bfloat16, 128)
+    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "1")
+    assert use_fused_output(torch.float32, 256)
+    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "yes")
+    with pytest.raises(ValueError, match="must be 0 .* or 1"):
+        use_fused_output(torch.bfloat16, 128)
+
+
 def test_strong_decay_does_not_overflow():
     """g as low as -30 per token: exp(G_r - G_s) for s > r would overflow if formed as gamma_r / gamma_s."""
     q, k, v, g, b, w, h0 = make_inputs(1, 64, 1, 1, 16, 16, 1, True, seed=5)

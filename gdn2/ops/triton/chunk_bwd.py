@@ -26,8 +26,10 @@ Kernels (in launch order; only dstate is sequential)
   gdn2_bwd_kernel_dav     grid (chunks, key heads): dZ = A^T dR -> dv, dw; dA = sum of the K-block shares + dR Z^T;
                           dAqk = tril(dO R^T); dT = -A^T dA A^T (fp32: IEEE products for fp32 inputs, tf32x3
                           - three tf32 passes, about fp32 accuracy on tensor cores - for 16-bit inputs).
-  gdn2_bwd_kernel_dqkg    grid (chunks, key heads, K slices): the pairwise-decay products' backward in 16-row
-                          sub-chunks (same boundary trick as the forward), adds them, and the reverse cumsum for dg.
+  gdn2_bwd_kernel_ddiag   grid (4 x chunks, key heads, K blocks of BKD): the diagonal blocks' backward, one sub-chunk
+                          per program, row by row; writes the (b k), (scale q), k gradients to fp32 [TT, H, K] buffers.
+  gdn2_bwd_kernel_dqkg    grid (chunks, key heads, K slices): the off-diagonal blocks' backward (same boundary trick
+                          as the forward), adds the ddiag buffers and the elementwise parts, reverse cumsum for dg.
 With fp32 inputs the fp32 products of dqk, dav, dqkg (the dA / dT path) use IEEE precision (utils.dot_precision),
 the others tf32 (utils.SERIAL_PRECISION); with 16-bit inputs tf32 throughout.
 The q/k L2-norm VJP (if fused) is applied on the [TT, H, K] results in PyTorch.

@@ -14,13 +14,16 @@ Per chunk of C = 64 tokens (rows r, s = 0..63), per head, elementwise over the K
 Only R and S_C depend on the state carried between chunks; everything else is chunk-parallel.
 
 Exponents are differences. Inside a 16-row sub-chunk the pairs (r, s) are formed explicitly, exp(G_r - G_s) with
-s > r masked to -inf. Between sub-chunks i > j the product is split at the boundary G_ref = G at the last row of
+s > r masked to -inf (G_s taken from the same running sum as G_r, so the diagonal is exactly 1). Between sub-chunks i > j the product is split at the boundary G_ref = G at the last row of
 sub-chunk i-1: exp(G_r - G_ref) * exp(G_ref - G_s), both factors <= 1 because G never increases (g <= 0), so
 nothing can overflow; it is the same number as exp(G_r - G_s) up to rounding (never gamma_r * (1 / gamma_s)).
 
 Kernels (in launch order)
-  gdn2_fwd_kernel_intra   grid (chunks, key heads): T and Aqk, the fp32 solve; writes A [TT, H, 64] fp32 and
-                          Aqk [TT, H, 64]. Both depend on key-head inputs only, so grouped value heads share them.
+  gdn2_fwd_kernel_diag    grid (4 x chunks, key heads): the diagonal [16, 16] blocks of T (into A) and Aqk, one
+                          sub-chunk per program over the full K, row by row (exponentials elementwise, exact).
+  gdn2_fwd_kernel_intra   grid (chunks, key heads): the six off-diagonal blocks of T and Aqk, then the fp32 solve;
+                          writes A [TT, H, 64] fp32 and the rest of Aqk [TT, H, 64]. Both depend on key-head inputs
+                          only, so grouped value heads share them.
   gdn2_fwd_kernel_wy      grid (chunks, key heads): the rest of the state-independent work, in K blocks of BK <= 64:
                           Y = A E, Q, Kt [TT, H, K] and exp(G_C) [NC, H, K] (fp32); U = A Z [TT, Hv, V] for each value
                           head of the group. Y, Q, Kt, U are stored in v's dtype (the tensor-core operand dtype).
@@ -30,8 +33,8 @@ Kernels (in launch order)
                           fp32 registers as up to four [BK, BV] blocks (K <= 256), so no [64, K] tile is ever formed.
   gdn2_fwd_kernel_output  grid (V blocks, chunks, value heads): O = Q S_0 + Aqk R, chunk-parallel.
 The per-chunk states (NC x Hv x K x V in v's dtype: 0.27 GB at B=8, T=4096, H=16, K=V=128, bf16) are written by the
-state kernel and read once by the output kernel, in the inference path too: that buys a chunk-parallel output
-instead of two more products on the sequential path (docs/kernels.md weighs it).
+state kernel and read once by the output kernel. Inference may instead compute O inside the state kernel
+(fuse_output; chunk_infer.py says when).
 """
 from __future__ import annotations
 
@@ -394,7 +397,7 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
                           BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
                           FUSE_OUTPUT: tl.constexpr, PREC: tl.constexpr):
     """FUSE_OUTPUT=False: stores the per-chunk states hs and R (the output kernel reads them).
-    FUSE_OUTPUT=True (inference only, GDN2_TRITON_INFER_FUSED=1): computes O = Q S_0 + Aqk R in the walk and stores
+    FUSE_OUTPUT=True (inference only, chunk_infer.use_fused_output): computes O = Q S_0 + Aqk R in the walk and stores
     neither hs nor R."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // HV

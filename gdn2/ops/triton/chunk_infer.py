@@ -1,27 +1,37 @@
 r"""GDN-2 inference-only (prefill) forward: no autograd, nothing kept for a backward.
 
-The same four launches as the training forward (chunk_fwd.chunk_forward: intra -> wy -> state -> output); the
-intermediates (A, Aqk, Y, Q, Kt, U, R and the per-chunk states) are freed on return. The per-chunk states are
-written by the sequential state kernel and read once by the chunk-parallel output kernel: 2 x NC x Hv x K x V bytes
-in bf16 (0.27 GB written and read at B=8, T=4096, H=16, K=V=128; about 0.18 ms of traffic at 3 TB/s), the price of
-keeping the output's two products (Q S_0 and Aqk R) off the sequential path. docs/kernels.md weighs this against the
-"no per-chunk states" design goal of the first version. GDN2_TRITON_INFER_FUSED=1 selects the other side of that
-trade: the state kernel computes O itself (two more products per chunk step on the sequential path) and no per-chunk
-state or R is written; the benchmark times both.
+The forward launches of the training path (chunk_fwd.chunk_forward: diag -> intra -> wy -> state [-> output]); every
+intermediate is freed on return. Two variants of the last step:
+  - split: the sequential state kernel writes the per-chunk states (2 x NC x Hv x K x V bytes in bf16, 0.27 GB
+    written and read at B=8, T=4096, H=16, K=V=128) and R; the chunk-parallel output kernel reads them.
+  - fused: the state kernel computes O = Q S_0 + Aqk R itself (two more products per chunk step on the sequential
+    path) and writes neither.
+Measured on the H100 (bf16, K=V=128, 2026-11-27, docs/kernels.md): fused 3.72 vs split 3.95 ms at B=8, T=4096,
+3.84 vs 4.09 at B=2, T=16384, 8.46 vs 8.71 at B=1, T=65536. So fused is the default where it was measured (16-bit
+inputs, K <= 128); elsewhere (fp32, K = 256: fewer state-kernel configs fit there) the split one, until timed.
+GDN2_TRITON_INFER_FUSED=1 / =0 (read per call) forces either.
 """
 from __future__ import annotations
 
 import os
 
+import torch
+
 from gdn2.ops.triton.chunk_fwd import chunk_forward
 
 
-def fused_output_requested() -> bool:
-    """GDN2_TRITON_INFER_FUSED=1 (read per call): the output inside the sequential walk, no per-chunk states."""
-    return os.environ.get("GDN2_TRITON_INFER_FUSED", "0") == "1"
+def use_fused_output(dtype: torch.dtype, K: int) -> bool:
+    """Whether the inference forward computes the output inside the sequential walk (see the module docstring)."""
+    forced = os.environ.get("GDN2_TRITON_INFER_FUSED")
+    if forced is None or forced == "":
+        return dtype in (torch.bfloat16, torch.float16) and K <= 128
+    if forced not in ("0", "1"):
+        raise ValueError(f"GDN2_TRITON_INFER_FUSED must be 0 (per-chunk states + output kernel) or 1 (output inside "
+                         f"the sequential walk), or unset for the measured default; got {forced!r}")
+    return forced == "1"
 
 
 def inference_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
     o, ht, _ = chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state,
-                             fuse_output=fused_output_requested())
+                             fuse_output=use_fused_output(v.dtype, q.shape[-1]))
     return o, ht
