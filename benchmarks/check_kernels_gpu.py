@@ -31,24 +31,13 @@ import torch  # noqa: E402
 
 from gdn2.ops.chunk_torch import torch_chunk_gdn2  # noqa: E402
 from gdn2.ops.recurrent import torch_recurrent_step_gdn2  # noqa: E402
-from gdn2.ops.triton import chunk_bwd, chunk_fwd, recurrent, triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
+from gdn2.ops.triton import recurrent, triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
+from gdn2.ops.triton.chunk import CHUNK_KERNELS  # noqa: E402
 from gdn2.ops.triton.utils import pin_config  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
 
-KERNELS = {
-    "fwd_diag": chunk_fwd.gdn2_fwd_kernel_diag,
-    "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
-    "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
-    "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
-    "fwd_output": chunk_fwd.gdn2_fwd_kernel_output,
-    "bwd_dlocal": chunk_bwd.gdn2_bwd_kernel_dlocal,
-    "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
-    "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,
-    "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
-    "bwd_ddiag": chunk_bwd.gdn2_bwd_kernel_ddiag,
-    "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
-}
+KERNELS = CHUNK_KERNELS
 SEQUENTIAL = ("fwd_state", "bwd_dstate")
 TOL = {torch.bfloat16: 1e-2, torch.float32: 2e-3}
 MAIN = dict(name="paper_T4097", B=1, T=4097, H=16, HV=16, K=128, V=128, cu=None, l2=False, h0=True)

@@ -28,26 +28,18 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from gdn2.ops.triton import chunk_bwd, chunk_fwd  # noqa: E402
+from gdn2.ops.triton.chunk import CHUNK_KERNELS  # noqa: E402
 from gdn2.ops.triton.chunk_fwd import block_sizes  # noqa: E402
 from gdn2.ops.triton.utils import SERIAL_PRECISION, dot_precision, solve_precision  # noqa: E402
 
 SMEM_LIMIT = 232_448
 TARGET = GPUTarget("cuda", 90, 32)
-KERNELS = {
-    "fwd_diag": chunk_fwd.gdn2_fwd_kernel_diag,
-    "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
-    "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
-    "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
-    "fwd_state_fused": chunk_fwd.gdn2_fwd_kernel_state,                     # FUSE_OUTPUT=True (inference option)
-    "fwd_output": chunk_fwd.gdn2_fwd_kernel_output,
-    "bwd_dlocal": chunk_bwd.gdn2_bwd_kernel_dlocal,
-    "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
-    "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,
-    "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
-    "bwd_ddiag": chunk_bwd.gdn2_bwd_kernel_ddiag,
-    "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
-}
+# the chunk kernels, plus the state kernel once more with FUSE_OUTPUT=True (the fused inference output)
+KERNELS = {}
+for _name, _kernel in CHUNK_KERNELS.items():
+    KERNELS[_name] = _kernel
+    if _name == "fwd_state":
+        KERNELS["fwd_state_fused"] = _kernel
 # pointer arguments that are fp32 whatever the input dtype (g, the solve, states in and out, fp32 gradients)
 FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG", "dg", "dAE", "dT", "dAqk",
                  "dbk", "dqs", "dkd",

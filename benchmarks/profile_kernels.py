@@ -19,16 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_kernels import H, K, V, inputs, load_fla
-from gdn2.ops.triton import chunk_bwd, chunk_fwd, triton_chunk_gdn2
-
-OUR_KERNELS = {
-    "fwd_diag": chunk_fwd.gdn2_fwd_kernel_diag, "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
-    "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
-    "fwd_state": chunk_fwd.gdn2_fwd_kernel_state, "fwd_output": chunk_fwd.gdn2_fwd_kernel_output,
-    "bwd_dlocal": chunk_bwd.gdn2_bwd_kernel_dlocal, "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
-    "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk, "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
-    "bwd_ddiag": chunk_bwd.gdn2_bwd_kernel_ddiag, "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
-}
+from gdn2.ops.triton import triton_chunk_gdn2
+from gdn2.ops.triton.chunk import CHUNK_KERNELS
 
 
 def kernel_times(fn, iters: int) -> dict[str, tuple[int, float]]:
@@ -66,7 +58,7 @@ def modes(call, args, do):
 def chosen_configs() -> dict[str, str]:
     """The autotuner's pick per kernel (after the warm-up), or 'fixed' without autotuning."""
     out = {}
-    for name, kern in OUR_KERNELS.items():
+    for name, kern in CHUNK_KERNELS.items():
         best = getattr(kern, "best_config", None)
         out[name] = str(best) if best is not None else "fixed (first fitting config)"
     return out
