@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (_load16, _load_sub, block_sizes, chunk_key_side, key_vector, state_block,
-                                       state_block_t, store_state_block, store_tile, tile, tile_t)
+from gdn2.ops.triton.chunk_fwd import (_load16, _load_sub, block_sizes, chunk_key_side, diag_row, key_vector,
+                                       state_block, state_block_t, store_state_block, store_tile, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
                                    tuned)
 
@@ -352,15 +352,7 @@ def gdn2_bwd_kernel_ddiag(q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, cu_seqlen
     for r in tl.static_range(16):
         tr = t0 + r
         ok = tr < eos
-        G_r += tl.load(g + tr * SK + cols, mask=mk & ok, other=0.)
-        Gs = tl.where((r16 == r)[:, None], G_r[None, :], Gs)
-        kr = tl.load(k + tr * SK + cols, mask=mk & ok, other=0.).to(tl.float32)
-        qr = tl.load(q + tr * SK + cols, mask=mk & ok, other=0.).to(tl.float32) * scale
-        if USE_L2:
-            kr = kr * tl.load(rk + tr * H, mask=ok, other=0.)
-            qr = qr * tl.load(rq + tr * H, mask=ok, other=0.)
-        bkr = tl.load(b + tr * SK + cols, mask=mk & ok, other=0.).to(tl.float32) * kr
-        e = tl.exp(tl.where((r16 <= r)[:, None], G_r[None, :] - Gs, float("-inf")))
+        G_r, Gs, e, qr, bkr = diag_row(q, k, g, b, rq, rk, tr, ok, r, cols, G_r, Gs, scale, SK, H, K, USE_L2)
         dTr = tl.load(dT + tr * S64 + src, mask=ok & (r16 < r), other=0.)[:, None]
         dQr = tl.load(dAqk + tr * S64 + src, mask=ok & (r16 <= r), other=0.)[:, None]
         ke = kt * e

@@ -94,6 +94,24 @@ def _load_sub(q, k, g, b, rq, rk, t, eos, carry, cols, scale, SK, SH, K: tl.cons
     return G, carry + tl.sum(gb, 0), qb * scale, kb, bk
 
 
+@triton.jit
+def diag_row(q, k, g, b, rq, rk, tr, ok, r, cols, G_r, Gs, scale, SK, H, K: tl.constexpr, USE_L2: tl.constexpr):
+    """Row r (token tr, 0 past eos) of a sub-chunk for the diagonal blocks (forward and backward): the running
+    G_r and the [16, .] tile Gs with its row r set to it, e_rs = exp(G_r - G_s) for s <= r (0 above), scale q_r and
+    (b k)_r (q, k scaled by their inverse L2 norms if fused)."""
+    r16 = tl.arange(0, 16)
+    G_r += tl.load(g + tr * SK + cols, mask=(cols < K) & ok, other=0.)
+    Gs = tl.where((r16 == r)[:, None], G_r[None, :], Gs)
+    kr = tl.load(k + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32)
+    qr = tl.load(q + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32) * scale
+    if USE_L2:
+        kr = kr * tl.load(rk + tr * H, mask=ok, other=0.)
+        qr = qr * tl.load(rq + tr * H, mask=ok, other=0.)
+    bkr = tl.load(b + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32) * kr
+    e = tl.exp(tl.where((r16 <= r)[:, None], G_r[None, :] - Gs, float("-inf")))
+    return G_r, Gs, e, qr, bkr
+
+
 @tuned(DIAG_CONFIGS, key=["K", "USE_L2"], interpret_config=DIAG_INTERPRET, dtype_arg="q")
 @triton.jit
 def gdn2_fwd_kernel_diag(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
@@ -127,15 +145,8 @@ def gdn2_fwd_kernel_diag(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, 
     for r in tl.static_range(16):
         tr = t0 + r
         ok = tr < eos
-        G_r += tl.load(g + tr * SK + cols, mask=(cols < K) & ok, other=0.)
-        Gs = tl.where((r16 == r)[:, None], G_r[None, :], Gs)
-        kr = tl.load(k + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32)
-        qr = tl.load(q + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32) * scale
-        if USE_L2:
-            kr = kr * tl.load(rk + tr * H, mask=ok, other=0.)
-            qr = qr * tl.load(rq + tr * H, mask=ok, other=0.)
-        bkr = tl.load(b + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32) * kr
-        right = kt * tl.exp(tl.where((r16 <= r)[:, None], G_r[None, :] - Gs, float("-inf")))
+        G_r, Gs, e, qr, bkr = diag_row(q, k, g, b, rq, rk, tr, ok, r, cols, G_r, Gs, scale, SK, H, K, USE_L2)
+        right = kt * e
         tl.store(A + tr * S64 + dst, tl.where(r16 < r, tl.sum(right * bkr[None, :], 1), 0.), mask=ok)
         tl.store(Aqk + tr * S64 + dst, tl.sum(right * qr[None, :], 1).to(Aqk.dtype.element_ty), mask=ok)
 
