@@ -40,8 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (_load16, _load_sub, block_sizes, chunk_key_side, diag_row, key_vector,
-                                       state_block, state_block_t, store_state_block, store_tile, tile, tile_t)
+from gdn2.ops.triton.chunk_fwd import (_load16, _load_sub, block_sizes, chunk_key_side, chunk_span, diag_row,
+                                       key_vector, load_state_blocks, state_block_t, store_state_block,
+                                       store_state_blocks, store_tile, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
                                    tuned)
 
@@ -116,10 +117,7 @@ def gdn2_bwd_kernel_dlocal(Aqk, do, dRl, cu_seqlens, chunk_indices, H: tl.conste
                            V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i_v, i_c, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = i_hv // (HV // H)
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     t = bos + i_t * 64 + tl.arange(0, 64)
     dt = do.dtype.element_ty
     AqT = tile_t(Aqk + i_h * 64, t, eos, H * 64, 0, 64, 64).to(dt)
@@ -158,14 +156,7 @@ def gdn2_bwd_kernel_dstate(Y, Qg, Kt, gC, dRl, do, dht, dh0, dhs, dR, cu_seqlens
     D3 = tl.zeros([BK, BV], dtype=tl.float32)
     D4 = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        p0 = dht + i_nh * K * V
-        D1 = state_block(p0, 0, cv, K, V, BK).to(tl.float32)
-        if K > BK:
-            D2 = state_block(p0, BK, cv, K, V, BK).to(tl.float32)
-        if K > 2 * BK:
-            D3 = state_block(p0, 2 * BK, cv, K, V, BK).to(tl.float32)
-        if K > 3 * BK:
-            D4 = state_block(p0, 3 * BK, cv, K, V, BK).to(tl.float32)
+        D1, D2, D3, D4 = load_state_blocks(dht + i_nh * K * V, cv, K, V, BK, BV)
     for j in range(n_chunks):
         i_t = n_chunks - 1 - j
         i_c = first_chunk + i_t
@@ -203,14 +194,7 @@ def gdn2_bwd_kernel_dstate(Y, Qg, Kt, gC, dRl, do, dht, dh0, dhs, dR, cu_seqlens
                                                                        input_precision=PREC) \
                 - tl.dot(tile_t(Y, t, eos, SK, 3 * BK, K, BK), dRd, input_precision=PREC)
     if STORE_DH0:
-        p0 = dh0 + i_nh * K * V
-        store_state_block(p0, D1, 0, cv, K, V, BK)
-        if K > BK:
-            store_state_block(p0, D2, BK, cv, K, V, BK)
-        if K > 2 * BK:
-            store_state_block(p0, D3, 2 * BK, cv, K, V, BK)
-        if K > 3 * BK:
-            store_state_block(p0, D4, 3 * BK, cv, K, V, BK)
+        store_state_blocks(dh0 + i_nh * K * V, D1, D2, D3, D4, cv, K, V, BK)
 
 
 @tuned(DQK_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC"], interpret_config=DQK_INTERPRET, dtype_arg="do")
@@ -219,10 +203,7 @@ def gdn2_bwd_kernel_dqk(q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, d
                         scale, TT, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr):
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     t0 = bos + i_t * 64
     last = tl.minimum(eos - t0, 64) - 1
     SK = H * K
@@ -276,10 +257,7 @@ def gdn2_bwd_kernel_dav(v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu_seqlens, c
                         H: tl.constexpr, HV: tl.constexpr, V: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
                         PREC: tl.constexpr, PREC_T: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SV = HV * V
     S64 = H * 64
     c64 = tl.arange(0, 64)
@@ -322,10 +300,7 @@ def gdn2_bwd_kernel_ddiag(q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, cu_seqlen
     into fp32 [TT, H, K] buffers that gdn2_bwd_kernel_dqkg adds to the off-diagonal parts."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_c = i_s // 4
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
     S64 = H * 64
     t0 = bos + i_t * 64 + (i_s % 4) * 16
@@ -400,10 +375,7 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, dq, dk, db
                          PREC: tl.constexpr):
     """dq, dk, db are updated in place (elementwise partials in, totals out); dG partials in, dg out."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
     S64 = H * 64
     koff = i_h * K

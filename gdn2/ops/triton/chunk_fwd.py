@@ -14,9 +14,10 @@ Per chunk of C = 64 tokens (rows r, s = 0..63), per head, elementwise over the K
 Only R and S_C depend on the state carried between chunks; everything else is chunk-parallel.
 
 Exponents are differences. Inside a 16-row sub-chunk the pairs (r, s) are formed explicitly, exp(G_r - G_s) with
-s > r masked to -inf (G_s taken from the same running sum as G_r, so the diagonal is exactly 1). Between sub-chunks i > j the product is split at the boundary G_ref = G at the last row of
-sub-chunk i-1: exp(G_r - G_ref) * exp(G_ref - G_s), both factors <= 1 because G never increases (g <= 0), so
-nothing can overflow; it is the same number as exp(G_r - G_s) up to rounding (never gamma_r * (1 / gamma_s)).
+s > r masked to -inf (G_s taken from the same running sum as G_r, so the diagonal is exactly 1). Between
+sub-chunks i > j the product is split at the boundary G_ref = G at the last row of sub-chunk i-1:
+exp(G_r - G_ref) * exp(G_ref - G_s), both factors <= 1 because G never increases (g <= 0), so nothing can
+overflow; it is the same number as exp(G_r - G_s) up to rounding (never gamma_r * (1 / gamma_s)).
 
 Kernels (in launch order)
   gdn2_fwd_kernel_diag    grid (4 x chunks, key heads): the diagonal [16, 16] blocks of T (into A) and Aqk, one
@@ -121,10 +122,7 @@ def gdn2_fwd_kernel_diag(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, 
     the same running sum as G_r, so exp(G_r - G_s) is exactly 1 at s = r and <= 1 below it."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
     i_c = i_s // 4
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
     S64 = H * 64
     t0 = bos + i_t * 64 + (i_s % 4) * 16
@@ -179,10 +177,7 @@ def _store16(ptr, blk, t, eos, col0, stride_t):
 def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
                           H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
     q += i_h * K
     k += i_h * K
@@ -340,6 +335,41 @@ def store_state_block(ptr, x, k0, cv, K: tl.constexpr, V: tl.constexpr, BK: tl.c
 
 
 @triton.jit
+def chunk_span(chunk_indices, cu_seqlens, i_c):
+    """(chunk i_t within its sequence, the sequence's first token bos, its end eos) of global chunk i_c."""
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    return tl.load(chunk_indices + 2 * i_c + 1), tl.load(cu_seqlens + i_n), tl.load(cu_seqlens + i_n + 1)
+
+
+@triton.jit
+def load_state_blocks(ptr, cv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A row-major [K, V] state's columns cv as four fp32 [BK, BV] blocks (rows 0, BK, 2 BK, 3 BK; zeros past K)."""
+    S1 = state_block(ptr, 0, cv, K, V, BK).to(tl.float32)
+    S2 = tl.zeros([BK, BV], dtype=tl.float32)
+    S3 = tl.zeros([BK, BV], dtype=tl.float32)
+    S4 = tl.zeros([BK, BV], dtype=tl.float32)
+    if K > BK:
+        S2 = state_block(ptr, BK, cv, K, V, BK).to(tl.float32)
+    if K > 2 * BK:
+        S3 = state_block(ptr, 2 * BK, cv, K, V, BK).to(tl.float32)
+    if K > 3 * BK:
+        S4 = state_block(ptr, 3 * BK, cv, K, V, BK).to(tl.float32)
+    return S1, S2, S3, S4
+
+
+@triton.jit
+def store_state_blocks(ptr, S1, S2, S3, S4, cv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """The inverse of load_state_blocks: the blocks that lie inside K into a row-major [K, V] state at ptr."""
+    store_state_block(ptr, S1, 0, cv, K, V, BK)
+    if K > BK:
+        store_state_block(ptr, S2, BK, cv, K, V, BK)
+    if K > 2 * BK:
+        store_state_block(ptr, S3, 2 * BK, cv, K, V, BK)
+    if K > 3 * BK:
+        store_state_block(ptr, S4, 3 * BK, cv, K, V, BK)
+
+
+@triton.jit
 def key_vector(ptr, k0, K: tl.constexpr, BK: tl.constexpr):
     ck = k0 + tl.arange(0, BK)
     return tl.load(ptr + ck, mask=ck < K, other=0.).to(tl.float32)
@@ -351,10 +381,7 @@ def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu_seqlens
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
     SV = HV * V
     t = bos + i_t * 64 + tl.arange(0, 64)
@@ -434,14 +461,7 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
     S3 = tl.zeros([BK, BV], dtype=tl.float32)
     S4 = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        p0 = h0 + i_nh * K * V
-        S1 = state_block(p0, 0, cv, K, V, BK).to(tl.float32)
-        if K > BK:
-            S2 = state_block(p0, BK, cv, K, V, BK).to(tl.float32)
-        if K > 2 * BK:
-            S3 = state_block(p0, 2 * BK, cv, K, V, BK).to(tl.float32)
-        if K > 3 * BK:
-            S4 = state_block(p0, 3 * BK, cv, K, V, BK).to(tl.float32)
+        S1, S2, S3, S4 = load_state_blocks(h0 + i_nh * K * V, cv, K, V, BK, BV)
     for i_t in range(n_chunks):
         i_c = first_chunk + i_t
         t = bos + i_t * 64 + c64
@@ -488,14 +508,7 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
             S4 = S4 * key_vector(pg, 3 * BK, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 3 * BK, K, BK), Rd,
                                                                        input_precision=PREC)
     if STORE_FINAL:
-        pt = ht + i_nh * K * V
-        store_state_block(pt, S1, 0, cv, K, V, BK)
-        if K > BK:
-            store_state_block(pt, S2, BK, cv, K, V, BK)
-        if K > 2 * BK:
-            store_state_block(pt, S3, 2 * BK, cv, K, V, BK)
-        if K > 3 * BK:
-            store_state_block(pt, S4, 3 * BK, cv, K, V, BK)
+        store_state_blocks(ht + i_nh * K * V, S1, S2, S3, S4, cv, K, V, BK)
 
 
 @tuned(OUTPUT_CONFIGS, key=["K", "V", "HV", "PREC"], interpret_config=OUTPUT_INTERPRET, dtype_arg="R")
@@ -505,10 +518,7 @@ def gdn2_fwd_kernel_output(Qg, Aqk, hs, R, o, cu_seqlens, chunk_indices,
                            BV: tl.constexpr, PREC: tl.constexpr):
     i_v, i_c, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = i_hv // (HV // H)
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     t = bos + i_t * 64 + tl.arange(0, 64)
     v0 = i_v * BV
     cv = v0 + tl.arange(0, BV)
