@@ -214,7 +214,6 @@ def gdn2_bwd_kernel_dqk(q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, d
     c64 = tl.arange(0, 64)
     t = t0 + c64
     mt = t < eos
-    dt = do.dtype.element_ty
     dQ = tl.zeros([64, BK], dtype=tl.float32)
     dY = tl.zeros([64, BK], dtype=tl.float32)
     dKt = tl.zeros([64, BK], dtype=tl.float32)
