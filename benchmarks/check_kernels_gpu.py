@@ -44,11 +44,15 @@ MAIN = dict(name="paper_T4097", B=1, T=4097, H=16, HV=16, K=128, V=128, cu=None,
 EXTRA = [
     dict(name="varlen_grouped_l2_K256", B=1, T=1500, H=2, HV=4, K=256, V=64, cu=[0, 7, 700, 1500], l2=True, h0=True),
     dict(name="batch_K64_V256", B=2, T=300, H=1, HV=2, K=64, V=256, cu=None, l2=False, h0=False),
+    # decay 8x the main case's: most channels of most sub-chunks span more than MIDPOINT_SPAN_MAX (the exact form of
+    # the diagonal blocks), the rest less, so both forms run in the same programs
+    dict(name="strong_decay", B=1, T=1000, H=4, HV=4, K=128, V=128, cu=None, l2=False, h0=True, g_scale=8.0),
 ]
 if SMOKE:                                          # tiny stand-ins with the same features
     MAIN = dict(MAIN, name="smoke_T130", T=130, H=1, HV=1, K=32, V=32)
     EXTRA = [dict(EXTRA[0], name="smoke_varlen_K256", T=90, H=1, HV=2, K=256, V=16, cu=[0, 7, 90]),
-             dict(EXTRA[1], name="smoke_V256", T=70, K=16, V=256)]
+             dict(EXTRA[1], name="smoke_V256", T=70, K=16, V=256),
+             dict(EXTRA[2], name="smoke_strong_decay", T=80, H=1, HV=1, K=32, V=16)]
 
 
 def cfg_name(c):
@@ -86,7 +90,7 @@ def make_inputs(case, seed):
     v = torch.randn(B, T, HV, V, device=dev, generator=gen)
     # decay like the layer's: -exp(A_log) * softplus(.), per channel, some channels fast
     g = -torch.nn.functional.softplus(torch.randn(B, T, H, K, device=dev, generator=gen) - 2) * \
-        torch.rand(1, 1, H, K, device=dev, generator=gen) * 4
+        torch.rand(1, 1, H, K, device=dev, generator=gen) * 4 * case.get("g_scale", 1.0)
     b = torch.rand(B, T, H, K, device=dev, generator=gen)
     w = torch.rand(B, T, HV, V, device=dev, generator=gen)
     N = B if case["cu"] is None else len(case["cu"]) - 1
@@ -202,8 +206,10 @@ def main():
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (read before import)")
-    ap.add_argument("--kernels", default=None, help="comma-separated names (e.g. bwd_ddiag): check only their configs "
-                                                     "on the main shape; no decode, no extra shapes")
+    ap.add_argument("--kernels", default=None, help="comma-separated names (e.g. bwd_dqkg): check only their configs "
+                                                     "on the main shape; no decode, no extra shapes (see --extras)")
+    ap.add_argument("--extras", action="store_true", help="with --kernels: also the extra shapes on every kernel's "
+                                                          "first config")
     args = ap.parse_args()
     only = None if args.kernels is None else set(args.kernels.split(","))
     os.makedirs(args.out, exist_ok=True)
@@ -239,7 +245,7 @@ def main():
             except Exception as e:                                             # a config that fails to compile/run
                 status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
             record(kname, cfg_name(cfg), status, dtypes)
-    extra_runs = [(case, None) for case in EXTRA] if only is None else []
+    extra_runs = [(case, None) for case in EXTRA] if only is None or args.extras else []
     K256 = EXTRA[0]
     extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None for cfg in KERNELS[kname]._all_configs[1:]
                    if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]

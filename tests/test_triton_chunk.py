@@ -109,15 +109,31 @@ def test_inference_output_variant_choice(monkeypatch):
 
 
 def test_strong_decay_does_not_overflow():
-    """g as low as -30 per token: exp(G_r - G_s) for s > r would overflow if formed as gamma_r / gamma_s."""
-    q, k, v, g, b, w, h0 = make_inputs(1, 64, 1, 1, 16, 16, 1, True, seed=5)
+    """g as low as -30 per token: exp(G_r - G_s) for s > r would overflow if formed as gamma_r / gamma_s. The
+    channels' decay rates differ, so every 16-row sub-chunk has channels on both forms of the diagonal blocks (the
+    midpoint form where G spans <= MIDPOINT_SPAN_MAX over the sub-chunk, the exact row-by-row form elsewhere), in the
+    forward and the backward."""
+    from gdn2.ops.triton.chunk_fwd import MIDPOINT_SPAN_MAX
+
+    q, k, v, g, b, w, h0 = make_inputs(1, 100, 1, 1, 32, 16, 1, True, seed=5)
     g = g * 15
-    with torch.no_grad():
-        o, ht = chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True, backend="triton")
-    ro, rh = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)), initial_state=h0.double(),
-                                  output_final_state=True)
+    G = torch.nn.functional.pad(g[0, :, 0], (0, 0, 0, 28)).reshape(2, 4, 16, 32)
+    G = G.cumsum(2)
+    span = (G.amax(2) - G.amin(2))[:, :3]                                   # the full sub-chunks
+    fast = span <= MIDPOINT_SPAN_MAX.value
+    assert fast.any(-1).all() and (~fast).any(-1).all()
+    ours = [x.clone().requires_grad_() for x in (q, k, v, g, b, w, h0)]
+    o, ht = chunk_gdn2(*ours[:6], initial_state=ours[6], output_final_state=True, backend="triton")
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    ((o * do).sum() + (ht * dht).sum()).backward()
+    ref = [x.double().clone().requires_grad_() for x in (q, k, v, g, b, w, h0)]
+    ro, rh = naive_recurrent_gdn2(*ref[:6], initial_state=ref[6], output_final_state=True)
+    ((ro * do.double()).sum() + (rh * dht.double()).sum()).backward()
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     assert rel(o, ro) < TOL and rel(ht, rh) < TOL
+    for name, a, r in zip(["q", "k", "v", "g", "b", "w", "h0"], ours, ref):
+        assert torch.isfinite(a.grad).all(), name
+        assert rel(a.grad, r.grad) < TOL, (name, rel(a.grad, r.grad))
 
 
 def test_unwritten_outputs_are_caught(monkeypatch):

@@ -27,8 +27,8 @@ def _l2norm_vjp(x: torch.Tensor, inv_norm: torch.Tensor, grad_hat: torch.Tensor)
 
 # Every chunk kernel by the name the GPU check, the sm_90 compile report and the profiler use, in launch order.
 CHUNK_KERNELS = {
-    "fwd_diag": chunk_fwd.gdn2_fwd_kernel_diag,
     "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
+    "fwd_solve": chunk_fwd.gdn2_fwd_kernel_solve,
     "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
     "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
     "fwd_output": chunk_fwd.gdn2_fwd_kernel_output,
@@ -36,7 +36,6 @@ CHUNK_KERNELS = {
     "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
     "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,
     "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
-    "bwd_ddiag": chunk_bwd.gdn2_bwd_kernel_ddiag,
     "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
 }
 

@@ -26,10 +26,12 @@ Kernels (in launch order; only dstate is sequential)
   gdn2_bwd_kernel_dav     grid (chunks, key heads): dZ = A^T dR -> dv, dw; dA = sum of the K-block shares + dR Z^T;
                           dAqk = tril(dO R^T); dT = -A^T dA A^T (fp32: IEEE products for fp32 inputs, tf32x3
                           - three tf32 passes, about fp32 accuracy on tensor cores - for 16-bit inputs).
-  gdn2_bwd_kernel_ddiag   grid (4 x chunks, key heads, K blocks of BKD): the diagonal blocks' backward, one sub-chunk
-                          per program, row by row; writes the (b k), (scale q), k gradients to fp32 [TT, H, K] buffers.
-  gdn2_bwd_kernel_dqkg    grid (chunks, key heads, K slices): the off-diagonal blocks' backward (same boundary trick
-                          as the forward), adds the ddiag buffers and the elementwise parts, reverse cumsum for dg.
+  gdn2_bwd_kernel_dqkg    grid (chunks, key heads, K slices of BKS): the backward of T and Aqk (every product reduces
+                          over rows, so K splits over the grid), sub-chunk by sub-chunk from the last: its rows against
+                          the earlier columns, its columns against the later rows and its diagonal block, with the
+                          forward's reference points (chunk_fwd.py) as [16, 64] x [64, BKS] and [16, 16] x [16, BKS]
+                          products (the exact row-by-row form on the channels too fast for the midpoint one); adds the
+                          elementwise parts and carries the reverse cumsum for dg across the sub-chunks.
 With fp32 inputs the fp32 products of dqk, dav, dqkg (the dA / dT path) use IEEE precision (utils.dot_precision),
 the others tf32 (utils.SERIAL_PRECISION); with 16-bit inputs tf32 throughout.
 The q/k L2-norm VJP (if fused) is applied on the [TT, H, K] results in PyTorch.
@@ -40,9 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (_load16, _load_sub, block_sizes, chunk_key_side, chunk_span, diag_row,
-                                       key_vector, load_state_blocks, state_block_t, store_state_block,
-                                       store_state_blocks, store_tile, tile, tile_t)
+from gdn2.ops.triton.chunk_fwd import (MIDPOINT_SPAN_MAX, _load16, _load_sub, block_sizes, chunk_key_side,
+                                       chunk_span, diag_row, key_vector, load_state_blocks, midpoint_factors,
+                                       state_block_t, store_state_block, store_state_blocks, store_tile, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
                                    tuned)
 
@@ -92,15 +94,8 @@ DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 32}, num_warps=8, num_stages=1),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
-# ddiag: BKD key channels per program (its outputs are per channel, so K splits over the grid for free); one or two
-# warps keep the reductions over the 16 rows inside a warp (H100, 2026-11-27: the full-K tile at 2 warps took 5.1 ms
-# at B=8, T=4096, most of it cross-warp reductions).
-DDIAG_CONFIGS = [triton.Config({"BKD": 32}, num_warps=1, num_stages=1),
-                 triton.Config({"BKD": 64}, num_warps=2, num_stages=1),
-                 triton.Config({"BKD": 32}, num_warps=2, num_stages=1),
-                 triton.Config({"BKD": 64}, num_warps=4, num_stages=1)]
-DDIAG_INTERPRET = triton.Config({"BKD": 32}, num_warps=1, num_stages=1)
-DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=1) for bks in (16, 32)]
+# dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
+DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1) for bks, w in ((32, 4), (16, 4), (64, 8), (32, 8))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 
 
@@ -289,62 +284,31 @@ def gdn2_bwd_kernel_dav(v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu_seqlens, c
     tl.store(dAqk + t[:, None] * S64 + i_h * 64 + c64[None, :], tl.where(incl, dAq, 0.), mask=mt[:, None])
 
 
-@tuned(DDIAG_CONFIGS, key=["K", "USE_L2"], interpret_config=DDIAG_INTERPRET, dtype_arg="q")
 @triton.jit
-def gdn2_bwd_kernel_ddiag(q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, cu_seqlens, chunk_indices, scale,
-                          H: tl.constexpr, K: tl.constexpr, BKD: tl.constexpr, USE_L2: tl.constexpr):
-    """Backward of the diagonal [16, 16] blocks, one sub-chunk and BKD key channels per program, [16, BKD] tiles
-    (e_rs = exp(G_r - G_s), s <= r, G_s built row by row as in gdn2_fwd_kernel_diag):
-        dbk_r = sum_s dT_rs k_s e_rs,   dqs_r = sum_s dAqk_rs k_s e_rs,   dk_s = sum_r (dT_rs bk_r + dAqk_rs qs_r) e_rs
-    into fp32 [TT, H, K] buffers that gdn2_bwd_kernel_dqkg adds to the off-diagonal parts."""
-    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_c = i_s // 4
-    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
-    SK = H * K
-    S64 = H * 64
-    t0 = bos + i_t * 64 + (i_s % 4) * 16
+def diag_exact_bwd(q, k, g, b, rq, rk, dT, dAqk, t0, eos, cols, kt, span, scale, SK, S64, H, K: tl.constexpr,
+                   BKS: tl.constexpr, USE_L2: tl.constexpr):
+    """Backward of the diagonal [16, 16] blocks over the channels whose span exceeds MIDPOINT_SPAN_MAX only, row by row
+    with exact exponentials (dT, dAqk point at the block's first column). Returns the [16, BKS] gradients of the
+    sub-chunk's (b k), (scale q) and k rows."""
     r16 = tl.arange(0, 16)
-    cols = i_k * BKD + tl.arange(0, BKD)
-    mk = cols < K
-    koff = i_h * K
-    q += koff
-    k += koff
-    g += koff
-    b += koff
-    dbk += koff
-    dqs += koff
-    dkd += koff
-    rq += i_h
-    rk += i_h
-    src = i_h * 64 + (i_s % 4) * 16 + r16
-    kt = load_rows(k, t0 + r16, eos, SK, cols, K)
-    if USE_L2:
-        kt = kt * load_scale(rk, t0 + r16, eos, H)[:, None]
-    G_r = tl.zeros([BKD], dtype=tl.float32)
-    Gs = tl.zeros([16, BKD], dtype=tl.float32)
-    d_k = tl.zeros([16, BKD], dtype=tl.float32)
-    for r in tl.static_range(16):
+    unsafe = (span > MIDPOINT_SPAN_MAX)[None, :]
+    G_r = tl.zeros([BKS], dtype=tl.float32)
+    Gs = tl.zeros([16, BKS], dtype=tl.float32)
+    d_bk = tl.zeros([16, BKS], dtype=tl.float32)
+    d_qs = tl.zeros([16, BKS], dtype=tl.float32)
+    d_k = tl.zeros([16, BKS], dtype=tl.float32)
+    for r in range(16):
         tr = t0 + r
         ok = tr < eos
         G_r, Gs, e, qr, bkr = diag_row(q, k, g, b, rq, rk, tr, ok, r, cols, G_r, Gs, scale, SK, H, K, USE_L2)
-        dTr = tl.load(dT + tr * S64 + src, mask=ok & (r16 < r), other=0.)[:, None]
-        dQr = tl.load(dAqk + tr * S64 + src, mask=ok & (r16 <= r), other=0.)[:, None]
+        e = tl.where(unsafe, e, 0.)
+        dTr = tl.load(dT + tr * S64 + r16, mask=ok & (r16 < r), other=0.)[:, None]
+        dQr = tl.load(dAqk + tr * S64 + r16, mask=ok & (r16 <= r), other=0.)[:, None]
         ke = kt * e
-        tl.store(dbk + tr * SK + cols, tl.sum(dTr * ke, 0), mask=mk & ok)
-        tl.store(dqs + tr * SK + cols, tl.sum(dQr * ke, 0), mask=mk & ok)
+        row = (r16 == r)[:, None]
+        d_bk = tl.where(row, tl.sum(dTr * ke, 0)[None, :], d_bk)
+        d_qs = tl.where(row, tl.sum(dQr * ke, 0)[None, :], d_qs)
         d_k += (dTr * bkr[None, :] + dQr * qr[None, :]) * e
-    _store_rows(dkd, d_k, t0 + r16, eos, SK, cols, K)
-
-
-@triton.jit
-def _off_backward(dTm, dQm, bk_t, qs_t, lt, ref, kb_j, G_j, PREC: tl.constexpr):
-    """Sub-chunk i (rows, bk_t/qs_t already times lt = exp(G_i - ref)) against earlier sub-chunk j (columns).
-    Returns (grad of bk_i, grad of qs_i, grad of k_j)."""
-    rt = tl.exp(ref[None, :] - G_j)
-    right = kb_j * rt
-    d_bk = tl.dot(dTm, right, input_precision=PREC) * lt
-    d_qs = tl.dot(dQm, right, input_precision=PREC) * lt
-    d_k = (tl.dot(tl.trans(dTm), bk_t, input_precision=PREC) + tl.dot(tl.trans(dQm), qs_t, input_precision=PREC)) * rt
     return d_bk, d_qs, d_k
 
 
@@ -363,16 +327,32 @@ def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
     tl.store(ptr + t[:, None] * stride_t + cols[None, :], x, mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
 
 
+@triton.jit
+def _rows64(ptr, t, eos, stride_t):
+    """[16, 64] fp32: rows t of a [TT, ., 64] per-chunk matrix (0 past eos)."""
+    c64 = tl.arange(0, 64)
+    return tl.load(ptr + t[:, None] * stride_t + c64[None, :], mask=(t < eos)[:, None], other=0.)
+
+
+@triton.jit
+def _cols64(ptr, t64, eos, col0, stride_t):
+    """[16, 64] fp32: columns col0 .. col0 + 15 of a per-chunk matrix, transposed: out[s, r] = M[t64_r, col0 + s]."""
+    r16 = tl.arange(0, 16)
+    return tl.load(ptr + t64[None, :] * stride_t + col0 + r16[:, None], mask=(t64 < eos)[None, :], other=0.)
+
+
 # dq, dk, db are updated in place: the autotuner must restore them between timed configs (the first version did not;
 # with two configs its first autotuned call per shape accumulated the pairwise part more than once).
 @tuned(DQKG_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=DQKG_INTERPRET, dtype_arg="q",
        restore_value=("dq", "dk", "db"))
 @triton.jit
-def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, dq, dk, db, dG, dg, cu_seqlens, chunk_indices,
-                         scale,
+def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_seqlens, chunk_indices, scale,
                          H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr,
                          PREC: tl.constexpr):
-    """dq, dk, db are updated in place (elementwise partials in, totals out); dG partials in, dg out."""
+    """The backward of T and Aqk for BKS key channels of one chunk, sub-chunk by sub-chunk from the last: each
+    sub-chunk's rows against the earlier columns (reference G at its row r0 - 1), its columns against the later rows
+    (reference G at its row r0 + 15) and its diagonal block (midpoint reference; channels too fast for it row by row).
+    dq, dk, db are updated in place (elementwise partials in, totals out); dG partials in, dg (reverse cumsum) out."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
@@ -385,101 +365,63 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, dq, dk, db
     dq += koff
     dk += koff
     db += koff
-    dbk += koff
-    dqs += koff
-    dkd += koff
     dG += koff
     dg += koff
     rq += i_h
     rk += i_h
     dT += i_h * 64
     dAqk += i_h * 64
+    c64 = tl.arange(0, 64)
     r16 = tl.arange(0, 16)
-    ta = bos + i_t * 64 + r16
-    tb = ta + 16
-    tc = ta + 32
-    td = ta + 48
+    t64 = bos + i_t * 64 + c64
     cols = i_k * BKS + tl.arange(0, BKS)
-    c0 = tl.zeros([BKS], dtype=tl.float32)
-    Ga, cb, qa, ka, bka = _load_sub(q, k, g, b, rq, rk, ta, eos, c0, cols, scale, SK, H, K, USE_L2)
-    Gb, cc, qb, kb, bkb = _load_sub(q, k, g, b, rq, rk, tb, eos, cb, cols, scale, SK, H, K, USE_L2)
-    Gc, cd, qc, kc, bkc = _load_sub(q, k, g, b, rq, rk, tc, eos, cc, cols, scale, SK, H, K, USE_L2)
-    Gd, _, qd, kd, bkd = _load_sub(q, k, g, b, rq, rk, td, eos, cd, cols, scale, SK, H, K, USE_L2)
-    # diagonal sub-chunks (gdn2_bwd_kernel_ddiag)
-    dbk_a = load_rows(dbk, ta, eos, SK, cols, K)
-    dqs_a = load_rows(dqs, ta, eos, SK, cols, K)
-    dk_a = load_rows(dkd, ta, eos, SK, cols, K)
-    dbk_b = load_rows(dbk, tb, eos, SK, cols, K)
-    dqs_b = load_rows(dqs, tb, eos, SK, cols, K)
-    dk_b = load_rows(dkd, tb, eos, SK, cols, K)
-    dbk_c = load_rows(dbk, tc, eos, SK, cols, K)
-    dqs_c = load_rows(dqs, tc, eos, SK, cols, K)
-    dk_c = load_rows(dkd, tc, eos, SK, cols, K)
-    dbk_d = load_rows(dbk, td, eos, SK, cols, K)
-    dqs_d = load_rows(dqs, td, eos, SK, cols, K)
-    dk_d = load_rows(dkd, td, eos, SK, cols, K)
-    # off-diagonal sub-chunks (boundary reference = carry before the row sub-chunk)
-    lb = tl.exp(Gb - cb[None, :])
-    x, y, z = _off_backward(_load16(dT, tb, eos, 0, S64), _load16(dAqk, tb, eos, 0, S64), bkb * lb, qb * lb, lb, cb,
-                            ka, Ga, PREC)
-    dbk_b += x
-    dqs_b += y
-    dk_a += z
-    lc = tl.exp(Gc - cc[None, :])
-    x, y, z = _off_backward(_load16(dT, tc, eos, 0, S64), _load16(dAqk, tc, eos, 0, S64), bkc * lc, qc * lc, lc, cc,
-                            ka, Ga, PREC)
-    dbk_c += x
-    dqs_c += y
-    dk_a += z
-    x, y, z = _off_backward(_load16(dT, tc, eos, 16, S64), _load16(dAqk, tc, eos, 16, S64), bkc * lc, qc * lc, lc,
-                            cc, kb, Gb, PREC)
-    dbk_c += x
-    dqs_c += y
-    dk_b += z
-    ld = tl.exp(Gd - cd[None, :])
-    x, y, z = _off_backward(_load16(dT, td, eos, 0, S64), _load16(dAqk, td, eos, 0, S64), bkd * ld, qd * ld, ld, cd,
-                            ka, Ga, PREC)
-    dbk_d += x
-    dqs_d += y
-    dk_a += z
-    x, y, z = _off_backward(_load16(dT, td, eos, 16, S64), _load16(dAqk, td, eos, 16, S64), bkd * ld, qd * ld, ld,
-                            cd, kb, Gb, PREC)
-    dbk_d += x
-    dqs_d += y
-    dk_b += z
-    x, y, z = _off_backward(_load16(dT, td, eos, 32, S64), _load16(dAqk, td, eos, 32, S64), bkd * ld, qd * ld, ld,
-                            cd, kc, Gc, PREC)
-    dbk_d += x
-    dqs_d += y
-    dk_c += z
-    ba = load_rows(b, ta, eos, SK, cols, K)
-    bb = load_rows(b, tb, eos, SK, cols, K)
-    bc = load_rows(b, tc, eos, SK, cols, K)
-    bd = load_rows(b, td, eos, SK, cols, K)
-    qa_, ka_, ba_, Ga_ = _finish_sub(dq, dk, db, dG, ta, eos, cols, SK, K, dbk_a, dqs_a, dk_a, bka, qa, ka, ba, scale)
-    qb_, kb_, bb_, Gb_ = _finish_sub(dq, dk, db, dG, tb, eos, cols, SK, K, dbk_b, dqs_b, dk_b, bkb, qb, kb, bb, scale)
-    qc_, kc_, bc_, Gc_ = _finish_sub(dq, dk, db, dG, tc, eos, cols, SK, K, dbk_c, dqs_c, dk_c, bkc, qc, kc, bc, scale)
-    qd_, kd_, bd_, Gd_ = _finish_sub(dq, dk, db, dG, td, eos, cols, SK, K, dbk_d, dqs_d, dk_d, bkd, qd, kd, bd, scale)
-    # dg_i = sum_{r >= i} dG_r inside the chunk
-    sd = tl.sum(Gd_, 0)
-    sc = sd + tl.sum(Gc_, 0)
-    sb = sc + tl.sum(Gb_, 0)
-    _store_rows(dg, tl.cumsum(Gd_, 0, reverse=True), td, eos, SK, cols, K)
-    _store_rows(dg, tl.cumsum(Gc_, 0, reverse=True) + sd[None, :], tc, eos, SK, cols, K)
-    _store_rows(dg, tl.cumsum(Gb_, 0, reverse=True) + sc[None, :], tb, eos, SK, cols, K)
-    _store_rows(dg, tl.cumsum(Ga_, 0, reverse=True) + sb[None, :], ta, eos, SK, cols, K)
-    _store_rows(dq, qa_, ta, eos, SK, cols, K)
-    _store_rows(dq, qb_, tb, eos, SK, cols, K)
-    _store_rows(dq, qc_, tc, eos, SK, cols, K)
-    _store_rows(dq, qd_, td, eos, SK, cols, K)
-    _store_rows(dk, ka_, ta, eos, SK, cols, K)
-    _store_rows(dk, kb_, tb, eos, SK, cols, K)
-    _store_rows(dk, kc_, tc, eos, SK, cols, K)
-    _store_rows(dk, kd_, td, eos, SK, cols, K)
-    _store_rows(db, ba_, ta, eos, SK, cols, K)
-    _store_rows(db, bb_, tb, eos, SK, cols, K)
-    _store_rows(db, bc_, tc, eos, SK, cols, K)
-    _store_rows(db, bd_, td, eos, SK, cols, K)
+    G_all = tl.cumsum(load_rows(g, t64, eos, SK, cols, K), 0)
+    k_all = load_rows(k, t64, eos, SK, cols, K)
+    qs_all = load_rows(q, t64, eos, SK, cols, K) * scale
+    if USE_L2:
+        k_all = k_all * load_scale(rk, t64, eos, H)[:, None]
+        qs_all = qs_all * load_scale(rq, t64, eos, H)[:, None]
+    bk_all = load_rows(b, t64, eos, SK, cols, K) * k_all
+    dg_after = tl.zeros([BKS], dtype=tl.float32)                # sum of dG over the rows after the sub-chunk
+    for j in range(4):
+        r0 = (3 - j) * 16
+        t0 = bos + i_t * 64 + r0
+        ti = t0 + r16
+        carry = tl.sum(tl.where((c64 == r0 - 1)[:, None], G_all, 0.), 0)        # G at row r0 - 1 (0 at r0 = 0)
+        G_i, c_end, qs_i, k_i, bk_i = _load_sub(q, k, g, b, rq, rk, ti, eos, carry, cols, scale, SK, H, K, USE_L2)
+        # this sub-chunk's rows against the earlier columns: both factors <= 1
+        right = k_all * tl.exp(tl.where((c64 < r0)[:, None], carry[None, :] - G_all, float("-inf")))
+        lo = tl.exp(G_i - carry[None, :])
+        d_bk = tl.dot(_rows64(dT, ti, eos, S64), right, input_precision=PREC) * lo
+        d_qs = tl.dot(_rows64(dAqk, ti, eos, S64), right, input_precision=PREC) * lo
+        # this sub-chunk's columns against the later rows: both factors <= 1
+        later = tl.exp(tl.where((c64 >= r0 + 16)[:, None], G_all - c_end[None, :], float("-inf")))
+        d_k = (tl.dot(_cols64(dT, t64, eos, r0, S64), bk_all * later, input_precision=PREC)
+               + tl.dot(_cols64(dAqk, t64, eos, r0, S64), qs_all * later, input_precision=PREC)) * tl.exp(
+            c_end[None, :] - G_i)
+        # the diagonal block
+        left, rm, span = midpoint_factors(G_i)
+        dT_ii = _load16(dT, ti, eos, r0, S64)
+        dQ_ii = _load16(dAqk, ti, eos, r0, S64)
+        kr = k_i * rm
+        d_bk += tl.dot(dT_ii, kr, input_precision=PREC) * left
+        d_qs += tl.dot(dQ_ii, kr, input_precision=PREC) * left
+        d_k += (tl.dot(tl.trans(dT_ii), bk_i * left, input_precision=PREC)
+                + tl.dot(tl.trans(dQ_ii), qs_i * left, input_precision=PREC)) * rm
+        if tl.max(span, 0) > MIDPOINT_SPAN_MAX:
+            x, y, z = diag_exact_bwd(q, k, g, b, rq, rk, dT + r0, dAqk + r0, t0, eos, cols, k_i, span, scale, SK, S64,
+                                     H, K, BKS, USE_L2)
+            d_bk += x
+            d_qs += y
+            d_k += z
+        b_i = load_rows(b, ti, eos, SK, cols, K)
+        pq, pk, pb, pG = _finish_sub(dq, dk, db, dG, ti, eos, cols, SK, K, d_bk, d_qs, d_k, bk_i, qs_i, k_i, b_i,
+                                     scale)
+        _store_rows(dg, tl.cumsum(pG, 0, reverse=True) + dg_after[None, :], ti, eos, SK, cols, K)
+        dg_after += tl.sum(pG, 0)
+        _store_rows(dq, pq, ti, eos, SK, cols, K)
+        _store_rows(dk, pk, ti, eos, SK, cols, K)
+        _store_rows(db, pb, ti, eos, SK, cols, K)
 
 
 def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, use_l2):
@@ -520,12 +462,7 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     gdn2_bwd_kernel_dav[(n_chunks, H)](v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu, chunk_indices, TT,
                                        H=H, HV=HV, V=V, NK=NK, PREC=prec, PREC_T=solve_precision(v.dtype))
     del dAE
-    dbk, dqs, dkd = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(3))
-    grid = lambda meta: (4 * n_chunks, H, triton.cdiv(K, meta["BKD"]))
-    gdn2_bwd_kernel_ddiag[grid](q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, cu, chunk_indices, scale,
-                                H=H, K=K, USE_L2=use_l2)
     grid = lambda meta: (n_chunks, H, triton.cdiv(K, meta["BKS"]))
-    gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dbk, dqs, dkd, dq, dk, db, dG, dg, cu, chunk_indices,
-                               scale,
+    gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu, chunk_indices, scale,
                                H=H, K=K, USE_L2=use_l2, PREC=prec)
     return dq, dk, db, dg, dv, dw, dh0

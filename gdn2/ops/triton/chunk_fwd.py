@@ -13,18 +13,23 @@ Per chunk of C = 64 tokens (rows r, s = 0..63), per head, elementwise over the K
 
 Only R and S_C depend on the state carried between chunks; everything else is chunk-parallel.
 
-Exponents are differences. Inside a 16-row sub-chunk the pairs (r, s) are formed explicitly, exp(G_r - G_s) with
-s > r masked to -inf (G_s taken from the same running sum as G_r, so the diagonal is exactly 1). Between
-sub-chunks i > j the product is split at the boundary G_ref = G at the last row of sub-chunk i-1:
-exp(G_r - G_ref) * exp(G_ref - G_s), both factors <= 1 because G never increases (g <= 0), so nothing can
-overflow; it is the same number as exp(G_r - G_s) up to rounding (never gamma_r * (1 / gamma_s)).
+Exponents are differences, split at a reference point so that every factor is bounded and the pairwise products
+run on the tensor cores. For the columns s of an earlier sub-chunk against the rows r of sub-chunk i, the reference
+is c = G at row 16 i - 1 (the last row before the sub-chunk): exp(G_r - G_s) = exp(G_r - c) * exp(c - G_s), both
+factors <= 1 because G never increases (g <= 0). Inside a sub-chunk (the diagonal [16, 16] blocks) the reference is
+m = G at the sub-chunk's row 7: exp(G_r - m) * exp(m - G_s), each factor at most exp(span) where span = max_r G_r -
+min_r G_r of that channel over the 16 rows. Channels with span <= MIDPOINT_SPAN_MAX (40: each factor <= ~2e17) take
+this form; the rest (decay faster than e^-40 across 16 tokens, rare in trained models but legal) take the exact
+row-by-row form, exp(G_r - G_s) elementwise with s > r masked to -inf, in the same kernel. Either way the result is
+exp(G_r - G_s) up to rounding (never gamma_r * (1 / gamma_s)).
 
 Kernels (in launch order)
-  gdn2_fwd_kernel_diag    grid (4 x chunks, key heads): the diagonal [16, 16] blocks of T (into A) and Aqk, one
-                          sub-chunk per program over the full K, row by row (exponentials elementwise, exact).
-  gdn2_fwd_kernel_intra   grid (chunks, key heads): the six off-diagonal blocks of T and Aqk, then the fp32 solve;
-                          writes A [TT, H, 64] fp32 and the rest of Aqk [TT, H, 64]. Both depend on key-head inputs
-                          only, so grouped value heads share them.
+  gdn2_fwd_kernel_intra   grid (4 x chunks, key heads): one 16-row sub-chunk per program, K in slices of BK: its rows
+                          of T (into A) and of Aqk, as [16, BK] x [BK, 64] products against the earlier sub-chunks and
+                          [16, BK] x [BK, 16] products for the diagonal block (plus the exact form where needed).
+  gdn2_fwd_kernel_solve   grid (chunks, key heads): A = (I + T)^-1 in place, fp32: forward substitution of the four
+                          diagonal blocks, then the block recursion. A [TT, H, 64] fp32 and Aqk [TT, H, 64] depend on
+                          key-head inputs only, so grouped value heads share them.
   gdn2_fwd_kernel_wy      grid (chunks, key heads): the rest of the state-independent work, in K blocks of BK <= 64:
                           Y = A E, Q, Kt [TT, H, K] and exp(G_C) [NC, H, K] (fp32); U = A Z [TT, Hv, V] for each value
                           head of the group. Y, Q, Kt, U are stored in v's dtype (the tensor-core operand dtype).
@@ -43,17 +48,19 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.utils import CHUNK, SERIAL_PRECISION, load_rows, load_scale, tuned, unit_lower_inverse16
+from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, tuned,
+                                   unit_lower_inverse16)
 
-# Diagonal-block kernel: one 16-row sub-chunk per program, the full K as one [16, KP] tile (H100 autotune pick at
-# B=8, T=4096, K=128: 2 warps).
-DIAG_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (2, 4, 8, 1)]
-DIAG_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
-
-# Intra kernel (off-diagonal blocks and the solve): BKS is the K slice of the off-diagonal products.
-INTRA_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=1) for bks in (16, 32)] + [
-    triton.Config({"BKS": 16}, num_warps=2, num_stages=1)]
-INTRA_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
+# Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
+INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1) for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2))]
+INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
+# Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
+SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2, 1)]
+SOLVE_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
+# The diagonal blocks' midpoint form is used on channels whose G spans at most this much over the sub-chunk's 16 rows:
+# each factor exp(G_r - m), exp(m - G_s) is then <= e^40 (~2e17), far from fp32 overflow, and the masked s > r
+# entries stay finite too (<= e^40 |b k| |k| per term).
+MIDPOINT_SPAN_MAX = tl.constexpr(40.0)
 
 # WY kernel: one [64, 64] fp32 A tile times [64, BK] / [64, BV] tiles; BK, BV fixed by the shape (<= 64).
 WY_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=4, num_stages=1)]
@@ -97,7 +104,7 @@ def _load_sub(q, k, g, b, rq, rk, t, eos, carry, cols, scale, SK, SH, K: tl.cons
 
 @triton.jit
 def diag_row(q, k, g, b, rq, rk, tr, ok, r, cols, G_r, Gs, scale, SK, H, K: tl.constexpr, USE_L2: tl.constexpr):
-    """Row r (token tr, 0 past eos) of a sub-chunk for the diagonal blocks (forward and backward): the running
+    """Row r (token tr, 0 past eos) of a sub-chunk for the exact diagonal blocks (forward and backward): the running
     G_r and the [16, .] tile Gs with its row r set to it, e_rs = exp(G_r - G_s) for s <= r (0 above), scale q_r and
     (b k)_r (q, k scaled by their inverse L2 norms if fused)."""
     r16 = tl.arange(0, 16)
@@ -113,48 +120,99 @@ def diag_row(q, k, g, b, rq, rk, tr, ok, r, cols, G_r, Gs, scale, SK, H, K: tl.c
     return G_r, Gs, e, qr, bkr
 
 
-@tuned(DIAG_CONFIGS, key=["K", "USE_L2"], interpret_config=DIAG_INTERPRET, dtype_arg="q")
 @triton.jit
-def gdn2_fwd_kernel_diag(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
-                         H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, USE_L2: tl.constexpr):
-    """The diagonal [16, 16] blocks, one 16-row sub-chunk per program: row r of T (s < r) into A, row r of Aqk
-    (s <= r) into Aqk, over the full K (padded to KP) at once. G_s is built row by row in the [16, KP] tile Gs from
-    the same running sum as G_r, so exp(G_r - G_s) is exactly 1 at s = r and <= 1 below it."""
+def midpoint_factors(G):
+    """[16, BK] G of one sub-chunk -> (left, right, span): left = exp(G - m), right = exp(m - G) with m = G at row 7,
+    on the channels whose span = max_r G - min_r G <= MIDPOINT_SPAN_MAX (0 on the others); span [BK]."""
+    r16 = tl.arange(0, 16)
+    m = tl.sum(tl.where((r16 == 7)[:, None], G, 0.), 0)
+    span = tl.max(G, 0) - tl.min(G, 0)
+    safe = (span <= MIDPOINT_SPAN_MAX)[None, :]
+    return (tl.exp(tl.where(safe, G - m[None, :], float("-inf"))), tl.exp(tl.where(safe, m[None, :] - G, float("-inf"))),
+            span)
+
+
+@triton.jit
+def diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, span, scale, SK, H, K: tl.constexpr, BK: tl.constexpr,
+                   USE_L2: tl.constexpr):
+    """The diagonal [16, 16] blocks of T (s <= r; the caller masks s = r) and Aqk, summed over the channels whose span
+    exceeds MIDPOINT_SPAN_MAX only, row by row with exact exponentials. kt: the sub-chunk's k rows [16, BK]."""
+    r16 = tl.arange(0, 16)
+    unsafe = (span > MIDPOINT_SPAN_MAX)[None, :]
+    G_r = tl.zeros([BK], dtype=tl.float32)
+    Gs = tl.zeros([16, BK], dtype=tl.float32)
+    Tx = tl.zeros([16, 16], dtype=tl.float32)
+    Qx = tl.zeros([16, 16], dtype=tl.float32)
+    for r in range(16):
+        tr = t0 + r
+        G_r, Gs, e, qr, bkr = diag_row(q, k, g, b, rq, rk, tr, tr < eos, r, cols, G_r, Gs, scale, SK, H, K, USE_L2)
+        right = kt * tl.where(unsafe, e, 0.)
+        row = (r16 == r)[:, None]
+        Tx = tl.where(row, tl.sum(right * bkr[None, :], 1)[None, :], Tx)
+        Qx = tl.where(row, tl.sum(right * qr[None, :], 1)[None, :], Qx)
+    return Tx, Qx
+
+
+@tuned(INTRA_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=INTRA_INTERPRET, dtype_arg="q")
+@triton.jit
+def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
+                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
+                          PREC: tl.constexpr):
+    """Rows r0 .. r0 + 15 (one sub-chunk) of T (into A; the solve follows) and of Aqk, over K in slices of BK:
+    columns of the earlier sub-chunks with the boundary reference (G at row r0 - 1), the diagonal block with the
+    midpoint reference, both as tensor-core products; channels too fast for the midpoint form row by row."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
     i_c = i_s // 4
+    r0 = (i_s % 4) * 16
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
     S64 = H * 64
-    t0 = bos + i_t * 64 + (i_s % 4) * 16
-    r16 = tl.arange(0, 16)
-    cols = tl.arange(0, KP)
     q += i_h * K
     k += i_h * K
     g += i_h * K
     b += i_h * K
     rq += i_h
     rk += i_h
-    kt = load_rows(k, t0 + r16, eos, SK, cols, K)
-    if USE_L2:
-        kt = kt * load_scale(rk, t0 + r16, eos, H)[:, None]
-    G_r = tl.zeros([KP], dtype=tl.float32)
-    Gs = tl.zeros([16, KP], dtype=tl.float32)
-    dst = i_h * 64 + (i_s % 4) * 16 + r16
-    for r in tl.static_range(16):
-        tr = t0 + r
-        ok = tr < eos
-        G_r, Gs, e, qr, bkr = diag_row(q, k, g, b, rq, rk, tr, ok, r, cols, G_r, Gs, scale, SK, H, K, USE_L2)
-        right = kt * e
-        tl.store(A + tr * S64 + dst, tl.where(r16 < r, tl.sum(right * bkr[None, :], 1), 0.), mask=ok)
-        tl.store(Aqk + tr * S64 + dst, tl.sum(right * qr[None, :], 1).to(Aqk.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _off_products(bk_t, qs_t, ref, kb_j, G_j):
-    """Rows of sub-chunk i (already times exp(G_i - ref)) against columns of an earlier sub-chunk j."""
-    right = kb_j * tl.exp(ref[None, :] - G_j)
-    return (tl.dot(bk_t, tl.trans(right), input_precision="ieee"),
-            tl.dot(qs_t, tl.trans(right), input_precision="ieee"))
+    A += i_h * 64
+    Aqk += i_h * 64
+    c64 = tl.arange(0, 64)
+    r16 = tl.arange(0, 16)
+    t64 = bos + i_t * 64 + c64
+    ti = bos + i_t * 64 + r0 + r16
+    prev_end = tl.minimum(eos, bos + i_t * 64 + r0)          # rows of the earlier sub-chunks: t64 < prev_end
+    T_off = tl.zeros([16, 64], dtype=tl.float32)
+    Q_off = tl.zeros([16, 64], dtype=tl.float32)
+    T_d = tl.zeros([16, 16], dtype=tl.float32)
+    Q_d = tl.zeros([16, 16], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        g_prev = load_rows(g, t64, prev_end, SK, cols, K)
+        carry = tl.sum(g_prev, 0)                              # G at row r0 - 1
+        G_i, _, qs_i, k_i, bk_i = _load_sub(q, k, g, b, rq, rk, ti, eos, carry, cols, scale, SK, H, K, USE_L2)
+        if r0 > 0:
+            k_prev = load_rows(k, t64, prev_end, SK, cols, K)
+            if USE_L2:
+                k_prev = k_prev * load_scale(rk, t64, prev_end, H)[:, None]
+            right = k_prev * tl.exp(carry[None, :] - tl.cumsum(g_prev, 0))      # <= 1 (1 past row r0 - 1, k = 0)
+            lo = tl.exp(G_i - carry[None, :])                                   # <= 1
+            T_off += tl.dot(bk_i * lo, tl.trans(right), input_precision=PREC)
+            Q_off += tl.dot(qs_i * lo, tl.trans(right), input_precision=PREC)
+        left, rm, span = midpoint_factors(G_i)
+        kr = k_i * rm
+        T_d += tl.dot(bk_i * left, tl.trans(kr), input_precision=PREC)
+        Q_d += tl.dot(qs_i * left, tl.trans(kr), input_precision=PREC)
+        if tl.max(span, 0) > MIDPOINT_SPAN_MAX:
+            x, y = diag_exact_fwd(q, k, g, b, rq, rk, bos + i_t * 64 + r0, eos, cols, k_i, span, scale, SK, H, K,
+                                  BK, USE_L2)
+            T_d += x
+            Q_d += y
+    rows = (ti < eos)[:, None]
+    outside = ((c64 < r0) | (c64 >= r0 + 16))[None, :]
+    tl.store(A + ti[:, None] * S64 + c64[None, :], T_off, mask=rows & outside)
+    tl.store(A + ti[:, None] * S64 + r0 + r16[None, :], tl.where(r16[:, None] > r16[None, :], T_d, 0.), mask=rows)
+    tl.store(Aqk + ti[:, None] * S64 + c64[None, :], Q_off.to(Aqk.dtype.element_ty), mask=rows & outside)
+    tl.store(Aqk + ti[:, None] * S64 + r0 + r16[None, :],
+             tl.where(r16[:, None] >= r16[None, :], Q_d, 0.).to(Aqk.dtype.element_ty), mask=rows)
 
 
 @triton.jit
@@ -172,61 +230,26 @@ def _store16(ptr, blk, t, eos, col0, stride_t):
              mask=(t < eos)[:, None])
 
 
-@tuned(INTRA_CONFIGS, key=["K", "USE_L2"], interpret_config=INTRA_INTERPRET, dtype_arg="q")
+@tuned(SOLVE_CONFIGS, key=["H"], interpret_config=SOLVE_INTERPRET, dtype_arg="A")
 @triton.jit
-def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
-                          H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr):
+def gdn2_fwd_kernel_solve(A, cu_seqlens, chunk_indices, H: tl.constexpr):
+    """A = (I + T)^-1 in place, per chunk and key head: forward substitution of the four diagonal [16, 16] blocks of the
+    strictly lower T that gdn2_fwd_kernel_intra left in A, then the block recursion
+    A_ij = -A_ii sum_{j <= m < i} T_im A_mj   (all fp32, IEEE products)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
-    SK = H * K
-    q += i_h * K
-    k += i_h * K
-    g += i_h * K
-    b += i_h * K
-    rq += i_h
-    rk += i_h
-    r16 = tl.arange(0, 16)
-    ta = bos + i_t * 64 + r16
+    A += i_h * 64
+    S64 = H * 64
+    ta = bos + i_t * 64 + tl.arange(0, 16)
     tb = ta + 16
     tc = ta + 32
     td = ta + 48
-    z = tl.zeros([16, 16], dtype=tl.float32)
-    Tba, Tca, Tcb, Tda, Tdb, Tdc = z, z, z, z, z, z
-    Qba, Qca, Qcb, Qda, Qdb, Qdc = z, z, z, z, z, z
-    for k0 in range(0, K, BKS):
-        cols = k0 + tl.arange(0, BKS)
-        c0 = tl.zeros([BKS], dtype=tl.float32)
-        Ga, cb, qa, ka, bka = _load_sub(q, k, g, b, rq, rk, ta, eos, c0, cols, scale, SK, H, K, USE_L2)
-        Gb, cc, qb, kb, bkb = _load_sub(q, k, g, b, rq, rk, tb, eos, cb, cols, scale, SK, H, K, USE_L2)
-        Gc, cd, qc, kc, bkc = _load_sub(q, k, g, b, rq, rk, tc, eos, cc, cols, scale, SK, H, K, USE_L2)
-        Gd, _, qd, kd, bkd = _load_sub(q, k, g, b, rq, rk, td, eos, cd, cols, scale, SK, H, K, USE_L2)
-        # sub-chunk b against a, reference G at the last row of a (= carry cb)
-        lb = tl.exp(Gb - cb[None, :])
-        x, y = _off_products(bkb * lb, qb * lb, cb, ka, Ga)
-        Tba += x
-        Qba += y
-        lc = tl.exp(Gc - cc[None, :])
-        x, y = _off_products(bkc * lc, qc * lc, cc, ka, Ga)
-        Tca += x
-        Qca += y
-        x, y = _off_products(bkc * lc, qc * lc, cc, kb, Gb)
-        Tcb += x
-        Qcb += y
-        ld = tl.exp(Gd - cd[None, :])
-        x, y = _off_products(bkd * ld, qd * ld, cd, ka, Ga)
-        Tda += x
-        Qda += y
-        x, y = _off_products(bkd * ld, qd * ld, cd, kb, Gb)
-        Tdb += x
-        Qdb += y
-        x, y = _off_products(bkd * ld, qd * ld, cd, kc, Gc)
-        Tdc += x
-        Qdc += y
-    A += i_h * 64
-    Aqk += i_h * 64
-    S64 = H * 64
-    # diagonal blocks of A = (I + T)^-1 by forward substitution of the strictly lower T_ii that gdn2_fwd_kernel_diag
-    # left in A, then the block recursion  A_ij = -A_ii sum_{j <= m < i} T_im A_mj   (all fp32, IEEE products)
+    Tba = _load16(A, tb, eos, 0, S64)
+    Tca = _load16(A, tc, eos, 0, S64)
+    Tcb = _load16(A, tc, eos, 16, S64)
+    Tda = _load16(A, td, eos, 0, S64)
+    Tdb = _load16(A, td, eos, 16, S64)
+    Tdc = _load16(A, td, eos, 32, S64)
     Aaa = unit_lower_inverse16(_load16(A, ta, eos, 0, S64))
     Abb = unit_lower_inverse16(_load16(A, tb, eos, 16, S64))
     Acc = unit_lower_inverse16(_load16(A, tc, eos, 32, S64))
@@ -241,33 +264,15 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
     Ada = -tl.dot(Add, tl.dot(Tda, Aaa, input_precision="ieee") + tl.dot(Tdb, Aba, input_precision="ieee")
                   + tl.dot(Tdc, Aca, input_precision="ieee"), input_precision="ieee")
     _store16(A, Aaa, ta, eos, 0, S64)
-    _store16(A, z, ta, eos, 16, S64)
-    _store16(A, z, ta, eos, 32, S64)
-    _store16(A, z, ta, eos, 48, S64)
     _store16(A, Aba, tb, eos, 0, S64)
     _store16(A, Abb, tb, eos, 16, S64)
-    _store16(A, z, tb, eos, 32, S64)
-    _store16(A, z, tb, eos, 48, S64)
     _store16(A, Aca, tc, eos, 0, S64)
     _store16(A, Acb, tc, eos, 16, S64)
     _store16(A, Acc, tc, eos, 32, S64)
-    _store16(A, z, tc, eos, 48, S64)
     _store16(A, Ada, td, eos, 0, S64)
     _store16(A, Adb, td, eos, 16, S64)
     _store16(A, Adc, td, eos, 32, S64)
     _store16(A, Add, td, eos, 48, S64)
-    _store16(Aqk, z, ta, eos, 16, S64)
-    _store16(Aqk, z, ta, eos, 32, S64)
-    _store16(Aqk, z, ta, eos, 48, S64)
-    _store16(Aqk, Qba, tb, eos, 0, S64)
-    _store16(Aqk, z, tb, eos, 32, S64)
-    _store16(Aqk, z, tb, eos, 48, S64)
-    _store16(Aqk, Qca, tc, eos, 0, S64)
-    _store16(Aqk, Qcb, tc, eos, 16, S64)
-    _store16(Aqk, z, tc, eos, 48, S64)
-    _store16(Aqk, Qda, td, eos, 0, S64)
-    _store16(Aqk, Qdb, td, eos, 16, S64)
-    _store16(Aqk, Qdc, td, eos, 32, S64)
 
 
 @triton.jit
@@ -542,10 +547,9 @@ def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2
     TT, H, K = q.shape
     A = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32)
     Aqk = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
-    gdn2_fwd_kernel_diag[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, cu, chunk_indices, scale,
-                                            H=H, K=K, KP=triton.next_power_of_2(K), USE_L2=use_l2)
-    gdn2_fwd_kernel_intra[(n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, cu, chunk_indices, scale,
-                                         H=H, K=K, USE_L2=use_l2)
+    gdn2_fwd_kernel_intra[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, cu, chunk_indices, scale,
+                                             H=H, K=K, USE_L2=use_l2, PREC=dot_precision(q.dtype))
+    gdn2_fwd_kernel_solve[(n_chunks, H)](A, cu, chunk_indices, H=H)
     return A, Aqk
 
 
