@@ -55,7 +55,7 @@ from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_
 INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1) for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2))]
 INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 # Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
-SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2, 1)]
+SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: 652 B spills (sm_90)
 SOLVE_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
 # The diagonal blocks' midpoint form is used on channels whose G spans at most this much over the sub-chunk's 16 rows:
 # each factor exp(G_r - m), exp(m - G_s) is then <= e^40 (~2e17), far from fp32 overflow, and the masked s > r
