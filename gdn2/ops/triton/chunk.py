@@ -28,6 +28,7 @@ def _l2norm_vjp(x: torch.Tensor, inv_norm: torch.Tensor, grad_hat: torch.Tensor)
 # Every chunk kernel by the name the GPU check, the sm_90 compile report and the profiler use, in launch order.
 CHUNK_KERNELS = {
     "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
+    "fwd_exact_diag": chunk_fwd.gdn2_fwd_kernel_exact_diag,
     "fwd_solve": chunk_fwd.gdn2_fwd_kernel_solve,
     "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
     "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
@@ -36,6 +37,7 @@ CHUNK_KERNELS = {
     "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
     "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,
     "bwd_dav": chunk_bwd.gdn2_bwd_kernel_dav,
+    "bwd_exact_diag": chunk_bwd.gdn2_bwd_kernel_exact_diag,
     "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
 }
 

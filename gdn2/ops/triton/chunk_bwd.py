@@ -26,12 +26,15 @@ Kernels (in launch order; only dstate is sequential)
   gdn2_bwd_kernel_dav     grid (chunks, key heads): dZ = A^T dR -> dv, dw; dA = sum of the K-block shares + dR Z^T;
                           dAqk = tril(dO R^T); dT = -A^T dA A^T (fp32: IEEE products for fp32 inputs, tf32x3
                           - three tf32 passes, about fp32 accuracy on tensor cores - for 16-bit inputs).
+  gdn2_bwd_kernel_exact_diag  grid (4 x chunks, key heads, K slices of BKD): the diagonal blocks' backward on the
+                          channels off the midpoint form (chunk_fwd.py), row by row, added to the partials dq, dk, db,
+                          dG; a sub-chunk without such channels only reads its g.
   gdn2_bwd_kernel_dqkg    grid (chunks, key heads, K slices of BKS): the backward of T and Aqk (every product reduces
                           over rows, so K splits over the grid), sub-chunk by sub-chunk from the last: its rows against
                           the earlier columns, its columns against the later rows and its diagonal block, with the
                           forward's reference points (chunk_fwd.py) as [16, 64] x [64, BKS] and [16, 16] x [16, BKS]
-                          products (the exact row-by-row form on the channels too fast for the midpoint one); adds the
-                          elementwise parts and carries the reverse cumsum for dg across the sub-chunks.
+                          products (midpoint channels only on the diagonal blocks); adds the elementwise parts and
+                          carries the reverse cumsum for dg across the sub-chunks.
 With fp32 inputs the fp32 products of dqk, dav, dqkg (the dA / dT path) use IEEE precision (utils.dot_precision),
 the others tf32 (utils.SERIAL_PRECISION); with 16-bit inputs tf32 throughout.
 The q/k L2-norm VJP (if fused) is applied on the [TT, H, K] results in PyTorch.
@@ -42,9 +45,10 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (MIDPOINT_SPAN_MAX, _load16, _load_sub, block_sizes, chunk_key_side,
-                                       chunk_span, diag_row, key_vector, load_state_blocks, midpoint_factors,
-                                       state_block_t, store_state_block, store_state_blocks, store_tile, tile, tile_t)
+from gdn2.ops.triton.chunk_fwd import (_load16, _load_sub, block_sizes, chunk_key_side, chunk_span, diag_row,
+                                       exact_channels, key_vector, load_state_blocks, midpoint_channels,
+                                       midpoint_factors, state_block_t, store_state_block, store_state_blocks,
+                                       store_tile, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
                                    tuned)
 
@@ -97,6 +101,10 @@ DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
 DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1) for bks, w in ((32, 4), (16, 4), (64, 8), (32, 8))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
+# exact_diag: BKD channels per program (per-channel outputs); one or two warps keep the reductions over the 16 rows
+# inside a warp (the full-K form of this kernel at 2 warps took 5.1 ms at B=8, T=4096 on the H100: cross-warp).
+EXACT_BWD_CONFIGS = [triton.Config({"BKD": bkd}, num_warps=w, num_stages=1) for bkd, w in ((32, 1), (64, 2))]
+EXACT_BWD_INTERPRET = triton.Config({"BKD": 32}, num_warps=1, num_stages=1)
 
 
 @triton.jit
@@ -285,13 +293,13 @@ def gdn2_bwd_kernel_dav(v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu_seqlens, c
 
 
 @triton.jit
-def diag_exact_bwd(q, k, g, b, rq, rk, dT, dAqk, t0, eos, cols, kt, span, scale, SK, S64, H, K: tl.constexpr,
+def diag_exact_bwd(q, k, g, b, rq, rk, dT, dAqk, t0, eos, cols, kt, exact, scale, SK, S64, H, K: tl.constexpr,
                    BKS: tl.constexpr, USE_L2: tl.constexpr):
-    """Backward of the diagonal [16, 16] blocks over the channels whose span exceeds MIDPOINT_SPAN_MAX only, row by row
-    with exact exponentials (dT, dAqk point at the block's first column). Returns the [16, BKS] gradients of the
-    sub-chunk's (b k), (scale q) and k rows."""
+    """Backward of the diagonal [16, 16] blocks over the `exact` channels [BKS] only, row by row with exact
+    exponentials (dT, dAqk point at the block's first column). Returns the [16, BKS] gradients of the sub-chunk's
+    (b k), (scale q) and k rows."""
     r16 = tl.arange(0, 16)
-    unsafe = (span > MIDPOINT_SPAN_MAX)[None, :]
+    unsafe = exact[None, :]
     G_r = tl.zeros([BKS], dtype=tl.float32)
     Gs = tl.zeros([16, BKS], dtype=tl.float32)
     d_bk = tl.zeros([16, BKS], dtype=tl.float32)
@@ -327,6 +335,40 @@ def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
     tl.store(ptr + t[:, None] * stride_t + cols[None, :], x, mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
 
 
+@tuned(EXACT_BWD_CONFIGS, key=["K", "USE_L2"], interpret_config=EXACT_BWD_INTERPRET, dtype_arg="q",
+       restore_value=("dq", "dk", "db", "dG"))
+@triton.jit
+def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, cu_seqlens, chunk_indices, scale,
+                               H: tl.constexpr, K: tl.constexpr, BKD: tl.constexpr, USE_L2: tl.constexpr):
+    """The backward of gdn2_fwd_kernel_exact_diag: for the channels off the midpoint form (chunk_fwd.exact_channels),
+    the diagonal blocks' gradients, added to the elementwise partials dq, dk, db, dG in place before
+    gdn2_bwd_kernel_dqkg reads them. One sub-chunk and BKD channels per program; without such channels it only reads
+    g."""
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c = i_s // 4
+    r0 = (i_s % 4) * 16
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
+    SK = H * K
+    S64 = H * 64
+    koff = i_h * K
+    t0 = bos + i_t * 64 + r0
+    ti = t0 + tl.arange(0, 16)
+    cols = i_k * BKD + tl.arange(0, BKD)
+    exact = exact_channels(load_rows(g + koff, ti, eos, SK, cols, K))
+    if tl.sum(exact.to(tl.int32), 0) > 0:
+        _, _, qs, kt, bk, _ = _load_sub(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h, ti, eos,
+                                        tl.zeros([BKD], dtype=tl.float32), cols, scale, SK, H, K, USE_L2)
+        d_bk, d_qs, d_k = diag_exact_bwd(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h,
+                                         dT + i_h * 64 + r0, dAqk + i_h * 64 + r0, t0, eos, cols, kt, exact, scale,
+                                         SK, S64, H, K, BKD, USE_L2)
+        pq, pk, pb, pG = _finish_sub(dq + koff, dk + koff, db + koff, dG + koff, ti, eos, cols, SK, K, d_bk, d_qs,
+                                     d_k, bk, qs, kt, load_rows(b + koff, ti, eos, SK, cols, K), scale)
+        _store_rows(dq + koff, pq, ti, eos, SK, cols, K)
+        _store_rows(dk + koff, pk, ti, eos, SK, cols, K)
+        _store_rows(db + koff, pb, ti, eos, SK, cols, K)
+        _store_rows(dG + koff, pG, ti, eos, SK, cols, K)
+
+
 @triton.jit
 def _rows64(ptr, t, eos, stride_t):
     """[16, 64] fp32: rows t of a [TT, ., 64] per-chunk matrix (0 past eos)."""
@@ -351,7 +393,7 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
                          PREC: tl.constexpr):
     """The backward of T and Aqk for BKS key channels of one chunk, sub-chunk by sub-chunk from the last: each
     sub-chunk's rows against the earlier columns (reference G at its row r0 - 1), its columns against the later rows
-    (reference G at its row r0 + 15) and its diagonal block (midpoint reference; channels too fast for it row by row).
+    (reference G at its row r0 + 15) and its diagonal block (midpoint reference, midpoint channels).
     dq, dk, db are updated in place (elementwise partials in, totals out); dG partials in, dg (reverse cumsum) out."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
@@ -388,7 +430,8 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
         t0 = bos + i_t * 64 + r0
         ti = t0 + r16
         carry = tl.sum(tl.where((c64 == r0 - 1)[:, None], G_all, 0.), 0)        # G at row r0 - 1 (0 at r0 = 0)
-        G_i, c_end, qs_i, k_i, bk_i = _load_sub(q, k, g, b, rq, rk, ti, eos, carry, cols, scale, SK, H, K, USE_L2)
+        G_i, c_end, qs_i, k_i, bk_i, gb = _load_sub(q, k, g, b, rq, rk, ti, eos, carry, cols, scale, SK, H, K,
+                                                    USE_L2)
         # this sub-chunk's rows against the earlier columns: both factors <= 1
         right = k_all * tl.exp(tl.where((c64 < r0)[:, None], carry[None, :] - G_all, float("-inf")))
         lo = tl.exp(G_i - carry[None, :])
@@ -399,8 +442,8 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
         d_k = (tl.dot(_cols64(dT, t64, eos, r0, S64), bk_all * later, input_precision=PREC)
                + tl.dot(_cols64(dAqk, t64, eos, r0, S64), qs_all * later, input_precision=PREC)) * tl.exp(
             c_end[None, :] - G_i)
-        # the diagonal block
-        left, rm, span = midpoint_factors(G_i)
+        # the diagonal block, midpoint channels (gdn2_bwd_kernel_exact_diag added the others to the partials)
+        left, rm = midpoint_factors(G_i, carry, c_end, midpoint_channels(gb))
         dT_ii = _load16(dT, ti, eos, r0, S64)
         dQ_ii = _load16(dAqk, ti, eos, r0, S64)
         kr = k_i * rm
@@ -408,12 +451,6 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
         d_qs += tl.dot(dQ_ii, kr, input_precision=PREC) * left
         d_k += (tl.dot(tl.trans(dT_ii), bk_i * left, input_precision=PREC)
                 + tl.dot(tl.trans(dQ_ii), qs_i * left, input_precision=PREC)) * rm
-        if tl.max(span, 0) > MIDPOINT_SPAN_MAX:
-            x, y, z = diag_exact_bwd(q, k, g, b, rq, rk, dT + r0, dAqk + r0, t0, eos, cols, k_i, span, scale, SK, S64,
-                                     H, K, BKS, USE_L2)
-            d_bk += x
-            d_qs += y
-            d_k += z
         b_i = load_rows(b, ti, eos, SK, cols, K)
         pq, pk, pb, pG = _finish_sub(dq, dk, db, dG, ti, eos, cols, SK, K, d_bk, d_qs, d_k, bk_i, qs_i, k_i, b_i,
                                      scale)
@@ -462,6 +499,9 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     gdn2_bwd_kernel_dav[(n_chunks, H)](v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu, chunk_indices, TT,
                                        H=H, HV=HV, V=V, NK=NK, PREC=prec, PREC_T=solve_precision(v.dtype))
     del dAE
+    grid = lambda meta: (4 * n_chunks, H, triton.cdiv(K, meta["BKD"]))
+    gdn2_bwd_kernel_exact_diag[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, cu, chunk_indices, scale,
+                                     H=H, K=K, USE_L2=use_l2)
     grid = lambda meta: (n_chunks, H, triton.cdiv(K, meta["BKS"]))
     gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu, chunk_indices, scale,
                                H=H, K=K, USE_L2=use_l2, PREC=prec)

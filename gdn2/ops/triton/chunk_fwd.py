@@ -17,16 +17,18 @@ Exponents are differences, split at a reference point so that every factor is bo
 run on the tensor cores. For the columns s of an earlier sub-chunk against the rows r of sub-chunk i, the reference
 is c = G at row 16 i - 1 (the last row before the sub-chunk): exp(G_r - G_s) = exp(G_r - c) * exp(c - G_s), both
 factors <= 1 because G never increases (g <= 0). Inside a sub-chunk (the diagonal [16, 16] blocks) the reference is
-m = G at the sub-chunk's row 7: exp(G_r - m) * exp(m - G_s), each factor at most exp(span) where span = max_r G_r -
-min_r G_r of that channel over the 16 rows. Channels with span <= MIDPOINT_SPAN_MAX (40: each factor <= ~2e17) take
-this form; the rest (decay faster than e^-40 across 16 tokens, rare in trained models but legal) take the exact
-row-by-row form, exp(G_r - G_s) elementwise with s > r masked to -inf, in the same kernel. Either way the result is
-exp(G_r - G_s) up to rounding (never gamma_r * (1 / gamma_s)).
+m halfway between G before the sub-chunk and G at its last row: exp(G_r - m) * exp(m - G_s). On a channel whose g
+stays in [MIDPOINT_G_MIN, 0] = [-5, 0] on the sub-chunk's rows, |G - m| <= 40, so each factor is <= e^40 (~2e17):
+the "midpoint channels". The others (a per-token decay below e^-5: rare in trained models, but legal) take the exact
+form, exp(G_r - G_s) elementwise with s > r masked to -inf, row by row, in a kernel of their own. Either way the result
+is exp(G_r - G_s) up to rounding (never gamma_r * (1 / gamma_s)).
 
 Kernels (in launch order)
   gdn2_fwd_kernel_intra   grid (4 x chunks, key heads): one 16-row sub-chunk per program, K in slices of BK: its rows
                           of T (into A) and of Aqk, as [16, BK] x [BK, 64] products against the earlier sub-chunks and
-                          [16, BK] x [BK, 16] products for the diagonal block (plus the exact form where needed).
+                          [16, BK] x [BK, 16] products for the diagonal block on the midpoint channels.
+  gdn2_fwd_kernel_exact_diag  grid (4 x chunks, key heads): adds the other channels' share of the diagonal blocks
+                          (exact form); a sub-chunk without such channels only reads its g.
   gdn2_fwd_kernel_solve   grid (chunks, key heads): A = (I + T)^-1 in place, fp32: forward substitution of the four
                           diagonal blocks, then the block recursion. A [TT, H, 64] fp32 and Aqk [TT, H, 64] depend on
                           key-head inputs only, so grouped value heads share them.
@@ -52,15 +54,20 @@ from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_
                                    unit_lower_inverse16)
 
 # Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
-INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1) for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2))]
+INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1)
+                 for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2), (128, 8))]   # (128, 4): fp32 spills 11 KB
 INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 # Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
 SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: 652 B spills (sm_90)
 SOLVE_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
-# The diagonal blocks' midpoint form is used on channels whose G spans at most this much over the sub-chunk's 16 rows:
-# each factor exp(G_r - m), exp(m - G_s) is then <= e^40 (~2e17), far from fp32 overflow, and the masked s > r
-# entries stay finite too (<= e^40 |b k| |k| per term).
-MIDPOINT_SPAN_MAX = tl.constexpr(40.0)
+# Exact form of the diagonal blocks, for the channels the midpoint form leaves out: one sub-chunk per program.
+EXACT_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1) for bk, w in ((32, 1), (64, 2))]
+EXACT_INTERPRET = triton.Config({"BK": 32}, num_warps=1, num_stages=1)
+# The diagonal blocks' midpoint form is used on the channels whose g stays in [MIDPOINT_G_MIN, 0] on all 16 rows of
+# the sub-chunk: G then moves by at most 80 across it, so with m halfway each factor exp(G_r - m), exp(m - G_s) is
+# <= e^40 (~2e17), far from fp32 overflow, and the masked s > r terms stay finite (<= e^80 |b k| |k|). A per-token
+# decay below e^-5 = 0.0067 is rare in trained models but legal: those channels take the exact form.
+MIDPOINT_G_MIN = tl.constexpr(-5.0)
 
 # WY kernel: one [64, 64] fp32 A tile times [64, BK] / [64, BV] tiles; BK, BV fixed by the shape (<= 64).
 WY_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=4, num_stages=1)]
@@ -90,7 +97,8 @@ OUTPUT_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 
 @triton.jit
 def _load_sub(q, k, g, b, rq, rk, t, eos, carry, cols, scale, SK, SH, K: tl.constexpr, USE_L2: tl.constexpr):
-    """One 16-row sub-chunk, one K slice: G (cumsum continued from `carry`), scale*q, k, b*k, and the new carry."""
+    """One 16-row sub-chunk, one K slice: G (cumsum continued from `carry`), the new carry (G at its last row),
+    scale*q, k, b*k and g itself."""
     gb = load_rows(g, t, eos, SK, cols, K)
     G = tl.cumsum(gb, 0) + carry[None, :]
     kb = load_rows(k, t, eos, SK, cols, K)
@@ -99,7 +107,7 @@ def _load_sub(q, k, g, b, rq, rk, t, eos, carry, cols, scale, SK, SH, K: tl.cons
         kb = kb * load_scale(rk, t, eos, SH)[:, None]
         qb = qb * load_scale(rq, t, eos, SH)[:, None]
     bk = load_rows(b, t, eos, SK, cols, K) * kb
-    return G, carry + tl.sum(gb, 0), qb * scale, kb, bk
+    return G, carry + tl.sum(gb, 0), qb * scale, kb, bk, gb
 
 
 @triton.jit
@@ -121,24 +129,32 @@ def diag_row(q, k, g, b, rq, rk, tr, ok, r, cols, G_r, Gs, scale, SK, H, K: tl.c
 
 
 @triton.jit
-def midpoint_factors(G):
-    """[16, BK] G of one sub-chunk -> (left, right, span): left = exp(G - m), right = exp(m - G) with m = G at row 7,
-    on the channels whose span = max_r G - min_r G <= MIDPOINT_SPAN_MAX (0 on the others); span [BK]."""
-    r16 = tl.arange(0, 16)
-    m = tl.sum(tl.where((r16 == 7)[:, None], G, 0.), 0)
-    span = tl.max(G, 0) - tl.min(G, 0)
-    safe = (span <= MIDPOINT_SPAN_MAX)[None, :]
-    return (tl.exp(tl.where(safe, G - m[None, :], float("-inf"))), tl.exp(tl.where(safe, m[None, :] - G, float("-inf"))),
-            span)
+def midpoint_channels(gb):
+    """[16, BK] g rows of a sub-chunk -> [BK]: the channels on the midpoint form, g in [MIDPOINT_G_MIN, 0] on every
+    row (tl.min / tl.max are exact, so every kernel makes the same choice); exact_channels is the complement."""
+    return (tl.min(gb, 0) >= MIDPOINT_G_MIN) & (tl.max(gb, 0) <= 0.)
 
 
 @triton.jit
-def diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, span, scale, SK, H, K: tl.constexpr, BK: tl.constexpr,
+def exact_channels(gb):
+    return (tl.min(gb, 0) < MIDPOINT_G_MIN) | (tl.max(gb, 0) > 0.)
+
+
+@triton.jit
+def midpoint_factors(G, c0, c1, on):
+    """exp(G - m) and exp(m - G) for a sub-chunk's [16, BK] G, m = (c0 + c1) / 2 halfway between G before the
+    sub-chunk (c0) and at its last row (c1); 0 on the channels where `on` [BK] is false."""
+    m = ((c0 + c1) * 0.5)[None, :]
+    on2 = on[None, :]
+    return tl.exp(tl.where(on2, G - m, float("-inf"))), tl.exp(tl.where(on2, m - G, float("-inf")))
+
+
+@triton.jit
+def diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, scale, SK, H, K: tl.constexpr, BK: tl.constexpr,
                    USE_L2: tl.constexpr):
-    """The diagonal [16, 16] blocks of T (s <= r; the caller masks s = r) and Aqk, summed over the channels whose span
-    exceeds MIDPOINT_SPAN_MAX only, row by row with exact exponentials. kt: the sub-chunk's k rows [16, BK]."""
+    """The diagonal [16, 16] blocks of T (s <= r; the caller masks s = r) and Aqk summed over the `exact` channels
+    [BK] only, row by row with exact exponentials. kt: the sub-chunk's k rows [16, BK]."""
     r16 = tl.arange(0, 16)
-    unsafe = (span > MIDPOINT_SPAN_MAX)[None, :]
     G_r = tl.zeros([BK], dtype=tl.float32)
     Gs = tl.zeros([16, BK], dtype=tl.float32)
     Tx = tl.zeros([16, 16], dtype=tl.float32)
@@ -146,7 +162,7 @@ def diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, span, scale, SK, H, K:
     for r in range(16):
         tr = t0 + r
         G_r, Gs, e, qr, bkr = diag_row(q, k, g, b, rq, rk, tr, tr < eos, r, cols, G_r, Gs, scale, SK, H, K, USE_L2)
-        right = kt * tl.where(unsafe, e, 0.)
+        right = kt * tl.where(exact[None, :], e, 0.)
         row = (r16 == r)[:, None]
         Tx = tl.where(row, tl.sum(right * bkr[None, :], 1)[None, :], Tx)
         Qx = tl.where(row, tl.sum(right * qr[None, :], 1)[None, :], Qx)
@@ -158,9 +174,9 @@ def diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, span, scale, SK, H, K:
 def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
                           H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
                           PREC: tl.constexpr):
-    """Rows r0 .. r0 + 15 (one sub-chunk) of T (into A; the solve follows) and of Aqk, over K in slices of BK:
-    columns of the earlier sub-chunks with the boundary reference (G at row r0 - 1), the diagonal block with the
-    midpoint reference, both as tensor-core products; channels too fast for the midpoint form row by row."""
+    """Rows r0 .. r0 + 15 (one sub-chunk) of T (into A) and of Aqk, over K in slices of BK: columns of the earlier
+    sub-chunks with the boundary reference (G at row r0 - 1), the diagonal block with the midpoint reference on the
+    midpoint channels, both as tensor-core products. gdn2_fwd_kernel_exact_diag adds the other channels."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
     i_c = i_s // 4
     r0 = (i_s % 4) * 16
@@ -188,7 +204,8 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
         cols = k0 + tl.arange(0, BK)
         g_prev = load_rows(g, t64, prev_end, SK, cols, K)
         carry = tl.sum(g_prev, 0)                              # G at row r0 - 1
-        G_i, _, qs_i, k_i, bk_i = _load_sub(q, k, g, b, rq, rk, ti, eos, carry, cols, scale, SK, H, K, USE_L2)
+        G_i, c_end, qs_i, k_i, bk_i, gb = _load_sub(q, k, g, b, rq, rk, ti, eos, carry, cols, scale, SK, H, K,
+                                                    USE_L2)
         if r0 > 0:
             k_prev = load_rows(k, t64, prev_end, SK, cols, K)
             if USE_L2:
@@ -197,15 +214,10 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
             lo = tl.exp(G_i - carry[None, :])                                   # <= 1
             T_off += tl.dot(bk_i * lo, tl.trans(right), input_precision=PREC)
             Q_off += tl.dot(qs_i * lo, tl.trans(right), input_precision=PREC)
-        left, rm, span = midpoint_factors(G_i)
+        left, rm = midpoint_factors(G_i, carry, c_end, midpoint_channels(gb))
         kr = k_i * rm
         T_d += tl.dot(bk_i * left, tl.trans(kr), input_precision=PREC)
         Q_d += tl.dot(qs_i * left, tl.trans(kr), input_precision=PREC)
-        if tl.max(span, 0) > MIDPOINT_SPAN_MAX:
-            x, y = diag_exact_fwd(q, k, g, b, rq, rk, bos + i_t * 64 + r0, eos, cols, k_i, span, scale, SK, H, K,
-                                  BK, USE_L2)
-            T_d += x
-            Q_d += y
     rows = (ti < eos)[:, None]
     outside = ((c64 < r0) | (c64 >= r0 + 16))[None, :]
     tl.store(A + ti[:, None] * S64 + c64[None, :], T_off, mask=rows & outside)
@@ -213,6 +225,53 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
     tl.store(Aqk + ti[:, None] * S64 + c64[None, :], Q_off.to(Aqk.dtype.element_ty), mask=rows & outside)
     tl.store(Aqk + ti[:, None] * S64 + r0 + r16[None, :],
              tl.where(r16[:, None] >= r16[None, :], Q_d, 0.).to(Aqk.dtype.element_ty), mask=rows)
+
+
+@tuned(EXACT_CONFIGS, key=["K", "USE_L2"], interpret_config=EXACT_INTERPRET, dtype_arg="q",
+       restore_value=("A", "Aqk"))
+@triton.jit
+def gdn2_fwd_kernel_exact_diag(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
+                               H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr):
+    """Adds to the diagonal blocks that gdn2_fwd_kernel_intra stored the channels it left out (exact_channels: some g
+    outside [MIDPOINT_G_MIN, 0] in the sub-chunk), row by row with exact exponentials. A sub-chunk without such a
+    channel only reads its g."""
+    i_s, i_h = tl.program_id(0), tl.program_id(1)
+    i_c = i_s // 4
+    r0 = (i_s % 4) * 16
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
+    SK = H * K
+    S64 = H * 64
+    q += i_h * K
+    k += i_h * K
+    g += i_h * K
+    b += i_h * K
+    rq += i_h
+    rk += i_h
+    r16 = tl.arange(0, 16)
+    t0 = bos + i_t * 64 + r0
+    ti = t0 + r16
+    Tx = tl.zeros([16, 16], dtype=tl.float32)
+    Qx = tl.zeros([16, 16], dtype=tl.float32)
+    n_exact = 0
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        exact = exact_channels(load_rows(g, ti, eos, SK, cols, K))
+        n = tl.sum(exact.to(tl.int32), 0)
+        if n > 0:
+            kt = load_rows(k, ti, eos, SK, cols, K)
+            if USE_L2:
+                kt = kt * load_scale(rk, ti, eos, H)[:, None]
+            x, y = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, scale, SK, H, K, BK, USE_L2)
+            Tx += x
+            Qx += y
+        n_exact += n
+    if n_exact > 0:
+        pa = A + i_h * 64 + ti[:, None] * S64 + r0 + r16[None, :]
+        pq = Aqk + i_h * 64 + ti[:, None] * S64 + r0 + r16[None, :]
+        rows = (ti < eos)[:, None]
+        tl.store(pa, tl.load(pa, mask=rows, other=0.) + tl.where(r16[:, None] > r16[None, :], Tx, 0.), mask=rows)
+        tl.store(pq, (tl.load(pq, mask=rows, other=0.).to(tl.float32)
+                      + tl.where(r16[:, None] >= r16[None, :], Qx, 0.)).to(Aqk.dtype.element_ty), mask=rows)
 
 
 @triton.jit
@@ -549,6 +608,8 @@ def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2
     Aqk = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
     gdn2_fwd_kernel_intra[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, cu, chunk_indices, scale,
                                              H=H, K=K, USE_L2=use_l2, PREC=dot_precision(q.dtype))
+    gdn2_fwd_kernel_exact_diag[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, cu, chunk_indices, scale,
+                                                  H=H, K=K, USE_L2=use_l2)
     gdn2_fwd_kernel_solve[(n_chunks, H)](A, cu, chunk_indices, H=H)
     return A, Aqk
 
