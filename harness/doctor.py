@@ -29,6 +29,10 @@ The hook a family implements (duck-typed; FLAFamilyBase in baselines/common.py i
     def conformance_skips(self, variant: str = "") -> dict[str, str]:   # optional; default {}
         '''{check name: reason} for checks the upstream cannot run here (reported as skipped, not failed).'''
 
+    def conformance_single_token_decode(self, variant: str = "") -> str:   # optional; default "" (no)
+        '''Why the upstream takes only one new token per call once it has a cache (e.g. fla's Mamba2): its
+        prefill+decode check then feeds every token after the prefill one at a time, and the row says why.'''
+
 Families without conformance_models are listed as "skipped: no conformance hook".
 
 Autotuning: by default every Triton autotuner (fla's, mamba-ssm's, ours) runs only its first config that survives
@@ -80,7 +84,7 @@ def full_logits(lm, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def incremental_logits(lm, ids: torch.Tensor, prefill: int = PREFILL, steps: int = DECODE_STEPS) -> torch.Tensor:
     """Logits of ids fed as: prefill tokens in one call, `steps` single tokens, then the rest in one call,
-    the cache carried throughout."""
+    the cache carried throughout (steps >= the number of tokens left: every one of them singly)."""
     out = lm(input_ids=ids[:, :prefill], use_cache=True)
     pieces, cache = [out.logits.float()], out.past_key_values
     position = prefill
@@ -181,7 +185,13 @@ def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance
                 rows.append(DoctorRow(label, f"forward ({which})", "error", detail=f"{type(err).__name__}: {err}"))
         if "up" in state and "ref" in state:
             measure_or_skip(f"logits upstream vs reference (T={seq_len})", lambda: (state["up"], state["ref"]))
-        if "up" in state:
+        single = family.conformance_single_token_decode(variant) if hasattr(
+            family, "conformance_single_token_decode") else ""
+        if "up" in state and single and "prefill+decode vs full (upstream)" not in skips:
+            measure("prefill+decode vs full (upstream)",
+                    lambda: (state["up"], incremental_logits(upstream, ids, steps=seq_len)), limit,
+                    "; ".join(x for x in (note, f"every token after the prefill singly: {single}") if x))
+        elif "up" in state:
             measure_or_skip("prefill+decode vs full (upstream)",
                             lambda: (state["up"], incremental_logits(upstream, ids)))
         if "ref" in state:

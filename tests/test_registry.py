@@ -213,3 +213,34 @@ def test_doctor_reports_a_mismatch_and_the_skip_convention():
     assert rows["prefill+decode vs full (reference)"].limit == 10.0
     skipped = rows["prefill+decode vs full (upstream)"]
     assert skipped.status == "skipped" and skipped.detail == "no decode kernel" and skipped.value is None
+
+    class SingleTokenUpstream(torch.nn.Module):
+        """Refuses several new tokens once it has a cache (as fla's Mamba2 does); otherwise the model it wraps."""
+
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            if past_key_values is not None and input_ids.shape[1] > 1:
+                raise ValueError("one new token per step")
+            return self.lm(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache)
+
+        def get_output_embeddings(self):
+            return self.lm.get_output_embeddings()
+
+    class SingleToken:
+        name = "single"
+
+        def conformance_models(self, device):
+            return SingleTokenUpstream(tiny(10000.0)), tiny(10000.0)
+
+    class SingleTokenDeclared(SingleToken):
+        def conformance_single_token_decode(self, variant=""):
+            return "one token per cached call"
+
+    rows = {r.check: r for r in check_family(SingleToken(), torch.device("cpu"), seq_len=120)}
+    assert rows["prefill+decode vs full (upstream)"].status == "error"            # undeclared: the chunked tail
+    rows = {r.check: r for r in check_family(SingleTokenDeclared(), torch.device("cpu"), seq_len=120)}
+    decoded = rows["prefill+decode vs full (upstream)"]
+    assert decoded.status == "ok" and decoded.value < 1e-5 and "one token per cached call" in decoded.detail
