@@ -107,13 +107,6 @@ EXACT_BWD_CONFIGS = [triton.Config({"BKD": bkd}, num_warps=w, num_stages=1) for 
 EXACT_BWD_INTERPRET = triton.Config({"BKD": 32}, num_warps=1, num_stages=1)
 
 
-@triton.jit
-def _load_T64(ptr, t, eos, stride_t):
-    """[64, 64] tile M^T of a per-chunk matrix M stored by rows t: out[i, j] = M[t_j, i]."""
-    c64 = tl.arange(0, 64)
-    return tl.load(ptr + t[None, :] * stride_t + c64[:, None], mask=(t < eos)[None, :], other=0.).to(tl.float32)
-
-
 @tuned(DLOCAL_CONFIGS, key=["V", "HV", "PREC"], interpret_config=DLOCAL_INTERPRET, dtype_arg="do")
 @triton.jit
 def gdn2_bwd_kernel_dlocal(Aqk, do, dRl, cu_seqlens, chunk_indices, H: tl.constexpr, HV: tl.constexpr,
