@@ -113,7 +113,8 @@ def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton
 
 
 def dot_precision(dtype) -> str:
-    """input_precision of the fp32-operand tl.dot calls on the dA / dT path (backward kernels dqk, dav, dqkg): "ieee"
+    """input_precision of the fp32-operand tl.dot calls of the intra-chunk pairwise products (fwd intra, bwd dqkg) and
+    of the dA / dT path (backward kernels dqk, dav, dqkg): "ieee"
     (exact fp32 FMA, no tensor cores) when the inputs are fp32, "tf32" (tensor cores) otherwise. Seen on H100
     (2026-11-27): with tf32 on fp32 inputs, db came out at 2.01e-3 .. 2.04e-3 relative error against the 2e-3 bound.
     The other kernels (wy, state, output, dlocal, dstate) always use SERIAL_PRECISION: IEEE products there would move
