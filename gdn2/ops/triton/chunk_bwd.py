@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (_load16, _load_sub, block_sizes, chunk_key_side, chunk_span, diag_row,
-                                       exact_channels, key_vector, load_state_blocks, midpoint_channels,
+from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load16, _load_sub, block_sizes, chunk_key_side, chunk_span,
+                                       diag_row, exact_channels, key_vector, load_state_blocks, midpoint_channels,
                                        midpoint_factors, state_block_t, store_state_block, store_state_blocks,
                                        store_tile, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
@@ -55,15 +55,9 @@ from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_
 DLOCAL_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
                                                                                        num_stages=2)]
 DLOCAL_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
-# Same list and key as the forward state kernel (chunk_fwd.STATE_CONFIGS); dstate_fits from the sm_90 compile report.
-DSTATE_CONFIGS = [
-    triton.Config({"BV": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BV": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BV": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BV": 32}, num_warps=2, num_stages=2),
-    triton.Config({"BV": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BV": 32}, num_warps=4, num_stages=3),
-]
+# The forward state kernel's list (chunk_fwd.STATE_CONFIGS, fresh Config objects) and key; dstate_fits from the sm_90
+# compile report.
+DSTATE_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages) for c in STATE_CONFIGS]
 
 
 def dstate_fits(config, dtype, K, *flags) -> bool:
