@@ -106,6 +106,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--skip-kda", action="store_true", help="time fla's chunk_gdn2 but not chunk_kda")
+    ap.add_argument("--shapes", default=",".join(f"{B}x{T}" for B, T in SHAPES),
+                    help="BxT list, e.g. 8x4096 (default: the three shapes of the issue)")
     ap.add_argument("--plot-from", default=None, help="kernels-<card>.csv: only redraw its .png here (no GPU)")
     args = ap.parse_args()
     if args.plot_from:
@@ -139,7 +142,8 @@ def main():
 
     # Shape by shape: ours, then fla on the same inputs; the rows of a shape are written as soon as it is done,
     # so a run cut short keeps every finished shape (a first version timed all of ours first and lost fla's rows).
-    for i, (B, T) in enumerate(SHAPES):
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+    for i, (B, T) in enumerate(shapes):
         q, k, v, g, b, w, beta = inputs(B, T, seed=i)
         do = torch.randn_like(v)
         h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
@@ -155,8 +159,9 @@ def main():
         if fla_gdn2 is not None:
             gd = time_modes(lambda *a: fla_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
             print(f"fla gdn2 B{B}_T{T}: {gd}", flush=True)
-            kd = time_modes(lambda *a: fla_kda(*a, **kw)[0], (q, k, v, g, beta), do)
-            print(f"fla kda B{B}_T{T}: {kd}", flush=True)
+            if not args.skip_kda:
+                kd = time_modes(lambda *a: fla_kda(*a, **kw)[0], (q, k, v, g, beta), do)
+                print(f"fla kda B{B}_T{T}: {kd}", flush=True)
         ntok = B * T * H
         fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
         bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)

