@@ -93,8 +93,8 @@ DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
-DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1)
-                for bks, w in ((32, 4), (16, 4), (64, 8), (32, 8), (16, 2))]
+# (16, 2) and (16, 1) pass the check but were never the autotuner's pick (H200, 2026-11-27; 212 / 540 B spills).
+DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1) for bks, w in ((32, 4), (16, 4), (64, 8), (32, 8))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 # exact_diag: BKD channels per program (per-channel outputs); one or two warps keep the reductions over the 16 rows
 # inside a warp (the full-K form of this kernel at 2 warps took 5.1 ms at B=8, T=4096 on the H100: cross-warp).

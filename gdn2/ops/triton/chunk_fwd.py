@@ -29,8 +29,8 @@ Kernels (in launch order)
                           [16, BK] x [BK, 16] products for the diagonal block on the midpoint channels.
   gdn2_fwd_kernel_exact_diag  grid (4 x chunks, key heads): adds the other channels' share of the diagonal blocks
                           (exact form); a sub-chunk without such channels only reads its g.
-  gdn2_fwd_kernel_solve   grid (chunks, key heads): A = (I + T)^-1 in place, fp32: forward substitution of the four
-                          diagonal blocks, then the block recursion. A [TT, H, 64] fp32 and Aqk [TT, H, 64] depend on
+  gdn2_fwd_kernel_solve   grid (chunks, key heads): A = (I + T)^-1 in place, fp32: the four diagonal blocks by
+                          repeated squaring (utils.unit_lower_inverse16), then the block recursion. A [TT, H, 64] fp32 and Aqk [TT, H, 64] depend on
                           key-head inputs only, so grouped value heads share them.
   gdn2_fwd_kernel_wy      grid (chunks, key heads): the rest of the state-independent work, in K blocks of BK <= 64:
                           Y = A E, Q, Kt [TT, H, K] and exp(G_C) [NC, H, K] (fp32); U = A Z [TT, Hv, V] for each value
@@ -56,9 +56,12 @@ from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_
 # Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
 INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1)
                  for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2), (128, 8), (16, 1))]   # (128, 4): fp32 spills 11 KB
+# A [16, BK] x [BK, 64] product puts every warp on the same 16 rows (Triton lays the warps along M: warpsPerCTA
+# [w, 1] in the sm_90 build), so at w > 1 each warp computes the whole product; the one-warp entry has no copies and
+# is the autotuner's pick on the H200 (1.28 ms at B=8, T=4096; 1.49 ms for BK=32, w2, its pick before, 2026-11-27).
 INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 # Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
-SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: 652 B spills (sm_90)
+SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: passes, never picked
 SOLVE_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
 # Exact form of the diagonal blocks, for the channels the midpoint form leaves out: one sub-chunk per program.
 EXACT_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1) for bk, w in ((32, 1), (64, 2))]
@@ -292,8 +295,8 @@ def _store16(ptr, blk, t, eos, col0, stride_t):
 @tuned(SOLVE_CONFIGS, key=["H"], interpret_config=SOLVE_INTERPRET, dtype_arg="A", restore_value=("A",))
 @triton.jit
 def gdn2_fwd_kernel_solve(A, cu_seqlens, chunk_indices, H: tl.constexpr):
-    """A = (I + T)^-1 in place, per chunk and key head: forward substitution of the four diagonal [16, 16] blocks of the
-    strictly lower T that gdn2_fwd_kernel_intra left in A, then the block recursion
+    """A = (I + T)^-1 in place, per chunk and key head: the inverses of the four diagonal [16, 16] blocks of the
+    strictly lower T that gdn2_fwd_kernel_intra left in A (unit_lower_inverse16), then the block recursion
     A_ij = -A_ii sum_{j <= m < i} T_im A_mj   (all fp32, IEEE products)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
