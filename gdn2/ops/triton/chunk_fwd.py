@@ -30,8 +30,8 @@ Kernels (in launch order)
   gdn2_fwd_kernel_exact_diag  grid (4 x chunks, key heads): adds the other channels' share of the diagonal blocks
                           (exact form); a sub-chunk without such channels only reads its g.
   gdn2_fwd_kernel_solve   grid (chunks, key heads): A = (I + T)^-1 in place, fp32: the four diagonal blocks by
-                          repeated squaring (utils.unit_lower_inverse16), then the block recursion. A [TT, H, 64] fp32 and Aqk [TT, H, 64] depend on
-                          key-head inputs only, so grouped value heads share them.
+                          repeated squaring (utils.unit_lower_inverse16), then the block recursion. A [TT, H, 64] fp32
+                          and Aqk [TT, H, 64] depend on key-head inputs only, so grouped value heads share them.
   gdn2_fwd_kernel_wy      grid (chunks, key heads): the rest of the state-independent work, in K blocks of BK <= 64:
                           Y = A E, Q, Kt [TT, H, K] and exp(G_C) [NC, H, K] (fp32); U = A Z [TT, Hv, V] for each value
                           head of the group. Y, Q, Kt, U are stored in v's dtype (the tensor-core operand dtype).
