@@ -30,11 +30,10 @@ Kernels (in launch order; only dstate is sequential)
                           channels off the midpoint form (chunk_fwd.py), row by row, added to the partials dq, dk, db,
                           dG; a sub-chunk without such channels only reads its g.
   gdn2_bwd_kernel_dqkg    grid (chunks, key heads, K slices of BKS): the backward of T and Aqk (every product reduces
-                          over rows, so K splits over the grid), sub-chunk by sub-chunk from the last: its rows against
-                          the earlier columns, its columns against the later rows and its diagonal block, with the
-                          forward's reference points (chunk_fwd.py) as [16, 64] x [64, BKS] and [16, 16] x [16, BKS]
-                          products (midpoint channels only on the diagonal blocks); adds the elementwise parts and
-                          carries the reverse cumsum for dg across the sub-chunks.
+                          over rows, so K splits over the grid), all 64 rows of the chunk at once: per sub-chunk a
+                          [64, 64] x [64, BKS] product per side (dM's rows masked to the sub-chunk) with the forward's
+                          reference points (chunk_fwd.py), the diagonal blocks as one block-diagonal product per side
+                          (midpoint channels only); adds the elementwise parts; dg = reverse cumsum over the chunk.
 With fp32 inputs the fp32 products of dqk, dav, dqkg (the dA / dT path) use IEEE precision (utils.dot_precision),
 the others tf32 (utils.SERIAL_PRECISION); with 16-bit inputs tf32 throughout.
 The q/k L2-norm VJP (if fused) is applied on the [TT, H, K] results in PyTorch.
@@ -45,10 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load16, _load_sub, block_sizes, chunk_key_side, chunk_span,
-                                       diag_row, exact_channels, key_vector, load_state_blocks, midpoint_channels,
-                                       midpoint_factors, state_block_t, store_state_block, store_state_blocks,
-                                       store_tile, tile, tile_t)
+from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load_sub, block_sizes, chunk_key_side, chunk_span, diag_row,
+                                       exact_channels, key_vector, load_state_blocks, midpoint_channels,
+                                       state_block_t, store_state_block, store_state_blocks, store_tile, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
                                    tuned)
 
@@ -93,8 +91,10 @@ DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
-# (16, 2) and (16, 1) pass the check but were never the autotuner's pick (H200, 2026-11-27; 212 / 540 B spills).
-DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1) for bks, w in ((32, 4), (16, 4), (64, 8), (32, 8))]
+# sm_90 build, bf16 (fp32), K = 128: registers / spill bytes 255/1128 (255/3844) at (32, 4), 255/232 (255/1256) at
+# (16, 4), 255/988 at (64, 8), 255/96 (255/308) at (32, 8), 223/0 (255/40) at (16, 8).
+DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1)
+                for bks, w in ((32, 8), (16, 8), (32, 4), (16, 4), (64, 8))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 # exact_diag: BKD channels per program (per-channel outputs); one or two warps keep the reductions over the 16 rows
 # inside a warp (the full-K form of this kernel at 2 warps took 5.1 ms at B=8, T=4096 on the H100: cross-warp).
@@ -358,17 +358,25 @@ def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, cu_
 
 
 @triton.jit
-def _rows64(ptr, t, eos, stride_t):
-    """[16, 64] fp32: rows t of a [TT, ., 64] per-chunk matrix (0 past eos)."""
-    c64 = tl.arange(0, 64)
-    return tl.load(ptr + t[:, None] * stride_t + c64[None, :], mask=(t < eos)[:, None], other=0.)
+def row_of(X, r64, row):
+    """Row `row` of a [64, BK] tile as a [BK] vector."""
+    return tl.sum(tl.where(r64[:, None] == row, X, 0.), 0)
 
 
 @triton.jit
-def _cols64(ptr, t64, eos, col0, stride_t):
-    """[16, 64] fp32: columns col0 .. col0 + 15 of a per-chunk matrix, transposed: out[s, r] = M[t64_r, col0 + s]."""
-    r16 = tl.arange(0, 16)
-    return tl.load(ptr + t64[None, :] * stride_t + col0 + r16[:, None], mask=(t64 < eos)[None, :], other=0.)
+def by_subchunk(x0, x1, x2, x3, sub):
+    """[64, BK] tile whose rows of sub-chunk i (sub = row // 16) hold the [BK] vector x_i."""
+    s = sub[:, None]
+    return tl.where(s == 0, x0[None, :], tl.where(s == 1, x1[None, :], tl.where(s == 2, x2[None, :], x3[None, :])))
+
+
+@triton.jit
+def _square64(ptr, t, eos, stride_t, TRANS: tl.constexpr):
+    """[64, 64] fp32 per-chunk matrix M (rows t, 0 past eos), or its transpose (out[s, r] = M[t_r, s])."""
+    c64 = tl.arange(0, 64)
+    if TRANS:
+        return tl.load(ptr + t[None, :] * stride_t + c64[:, None], mask=(t < eos)[None, :], other=0.)
+    return tl.load(ptr + t[:, None] * stride_t + c64[None, :], mask=(t < eos)[:, None], other=0.)
 
 
 # dq, dk, db are updated in place: the autotuner must restore them between timed configs (the first version did not;
@@ -379,10 +387,17 @@ def _cols64(ptr, t64, eos, col0, stride_t):
 def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_seqlens, chunk_indices, scale,
                          H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr,
                          PREC: tl.constexpr):
-    """The backward of T and Aqk for BKS key channels of one chunk, sub-chunk by sub-chunk from the last: each
-    sub-chunk's rows against the earlier columns (reference G at its row r0 - 1), its columns against the later rows
-    (reference G at its row r0 + 15) and its diagonal block (midpoint reference, midpoint channels).
-    dq, dk, db are updated in place (elementwise partials in, totals out); dG partials in, dg (reverse cumsum) out."""
+    """The backward of T and Aqk for BKS key channels of one chunk, all 64 rows at once: every product is
+    [64, 64] x [64, BKS] (M = 64: no warp computes a copy of another's rows). With X = b k (T) or scale q (Aqk),
+    cb_i / ce_i = G before / at the end of sub-chunk i and m_i their midpoint:
+      dX_r  = e^(G_r - cb_i) sum_{s before sub-chunk i} dM_rs k_s e^(cb_i - G_s)        (row r in sub-chunk i)
+            + e^(G_r - m_i)  sum_{s in sub-chunk i}     dM_rs k_s e^(m_i - G_s)          (midpoint channels)
+      dk_s  = e^(ce_j - G_s) sum_{r after sub-chunk j}  dM_rs X_r e^(G_r - ce_j)        (column s in sub-chunk j)
+            + e^(m_j - G_s)  sum_{r in sub-chunk j}     dM_rs X_r e^(G_r - m_j)          (midpoint channels)
+    every factor <= 1 off the diagonal blocks and <= e^40 on them (chunk_fwd.py); one product per sub-chunk and side,
+    dM's rows masked to the sub-chunk (the diagonal blocks: dM masked to them). gdn2_bwd_kernel_exact_diag added the other channels' diagonal blocks to
+    the partials. dq, dk, db are updated in place (elementwise partials in, totals out); dG partials in, dg (the
+    reverse cumsum over the chunk) out."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
@@ -401,52 +416,70 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
     rk += i_h
     dT += i_h * 64
     dAqk += i_h * 64
-    c64 = tl.arange(0, 64)
-    r16 = tl.arange(0, 16)
-    t64 = bos + i_t * 64 + c64
+    r64 = tl.arange(0, 64)
+    sub = r64 // 16
+    t = bos + i_t * 64 + r64
     cols = i_k * BKS + tl.arange(0, BKS)
-    G_all = tl.cumsum(load_rows(g, t64, eos, SK, cols, K), 0)
-    k_all = load_rows(k, t64, eos, SK, cols, K)
-    qs_all = load_rows(q, t64, eos, SK, cols, K) * scale
+    gt = load_rows(g, t, eos, SK, cols, K)
+    G = tl.cumsum(gt, 0)
+    kt = load_rows(k, t, eos, SK, cols, K)
+    qs = load_rows(q, t, eos, SK, cols, K) * scale
     if USE_L2:
-        k_all = k_all * load_scale(rk, t64, eos, H)[:, None]
-        qs_all = qs_all * load_scale(rq, t64, eos, H)[:, None]
-    bk_all = load_rows(b, t64, eos, SK, cols, K) * k_all
-    dg_after = tl.zeros([BKS], dtype=tl.float32)                # sum of dG over the rows after the sub-chunk
-    for j in range(4):
-        r0 = (3 - j) * 16
-        t0 = bos + i_t * 64 + r0
-        ti = t0 + r16
-        carry = tl.sum(tl.where((c64 == r0 - 1)[:, None], G_all, 0.), 0)        # G at row r0 - 1 (0 at r0 = 0)
-        G_i, c_end, qs_i, k_i, bk_i, gb = _load_sub(q, k, g, b, rq, rk, ti, eos, carry, cols, scale, SK, H, K,
-                                                    USE_L2)
-        # this sub-chunk's rows against the earlier columns: both factors <= 1
-        right = k_all * tl.exp(tl.where((c64 < r0)[:, None], carry[None, :] - G_all, float("-inf")))
-        lo = tl.exp(G_i - carry[None, :])
-        d_bk = tl.dot(_rows64(dT, ti, eos, S64), right, input_precision=PREC) * lo
-        d_qs = tl.dot(_rows64(dAqk, ti, eos, S64), right, input_precision=PREC) * lo
-        # this sub-chunk's columns against the later rows: both factors <= 1
-        later = tl.exp(tl.where((c64 >= r0 + 16)[:, None], G_all - c_end[None, :], float("-inf")))
-        d_k = (tl.dot(_cols64(dT, t64, eos, r0, S64), bk_all * later, input_precision=PREC)
-               + tl.dot(_cols64(dAqk, t64, eos, r0, S64), qs_all * later, input_precision=PREC)) * tl.exp(
-            c_end[None, :] - G_i)
-        # the diagonal block, midpoint channels (gdn2_bwd_kernel_exact_diag added the others to the partials)
-        left, rm = midpoint_factors(G_i, carry, c_end, midpoint_channels(gb))
-        dT_ii = _load16(dT, ti, eos, r0, S64)
-        dQ_ii = _load16(dAqk, ti, eos, r0, S64)
-        kr = k_i * rm
-        d_bk += tl.dot(dT_ii, kr, input_precision=PREC) * left
-        d_qs += tl.dot(dQ_ii, kr, input_precision=PREC) * left
-        d_k += (tl.dot(tl.trans(dT_ii), bk_i * left, input_precision=PREC)
-                + tl.dot(tl.trans(dQ_ii), qs_i * left, input_precision=PREC)) * rm
-        b_i = load_rows(b, ti, eos, SK, cols, K)
-        pq, pk, pb, pG = _finish_sub(dq, dk, db, dG, ti, eos, cols, SK, K, d_bk, d_qs, d_k, bk_i, qs_i, k_i, b_i,
-                                     scale)
-        _store_rows(dg, tl.cumsum(pG, 0, reverse=True) + dg_after[None, :], ti, eos, SK, cols, K)
-        dg_after += tl.sum(pG, 0)
-        _store_rows(dq, pq, ti, eos, SK, cols, K)
-        _store_rows(dk, pk, ti, eos, SK, cols, K)
-        _store_rows(db, pb, ti, eos, SK, cols, K)
+        kt = kt * load_scale(rk, t, eos, H)[:, None]
+        qs = qs * load_scale(rq, t, eos, H)[:, None]
+    bt = load_rows(b, t, eos, SK, cols, K)
+    bk = bt * kt
+    ce0 = row_of(G, r64, 15)
+    ce1 = row_of(G, r64, 31)
+    ce2 = row_of(G, r64, 47)
+    ce3 = row_of(G, r64, 63)
+    zero = tl.zeros([BKS], dtype=tl.float32)
+    CB = by_subchunk(zero, ce0, ce1, ce2, sub)
+    CE = by_subchunk(ce0, ce1, ce2, ce3, sub)
+    M = (CB + CE) * 0.5
+    # the forward's choice of midpoint channels per sub-chunk (rows of the other sub-chunks read as g = 0, which
+    # changes neither of its two tests: bit-identical)
+    on = by_subchunk(midpoint_channels(tl.where((sub == 0)[:, None], gt, 0.)),
+                     midpoint_channels(tl.where((sub == 1)[:, None], gt, 0.)),
+                     midpoint_channels(tl.where((sub == 2)[:, None], gt, 0.)),
+                     midpoint_channels(tl.where((sub == 3)[:, None], gt, 0.)), sub) != 0
+    L = tl.exp(tl.where(on, G - M, float("-inf")))                   # diagonal blocks, row side (<= e^40)
+    Rm = tl.exp(tl.where(on, M - G, float("-inf")))                  # diagonal blocks, column side
+    Kd = kt * Rm
+    same = sub[:, None] == sub[None, :]
+    rows = sub[:, None]
+    # row side: dX = dM K-products; off-diagonal with the reference before the row's sub-chunk
+    dTm = _square64(dT, t, eos, S64, False)
+    dQm = _square64(dAqk, t, eos, S64, False)
+    acc_T = tl.zeros([64, BKS], dtype=tl.float32)
+    acc_Q = tl.zeros([64, BKS], dtype=tl.float32)
+    for i in tl.static_range(1, 4):
+        cb = row_of(G, r64, 16 * i - 1)
+        W = kt * tl.exp(tl.where(rows < i, cb[None, :] - G, float("-inf")))          # columns before sub-chunk i
+        acc_T += tl.dot(tl.where(rows == i, dTm, 0.), W, input_precision=PREC)
+        acc_Q += tl.dot(tl.where(rows == i, dQm, 0.), W, input_precision=PREC)
+    lo = tl.exp(G - CB)
+    d_bk = acc_T * lo + tl.dot(tl.where(same, dTm, 0.), Kd, input_precision=PREC) * L
+    d_qs = acc_Q * lo + tl.dot(tl.where(same, dQm, 0.), Kd, input_precision=PREC) * L
+    # dq and db are final here; dk and dG keep their row-side share until the column side is added
+    _store_rows(dq, load_rows(dq, t, eos, SK, cols, K) + d_qs * scale, t, eos, SK, cols, K)
+    _store_rows(db, load_rows(db, t, eos, SK, cols, K) + d_bk * kt, t, eos, SK, cols, K)
+    pk = load_rows(dk, t, eos, SK, cols, K) + d_bk * bt
+    pG = load_rows(dG, t, eos, SK, cols, K) + bk * d_bk + qs * d_qs
+    # column side: dk = dM^T X-products; off-diagonal with the reference at the end of the column's sub-chunk
+    dTt = _square64(dT, t, eos, S64, True)
+    dQt = _square64(dAqk, t, eos, S64, True)
+    acc_K = tl.zeros([64, BKS], dtype=tl.float32)
+    for j in tl.static_range(0, 3):
+        ce = row_of(G, r64, 16 * j + 15)
+        R = tl.exp(tl.where(rows > j, G - ce[None, :], float("-inf")))                 # rows after sub-chunk j
+        acc_K += tl.dot(tl.where(rows == j, dTt, 0.), bk * R, input_precision=PREC)
+        acc_K += tl.dot(tl.where(rows == j, dQt, 0.), qs * R, input_precision=PREC)
+    d_k = acc_K * tl.exp(CE - G)
+    d_k += (tl.dot(tl.where(same, dTt, 0.), bk * L, input_precision=PREC)
+            + tl.dot(tl.where(same, dQt, 0.), qs * L, input_precision=PREC)) * Rm
+    _store_rows(dk, pk + d_k, t, eos, SK, cols, K)
+    _store_rows(dg, tl.cumsum(pG - kt * d_k, 0, reverse=True), t, eos, SK, cols, K)
 
 
 def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, use_l2):
