@@ -395,9 +395,9 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
       dk_s  = e^(ce_j - G_s) sum_{r after sub-chunk j}  dM_rs X_r e^(G_r - ce_j)        (column s in sub-chunk j)
             + e^(m_j - G_s)  sum_{r in sub-chunk j}     dM_rs X_r e^(G_r - m_j)          (midpoint channels)
     every factor <= 1 off the diagonal blocks and <= e^40 on them (chunk_fwd.py); one product per sub-chunk and side,
-    dM's rows masked to the sub-chunk (the diagonal blocks: dM masked to them). gdn2_bwd_kernel_exact_diag added the other channels' diagonal blocks to
-    the partials. dq, dk, db are updated in place (elementwise partials in, totals out); dG partials in, dg (the
-    reverse cumsum over the chunk) out."""
+    dM's rows masked to the sub-chunk (the diagonal blocks: dM masked to them). gdn2_bwd_kernel_exact_diag added the
+    other channels' diagonal blocks to the partials. dq, dk, db are updated in place (elementwise partials in, totals
+    out); dG partials in, dg (the reverse cumsum over the chunk) out."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
