@@ -45,8 +45,9 @@ import triton
 import triton.language as tl
 
 from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load_sub, block_sizes, chunk_key_side, chunk_span, diag_row,
-                                       exact_channels, key_vector, load_state_blocks, midpoint_channels,
-                                       state_block_t, store_state_block, store_state_blocks, store_tile, tile, tile_t)
+                                       exact_channels, key_head_inputs, key_vector, load_state_blocks,
+                                       midpoint_channels, state_block_t, store_state_block, store_state_blocks,
+                                       store_tile, sub_chunk_span, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
                                    tuned)
 
@@ -333,9 +334,7 @@ def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, cu_
     gdn2_bwd_kernel_dqkg reads them. One sub-chunk and BKD channels per program; without such channels it only reads
     g."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_c = i_s // 4
-    r0 = (i_s % 4) * 16
-    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
+    r0, i_t, bos, eos = sub_chunk_span(chunk_indices, cu_seqlens, i_s)
     SK = H * K
     S64 = H * 64
     koff = i_h * K
@@ -403,17 +402,12 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
     SK = H * K
     S64 = H * 64
     koff = i_h * K
-    q += koff
-    k += koff
-    g += koff
-    b += koff
+    q, k, g, b, rq, rk = key_head_inputs(q, k, g, b, rq, rk, i_h, K)
     dq += koff
     dk += koff
     db += koff
     dG += koff
     dg += koff
-    rq += i_h
-    rk += i_h
     dT += i_h * 64
     dAqk += i_h * 64
     r64 = tl.arange(0, 64)

@@ -172,6 +172,20 @@ def diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, scale, SK, H, K
     return Tx, Qx
 
 
+@triton.jit
+def sub_chunk_span(chunk_indices, cu_seqlens, i_s):
+    """Program index i_s over 4 x chunks (one 16-row sub-chunk each) -> (r0, the sub-chunk's first row within its
+    chunk; i_t, bos, eos as chunk_span)."""
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_s // 4)
+    return (i_s % 4) * 16, i_t, bos, eos
+
+
+@triton.jit
+def key_head_inputs(q, k, g, b, rq, rk, i_h, K: tl.constexpr):
+    """q, k, g, b ([TT, H, K]) and the inverse norms rq, rk ([TT, H]) moved to key head i_h."""
+    return q + i_h * K, k + i_h * K, g + i_h * K, b + i_h * K, rq + i_h, rk + i_h
+
+
 @tuned(INTRA_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=INTRA_INTERPRET, dtype_arg="q")
 @triton.jit
 def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
@@ -181,17 +195,10 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
     sub-chunks with the boundary reference (G at row r0 - 1), the diagonal block with the midpoint reference on the
     midpoint channels, both as tensor-core products. gdn2_fwd_kernel_exact_diag adds the other channels."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
-    i_c = i_s // 4
-    r0 = (i_s % 4) * 16
-    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
+    r0, i_t, bos, eos = sub_chunk_span(chunk_indices, cu_seqlens, i_s)
     SK = H * K
     S64 = H * 64
-    q += i_h * K
-    k += i_h * K
-    g += i_h * K
-    b += i_h * K
-    rq += i_h
-    rk += i_h
+    q, k, g, b, rq, rk = key_head_inputs(q, k, g, b, rq, rk, i_h, K)
     A += i_h * 64
     Aqk += i_h * 64
     c64 = tl.arange(0, 64)
@@ -239,17 +246,10 @@ def gdn2_fwd_kernel_exact_diag(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_ind
     outside [MIDPOINT_G_MIN, 0] in the sub-chunk), row by row with exact exponentials. A sub-chunk without such a
     channel only reads its g."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
-    i_c = i_s // 4
-    r0 = (i_s % 4) * 16
-    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
+    r0, i_t, bos, eos = sub_chunk_span(chunk_indices, cu_seqlens, i_s)
     SK = H * K
     S64 = H * 64
-    q += i_h * K
-    k += i_h * K
-    g += i_h * K
-    b += i_h * K
-    rq += i_h
-    rk += i_h
+    q, k, g, b, rq, rk = key_head_inputs(q, k, g, b, rq, rk, i_h, K)
     r16 = tl.arange(0, 16)
     t0 = bos + i_t * 64 + r0
     ti = t0 + r16
