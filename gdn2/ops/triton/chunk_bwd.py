@@ -423,13 +423,9 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
         qs = qs * load_scale(rq, t, eos, H)[:, None]
     bt = load_rows(b, t, eos, SK, cols, K)
     bk = bt * kt
-    ce0 = row_of(G, r64, 15)
-    ce1 = row_of(G, r64, 31)
-    ce2 = row_of(G, r64, 47)
-    ce3 = row_of(G, r64, 63)
-    zero = tl.zeros([BKS], dtype=tl.float32)
-    CB = by_subchunk(zero, ce0, ce1, ce2, sub)
-    CE = by_subchunk(ce0, ce1, ce2, ce3, sub)
+    ce = (row_of(G, r64, 15), row_of(G, r64, 31), row_of(G, r64, 47), row_of(G, r64, 63))   # G at each sub-chunk's end
+    CB = by_subchunk(tl.zeros([BKS], dtype=tl.float32), ce[0], ce[1], ce[2], sub)
+    CE = by_subchunk(ce[0], ce[1], ce[2], ce[3], sub)
     M = (CB + CE) * 0.5
     # the forward's choice of midpoint channels per sub-chunk (rows of the other sub-chunks read as g = 0, which
     # changes neither of its two tests: bit-identical)
@@ -448,8 +444,7 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
     acc_T = tl.zeros([64, BKS], dtype=tl.float32)
     acc_Q = tl.zeros([64, BKS], dtype=tl.float32)
     for i in tl.static_range(1, 4):
-        cb = row_of(G, r64, 16 * i - 1)
-        W = kt * tl.exp(tl.where(rows < i, cb[None, :] - G, float("-inf")))          # columns before sub-chunk i
+        W = kt * tl.exp(tl.where(rows < i, ce[i - 1][None, :] - G, float("-inf")))          # columns before sub-chunk i
         acc_T += tl.dot(tl.where(rows == i, dTm, 0.), W, input_precision=PREC)
         acc_Q += tl.dot(tl.where(rows == i, dQm, 0.), W, input_precision=PREC)
     lo = tl.exp(G - CB)
@@ -465,8 +460,7 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_se
     dQt = _square64(dAqk, t, eos, S64, True)
     acc_K = tl.zeros([64, BKS], dtype=tl.float32)
     for j in tl.static_range(0, 3):
-        ce = row_of(G, r64, 16 * j + 15)
-        R = tl.exp(tl.where(rows > j, G - ce[None, :], float("-inf")))                 # rows after sub-chunk j
+        R = tl.exp(tl.where(rows > j, G - ce[j][None, :], float("-inf")))                 # rows after sub-chunk j
         acc_K += tl.dot(tl.where(rows == j, dTt, 0.), bk * R, input_precision=PREC)
         acc_K += tl.dot(tl.where(rows == j, dQt, 0.), qs * R, input_precision=PREC)
     d_k = acc_K * tl.exp(CE - G)
