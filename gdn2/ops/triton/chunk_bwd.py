@@ -321,7 +321,7 @@ def _finish_sub(dq, dk, db, dG, t, eos, cols, SK, K: tl.constexpr, d_bk, d_qs, d
 
 @triton.jit
 def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
-    tl.store(ptr + t[:, None] * stride_t + cols[None, :], x, mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
+    tl.store(ptr + t[:, None] * stride_t + cols[None, :], x.to(ptr.dtype.element_ty), mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
 
 
 @tuned(EXACT_BWD_CONFIGS, key=["K", "USE_L2"], interpret_config=EXACT_BWD_INTERPRET, dtype_arg="q",
@@ -363,116 +363,98 @@ def row_of(X, r64, row):
 
 
 @triton.jit
-def by_subchunk(x0, x1, x2, x3, sub):
-    """[64, BK] tile whose rows of sub-chunk i (sub = row // 16) hold the [BK] vector x_i."""
-    s = sub[:, None]
-    return tl.where(s == 0, x0[None, :], tl.where(s == 1, x1[None, :], tl.where(s == 2, x2[None, :], x3[None, :])))
+def _cols16(ptr, t, eos, stride_t, c0):
+    """[64, 16]: columns c0 .. c0 + 15 of a per-chunk [64, 64] fp32 matrix (rows t, 0 past eos)."""
+    c16 = tl.arange(0, 16)
+    return tl.load(ptr + t[:, None] * stride_t + c0 + c16[None, :], mask=(t < eos)[:, None], other=0.)
 
 
 @triton.jit
-def _square64(ptr, t, eos, stride_t, TRANS: tl.constexpr):
-    """[64, 64] fp32 per-chunk matrix M (rows t, 0 past eos), or its transpose (out[s, r] = M[t_r, s])."""
+def _rows16_t(ptr, t16, eos, stride_t):
+    """[64, 16]: the rows t16 (16 of them, 0 past eos) of a per-chunk [64, 64] fp32 matrix, transposed."""
     c64 = tl.arange(0, 64)
-    if TRANS:
-        return tl.load(ptr + t[None, :] * stride_t + c64[:, None], mask=(t < eos)[None, :], other=0.)
-    return tl.load(ptr + t[:, None] * stride_t + c64[None, :], mask=(t < eos)[:, None], other=0.)
+    return tl.load(ptr + t16[None, :] * stride_t + c64[:, None], mask=(t16 < eos)[None, :], other=0.)
 
 
-# dq, dk, db are updated in place: the autotuner must restore them between timed configs (the first version did not;
-# with two configs its first autotuned call per shape accumulated the pairwise part more than once).
-@tuned(DQKG_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=DQKG_INTERPRET, dtype_arg="q",
-       restore_value=("dq", "dk", "db"))
+# The partials dq, dk, db, dG are read only and the totals go to separate outputs, so no autotuned config sees
+# another's result (the first version updated dq, dk, db in place without restoring them: its first autotuned call
+# per shape accumulated the pairwise part more than once).
+@tuned(DQKG_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=DQKG_INTERPRET, dtype_arg="q")
 @triton.jit
-def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu_seqlens, chunk_indices, scale,
+def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, dk_out, db_out, dg, cu_seqlens,
+                         chunk_indices, scale,
                          H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr,
                          PREC: tl.constexpr):
-    """The backward of T and Aqk for BKS key channels of one chunk, all 64 rows at once: every product is
-    [64, 64] x [64, BKS] (M = 64: no warp computes a copy of another's rows). With X = b k (T) or scale q (Aqk),
-    cb_i / ce_i = G before / at the end of sub-chunk i and m_i their midpoint:
-      dX_r  = e^(G_r - cb_i) sum_{s before sub-chunk i} dM_rs k_s e^(cb_i - G_s)        (row r in sub-chunk i)
-            + e^(G_r - m_i)  sum_{s in sub-chunk i}     dM_rs k_s e^(m_i - G_s)          (midpoint channels)
-      dk_s  = e^(ce_j - G_s) sum_{r after sub-chunk j}  dM_rs X_r e^(G_r - ce_j)        (column s in sub-chunk j)
-            + e^(m_j - G_s)  sum_{r in sub-chunk j}     dM_rs X_r e^(G_r - m_j)          (midpoint channels)
-    every factor <= 1 off the diagonal blocks and <= e^40 on them (chunk_fwd.py); one product per sub-chunk and side,
-    dM's rows masked to the sub-chunk (the diagonal blocks: dM masked to them). gdn2_bwd_kernel_exact_diag added the
-    other channels' diagonal blocks to the partials. dq, dk, db are updated in place (elementwise partials in, totals
-    out); dG partials in, dg (the reverse cumsum over the chunk) out."""
+    """The backward of T and Aqk for BKS key channels of one chunk (all 64 rows). With X = b k (for T) or scale q
+    (for Aqk), dM = dT or dAqk, and for sub-chunk j: cb_j / ce_j = G before it / at its last row, m_j their midpoint,
+      dX_r = sum_j e^(G_r - ce_j) sum_{s in j} dM_rs k_s e^(ce_j - G_s)          (rows r after sub-chunk j)
+      dk_s = sum_j e^(cb_j - G_s) sum_{r in j} dM_rs X_r e^(G_r - cb_j)          (columns s before sub-chunk j)
+    every factor <= 1. So per sub-chunk j and side one product with K = 16: [64, 16] x [16, BKS], the columns of dM
+    in j times k e^(ce_j - G) of its rows (row side), the rows of dM in j (transposed) times X e^(G - cb_j) (column
+    side). The same product holds the diagonal block (r, s both in j; dM is 0 above its diagonal): its rows are
+    scaled through the midpoint instead, e^(G_r - ce_j) = e^(G_r - m_j) e^(m_j - ce_j) (and e^(cb_j - G_s) =
+    e^(cb_j - m_j) e^(m_j - G_s)), each factor <= e^40 on the midpoint channels (chunk_fwd.py) and applied one at a
+    time, so no intermediate leaves that range; the other channels' diagonal blocks are 0 here and come from
+    gdn2_bwd_kernel_exact_diag, which added them to the partials. The partials dq, dk, db, dG (fp32) in; the
+    totals dq_out, dk_out, db_out and dg (the reverse cumsum of dG over the chunk) out, in their own dtypes."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
     S64 = H * 64
     koff = i_h * K
     q, k, g, b, rq, rk = key_head_inputs(q, k, g, b, rq, rk, i_h, K)
-    dq += koff
-    dk += koff
-    db += koff
-    dG += koff
-    dg += koff
     dT += i_h * 64
     dAqk += i_h * 64
     r64 = tl.arange(0, 64)
-    sub = r64 // 16
+    r16 = tl.arange(0, 16)
+    rows = (r64 // 16)[:, None]                       # sub-chunk of each row
     t = bos + i_t * 64 + r64
     cols = i_k * BKS + tl.arange(0, BKS)
-    gt = load_rows(g, t, eos, SK, cols, K)
-    G = tl.cumsum(gt, 0)
+    G = tl.cumsum(load_rows(g, t, eos, SK, cols, K), 0)
+    d_bk = tl.zeros([64, BKS], dtype=tl.float32)      # d(b k), d(scale q), dk of the pairwise products
+    d_qs = tl.zeros([64, BKS], dtype=tl.float32)
+    d_k = tl.zeros([64, BKS], dtype=tl.float32)
+    cb = tl.zeros([BKS], dtype=tl.float32)
+    for j in range(4):
+        ce = row_of(G, r64, 16 * j + 15)
+        tj = bos + i_t * 64 + 16 * j + r16
+        Gj, _, qs_j, k_j, bk_j, g_j = _load_sub(q, k, g, b, rq, rk, tj, eos, cb, cols, scale, SK, H, K, USE_L2)
+        on = midpoint_channels(g_j)[None, :]
+        m = ((cb + ce) * 0.5)[None, :]
+        diag = (rows == j) & on
+        # row side: the columns of sub-chunk j
+        kR = k_j * tl.exp(ce[None, :] - Gj)
+        PT = tl.dot(_cols16(dT, t, eos, S64, 16 * j), kR, input_precision=PREC)
+        PQ = tl.dot(_cols16(dAqk, t, eos, S64, 16 * j), kR, input_precision=PREC)
+        up = tl.where(rows == j, tl.exp(tl.where(on, m - ce[None, :], float("-inf"))), 1.)
+        E = tl.exp(tl.where(rows > j, G - ce[None, :], tl.where(diag, G - m, float("-inf"))))
+        d_bk += E * (PT * up)
+        d_qs += E * (PQ * up)
+        # column side: the rows of sub-chunk j
+        lo = tl.exp(Gj - cb[None, :])
+        C = tl.dot(_rows16_t(dT, tj, eos, S64), bk_j * lo, input_precision=PREC)
+        C += tl.dot(_rows16_t(dAqk, tj, eos, S64), qs_j * lo, input_precision=PREC)
+        down = tl.where(rows == j, tl.exp(tl.where(on, cb[None, :] - m, float("-inf"))), 1.)
+        E = tl.exp(tl.where(rows < j, cb[None, :] - G, tl.where(diag, m - G, float("-inf"))))
+        d_k += E * (C * down)
+        cb = ce
     kt = load_rows(k, t, eos, SK, cols, K)
     qs = load_rows(q, t, eos, SK, cols, K) * scale
     if USE_L2:
         kt = kt * load_scale(rk, t, eos, H)[:, None]
         qs = qs * load_scale(rq, t, eos, H)[:, None]
     bt = load_rows(b, t, eos, SK, cols, K)
-    bk = bt * kt
-    ce = (row_of(G, r64, 15), row_of(G, r64, 31), row_of(G, r64, 47), row_of(G, r64, 63))   # G at each sub-chunk's end
-    CB = by_subchunk(tl.zeros([BKS], dtype=tl.float32), ce[0], ce[1], ce[2], sub)
-    CE = by_subchunk(ce[0], ce[1], ce[2], ce[3], sub)
-    M = (CB + CE) * 0.5
-    # the forward's choice of midpoint channels per sub-chunk (rows of the other sub-chunks read as g = 0, which
-    # changes neither of its two tests: bit-identical)
-    on = by_subchunk(midpoint_channels(tl.where((sub == 0)[:, None], gt, 0.)),
-                     midpoint_channels(tl.where((sub == 1)[:, None], gt, 0.)),
-                     midpoint_channels(tl.where((sub == 2)[:, None], gt, 0.)),
-                     midpoint_channels(tl.where((sub == 3)[:, None], gt, 0.)), sub) != 0
-    L = tl.exp(tl.where(on, G - M, float("-inf")))                   # diagonal blocks, row side (<= e^40)
-    Rm = tl.exp(tl.where(on, M - G, float("-inf")))                  # diagonal blocks, column side
-    Kd = kt * Rm
-    same = sub[:, None] == sub[None, :]
-    rows = sub[:, None]
-    # row side: dX = dM K-products; off-diagonal with the reference before the row's sub-chunk
-    dTm = _square64(dT, t, eos, S64, False)
-    dQm = _square64(dAqk, t, eos, S64, False)
-    acc_T = tl.zeros([64, BKS], dtype=tl.float32)
-    acc_Q = tl.zeros([64, BKS], dtype=tl.float32)
-    for i in tl.static_range(1, 4):
-        W = kt * tl.exp(tl.where(rows < i, ce[i - 1][None, :] - G, float("-inf")))          # columns before sub-chunk i
-        acc_T += tl.dot(tl.where(rows == i, dTm, 0.), W, input_precision=PREC)
-        acc_Q += tl.dot(tl.where(rows == i, dQm, 0.), W, input_precision=PREC)
-    lo = tl.exp(G - CB)
-    d_bk = acc_T * lo + tl.dot(tl.where(same, dTm, 0.), Kd, input_precision=PREC) * L
-    d_qs = acc_Q * lo + tl.dot(tl.where(same, dQm, 0.), Kd, input_precision=PREC) * L
-    # dq and db are final here; dk and dG keep their row-side share until the column side is added
-    _store_rows(dq, load_rows(dq, t, eos, SK, cols, K) + d_qs * scale, t, eos, SK, cols, K)
-    _store_rows(db, load_rows(db, t, eos, SK, cols, K) + d_bk * kt, t, eos, SK, cols, K)
-    pk = load_rows(dk, t, eos, SK, cols, K) + d_bk * bt
-    pG = load_rows(dG, t, eos, SK, cols, K) + bk * d_bk + qs * d_qs
-    # column side: dk = dM^T X-products; off-diagonal with the reference at the end of the column's sub-chunk
-    dTt = _square64(dT, t, eos, S64, True)
-    dQt = _square64(dAqk, t, eos, S64, True)
-    acc_K = tl.zeros([64, BKS], dtype=tl.float32)
-    for j in tl.static_range(0, 3):
-        R = tl.exp(tl.where(rows > j, G - ce[j][None, :], float("-inf")))                 # rows after sub-chunk j
-        acc_K += tl.dot(tl.where(rows == j, dTt, 0.), bk * R, input_precision=PREC)
-        acc_K += tl.dot(tl.where(rows == j, dQt, 0.), qs * R, input_precision=PREC)
-    d_k = acc_K * tl.exp(CE - G)
-    d_k += (tl.dot(tl.where(same, dTt, 0.), bk * L, input_precision=PREC)
-            + tl.dot(tl.where(same, dQt, 0.), qs * L, input_precision=PREC)) * Rm
-    _store_rows(dk, pk + d_k, t, eos, SK, cols, K)
-    _store_rows(dg, tl.cumsum(pG - kt * d_k, 0, reverse=True), t, eos, SK, cols, K)
+    _store_rows(dq_out + koff, load_rows(dq + koff, t, eos, SK, cols, K) + d_qs * scale, t, eos, SK, cols, K)
+    _store_rows(db_out + koff, load_rows(db + koff, t, eos, SK, cols, K) + d_bk * kt, t, eos, SK, cols, K)
+    _store_rows(dk_out + koff, load_rows(dk + koff, t, eos, SK, cols, K) + d_bk * bt + d_k, t, eos, SK, cols, K)
+    pG = load_rows(dG + koff, t, eos, SK, cols, K) + bt * kt * d_bk + qs * d_qs - kt * d_k
+    _store_rows(dg + koff, tl.cumsum(pG, 0, reverse=True), t, eos, SK, cols, K)
 
 
 def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, use_l2):
-    """saved: the intermediates of chunk_fwd.chunk_forward. Returns dq, dk, db, dg ([TT, H, K] fp32, before the
-    L2-norm VJP), dv, dw ([TT, Hv, V]), dh0 or None."""
+    """saved: the intermediates of chunk_fwd.chunk_forward. Returns dq, dk, db, dg ([TT, H, K]; dq, dk before the
+    L2-norm VJP: fp32 with use_l2, else in q's / k's dtype; db, dg in b's / g's dtype), dv, dw ([TT, Hv, V]), dh0
+    or None."""
     cu, chunk_indices, chunk_offsets, n_chunks = layout
     n_seqs = cu.numel() - 1
     TT, H, K = q.shape
@@ -495,7 +477,7 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
                                  HAS_DHT=dht is not None,
                                  STORE_DH0=h0 is not None, PREC=SERIAL_PRECISION)
     del dRl
-    dq, dk, db, dG, dg = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(5))
+    dq, dk, db, dG = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(4))
     dAE = torch.empty(NK, TT, H, CHUNK, device=dev, dtype=torch.float32)
     gdn2_bwd_kernel_dqk[(n_chunks, H, NK)](q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, dG, dAE, cu,
                                            chunk_indices, scale, TT, H=H, HV=HV, K=K, V=V, BK=BK, USE_L2=use_l2,
@@ -511,7 +493,12 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     grid = lambda meta: (4 * n_chunks, H, triton.cdiv(K, meta["BKD"]))
     gdn2_bwd_kernel_exact_diag[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, cu, chunk_indices, scale,
                                      H=H, K=K, USE_L2=use_l2)
+    # the totals in the inputs' dtypes (no casts after the kernel); q and k stay fp32 for the L2-norm VJP
+    dq_out = torch.empty(TT, H, K, device=dev, dtype=torch.float32 if use_l2 else q.dtype)
+    dk_out = torch.empty(TT, H, K, device=dev, dtype=torch.float32 if use_l2 else k.dtype)
+    db_out = torch.empty_like(b)
+    dg_out = torch.empty_like(g)
     grid = lambda meta: (n_chunks, H, triton.cdiv(K, meta["BKS"]))
-    gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dg, cu, chunk_indices, scale,
-                               H=H, K=K, USE_L2=use_l2, PREC=prec)
-    return dq, dk, db, dg, dv, dw, dh0
+    gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, dk_out, db_out, dg_out, cu,
+                               chunk_indices, scale, H=H, K=K, USE_L2=use_l2, PREC=prec)
+    return dq_out, dk_out, db_out, dg_out, dv, dw, dh0

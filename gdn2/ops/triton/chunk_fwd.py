@@ -54,11 +54,12 @@ from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_
                                    unit_lower_inverse16)
 
 # Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
+# Every product is [16, BK] x [BK, 16], and Triton lays the warps of an M = 16 product along M (warpsPerCTA [w, 1]
+# in the sm_90 build), so at w > 1 each warp computes the whole block: one warp is expected to win; the others are
+# measured. sm_90 build (bf16, K = 128), registers / spill bytes: (16, 1) 225/0, (32, 2) 251/0, (32, 4) 208/0,
+# (16, 2) 196/0, (64, 4) 255/40; fp32 up to 255/236.
 INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1)
-                 for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2), (128, 8), (16, 1))]   # (128, 4): fp32 spills 11 KB
-# A [16, BK] x [BK, 64] product puts every warp on the same 16 rows (Triton lays the warps along M: warpsPerCTA
-# [w, 1] in the sm_90 build), so at w > 1 each warp computes the whole product; the one-warp entry has no copies and
-# is the autotuner's pick on the H200 (1.28 ms at B=8, T=4096; 1.49 ms for BK=32, w2, its pick before, 2026-11-27).
+                 for bk, w in ((16, 1), (32, 2), (32, 4), (16, 2), (64, 4))]
 INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 # Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
 SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: passes, never picked
@@ -186,14 +187,44 @@ def key_head_inputs(q, k, g, b, rq, rk, i_h, K: tl.constexpr):
     return q + i_h * K, k + i_h * K, g + i_h * K, b + i_h * K, rq + i_h, rk + i_h
 
 
+@triton.jit
+def _earlier_block(k, g, rk, t_j, eos, cols, x_T, x_Q, mid, acc_T, acc_Q, SK, H, K: tl.constexpr,
+                   USE_L2: tl.constexpr, PREC: tl.constexpr):
+    """Block (i, j) of T and Aqk for an earlier sub-chunk j (rows t_j), one K slice: x_T, x_Q are the row
+    sub-chunk's b k and scale q times e^(lc) (lc: its in-sub-chunk cumsum), mid the sum of g over the sub-chunks
+    between j and i. Returns the updated accumulators and mid + the total of j."""
+    gj = load_rows(g, t_j, eos, SK, cols, K)
+    kj = load_rows(k, t_j, eos, SK, cols, K)
+    if USE_L2:
+        kj = kj * load_scale(rk, t_j, eos, H)[:, None]
+    tot = tl.sum(gj, 0)
+    right = tl.trans(kj * tl.exp(tot[None, :] - tl.cumsum(gj, 0)))           # k_s e^(ce_j - G_s) <= 1
+    f = tl.exp(mid)[None, :]                                                  # e^(cb_i - ce_j) <= 1
+    acc_T += tl.dot(x_T * f, right, input_precision=PREC)
+    acc_Q += tl.dot(x_Q * f, right, input_precision=PREC)
+    return acc_T, acc_Q, mid + tot
+
+
+@triton.jit
+def _store_block(ptr, x, t, eos, stride_t, c0, ok):
+    """Store a [16, 16] block at columns c0 .. c0 + 15 of rows t, if ok (a program-uniform condition)."""
+    c16 = tl.arange(0, 16)
+    tl.store(ptr + t[:, None] * stride_t + c0 + c16[None, :], x.to(ptr.dtype.element_ty),
+             mask=(t < eos)[:, None] & ok)
+
+
 @tuned(INTRA_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=INTRA_INTERPRET, dtype_arg="q")
 @triton.jit
 def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
                           H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
                           PREC: tl.constexpr):
-    """Rows r0 .. r0 + 15 (one sub-chunk) of T (into A) and of Aqk, over K in slices of BK: columns of the earlier
-    sub-chunks with the boundary reference (G at row r0 - 1), the diagonal block with the midpoint reference on the
-    midpoint channels, both as tensor-core products. gdn2_fwd_kernel_exact_diag adds the other channels."""
+    """Rows of sub-chunk i (r0 = 16 i) of T (into A) and of Aqk, over K in slices of BK, as [16, BK] x [BK, 16]
+    tensor-core products, one per block. Every exponent is local to a sub-chunk: with lc the inclusive cumsum of g
+    inside a sub-chunk and tot its total, for r in i and s in an earlier sub-chunk j
+        e^(G_r - G_s) = e^(lc_r) * e^(cb_i - ce_j) * e^(tot_j - lc_s)        (each factor <= 1)
+    where cb_i - ce_j = -(sum of g over the sub-chunks between j and i). The diagonal block takes the midpoint,
+    e^(lc_r - tot_i / 2) e^(tot_i / 2 - lc_s), on the midpoint channels; gdn2_fwd_kernel_exact_diag adds the
+    others. Columns after the sub-chunk are stored as 0."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
     r0, i_t, bos, eos = sub_chunk_span(chunk_indices, cu_seqlens, i_s)
     SK = H * K
@@ -201,40 +232,48 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
     q, k, g, b, rq, rk = key_head_inputs(q, k, g, b, rq, rk, i_h, K)
     A += i_h * 64
     Aqk += i_h * 64
-    c64 = tl.arange(0, 64)
     r16 = tl.arange(0, 16)
-    t64 = bos + i_t * 64 + c64
-    ti = bos + i_t * 64 + r0 + r16
-    prev_end = tl.minimum(eos, bos + i_t * 64 + r0)          # rows of the earlier sub-chunks: t64 < prev_end
-    T_off = tl.zeros([16, 64], dtype=tl.float32)
-    Q_off = tl.zeros([16, 64], dtype=tl.float32)
+    t_c = bos + i_t * 64 + r16                               # the chunk's first sub-chunk; t_c + 16 j is sub-chunk j
+    ti = t_c + r0
+    T1 = tl.zeros([16, 16], dtype=tl.float32)               # blocks (i, i-1), (i, i-2), (i, i-3)
+    Q1 = tl.zeros([16, 16], dtype=tl.float32)
+    T2 = tl.zeros([16, 16], dtype=tl.float32)
+    Q2 = tl.zeros([16, 16], dtype=tl.float32)
+    T3 = tl.zeros([16, 16], dtype=tl.float32)
+    Q3 = tl.zeros([16, 16], dtype=tl.float32)
     T_d = tl.zeros([16, 16], dtype=tl.float32)
     Q_d = tl.zeros([16, 16], dtype=tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        g_prev = load_rows(g, t64, prev_end, SK, cols, K)
-        carry = tl.sum(g_prev, 0)                              # G at row r0 - 1
-        G_i, c_end, qs_i, k_i, bk_i, gb = _load_sub(q, k, g, b, rq, rk, ti, eos, carry, cols, scale, SK, H, K,
-                                                    USE_L2)
-        if r0 > 0:
-            k_prev = load_rows(k, t64, prev_end, SK, cols, K)
-            if USE_L2:
-                k_prev = k_prev * load_scale(rk, t64, prev_end, H)[:, None]
-            right = k_prev * tl.exp(carry[None, :] - tl.cumsum(g_prev, 0))      # <= 1 (1 past row r0 - 1, k = 0)
-            lo = tl.exp(G_i - carry[None, :])                                   # <= 1
-            T_off += tl.dot(bk_i * lo, tl.trans(right), input_precision=PREC)
-            Q_off += tl.dot(qs_i * lo, tl.trans(right), input_precision=PREC)
-        left, rm = midpoint_factors(G_i, carry, c_end, midpoint_channels(gb))
-        kr = k_i * rm
-        T_d += tl.dot(bk_i * left, tl.trans(kr), input_precision=PREC)
-        Q_d += tl.dot(qs_i * left, tl.trans(kr), input_precision=PREC)
-    rows = (ti < eos)[:, None]
-    outside = ((c64 < r0) | (c64 >= r0 + 16))[None, :]
-    tl.store(A + ti[:, None] * S64 + c64[None, :], T_off, mask=rows & outside)
-    tl.store(A + ti[:, None] * S64 + r0 + r16[None, :], tl.where(r16[:, None] > r16[None, :], T_d, 0.), mask=rows)
-    tl.store(Aqk + ti[:, None] * S64 + c64[None, :], Q_off.to(Aqk.dtype.element_ty), mask=rows & outside)
-    tl.store(Aqk + ti[:, None] * S64 + r0 + r16[None, :],
-             tl.where(r16[:, None] >= r16[None, :], Q_d, 0.).to(Aqk.dtype.element_ty), mask=rows)
+        lc, tot, qs_i, k_i, bk_i, gb = _load_sub(q, k, g, b, rq, rk, ti, eos, tl.zeros([BK], dtype=tl.float32),
+                                                 cols, scale, SK, H, K, USE_L2)
+        lo = tl.exp(lc)                                      # e^(G_r - cb_i) <= 1
+        x_T = bk_i * lo
+        x_Q = qs_i * lo
+        mid = tl.zeros([BK], dtype=tl.float32)
+        if r0 >= 16:
+            T1, Q1, mid = _earlier_block(k, g, rk, ti - 16, eos, cols, x_T, x_Q, mid, T1, Q1, SK, H, K, USE_L2, PREC)
+        if r0 >= 32:
+            T2, Q2, mid = _earlier_block(k, g, rk, ti - 32, eos, cols, x_T, x_Q, mid, T2, Q2, SK, H, K, USE_L2, PREC)
+        if r0 >= 48:
+            T3, Q3, mid = _earlier_block(k, g, rk, ti - 48, eos, cols, x_T, x_Q, mid, T3, Q3, SK, H, K, USE_L2, PREC)
+        left, rm = midpoint_factors(lc, tl.zeros([BK], dtype=tl.float32), tot, midpoint_channels(gb))
+        kr = tl.trans(k_i * rm)
+        T_d += tl.dot(bk_i * left, kr, input_precision=PREC)
+        Q_d += tl.dot(qs_i * left, kr, input_precision=PREC)
+    _store_block(A, T1, ti, eos, S64, r0 - 16, r0 >= 16)
+    _store_block(Aqk, Q1, ti, eos, S64, r0 - 16, r0 >= 16)
+    _store_block(A, T2, ti, eos, S64, r0 - 32, r0 >= 32)
+    _store_block(Aqk, Q2, ti, eos, S64, r0 - 32, r0 >= 32)
+    _store_block(A, T3, ti, eos, S64, r0 - 48, r0 >= 48)
+    _store_block(Aqk, Q3, ti, eos, S64, r0 - 48, r0 >= 48)
+    _store_block(A, tl.where(r16[:, None] > r16[None, :], T_d, 0.), ti, eos, S64, r0, True)
+    _store_block(Aqk, tl.where(r16[:, None] >= r16[None, :], Q_d, 0.), ti, eos, S64, r0, True)
+    c64 = tl.arange(0, 64)
+    after = (ti < eos)[:, None] & (c64 >= r0 + 16)[None, :]
+    zero = tl.zeros([16, 64], dtype=tl.float32)
+    tl.store(A + ti[:, None] * S64 + c64[None, :], zero, mask=after)
+    tl.store(Aqk + ti[:, None] * S64 + c64[None, :], zero.to(Aqk.dtype.element_ty), mask=after)
 
 
 @tuned(EXACT_CONFIGS, key=["K", "USE_L2"], interpret_config=EXACT_INTERPRET, dtype_arg="q",
