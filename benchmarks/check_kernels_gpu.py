@@ -33,7 +33,7 @@ from gdn2.ops.chunk_torch import torch_chunk_gdn2  # noqa: E402
 from gdn2.ops.recurrent import torch_recurrent_step_gdn2  # noqa: E402
 from gdn2.ops.triton import recurrent, triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
 from gdn2.ops.triton.chunk import CHUNK_KERNELS  # noqa: E402
-from gdn2.ops.triton.utils import pin_config  # noqa: E402
+from gdn2.ops.triton.utils import config_name, pin_config  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
 
@@ -53,10 +53,6 @@ if SMOKE:                                          # tiny stand-ins with the sam
     EXTRA = [dict(EXTRA[0], name="smoke_varlen_K256", T=90, H=1, HV=2, K=256, V=16, cu=[0, 7, 90]),
              dict(EXTRA[1], name="smoke_V256", T=70, K=16, V=256),
              dict(EXTRA[2], name="smoke_strong_decay", T=80, H=1, HV=1, K=32, V=16)]
-
-
-def cfg_name(c):
-    return ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
 
 
 @contextlib.contextmanager
@@ -238,18 +234,18 @@ def main():
     for kname, kern in KERNELS.items():
         for cfg in (list(kern._all_configs) if only is None or kname in only else []):
             if time.time() - start > args.budget_s:
-                record(kname, cfg_name(cfg), "NOT RUN (time budget)")
+                record(kname, config_name(cfg), "NOT RUN (time budget)")
                 continue
             dtypes = [d for d in DT if kern.fits(cfg, d, MAIN["K"])]
             seed += 7
             t = time.time()
             try:
-                worst = check_case(MAIN, seed, f"{kname} {cfg_name(cfg)} {[str(d)[6:] for d in dtypes]}", rows,
+                worst = check_case(MAIN, seed, f"{kname} {config_name(cfg)} {[str(d)[6:] for d in dtypes]}", rows,
                                    dtypes, (kname, cfg))
                 status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'} ({time.time() - t:.0f}s)"
             except Exception as e:                                             # a config that fails to compile/run
                 status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
-            record(kname, cfg_name(cfg), status, dtypes)
+            record(kname, config_name(cfg), status, dtypes)
     extra_runs = [(case, None) for case in EXTRA] if only is None or args.extras else []
     K256 = EXTRA[0]
     extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None for cfg in KERNELS[kname]._all_configs[1:]
@@ -257,7 +253,7 @@ def main():
     for case, under_test in extra_runs:
         seed += 7
         label = "all(first)" if under_test is None else under_test[0]
-        name = case["name"] if under_test is None else f"{case['name']} {cfg_name(under_test[1])}"
+        name = case["name"] if under_test is None else f"{case['name']} {config_name(under_test[1])}"
         if time.time() - start > args.budget_s:
             record(label, name, "NOT RUN (time budget)")
             continue

@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from gdn2.ops.triton.chunk import CHUNK_KERNELS  # noqa: E402
 from gdn2.ops.triton.chunk_fwd import block_sizes  # noqa: E402
-from gdn2.ops.triton.utils import SERIAL_PRECISION, dot_precision, solve_precision  # noqa: E402
+from gdn2.ops.triton.utils import SERIAL_PRECISION, config_name, dot_precision, solve_precision  # noqa: E402
 
 SMEM_LIMIT = 232_448
 TARGET = GPUTarget("cuda", 90, 32)
@@ -91,10 +91,6 @@ def ptxas_report(ptx: str) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
 
 
-def cfg_name(c):
-    return ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", default=",".join(KERNELS))
@@ -116,7 +112,8 @@ def main():
                     t = time.time()
                     try:
                         k = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
-                                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                                                         **({"maxnreg": config.maxnreg} if config.maxnreg else {})))
                         smem = k.metadata.shared
                         regs, spill = ptxas_report(k.asm["ptx"])
                         err = ""
@@ -126,7 +123,7 @@ def main():
                     fits = launcher.fits(config, dtype, K, *([True] if kname.endswith("_fused") else []))
                     flag = ("" if ok == fits else "  <-- fits() ADMITS A CONFIG THAT CANNOT LAUNCH" if fits
                             else "  (fits() conservative: excluded, would launch)")
-                    row = dict(kernel=kname, config=cfg_name(config), dtype=str(dtype)[6:], K=K, smem=smem,
+                    row = dict(kernel=kname, config=config_name(config), dtype=str(dtype)[6:], K=K, smem=smem,
                                regs=regs, spill=spill, launch_ok=ok, fits=fits, compile_s=round(time.time() - t, 1),
                                error=err)
                     rows.append(row)

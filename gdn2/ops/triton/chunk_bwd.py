@@ -94,8 +94,9 @@ DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
 # sm_90 build, bf16 (fp32), K = 128: registers / spill bytes 255/1128 (255/3844) at (32, 4), 255/232 (255/1256) at
 # (16, 4), 255/988 at (64, 8), 255/96 (255/308) at (32, 8), 223/0 (255/40) at (16, 8).
-DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1)
-                for bks, w in ((32, 8), (16, 8), (32, 4), (16, 4), (64, 8))]
+DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1, maxnreg=reg)
+                for bks, w, reg in ((32, 8, None), (16, 8, None), (32, 4, None), (16, 4, None), (64, 8, None),
+                                    (32, 8, 128), (16, 4, 128), (32, 4, 168))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 # exact_diag: BKD channels per program (per-channel outputs); one or two warps keep the reductions over the 16 rows
 # inside a warp (the full-K form of this kernel at 2 warps took 5.1 ms at B=8, T=4096 on the H100: cross-warp).
@@ -194,7 +195,8 @@ def gdn2_bwd_kernel_dstate(Y, Qg, Kt, gC, dRl, do, dht, dh0, dhs, dR, cu_seqlens
 def gdn2_bwd_kernel_dqk(q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, dG, dAE, cu_seqlens, chunk_indices,
                         scale, TT, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr):
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # the K blocks of a chunk are neighbours in the launch order, so they read its dO, dR, R tiles from L2
+    i_c, i_k, i_h = tl.program_id(0) // tl.cdiv(K, BK), tl.program_id(0) % tl.cdiv(K, BK), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     t0 = bos + i_t * 64
     last = tl.minimum(eos - t0, 64) - 1
@@ -397,7 +399,8 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
     time, so no intermediate leaves that range; the other channels' diagonal blocks are 0 here and come from
     gdn2_bwd_kernel_exact_diag, which added them to the partials. The partials dq, dk, db, dG (fp32) in; the
     totals dq_out, dk_out, db_out and dg (the reverse cumsum of dG over the chunk) out, in their own dtypes."""
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # the K slices of a chunk are neighbours in the launch order, so they read its dT, dAqk from L2
+    i_c, i_k, i_h = tl.program_id(0) // tl.cdiv(K, BKS), tl.program_id(0) % tl.cdiv(K, BKS), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
     S64 = H * 64
@@ -479,7 +482,7 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     del dRl
     dq, dk, db, dG = (torch.empty(TT, H, K, device=dev, dtype=torch.float32) for _ in range(4))
     dAE = torch.empty(NK, TT, H, CHUNK, device=dev, dtype=torch.float32)
-    gdn2_bwd_kernel_dqk[(n_chunks, H, NK)](q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, dG, dAE, cu,
+    gdn2_bwd_kernel_dqk[(n_chunks * NK, H)](q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, dG, dAE, cu,
                                            chunk_indices, scale, TT, H=H, HV=HV, K=K, V=V, BK=BK, USE_L2=use_l2,
                                            PREC=prec)
     del dhs
@@ -498,7 +501,7 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     dk_out = torch.empty(TT, H, K, device=dev, dtype=torch.float32 if use_l2 else k.dtype)
     db_out = torch.empty_like(b)
     dg_out = torch.empty_like(g)
-    grid = lambda meta: (n_chunks, H, triton.cdiv(K, meta["BKS"]))
+    grid = lambda meta: (n_chunks * triton.cdiv(K, meta["BKS"]), H)
     gdn2_bwd_kernel_dqkg[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, dk_out, db_out, dg_out, cu,
                                chunk_indices, scale, H=H, K=K, USE_L2=use_l2, PREC=prec)
     return dq_out, dk_out, db_out, dg_out, dv, dw, dh0

@@ -58,8 +58,9 @@ from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_
 # in the sm_90 build), so at w > 1 each warp computes the whole block: one warp is expected to win; the others are
 # measured. sm_90 build (bf16, K = 128), registers / spill bytes: (16, 1) 225/0, (32, 2) 251/0, (32, 4) 208/0,
 # (16, 2) 196/0, (64, 4) 255/40; fp32 up to 255/236.
-INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1)
-                 for bk, w in ((16, 1), (32, 2), (32, 4), (16, 2), (64, 4))]
+INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1, maxnreg=reg)
+                 for bk, w, reg in ((16, 1, None), (32, 2, None), (32, 4, None), (16, 2, None), (64, 4, None),
+                                    (16, 1, 168), (16, 1, 128))]
 INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 # Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
 SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: passes, never picked

@@ -74,8 +74,9 @@ class FixedLaunch:
             config = next((c for c in self.configs if self.fits(c, dtype, named.get("K"), *extra)), self.configs[0])
             meta = dict(config.kwargs)
             resolved = grid({**kwargs, **meta}) if callable(grid) else grid
+            reg = {"maxnreg": config.maxnreg} if config.maxnreg else {}
             return self.fn[resolved](*args, **kwargs, **meta, num_warps=config.num_warps,
-                                     num_stages=config.num_stages)
+                                     num_stages=config.num_stages, **reg)
         return launch
 
 
@@ -107,6 +108,8 @@ def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton
             launcher = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
                                        restore_value=list(restore_value))(fn)
         launcher.fits = fits
+        launcher.dtype_arg = dtype_arg
+        launcher.fits_args = fits_args
         launcher.interpret_config = interpret_config
         return launcher
     return wrap
@@ -130,6 +133,13 @@ def solve_precision(dtype) -> str:
     fp32 accuracy on the tensor cores; the IEEE build of these products held [64, 64] FMA operand tiles in registers
     and spilled)."""
     return "ieee" if dtype == torch.float32 else "tf32x3"
+
+
+def config_name(config: triton.Config) -> str:
+    """'BK=16,w1,s1' (plus ',r128' for a register cap): how the check, the compile report and the timings name a
+    launch config."""
+    reg = f",r{config.maxnreg}" if config.maxnreg else ""
+    return ",".join(f"{k}={v}" for k, v in config.kwargs.items()) + f",w{config.num_warps},s{config.num_stages}{reg}"
 
 
 def pin_config(kernel, config: triton.Config | None):
