@@ -44,7 +44,7 @@ for _name, _kernel in CHUNK_KERNELS.items():
 FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG", "dg", "dAE", "dT", "dAqk",
                  "dbk", "dqs", "dkd",
                  "rq", "rk"}
-INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
+INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "n_exact"}
 SCALARS = {"scale": "fp32", "TT": "i32", "NSH_LOG2": "i32"}
 # kernels launched with SERIAL_PRECISION (tf32 for fp32 operands); the rest with dot_precision(dtype)
 SERIAL_KERNELS = {"fwd_wy", "fwd_state", "fwd_state_fused", "fwd_output", "bwd_dlocal", "bwd_dstate"}

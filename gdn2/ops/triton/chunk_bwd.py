@@ -92,11 +92,12 @@ DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
-# sm_90 build, bf16 (fp32), K = 128: registers / spill bytes 255/1128 (255/3844) at (32, 4), 255/232 (255/1256) at
-# (16, 4), 255/988 at (64, 8), 255/96 (255/308) at (32, 8), 223/0 (255/40) at (16, 8).
+# Measured on the H100 (B=8, T=4096, bf16, benchmarks/time_configs.py, 2026-11-27): (32, 4) 3.94 ms, (32, 4,
+# maxnreg 168) 3.90, (16, 4, maxnreg 128) 4.32, (32, 8, maxnreg 128) 4.50, (64, 8) 4.90; dropped: (16, 8) 5.91,
+# (16, 4) 6.24, (32, 8) 6.94. sm_90 build (bf16, K = 128), registers / spill bytes: 254/0, 168/476, 128/56,
+# 128/76, 255/0.
 DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1, maxnreg=reg)
-                for bks, w, reg in ((32, 8, None), (16, 8, None), (32, 4, None), (16, 4, None), (64, 8, None),
-                                    (32, 8, 128), (16, 4, 128), (32, 4, 168))]
+                for bks, w, reg in ((32, 4, None), (32, 4, 168), (16, 4, 128), (32, 8, 128), (64, 8, None))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 # exact_diag: BKD channels per program (per-channel outputs); one or two warps keep the reductions over the 16 rows
 # inside a warp (the full-K form of this kernel at 2 warps took 5.1 ms at B=8, T=4096 on the H100: cross-warp).
@@ -329,13 +330,16 @@ def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
 @tuned(EXACT_BWD_CONFIGS, key=["K", "USE_L2"], interpret_config=EXACT_BWD_INTERPRET, dtype_arg="q",
        restore_value=("dq", "dk", "db", "dG"))
 @triton.jit
-def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, cu_seqlens, chunk_indices, scale,
+def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_exact, cu_seqlens, chunk_indices,
+                               scale,
                                H: tl.constexpr, K: tl.constexpr, BKD: tl.constexpr, USE_L2: tl.constexpr):
     """The backward of gdn2_fwd_kernel_exact_diag: for the channels off the midpoint form (chunk_fwd.exact_channels),
     the diagonal blocks' gradients, added to the elementwise partials dq, dk, db, dG in place before
-    gdn2_bwd_kernel_dqkg reads them. One sub-chunk and BKD channels per program; without such channels it only reads
-    g."""
+    gdn2_bwd_kernel_dqkg reads them. One sub-chunk and BKD channels per program; a sub-chunk without such channels
+    (the forward's count n_exact is 0) only reads that count."""
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if tl.load(n_exact + i_s * H + i_h) == 0:
+        return
     r0, i_t, bos, eos = sub_chunk_span(chunk_indices, cu_seqlens, i_s)
     SK = H * K
     S64 = H * 64
@@ -494,8 +498,8 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
                                        H=H, HV=HV, V=V, NK=NK, PREC=prec, PREC_T=solve_precision(v.dtype))
     del dAE
     grid = lambda meta: (4 * n_chunks, H, triton.cdiv(K, meta["BKD"]))
-    gdn2_bwd_kernel_exact_diag[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, cu, chunk_indices, scale,
-                                     H=H, K=K, USE_L2=use_l2)
+    gdn2_bwd_kernel_exact_diag[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, saved["n_exact"], cu,
+                                     chunk_indices, scale, H=H, K=K, USE_L2=use_l2)
     # the totals in the inputs' dtypes (no casts after the kernel); q and k stay fp32 for the L2-norm VJP
     dq_out = torch.empty(TT, H, K, device=dev, dtype=torch.float32 if use_l2 else q.dtype)
     dk_out = torch.empty(TT, H, K, device=dev, dtype=torch.float32 if use_l2 else k.dtype)

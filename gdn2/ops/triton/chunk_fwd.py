@@ -55,12 +55,11 @@ from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_
 
 # Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
 # Every product is [16, BK] x [BK, 16], and Triton lays the warps of an M = 16 product along M (warpsPerCTA [w, 1]
-# in the sm_90 build), so at w > 1 each warp computes the whole block: one warp is expected to win; the others are
-# measured. sm_90 build (bf16, K = 128), registers / spill bytes: (16, 1) 225/0, (32, 2) 251/0, (32, 4) 208/0,
-# (16, 2) 196/0, (64, 4) 255/40; fp32 up to 255/236.
+# in the sm_90 build), so at w > 1 each warp computes the whole block. Measured on the H100 (B=8, T=4096, bf16,
+# benchmarks/time_configs.py, 2026-11-27): (16, 1) 0.88 ms, (16, 1, maxnreg 168) 0.92, (32, 2) 1.41; dropped:
+# (16, 1, maxnreg 128) 1.28, (16, 2) 1.72, (64, 4) 1.91, (32, 4) 2.05.
 INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=1, maxnreg=reg)
-                 for bk, w, reg in ((16, 1, None), (32, 2, None), (32, 4, None), (16, 2, None), (64, 4, None),
-                                    (16, 1, 168), (16, 1, 128))]
+                 for bk, w, reg in ((16, 1, None), (16, 1, 168), (32, 2, None))]
 INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 # Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
 SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: passes, never picked
@@ -216,7 +215,7 @@ def _store_block(ptr, x, t, eos, stride_t, c0, ok):
 
 @tuned(INTRA_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=INTRA_INTERPRET, dtype_arg="q")
 @triton.jit
-def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
+def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, n_exact, cu_seqlens, chunk_indices, scale,
                           H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
                           PREC: tl.constexpr):
     """Rows of sub-chunk i (r0 = 16 i) of T (into A) and of Aqk, over K in slices of BK, as [16, BK] x [BK, 16]
@@ -225,7 +224,8 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
         e^(G_r - G_s) = e^(lc_r) * e^(cb_i - ce_j) * e^(tot_j - lc_s)        (each factor <= 1)
     where cb_i - ce_j = -(sum of g over the sub-chunks between j and i). The diagonal block takes the midpoint,
     e^(lc_r - tot_i / 2) e^(tot_i / 2 - lc_s), on the midpoint channels; gdn2_fwd_kernel_exact_diag adds the
-    others. Columns after the sub-chunk are stored as 0."""
+    others (n_exact [4 x chunks, H] int32: how many channels of the sub-chunk are not midpoint channels, so the
+    exact kernels skip the sub-chunks without any). Columns after the sub-chunk are stored as 0."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
     r0, i_t, bos, eos = sub_chunk_span(chunk_indices, cu_seqlens, i_s)
     SK = H * K
@@ -244,6 +244,7 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
     Q3 = tl.zeros([16, 16], dtype=tl.float32)
     T_d = tl.zeros([16, 16], dtype=tl.float32)
     Q_d = tl.zeros([16, 16], dtype=tl.float32)
+    n_mid = 0
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         lc, tot, qs_i, k_i, bk_i, gb = _load_sub(q, k, g, b, rq, rk, ti, eos, tl.zeros([BK], dtype=tl.float32),
@@ -258,7 +259,9 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
             T2, Q2, mid = _earlier_block(k, g, rk, ti - 32, eos, cols, x_T, x_Q, mid, T2, Q2, SK, H, K, USE_L2, PREC)
         if r0 >= 48:
             T3, Q3, mid = _earlier_block(k, g, rk, ti - 48, eos, cols, x_T, x_Q, mid, T3, Q3, SK, H, K, USE_L2, PREC)
-        left, rm = midpoint_factors(lc, tl.zeros([BK], dtype=tl.float32), tot, midpoint_channels(gb))
+        on = midpoint_channels(gb)
+        n_mid += tl.sum((on & (cols < K)).to(tl.int32), 0)
+        left, rm = midpoint_factors(lc, tl.zeros([BK], dtype=tl.float32), tot, on)
         kr = tl.trans(k_i * rm)
         T_d += tl.dot(bk_i * left, kr, input_precision=PREC)
         Q_d += tl.dot(qs_i * left, kr, input_precision=PREC)
@@ -275,40 +278,38 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices,
     zero = tl.zeros([16, 64], dtype=tl.float32)
     tl.store(A + ti[:, None] * S64 + c64[None, :], zero, mask=after)
     tl.store(Aqk + ti[:, None] * S64 + c64[None, :], zero.to(Aqk.dtype.element_ty), mask=after)
+    tl.store(n_exact + i_s * H + i_h, K - n_mid)
 
 
 @tuned(EXACT_CONFIGS, key=["K", "USE_L2"], interpret_config=EXACT_INTERPRET, dtype_arg="q",
        restore_value=("A", "Aqk"))
 @triton.jit
-def gdn2_fwd_kernel_exact_diag(q, k, g, b, rq, rk, A, Aqk, cu_seqlens, chunk_indices, scale,
+def gdn2_fwd_kernel_exact_diag(q, k, g, b, rq, rk, A, Aqk, n_exact, cu_seqlens, chunk_indices, scale,
                                H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr):
     """Adds to the diagonal blocks that gdn2_fwd_kernel_intra stored the channels it left out (exact_channels: some g
     outside [MIDPOINT_G_MIN, 0] in the sub-chunk), row by row with exact exponentials. A sub-chunk without such a
-    channel only reads its g."""
+    channel (n_exact, counted by the intra kernel, is 0) only reads that count."""
     i_s, i_h = tl.program_id(0), tl.program_id(1)
-    r0, i_t, bos, eos = sub_chunk_span(chunk_indices, cu_seqlens, i_s)
-    SK = H * K
-    S64 = H * 64
-    q, k, g, b, rq, rk = key_head_inputs(q, k, g, b, rq, rk, i_h, K)
-    r16 = tl.arange(0, 16)
-    t0 = bos + i_t * 64 + r0
-    ti = t0 + r16
-    Tx = tl.zeros([16, 16], dtype=tl.float32)
-    Qx = tl.zeros([16, 16], dtype=tl.float32)
-    n_exact = 0
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        exact = exact_channels(load_rows(g, ti, eos, SK, cols, K))
-        n = tl.sum(exact.to(tl.int32), 0)
-        if n > 0:
-            kt = load_rows(k, ti, eos, SK, cols, K)
-            if USE_L2:
-                kt = kt * load_scale(rk, ti, eos, H)[:, None]
-            x, y = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, scale, SK, H, K, BK, USE_L2)
-            Tx += x
-            Qx += y
-        n_exact += n
-    if n_exact > 0:
+    if tl.load(n_exact + i_s * H + i_h) > 0:
+        r0, i_t, bos, eos = sub_chunk_span(chunk_indices, cu_seqlens, i_s)
+        SK = H * K
+        S64 = H * 64
+        q, k, g, b, rq, rk = key_head_inputs(q, k, g, b, rq, rk, i_h, K)
+        r16 = tl.arange(0, 16)
+        t0 = bos + i_t * 64 + r0
+        ti = t0 + r16
+        Tx = tl.zeros([16, 16], dtype=tl.float32)
+        Qx = tl.zeros([16, 16], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            exact = exact_channels(load_rows(g, ti, eos, SK, cols, K))
+            if tl.sum(exact.to(tl.int32), 0) > 0:
+                kt = load_rows(k, ti, eos, SK, cols, K)
+                if USE_L2:
+                    kt = kt * load_scale(rk, ti, eos, H)[:, None]
+                x, y = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, scale, SK, H, K, BK, USE_L2)
+                Tx += x
+                Qx += y
         pa = A + i_h * 64 + ti[:, None] * S64 + r0 + r16[None, :]
         pq = Aqk + i_h * 64 + ti[:, None] * S64 + r0 + r16[None, :]
         rows = (ti < eos)[:, None]
@@ -645,21 +646,23 @@ def block_sizes(K: int, V: int) -> tuple[int, int]:
 
 
 def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2):
-    """A (fp32) and Aqk (q's dtype) per key head: [TT, H, 64] each."""
+    """A (fp32) and Aqk (q's dtype) per key head: [TT, H, 64] each; n_exact [4 x chunks, H] int32, the number of
+    channels per sub-chunk off the midpoint form (the exact kernels skip the sub-chunks where it is 0)."""
     TT, H, K = q.shape
     A = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32)
     Aqk = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
-    gdn2_fwd_kernel_intra[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, cu, chunk_indices, scale,
+    n_exact = torch.empty(4 * n_chunks, H, device=q.device, dtype=torch.int32)
+    gdn2_fwd_kernel_intra[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, n_exact, cu, chunk_indices, scale,
                                              H=H, K=K, USE_L2=use_l2, PREC=dot_precision(q.dtype))
-    gdn2_fwd_kernel_exact_diag[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, cu, chunk_indices, scale,
+    gdn2_fwd_kernel_exact_diag[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, n_exact, cu, chunk_indices, scale,
                                                   H=H, K=K, USE_L2=use_l2)
     gdn2_fwd_kernel_solve[(n_chunks, H)](A, cu, chunk_indices, H=H)
-    return A, Aqk
+    return A, Aqk, n_exact
 
 
 def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state, fuse_output=False):
     """The forward launches. Returns o [TT, Hv, V], the final state [N, Hv, K, V] fp32 or None, and the
-    intermediates the backward reads: dict(A, Aqk, Y, Qg, Kt, gC, hs, R) (hs and R are None with fuse_output:
+    intermediates the backward reads: dict(A, Aqk, n_exact, Y, Qg, Kt, gC, hs, R) (hs and R are None with fuse_output:
     inference only, the output is then computed inside the sequential walk and no per-chunk state is stored)."""
     cu, chunk_indices, chunk_offsets, n_chunks = layout
     n_seqs = cu.numel() - 1
@@ -668,7 +671,7 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     BK, BV = block_sizes(K, V)
     prec = SERIAL_PRECISION
     dev = q.device
-    A, Aqk = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
+    A, Aqk, n_exact = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
     Y, Qg, Kt = (torch.empty(TT, H, K, device=dev, dtype=v.dtype) for _ in range(3))
     gC = torch.empty(n_chunks, H, K, device=dev, dtype=torch.float32)
     U = torch.empty_like(v)
@@ -687,4 +690,4 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     if not fuse_output:
         grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
         gdn2_fwd_kernel_output[grid](Qg, Aqk, hs, R, o, cu, chunk_indices, H=H, HV=HV, K=K, V=V, BK=BK, PREC=prec)
-    return o, ht, dict(A=A, Aqk=Aqk, Y=Y, Qg=Qg, Kt=Kt, gC=gC, hs=hs, R=R)
+    return o, ht, dict(A=A, Aqk=Aqk, n_exact=n_exact, Y=Y, Qg=Qg, Kt=Kt, gC=gC, hs=hs, R=R)
