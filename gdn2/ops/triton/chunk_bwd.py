@@ -80,7 +80,8 @@ DSTATE_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 DQK_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 32}, num_warps=4, num_stages=2),
                triton.Config({"BV": 64}, num_warps=8, num_stages=2),
-               triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
+               triton.Config({"BV": 64}, num_warps=4, num_stages=1),
+               triton.Config({"BV": 64}, num_warps=8, num_stages=3)]
 DQK_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dav at 4 warps holds A^T, dA, dAqk ([64, 64] fp32 each) and spills ~3.2 KB per thread (sm_90 compile, bf16);
 # the 8-warp entries halve the per-thread share (the spec's Hopper warning about 8 warps on a 64x64 accumulator is
@@ -96,8 +97,9 @@ DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # maxnreg 168) 3.90, (16, 4, maxnreg 128) 4.32, (32, 8, maxnreg 128) 4.50, (64, 8) 4.90; dropped: (16, 8) 5.91,
 # (16, 4) 6.24, (32, 8) 6.94. sm_90 build (bf16, K = 128), registers / spill bytes: 254/0, 168/476, 128/56,
 # 128/76, 255/0.
-DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=1, maxnreg=reg)
-                for bks, w, reg in ((32, 4, None), (32, 4, 168), (16, 4, 128), (32, 8, 128), (64, 8, None))]
+DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=st, maxnreg=reg)
+                for bks, w, st, reg in ((32, 4, 1, None), (32, 4, 1, 168), (16, 4, 1, 128), (32, 8, 1, 128),
+                                        (64, 8, 1, None), (32, 4, 2, None), (32, 4, 3, None))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 # exact_diag: BKD channels per program (per-channel outputs); one or two warps keep the reductions over the 16 rows
 # inside a warp (the full-K form of this kernel at 2 warps took 5.1 ms at B=8, T=4096 on the H100: cross-warp).
