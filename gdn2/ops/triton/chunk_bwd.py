@@ -77,11 +77,12 @@ def dstate_fits(config, dtype, K, *flags) -> bool:
 
 
 DSTATE_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
-DQK_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
-               triton.Config({"BV": 32}, num_warps=4, num_stages=2),
+# Measured on the H100 (B=8, T=4096, bf16, time_configs.py, 2026-11-27): (64, w8, 3 stages) 1.87 ms, (64, w8, 2)
+# 1.96, (64, w4, 2) 2.35; dropped: (64, w4, 1) 2.35, (32, w4, 2) 2.57. The first entry is the default without
+# autotuning.
+DQK_CONFIGS = [triton.Config({"BV": 64}, num_warps=8, num_stages=3),
                triton.Config({"BV": 64}, num_warps=8, num_stages=2),
-               triton.Config({"BV": 64}, num_warps=4, num_stages=1),
-               triton.Config({"BV": 64}, num_warps=8, num_stages=3)]
+               triton.Config({"BV": 64}, num_warps=4, num_stages=2)]
 DQK_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dav at 4 warps holds A^T, dA, dAqk ([64, 64] fp32 each) and spills ~3.2 KB per thread (sm_90 compile, bf16);
 # the 8-warp entries halve the per-thread share (the spec's Hopper warning about 8 warps on a 64x64 accumulator is
@@ -93,13 +94,12 @@ DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
-# Measured on the H100 (B=8, T=4096, bf16, benchmarks/time_configs.py, 2026-11-27): (32, 4) 3.94 ms, (32, 4,
-# maxnreg 168) 3.90, (16, 4, maxnreg 128) 4.32, (32, 8, maxnreg 128) 4.50, (64, 8) 4.90; dropped: (16, 8) 5.91,
-# (16, 4) 6.24, (32, 8) 6.94. sm_90 build (bf16, K = 128), registers / spill bytes: 254/0, 168/476, 128/56,
-# 128/76, 255/0.
+# Measured on the H100 (B=8, T=4096, bf16, benchmarks/time_configs.py, 2026-11-27, results/bench/configs-*): (32, 4)
+# 3.94-3.96 ms, (32, 4, maxnreg 168) 3.90-3.92, (32, 4, 2 stages) 3.94, (16, 4, maxnreg 128) 4.32-4.34; dropped:
+# (32, 4, 3 stages) 4.04, (32, 8, maxnreg 128) 4.50-4.53, (64, 8) 4.90-4.92, (16, 8) 5.91, (16, 4) 6.24, (32, 8) 6.94.
+# sm_90 build (bf16, K = 128), registers / spill bytes: 254/0, 168/476, 255/0 (42 KB shared), 128/56.
 DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=st, maxnreg=reg)
-                for bks, w, st, reg in ((32, 4, 1, None), (32, 4, 1, 168), (16, 4, 1, 128), (32, 8, 1, 128),
-                                        (64, 8, 1, None), (32, 4, 2, None), (32, 4, 3, None))]
+                for bks, w, st, reg in ((32, 4, 1, None), (32, 4, 1, 168), (32, 4, 2, None), (16, 4, 1, 128))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 # exact_diag: BKD channels per program (per-channel outputs); one or two warps keep the reductions over the 16 rows
 # inside a warp (the full-K form of this kernel at 2 warps took 5.1 ms at B=8, T=4096 on the H100: cross-warp).

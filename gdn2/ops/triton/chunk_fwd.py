@@ -56,11 +56,11 @@ from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_
 # Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
 # Every product is [16, BK] x [BK, 16], and Triton lays the warps of an M = 16 product along M (warpsPerCTA [w, 1]
 # in the sm_90 build), so at w > 1 each warp computes the whole block. Measured on the H100 (B=8, T=4096, bf16,
-# benchmarks/time_configs.py, 2026-11-27): (16, 1) 0.88 ms, (16, 1, maxnreg 168) 0.92, (32, 2) 1.41; dropped:
-# (16, 1, maxnreg 128) 1.28, (16, 2) 1.72, (64, 4) 1.91, (32, 4) 2.05.
+# benchmarks/time_configs.py, 2026-11-27, results/bench/configs-*): (16, 1) 0.88-0.91 ms, (16, 1, 2 stages) 0.94,
+# (16, 1, maxnreg 168) 0.92-0.96, (32, 2) 1.41; dropped: (16, 1, 3 stages) 0.94, (16, 1, maxnreg 128) 1.28,
+# (16, 2) 1.72, (64, 4) 1.91, (32, 4) 2.05. The first entry is the default without autotuning.
 INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=st, maxnreg=reg)
-                 for bk, w, st, reg in ((16, 1, 1, None), (16, 1, 1, 168), (32, 2, 1, None), (16, 1, 2, None),
-                                        (16, 1, 3, None))]
+                 for bk, w, st, reg in ((16, 1, 1, None), (16, 1, 2, None), (16, 1, 1, 168), (32, 2, 1, None))]
 INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 # Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
 SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: passes, never picked
