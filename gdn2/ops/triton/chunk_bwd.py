@@ -20,7 +20,7 @@ Kernels (in launch order; only dstate is sequential)
   gdn2_bwd_kernel_dstate  grid (V blocks, sequences * value heads): the reverse walk, state as up to four [BK, BV]
                           fp32 blocks. Per chunk: stores dS_C, dR = dR_local + Kt dS_C (stored), then
                           dS <- Diag(e^{G_C}) dS + Q^T dO - Y^T dR; writes dS_0 of the sequence (initial-state grad).
-  gdn2_bwd_kernel_dqk     grid (chunks, key heads, K blocks of BK): sums over the group's value heads and V blocks
+  gdn2_bwd_kernel_dqk     grid (chunks x K blocks of BK, key heads): sums over the group's value heads and V blocks
                           dQ, dY, dKt, d e^{G_C}; dE = A^T dY; writes the elementwise parts of dq, dk, db, dG (fp32)
                           and this K block's share of dA, dY E^T ([NK, TT, H, 64] fp32).
   gdn2_bwd_kernel_dav     grid (chunks, key heads): dZ = A^T dR -> dv, dw; dA = sum of the K-block shares + dR Z^T;
@@ -28,12 +28,13 @@ Kernels (in launch order; only dstate is sequential)
                           - three tf32 passes, about fp32 accuracy on tensor cores - for 16-bit inputs).
   gdn2_bwd_kernel_exact_diag  grid (4 x chunks, key heads, K slices of BKD): the diagonal blocks' backward on the
                           channels off the midpoint form (chunk_fwd.py), row by row, added to the partials dq, dk, db,
-                          dG; a sub-chunk without such channels only reads its g.
-  gdn2_bwd_kernel_dqkg    grid (chunks, key heads, K slices of BKS): the backward of T and Aqk (every product reduces
-                          over rows, so K splits over the grid), all 64 rows of the chunk at once: per sub-chunk a
-                          [64, 64] x [64, BKS] product per side (dM's rows masked to the sub-chunk) with the forward's
-                          reference points (chunk_fwd.py), the diagonal blocks as one block-diagonal product per side
-                          (midpoint channels only); adds the elementwise parts; dg = reverse cumsum over the chunk.
+                          dG; a sub-chunk without such channels (the forward's count n_exact) returns at once.
+  gdn2_bwd_kernel_dqkg    grid (chunks x K slices of BKS, key heads): the backward of T and Aqk (every product reduces
+                          over rows, so K splits over the grid), all 64 rows of the chunk: per sub-chunk j and side one
+                          [64, 16] x [16, BKS] product (the columns of dM in j times k e^(ce_j - G), the rows of dM in j
+                          transposed times X e^(G - cb_j)), whose rows of sub-chunk j are the diagonal block (midpoint
+                          channels only, scaled through the midpoint); adds the elementwise parts and writes dq, dk, db
+                          (and dg = reverse cumsum over the chunk) in their final dtypes.
 With fp32 inputs the fp32 products of dqk, dav, dqkg (the dA / dT path) use IEEE precision (utils.dot_precision),
 the others tf32 (utils.SERIAL_PRECISION); with 16-bit inputs tf32 throughout.
 The q/k L2-norm VJP (if fused) is applied on the [TT, H, K] results in PyTorch.
@@ -326,7 +327,8 @@ def _finish_sub(dq, dk, db, dG, t, eos, cols, SK, K: tl.constexpr, d_bk, d_qs, d
 
 @triton.jit
 def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
-    tl.store(ptr + t[:, None] * stride_t + cols[None, :], x.to(ptr.dtype.element_ty), mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
+    tl.store(ptr + t[:, None] * stride_t + cols[None, :], x.to(ptr.dtype.element_ty),
+             mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
 
 
 @tuned(EXACT_BWD_CONFIGS, key=["K", "USE_L2"], interpret_config=EXACT_BWD_INTERPRET, dtype_arg="q",

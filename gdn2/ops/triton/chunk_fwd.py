@@ -13,22 +13,25 @@ Per chunk of C = 64 tokens (rows r, s = 0..63), per head, elementwise over the K
 
 Only R and S_C depend on the state carried between chunks; everything else is chunk-parallel.
 
-Exponents are differences, split at a reference point so that every factor is bounded and the pairwise products
-run on the tensor cores. For the columns s of an earlier sub-chunk against the rows r of sub-chunk i, the reference
-is c = G at row 16 i - 1 (the last row before the sub-chunk): exp(G_r - G_s) = exp(G_r - c) * exp(c - G_s), both
-factors <= 1 because G never increases (g <= 0). Inside a sub-chunk (the diagonal [16, 16] blocks) the reference is
-m halfway between G before the sub-chunk and G at its last row: exp(G_r - m) * exp(m - G_s). On a channel whose g
-stays in [MIDPOINT_G_MIN, 0] = [-5, 0] on the sub-chunk's rows, |G - m| <= 40, so each factor is <= e^40 (~2e17):
-the "midpoint channels". The others (a per-token decay below e^-5: rare in trained models, but legal) take the exact
-form, exp(G_r - G_s) elementwise with s > r masked to -inf, row by row, in a kernel of their own. Either way the result
-is exp(G_r - G_s) up to rounding (never gamma_r * (1 / gamma_s)).
+Exponents are differences, split at reference points so that every factor is bounded and the pairwise products
+run on the tensor cores. For the columns s of an earlier sub-chunk j against the rows r of sub-chunk i, with cb_i /
+ce_j = G before sub-chunk i / at the last row of j: exp(G_r - G_s) = exp(G_r - cb_i) * exp(cb_i - ce_j) *
+exp(ce_j - G_s), all three <= 1 because G never increases (g <= 0); the outer two need only the in-sub-chunk cumsum,
+the middle one the sum of g over the sub-chunks between j and i (the backward uses the same boundary references).
+Inside a sub-chunk (the diagonal [16, 16] blocks) the reference is m halfway between G before the sub-chunk and G at
+its last row: exp(G_r - m) * exp(m - G_s). On a channel whose g stays in [MIDPOINT_G_MIN, 0] = [-5, 0] on the
+sub-chunk's rows, |G - m| <= 40, so each factor is <= e^40 (~2e17): the "midpoint channels". The others (a per-token
+decay below e^-5: rare in trained models, but legal) take the exact form, exp(G_r - G_s) elementwise with s > r
+masked to -inf, row by row, in a kernel of their own. Either way the result is exp(G_r - G_s) up to rounding (never
+gamma_r * (1 / gamma_s)).
 
 Kernels (in launch order)
   gdn2_fwd_kernel_intra   grid (4 x chunks, key heads): one 16-row sub-chunk per program, K in slices of BK: its rows
-                          of T (into A) and of Aqk, as [16, BK] x [BK, 64] products against the earlier sub-chunks and
-                          [16, BK] x [BK, 16] products for the diagonal block on the midpoint channels.
+                          of T (into A) and of Aqk, one [16, BK] x [BK, 16] product per block (the earlier sub-chunks,
+                          and the diagonal block on the midpoint channels), every exponent local to a sub-chunk (below);
+                          counts the sub-chunk's channels off the midpoint form (n_exact).
   gdn2_fwd_kernel_exact_diag  grid (4 x chunks, key heads): adds the other channels' share of the diagonal blocks
-                          (exact form); a sub-chunk without such channels only reads its g.
+                          (exact form); a sub-chunk without such channels (n_exact = 0) returns at once.
   gdn2_fwd_kernel_solve   grid (chunks, key heads): A = (I + T)^-1 in place, fp32: the four diagonal blocks by
                           repeated squaring (utils.unit_lower_inverse16), then the block recursion. A [TT, H, 64] fp32
                           and Aqk [TT, H, 64] depend on key-head inputs only, so grouped value heads share them.
