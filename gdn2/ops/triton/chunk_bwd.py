@@ -335,8 +335,7 @@ def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
        restore_value=("dq", "dk", "db", "dG"))
 @triton.jit
 def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_exact, cu_seqlens, chunk_indices,
-                               scale,
-                               H: tl.constexpr, K: tl.constexpr, BKD: tl.constexpr, USE_L2: tl.constexpr):
+                               scale, H: tl.constexpr, K: tl.constexpr, BKD: tl.constexpr, USE_L2: tl.constexpr):
     """The backward of gdn2_fwd_kernel_exact_diag: for the channels off the midpoint form (chunk_fwd.exact_channels),
     the diagonal blocks' gradients, added to the elementwise partials dq, dk, db, dG in place before
     gdn2_bwd_kernel_dqkg reads them. One sub-chunk and BKD channels per program; a sub-chunk without such channels
@@ -392,9 +391,8 @@ def _rows16_t(ptr, t16, eos, stride_t):
 @tuned(DQKG_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=DQKG_INTERPRET, dtype_arg="q")
 @triton.jit
 def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, dk_out, db_out, dg, cu_seqlens,
-                         chunk_indices, scale,
-                         H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, USE_L2: tl.constexpr,
-                         PREC: tl.constexpr):
+                         chunk_indices, scale, H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr,
+                         USE_L2: tl.constexpr, PREC: tl.constexpr):
     """The backward of T and Aqk for BKS key channels of one chunk (all 64 rows). With X = b k (for T) or scale q
     (for Aqk), dM = dT or dAqk, and for sub-chunk j: cb_j / ce_j = G before it / at its last row, m_j their midpoint,
       dX_r = sum_j e^(G_r - ce_j) sum_{s in j} dM_rs k_s e^(ce_j - G_s)          (rows r after sub-chunk j)
