@@ -64,13 +64,13 @@ def load_fla():
         return None, None, None
 
 
-def time_modes(call, args, do):
-    # every implementation gets the same initial state and returns its final state (chunked prefill)
-    """(inference fwd, training fwd, fwd+bwd) in ms for call(*args) -> o. The initial state h0 [B, H, K, V] and the
-    final state are part of every call (chunked prefill); h0 needs no grad."""
+def time_modes(call, args, do, infer=True):
+    """(inference fwd, training fwd, fwd+bwd) in ms for call(*args) -> o (without the first if not `infer`). The
+    initial state h0 [B, H, K, V] and the final state are part of every call (chunked prefill); h0 needs no grad."""
     out = {}
-    with torch.no_grad():
-        out["infer_fwd"] = bench(lambda: call(*args))
+    if infer:
+        with torch.no_grad():
+            out["infer_fwd"] = bench(lambda: call(*args))
     leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
     out["train_fwd"] = bench(lambda: call(*leaves))
 
@@ -154,6 +154,10 @@ def main():
         with torch.no_grad():
             ours["infer_fwd_fused"] = bench(lambda: triton_chunk_gdn2(q, k, v, g, b, w, **kw))
         os.environ.pop("GDN2_TRITON_INFER_FUSED")
+        os.environ["GDN2_TRITON_TRAIN_FUSED"] = "1"                           # training with the output in the walk
+        fused = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do, infer=False)
+        os.environ.pop("GDN2_TRITON_TRAIN_FUSED")
+        ours.update(train_fwd_fused=fused["train_fwd"], fwd_bwd_fused=fused["fwd_bwd"])
         print(f"ours B{B}_T{T}: {ours}", flush=True)
         gd, kd = {}, {}
         if fla_gdn2 is not None:
@@ -165,10 +169,10 @@ def main():
         ntok = B * T * H
         fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
         bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
-        for mode in ("infer_fwd", "infer_fwd_fused", "train_fwd", "fwd_bwd"):
-            fla_mode = "infer_fwd" if mode == "infer_fwd_fused" else mode     # fla has one inference forward
+        for mode in ("infer_fwd", "infer_fwd_fused", "train_fwd", "train_fwd_fused", "fwd_bwd", "fwd_bwd_fused"):
+            fla_mode = mode.removesuffix("_fused")                            # fla has one variant of each
             add(f"B{B}_T{T}", mode, ours[mode], gd.get(fla_mode), kd.get(fla_mode),
-                fwd_bytes if mode != "fwd_bwd" else fwd_bytes + bwd_bytes)
+                fwd_bytes if not mode.startswith("fwd_bwd") else fwd_bytes + bwd_bytes)
         write(rows)
         del q, k, v, g, b, w, beta, do
         torch.cuda.empty_cache()
@@ -183,12 +187,14 @@ def main():
 # The issue's targets. The inference target is judged on the default inference path for these inputs (bf16, K <= 128:
 # the output inside the walk, row infer_fwd_fused; chunk_infer.use_fused_output).
 TARGETS = {("B8_T4096", "infer_fwd_fused"): 1.1, ("B8_T4096", "fwd_bwd"): 9.0, ("B1_T1", "decode_step"): 0.020}
-# The rows "ahead of fla" is judged on: the default inference path, the training forward, forward + backward.
+# The rows "ahead of fla" is judged on: the default paths for these inputs (inference: output inside the walk,
+# chunk_infer.use_fused_output; training: the split output, chunk_infer.use_fused_output_in_training).
 DEFAULT_MODES = ("infer_fwd_fused", "train_fwd", "fwd_bwd")
 LEGEND = ("Modes: infer_fwd_fused = inference forward with the output inside the sequential walk (our default for "
           "16-bit inputs with K <= 128, so for this table); infer_fwd = the other inference variant (per-chunk states "
-          "+ output kernel, GDN2_TRITON_INFER_FUSED=0); fla has one inference forward, shown on both rows; train_fwd "
-          "= forward with autograd state kept; fwd_bwd = forward + backward.")
+          "+ output kernel, GDN2_TRITON_INFER_FUSED=0); train_fwd = forward with autograd state kept; fwd_bwd = "
+          "forward + backward; *_fused training rows = GDN2_TRITON_TRAIN_FUSED=1 (output inside the walk, states "
+          "still stored; not the default until timed faster); fla has one variant of each mode, shown on both rows.")
 
 
 def write_markdown(rows, card, bw, path):

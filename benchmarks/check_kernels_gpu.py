@@ -4,7 +4,10 @@ For each kernel and each of its configs (the others pinned to their first config
 poisoned with NaN before the run (every torch.empty inside our kernel modules is NaN-filled), compared with a float64
 reference (torch chunkwise, autograd in float64) by relative error ||x - ref|| / ||ref||:
 bf16 <= 1e-2, fp32 <= 2e-3, for o, the final state and every gradient (q, k, v, g, b, w, h0); the inference (no-grad)
-forward too, both variants (per-chunk states + output kernel; GDN2_TRITON_INFER_FUSED=1: output inside the walk). Extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V with V = 256) run on the first
+forward too, both variants (per-chunk states + output kernel; GDN2_TRITON_INFER_FUSED=1: output inside the walk),
+and the training forward with the output inside the walk (GDN2_TRITON_TRAIN_FUSED=1) for the state kernel's configs,
+the extra shapes and the autotuned case. Extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V with
+V = 256) run on the first
 fitting config of every kernel, in bf16 and fp32; the K = 256 shape also on every sequential-kernel config that fits
 K = 256 (they hold the state as four [64, BV] blocks there). The decode kernel: every (BV, num_warps) entry vs a
 float64 step.
@@ -109,11 +112,16 @@ def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
     return out
 
 
-def pin_for(dtype, K, under_test=None, fused=False):
-    """Pin every kernel to its first config that may run on (`dtype`, K, inference variant); the kernel under test to
-    its given config. Returns False if the config under test cannot run in that setting (the mode is skipped)."""
+# mode -> (output inside the walk, per-chunk states stored): the state kernel's variant, hence its `fits` flags
+MODES = {"train": (False, True), "train_fused": (True, True), "infer": (False, True), "infer_fused": (True, False)}
+
+
+def pin_for(dtype, K, under_test=None, mode="train"):
+    """Pin every kernel to its first config that may run on (`dtype`, K, the mode's state-kernel variant); the kernel
+    under test to its given config. Returns False if the config under test cannot run in that setting (the mode is
+    skipped)."""
     for kname, kern in KERNELS.items():
-        flags = (fused,) if kname == "fwd_state" else ()
+        flags = MODES[mode] if kname == "fwd_state" else ()
         fits = lambda c: SMOKE or kern.fits(c, dtype, K, *flags)            # noqa: E731 (interpreter: no limits)
         if under_test is not None and kname == under_test[0]:
             if not fits(under_test[1]):
@@ -122,7 +130,7 @@ def pin_for(dtype, K, under_test=None, fused=False):
         else:
             config = next((c for c in kern._all_configs if fits(c)), None)
             if config is None:
-                print(f"  no config of {kname} fits {dtype} K={K}{' (fused)' if fused else ''}: mode skipped")
+                print(f"  no config of {kname} fits {dtype} K={K} (mode {mode}): mode skipped")
                 return False
             pin_config(kern, config)
     return True
@@ -142,19 +150,24 @@ def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), 
     worst = 0.0
     for dtype in dtypes:
         cast = [x.to(dtype) if i != 3 else x for i, x in enumerate(xs)]          # g stays fp32, as in the layer
-        for mode in ("train", "infer", "infer_fused"):
-            if not pin_for(dtype, K, under_test, fused=mode == "infer_fused"):
+        # the fused training forward differs from "train" only in the state kernel: run it where that is under test
+        train_fused = under_test is None or under_test[0] == "fwd_state"
+        for mode in ("train", "train_fused", "infer", "infer_fused") if train_fused else ("train", "infer",
+                                                                                           "infer_fused"):
+            if not pin_for(dtype, K, under_test, mode):
                 continue
             for kname in autotuned:
                 pin_config(KERNELS[kname], None)
             os.environ["GDN2_TRITON_INFER_FUSED"] = "1" if mode == "infer_fused" else "0"
+            os.environ["GDN2_TRITON_TRAIN_FUSED"] = "1" if mode == "train_fused" else "0"
             with poisoned_allocations():
-                if mode == "train":
+                if mode.startswith("train"):
                     got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht)
                 else:
                     with torch.no_grad():
                         got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht, grad=False)
             os.environ["GDN2_TRITON_INFER_FUSED"] = "0"
+            os.environ["GDN2_TRITON_TRAIN_FUSED"] = "0"
             if not SMOKE:
                 torch.cuda.synchronize()
             for name, val in got.items():

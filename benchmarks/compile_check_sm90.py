@@ -34,12 +34,14 @@ from gdn2.ops.triton.utils import SERIAL_PRECISION, config_name, dot_precision, 
 
 SMEM_LIMIT = 232_448
 TARGET = GPUTarget("cuda", 90, 32)
-# the chunk kernels, plus the state kernel once more with FUSE_OUTPUT=True (the fused inference output)
+# the chunk kernels, plus the state kernel twice more with FUSE_OUTPUT=True: the fused inference output (no states
+# stored) and the fused training output (states stored too, GDN2_TRITON_TRAIN_FUSED=1)
 KERNELS = {}
 for _name, _kernel in CHUNK_KERNELS.items():
     KERNELS[_name] = _kernel
     if _name == "fwd_state":
         KERNELS["fwd_state_fused"] = _kernel
+        KERNELS["fwd_state_train_fused"] = _kernel
 # pointer arguments that are fp32 whatever the input dtype (g, the solve, states in and out, fp32 gradients)
 FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG", "dg", "dAE", "dT", "dAqk",
                  "dbk", "dqs", "dkd",
@@ -47,14 +49,21 @@ FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG
 INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "n_exact"}
 SCALARS = {"scale": "fp32", "TT": "i32", "NSH_LOG2": "i32"}
 # kernels launched with SERIAL_PRECISION (tf32 for fp32 operands); the rest with dot_precision(dtype)
-SERIAL_KERNELS = {"fwd_wy", "fwd_state", "fwd_state_fused", "fwd_output", "bwd_dlocal", "bwd_dstate"}
+SERIAL_KERNELS = {"fwd_wy", "fwd_state", "fwd_state_fused", "fwd_state_train_fused", "fwd_output", "bwd_dlocal",
+                  "bwd_dstate"}
+
+
+def consts_of(kname):
+    """(FUSE_OUTPUT, STORE_STATES) of the three state-kernel variants (the state kernel's fits flags)."""
+    return kname.endswith("_fused"), kname != "fwd_state_fused"
 
 
 def signature_for(kname, fn, config, dtype, K, V, H=16, HV=16):
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     BK, BV = block_sizes(K, V)
     consts = dict(H=H, HV=HV, K=K, KP=triton.next_power_of_2(K), V=V, BK=BK, BV=BV, NK=triton.cdiv(K, BK), USE_L2=True, HAS_H0=True,
-                  STORE_FINAL=True, HAS_DHT=True, STORE_DH0=True, FUSE_OUTPUT=kname.endswith("_fused"),
+                  STORE_FINAL=True, HAS_DHT=True, STORE_DH0=True, FUSE_OUTPUT=consts_of(kname)[0],
+                  STORE_STATES=consts_of(kname)[1],
                   PREC=SERIAL_PRECISION if kname in SERIAL_KERNELS else dot_precision(dtype),
                   PREC_T=solve_precision(dtype))
     consts.update(config.kwargs)
@@ -120,7 +129,8 @@ def main():
                     except Exception as e:                                 # a config that does not compile
                         smem, regs, spill, err = None, None, None, f"{type(e).__name__}: {str(e)[:200]}"
                     ok = smem is not None and smem <= SMEM_LIMIT
-                    fits = launcher.fits(config, dtype, K, *([True] if kname.endswith("_fused") else []))
+                    flags = consts_of(kname) if kname.startswith("fwd_state") else ()
+                    fits = launcher.fits(config, dtype, K, *flags)
                     flag = ("" if ok == fits else "  <-- fits() ADMITS A CONFIG THAT CANNOT LAUNCH" if fits
                             else "  (fits() conservative: excluded, would launch)")
                     row = dict(kernel=kname, config=config_name(config), dtype=str(dtype)[6:], K=K, smem=smem,

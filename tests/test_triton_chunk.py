@@ -111,6 +111,45 @@ def test_inference_output_variant_choice(monkeypatch):
         use_fused_output(torch.bfloat16, 128)
 
 
+def test_training_output_variant_choice(monkeypatch):
+    """The training forward keeps the split output (the measured path) unless GDN2_TRITON_TRAIN_FUSED=1."""
+    from gdn2.ops.triton.chunk_infer import use_fused_output_in_training
+
+    monkeypatch.delenv("GDN2_TRITON_TRAIN_FUSED", raising=False)
+    assert not use_fused_output_in_training()
+    monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "1")
+    assert use_fused_output_in_training()
+    monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "2")
+    with pytest.raises(ValueError, match="GDN2_TRITON_TRAIN_FUSED must be 0 .* or 1"):
+        use_fused_output_in_training()
+
+
+def test_training_forward_fused_output(monkeypatch):
+    """GDN2_TRITON_TRAIN_FUSED=1: the training forward computes the output inside the walk and still stores the
+    per-chunk states and R that the backward reads. K = 80 (two K blocks), varlen, grouped value heads, initial and
+    final state; output, final state and every gradient against the float64 recurrence. The output kernel must not
+    run."""
+    from gdn2.ops.triton import chunk_fwd
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the output kernel ran although the output is computed inside the walk")
+    monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_output", NoLaunch())
+    monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "1")
+    cu = torch.tensor([0, 50, 140])
+    inputs = make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=13)
+    ours = [x.clone().requires_grad_() for x in inputs]
+    o, ht = chunk_gdn2(*ours[:6], initial_state=ours[6], output_final_state=True, cu_seqlens=cu, backend="triton")
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    ((o * do).sum() + (ht * dht).sum()).backward()
+    ref = [x.double().clone().requires_grad_() for x in inputs]
+    ro, rh = naive_recurrent_gdn2(*ref[:6], initial_state=ref[6], output_final_state=True, cu_seqlens=cu)
+    ((ro * do.double()).sum() + (rh * dht.double()).sum()).backward()
+    assert rel(o, ro) < TOL and rel(ht, rh) < TOL
+    for name, a, r in zip(["q", "k", "v", "g", "b", "w", "h0"], ours, ref):
+        assert rel(a.grad, r.grad) < TOL, (name, rel(a.grad, r.grad))
+
+
 def test_strong_decay_does_not_overflow():
     """g as low as -30 per token: exp(G_r - G_s) for s > r would overflow if formed as gamma_r / gamma_s. The
     channels' decay rates differ, so every 16-row sub-chunk has channels on both forms of the diagonal blocks (the

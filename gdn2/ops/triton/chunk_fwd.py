@@ -515,23 +515,27 @@ def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu_seqlens
             store_tile(U + voff, tl.dot(Am, Z, input_precision=PREC), t, eos, SV, v0, V, BV)
 
 
-def state_fits(config, dtype, K, fuse_output=False) -> bool:
+def state_fits(config, dtype, K, fuse_output=False, store_states=True) -> bool:
     """Whether the fwd state kernel's sm_90 build stays within 232,448 B of shared memory (measured with
     benchmarks/compile_check_sm90.py, 2026-11-27; fp32 operand tiles need about twice bf16's).
     Plain (per-chunk states out): 16-bit inputs every entry up to K = 256 (largest: BV=64, 3 stages, K=256:
     229,376 B); fp32: K <= 64 every entry (<= 163,840 B), K <= 128 num_stages=2 only (3 stages: 237,568 / 278,528 B),
     K <= 256 only the 2-warp entry (151,552 B; BV=16/32/64 at 4 warps: 286,720 / 311,296 / 360,448 B).
-    fuse_output (Q and Aqk tiles too): 16-bit K <= 128 every entry (<= 212,992 B), K <= 256 BV=16 (225,280 B) and
-    2 warps (114,688 B) only (BV=32: 237,568 B); fp32 K <= 64 all but BV=64 at 3 stages (262,144 B), above that
-    2 warps only (131,072 B at K=128, 229,376 B at K=256)."""
+    fuse_output (Q and Aqk tiles too): 16-bit K <= 128 every entry (<= 221,184 B), K <= 256 BV=16 (227,328 B) and
+    2 warps (116,736 B) only (BV=32: 237,568 B); fp32 K <= 64 all but BV=64 at 3 stages (262,144 B), above that
+    2 warps only (131,072 B at K=128, 229,376 B at K=256). With the states stored as well (the training variant)
+    fp32 needs ~4 KB more: at K <= 64 3 stages only at BV=16 (BV=32: 237,568 B), above that 2 warps only up to
+    K = 128 (135,168 B; K=256: 233,472 B)."""
     if K is None:
         return True
     if fuse_output:
         if dtype != torch.float32:
             return K <= 128 or config.num_warps == 2 or config.kwargs["BV"] <= 16
         if K <= 64:
+            if store_states:
+                return config.num_stages < 3 or config.kwargs["BV"] <= 16
             return not (config.kwargs["BV"] >= 64 and config.num_stages >= 3)
-        return config.num_warps == 2
+        return config.num_warps == 2 and (K <= 128 or not store_states)
     if dtype != torch.float32 or K <= 64:
         return True
     if K <= 128:
@@ -539,16 +543,17 @@ def state_fits(config, dtype, K, fuse_output=False) -> bool:
     return config.num_warps == 2
 
 
-@tuned(STATE_CONFIGS, key=["K", "V", "HV", "NSH_LOG2", "HAS_H0", "STORE_FINAL", "FUSE_OUTPUT", "PREC"],
-       interpret_config=STATE_INTERPRET, fits=state_fits, dtype_arg="U", fits_args=("FUSE_OUTPUT",))
+@tuned(STATE_CONFIGS, key=["K", "V", "HV", "NSH_LOG2", "HAS_H0", "STORE_FINAL", "FUSE_OUTPUT", "STORE_STATES",
+                           "PREC"],
+       interpret_config=STATE_INTERPRET, fits=state_fits, dtype_arg="U", fits_args=("FUSE_OUTPUT", "STORE_STATES"))
 @triton.jit
 def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, chunk_offsets, NSH_LOG2,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                          FUSE_OUTPUT: tl.constexpr, PREC: tl.constexpr):
-    """FUSE_OUTPUT=False: stores the per-chunk states hs and R (the output kernel reads them).
-    FUSE_OUTPUT=True (inference only, chunk_infer.use_fused_output): computes O = Q S_0 + Aqk R in the walk and stores
-    neither hs nor R."""
+                          FUSE_OUTPUT: tl.constexpr, STORE_STATES: tl.constexpr, PREC: tl.constexpr):
+    """STORE_STATES: stores the per-chunk states hs and R (for the output kernel and the backward).
+    FUSE_OUTPUT: computes O = Q S_0 + Aqk R in the walk (chunk_infer.py says when). The inference forward sets exactly
+    one of the two; the training forward sets STORE_STATES, and FUSE_OUTPUT with GDN2_TRITON_TRAIN_FUSED=1."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // HV
     i_hv = i_nh % HV
@@ -579,23 +584,25 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
         t = bos + i_t * 64 + c64
         ph = hs + (i_c * HV + i_hv) * K * V
         pg = gC + (i_c * H + i_h) * K
-        if not FUSE_OUTPUT:
+        if STORE_STATES:
             store_state_block(ph, S1, 0, cv, K, V, BK)
         Rb = tile(U, t, eos, SV, v0, V, BV).to(tl.float32)
         Rb -= tl.dot(tile(Y, t, eos, SK, 0, K, BK), S1.to(dt), input_precision=PREC)
         if K > BK:
-            if not FUSE_OUTPUT:
+            if STORE_STATES:
                 store_state_block(ph, S2, BK, cv, K, V, BK)
             Rb -= tl.dot(tile(Y, t, eos, SK, BK, K, BK), S2.to(dt), input_precision=PREC)
         if K > 2 * BK:
-            if not FUSE_OUTPUT:
+            if STORE_STATES:
                 store_state_block(ph, S3, 2 * BK, cv, K, V, BK)
             Rb -= tl.dot(tile(Y, t, eos, SK, 2 * BK, K, BK), S3.to(dt), input_precision=PREC)
         if K > 3 * BK:
-            if not FUSE_OUTPUT:
+            if STORE_STATES:
                 store_state_block(ph, S4, 3 * BK, cv, K, V, BK)
             Rb -= tl.dot(tile(Y, t, eos, SK, 3 * BK, K, BK), S4.to(dt), input_precision=PREC)
         Rd = Rb.to(dt)
+        if STORE_STATES:
+            store_tile(R, Rb, t, eos, SV, v0, V, BV)
         if FUSE_OUTPUT:
             out = tl.dot(tile(Aqk + i_h * 64, t, eos, H * 64, 0, 64, 64).to(dt), Rd, input_precision=PREC)
             out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 0, K, BK), S1.to(dt), input_precision=PREC)
@@ -606,8 +613,6 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
             if K > 3 * BK:
                 out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 3 * BK, K, BK), S4.to(dt), input_precision=PREC)
             store_tile(o + i_hv * V, out, t, eos, SV, v0, V, BV)
-        else:
-            store_tile(R, Rb, t, eos, SV, v0, V, BV)
         S1 = S1 * key_vector(pg, 0, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 0, K, BK), Rd,
                                                               input_precision=PREC)
         if K > BK:
@@ -664,10 +669,12 @@ def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2
     return A, Aqk, n_exact
 
 
-def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state, fuse_output=False):
+def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state, fuse_output: bool,
+                  for_backward: bool):
     """The forward launches. Returns o [TT, Hv, V], the final state [N, Hv, K, V] fp32 or None, and the
-    intermediates the backward reads: dict(A, Aqk, n_exact, Y, Qg, Kt, gC, hs, R) (hs and R are None with fuse_output:
-    inference only, the output is then computed inside the sequential walk and no per-chunk state is stored)."""
+    intermediates the backward reads: dict(A, Aqk, n_exact, Y, Qg, Kt, gC, hs, R). fuse_output: O is computed inside
+    the sequential walk (no output kernel); the per-chunk states hs and R are stored unless fuse_output and not
+    for_backward (then they are None)."""
     cu, chunk_indices, chunk_offsets, n_chunks = layout
     n_seqs = cu.numel() - 1
     TT, H, K = q.shape
@@ -681,16 +688,17 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     U = torch.empty_like(v)
     gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu, chunk_indices, scale,
                                       H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec)
-    hs = None if fuse_output else torch.empty(n_chunks, HV, K, V, device=dev, dtype=v.dtype)
-    R = None if fuse_output else torch.empty_like(v)
+    store_states = for_backward or not fuse_output
+    hs = torch.empty(n_chunks, HV, K, V, device=dev, dtype=v.dtype) if store_states else None
+    R = torch.empty_like(v) if store_states else None
     o = torch.empty_like(v)
     ht = torch.empty(n_seqs, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seqs * HV)
-    # with fuse_output, hs and R are never touched (constexpr-guarded); o stands in for their pointers
-    gdn2_fwd_kernel_state[grid](Y, U, Kt, gC, h0, o if fuse_output else R, o if fuse_output else hs, ht, Qg, Aqk, o,
+    # without store_states, hs and R are never touched (constexpr-guarded); o stands in for their pointers
+    gdn2_fwd_kernel_state[grid](Y, U, Kt, gC, h0, R if store_states else o, hs if store_states else o, ht, Qg, Aqk, o,
                                 cu, chunk_offsets, (n_seqs * HV).bit_length(),
                                 H=H, HV=HV, K=K, V=V, BK=BK, HAS_H0=h0 is not None, STORE_FINAL=output_final_state,
-                                FUSE_OUTPUT=fuse_output, PREC=prec)
+                                FUSE_OUTPUT=fuse_output, STORE_STATES=store_states, PREC=prec)
     if not fuse_output:
         grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
         gdn2_fwd_kernel_output[grid](Qg, Aqk, hs, R, o, cu, chunk_indices, H=H, HV=HV, K=K, V=V, BK=BK, PREC=prec)

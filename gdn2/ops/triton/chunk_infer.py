@@ -9,7 +9,8 @@ The forward launches of the training path (chunk_fwd.chunk_forward: intra -> exa
 Measured on the H100 (bf16, K=V=128, 2026-11-27, docs/kernels.md): fused 3.72 vs split 3.95 ms at B=8, T=4096,
 3.84 vs 4.09 at B=2, T=16384, 8.46 vs 8.71 at B=1, T=65536. So fused is the default where it was measured (16-bit
 inputs, K <= 128); elsewhere (fp32, K = 256: fewer state-kernel configs fit there) the split one, until timed.
-GDN2_TRITON_INFER_FUSED=1 / =0 (read per call) forces either.
+GDN2_TRITON_INFER_FUSED=1 / =0 (read per call) forces either. GDN2_TRITON_TRAIN_FUSED=1 computes the output inside
+the walk in the training forward too (states still stored for the backward; untimed, so off by default).
 """
 from __future__ import annotations
 
@@ -20,18 +21,34 @@ import torch
 from gdn2.ops.triton.chunk_fwd import chunk_forward
 
 
+def _forced(name: str) -> bool | None:
+    """The value of an output-variant switch: None if unset, else 0 / 1 (anything else is refused)."""
+    forced = os.environ.get(name)
+    if forced is None or forced == "":
+        return None
+    if forced not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 (per-chunk states + output kernel) or 1 (output inside the sequential "
+                         f"walk), or unset for the default; got {forced!r}")
+    return forced == "1"
+
+
 def use_fused_output(dtype: torch.dtype, K: int) -> bool:
     """Whether the inference forward computes the output inside the sequential walk (see the module docstring)."""
-    forced = os.environ.get("GDN2_TRITON_INFER_FUSED")
-    if forced is None or forced == "":
+    forced = _forced("GDN2_TRITON_INFER_FUSED")
+    if forced is None:
         return dtype in (torch.bfloat16, torch.float16) and K <= 128
-    if forced not in ("0", "1"):
-        raise ValueError(f"GDN2_TRITON_INFER_FUSED must be 0 (per-chunk states + output kernel) or 1 (output inside "
-                         f"the sequential walk), or unset for the measured default; got {forced!r}")
-    return forced == "1"
+    return forced
+
+
+def use_fused_output_in_training() -> bool:
+    """Whether the training forward computes the output inside the walk too (it still stores the per-chunk states and
+    R for the backward, and drops the output kernel). Off unless GDN2_TRITON_TRAIN_FUSED=1: not yet timed on a GPU
+    (the bench rows train_fwd_fused / fwd_bwd_fused time it; the inference analogue measured 0.24-0.26 ms faster on
+    the H100)."""
+    return bool(_forced("GDN2_TRITON_TRAIN_FUSED"))
 
 
 def inference_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
     o, ht, _ = chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state,
-                             fuse_output=use_fused_output(v.dtype, q.shape[-1]))
+                             fuse_output=use_fused_output(v.dtype, q.shape[-1]), for_backward=False)
     return o, ht
