@@ -65,6 +65,9 @@ def main():
     for n in names:
         kernel = recorders[n].kernel
         setattr(modules[n], kernel.fn.__name__, kernel)
+        if not recorders[n].calls:
+            print(f"{n}: not launched by this call (e.g. the output kernel with GDN2_TRITON_TRAIN_FUSED=1); skipped")
+            continue
         grid, a, kw = recorders[n].calls[0]
         named = {**dict(zip(kernel.fn.arg_names, a)), **kw}
         fits_args = [named[x] for x in kernel.fits_args]
@@ -76,6 +79,8 @@ def main():
             rows.append(dict(card=card, kernel=n, config=config_name(config), ms=f"{ms:.4f}"))
             print(f"{n:16s} {config_name(config):28s} {ms:8.4f} ms", flush=True)
         pin_config(kernel, None)
+    if not rows:
+        raise SystemExit("no kernel was timed")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"configs-{card}-B{args.B}_T{args.T}.csv")
     with open(path, "w", newline="") as f:
