@@ -347,18 +347,18 @@ def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_e
     SK = H * K
     S64 = H * 64
     koff = i_h * K
+    q, k, g, b, rq, rk = key_head_inputs(q, k, g, b, rq, rk, i_h, K)
     t0 = bos + i_t * 64 + r0
     ti = t0 + tl.arange(0, 16)
     cols = i_k * BKD + tl.arange(0, BKD)
-    exact = exact_channels(load_rows(g + koff, ti, eos, SK, cols, K))
+    exact = exact_channels(load_rows(g, ti, eos, SK, cols, K))
     if tl.sum(exact.to(tl.int32), 0) > 0:
-        _, _, qs, kt, bk, _ = _load_sub(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h, ti, eos,
-                                        tl.zeros([BKD], dtype=tl.float32), cols, scale, SK, H, K, USE_L2)
-        d_bk, d_qs, d_k = diag_exact_bwd(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h,
-                                         dT + i_h * 64 + r0, dAqk + i_h * 64 + r0, t0, eos, cols, kt, exact, scale,
-                                         SK, S64, H, K, BKD, USE_L2)
+        _, _, qs, kt, bk, _ = _load_sub(q, k, g, b, rq, rk, ti, eos, tl.zeros([BKD], dtype=tl.float32), cols, scale,
+                                        SK, H, K, USE_L2)
+        d_bk, d_qs, d_k = diag_exact_bwd(q, k, g, b, rq, rk, dT + i_h * 64 + r0, dAqk + i_h * 64 + r0, t0, eos, cols,
+                                         kt, exact, scale, SK, S64, H, K, BKD, USE_L2)
         pq, pk, pb, pG = _finish_sub(dq + koff, dk + koff, db + koff, dG + koff, ti, eos, cols, SK, K, d_bk, d_qs,
-                                     d_k, bk, qs, kt, load_rows(b + koff, ti, eos, SK, cols, K), scale)
+                                     d_k, bk, qs, kt, load_rows(b, ti, eos, SK, cols, K), scale)
         _store_rows(dq + koff, pq, ti, eos, SK, cols, K)
         _store_rows(dk + koff, pk, ti, eos, SK, cols, K)
         _store_rows(db + koff, pb, ti, eos, SK, cols, K)
@@ -369,20 +369,6 @@ def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_e
 def row_of(X, r64, row):
     """Row `row` of a [64, BK] tile as a [BK] vector."""
     return tl.sum(tl.where(r64[:, None] == row, X, 0.), 0)
-
-
-@triton.jit
-def _cols16(ptr, t, eos, stride_t, c0):
-    """[64, 16]: columns c0 .. c0 + 15 of a per-chunk [64, 64] fp32 matrix (rows t, 0 past eos)."""
-    c16 = tl.arange(0, 16)
-    return tl.load(ptr + t[:, None] * stride_t + c0 + c16[None, :], mask=(t < eos)[:, None], other=0.)
-
-
-@triton.jit
-def _rows16_t(ptr, t16, eos, stride_t):
-    """[64, 16]: the rows t16 (16 of them, 0 past eos) of a per-chunk [64, 64] fp32 matrix, transposed."""
-    c64 = tl.arange(0, 64)
-    return tl.load(ptr + t16[None, :] * stride_t + c64[:, None], mask=(t16 < eos)[None, :], other=0.)
 
 
 # The partials dq, dk, db, dG are read only and the totals go to separate outputs, so no autotuned config sees
@@ -433,16 +419,17 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
         diag = (rows == j) & on
         # row side: the columns of sub-chunk j
         kR = k_j * tl.exp(ce[None, :] - Gj)
-        PT = tl.dot(_cols16(dT, t, eos, S64, 16 * j), kR, input_precision=PREC)
-        PQ = tl.dot(_cols16(dAqk, t, eos, S64, 16 * j), kR, input_precision=PREC)
+        PT = tl.dot(tile(dT, t, eos, S64, 16 * j, 64, 16), kR, input_precision=PREC)        # dM's columns in j
+        PQ = tl.dot(tile(dAqk, t, eos, S64, 16 * j, 64, 16), kR, input_precision=PREC)
         up = tl.where(rows == j, tl.exp(tl.where(on, m - ce[None, :], float("-inf"))), 1.)
         E = tl.exp(tl.where(rows > j, G - ce[None, :], tl.where(diag, G - m, float("-inf"))))
         d_bk += E * (PT * up)
         d_qs += E * (PQ * up)
         # column side: the rows of sub-chunk j
         lo = tl.exp(Gj - cb[None, :])
-        C = tl.dot(_rows16_t(dT, tj, eos, S64), bk_j * lo, input_precision=PREC)
-        C += tl.dot(_rows16_t(dAqk, tj, eos, S64), qs_j * lo, input_precision=PREC)
+        # dM's rows in j, transposed ([64, 16])
+        C = tl.dot(tile_t(dT, tj, eos, S64, 0, 64, 64), bk_j * lo, input_precision=PREC)
+        C += tl.dot(tile_t(dAqk, tj, eos, S64, 0, 64, 64), qs_j * lo, input_precision=PREC)
         down = tl.where(rows == j, tl.exp(tl.where(on, cb[None, :] - m, float("-inf"))), 1.)
         E = tl.exp(tl.where(rows < j, cb[None, :] - G, tl.where(diag, m - G, float("-inf"))))
         d_k += E * (C * down)
@@ -453,10 +440,11 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
         kt = kt * load_scale(rk, t, eos, H)[:, None]
         qs = qs * load_scale(rq, t, eos, H)[:, None]
     bt = load_rows(b, t, eos, SK, cols, K)
-    _store_rows(dq_out + koff, load_rows(dq + koff, t, eos, SK, cols, K) + d_qs * scale, t, eos, SK, cols, K)
-    _store_rows(db_out + koff, load_rows(db + koff, t, eos, SK, cols, K) + d_bk * kt, t, eos, SK, cols, K)
-    _store_rows(dk_out + koff, load_rows(dk + koff, t, eos, SK, cols, K) + d_bk * bt + d_k, t, eos, SK, cols, K)
-    pG = load_rows(dG + koff, t, eos, SK, cols, K) + bt * kt * d_bk + qs * d_qs - kt * d_k
+    pq, pk, pb, pG = _finish_sub(dq + koff, dk + koff, db + koff, dG + koff, t, eos, cols, SK, K, d_bk, d_qs, d_k,
+                                 bt * kt, qs, kt, bt, scale)
+    _store_rows(dq_out + koff, pq, t, eos, SK, cols, K)
+    _store_rows(dk_out + koff, pk, t, eos, SK, cols, K)
+    _store_rows(db_out + koff, pb, t, eos, SK, cols, K)
     _store_rows(dg + koff, tl.cumsum(pG, 0, reverse=True), t, eos, SK, cols, K)
 
 

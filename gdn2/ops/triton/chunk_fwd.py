@@ -209,14 +209,6 @@ def _earlier_block(k, g, rk, t_j, eos, cols, x_T, x_Q, mid, acc_T, acc_Q, SK, H,
     return acc_T, acc_Q, mid + tot
 
 
-@triton.jit
-def _store_block(ptr, x, t, eos, stride_t, c0, ok):
-    """Store a [16, 16] block at columns c0 .. c0 + 15 of rows t, if ok (a program-uniform condition)."""
-    c16 = tl.arange(0, 16)
-    tl.store(ptr + t[:, None] * stride_t + c0 + c16[None, :], x.to(ptr.dtype.element_ty),
-             mask=(t < eos)[:, None] & ok)
-
-
 @tuned(INTRA_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=INTRA_INTERPRET, dtype_arg="q")
 @triton.jit
 def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, n_exact, cu_seqlens, chunk_indices, scale,
@@ -269,14 +261,17 @@ def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, n_exact, cu_seqlens, chunk
         kr = tl.trans(k_i * rm)
         T_d += tl.dot(bk_i * left, kr, input_precision=PREC)
         Q_d += tl.dot(qs_i * left, kr, input_precision=PREC)
-    _store_block(A, T1, ti, eos, S64, r0 - 16, r0 >= 16)
-    _store_block(Aqk, Q1, ti, eos, S64, r0 - 16, r0 >= 16)
-    _store_block(A, T2, ti, eos, S64, r0 - 32, r0 >= 32)
-    _store_block(Aqk, Q2, ti, eos, S64, r0 - 32, r0 >= 32)
-    _store_block(A, T3, ti, eos, S64, r0 - 48, r0 >= 48)
-    _store_block(Aqk, Q3, ti, eos, S64, r0 - 48, r0 >= 48)
-    _store_block(A, tl.where(r16[:, None] > r16[None, :], T_d, 0.), ti, eos, S64, r0, True)
-    _store_block(Aqk, tl.where(r16[:, None] >= r16[None, :], Q_d, 0.), ti, eos, S64, r0, True)
+    if r0 >= 16:
+        store_tile(A, T1, ti, eos, S64, r0 - 16, 64, 16)
+        store_tile(Aqk, Q1, ti, eos, S64, r0 - 16, 64, 16)
+    if r0 >= 32:
+        store_tile(A, T2, ti, eos, S64, r0 - 32, 64, 16)
+        store_tile(Aqk, Q2, ti, eos, S64, r0 - 32, 64, 16)
+    if r0 >= 48:
+        store_tile(A, T3, ti, eos, S64, r0 - 48, 64, 16)
+        store_tile(Aqk, Q3, ti, eos, S64, r0 - 48, 64, 16)
+    store_tile(A, tl.where(r16[:, None] > r16[None, :], T_d, 0.), ti, eos, S64, r0, 64, 16)
+    store_tile(Aqk, tl.where(r16[:, None] >= r16[None, :], Q_d, 0.), ti, eos, S64, r0, 64, 16)
     c64 = tl.arange(0, 64)
     after = (ti < eos)[:, None] & (c64 >= r0 + 16)[None, :]
     zero = tl.zeros([16, 64], dtype=tl.float32)
@@ -404,7 +399,7 @@ def chunk_key_side(q, k, g, b, rq, rk, t, eos, cols, scale, SK, SH, K: tl.conste
 
 @triton.jit
 def tile(ptr, t, eos, stride_t, c0, n_cols, BC: tl.constexpr):
-    """[64, BC] tile (stored dtype) of rows t (masked t < eos), columns c0 .. c0 + BC (masked < n_cols)."""
+    """[len(t), BC] tile (stored dtype) of rows t (masked t < eos), columns c0 .. c0 + BC (masked < n_cols)."""
     cols = c0 + tl.arange(0, BC)
     return tl.load(ptr + t[:, None] * stride_t + cols[None, :], mask=(t < eos)[:, None] & (cols < n_cols)[None, :],
                    other=0.)
@@ -412,7 +407,7 @@ def tile(ptr, t, eos, stride_t, c0, n_cols, BC: tl.constexpr):
 
 @triton.jit
 def tile_t(ptr, t, eos, stride_t, c0, n_cols, BC: tl.constexpr):
-    """[BC, 64] transposed tile: out[c, j] = M[t_j, c0 + c] (loaded transposed, no tl.trans)."""
+    """[BC, len(t)] transposed tile: out[c, j] = M[t_j, c0 + c] (loaded transposed, no tl.trans)."""
     cols = c0 + tl.arange(0, BC)
     return tl.load(ptr + t[None, :] * stride_t + cols[:, None], mask=(t < eos)[None, :] & (cols < n_cols)[:, None],
                    other=0.)
