@@ -170,11 +170,11 @@ def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance
         # ... and may name checks its upstream cannot run here (e.g. a decode kernel of a backend not installed)
         skips = family.conformance_skips(variant) if hasattr(family, "conformance_skips") else {}
 
-        def measure_or_skip(check: str, compute):
+        def measure_or_skip(check: str, compute, extra: str = ""):
             if check in skips:
                 rows.append(DoctorRow(label, check, "skipped", detail=skips[check]))
                 return
-            measure(check, compute, limit, note)
+            measure(check, compute, limit, "; ".join(x for x in (note, extra) if x))
 
         state = {}
         for key, lm in (("up", upstream), ("ref", reference)):
@@ -185,15 +185,14 @@ def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance
                 rows.append(DoctorRow(label, f"forward ({which})", "error", detail=f"{type(err).__name__}: {err}"))
         if "up" in state and "ref" in state:
             measure_or_skip(f"logits upstream vs reference (T={seq_len})", lambda: (state["up"], state["ref"]))
+        # ... and may take only one new token per cached call (then every token after the prefill goes singly)
         single = family.conformance_single_token_decode(variant) if hasattr(
             family, "conformance_single_token_decode") else ""
-        if "up" in state and single and "prefill+decode vs full (upstream)" not in skips:
-            measure("prefill+decode vs full (upstream)",
-                    lambda: (state["up"], incremental_logits(upstream, ids, steps=seq_len)), limit,
-                    "; ".join(x for x in (note, f"every token after the prefill singly: {single}") if x))
-        elif "up" in state:
+        up_steps = seq_len if single else DECODE_STEPS
+        if "up" in state:
             measure_or_skip("prefill+decode vs full (upstream)",
-                            lambda: (state["up"], incremental_logits(upstream, ids)))
+                            lambda: (state["up"], incremental_logits(upstream, ids, steps=up_steps)),
+                            f"every token after the prefill singly: {single}" if single else "")
         if "ref" in state:
             measure_or_skip("prefill+decode vs full (reference)",
                             lambda: (state["ref"], incremental_logits(reference, ids)))
