@@ -47,27 +47,34 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("B,T,H,HV,K,V,l2,cu", CASES)
-def test_forward_backward_vs_float64_recurrence(B, T, H, HV, K, V, l2, cu):
-    cu = torch.tensor(cu) if cu is not None else None
-    N = B if cu is None else len(cu) - 1
-    inputs = make_inputs(B, T, H, HV, K, V, N, not l2, seed=T + K)
+def assert_forward_backward_match(inputs, l2=False, cu=None):
+    """Our Triton chunk path (output, final state, every gradient: q, k, v, g, b, w, h0) against float64 autograd
+    through the token-serial recurrence, on the same inputs and upstream gradients. Returns our (o, ht)."""
     ours = [x.clone().requires_grad_() for x in inputs]
     o, ht = chunk_gdn2(*ours[:6], initial_state=ours[6], output_final_state=True, use_qk_l2norm_in_kernel=l2,
                        cu_seqlens=cu, backend="triton")
-    assert o.dtype == torch.float32 and ht.dtype == torch.float32
     do, dht = torch.randn_like(o), torch.randn_like(ht)
     ((o * do).sum() + (ht * dht).sum()).backward()
-
     ref = [x.double().clone().requires_grad_() for x in inputs]
     ro, rh = naive_recurrent_gdn2(*ref[:6], initial_state=ref[6], output_final_state=True,
                                   use_qk_l2norm_in_kernel=l2, cu_seqlens=cu)
     ((ro * do.double()).sum() + (rh * dht.double()).sum()).backward()
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     assert rel(o, ro) < TOL
     assert rel(ht, rh) < TOL
     for name, a, r in zip(["q", "k", "v", "g", "b", "w", "h0"], ours, ref):
         assert torch.isfinite(a.grad).all(), name
         assert rel(a.grad, r.grad) < TOL, (name, rel(a.grad, r.grad))
+    return o, ht
+
+
+@pytest.mark.parametrize("B,T,H,HV,K,V,l2,cu", CASES)
+def test_forward_backward_vs_float64_recurrence(B, T, H, HV, K, V, l2, cu):
+    cu = torch.tensor(cu) if cu is not None else None
+    N = B if cu is None else len(cu) - 1
+    inputs = make_inputs(B, T, H, HV, K, V, N, not l2, seed=T + K)
+    o, ht = assert_forward_backward_match(inputs, l2, cu)
+    assert o.dtype == torch.float32 and ht.dtype == torch.float32
 
 
 def test_inference_forward_no_state_no_grad():
@@ -136,18 +143,7 @@ def test_training_forward_fused_output(monkeypatch):
             raise AssertionError("the output kernel ran although the output is computed inside the walk")
     monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_output", NoLaunch())
     monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "1")
-    cu = torch.tensor([0, 50, 140])
-    inputs = make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=13)
-    ours = [x.clone().requires_grad_() for x in inputs]
-    o, ht = chunk_gdn2(*ours[:6], initial_state=ours[6], output_final_state=True, cu_seqlens=cu, backend="triton")
-    do, dht = torch.randn_like(o), torch.randn_like(ht)
-    ((o * do).sum() + (ht * dht).sum()).backward()
-    ref = [x.double().clone().requires_grad_() for x in inputs]
-    ro, rh = naive_recurrent_gdn2(*ref[:6], initial_state=ref[6], output_final_state=True, cu_seqlens=cu)
-    ((ro * do.double()).sum() + (rh * dht.double()).sum()).backward()
-    assert rel(o, ro) < TOL and rel(ht, rh) < TOL
-    for name, a, r in zip(["q", "k", "v", "g", "b", "w", "h0"], ours, ref):
-        assert rel(a.grad, r.grad) < TOL, (name, rel(a.grad, r.grad))
+    assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=13), cu=torch.tensor([0, 50, 140]))
 
 
 def test_strong_decay_does_not_overflow():
@@ -162,18 +158,7 @@ def test_strong_decay_does_not_overflow():
     sub = torch.nn.functional.pad(g[0, :, 0], (0, 0, 0, 28)).reshape(8, 16, 32)[:7]      # the 7 sub-chunks with data
     midpoint = sub.amin(1) >= MIDPOINT_G_MIN.value
     assert midpoint.any(-1).all() and (~midpoint).any(-1).all()
-    ours = [x.clone().requires_grad_() for x in (q, k, v, g, b, w, h0)]
-    o, ht = chunk_gdn2(*ours[:6], initial_state=ours[6], output_final_state=True, backend="triton")
-    do, dht = torch.randn_like(o), torch.randn_like(ht)
-    ((o * do).sum() + (ht * dht).sum()).backward()
-    ref = [x.double().clone().requires_grad_() for x in (q, k, v, g, b, w, h0)]
-    ro, rh = naive_recurrent_gdn2(*ref[:6], initial_state=ref[6], output_final_state=True)
-    ((ro * do.double()).sum() + (rh * dht.double()).sum()).backward()
-    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
-    assert rel(o, ro) < TOL and rel(ht, rh) < TOL
-    for name, a, r in zip(["q", "k", "v", "g", "b", "w", "h0"], ours, ref):
-        assert torch.isfinite(a.grad).all(), name
-        assert rel(a.grad, r.grad) < TOL, (name, rel(a.grad, r.grad))
+    assert_forward_backward_match((q, k, v, g, b, w, h0))
 
 
 def test_unwritten_outputs_are_caught(monkeypatch):
