@@ -119,16 +119,22 @@ def test_inference_output_variant_choice(monkeypatch):
 
 
 def test_training_output_variant_choice(monkeypatch):
-    """The training forward keeps the split output (the measured path) unless GDN2_TRITON_TRAIN_FUSED=1."""
+    """The training forward computes the output inside the walk where the inference forward does (16-bit inputs,
+    K <= 128: the measured domain) and keeps the split output elsewhere; GDN2_TRITON_TRAIN_FUSED=0 / 1 forces either."""
     from gdn2.ops.triton.chunk_infer import use_fused_output_in_training
 
     monkeypatch.delenv("GDN2_TRITON_TRAIN_FUSED", raising=False)
-    assert not use_fused_output_in_training()
+    assert use_fused_output_in_training(torch.bfloat16, 128)
+    assert use_fused_output_in_training(torch.float16, 64)
+    assert not use_fused_output_in_training(torch.float32, 128)
+    assert not use_fused_output_in_training(torch.bfloat16, 256)
+    monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "0")
+    assert not use_fused_output_in_training(torch.bfloat16, 128)
     monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "1")
-    assert use_fused_output_in_training()
+    assert use_fused_output_in_training(torch.float32, 256)
     monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "2")
     with pytest.raises(ValueError, match="GDN2_TRITON_TRAIN_FUSED must be 0 .* or 1"):
-        use_fused_output_in_training()
+        use_fused_output_in_training(torch.bfloat16, 128)
 
 
 def test_training_forward_fused_output(monkeypatch):

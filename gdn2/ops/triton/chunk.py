@@ -54,7 +54,8 @@ class ChunkGDN2Function(torch.autograd.Function):
         rq, rk = (inverse_norms(qf), inverse_norms(kf)) if use_l2 else (qf, kf)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         o, ht, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, output_final_state,
-                                     fuse_output=use_fused_output_in_training(), for_backward=True)
+                                     fuse_output=use_fused_output_in_training(v.dtype, K),
+                                     for_backward=True)
         ctx.saved_names = tuple(saved)
         ctx.save_for_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, *saved.values())
         ctx.meta = (scale, layout, use_l2, (B, T, H, K, HV, V), initial_state is not None,

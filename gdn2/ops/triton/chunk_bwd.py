@@ -95,12 +95,13 @@ DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
-# Measured on the H100 (B=8, T=4096, bf16, benchmarks/time_configs.py, 2026-11-27, results/bench/configs-*): (32, 4)
-# 3.94-3.96 ms, (32, 4, maxnreg 168) 3.90-3.92, (32, 4, 2 stages) 3.94, (16, 4, maxnreg 128) 4.32-4.34; dropped:
-# (32, 4, 3 stages) 4.04, (32, 8, maxnreg 128) 4.50-4.53, (64, 8) 4.90-4.92, (16, 8) 5.91, (16, 4) 6.24, (32, 8) 6.94.
-# sm_90 build (bf16, K = 128), registers / spill bytes: 254/0, 168/476, 255/0 (42 KB shared), 128/56.
-DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=w, num_stages=st, maxnreg=reg)
-                for bks, w, st, reg in ((32, 4, 1, None), (32, 4, 1, 168), (32, 4, 2, None), (16, 4, 1, 128))]
+# Measured on the H100 (B=8, T=4096, bf16, benchmarks/time_configs.py, 2026-11-27, results/bench/configs-*), sixth
+# session, loads of the next sub-chunk issued before the current one's work: (32, 4) 3.29 ms, (32, 4, 2 stages) 3.29,
+# (16, 4, maxnreg 128) 3.36, (32, 4, maxnreg 168) 3.48; dropped: (16, 4) 4.44. Before that prefetch (the same Horner
+# form) the best was 3.80 (2 stages); the form before it (two exponential tiles per sub-chunk and side) 3.86-3.91, and
+# 8 warps 6.6-6.9 in both. sm_90 build (bf16, K = 128), registers / spill bytes: 255/72, 255/40, 128/136, 168/560.
+DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=st, maxnreg=reg)
+                for bks, st, reg in ((32, 1, None), (32, 2, None), (16, 1, 128), (32, 1, 168))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 # exact_diag: BKD channels per program (per-channel outputs); one or two warps keep the reductions over the 16 rows
 # inside a warp (the full-K form of this kernel at 2 warps took 5.1 ms at B=8, T=4096 on the H100: cross-warp).
@@ -316,13 +317,20 @@ def diag_exact_bwd(q, k, g, b, rq, rk, dT, dAqk, t0, eos, cols, kt, exact, scale
 
 
 @triton.jit
-def _finish_sub(dq, dk, db, dG, t, eos, cols, SK, K: tl.constexpr, d_bk, d_qs, d_k, bk, qs, kb, bb, scale):
-    """Add the pairwise-product grads to the elementwise partials; returns (dq, dk, db, dG) tiles."""
+def _add_row_side(dq, dk, db, dG, t, eos, cols, SK, K: tl.constexpr, d_bk, d_qs, bk, qs, kb, bb, scale):
+    """Add the gradients d(b k), d(scale q) of the pairwise products to the elementwise partials: dq and db are then
+    final, dk and dG still lack the column side's d_k (_add_col_side). Returns (dq, dk, db, dG) tiles."""
     pq = load_rows(dq, t, eos, SK, cols, K) + d_qs * scale
-    pk = load_rows(dk, t, eos, SK, cols, K) + d_bk * bb + d_k
+    pk = load_rows(dk, t, eos, SK, cols, K) + d_bk * bb
     pb = load_rows(db, t, eos, SK, cols, K) + d_bk * kb
-    pG = load_rows(dG, t, eos, SK, cols, K) + bk * d_bk + qs * d_qs - kb * d_k
+    pG = load_rows(dG, t, eos, SK, cols, K) + bk * d_bk + qs * d_qs
     return pq, pk, pb, pG
+
+
+@triton.jit
+def _add_col_side(pk, pG, d_k, kb):
+    """Add the pairwise products' dk (column side) to the dk and dG tiles of _add_row_side."""
+    return pk + d_k, pG - kb * d_k
 
 
 @triton.jit
@@ -357,8 +365,9 @@ def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_e
                                         SK, H, K, USE_L2)
         d_bk, d_qs, d_k = diag_exact_bwd(q, k, g, b, rq, rk, dT + i_h * 64 + r0, dAqk + i_h * 64 + r0, t0, eos, cols,
                                          kt, exact, scale, SK, S64, H, K, BKD, USE_L2)
-        pq, pk, pb, pG = _finish_sub(dq + koff, dk + koff, db + koff, dG + koff, ti, eos, cols, SK, K, d_bk, d_qs,
-                                     d_k, bk, qs, kt, load_rows(b, ti, eos, SK, cols, K), scale)
+        pq, pk, pb, pG = _add_row_side(dq + koff, dk + koff, db + koff, dG + koff, ti, eos, cols, SK, K, d_bk, d_qs,
+                                       bk, qs, kt, load_rows(b, ti, eos, SK, cols, K), scale)
+        pk, pG = _add_col_side(pk, pG, d_k, kt)
         _store_rows(dq + koff, pq, ti, eos, SK, cols, K)
         _store_rows(dk + koff, pk, ti, eos, SK, cols, K)
         _store_rows(db + koff, pb, ti, eos, SK, cols, K)
@@ -366,9 +375,37 @@ def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_e
 
 
 @triton.jit
-def row_of(X, r64, row):
-    """Row `row` of a [64, BK] tile as a [BK] vector."""
-    return tl.sum(tl.where(r64[:, None] == row, X, 0.), 0)
+def sub_chunk_cumsum(x):
+    """[64, BK] -> the inclusive cumsum of x inside each 16-row sub-chunk (G - G before the sub-chunk, for g)."""
+    BK: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.cumsum(tl.reshape(x, (4, 16, BK)), 1), (64, BK))
+
+
+@triton.jit
+def midpoint_weights(tot, on):
+    """For a sub-chunk with total tot [BK] (G at its last row minus G before it) and midpoint channels `on` [BK]:
+    half = m - cb (tot / 2 on the midpoint channels, else 0), e^half, and the diagonal block's weight e^-half (0 off
+    the midpoint channels: their diagonal blocks come from the exact kernels). Each <= e^40 (MIDPOINT_G_MIN)."""
+    half = tl.where(on, 0.5 * tot, 0.)
+    return half, tl.exp(half), tl.where(on, tl.exp(-half), 0.)
+
+
+@triton.jit
+def _row_side_loads(k, g, dT, dAqk, t0, t, eos, j, c0, SK, S64, K: tl.constexpr, BKS: tl.constexpr):
+    """dqkg's row-side inputs for sub-chunk j, in their stored dtypes: its k, g rows [16, BKS] (channels c0 ..) and the
+    columns of dT, dAqk in it [64, 16] (the chunk's rows t)."""
+    tj = t0 + 16 * j + tl.arange(0, 16)
+    return (tile(k, tj, eos, SK, c0, K, BKS), tile(g, tj, eos, SK, c0, K, BKS), tile(dT, t, eos, S64, 16 * j, 64, 16),
+            tile(dAqk, t, eos, S64, 16 * j, 64, 16))
+
+
+@triton.jit
+def _col_side_loads(q, k, b, g, dT, dAqk, t0, eos, j, c0, SK, S64, K: tl.constexpr, BKS: tl.constexpr):
+    """dqkg's column-side inputs for sub-chunk j, in their stored dtypes: its q, k, b, g rows [16, BKS] and the rows
+    of dT, dAqk in it, transposed [64, 16]."""
+    tj = t0 + 16 * j + tl.arange(0, 16)
+    return (tile(q, tj, eos, SK, c0, K, BKS), tile(k, tj, eos, SK, c0, K, BKS), tile(b, tj, eos, SK, c0, K, BKS),
+            tile(g, tj, eos, SK, c0, K, BKS), tile_t(dT, tj, eos, S64, 0, 64, 64), tile_t(dAqk, tj, eos, S64, 0, 64, 64))
 
 
 # The partials dq, dk, db, dG are read only and the totals go to separate outputs, so no autotuned config sees
@@ -380,17 +417,20 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
                          chunk_indices, scale, H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr,
                          USE_L2: tl.constexpr, PREC: tl.constexpr):
     """The backward of T and Aqk for BKS key channels of one chunk (all 64 rows). With X = b k (for T) or scale q
-    (for Aqk), dM = dT or dAqk, and for sub-chunk j: cb_j / ce_j = G before it / at its last row, m_j their midpoint,
-      dX_r = sum_j e^(G_r - ce_j) sum_{s in j} dM_rs k_s e^(ce_j - G_s)          (rows r after sub-chunk j)
-      dk_s = sum_j e^(cb_j - G_s) sum_{r in j} dM_rs X_r e^(G_r - cb_j)          (columns s before sub-chunk j)
-    every factor <= 1. So per sub-chunk j and side one product with K = 16: [64, 16] x [16, BKS], the columns of dM
-    in j times k e^(ce_j - G) of its rows (row side), the rows of dM in j (transposed) times X e^(G - cb_j) (column
-    side). The same product holds the diagonal block (r, s both in j; dM is 0 above its diagonal): its rows are
-    scaled through the midpoint instead, e^(G_r - ce_j) = e^(G_r - m_j) e^(m_j - ce_j) (and e^(cb_j - G_s) =
-    e^(cb_j - m_j) e^(m_j - G_s)), each factor <= e^40 on the midpoint channels (chunk_fwd.py) and applied one at a
-    time, so no intermediate leaves that range; the other channels' diagonal blocks are 0 here and come from
-    gdn2_bwd_kernel_exact_diag, which added them to the partials. The partials dq, dk, db, dG (fp32) in; the
-    totals dq_out, dk_out, db_out and dg (the reverse cumsum of dG over the chunk) out, in their own dtypes."""
+    (for Aqk), dM = dT or dAqk (0 above the diagonal), sub-chunks i (of the row r or column s) and j, cb_j / ce_j =
+    G before sub-chunk j / at its last row, tot_j = ce_j - cb_j <= 0, lc = G - cb of the row's own sub-chunk:
+      dX_r = sum_{j<i} e^(G_r - ce_j) P_j[r],   P_j = dM[:, j] (k e^(ce_j - G))_j   ([64, 16] x [16, BKS])
+      dk_s = sum_{j>i} e^(cb_j - G_s) C_j[s],   C_j = dM[j, :]^T (X e^(G - cb_j))_j
+    plus the diagonal block j = i. Every factor is <= 1, and the sums run as Horner recurrences over the sub-chunks
+    with per-channel weights only: ascending, acc <- e^(tot_j) acc + P_j holds sum_{j<i} e^(cb_i - ce_j) P_j when
+    sub-chunk i is reached, and its rows are captured then (rows of later sub-chunks keep accumulating, earlier ones
+    are 0 in P_j); descending, the same with C_j for the column side. So the [64, BKS] tiles see one multiply-add
+    per product and one select per capture, and one exponential at the end: e^(lc - half) (row side) or
+    e^(tot - half - lc) (column side), where half = (m - cb) is tot / 2 on the midpoint channels (midpoint_channels:
+    the diagonal block e^(G_r - G_s) = e^(G_r - m) e^(m - G_s), each factor <= e^40) and 0 elsewhere (those
+    channels' diagonal blocks are 0 here and come from gdn2_bwd_kernel_exact_diag, which added them to the
+    partials). The partials dq, dk, db, dG (fp32) in; the totals dq_out, dk_out, db_out and dg (the reverse cumsum
+    of dG over the chunk) out, in their own dtypes."""
     # the K slices of a chunk are neighbours in the launch order, so they read its dT, dAqk from L2
     i_c, i_k, i_h = tl.program_id(0) // tl.cdiv(K, BKS), tl.program_id(0) % tl.cdiv(K, BKS), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
@@ -403,48 +443,83 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
     r64 = tl.arange(0, 64)
     r16 = tl.arange(0, 16)
     rows = (r64 // 16)[:, None]                       # sub-chunk of each row
-    t = bos + i_t * 64 + r64
+    t0 = bos + i_t * 64
+    t = t0 + r64
     cols = i_k * BKS + tl.arange(0, BKS)
-    G = tl.cumsum(load_rows(g, t, eos, SK, cols, K), 0)
-    d_bk = tl.zeros([64, BKS], dtype=tl.float32)      # d(b k), d(scale q), dk of the pairwise products
+    # row side, sub-chunks ascending: d(b k) from dT, d(scale q) from dAqk
+    acc_T = tl.zeros([64, BKS], dtype=tl.float32)
+    acc_Q = tl.zeros([64, BKS], dtype=tl.float32)
+    d_bk = tl.zeros([64, BKS], dtype=tl.float32)
     d_qs = tl.zeros([64, BKS], dtype=tl.float32)
-    d_k = tl.zeros([64, BKS], dtype=tl.float32)
-    cb = tl.zeros([BKS], dtype=tl.float32)
+    ref_r = tl.zeros([64, BKS], dtype=tl.float32)     # half of each row's sub-chunk
+    c0 = i_k * BKS
+    k_n, g_n, dT_n, dQ_n = _row_side_loads(k, g, dT, dAqk, t0, t, eos, 0, c0, SK, S64, K, BKS)
     for j in range(4):
-        ce = row_of(G, r64, 16 * j + 15)
-        tj = bos + i_t * 64 + 16 * j + r16
-        Gj, _, qs_j, k_j, bk_j, g_j = _load_sub(q, k, g, b, rq, rk, tj, eos, cb, cols, scale, SK, H, K, USE_L2)
-        on = midpoint_channels(g_j)[None, :]
-        m = ((cb + ce) * 0.5)[None, :]
-        diag = (rows == j) & on
-        # row side: the columns of sub-chunk j
-        kR = k_j * tl.exp(ce[None, :] - Gj)
-        PT = tl.dot(tile(dT, t, eos, S64, 16 * j, 64, 16), kR, input_precision=PREC)        # dM's columns in j
-        PQ = tl.dot(tile(dAqk, t, eos, S64, 16 * j, 64, 16), kR, input_precision=PREC)
-        up = tl.where(rows == j, tl.exp(tl.where(on, m - ce[None, :], float("-inf"))), 1.)
-        E = tl.exp(tl.where(rows > j, G - ce[None, :], tl.where(diag, G - m, float("-inf"))))
-        d_bk += E * (PT * up)
-        d_qs += E * (PQ * up)
-        # column side: the rows of sub-chunk j
-        lo = tl.exp(Gj - cb[None, :])
-        # dM's rows in j, transposed ([64, 16])
-        C = tl.dot(tile_t(dT, tj, eos, S64, 0, 64, 64), bk_j * lo, input_precision=PREC)
-        C += tl.dot(tile_t(dAqk, tj, eos, S64, 0, 64, 64), qs_j * lo, input_precision=PREC)
-        down = tl.where(rows == j, tl.exp(tl.where(on, cb[None, :] - m, float("-inf"))), 1.)
-        E = tl.exp(tl.where(rows < j, cb[None, :] - G, tl.where(diag, m - G, float("-inf"))))
-        d_k += E * (C * down)
-        cb = ce
+        # the next sub-chunk's loads are issued before this one's work (their latency bounds this kernel)
+        k_j, g_j, dT_j, dQ_j = k_n, g_n, dT_n, dQ_n
+        k_n, g_n, dT_n, dQ_n = _row_side_loads(k, g, dT, dAqk, t0, t, eos, tl.minimum(j + 1, 3), c0, SK, S64, K,
+                                               BKS)
+        k_j = k_j.to(tl.float32)
+        if USE_L2:
+            k_j = k_j * load_scale(rk, t0 + 16 * j + r16, eos, H)[:, None]
+        g_j = g_j.to(tl.float32)
+        lc = tl.cumsum(g_j, 0)
+        tot = tl.sum(g_j, 0)
+        half, up, diag = midpoint_weights(tot, midpoint_channels(g_j))
+        kR = k_j * tl.exp(tot[None, :] - lc)
+        P_T = tl.dot(dT_j, kR, input_precision=PREC)                  # dM's columns in j
+        P_Q = tl.dot(dQ_j, kR, input_precision=PREC)
+        here = rows == j
+        d_bk = tl.where(here, acc_T * up[None, :] + P_T * diag[None, :], d_bk)
+        d_qs = tl.where(here, acc_Q * up[None, :] + P_Q * diag[None, :], d_qs)
+        ref_r = tl.where(here, half[None, :], ref_r)
+        decay = tl.exp(tot)[None, :]
+        acc_T = acc_T * decay + P_T
+        acc_Q = acc_Q * decay + P_Q
+    # the row side is done: dq and db are final, dk and dG wait for the column side
+    lc64 = sub_chunk_cumsum(load_rows(g, t, eos, SK, cols, K))
+    d_bk *= tl.exp(lc64 - ref_r)
+    d_qs *= tl.exp(lc64 - ref_r)
     kt = load_rows(k, t, eos, SK, cols, K)
     qs = load_rows(q, t, eos, SK, cols, K) * scale
     if USE_L2:
         kt = kt * load_scale(rk, t, eos, H)[:, None]
         qs = qs * load_scale(rq, t, eos, H)[:, None]
     bt = load_rows(b, t, eos, SK, cols, K)
-    pq, pk, pb, pG = _finish_sub(dq + koff, dk + koff, db + koff, dG + koff, t, eos, cols, SK, K, d_bk, d_qs, d_k,
-                                 bt * kt, qs, kt, bt, scale)
+    pq, pk, pb, pG = _add_row_side(dq + koff, dk + koff, db + koff, dG + koff, t, eos, cols, SK, K, d_bk, d_qs,
+                                   bt * kt, qs, kt, bt, scale)
     _store_rows(dq_out + koff, pq, t, eos, SK, cols, K)
-    _store_rows(dk_out + koff, pk, t, eos, SK, cols, K)
     _store_rows(db_out + koff, pb, t, eos, SK, cols, K)
+    # column side, sub-chunks descending: dk from both
+    acc_C = tl.zeros([64, BKS], dtype=tl.float32)
+    d_k = tl.zeros([64, BKS], dtype=tl.float32)
+    ref_c = tl.zeros([64, BKS], dtype=tl.float32)     # tot - half of each row's sub-chunk
+    q_n, k_n, b_n, g_n, dT_n, dQ_n = _col_side_loads(q, k, b, g, dT, dAqk, t0, eos, 3, c0, SK, S64, K, BKS)
+    for jj in range(4):
+        j = 3 - jj
+        q_j, k_j, b_j, g_j, dT_j, dQ_j = q_n, k_n, b_n, g_n, dT_n, dQ_n
+        q_n, k_n, b_n, g_n, dT_n, dQ_n = _col_side_loads(q, k, b, g, dT, dAqk, t0, eos, tl.maximum(j - 1, 0), c0,
+                                                         SK, S64, K, BKS)
+        qs_j = q_j.to(tl.float32) * scale
+        k_j = k_j.to(tl.float32)
+        if USE_L2:
+            tj = t0 + 16 * j + r16
+            k_j = k_j * load_scale(rk, tj, eos, H)[:, None]
+            qs_j = qs_j * load_scale(rq, tj, eos, H)[:, None]
+        g_j = g_j.to(tl.float32)
+        lc = tl.cumsum(g_j, 0)
+        tot = tl.sum(g_j, 0)
+        half, up, diag = midpoint_weights(tot, midpoint_channels(g_j))
+        lo = tl.exp(lc)
+        C = tl.dot(dT_j, b_j.to(tl.float32) * k_j * lo, input_precision=PREC)
+        C += tl.dot(dQ_j, qs_j * lo, input_precision=PREC)
+        here = rows == j
+        d_k = tl.where(here, acc_C * up[None, :] + C * diag[None, :], d_k)
+        ref_c = tl.where(here, (tot - half)[None, :], ref_c)
+        acc_C = acc_C * tl.exp(tot)[None, :] + C
+    d_k *= tl.exp(ref_c - lc64)
+    pk, pG = _add_col_side(pk, pG, d_k, kt)
+    _store_rows(dk_out + koff, pk, t, eos, SK, cols, K)
     _store_rows(dg + koff, tl.cumsum(pG, 0, reverse=True), t, eos, SK, cols, K)
 
 

@@ -9,8 +9,11 @@ The forward launches of the training path (chunk_fwd.chunk_forward: intra -> exa
 Measured on the H100 (bf16, K=V=128, 2026-11-27, docs/kernels.md): fused 3.72 vs split 3.95 ms at B=8, T=4096,
 3.84 vs 4.09 at B=2, T=16384, 8.46 vs 8.71 at B=1, T=65536. So fused is the default where it was measured (16-bit
 inputs, K <= 128); elsewhere (fp32, K = 256: fewer state-kernel configs fit there) the split one, until timed.
-GDN2_TRITON_INFER_FUSED=1 / =0 (read per call) forces either. GDN2_TRITON_TRAIN_FUSED=1 computes the output inside
-the walk in the training forward too (states still stored for the backward; untimed, so off by default).
+GDN2_TRITON_INFER_FUSED=1 / =0 (read per call) forces either.
+The training forward has the same two variants, except that the fused one still stores the per-chunk states and R
+for the backward; it drops the output kernel. Measured on the H100 (bf16, B=8, T=4096, sixth session): 2.28 vs 2.40
+ms forward, 9.44 vs 9.52 ms forward + backward. So it is the default on the same domain; GDN2_TRITON_TRAIN_FUSED=1 /
+=0 forces either.
 """
 from __future__ import annotations
 
@@ -40,12 +43,14 @@ def use_fused_output(dtype: torch.dtype, K: int) -> bool:
     return forced
 
 
-def use_fused_output_in_training() -> bool:
+def use_fused_output_in_training(dtype: torch.dtype, K: int) -> bool:
     """Whether the training forward computes the output inside the walk too (it still stores the per-chunk states and
-    R for the backward, and drops the output kernel). Off unless GDN2_TRITON_TRAIN_FUSED=1: not yet timed on a GPU
-    (the bench rows train_fwd_fused / fwd_bwd_fused time it; the inference analogue measured 0.24-0.26 ms faster on
-    the H100)."""
-    return bool(_forced("GDN2_TRITON_TRAIN_FUSED"))
+    R for the backward, and drops the output kernel): by default where the inference forward does (see the module
+    docstring)."""
+    forced = _forced("GDN2_TRITON_TRAIN_FUSED")
+    if forced is None:
+        return dtype in (torch.bfloat16, torch.float16) and K <= 128
+    return forced
 
 
 def inference_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
