@@ -221,8 +221,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (read before import)")
     ap.add_argument("--kernels", default=None, help="comma-separated names (e.g. bwd_dqkg): check only their configs "
                                                      "on the main shape; no decode, no extra shapes (see --extras)")
-    ap.add_argument("--extras", action="store_true", help="with --kernels: also the extra shapes on every kernel's "
-                                                          "first config")
+    ap.add_argument("--extras", nargs="?", const="all", default=None,
+                    help="with --kernels: also the extra shapes on every kernel's first config (all of them, or the "
+                         "comma-separated names given, e.g. strong_decay)")
     args = ap.parse_args()
     only = None if args.kernels is None else set(args.kernels.split(","))
     os.makedirs(args.out, exist_ok=True)
@@ -258,7 +259,12 @@ def main():
             except Exception as e:                                             # a config that fails to compile/run
                 status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
             record(kname, config_name(cfg), status, dtypes)
-    extra_runs = [(case, None) for case in EXTRA] if only is None or args.extras else []
+    wanted = None if args.extras in (None, "all") else set(args.extras.split(","))
+    unknown = (wanted or set()) - {case["name"] for case in EXTRA}
+    if unknown:
+        raise SystemExit(f"--extras: unknown shape(s) {sorted(unknown)}; choose from {[c['name'] for c in EXTRA]}")
+    extra_runs = [(case, None) for case in EXTRA if wanted is None or case["name"] in wanted] \
+        if only is None or args.extras else []
     K256 = EXTRA[0]
     extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None for cfg in KERNELS[kname]._all_configs[1:]
                    if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
