@@ -33,8 +33,11 @@ Kernels (in launch order; only dstate is sequential)
                           over rows, so K splits over the grid), all 64 rows of the chunk: per sub-chunk j and side one
                           [64, 16] x [16, BKS] product (the columns of dM in j times k e^(ce_j - G), the rows of dM in j
                           transposed times X e^(G - cb_j)), whose rows of sub-chunk j are the diagonal block (midpoint
-                          channels only, scaled through the midpoint); adds the elementwise parts and writes dq, dk, db
-                          (and dg = reverse cumsum over the chunk) in their final dtypes.
+                          channels only, scaled through the midpoint); the products are summed as Horner recurrences
+                          over the sub-chunks (ascending for the row side, descending for the column side) with
+                          per-channel weights only, and each sub-chunk's loads are issued one step ahead; adds the
+                          elementwise parts and writes dq, dk, db (and dg = reverse cumsum over the chunk) in their
+                          final dtypes.
 With fp32 inputs the fp32 products of dqk, dav, dqkg (the dA / dT path) use IEEE precision (utils.dot_precision),
 the others tf32 (utils.SERIAL_PRECISION); with 16-bit inputs tf32 throughout.
 The q/k L2-norm VJP (if fused) is applied on the [TT, H, K] results in PyTorch.
