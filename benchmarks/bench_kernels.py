@@ -1,11 +1,12 @@
 """Benchmark our GDN-2 Triton kernels against flash-linear-attention's chunk_gdn2 and chunk_kda, same run, same card.
 
 bf16 q, k, v, b, w (fp32 g, as the layer computes it), H = 16, K = V = 128, (B, T) in (8, 4096), (2, 16384),
-(1, 65536): inference forward (no grad; ours in both variants: per-chunk states + output kernel, row infer_fwd,
-and the output inside the walk, row infer_fwd_fused; gdn2/ops/triton/chunk_infer.py picks between them), training forward (inputs require grad; forward only), forward + backward;
-the decode step at B = 1 and B = 64 (one token, state updated in place). Timing: triton.testing.do_bench (CUDA
-events), median, after warm-up, on freshly drawn inputs; the decode step also from a CUDA graph of 32 steps (GPU time
-per step without launch gaps). The floor is the bytes every implementation must move (inputs read once, outputs
+(1, 65536): inference forward (no grad), training forward (inputs require grad; forward only), forward + backward,
+ours in each variant (rows without a suffix: per-chunk states + output kernel; _fused: the output inside the walk;
+_recompute: training without per-chunk states kept, recomputed in the backward; gdn2/ops/triton/chunk_infer.py
+picks the default); the decode step at B = 1 and B = 64 (one token, state updated in place). Timing:
+triton.testing.do_bench (CUDA events), median, after warm-up, on freshly drawn inputs; the decode step also from a
+CUDA graph of 32 steps (GPU time per step without launch gaps). The floor is the bytes every implementation must move (inputs read once, outputs
 written once) over the copy bandwidth measured in the same run.
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --out results/bench
@@ -158,7 +159,11 @@ def main():
         fused = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do, infer=False)
         os.environ.pop("GDN2_TRITON_INFER_FUSED")
         os.environ.pop("GDN2_TRITON_TRAIN_FUSED")
-        ours.update(train_fwd_fused=fused["train_fwd"], fwd_bwd_fused=fused["fwd_bwd"])
+        os.environ["GDN2_TRITON_RECOMPUTE_STATES"] = "1"              # rows _recompute: no states kept for backward
+        recomputed = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do, infer=False)
+        os.environ.pop("GDN2_TRITON_RECOMPUTE_STATES")
+        ours.update(train_fwd_fused=fused["train_fwd"], fwd_bwd_fused=fused["fwd_bwd"],
+                    train_fwd_recompute=recomputed["train_fwd"], fwd_bwd_recompute=recomputed["fwd_bwd"])
         print(f"ours B{B}_T{T}: {ours}", flush=True)
         gd, kd = {}, {}
         if fla_gdn2 is not None:
@@ -170,8 +175,9 @@ def main():
         ntok = B * T * H
         fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
         bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
-        for mode in ("infer_fwd", "infer_fwd_fused", "train_fwd", "train_fwd_fused", "fwd_bwd", "fwd_bwd_fused"):
-            fla_mode = mode.removesuffix("_fused")                            # fla has one variant of each
+        for mode in ("infer_fwd", "infer_fwd_fused", "train_fwd", "train_fwd_fused", "train_fwd_recompute", "fwd_bwd",
+                     "fwd_bwd_fused", "fwd_bwd_recompute"):
+            fla_mode = mode.removesuffix("_fused").removesuffix("_recompute")   # fla has one variant of each
             add(f"B{B}_T{T}", mode, ours[mode], gd.get(fla_mode), kd.get(fla_mode),
                 fwd_bytes if not mode.startswith("fwd_bwd") else fwd_bytes + bwd_bytes)
         write(rows)
@@ -194,7 +200,9 @@ LEGEND = ("Modes: *_fused = the output computed inside the sequential walk (GDN2
           "GDN2_TRITON_TRAIN_FUSED=1; our default for 16-bit inputs with K <= 128, so for this table; in training the "
           "walk still stores the per-chunk states for the backward); without _fused = the split variant (per-chunk "
           "states + output kernel, both switches =0); infer_fwd = inference forward, train_fwd = forward with autograd "
-          "state kept, fwd_bwd = forward + backward; fla has one variant of each mode, shown on both rows.")
+          "state kept, fwd_bwd = forward + backward; *_recompute = GDN2_TRITON_RECOMPUTE_STATES=1 (the training "
+          "forward keeps no per-chunk states, the backward recomputes them with one more walk, as fla does; not our "
+          "default); fla has one variant of each mode, shown on every row of it.")
 
 
 def write_markdown(rows, card, bw, path):

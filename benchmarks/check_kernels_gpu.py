@@ -5,8 +5,9 @@ poisoned with NaN before the run (every torch.empty inside our kernel modules is
 reference (torch chunkwise, autograd in float64) by relative error ||x - ref|| / ||ref||:
 bf16 <= 1e-2, fp32 <= 2e-3, for o, the final state and every gradient (q, k, v, g, b, w, h0); the inference (no-grad)
 forward too, both variants (per-chunk states + output kernel; GDN2_TRITON_INFER_FUSED=1: output inside the walk),
-and the training forward with the output inside the walk (GDN2_TRITON_TRAIN_FUSED=1) for the state kernel's configs,
-the extra shapes and the autotuned case. Extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V with
+and, for the state kernel's configs, the extra shapes and the autotuned case, the training forward in its other two
+variants: the split output (GDN2_TRITON_TRAIN_FUSED=0; =1, the output inside the walk, is mode train_fused) and the
+states recomputed in the backward (GDN2_TRITON_RECOMPUTE_STATES=1, mode train_recompute). Extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V with
 V = 256) run on the first
 fitting config of every kernel, in bf16 and fp32; the K = 256 shape also on every sequential-kernel config that fits
 K = 256 (they hold the state as four [64, BV] blocks there). The decode kernel: every (BV, num_warps) entry vs a
@@ -112,8 +113,14 @@ def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
     return out
 
 
-# mode -> (output inside the walk, per-chunk states stored): the state kernel's variant, hence its `fits` flags
-MODES = {"train": (False, True), "train_fused": (True, True), "infer": (False, True), "infer_fused": (True, False)}
+# mode -> the state kernel's variants it runs, each (output inside the walk, per-chunk states stored): its `fits`
+# flags (train_recompute: the forward's walk stores nothing, the backward's first walk stores the states)
+MODES = {"train": ((False, True),), "train_fused": ((True, True),), "train_recompute": ((True, False), (False, True)),
+         "infer": ((False, True),), "infer_fused": ((True, False),)}
+# modes that differ from "train" in the state kernel only: run where that kernel is under test
+STATE_ONLY_MODES = ("train_fused", "train_recompute")
+SWITCHES = {"GDN2_TRITON_INFER_FUSED": "infer_fused", "GDN2_TRITON_TRAIN_FUSED": "train_fused",
+            "GDN2_TRITON_RECOMPUTE_STATES": "train_recompute"}
 
 
 def pin_for(dtype, K, under_test=None, mode="train"):
@@ -121,8 +128,8 @@ def pin_for(dtype, K, under_test=None, mode="train"):
     under test to its given config. Returns False if the config under test cannot run in that setting (the mode is
     skipped)."""
     for kname, kern in KERNELS.items():
-        flags = MODES[mode] if kname == "fwd_state" else ()
-        fits = lambda c: SMOKE or kern.fits(c, dtype, K, *flags)            # noqa: E731 (interpreter: no limits)
+        variants = MODES[mode] if kname == "fwd_state" else ((),)
+        fits = lambda c: SMOKE or all(kern.fits(c, dtype, K, *f) for f in variants)   # noqa: E731 (interpreter: no limits)
         if under_test is not None and kname == under_test[0]:
             if not fits(under_test[1]):
                 return False
@@ -150,23 +157,22 @@ def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), 
     worst = 0.0
     for dtype in dtypes:
         cast = [x.to(dtype) if i != 3 else x for i, x in enumerate(xs)]          # g stays fp32, as in the layer
-        # the fused training forward differs from "train" only in the state kernel: run it where that is under test
-        train_fused = under_test is None or under_test[0] == "fwd_state"
-        for mode in (m for m in MODES if train_fused or m != "train_fused"):
+        state_modes = under_test is None or under_test[0] == "fwd_state"
+        for mode in (m for m in MODES if state_modes or m not in STATE_ONLY_MODES):
             if not pin_for(dtype, K, under_test, mode):
                 continue
             for kname in autotuned:
                 pin_config(KERNELS[kname], None)
-            os.environ["GDN2_TRITON_INFER_FUSED"] = "1" if mode == "infer_fused" else "0"
-            os.environ["GDN2_TRITON_TRAIN_FUSED"] = "1" if mode == "train_fused" else "0"
+            for switch, on_in in SWITCHES.items():
+                os.environ[switch] = "1" if mode == on_in else "0"
             with poisoned_allocations():
                 if mode.startswith("train"):
                     got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht)
                 else:
                     with torch.no_grad():
                         got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht, grad=False)
-            os.environ["GDN2_TRITON_INFER_FUSED"] = "0"
-            os.environ["GDN2_TRITON_TRAIN_FUSED"] = "0"
+            for switch in SWITCHES:
+                os.environ[switch] = "0"
             if not SMOKE:
                 torch.cuda.synchronize()
             for name, val in got.items():

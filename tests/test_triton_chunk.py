@@ -152,6 +152,45 @@ def test_training_forward_fused_output(monkeypatch):
     assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=13), cu=torch.tensor([0, 50, 140]))
 
 
+def test_training_with_states_recomputed_in_backward(monkeypatch):
+    """GDN2_TRITON_RECOMPUTE_STATES=1: the training forward's walk stores no per-chunk states (the inference walk,
+    output inside), and the backward's first walk recomputes them. Output, final state and every gradient against the
+    float64 recurrence (K = 80, varlen, grouped value heads, initial state); the state kernel must run exactly twice,
+    in those two variants, and the output kernel never."""
+    from gdn2.ops.triton import chunk_fwd
+
+    real = chunk_fwd.gdn2_fwd_kernel_state
+    variants = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                variants.append((kwargs["FUSE_OUTPUT"], kwargs["STORE_STATES"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the output kernel ran although the output is computed inside the walk")
+    monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_state", Recorder())
+    monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_output", NoLaunch())
+    monkeypatch.setenv("GDN2_TRITON_RECOMPUTE_STATES", "1")
+    assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=17), cu=torch.tensor([0, 60, 140]))
+    assert variants == [(True, False), (False, True)]
+
+
+def test_recompute_switch(monkeypatch):
+    from gdn2.ops.triton.chunk_infer import recompute_states_in_backward
+
+    monkeypatch.delenv("GDN2_TRITON_RECOMPUTE_STATES", raising=False)
+    assert not recompute_states_in_backward()
+    monkeypatch.setenv("GDN2_TRITON_RECOMPUTE_STATES", "1")
+    assert recompute_states_in_backward()
+    monkeypatch.setenv("GDN2_TRITON_RECOMPUTE_STATES", "yes")
+    with pytest.raises(ValueError, match="GDN2_TRITON_RECOMPUTE_STATES must be 0 .*kept.* or 1 .*recomputed"):
+        recompute_states_in_backward()
+
+
 def test_strong_decay_does_not_overflow():
     """g as low as -30 per token: exp(G_r - G_s) for s > r would overflow if formed as gamma_r / gamma_s. The
     channels' decay rates differ, so every 16-row sub-chunk has channels on both forms of the diagonal blocks (the

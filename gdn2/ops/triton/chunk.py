@@ -16,7 +16,8 @@ from gdn2.ops.naive import check_gdn2_inputs
 from gdn2.ops.triton import chunk_bwd, chunk_fwd
 from gdn2.ops.triton.chunk_bwd import chunk_backward
 from gdn2.ops.triton.chunk_fwd import chunk_forward
-from gdn2.ops.triton.chunk_infer import inference_forward, use_fused_output_in_training
+from gdn2.ops.triton.chunk_infer import (inference_forward, recompute_states_in_backward,
+                                          use_fused_output_in_training)
 from gdn2.ops.triton.utils import inverse_norms, sequence_layout
 
 
@@ -53,9 +54,10 @@ class ChunkGDN2Function(torch.autograd.Function):
         vf, wf = (x.reshape(B * T, HV, V).contiguous() for x in (v, w))
         rq, rk = (inverse_norms(qf), inverse_norms(kf)) if use_l2 else (qf, kf)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
+        recompute = recompute_states_in_backward()
         o, ht, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, output_final_state,
-                                     fuse_output=use_fused_output_in_training(v.dtype, K),
-                                     for_backward=True)
+                                     fuse_output=recompute or use_fused_output_in_training(v.dtype, K),
+                                     for_backward=True, recompute_states=recompute)
         ctx.saved_names = tuple(saved)
         ctx.save_for_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, *saved.values())
         ctx.meta = (scale, layout, use_l2, (B, T, H, K, HV, V), initial_state is not None,

@@ -50,8 +50,8 @@ import triton.language as tl
 
 from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load_sub, block_sizes, chunk_key_side, chunk_span, diag_row,
                                        exact_channels, key_head_inputs, key_vector, load_state_blocks,
-                                       midpoint_channels, state_block_t, store_state_block, store_state_blocks,
-                                       store_tile, sub_chunk_span, tile, tile_t)
+                                       midpoint_channels, state_block_t, state_walk, store_state_block,
+                                       store_state_blocks, store_tile, sub_chunk_span, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
                                    tuned)
 
@@ -540,6 +540,9 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     dev = q.device
     do = do.to(v.dtype)
     A, Aqk, R, hs = saved["A"], saved["Aqk"], saved["R"], saved["hs"]
+    if hs is None:               # the forward kept no per-chunk states (recompute_states): one more walk stores them
+        _, _, hs, R = state_walk(saved["Y"], saved["U"], saved["Kt"], saved["gC"], h0, saved["Qg"], Aqk, layout,
+                                 output_final_state=False, fuse_output=False, store_states=True)
     dRl = torch.empty_like(v)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
     gdn2_bwd_kernel_dlocal[grid](Aqk, do, dRl, cu, chunk_indices, H=H, HV=HV, V=V, PREC=SERIAL_PRECISION)

@@ -664,14 +664,40 @@ def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2
     return A, Aqk, n_exact
 
 
-def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state, fuse_output: bool,
-                  for_backward: bool):
-    """The forward launches. Returns o [TT, Hv, V], the final state [N, Hv, K, V] fp32 or None, and the
-    intermediates the backward reads: dict(A, Aqk, n_exact, Y, Qg, Kt, gC, hs, R). fuse_output: O is computed inside
-    the sequential walk (no output kernel); the per-chunk states hs and R are stored unless fuse_output and not
-    for_backward (then they are None)."""
-    cu, chunk_indices, chunk_offsets, n_chunks = layout
+def state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state: bool, fuse_output: bool, store_states: bool):
+    """The sequential state kernel over every sequence (grid: V blocks x sequences * value heads). Returns (o, ht, hs,
+    R): o [TT, Hv, V] if fuse_output (O = Q S_0 + Aqk R inside the walk), the final state [N, Hv, K, V] fp32 if
+    output_final_state, the per-chunk states hs [NC, Hv, K, V] and R [TT, Hv, V] if store_states; None otherwise."""
+    cu, _, chunk_offsets, n_chunks = layout
     n_seqs = cu.numel() - 1
+    TT, H, K = Y.shape
+    HV, V = U.shape[1], U.shape[2]
+    BK, _ = block_sizes(K, V)
+    dev = Y.device
+    hs = torch.empty(n_chunks, HV, K, V, device=dev, dtype=U.dtype) if store_states else None
+    R = torch.empty_like(U) if store_states else None
+    o = torch.empty_like(U) if fuse_output else None
+    ht = torch.empty(n_seqs, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seqs * HV)
+    # the outputs a variant does not write are never touched (constexpr-guarded); U stands in for their pointers
+    gdn2_fwd_kernel_state[grid](Y, U, Kt, gC, h0, U if R is None else R, U if hs is None else hs, ht, Qg, Aqk,
+                                U if o is None else o, cu, chunk_offsets, (n_seqs * HV).bit_length(),
+                                H=H, HV=HV, K=K, V=V, BK=BK, HAS_H0=h0 is not None, STORE_FINAL=output_final_state,
+                                FUSE_OUTPUT=fuse_output, STORE_STATES=store_states, PREC=SERIAL_PRECISION)
+    return o, ht, hs, R
+
+
+def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state, fuse_output: bool,
+                  for_backward: bool, recompute_states: bool = False):
+    """The forward launches. Returns o [TT, Hv, V], the final state [N, Hv, K, V] fp32 or None, and the
+    intermediates the backward reads: dict(A, Aqk, n_exact, Y, Qg, Kt, gC, hs, R, U). fuse_output: O is computed
+    inside the sequential walk (no output kernel). The per-chunk states hs and R are stored when the output kernel
+    needs them (not fuse_output) or the backward does (for_backward), unless recompute_states: then the walk stores
+    nothing, U is kept instead, and chunk_bwd.chunk_backward recomputes hs and R with one more walk. Entries not
+    kept are None."""
+    if recompute_states and not fuse_output:
+        raise ValueError("recompute_states needs fuse_output=True: the output kernel reads the per-chunk states")
+    cu, chunk_indices, chunk_offsets, n_chunks = layout
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     BK, BV = block_sizes(K, V)
@@ -683,18 +709,11 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     U = torch.empty_like(v)
     gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu, chunk_indices, scale,
                                       H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec)
-    store_states = for_backward or not fuse_output
-    hs = torch.empty(n_chunks, HV, K, V, device=dev, dtype=v.dtype) if store_states else None
-    R = torch.empty_like(v) if store_states else None
-    o = torch.empty_like(v)
-    ht = torch.empty(n_seqs, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seqs * HV)
-    # without store_states, hs and R are never touched (constexpr-guarded); o stands in for their pointers
-    gdn2_fwd_kernel_state[grid](Y, U, Kt, gC, h0, R if store_states else o, hs if store_states else o, ht, Qg, Aqk, o,
-                                cu, chunk_offsets, (n_seqs * HV).bit_length(),
-                                H=H, HV=HV, K=K, V=V, BK=BK, HAS_H0=h0 is not None, STORE_FINAL=output_final_state,
-                                FUSE_OUTPUT=fuse_output, STORE_STATES=store_states, PREC=prec)
+    store_states = not fuse_output or (for_backward and not recompute_states)
+    o, ht, hs, R = state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state, fuse_output, store_states)
     if not fuse_output:
+        o = torch.empty_like(v)
         grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
         gdn2_fwd_kernel_output[grid](Qg, Aqk, hs, R, o, cu, chunk_indices, H=H, HV=HV, K=K, V=V, BK=BK, PREC=prec)
-    return o, ht, dict(A=A, Aqk=Aqk, n_exact=n_exact, Y=Y, Qg=Qg, Kt=Kt, gC=gC, hs=hs, R=R)
+    return o, ht, dict(A=A, Aqk=Aqk, n_exact=n_exact, Y=Y, Qg=Qg, Kt=Kt, gC=gC, hs=hs, R=R,
+                       U=U if for_backward and recompute_states else None)

@@ -24,20 +24,23 @@ import torch
 from gdn2.ops.triton.chunk_fwd import chunk_forward
 
 
-def _forced(name: str) -> bool | None:
-    """The value of an output-variant switch: None if unset, else 0 / 1 (anything else is refused)."""
+def _forced(name: str, meaning: dict[str, str]) -> bool | None:
+    """The value of a switch: None if unset, else 0 / 1 (anything else is refused, naming what each value means)."""
     forced = os.environ.get(name)
     if forced is None or forced == "":
         return None
     if forced not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 (per-chunk states + output kernel) or 1 (output inside the sequential "
-                         f"walk), or unset for the default; got {forced!r}")
+        raise ValueError(f"{name} must be 0 ({meaning['0']}) or 1 ({meaning['1']}), or unset for the default; "
+                         f"got {forced!r}")
     return forced == "1"
+
+
+OUTPUT_SWITCH = {"0": "per-chunk states + output kernel", "1": "output inside the sequential walk"}
 
 
 def use_fused_output(dtype: torch.dtype, K: int) -> bool:
     """Whether the inference forward computes the output inside the sequential walk (see the module docstring)."""
-    forced = _forced("GDN2_TRITON_INFER_FUSED")
+    forced = _forced("GDN2_TRITON_INFER_FUSED", OUTPUT_SWITCH)
     if forced is None:
         return dtype in (torch.bfloat16, torch.float16) and K <= 128
     return forced
@@ -47,10 +50,19 @@ def use_fused_output_in_training(dtype: torch.dtype, K: int) -> bool:
     """Whether the training forward computes the output inside the walk too (it still stores the per-chunk states and
     R for the backward, and drops the output kernel): by default where the inference forward does (see the module
     docstring)."""
-    forced = _forced("GDN2_TRITON_TRAIN_FUSED")
+    forced = _forced("GDN2_TRITON_TRAIN_FUSED", OUTPUT_SWITCH)
     if forced is None:
         return dtype in (torch.bfloat16, torch.float16) and K <= 128
     return forced
+
+
+def recompute_states_in_backward() -> bool:
+    """GDN2_TRITON_RECOMPUTE_STATES=1: the training forward stores no per-chunk states (its walk is the inference one,
+    output inside) and the backward recomputes them with one more walk, as fla's chunk_gated_delta_rule does. Saves
+    NC x Hv x K x V x 2 bytes of training memory per layer (0.27 GB at B=8, T=4096, H=16, K=V=128) for one more
+    walk in the backward. Off unless set: not yet timed on a GPU (bench rows train_fwd_recompute, fwd_bwd_recompute)."""
+    return bool(_forced("GDN2_TRITON_RECOMPUTE_STATES", {"0": "per-chunk states kept for the backward",
+                                                          "1": "recomputed in the backward"}))
 
 
 def inference_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
