@@ -6,14 +6,16 @@ The forward launches of the training path (chunk_fwd.chunk_forward: intra -> exa
     written and read at B=8, T=4096, H=16, K=V=128) and R; the chunk-parallel output kernel reads them.
   - fused: the state kernel computes O = Q S_0 + Aqk R itself (two more products per chunk step on the sequential
     path) and writes neither.
-Measured on the H100 (bf16, K=V=128, 2026-11-27, docs/kernels.md): fused 3.72 vs split 3.95 ms at B=8, T=4096,
-3.84 vs 4.09 at B=2, T=16384, 8.46 vs 8.71 at B=1, T=65536. So fused is the default where it was measured (16-bit
-inputs, K <= 128); elsewhere (fp32, K = 256: fewer state-kernel configs fit there) the split one, until timed.
-GDN2_TRITON_INFER_FUSED=1 / =0 (read per call) forces either.
+Measured on the H100 (bf16, H=16, K=V=128, 2026-11-27, sixth session, docs/kernels.md): fused 2.15 vs split 2.39 ms
+at B=8, T=4096, 2.29 vs 2.54 at B=2, T=16384, 5.44 vs 5.69 at B=1, T=65536 (and the same order in every earlier
+version). So fused is the default where it was measured (16-bit inputs, K <= 128); elsewhere (fp32, K = 256: fewer
+state-kernel configs fit there) the split one, until timed. GDN2_TRITON_INFER_FUSED=1 / =0 (read per call) forces
+either.
 The training forward has the same two variants, except that the fused one still stores the per-chunk states and R
-for the backward; it drops the output kernel. Measured on the H100 (bf16, B=8, T=4096, sixth session): 2.28 vs 2.40
-ms forward, 9.44 vs 9.52 ms forward + backward. So it is the default on the same domain; GDN2_TRITON_TRAIN_FUSED=1 /
-=0 forces either.
+for the backward; it drops the output kernel. Same runs: 2.26 vs 2.39 ms forward, 8.86 vs 8.99 ms forward + backward
+at B=8; 2.41 vs 2.54 and 9.30 vs 9.40 at B=2; equal at B=1 (5.70 vs 5.69, 20.51 vs 20.49). So it is the default on
+the same domain; GDN2_TRITON_TRAIN_FUSED=1 / =0 forces either. GDN2_TRITON_RECOMPUTE_STATES=1 (opt-in, untimed):
+no per-chunk states kept for the backward (recompute_states_in_backward).
 """
 from __future__ import annotations
 
