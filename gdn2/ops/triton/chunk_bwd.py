@@ -448,17 +448,18 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
     rows = (r64 // 16)[:, None]                       # sub-chunk of each row
     t0 = bos + i_t * 64
     t = t0 + r64
-    cols = i_k * BKS + tl.arange(0, BKS)
+    c0 = i_k * BKS
+    cols = c0 + tl.arange(0, BKS)
     # row side, sub-chunks ascending: d(b k) from dT, d(scale q) from dAqk
     acc_T = tl.zeros([64, BKS], dtype=tl.float32)
     acc_Q = tl.zeros([64, BKS], dtype=tl.float32)
     d_bk = tl.zeros([64, BKS], dtype=tl.float32)
     d_qs = tl.zeros([64, BKS], dtype=tl.float32)
     ref_r = tl.zeros([64, BKS], dtype=tl.float32)     # half of each row's sub-chunk
-    c0 = i_k * BKS
     k_n, g_n, dT_n, dQ_n = _row_side_loads(k, g, dT, dAqk, t0, t, eos, 0, c0, SK, S64, K, BKS)
     for j in range(4):
-        # the next sub-chunk's loads are issued before this one's work (their latency bounds this kernel)
+        # the next sub-chunk's loads are issued before this one's work (their latency bounds this kernel); the last
+        # step loads sub-chunk 3 again (in bounds, unused), as the column side's last step loads sub-chunk 0
         k_j, g_j, dT_j, dQ_j = k_n, g_n, dT_n, dQ_n
         k_n, g_n, dT_n, dQ_n = _row_side_loads(k, g, dT, dAqk, t0, t, eos, tl.minimum(j + 1, 3), c0, SK, S64, K,
                                                BKS)
