@@ -29,6 +29,9 @@ from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2
 
 H, K, V = 16, 128, 128
 SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
+# the rows of each chunked shape, in table order (LEGEND says what each is)
+CHUNK_MODES = ("infer_fwd", "infer_fwd_fused", "train_fwd", "train_fwd_fused", "train_fwd_recompute", "fwd_bwd",
+               "fwd_bwd_fused", "fwd_bwd_recompute")
 
 
 def bench(fn, grad_to_none=None):
@@ -175,8 +178,7 @@ def main():
         ntok = B * T * H
         fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
         bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
-        for mode in ("infer_fwd", "infer_fwd_fused", "train_fwd", "train_fwd_fused", "train_fwd_recompute", "fwd_bwd",
-                     "fwd_bwd_fused", "fwd_bwd_recompute"):
+        for mode in CHUNK_MODES:
             fla_mode = mode.removesuffix("_fused").removesuffix("_recompute")   # fla has one variant of each
             add(f"B{B}_T{T}", mode, ours[mode], gd.get(fla_mode), kd.get(fla_mode),
                 fwd_bytes if not mode.startswith("fwd_bwd") else fwd_bytes + bwd_bytes)

@@ -1,0 +1,37 @@
+"""The kernel benchmark's report (benchmarks/bench_kernels.py): the targets and the "ahead of fla" verdict are judged
+on rows the benchmark writes, and the verdict lines say MET / MISSED / YES / NO as hand-computed here."""
+import sys
+import types
+
+from benchmarks import bench_kernels as bk
+
+
+def row(shape, mode, ours, fla):
+    return dict(card="card", date="2026-11-27", shape=shape, mode=mode, ours_ms=ours, fla_gdn2_ms=fla, fla_kda_ms=None,
+                floor_ms=1.0, ours_over_fla_gdn2=None if fla is None else round(ours / fla, 3),
+                ours_over_floor=ours)
+
+
+def test_targets_and_default_modes_name_rows_the_benchmark_writes():
+    assert set(bk.DEFAULT_MODES) <= set(bk.CHUNK_MODES)
+    for (shape, mode), _ in bk.TARGETS.items():
+        assert mode in bk.CHUNK_MODES or mode == "decode_step", mode
+        assert shape in {f"B{B}_T{T}" for B, T in bk.SHAPES} | {"B1_T1"}, shape
+
+
+def test_verdicts(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fla", types.SimpleNamespace(__version__="0.0-test"))
+    rows = [row("B8_T4096", "infer_fwd_fused", 2.2, 2.3), row("B8_T4096", "fwd_bwd_fused", 8.8, 12.4),
+            row("B8_T4096", "train_fwd_fused", 2.0, 2.5), row("B1_T65536", "train_fwd_fused", 5.7, 5.5),
+            row("B8_T4096", "train_fwd", 9.0, 2.0),                 # not a default row: not judged
+            row("B1_T1", "decode_step", 0.03, 0.02)]
+    path = tmp_path / "report.md"
+    bk.write_markdown(rows, "card", 3e12, str(path))
+    text = path.read_text()
+    assert "- B8_T4096 infer_fwd_fused <= 1.1 ms: 2.2 ms, MISSED (2.00x over)" in text
+    assert "- B8_T4096 fwd_bwd_fused <= 9.0 ms: 8.8 ms, MET" in text
+    assert "- B1_T1 decode_step <= 0.02 ms: 0.03 ms, MISSED (1.50x over)" in text
+    assert "NO (worst: B1_T65536 train_fwd_fused, ours / fla = 1.036)" in text
+    rows[3] = row("B1_T65536", "train_fwd_fused", 5.4, 5.5)
+    bk.write_markdown(rows, "card", 3e12, str(path))
+    assert "YES (worst: B1_T65536 train_fwd_fused, ours / fla = 0.982)" in path.read_text()
