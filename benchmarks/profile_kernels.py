@@ -2,8 +2,10 @@
 
 Where bench_kernels.py says how long a call takes, this says which launch the time goes to. bf16 q, k, v, b, w,
 fp32 g, H = 16, K = V = 128, initial state in, final state out (as bench_kernels.py). Each implementation is
-warmed up (autotuning, compiles) outside the profiled region, then `--iters` calls of the inference forward and of
-forward + backward are profiled; the table gives each kernel's GPU time per call.
+warmed up (autotuning, compiles) outside the profiled region, then `--iters` calls of the inference forward, the
+training forward and forward + backward are profiled; the table gives each kernel's GPU time per call. Our variants
+follow the switches of gdn2/ops/triton/chunk_infer.py as set in the environment (e.g.
+GDN2_TRITON_RECOMPUTE_STATES=1 python benchmarks/profile_kernels.py --B 1 --T 65536 --skip-fla).
 
     PYTHONUNBUFFERED=1 python benchmarks/profile_kernels.py --B 8 --T 4096 --out results/bench
 Writes <out>/profile-<card>-B<B>_T<T>.csv (impl, mode, kernel, calls per iteration, ms per iteration) and prints it.
@@ -41,18 +43,22 @@ def kernel_times(fn, iters: int) -> dict[str, tuple[int, float]]:
 
 
 def modes(call, args, do):
-    """The two profiled modes of call(*args) -> o: inference forward (no grad) and forward + backward."""
+    """The profiled modes of call(*args) -> o: inference forward (no grad), training forward (inputs require grad,
+    no backward) and forward + backward."""
     leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
 
     def infer():
         with torch.no_grad():
             call(*args)
 
+    def train_fwd():
+        call(*leaves)
+
     def fwd_bwd():
         for x in leaves:
             x.grad = None
         call(*leaves).backward(do)
-    return {"infer_fwd": infer, "fwd_bwd": fwd_bwd}
+    return {"infer_fwd": infer, "train_fwd": train_fwd, "fwd_bwd": fwd_bwd}
 
 
 def chosen_configs() -> dict[str, str]:
