@@ -101,40 +101,26 @@ def test_inference_forward_fused_output(monkeypatch):
     assert rel(o, ro) < TOL and rel(ht, rh) < TOL
 
 
-def test_inference_output_variant_choice(monkeypatch):
-    """Fused output by default where the H100 measured it faster (16-bit inputs, K <= 128); the variable forces
-    either; anything else is refused with the accepted values."""
-    from gdn2.ops.triton.chunk_infer import use_fused_output
+@pytest.mark.parametrize("switch,choice", [("GDN2_TRITON_INFER_FUSED", "use_fused_output"),
+                                           ("GDN2_TRITON_TRAIN_FUSED", "use_fused_output_in_training")])
+def test_output_variant_choice(monkeypatch, switch, choice):
+    """Inference and training forward alike: the output inside the walk by default where the H100 measured it faster
+    (16-bit inputs, K <= 128), the split output elsewhere; the variable forces either; anything else is refused with
+    the accepted values."""
+    from gdn2.ops.triton import chunk_infer
 
-    monkeypatch.delenv("GDN2_TRITON_INFER_FUSED", raising=False)
-    assert use_fused_output(torch.bfloat16, 128) and use_fused_output(torch.float16, 64)
-    assert not use_fused_output(torch.float32, 128) and not use_fused_output(torch.bfloat16, 256)
-    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "0")
-    assert not use_fused_output(torch.bfloat16, 128)
-    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "1")
-    assert use_fused_output(torch.float32, 256)
-    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "yes")
-    with pytest.raises(ValueError, match="must be 0 .* or 1"):
-        use_fused_output(torch.bfloat16, 128)
-
-
-def test_training_output_variant_choice(monkeypatch):
-    """The training forward computes the output inside the walk where the inference forward does (16-bit inputs,
-    K <= 128: the measured domain) and keeps the split output elsewhere; GDN2_TRITON_TRAIN_FUSED=0 / 1 forces either."""
-    from gdn2.ops.triton.chunk_infer import use_fused_output_in_training
-
-    monkeypatch.delenv("GDN2_TRITON_TRAIN_FUSED", raising=False)
-    assert use_fused_output_in_training(torch.bfloat16, 128)
-    assert use_fused_output_in_training(torch.float16, 64)
-    assert not use_fused_output_in_training(torch.float32, 128)
-    assert not use_fused_output_in_training(torch.bfloat16, 256)
-    monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "0")
-    assert not use_fused_output_in_training(torch.bfloat16, 128)
-    monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "1")
-    assert use_fused_output_in_training(torch.float32, 256)
-    monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "2")
-    with pytest.raises(ValueError, match="GDN2_TRITON_TRAIN_FUSED must be 0 .* or 1"):
-        use_fused_output_in_training(torch.bfloat16, 128)
+    use = getattr(chunk_infer, choice)
+    monkeypatch.delenv(switch, raising=False)
+    assert use(torch.bfloat16, 128) and use(torch.float16, 64)
+    assert not use(torch.float32, 128) and not use(torch.bfloat16, 256)
+    monkeypatch.setenv(switch, "0")
+    assert not use(torch.bfloat16, 128)
+    monkeypatch.setenv(switch, "1")
+    assert use(torch.float32, 256)
+    for bad in ("yes", "2"):
+        monkeypatch.setenv(switch, bad)
+        with pytest.raises(ValueError, match=f"{switch} must be 0 .* or 1"):
+            use(torch.bfloat16, 128)
 
 
 def test_training_forward_fused_output(monkeypatch):

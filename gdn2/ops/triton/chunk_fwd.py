@@ -697,7 +697,7 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     kept are None."""
     if recompute_states and not fuse_output:
         raise ValueError("recompute_states needs fuse_output=True: the output kernel reads the per-chunk states")
-    cu, chunk_indices, chunk_offsets, n_chunks = layout
+    cu, chunk_indices, _, n_chunks = layout
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     BK, BV = block_sizes(K, V)

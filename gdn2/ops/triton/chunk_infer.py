@@ -40,22 +40,24 @@ def _forced(name: str, meaning: dict[str, str]) -> bool | None:
 OUTPUT_SWITCH = {"0": "per-chunk states + output kernel", "1": "output inside the sequential walk"}
 
 
-def use_fused_output(dtype: torch.dtype, K: int) -> bool:
-    """Whether the inference forward computes the output inside the sequential walk (see the module docstring)."""
-    forced = _forced("GDN2_TRITON_INFER_FUSED", OUTPUT_SWITCH)
+def _output_in_walk(switch: str, dtype: torch.dtype, K: int) -> bool:
+    """The output inside the walk where it was measured faster (16-bit inputs, K <= 128) unless `switch` forces it."""
+    forced = _forced(switch, OUTPUT_SWITCH)
     if forced is None:
         return dtype in (torch.bfloat16, torch.float16) and K <= 128
     return forced
+
+
+def use_fused_output(dtype: torch.dtype, K: int) -> bool:
+    """Whether the inference forward computes the output inside the sequential walk (see the module docstring)."""
+    return _output_in_walk("GDN2_TRITON_INFER_FUSED", dtype, K)
 
 
 def use_fused_output_in_training(dtype: torch.dtype, K: int) -> bool:
     """Whether the training forward computes the output inside the walk too (it still stores the per-chunk states and
     R for the backward, and drops the output kernel): by default where the inference forward does (see the module
     docstring)."""
-    forced = _forced("GDN2_TRITON_TRAIN_FUSED", OUTPUT_SWITCH)
-    if forced is None:
-        return dtype in (torch.bfloat16, torch.float16) and K <= 128
-    return forced
+    return _output_in_walk("GDN2_TRITON_TRAIN_FUSED", dtype, K)
 
 
 def recompute_states_in_backward() -> bool:
