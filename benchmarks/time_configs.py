@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import os
 
 import torch
 import triton
 
 from benchmarks.bench_kernels import inputs
-from gdn2.ops.triton import chunk_bwd, chunk_fwd, triton_chunk_gdn2
+from gdn2.ops.triton import triton_chunk_gdn2
 from gdn2.ops.triton.chunk import CHUNK_KERNELS
 from gdn2.ops.triton.utils import config_name, pin_config
 
@@ -49,7 +50,7 @@ def main():
     unknown = [n for n in names if n not in CHUNK_KERNELS]
     if unknown:
         raise SystemExit(f"unknown kernel(s) {unknown}; choose from {sorted(CHUNK_KERNELS)}")
-    modules = {n: chunk_fwd if n.startswith("fwd_") else chunk_bwd for n in names}
+    modules = {n: importlib.import_module(CHUNK_KERNELS[n].fn.__module__) for n in names}
     recorders = {}
     for n in names:
         attr = CHUNK_KERNELS[n].fn.__name__
@@ -59,6 +60,11 @@ def main():
     h0 = torch.randn(args.B, q.shape[2], q.shape[3], v.shape[3], device="cuda", requires_grad=True)
     o, ht = triton_chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True)
     torch.autograd.backward((o, ht), (torch.randn_like(o), torch.randn_like(ht)))
+    if "fwd_prefill" in names:                         # launched by the inference forward only
+        os.environ["GDN2_TRITON_PREFILL"] = "1"
+        with torch.no_grad():
+            triton_chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True)
+        os.environ.pop("GDN2_TRITON_PREFILL")
     torch.cuda.synchronize()
     card = torch.cuda.get_device_name().replace(" ", "-")
     rows = []
