@@ -30,8 +30,8 @@ from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2
 H, K, V = 16, 128, 128
 SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
 # the rows of each chunked shape, in table order (LEGEND says what each is)
-CHUNK_MODES = ("infer_fwd", "infer_fwd_fused", "infer_fwd_prefill", "train_fwd", "train_fwd_fused",
-               "train_fwd_recompute", "fwd_bwd", "fwd_bwd_fused", "fwd_bwd_recompute")
+CHUNK_MODES = ("infer_fwd", "infer_fwd_fused", "train_fwd", "train_fwd_fused", "train_fwd_recompute", "fwd_bwd",
+               "fwd_bwd_fused", "fwd_bwd_recompute")
 
 
 def bench(fn, grad_to_none=None):
@@ -165,10 +165,6 @@ def main():
         os.environ["GDN2_TRITON_RECOMPUTE_STATES"] = "1"              # rows _recompute: no states kept for backward
         recomputed = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do, infer=False)
         os.environ.pop("GDN2_TRITON_RECOMPUTE_STATES")
-        os.environ["GDN2_TRITON_PREFILL"] = "1"                       # row infer_fwd_prefill: WY inside the walk
-        with torch.no_grad():
-            ours["infer_fwd_prefill"] = bench(lambda: triton_chunk_gdn2(q, k, v, g, b, w, **kw))
-        os.environ.pop("GDN2_TRITON_PREFILL")
         ours.update(train_fwd_fused=fused["train_fwd"], fwd_bwd_fused=fused["fwd_bwd"],
                     train_fwd_recompute=recomputed["train_fwd"], fwd_bwd_recompute=recomputed["fwd_bwd"])
         print(f"ours B{B}_T{T}: {ours}", flush=True)
@@ -183,7 +179,7 @@ def main():
         fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
         bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
         for mode in CHUNK_MODES:
-            fla_mode = mode.split("_fused")[0].split("_recompute")[0].split("_prefill")[0]   # fla: one variant each
+            fla_mode = mode.removesuffix("_fused").removesuffix("_recompute")   # fla has one variant of each
             add(f"B{B}_T{T}", mode, ours[mode], gd.get(fla_mode), kd.get(fla_mode),
                 fwd_bytes if not mode.startswith("fwd_bwd") else fwd_bytes + bwd_bytes)
         write(rows)
@@ -208,8 +204,7 @@ LEGEND = ("Modes: *_fused = the output computed inside the sequential walk (GDN2
           "states + output kernel, both switches =0); infer_fwd = inference forward, train_fwd = forward with autograd "
           "state kept, fwd_bwd = forward + backward; *_recompute = GDN2_TRITON_RECOMPUTE_STATES=1 (the training "
           "forward keeps no per-chunk states, the backward recomputes them with one more walk, as fla does; not our "
-          "default); infer_fwd_prefill = GDN2_TRITON_PREFILL=1 (the WY side inside the walk, chunk_prefill.py); fla "
-          "has one variant of each mode, shown on every row of it.")
+          "default); fla has one variant of each mode, shown on every row of it.")
 
 
 def write_markdown(rows, card, bw, path):

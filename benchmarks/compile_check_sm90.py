@@ -49,8 +49,8 @@ FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG
 INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "n_exact"}
 SCALARS = {"scale": "fp32", "TT": "i32", "NSH_LOG2": "i32"}
 # kernels launched with SERIAL_PRECISION (tf32 for fp32 operands); the rest with dot_precision(dtype)
-SERIAL_KERNELS = {"fwd_wy", "fwd_state", "fwd_state_fused", "fwd_state_train_fused", "fwd_output", "fwd_prefill",
-                  "bwd_dlocal", "bwd_dstate"}
+SERIAL_KERNELS = {"fwd_wy", "fwd_state", "fwd_state_fused", "fwd_state_train_fused", "fwd_output", "bwd_dlocal",
+                  "bwd_dstate"}
 
 
 def consts_of(kname):

@@ -101,35 +101,6 @@ def test_inference_forward_fused_output(monkeypatch):
     assert rel(o, ro) < TOL and rel(ht, rh) < TOL
 
 
-@pytest.mark.parametrize("K,V,l2", [(80, 16, False), (32, 48, True)])
-def test_inference_prefill_walk(monkeypatch, K, V, l2):
-    """GDN2_TRITON_PREFILL=1: the WY side inside the walk (chunk_prefill.py), varlen, grouped value heads, initial
-    and final state; K = 80 is two key blocks (the second partial), K = 32 one, with the fused L2-norm."""
-    monkeypatch.setenv("GDN2_TRITON_PREFILL", "1")
-    from gdn2.ops.triton import chunk_prefill
-
-    launches = []
-    real = chunk_prefill.gdn2_fwd_kernel_prefill
-    monkeypatch.setattr(chunk_prefill, "gdn2_fwd_kernel_prefill",
-                        type("Spy", (), {"__getitem__": lambda self, grid: launches.append(grid) or real[grid]})())
-    cu = torch.tensor([0, 50, 140])
-    q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, K, V, 2, not l2, seed=K + V)
-    with torch.no_grad():
-        o, ht = chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                           use_qk_l2norm_in_kernel=l2, backend="triton")
-    ro, rh = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)), initial_state=h0.double(),
-                                  output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=l2)
-    assert len(launches) == 1
-    assert rel(o, ro) < TOL and rel(ht, rh) < TOL
-
-
-def test_inference_prefill_walk_refuses_wide_keys(monkeypatch):
-    monkeypatch.setenv("GDN2_TRITON_PREFILL", "1")
-    q, k, v, g, b, w, _ = make_inputs(1, 8, 1, 1, 256, 16, 1, True, seed=0)
-    with torch.no_grad(), pytest.raises(ValueError, match="K <= 128; got K = 256.*GDN2_TRITON_PREFILL"):
-        chunk_gdn2(q, k, v, g, b, w, backend="triton")
-
-
 @pytest.mark.parametrize("switch,choice", [("GDN2_TRITON_INFER_FUSED", "use_fused_output"),
                                            ("GDN2_TRITON_TRAIN_FUSED", "use_fused_output_in_training")])
 def test_output_variant_choice(monkeypatch, switch, choice):

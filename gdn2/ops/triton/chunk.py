@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from gdn2.ops.naive import check_gdn2_inputs
-from gdn2.ops.triton import chunk_bwd, chunk_fwd, chunk_prefill
+from gdn2.ops.triton import chunk_bwd, chunk_fwd
 from gdn2.ops.triton.chunk_bwd import chunk_backward
 from gdn2.ops.triton.chunk_fwd import chunk_forward
 from gdn2.ops.triton.chunk_infer import (inference_forward, recompute_states_in_backward,
@@ -34,7 +34,6 @@ CHUNK_KERNELS = {
     "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
     "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
     "fwd_output": chunk_fwd.gdn2_fwd_kernel_output,
-    "fwd_prefill": chunk_prefill.gdn2_fwd_kernel_prefill,
     "bwd_dlocal": chunk_bwd.gdn2_bwd_kernel_dlocal,
     "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
     "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,

@@ -477,20 +477,6 @@ def store_state_blocks(ptr, S1, S2, S3, S4, cv, K: tl.constexpr, V: tl.constexpr
 
 
 @triton.jit
-def key_blocks_dot(X, t, eos, SK, S1d, S2d, S3d, S4d, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """X S for a [rows t, K] operand X (row stride SK) and a [K, BV] state held as up to four [BK, BV] blocks:
-    [64, BV] fp32, one [64, BK] x [BK, BV] product per block inside K."""
-    acc = tl.dot(tile(X, t, eos, SK, 0, K, BK), S1d, input_precision=PREC)
-    if K > BK:
-        acc += tl.dot(tile(X, t, eos, SK, BK, K, BK), S2d, input_precision=PREC)
-    if K > 2 * BK:
-        acc += tl.dot(tile(X, t, eos, SK, 2 * BK, K, BK), S3d, input_precision=PREC)
-    if K > 3 * BK:
-        acc += tl.dot(tile(X, t, eos, SK, 3 * BK, K, BK), S4d, input_precision=PREC)
-    return acc
-
-
-@triton.jit
 def key_vector(ptr, k0, K: tl.constexpr, BK: tl.constexpr):
     ck = k0 + tl.arange(0, BK)
     return tl.load(ptr + ck, mask=ck < K, other=0.).to(tl.float32)
@@ -527,8 +513,8 @@ def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu_seqlens
 def state_fits(config, dtype, K, fuse_output=False, store_states=True) -> bool:
     """Whether the fwd state kernel's sm_90 build stays within 232,448 B of shared memory (measured with
     benchmarks/compile_check_sm90.py, 2026-11-27; fp32 operand tiles need about twice bf16's).
-    Plain (per-chunk states out): 16-bit inputs every entry up to K = 128, at K = 256 all but BV=64 at 3 stages
-    (245,760 B since the walk issues its stores after the state update; 229,376 B before); fp32: K <= 64 every entry (<= 163,840 B), K <= 128 num_stages=2 only (3 stages: 237,568 / 278,528 B),
+    Plain (per-chunk states out): 16-bit inputs every entry up to K = 256 (largest: BV=64, 3 stages, K=256:
+    229,376 B); fp32: K <= 64 every entry (<= 163,840 B), K <= 128 num_stages=2 only (3 stages: 237,568 / 278,528 B),
     K <= 256 only the 2-warp entry (151,552 B; BV=16/32/64 at 4 warps: 286,720 / 311,296 / 360,448 B).
     fuse_output (Q and Aqk tiles too): 16-bit K <= 128 every entry (<= 221,184 B), K <= 256 BV=16 (227,328 B) and
     2 warps (116,736 B) only (BV=32: 237,568 B); fp32 K <= 64 all but BV=64 at 3 stages (262,144 B), above that
@@ -545,9 +531,7 @@ def state_fits(config, dtype, K, fuse_output=False, store_states=True) -> bool:
                 return config.num_stages < 3 or config.kwargs["BV"] <= 16
             return not (config.kwargs["BV"] >= 64 and config.num_stages >= 3)
         return config.num_warps == 2 and (K <= 128 or not store_states)
-    if dtype != torch.float32:
-        return K <= 128 or not (config.kwargs["BV"] >= 64 and config.num_stages >= 3)
-    if K <= 64:
+    if dtype != torch.float32 or K <= 64:
         return True
     if K <= 128:
         return config.num_stages < 3
@@ -593,12 +577,37 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
     for i_t in range(n_chunks):
         i_c = first_chunk + i_t
         t = bos + i_t * 64 + c64
+        ph = hs + (i_c * HV + i_hv) * K * V
         pg = gC + (i_c * H + i_h) * K
-        # the step's critical path first: R = U - Y S_0, then S_C = Diag(exp G_C) S_0 + Kt^T R; the stores and the
-        # output products, which nothing in the walk waits for, are issued after it
-        S1d, S2d, S3d, S4d = S1.to(dt), S2.to(dt), S3.to(dt), S4.to(dt)          # S_0 as the products' operand
-        Rd = (tile(U, t, eos, SV, v0, V, BV).to(tl.float32)
-              - key_blocks_dot(Y, t, eos, SK, S1d, S2d, S3d, S4d, K, BK, PREC)).to(dt)
+        if STORE_STATES:
+            store_state_block(ph, S1, 0, cv, K, V, BK)
+        Rb = tile(U, t, eos, SV, v0, V, BV).to(tl.float32)
+        Rb -= tl.dot(tile(Y, t, eos, SK, 0, K, BK), S1.to(dt), input_precision=PREC)
+        if K > BK:
+            if STORE_STATES:
+                store_state_block(ph, S2, BK, cv, K, V, BK)
+            Rb -= tl.dot(tile(Y, t, eos, SK, BK, K, BK), S2.to(dt), input_precision=PREC)
+        if K > 2 * BK:
+            if STORE_STATES:
+                store_state_block(ph, S3, 2 * BK, cv, K, V, BK)
+            Rb -= tl.dot(tile(Y, t, eos, SK, 2 * BK, K, BK), S3.to(dt), input_precision=PREC)
+        if K > 3 * BK:
+            if STORE_STATES:
+                store_state_block(ph, S4, 3 * BK, cv, K, V, BK)
+            Rb -= tl.dot(tile(Y, t, eos, SK, 3 * BK, K, BK), S4.to(dt), input_precision=PREC)
+        Rd = Rb.to(dt)
+        if STORE_STATES:
+            store_tile(R, Rb, t, eos, SV, v0, V, BV)
+        if FUSE_OUTPUT:
+            out = tl.dot(tile(Aqk + i_h * 64, t, eos, H * 64, 0, 64, 64).to(dt), Rd, input_precision=PREC)
+            out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 0, K, BK), S1.to(dt), input_precision=PREC)
+            if K > BK:
+                out += tl.dot(tile(Qg + i_h * K, t, eos, SK, BK, K, BK), S2.to(dt), input_precision=PREC)
+            if K > 2 * BK:
+                out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 2 * BK, K, BK), S3.to(dt), input_precision=PREC)
+            if K > 3 * BK:
+                out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 3 * BK, K, BK), S4.to(dt), input_precision=PREC)
+            store_tile(o + i_hv * V, out, t, eos, SV, v0, V, BV)
         S1 = S1 * key_vector(pg, 0, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 0, K, BK), Rd,
                                                               input_precision=PREC)
         if K > BK:
@@ -610,13 +619,6 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
         if K > 3 * BK:
             S4 = S4 * key_vector(pg, 3 * BK, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 3 * BK, K, BK), Rd,
                                                                        input_precision=PREC)
-        if STORE_STATES:
-            store_state_blocks(hs + (i_c * HV + i_hv) * K * V, S1d, S2d, S3d, S4d, cv, K, V, BK)
-            store_tile(R, Rd, t, eos, SV, v0, V, BV)
-        if FUSE_OUTPUT:
-            out = tl.dot(tile(Aqk + i_h * 64, t, eos, H * 64, 0, 64, 64).to(dt), Rd, input_precision=PREC)
-            out += key_blocks_dot(Qg + i_h * K, t, eos, SK, S1d, S2d, S3d, S4d, K, BK, PREC)
-            store_tile(o + i_hv * V, out, t, eos, SV, v0, V, BV)
     if STORE_FINAL:
         store_state_blocks(ht + i_nh * K * V, S1, S2, S3, S4, cv, K, V, BK)
 

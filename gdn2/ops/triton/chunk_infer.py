@@ -24,7 +24,6 @@ import os
 import torch
 
 from gdn2.ops.triton.chunk_fwd import chunk_forward
-from gdn2.ops.triton.chunk_prefill import prefill_forward
 
 
 def _forced(name: str, meaning: dict[str, str]) -> bool | None:
@@ -70,15 +69,7 @@ def recompute_states_in_backward() -> bool:
                                                           "1": "recomputed in the backward"}))
 
 
-def use_prefill_walk(dtype: torch.dtype, K: int) -> bool:
-    """GDN2_TRITON_PREFILL=1: the inference forward runs the WY side inside the walk (chunk_prefill.py). Off unless
-    set: not yet timed on a GPU."""
-    return bool(_forced("GDN2_TRITON_PREFILL", {"0": "WY kernel, then the walk", "1": "WY side inside the walk"}))
-
-
 def inference_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
-    if use_prefill_walk(v.dtype, q.shape[-1]):
-        return prefill_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state)
     o, ht, _ = chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state,
                              fuse_output=use_fused_output(v.dtype, q.shape[-1]), for_backward=False)
     return o, ht
