@@ -271,9 +271,12 @@ def main():
         raise SystemExit(f"--extras: unknown shape(s) {sorted(unknown)}; choose from {[c['name'] for c in EXTRA]}")
     extra_runs = [(case, None) for case in EXTRA if wanted is None or case["name"] in wanted] \
         if only is None or args.extras else []
+    # the K = 256 shape on every other config of the sequential kernels (four state blocks): in the full run, or for
+    # the sequential kernels named in --kernels when --extras takes that shape
     K256 = EXTRA[0]
-    extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None for cfg in KERNELS[kname]._all_configs[1:]
-                   if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
+    k256_chosen = args.extras is not None and (wanted is None or K256["name"] in wanted)
+    extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None or (kname in only and k256_chosen)
+                   for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
     for case, under_test in extra_runs:
         seed += 7
         label = "all(first)" if under_test is None else under_test[0]
