@@ -100,11 +100,24 @@ def ptxas_report(ptx: str) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
 
 
+def write_ptx(directory: str, name: str, ptx: str) -> None:
+    """<directory>/<name>.ptx without the debug lines (.loc, .file, the $L__tmp labels that mark source positions and
+    the debug sections), which move with any edit of the source text."""
+    os.makedirs(directory, exist_ok=True)
+    ptx = re.sub(r"\n\s*\.section\s+\.debug.*", "\n", ptx, flags=re.S)
+    lines = [ln for ln in ptx.splitlines() if not re.match(r"\s*(\.(loc|file)\b|\$L__tmp\d+:$)", ln)]
+    with open(os.path.join(directory, re.sub(r"[^\w.=,-]", "_", name) + ".ptx"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--K", default="128,256")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--ptx-dir", default=None, help="also write each build's PTX there, without its debug lines (to "
+                                                     "diff the builds of two trees: a refactor that leaves them equal "
+                                                     "needs no new GPU check)")
     args = ap.parse_args()
     rows = []
     print(f"{'kernel':11s} {'config':22s} {'dtype':9s} {'K':>4s} {'smem B':>8s} {'regs':>5s} {'spill B':>7s}  "
@@ -125,6 +138,9 @@ def main():
                                                          **({"maxnreg": config.maxnreg} if config.maxnreg else {})))
                         smem = k.metadata.shared
                         regs, spill = ptxas_report(k.asm["ptx"])
+                        if args.ptx_dir:
+                            write_ptx(args.ptx_dir, f"{kname}-{config_name(config)}-{str(dtype)[6:]}-K{K}",
+                                      k.asm["ptx"])
                         err = ""
                     except Exception as e:                                 # a config that does not compile
                         smem, regs, spill, err = None, None, None, f"{type(e).__name__}: {str(e)[:200]}"

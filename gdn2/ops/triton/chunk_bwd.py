@@ -53,7 +53,7 @@ from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load_sub, block_sizes, ch
                                        midpoint_channels, state_block_t, state_walk, store_state_block,
                                        store_state_blocks, store_tile, sub_chunk_span, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
-                                   tuned)
+                                   store_rows, tuned)
 
 DLOCAL_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
                                                                                        num_stages=2)]
@@ -336,12 +336,6 @@ def _add_col_side(pk, pG, d_k, kb):
     return pk + d_k, pG - kb * d_k
 
 
-@triton.jit
-def _store_rows(ptr, x, t, eos, stride_t, cols, n_cols):
-    tl.store(ptr + t[:, None] * stride_t + cols[None, :], x.to(ptr.dtype.element_ty),
-             mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
-
-
 @tuned(EXACT_BWD_CONFIGS, key=["K", "USE_L2"], interpret_config=EXACT_BWD_INTERPRET, dtype_arg="q",
        restore_value=("dq", "dk", "db", "dG"))
 @triton.jit
@@ -371,10 +365,10 @@ def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_e
         pq, pk, pb, pG = _add_row_side(dq + koff, dk + koff, db + koff, dG + koff, ti, eos, cols, SK, K, d_bk, d_qs,
                                        bk, qs, kt, load_rows(b, ti, eos, SK, cols, K), scale)
         pk, pG = _add_col_side(pk, pG, d_k, kt)
-        _store_rows(dq + koff, pq, ti, eos, SK, cols, K)
-        _store_rows(dk + koff, pk, ti, eos, SK, cols, K)
-        _store_rows(db + koff, pb, ti, eos, SK, cols, K)
-        _store_rows(dG + koff, pG, ti, eos, SK, cols, K)
+        store_rows(dq + koff, pq, ti, eos, SK, cols, K)
+        store_rows(dk + koff, pk, ti, eos, SK, cols, K)
+        store_rows(db + koff, pb, ti, eos, SK, cols, K)
+        store_rows(dG + koff, pG, ti, eos, SK, cols, K)
 
 
 @triton.jit
@@ -492,8 +486,8 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
     bt = load_rows(b, t, eos, SK, cols, K)
     pq, pk, pb, pG = _add_row_side(dq + koff, dk + koff, db + koff, dG + koff, t, eos, cols, SK, K, d_bk, d_qs,
                                    bt * kt, qs, kt, bt, scale)
-    _store_rows(dq_out + koff, pq, t, eos, SK, cols, K)
-    _store_rows(db_out + koff, pb, t, eos, SK, cols, K)
+    store_rows(dq_out + koff, pq, t, eos, SK, cols, K)
+    store_rows(db_out + koff, pb, t, eos, SK, cols, K)
     # column side, sub-chunks descending: dk from both
     acc_C = tl.zeros([64, BKS], dtype=tl.float32)
     d_k = tl.zeros([64, BKS], dtype=tl.float32)
@@ -523,8 +517,8 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
         acc_C = acc_C * tl.exp(tot)[None, :] + C
     d_k *= tl.exp(ref_c - lc64)
     pk, pG = _add_col_side(pk, pG, d_k, kt)
-    _store_rows(dk_out + koff, pk, t, eos, SK, cols, K)
-    _store_rows(dg + koff, tl.cumsum(pG, 0, reverse=True), t, eos, SK, cols, K)
+    store_rows(dk_out + koff, pk, t, eos, SK, cols, K)
+    store_rows(dg + koff, tl.cumsum(pG, 0, reverse=True), t, eos, SK, cols, K)
 
 
 def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, use_l2):

@@ -53,8 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, tuned,
-                                   unit_lower_inverse16)
+from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, row_tile,
+                                   store_rows, tuned, unit_lower_inverse16)
 
 # Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
 # Every product is [16, BK] x [BK, 16], and Triton lays the warps of an M = 16 product along M (warpsPerCTA [w, 1]
@@ -325,16 +325,12 @@ def gdn2_fwd_kernel_exact_diag(q, k, g, b, rq, rk, A, Aqk, n_exact, cu_seqlens, 
 @triton.jit
 def _load16(ptr, t, eos, col0, stride_t):
     """[16, 16] fp32 block of a [TT, ., 64] per-chunk matrix: rows t (0 past eos), columns col0 .. col0 + 15."""
-    c16 = tl.arange(0, 16)
-    return tl.load(ptr + t[:, None] * stride_t + col0 + c16[None, :], mask=(t < eos)[:, None], other=0.).to(
-        tl.float32)
+    return load_rows(ptr, t, eos, stride_t, col0 + tl.arange(0, 16), 64)
 
 
 @triton.jit
 def _store16(ptr, blk, t, eos, col0, stride_t):
-    c16 = tl.arange(0, 16)
-    tl.store(ptr + t[:, None] * stride_t + col0 + c16[None, :], blk.to(ptr.dtype.element_ty),
-             mask=(t < eos)[:, None])
+    store_rows(ptr, blk, t, eos, stride_t, col0 + tl.arange(0, 16), 64)
 
 
 @tuned(SOLVE_CONFIGS, key=["H"], interpret_config=SOLVE_INTERPRET, dtype_arg="A", restore_value=("A",))
@@ -404,10 +400,8 @@ def chunk_key_side(q, k, g, b, rq, rk, t, eos, cols, scale, SK, SH, K: tl.conste
 
 @triton.jit
 def tile(ptr, t, eos, stride_t, c0, n_cols, BC: tl.constexpr):
-    """[len(t), BC] tile (stored dtype) of rows t (masked t < eos), columns c0 .. c0 + BC (masked < n_cols)."""
-    cols = c0 + tl.arange(0, BC)
-    return tl.load(ptr + t[:, None] * stride_t + cols[None, :], mask=(t < eos)[:, None] & (cols < n_cols)[None, :],
-                   other=0.)
+    """[len(t), BC] row_tile (stored dtype) of rows t < eos, columns c0 .. c0 + BC (masked < n_cols)."""
+    return row_tile(ptr, t, eos, stride_t, c0 + tl.arange(0, BC), n_cols)
 
 
 @triton.jit
@@ -420,9 +414,8 @@ def tile_t(ptr, t, eos, stride_t, c0, n_cols, BC: tl.constexpr):
 
 @triton.jit
 def store_tile(ptr, x, t, eos, stride_t, c0, n_cols, BC: tl.constexpr):
-    cols = c0 + tl.arange(0, BC)
-    tl.store(ptr + t[:, None] * stride_t + cols[None, :], x.to(ptr.dtype.element_ty),
-             mask=(t < eos)[:, None] & (cols < n_cols)[None, :])
+    """The inverse of tile (utils.store_rows)."""
+    store_rows(ptr, x, t, eos, stride_t, c0 + tl.arange(0, BC), n_cols)
 
 
 @triton.jit

@@ -186,10 +186,24 @@ def inverse_norms(x: torch.Tensor) -> torch.Tensor:
 # jit helpers shared by the chunk kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def load_rows(ptr, t, t_end, stride_t, cols, n_cols):
-    """[len(t), len(cols)] fp32 tile of rows t (masked t < t_end) and columns cols (masked < n_cols)."""
+def row_tile(ptr, t, t_end, stride_t, cols, n_cols):
+    """[len(t), len(cols)] tile, in the stored dtype, of rows t (0 from t_end on) and columns cols (0 from n_cols on)
+    of a row-major matrix at ptr with row stride stride_t."""
     mask = (t < t_end)[:, None] & (cols < n_cols)[None, :]
-    return tl.load(ptr + t[:, None] * stride_t + cols[None, :], mask=mask, other=0.).to(tl.float32)
+    return tl.load(ptr + t[:, None] * stride_t + cols[None, :], mask=mask, other=0.)
+
+
+@triton.jit
+def load_rows(ptr, t, t_end, stride_t, cols, n_cols):
+    """row_tile in fp32."""
+    return row_tile(ptr, t, t_end, stride_t, cols, n_cols).to(tl.float32)
+
+
+@triton.jit
+def store_rows(ptr, x, t, t_end, stride_t, cols, n_cols):
+    """The inverse of row_tile: x, cast to ptr's dtype, into rows t < t_end and columns cols < n_cols."""
+    tl.store(ptr + t[:, None] * stride_t + cols[None, :], x.to(ptr.dtype.element_ty),
+             mask=(t < t_end)[:, None] & (cols < n_cols)[None, :])
 
 
 @triton.jit
