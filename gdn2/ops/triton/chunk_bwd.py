@@ -52,7 +52,7 @@ from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load_sub, block_sizes, ch
                                        exact_channels, key_head_inputs, key_vector, load_state_blocks,
                                        midpoint_channels, state_block_t, state_walk, store_state_block,
                                        store_state_blocks, store_tile, sub_chunk_span, tile, tile_t)
-from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, solve_precision,
+from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, l2_rows, load_rows, solve_precision,
                                    store_rows, tuned)
 
 DLOCAL_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
@@ -457,9 +457,7 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
         k_j, g_j, dT_j, dQ_j = k_n, g_n, dT_n, dQ_n
         k_n, g_n, dT_n, dQ_n = _row_side_loads(k, g, dT, dAqk, t0, t, eos, tl.minimum(j + 1, 3), c0, SK, S64, K,
                                                BKS)
-        k_j = k_j.to(tl.float32)
-        if USE_L2:
-            k_j = k_j * load_scale(rk, t0 + 16 * j + r16, eos, H)[:, None]
+        k_j = l2_rows(k_j.to(tl.float32), rk, t0 + 16 * j + r16, eos, H, USE_L2)
         g_j = g_j.to(tl.float32)
         lc = tl.cumsum(g_j, 0)
         tot = tl.sum(g_j, 0)
@@ -480,9 +478,8 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
     d_qs *= tl.exp(lc64 - ref_r)
     kt = load_rows(k, t, eos, SK, cols, K)
     qs = load_rows(q, t, eos, SK, cols, K) * scale
-    if USE_L2:
-        kt = kt * load_scale(rk, t, eos, H)[:, None]
-        qs = qs * load_scale(rq, t, eos, H)[:, None]
+    kt = l2_rows(kt, rk, t, eos, H, USE_L2)
+    qs = l2_rows(qs, rq, t, eos, H, USE_L2)
     bt = load_rows(b, t, eos, SK, cols, K)
     pq, pk, pb, pG = _add_row_side(dq + koff, dk + koff, db + koff, dG + koff, t, eos, cols, SK, K, d_bk, d_qs,
                                    bt * kt, qs, kt, bt, scale)
@@ -498,12 +495,10 @@ def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, d
         q_j, k_j, b_j, g_j, dT_j, dQ_j = q_n, k_n, b_n, g_n, dT_n, dQ_n
         q_n, k_n, b_n, g_n, dT_n, dQ_n = _col_side_loads(q, k, b, g, dT, dAqk, t0, eos, tl.maximum(j - 1, 0), c0,
                                                          SK, S64, K, BKS)
+        tj = t0 + 16 * j + r16
         qs_j = q_j.to(tl.float32) * scale
-        k_j = k_j.to(tl.float32)
-        if USE_L2:
-            tj = t0 + 16 * j + r16
-            k_j = k_j * load_scale(rk, tj, eos, H)[:, None]
-            qs_j = qs_j * load_scale(rq, tj, eos, H)[:, None]
+        k_j = l2_rows(k_j.to(tl.float32), rk, tj, eos, H, USE_L2)
+        qs_j = l2_rows(qs_j, rq, tj, eos, H, USE_L2)
         g_j = g_j.to(tl.float32)
         lc = tl.cumsum(g_j, 0)
         tot = tl.sum(g_j, 0)

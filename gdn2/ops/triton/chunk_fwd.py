@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, load_rows, load_scale, row_tile,
+from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, l2_rows, load_rows, row_tile,
                                    store_rows, tuned, unit_lower_inverse16)
 
 # Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
@@ -116,9 +116,8 @@ def _load_sub(q, k, g, b, rq, rk, t, eos, carry, cols, scale, SK, SH, K: tl.cons
     G = tl.cumsum(gb, 0) + carry[None, :]
     kb = load_rows(k, t, eos, SK, cols, K)
     qb = load_rows(q, t, eos, SK, cols, K)
-    if USE_L2:
-        kb = kb * load_scale(rk, t, eos, SH)[:, None]
-        qb = qb * load_scale(rq, t, eos, SH)[:, None]
+    kb = l2_rows(kb, rk, t, eos, SH, USE_L2)
+    qb = l2_rows(qb, rq, t, eos, SH, USE_L2)
     bk = load_rows(b, t, eos, SK, cols, K) * kb
     return G, carry + tl.sum(gb, 0), qb * scale, kb, bk, gb
 
@@ -204,8 +203,7 @@ def _earlier_block(k, g, rk, t_j, eos, cols, x_T, x_Q, mid, acc_T, acc_Q, SK, H,
     between j and i. Returns the updated accumulators and mid + the total of j."""
     gj = load_rows(g, t_j, eos, SK, cols, K)
     kj = load_rows(k, t_j, eos, SK, cols, K)
-    if USE_L2:
-        kj = kj * load_scale(rk, t_j, eos, H)[:, None]
+    kj = l2_rows(kj, rk, t_j, eos, H, USE_L2)
     tot = tl.sum(gj, 0)
     right = tl.trans(kj * tl.exp(tot[None, :] - tl.cumsum(gj, 0)))           # k_s e^(ce_j - G_s) <= 1
     f = tl.exp(mid)[None, :]                                                  # e^(cb_i - ce_j) <= 1
@@ -308,9 +306,7 @@ def gdn2_fwd_kernel_exact_diag(q, k, g, b, rq, rk, A, Aqk, n_exact, cu_seqlens, 
             cols = k0 + tl.arange(0, BK)
             exact = exact_channels(load_rows(g, ti, eos, SK, cols, K))
             if tl.sum(exact.to(tl.int32), 0) > 0:
-                kt = load_rows(k, ti, eos, SK, cols, K)
-                if USE_L2:
-                    kt = kt * load_scale(rk, ti, eos, H)[:, None]
+                kt = l2_rows(load_rows(k, ti, eos, SK, cols, K), rk, ti, eos, H, USE_L2)
                 x, y = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, scale, SK, H, K, BK, USE_L2)
                 Tx += x
                 Qx += y
@@ -386,9 +382,8 @@ def chunk_key_side(q, k, g, b, rq, rk, t, eos, cols, scale, SK, SH, K: tl.conste
     G_last = tl.sum(gt, 0)
     kt = load_rows(k, t, eos, SK, cols, K)
     qt = load_rows(q, t, eos, SK, cols, K)
-    if USE_L2:
-        kt = kt * load_scale(rk, t, eos, SH)[:, None]
-        qt = qt * load_scale(rq, t, eos, SH)[:, None]
+    kt = l2_rows(kt, rk, t, eos, SH, USE_L2)
+    qt = l2_rows(qt, rq, t, eos, SH, USE_L2)
     bt = load_rows(b, t, eos, SK, cols, K)
     gamma = tl.exp(G)
     E = gamma * bt * kt

@@ -207,9 +207,12 @@ def store_rows(ptr, x, t, t_end, stride_t, cols, n_cols):
 
 
 @triton.jit
-def load_scale(ptr, t, t_end, stride_t):
-    """[len(t)] fp32 per-row factor (the inverse L2 norm), 0 for rows past t_end."""
-    return tl.load(ptr + t * stride_t, mask=t < t_end, other=0.).to(tl.float32)
+def l2_rows(x, inv_norm, t, t_end, stride_t, USE_L2: tl.constexpr):
+    """The fused q/k L2-norm: x [len(t), .] fp32 times its rows' inverse norms inv_norm[t * stride_t] (0 from t_end
+    on) when USE_L2, x itself otherwise."""
+    if USE_L2:
+        x = x * tl.load(inv_norm + t * stride_t, mask=t < t_end, other=0.).to(tl.float32)[:, None]
+    return x
 
 
 @triton.jit
