@@ -6,8 +6,8 @@ ours in each variant (rows without a suffix: per-chunk states + output kernel; _
 _recompute: training without per-chunk states kept, recomputed in the backward; gdn2/ops/triton/chunk_infer.py
 picks the default); the decode step at B = 1 and B = 64 (one token, state updated in place). Timing:
 triton.testing.do_bench (CUDA events), median, after warm-up, on freshly drawn inputs; the decode step also from a
-CUDA graph of 32 steps (GPU time per step without launch gaps). The floor is the bytes every implementation must move (inputs read once, outputs
-written once) over the copy bandwidth measured in the same run.
+CUDA graph of 32 steps (GPU time per step without launch gaps). The floor is the bytes every implementation must
+move (inputs read once, outputs written once) over the copy bandwidth measured in the same run.
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --out results/bench
 Writes <out>/kernels-<card>.csv, kernels-<card>.md (table + targets), kernels-<card>.png (if matplotlib imports;

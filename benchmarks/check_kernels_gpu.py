@@ -7,11 +7,11 @@ bf16 <= 1e-2, fp32 <= 2e-3, for o, the final state and every gradient (q, k, v, 
 forward too, both variants (per-chunk states + output kernel; GDN2_TRITON_INFER_FUSED=1: output inside the walk),
 and, for the state kernel's configs, the extra shapes and the autotuned case, the training forward in its other two
 variants: the split output (GDN2_TRITON_TRAIN_FUSED=0; =1, the output inside the walk, is mode train_fused) and the
-states recomputed in the backward (GDN2_TRITON_RECOMPUTE_STATES=1, mode train_recompute). Extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V with
-V = 256) run on the first
-fitting config of every kernel, in bf16 and fp32; the K = 256 shape also on every sequential-kernel config that fits
-K = 256 (they hold the state as four [64, BV] blocks there). The decode kernel: every (BV, num_warps) entry vs a
-float64 step.
+states recomputed in the backward (GDN2_TRITON_RECOMPUTE_STATES=1, mode train_recompute). Extra shapes (varlen +
+grouped heads + fused L2-norm + K = 256; K != V with V = 256) run on the first fitting config of every kernel, in bf16
+and fp32; the K = 256 shape also on every sequential-kernel config that fits K = 256 (they hold the state as four
+[64, BV] blocks there), in the full run or for the sequential kernels named with --kernels when --extras takes that
+shape. The decode kernel: every (BV, num_warps) entry vs a float64 step.
 
     PYTHONUNBUFFERED=1 python benchmarks/check_kernels_gpu.py --out results/bench [--budget-s 300]
     python benchmarks/check_kernels_gpu.py --smoke --out /tmp/smoke     # CPU: the same plumbing under the Triton
@@ -129,7 +129,8 @@ def pin_for(dtype, K, under_test=None, mode="train"):
     skipped)."""
     for kname, kern in KERNELS.items():
         variants = MODES[mode] if kname == "fwd_state" else ((),)
-        fits = lambda c: SMOKE or all(kern.fits(c, dtype, K, *f) for f in variants)   # noqa: E731 (interpreter: no limits)
+        # the interpreter has no resource limits
+        fits = lambda c: SMOKE or all(kern.fits(c, dtype, K, *f) for f in variants)   # noqa: E731
         if under_test is not None and kname == under_test[0]:
             if not fits(under_test[1]):
                 return False

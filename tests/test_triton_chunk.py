@@ -123,17 +123,22 @@ def test_output_variant_choice(monkeypatch, switch, choice):
             use(torch.bfloat16, 128)
 
 
-def test_training_forward_fused_output(monkeypatch):
-    """GDN2_TRITON_TRAIN_FUSED=1: the training forward computes the output inside the walk and still stores the
-    per-chunk states and R that the backward reads. K = 80 (two K blocks), varlen, grouped value heads, initial and
-    final state; output, final state and every gradient against the float64 recurrence. The output kernel must not
-    run."""
+def forbid_output_kernel(monkeypatch):
+    """Make a launch of the chunk-parallel output kernel fail the test (for paths that compute O inside the walk)."""
     from gdn2.ops.triton import chunk_fwd
 
     class NoLaunch:
         def __getitem__(self, grid):
             raise AssertionError("the output kernel ran although the output is computed inside the walk")
     monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_output", NoLaunch())
+
+
+def test_training_forward_fused_output(monkeypatch):
+    """GDN2_TRITON_TRAIN_FUSED=1: the training forward computes the output inside the walk and still stores the
+    per-chunk states and R that the backward reads. K = 80 (two K blocks), varlen, grouped value heads, initial and
+    final state; output, final state and every gradient against the float64 recurrence. The output kernel must not
+    run."""
+    forbid_output_kernel(monkeypatch)
     monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "1")
     assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=13), cu=torch.tensor([0, 50, 140]))
 
@@ -155,11 +160,8 @@ def test_training_with_states_recomputed_in_backward(monkeypatch):
                 return real[grid](*args, **kwargs)
             return launch
 
-    class NoLaunch:
-        def __getitem__(self, grid):
-            raise AssertionError("the output kernel ran although the output is computed inside the walk")
     monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_state", Recorder())
-    monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_output", NoLaunch())
+    forbid_output_kernel(monkeypatch)
     monkeypatch.setenv("GDN2_TRITON_RECOMPUTE_STATES", "1")
     assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=17), cu=torch.tensor([0, 60, 140]))
     assert variants == [(True, False), (False, True)]

@@ -14,8 +14,8 @@ either.
 The training forward has the same two variants, except that the fused one still stores the per-chunk states and R
 for the backward; it drops the output kernel. Same runs: 2.26 vs 2.39 ms forward, 8.86 vs 8.99 ms forward + backward
 at B=8; 2.41 vs 2.54 and 9.30 vs 9.40 at B=2; equal at B=1 (5.70 vs 5.69, 20.51 vs 20.49). So it is the default on
-the same domain; GDN2_TRITON_TRAIN_FUSED=1 / =0 forces either. GDN2_TRITON_RECOMPUTE_STATES=1 (opt-in, untimed):
-no per-chunk states kept for the backward (recompute_states_in_backward).
+the same domain; GDN2_TRITON_TRAIN_FUSED=1 / =0 forces either. GDN2_TRITON_RECOMPUTE_STATES=1 (opt-in): no
+per-chunk states kept for the backward (recompute_states_in_backward).
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def recompute_states_in_backward() -> bool:
     """GDN2_TRITON_RECOMPUTE_STATES=1: the training forward stores no per-chunk states (its walk is the inference one,
     output inside) and the backward recomputes them with one more walk, as fla's chunk_gated_delta_rule does. Saves
     NC x Hv x K x V x 2 bytes of training memory per layer (0.27 GB at B=8, T=4096, H=16, K=V=128) for one more
-    walk in the backward. Off unless set: not yet timed on a GPU (bench rows train_fwd_recompute, fwd_bwd_recompute)."""
+    walk in the backward. Off unless set: on the H100 (seventh session, docs/kernels.md) it made forward + backward
+    2-6% slower (9.18 vs 8.98 ms at B=8, T=4096; 21.71 vs 20.47 at B=1, T=65536; bench rows *_recompute)."""
     return bool(_forced("GDN2_TRITON_RECOMPUTE_STATES", {"0": "per-chunk states kept for the backward",
                                                           "1": "recomputed in the backward"}))
 
