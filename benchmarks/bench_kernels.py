@@ -207,11 +207,19 @@ LEGEND = ("Modes: *_fused = the output computed inside the sequential walk (GDN2
           "default); fla has one variant of each mode, shown on every row of it.")
 
 
+def fla_version() -> str:
+    """fla's version, or 'not installed' (a --skip-fla run needs no fla)."""
+    try:
+        import fla
+    except ImportError:
+        return "not installed"
+    return getattr(fla, "__version__", "?")
+
+
 def write_markdown(rows, card, bw, path):
-    import fla
     import torch as _torch
     lines = [f"# GDN-2 Triton kernels vs fla ({card}, {datetime.date.today().isoformat()})", "",
-             f"triton {triton.__version__}, torch {_torch.__version__}, fla {getattr(fla, '__version__', '?')}; "
+             f"triton {triton.__version__}, torch {_torch.__version__}, fla {fla_version()}; "
              f"bf16 q,k,v,b,w, fp32 g, H={H}, K=V={K}, initial state in, final state out; median of "
              f"triton.testing.do_bench. Floor = bytes that must move / {bw / 1e12:.2f} TB/s measured copy. "
              f"GDN2_TRITON_AUTOTUNE={os.environ.get('GDN2_TRITON_AUTOTUNE', '1')}.", "",

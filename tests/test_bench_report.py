@@ -35,3 +35,13 @@ def test_verdicts(tmp_path, monkeypatch):
     rows[3] = row("B1_T65536", "train_fwd_fused", 5.4, 5.5)
     bk.write_markdown(rows, "card", 3e12, str(path))
     assert "YES (worst: B1_T65536 train_fwd_fused, ours / fla = 0.982)" in path.read_text()
+
+
+def test_report_without_fla(tmp_path, monkeypatch):
+    """A --skip-fla run on a machine without fla still writes its report (the H100 run of 2026-11-27 failed here)."""
+    monkeypatch.setitem(sys.modules, "fla", None)              # import fla -> ImportError
+    path = tmp_path / "report.md"
+    bk.write_markdown([row("B8_T4096", "infer_fwd_fused", 2.2, None)], "card", 3e12, str(path))
+    text = path.read_text()
+    assert "fla not installed" in text
+    assert "| B8_T4096 | infer_fwd_fused | 2.2 | - |" in text
