@@ -56,12 +56,15 @@ import triton.language as tl
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, l2_rows, load_rows, row_tile,
                                    store_rows, tuned, unit_lower_inverse16)
 
-# Intra kernel: one chunk per program, K in slices of BK; every product is [64, BK] x [BK, 16], so the warps split
-# the 64 rows. Candidates, to be timed on the H100 (benchmarks/time_configs.py --kernels fwd_intra).
-INTRA_CONFIGS = [triton.Config({"BK": bk, "SPLIT": sp}, num_warps=w, num_stages=1)
-                 for sp, bk, w in ((True, 32, 4), (True, 64, 4), (True, 16, 4), (True, 32, 8), (True, 64, 8),
-                                   (False, 32, 4), (False, 64, 4), (False, 16, 4), (False, 32, 8))]
-INTRA_INTERPRET = triton.Config({"BK": 32, "SPLIT": False}, num_warps=4, num_stages=1)
+# Intra kernel: one 16-row sub-chunk per program, K in slices of BK (T reduces over K, so K stays in the program).
+# Every product is [16, BK] x [BK, 16], and Triton lays the warps of an M = 16 product along M (warpsPerCTA [w, 1]
+# in the sm_90 build), so at w > 1 each warp computes the whole block. Measured on the H100 (B=8, T=4096, bf16,
+# benchmarks/time_configs.py, 2026-11-27, results/bench/configs-*): (16, 1) 0.88-0.91 ms, (16, 1, 2 stages) 0.94,
+# (16, 1, maxnreg 168) 0.92-0.96, (32, 2) 1.41; dropped: (16, 1, 3 stages) 0.94, (16, 1, maxnreg 128) 1.28,
+# (16, 2) 1.72, (64, 4) 1.91, (32, 4) 2.05. The first entry is the default without autotuning.
+INTRA_CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=st, maxnreg=reg)
+                 for bk, w, st, reg in ((16, 1, 1, None), (16, 1, 2, None), (16, 1, 1, 168), (32, 2, 1, None))]
+INTRA_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 # Solve kernel: ten [16, 16] fp32 blocks per chunk and key head.
 SOLVE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2)]   # 1 warp: passes, never picked
 SOLVE_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
@@ -193,117 +196,91 @@ def key_head_inputs(q, k, g, b, rq, rk, i_h, K: tl.constexpr):
 
 
 @triton.jit
-def _column_block(k, g, rk, t_c, eos, cols, G, sub, x1, x2, cb, j: tl.constexpr, acc1, acc2, SK, H,
-                  K: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """Column block j (the columns s of sub-chunk j, rows t_c + 16 j) for all 64 rows, one K slice: acc1 += (x1 F)
-    Kj^T and, unless SPLIT, acc2 += (x2 F) Kj^T, [64, BK] x [BK, 16] products. The block's reference is
-    c_j = cb + d (cb [BK]: G before sub-chunk j; d: half the sub-chunk's total on its midpoint channels, the whole
-    total on the others): Kj = k_s e^(c_j - G_s) (<= e^40, or <= 1), F = e^(G_r - c_j) (<= 1 after the sub-chunk; on
-    the midpoint channels only inside it; 0 before it). G [64, BK]: the chunk's cumsum; sub [64]: each row's
-    sub-chunk. Returns the accumulators, cb for sub-chunk j + 1 and the number of midpoint channels of sub-chunk j."""
-    t_j = t_c + 16 * j
+def _earlier_block(k, g, rk, t_j, eos, cols, x_T, x_Q, mid, acc_T, acc_Q, SK, H, K: tl.constexpr,
+                   USE_L2: tl.constexpr, PREC: tl.constexpr):
+    """Block (i, j) of T and Aqk for an earlier sub-chunk j (rows t_j), one K slice: x_T, x_Q are the row
+    sub-chunk's b k and scale q times e^(lc) (lc: its in-sub-chunk cumsum), mid the sum of g over the sub-chunks
+    between j and i. Returns the updated accumulators and mid + the total of j."""
     gj = load_rows(g, t_j, eos, SK, cols, K)
-    kj = l2_rows(load_rows(k, t_j, eos, SK, cols, K), rk, t_j, eos, H, USE_L2)
-    lc = tl.cumsum(gj, 0)
+    kj = load_rows(k, t_j, eos, SK, cols, K)
+    kj = l2_rows(kj, rk, t_j, eos, H, USE_L2)
     tot = tl.sum(gj, 0)
-    on = midpoint_channels(gj)
-    d = tl.where(on, tot * 0.5, tot)
-    right = tl.trans(kj * tl.exp(d[None, :] - lc))
-    live = (sub > j)[:, None] | ((sub == j)[:, None] & on[None, :])
-    f = tl.exp(tl.where(live, G - (cb + d)[None, :], float("-inf")))
-    acc1 += tl.dot(x1 * f, right, input_precision=PREC)
-    if not SPLIT:
-        acc2 += tl.dot(x2 * f, right, input_precision=PREC)
-    return acc1, acc2, cb + tot, tl.sum((on & (cols < K)).to(tl.int32), 0)
-
-
-@triton.jit
-def _store_column_blocks(ptr, X0, X1, X2, X3, t, eos, S64, STRICT: tl.constexpr):
-    """The four [64, 16] column blocks of a chunk's lower-triangular matrix (strictly lower if STRICT; zeros above)
-    into rows t < eos of ptr ([TT, ., 64], row stride S64)."""
-    r = tl.arange(0, 64)[:, None] - STRICT
-    c16 = tl.arange(0, 16)
-    store_rows(ptr, tl.where(r >= c16[None, :], X0, 0.), t, eos, S64, c16, 64)
-    store_rows(ptr, tl.where(r >= c16[None, :] + 16, X1, 0.), t, eos, S64, c16 + 16, 64)
-    store_rows(ptr, tl.where(r >= c16[None, :] + 32, X2, 0.), t, eos, S64, c16 + 32, 64)
-    store_rows(ptr, tl.where(r >= c16[None, :] + 48, X3, 0.), t, eos, S64, c16 + 48, 64)
+    right = tl.trans(kj * tl.exp(tot[None, :] - tl.cumsum(gj, 0)))           # k_s e^(ce_j - G_s) <= 1
+    f = tl.exp(mid)[None, :]                                                  # e^(cb_i - ce_j) <= 1
+    acc_T += tl.dot(x_T * f, right, input_precision=PREC)
+    acc_Q += tl.dot(x_Q * f, right, input_precision=PREC)
+    return acc_T, acc_Q, mid + tot
 
 
 @tuned(INTRA_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=INTRA_INTERPRET, dtype_arg="q")
 @triton.jit
 def gdn2_fwd_kernel_intra(q, k, g, b, rq, rk, A, Aqk, n_exact, cu_seqlens, chunk_indices, scale,
-                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                          USE_L2: tl.constexpr, PREC: tl.constexpr):
-    """T (into A) and Aqk of one chunk (both, or with SPLIT the one named by program axis 2: 0 T, 1 Aqk), over K in
-    slices of BK, one column sub-chunk j at a time: [64, BK] x [BK, 16] tensor-core products (_column_block), so the
-    64 rows spread over the warps. For r in sub-chunk i and s in j
-        e^(G_r - G_s) = e^(G_r - c_j) * e^(c_j - G_s)
-    with c_j at the end of sub-chunk j (both factors <= 1 for i > j), or halfway through it on its midpoint channels
-    (each factor <= e^40 on the diagonal block, i = j). gdn2_fwd_kernel_exact_diag adds the other channels' diagonal
-    blocks (n_exact [4 x chunks, H] int32: how many channels of each sub-chunk are not midpoint channels, so the
-    exact kernel skips the sub-chunks without any)."""
-    i_c, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
+                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
+                          PREC: tl.constexpr):
+    """Rows of sub-chunk i (r0 = 16 i) of T (into A) and of Aqk, over K in slices of BK, as [16, BK] x [BK, 16]
+    tensor-core products, one per block. Every exponent is local to a sub-chunk: with lc the inclusive cumsum of g
+    inside a sub-chunk and tot its total, for r in i and s in an earlier sub-chunk j
+        e^(G_r - G_s) = e^(lc_r) * e^(cb_i - ce_j) * e^(tot_j - lc_s)        (each factor <= 1)
+    where cb_i - ce_j = -(sum of g over the sub-chunks between j and i). The diagonal block takes the midpoint,
+    e^(lc_r - tot_i / 2) e^(tot_i / 2 - lc_s), on the midpoint channels; gdn2_fwd_kernel_exact_diag adds the
+    others (n_exact [4 x chunks, H] int32: how many channels of the sub-chunk are not midpoint channels, so the
+    exact kernels skip the sub-chunks without any). Columns after the sub-chunk are stored as 0."""
+    i_s, i_h = tl.program_id(0), tl.program_id(1)
+    r0, i_t, bos, eos = sub_chunk_span(chunk_indices, cu_seqlens, i_s)
     SK = H * K
     S64 = H * 64
     q, k, g, b, rq, rk = key_head_inputs(q, k, g, b, rq, rk, i_h, K)
-    r64 = tl.arange(0, 64)
-    sub = r64 // 16
-    t_c = bos + i_t * 64 + tl.arange(0, 16)
-    t = bos + i_t * 64 + r64
-    X0 = tl.zeros([64, 16], dtype=tl.float32)            # column blocks of T (or, SPLIT on axis 2 = 1, of Aqk)
-    X1 = tl.zeros([64, 16], dtype=tl.float32)
-    X2 = tl.zeros([64, 16], dtype=tl.float32)
-    X3 = tl.zeros([64, 16], dtype=tl.float32)
-    Y0 = tl.zeros([64, 16], dtype=tl.float32)            # column blocks of Aqk (unused if SPLIT)
-    Y1 = tl.zeros([64, 16], dtype=tl.float32)
-    Y2 = tl.zeros([64, 16], dtype=tl.float32)
-    Y3 = tl.zeros([64, 16], dtype=tl.float32)
-    n0 = 0
-    n1 = 0
-    n2 = 0
-    n3 = 0
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        G = tl.cumsum(load_rows(g, t, eos, SK, cols, K), 0)
-        if SPLIT:
-            if i_p == 0:
-                x1 = load_rows(b, t, eos, SK, cols, K) * l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H,
-                                                                 USE_L2)
-            else:
-                x1 = l2_rows(load_rows(q, t, eos, SK, cols, K), rq, t, eos, H, USE_L2) * scale
-            x2 = x1
-        else:
-            x1 = load_rows(b, t, eos, SK, cols, K) * l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H, USE_L2)
-            x2 = l2_rows(load_rows(q, t, eos, SK, cols, K), rq, t, eos, H, USE_L2) * scale
-        cb = tl.zeros([BK], dtype=tl.float32)
-        X0, Y0, cb, m = _column_block(k, g, rk, t_c, eos, cols, G, sub, x1, x2, cb, 0, X0, Y0, SK, H, K, USE_L2, PREC,
-                                      SPLIT)
-        n0 += m
-        X1, Y1, cb, m = _column_block(k, g, rk, t_c, eos, cols, G, sub, x1, x2, cb, 1, X1, Y1, SK, H, K, USE_L2, PREC,
-                                      SPLIT)
-        n1 += m
-        X2, Y2, cb, m = _column_block(k, g, rk, t_c, eos, cols, G, sub, x1, x2, cb, 2, X2, Y2, SK, H, K, USE_L2, PREC,
-                                      SPLIT)
-        n2 += m
-        X3, Y3, cb, m = _column_block(k, g, rk, t_c, eos, cols, G, sub, x1, x2, cb, 3, X3, Y3, SK, H, K, USE_L2, PREC,
-                                      SPLIT)
-        n3 += m
     A += i_h * 64
     Aqk += i_h * 64
-    if SPLIT:
-        if i_p == 0:
-            _store_column_blocks(A, X0, X1, X2, X3, t, eos, S64, True)
-        else:
-            _store_column_blocks(Aqk, X0, X1, X2, X3, t, eos, S64, False)
-    else:
-        _store_column_blocks(A, X0, X1, X2, X3, t, eos, S64, True)
-        _store_column_blocks(Aqk, Y0, Y1, Y2, Y3, t, eos, S64, False)
-    if i_p == 0:
-        tl.store(n_exact + (4 * i_c) * H + i_h, K - n0)
-        tl.store(n_exact + (4 * i_c + 1) * H + i_h, K - n1)
-        tl.store(n_exact + (4 * i_c + 2) * H + i_h, K - n2)
-        tl.store(n_exact + (4 * i_c + 3) * H + i_h, K - n3)
+    r16 = tl.arange(0, 16)
+    t_c = bos + i_t * 64 + r16                               # the chunk's first sub-chunk; t_c + 16 j is sub-chunk j
+    ti = t_c + r0
+    T1 = tl.zeros([16, 16], dtype=tl.float32)               # blocks (i, i-1), (i, i-2), (i, i-3)
+    Q1 = tl.zeros([16, 16], dtype=tl.float32)
+    T2 = tl.zeros([16, 16], dtype=tl.float32)
+    Q2 = tl.zeros([16, 16], dtype=tl.float32)
+    T3 = tl.zeros([16, 16], dtype=tl.float32)
+    Q3 = tl.zeros([16, 16], dtype=tl.float32)
+    T_d = tl.zeros([16, 16], dtype=tl.float32)
+    Q_d = tl.zeros([16, 16], dtype=tl.float32)
+    n_mid = 0
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        lc, tot, qs_i, k_i, bk_i, gb = _load_sub(q, k, g, b, rq, rk, ti, eos, tl.zeros([BK], dtype=tl.float32),
+                                                 cols, scale, SK, H, K, USE_L2)
+        lo = tl.exp(lc)                                      # e^(G_r - cb_i) <= 1
+        x_T = bk_i * lo
+        x_Q = qs_i * lo
+        mid = tl.zeros([BK], dtype=tl.float32)
+        if r0 >= 16:
+            T1, Q1, mid = _earlier_block(k, g, rk, ti - 16, eos, cols, x_T, x_Q, mid, T1, Q1, SK, H, K, USE_L2, PREC)
+        if r0 >= 32:
+            T2, Q2, mid = _earlier_block(k, g, rk, ti - 32, eos, cols, x_T, x_Q, mid, T2, Q2, SK, H, K, USE_L2, PREC)
+        if r0 >= 48:
+            T3, Q3, mid = _earlier_block(k, g, rk, ti - 48, eos, cols, x_T, x_Q, mid, T3, Q3, SK, H, K, USE_L2, PREC)
+        on = midpoint_channels(gb)
+        n_mid += tl.sum((on & (cols < K)).to(tl.int32), 0)
+        left, rm = midpoint_factors(lc, tl.zeros([BK], dtype=tl.float32), tot, on)
+        kr = tl.trans(k_i * rm)
+        T_d += tl.dot(bk_i * left, kr, input_precision=PREC)
+        Q_d += tl.dot(qs_i * left, kr, input_precision=PREC)
+    if r0 >= 16:
+        store_tile(A, T1, ti, eos, S64, r0 - 16, 64, 16)
+        store_tile(Aqk, Q1, ti, eos, S64, r0 - 16, 64, 16)
+    if r0 >= 32:
+        store_tile(A, T2, ti, eos, S64, r0 - 32, 64, 16)
+        store_tile(Aqk, Q2, ti, eos, S64, r0 - 32, 64, 16)
+    if r0 >= 48:
+        store_tile(A, T3, ti, eos, S64, r0 - 48, 64, 16)
+        store_tile(Aqk, Q3, ti, eos, S64, r0 - 48, 64, 16)
+    store_tile(A, tl.where(r16[:, None] > r16[None, :], T_d, 0.), ti, eos, S64, r0, 64, 16)
+    store_tile(Aqk, tl.where(r16[:, None] >= r16[None, :], Q_d, 0.), ti, eos, S64, r0, 64, 16)
+    c64 = tl.arange(0, 64)
+    after = (ti < eos)[:, None] & (c64 >= r0 + 16)[None, :]
+    zero = tl.zeros([16, 64], dtype=tl.float32)
+    tl.store(A + ti[:, None] * S64 + c64[None, :], zero, mask=after)
+    tl.store(Aqk + ti[:, None] * S64 + c64[None, :], zero.to(Aqk.dtype.element_ty), mask=after)
+    tl.store(n_exact + i_s * H + i_h, K - n_mid)
 
 
 @tuned(EXACT_CONFIGS, key=["K", "USE_L2"], interpret_config=EXACT_INTERPRET, dtype_arg="q",
@@ -672,9 +649,8 @@ def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2
     A = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32)
     Aqk = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
     n_exact = torch.empty(4 * n_chunks, H, device=q.device, dtype=torch.int32)
-    grid = lambda meta: (n_chunks, H, 2 if meta["SPLIT"] else 1)
-    gdn2_fwd_kernel_intra[grid](q, k, g, b, rq, rk, A, Aqk, n_exact, cu, chunk_indices, scale,
-                                H=H, K=K, USE_L2=use_l2, PREC=dot_precision(q.dtype))
+    gdn2_fwd_kernel_intra[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, n_exact, cu, chunk_indices, scale,
+                                             H=H, K=K, USE_L2=use_l2, PREC=dot_precision(q.dtype))
     gdn2_fwd_kernel_exact_diag[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, n_exact, cu, chunk_indices, scale,
                                                   H=H, K=K, USE_L2=use_l2)
     gdn2_fwd_kernel_solve[(n_chunks, H)](A, cu, chunk_indices, H=H)
