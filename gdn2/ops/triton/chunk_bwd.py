@@ -48,8 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load_sub, block_sizes, chunk_key_side, chunk_span, diag_row,
-                                       exact_channels, key_head_inputs, key_vector, load_state_blocks,
+from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load_sub, block_sizes, chunk_key_side, chunk_span,
+                                       decayed_plus, diag_row, exact_channels, key_block_dot, key_block_dot_t,
+                                       key_head_inputs, load_state_blocks,
                                        midpoint_channels, state_block_t, state_walk, store_state_block,
                                        store_state_blocks, store_tile, sub_chunk_span, tile, tile_t)
 from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, l2_rows, load_rows, solve_precision,
@@ -167,33 +168,30 @@ def gdn2_bwd_kernel_dstate(Y, Qg, Kt, gC, dRl, do, dht, dh0, dhs, dR, cu_seqlens
         dOt = tile(do, t, eos, SV, v0, V, BV)
         store_state_block(ph, D1, 0, cv, K, V, BK)
         dRb = tile(dRl, t, eos, SV, v0, V, BV).to(tl.float32)
-        dRb += tl.dot(tile(Kt, t, eos, SK, 0, K, BK), D1.to(dt), input_precision=PREC)
+        dRb += key_block_dot(Kt, D1, t, eos, SK, 0, dt, K, BK, PREC)
         if K > BK:
             store_state_block(ph, D2, BK, cv, K, V, BK)
-            dRb += tl.dot(tile(Kt, t, eos, SK, BK, K, BK), D2.to(dt), input_precision=PREC)
+            dRb += key_block_dot(Kt, D2, t, eos, SK, BK, dt, K, BK, PREC)
         if K > 2 * BK:
             store_state_block(ph, D3, 2 * BK, cv, K, V, BK)
-            dRb += tl.dot(tile(Kt, t, eos, SK, 2 * BK, K, BK), D3.to(dt), input_precision=PREC)
+            dRb += key_block_dot(Kt, D3, t, eos, SK, 2 * BK, dt, K, BK, PREC)
         if K > 3 * BK:
             store_state_block(ph, D4, 3 * BK, cv, K, V, BK)
-            dRb += tl.dot(tile(Kt, t, eos, SK, 3 * BK, K, BK), D4.to(dt), input_precision=PREC)
+            dRb += key_block_dot(Kt, D4, t, eos, SK, 3 * BK, dt, K, BK, PREC)
         store_tile(dR, dRb, t, eos, SV, v0, V, BV)
         dRd = dRb.to(dt)
-        D1 = D1 * key_vector(pg, 0, K, BK)[:, None] + tl.dot(tile_t(Qg, t, eos, SK, 0, K, BK), dOt,
-                                                              input_precision=PREC) \
-            - tl.dot(tile_t(Y, t, eos, SK, 0, K, BK), dRd, input_precision=PREC)
+        # dS <- Diag(exp G_C) dS + Q^T dO - Y^T dR, one key block at a time
+        D1 = (decayed_plus(D1, pg, 0, Qg, dOt, t, eos, SK, K, BK, PREC)
+              - key_block_dot_t(Y, dRd, t, eos, SK, 0, K, BK, PREC))
         if K > BK:
-            D2 = D2 * key_vector(pg, BK, K, BK)[:, None] + tl.dot(tile_t(Qg, t, eos, SK, BK, K, BK), dOt,
-                                                                   input_precision=PREC) \
-                - tl.dot(tile_t(Y, t, eos, SK, BK, K, BK), dRd, input_precision=PREC)
+            D2 = (decayed_plus(D2, pg, BK, Qg, dOt, t, eos, SK, K, BK, PREC)
+                  - key_block_dot_t(Y, dRd, t, eos, SK, BK, K, BK, PREC))
         if K > 2 * BK:
-            D3 = D3 * key_vector(pg, 2 * BK, K, BK)[:, None] + tl.dot(tile_t(Qg, t, eos, SK, 2 * BK, K, BK), dOt,
-                                                                       input_precision=PREC) \
-                - tl.dot(tile_t(Y, t, eos, SK, 2 * BK, K, BK), dRd, input_precision=PREC)
+            D3 = (decayed_plus(D3, pg, 2 * BK, Qg, dOt, t, eos, SK, K, BK, PREC)
+                  - key_block_dot_t(Y, dRd, t, eos, SK, 2 * BK, K, BK, PREC))
         if K > 3 * BK:
-            D4 = D4 * key_vector(pg, 3 * BK, K, BK)[:, None] + tl.dot(tile_t(Qg, t, eos, SK, 3 * BK, K, BK), dOt,
-                                                                       input_precision=PREC) \
-                - tl.dot(tile_t(Y, t, eos, SK, 3 * BK, K, BK), dRd, input_precision=PREC)
+            D4 = (decayed_plus(D4, pg, 3 * BK, Qg, dOt, t, eos, SK, K, BK, PREC)
+                  - key_block_dot_t(Y, dRd, t, eos, SK, 3 * BK, K, BK, PREC))
     if STORE_DH0:
         store_state_blocks(dh0 + i_nh * K * V, D1, D2, D3, D4, cv, K, V, BK)
 

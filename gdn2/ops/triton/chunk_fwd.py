@@ -475,6 +475,27 @@ def key_vector(ptr, k0, K: tl.constexpr, BK: tl.constexpr):
     return tl.load(ptr + ck, mask=ck < K, other=0.).to(tl.float32)
 
 
+@triton.jit
+def key_block_dot(X, S, t, eos, SK, k0, dt, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """One key block's share of X S in a walk step: X's tile [64, BK] (rows t, key columns k0 .. k0 + BK; stored
+    dtype) times the state block S [BK, BV] cast to dt."""
+    return tl.dot(tile(X, t, eos, SK, k0, K, BK), S.to(dt), input_precision=PREC)
+
+
+@triton.jit
+def key_block_dot_t(X, Z, t, eos, SK, k0, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """X^T Z for one key block: X's tile loaded transposed ([BK, 64]: key columns k0 .. k0 + BK, rows t) times
+    Z [64, BV]."""
+    return tl.dot(tile_t(X, t, eos, SK, k0, K, BK), Z, input_precision=PREC)
+
+
+@triton.jit
+def decayed_plus(S, pg, k0, X, Z, t, eos, SK, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """A state block [BK, BV] one chunk on: Diag(decay[k0 .. k0 + BK]) S + X^T Z (key_block_dot_t), with decay the
+    chunk's exp(G_C) at pg."""
+    return S * key_vector(pg, k0, K, BK)[:, None] + key_block_dot_t(X, Z, t, eos, SK, k0, K, BK, PREC)
+
+
 @tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC"], interpret_config=WY_INTERPRET, dtype_arg="v")
 @triton.jit
 def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu_seqlens, chunk_indices, scale,
@@ -575,43 +596,39 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
         if STORE_STATES:
             store_state_block(ph, S1, 0, cv, K, V, BK)
         Rb = tile(U, t, eos, SV, v0, V, BV).to(tl.float32)
-        Rb -= tl.dot(tile(Y, t, eos, SK, 0, K, BK), S1.to(dt), input_precision=PREC)
+        Rb -= key_block_dot(Y, S1, t, eos, SK, 0, dt, K, BK, PREC)
         if K > BK:
             if STORE_STATES:
                 store_state_block(ph, S2, BK, cv, K, V, BK)
-            Rb -= tl.dot(tile(Y, t, eos, SK, BK, K, BK), S2.to(dt), input_precision=PREC)
+            Rb -= key_block_dot(Y, S2, t, eos, SK, BK, dt, K, BK, PREC)
         if K > 2 * BK:
             if STORE_STATES:
                 store_state_block(ph, S3, 2 * BK, cv, K, V, BK)
-            Rb -= tl.dot(tile(Y, t, eos, SK, 2 * BK, K, BK), S3.to(dt), input_precision=PREC)
+            Rb -= key_block_dot(Y, S3, t, eos, SK, 2 * BK, dt, K, BK, PREC)
         if K > 3 * BK:
             if STORE_STATES:
                 store_state_block(ph, S4, 3 * BK, cv, K, V, BK)
-            Rb -= tl.dot(tile(Y, t, eos, SK, 3 * BK, K, BK), S4.to(dt), input_precision=PREC)
+            Rb -= key_block_dot(Y, S4, t, eos, SK, 3 * BK, dt, K, BK, PREC)
         Rd = Rb.to(dt)
         if STORE_STATES:
             store_tile(R, Rb, t, eos, SV, v0, V, BV)
         if FUSE_OUTPUT:
             out = tl.dot(tile(Aqk + i_h * 64, t, eos, H * 64, 0, 64, 64).to(dt), Rd, input_precision=PREC)
-            out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 0, K, BK), S1.to(dt), input_precision=PREC)
+            out += key_block_dot(Qg + i_h * K, S1, t, eos, SK, 0, dt, K, BK, PREC)
             if K > BK:
-                out += tl.dot(tile(Qg + i_h * K, t, eos, SK, BK, K, BK), S2.to(dt), input_precision=PREC)
+                out += key_block_dot(Qg + i_h * K, S2, t, eos, SK, BK, dt, K, BK, PREC)
             if K > 2 * BK:
-                out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 2 * BK, K, BK), S3.to(dt), input_precision=PREC)
+                out += key_block_dot(Qg + i_h * K, S3, t, eos, SK, 2 * BK, dt, K, BK, PREC)
             if K > 3 * BK:
-                out += tl.dot(tile(Qg + i_h * K, t, eos, SK, 3 * BK, K, BK), S4.to(dt), input_precision=PREC)
+                out += key_block_dot(Qg + i_h * K, S4, t, eos, SK, 3 * BK, dt, K, BK, PREC)
             store_tile(o + i_hv * V, out, t, eos, SV, v0, V, BV)
-        S1 = S1 * key_vector(pg, 0, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 0, K, BK), Rd,
-                                                              input_precision=PREC)
+        S1 = decayed_plus(S1, pg, 0, Kt, Rd, t, eos, SK, K, BK, PREC)
         if K > BK:
-            S2 = S2 * key_vector(pg, BK, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, BK, K, BK), Rd,
-                                                                   input_precision=PREC)
+            S2 = decayed_plus(S2, pg, BK, Kt, Rd, t, eos, SK, K, BK, PREC)
         if K > 2 * BK:
-            S3 = S3 * key_vector(pg, 2 * BK, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 2 * BK, K, BK), Rd,
-                                                                       input_precision=PREC)
+            S3 = decayed_plus(S3, pg, 2 * BK, Kt, Rd, t, eos, SK, K, BK, PREC)
         if K > 3 * BK:
-            S4 = S4 * key_vector(pg, 3 * BK, K, BK)[:, None] + tl.dot(tile_t(Kt, t, eos, SK, 3 * BK, K, BK), Rd,
-                                                                       input_precision=PREC)
+            S4 = decayed_plus(S4, pg, 3 * BK, Kt, Rd, t, eos, SK, K, BK, PREC)
     if STORE_FINAL:
         store_state_blocks(ht + i_nh * K * V, S1, S2, S3, S4, cv, K, V, BK)
 
