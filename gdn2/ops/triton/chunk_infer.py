@@ -8,9 +8,12 @@ The forward launches of the training path (chunk_fwd.chunk_forward: intra -> exa
     path) and writes neither.
 Measured on the H100 (bf16, H=16, K=V=128, 2026-11-27, sixth session, docs/kernels.md): fused 2.15 vs split 2.39 ms
 at B=8, T=4096, 2.29 vs 2.54 at B=2, T=16384, 5.44 vs 5.69 at B=1, T=65536 (and the same order in every earlier
-version). So fused is the default where it was measured (16-bit inputs, K <= 128); elsewhere (fp32, K = 256: fewer
-state-kernel configs fit there) the split one, until timed. GDN2_TRITON_INFER_FUSED=1 / =0 (read per call) forces
-either.
+version). So fused is the default for 16-bit inputs with K <= 128, and the split one elsewhere (fp32, K = 256: fewer
+state-kernel configs fit there). benchmarks/bench_variants.py timed both there (H100, eighth session,
+results/bench/variants-*.csv): split faster for fp32 at K = 128 (fused 1.10x / 1.20x / 1.03x in inference / training
+forward / forward + backward) and for bf16 at K = 256 (1.12x / 1.08x / 1.02x at B=1, T=65536; at B=8, T=4096 0.99x /
+1.24x / 1.07x), fused faster for fp16 at K = 128 (0.90x / 0.95x / 0.99x). GDN2_TRITON_INFER_FUSED=1 / =0 (read per
+call) forces either.
 The training forward has the same two variants, except that the fused one still stores the per-chunk states and R
 for the backward; it drops the output kernel. Same runs: 2.26 vs 2.39 ms forward, 8.86 vs 8.99 ms forward + backward
 at B=8; 2.41 vs 2.54 and 9.30 vs 9.40 at B=2; equal at B=1 (5.70 vs 5.69, 20.51 vs 20.49). So it is the default on
@@ -41,7 +44,8 @@ OUTPUT_SWITCH = {"0": "per-chunk states + output kernel", "1": "output inside th
 
 
 def _output_in_walk(switch: str, dtype: torch.dtype, K: int) -> bool:
-    """The output inside the walk where it was measured faster (16-bit inputs, K <= 128) unless `switch` forces it."""
+    """The output inside the walk where it measured faster (16-bit inputs, K <= 128; fp32 and K = 256 measured slower)
+    unless `switch` forces it."""
     forced = _forced(switch, OUTPUT_SWITCH)
     if forced is None:
         return dtype in (torch.bfloat16, torch.float16) and K <= 128
