@@ -45,18 +45,18 @@ def copy_bandwidth():
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
-def inputs(B, T, seed, heads=H, key_dim=K, value_dim=V, dtype=torch.bfloat16):
-    """q, k, v, g, b, w, beta [B, T, heads, .] on the GPU: q, k unit rows, g = -softplus(N(0,1) - 2) / 2 in fp32 (the
+def inputs(B, T, seed, heads=H, key_dim=K, value_dim=V, dtype=torch.bfloat16, device="cuda"):
+    """q, k, v, g, b, w, beta [B, T, heads, .] on `device`: q, k unit rows, g = -softplus(N(0,1) - 2) / 2 in fp32 (the
     rest in `dtype`); beta [B, T, heads] for fla's chunk_kda."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     shape_k, shape_v = (B, T, heads, key_dim), (B, T, heads, value_dim)
-    q = torch.nn.functional.normalize(torch.randn(shape_k, device="cuda", generator=gen), dim=-1).to(dtype)
-    k = torch.nn.functional.normalize(torch.randn(shape_k, device="cuda", generator=gen), dim=-1).to(dtype)
-    v = torch.randn(shape_v, device="cuda", generator=gen).to(dtype)
-    g = -torch.nn.functional.softplus(torch.randn(shape_k, device="cuda", generator=gen) - 2) * 0.5
-    b = torch.rand(shape_k, device="cuda", generator=gen).to(dtype)
-    w = torch.rand(shape_v, device="cuda", generator=gen).to(dtype)
-    beta = torch.rand(B, T, heads, device="cuda", generator=gen).to(dtype)
+    q = torch.nn.functional.normalize(torch.randn(shape_k, device=device, generator=gen), dim=-1).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(shape_k, device=device, generator=gen), dim=-1).to(dtype)
+    v = torch.randn(shape_v, device=device, generator=gen).to(dtype)
+    g = -torch.nn.functional.softplus(torch.randn(shape_k, device=device, generator=gen) - 2) * 0.5
+    b = torch.rand(shape_k, device=device, generator=gen).to(dtype)
+    w = torch.rand(shape_v, device=device, generator=gen).to(dtype)
+    beta = torch.rand(B, T, heads, device=device, generator=gen).to(dtype)
     return q, k, v, g, b, w, beta
 
 

@@ -2,12 +2,13 @@
 
 The wy kernel reads A [TT, H, 64] in fp32 and multiplies it on the tensor cores in tf32 (10-bit mantissa): 256 B per
 token and head, the largest single read of the forward after g. Storing A as fp16 (10-bit mantissa, range +-65504)
-or bf16 (7-bit mantissa) would halve that. This measures what each rounding of A alone costs: the chunkwise forward in
-float64 with A = (I + T)^-1 exact, then with A rounded to tf32 (what the kernels multiply today), fp16 and bf16 before
-Y = A E and U = A Z; every other step stays float64. Reports ||o - o_ref|| / ||o_ref|| and the same for the final
-state, next to the bf16 bound of the GPU check (1e-2) and the largest |A| entry (fp16 overflows past 65504).
+or bf16 (7-bit mantissa) would halve that. This measures what each rounding of A alone costs: the chunkwise forward
+of gdn2/ops/chunk_torch.py in float64 with A = (I + T)^-1 formed explicitly, exact, then rounded to tf32 (what the
+kernels multiply today), fp16 and bf16 before Y = A E and U = A Z; every other step stays float64. Inputs:
+bench_kernels.inputs, on the CPU. Reports ||o - o_ref|| / ||o_ref|| and the same for the final state, next to the
+bf16 bound of the GPU check (1e-2) and the largest |A| entry (fp16 overflows past 65504).
 
-    python benchmarks/wy_operand_precision.py [--T 4096] [--heads 4]
+    PYTHONPATH=. python benchmarks/wy_operand_precision.py [--T 4096] [--heads 4]
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import argparse
 
 import torch
 
-CHUNK = 64
+from benchmarks.bench_kernels import inputs
+from gdn2.ops.chunk_torch import CHUNK_SIZE, _pad_to_chunks, _pairwise_decayed_products
 
 
 def round_tf32(x: torch.Tensor) -> torch.Tensor:
@@ -33,47 +35,27 @@ ROUNDINGS = {
 }
 
 
-def inputs(T, heads, K, V, g_scale, seed):
-    """One sequence [T, heads, .] in float64, drawn like bench_kernels.inputs (unit q, k; g = -softplus(N - 2) / 2,
-    times g_scale; b, w uniform), and an initial state [heads, K, V]."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(T, heads, K, generator=gen, dtype=torch.float64), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(T, heads, K, generator=gen, dtype=torch.float64), dim=-1)
-    v = torch.randn(T, heads, V, generator=gen, dtype=torch.float64)
-    g = -torch.nn.functional.softplus(torch.randn(T, heads, K, generator=gen, dtype=torch.float64) - 2) * 0.5 * g_scale
-    b = torch.rand(T, heads, K, generator=gen, dtype=torch.float64)
-    w = torch.rand(T, heads, V, generator=gen, dtype=torch.float64)
-    h0 = torch.randn(heads, K, V, generator=gen, dtype=torch.float64) * 0.1
-    return q, k, v, g, b, w, h0
-
-
 def chunk_forward(q, k, v, g, b, w, h0, round_a):
-    """The WY chunk form of gdn2/ops/chunk_torch.py with an explicit A, rounded by round_a. Returns o [T, H, V],
-    the final state [H, K, V] and max |A|."""
-    T, H, K = q.shape
-    scale = K ** -0.5
-    n = T // CHUNK
-    q, k, v, g, b, w = (x.reshape(n, CHUNK, H, -1).transpose(1, 2) for x in (q, k, v, g, b, w))   # [n, H, C, .]
-    G = g.cumsum(2)
-    diff = G[:, :, :, None, :] - G[:, :, None, :, :]                                 # [n, H, C, C, K]: G_r - G_s
-    lower = torch.ones(CHUNK, CHUNK, dtype=torch.bool).tril()
-    decay = torch.where(lower[:, :, None], diff, torch.full_like(diff, float("-inf"))).exp()
-    T_ = torch.einsum("nhrk,nhsk,nhrsk->nhrs", b * k, k, decay).tril(-1)
-    A = torch.linalg.inv(torch.eye(CHUNK, dtype=torch.float64) + T_)
-    A_used = round_a(A)
-    Y = A_used @ (G.exp() * b * k)
-    U = A_used @ (w * v)
-    Aqk = torch.einsum("nhrk,nhsk,nhrsk->nhrs", q * scale, k, decay)
-    Qg = q * scale * G.exp()
-    Kt = (G[:, :, -1:] - G).exp() * k
-    S = h0
-    outs = []
-    for i in range(n):
-        R = U[i] - Y[i] @ S
-        outs.append(Qg[i] @ S + Aqk[i] @ R)
-        S = G[i, :, -1].exp()[:, :, None] * S + Kt[i].transpose(-1, -2) @ R
-    o = torch.stack(outs).transpose(1, 2).reshape(T, H, -1)
-    return o, S, A.abs().max().item()
+    """chunk_torch's chunkwise forward for q, k, g, b [1, T, H, K], v, w [1, T, H, V] (T a multiple of the chunk),
+    h0 [1, H, K, V], all float64, with A = (I + T)^-1 formed explicitly and rounded by round_a before Y = A E and
+    U = A Z. Returns o [1, H, NC, C, V], the final state and max |A|."""
+    scale = q.shape[-1] ** -0.5
+    qc, kc, vc, gc, bc, wc = (_pad_to_chunks(x, CHUNK_SIZE) for x in (q, k, v, g, b, w))       # [1, H, NC, C, D]
+    G = gc.cumsum(-2)
+    strict_lower = _pairwise_decayed_products(bc * kc, kc, G, inclusive=False)
+    A = torch.linalg.inv(torch.eye(CHUNK_SIZE, dtype=G.dtype) + strict_lower)
+    Y = round_a(A) @ (G.exp() * bc * kc)
+    U = round_a(A) @ (wc * vc)
+    A_qk = _pairwise_decayed_products(qc * scale, kc, G, inclusive=True)
+    q_gamma = qc * scale * G.exp()
+    k_tail = (G[..., -1:, :] - G).exp() * kc
+    state = h0
+    outputs = []
+    for n in range(qc.shape[2]):
+        R = U[:, :, n] - Y[:, :, n] @ state
+        outputs.append(q_gamma[:, :, n] @ state + A_qk[:, :, n] @ R)
+        state = G[:, :, n, -1, :, None].exp() * state + k_tail[:, :, n].transpose(-1, -2) @ R
+    return torch.stack(outputs, 2), state, A.abs().max().item()
 
 
 def main():
@@ -85,7 +67,11 @@ def main():
     print(f"{'case':26s} {'A rounded to':32s} {'o rel. err':>11s} {'state rel. err':>15s} {'max |A|':>9s}")
     for case, g_scale in (("bench inputs", 1.0), ("strong decay (g x 8)", 8.0)):
         for seed in (0, 1):
-            x = inputs(args.T, args.heads, 128, 128, g_scale, seed)
+            q, k, v, g, b, w, _ = (x.double() for x in inputs(1, args.T, seed, heads=args.heads, dtype=torch.float64,
+                                                              device="cpu"))
+            gen = torch.Generator().manual_seed(seed)
+            h0 = torch.randn(1, args.heads, 128, 128, dtype=torch.float64, generator=gen) * 0.1
+            x = (q, k, v, g * g_scale, b, w, h0)
             o_ref, s_ref, _ = chunk_forward(*x, ROUNDINGS["float64 (reference)"])
             for name, fn in list(ROUNDINGS.items())[1:]:
                 o, s, amax = chunk_forward(*x, fn)

@@ -227,8 +227,8 @@ def _invert16(T_ptr, out_ptr):
 def test_unit_lower_inverse16_matches_float64():
     """The diagonal blocks' [16, 16] inverse (I + T)^-1 by repeated squaring (in the intra and exact_diag kernels),
     against float64 torch.linalg.inv: random blocks, blocks shaped like the kernel's (b k . k of unit keys) and blocks
-    whose inverse grows to ~1e4 (T near -1 below the diagonal). A CPU comparison of the same formula in torch fp32 gave <= 1.6e-7 in every family; dropping its last
-    factor (I + P^8) gives 3.7e-3 here, so 1e-6 separates the two."""
+    whose inverse grows to ~1e4 (T near -1 below the diagonal). A CPU comparison of the same formula in torch fp32
+    gave <= 1.6e-7 in every family; dropping its last factor (I + P^8) gives 3.7e-3 here, so 1e-6 separates the two."""
     gen = torch.Generator().manual_seed(0)
     keys = torch.nn.functional.normalize(torch.randn(64, 16, 128, generator=gen), dim=-1)
     families = {

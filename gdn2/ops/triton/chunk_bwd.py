@@ -400,7 +400,8 @@ def _col_side_loads(q, k, b, g, dT, dAqk, t0, eos, j, c0, SK, S64, K: tl.constex
     of dT, dAqk in it, transposed [64, 16]."""
     tj = t0 + 16 * j + tl.arange(0, 16)
     return (tile(q, tj, eos, SK, c0, K, BKS), tile(k, tj, eos, SK, c0, K, BKS), tile(b, tj, eos, SK, c0, K, BKS),
-            tile(g, tj, eos, SK, c0, K, BKS), tile_t(dT, tj, eos, S64, 0, 64, 64), tile_t(dAqk, tj, eos, S64, 0, 64, 64))
+            tile(g, tj, eos, SK, c0, K, BKS), tile_t(dT, tj, eos, S64, 0, 64, 64),
+            tile_t(dAqk, tj, eos, S64, 0, 64, 64))
 
 
 # The partials dq, dk, db, dG are read only and the totals go to separate outputs, so no autotuned config sees
