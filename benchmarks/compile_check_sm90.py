@@ -35,10 +35,13 @@ from gdn2.ops.triton.utils import SERIAL_PRECISION, config_name, dot_precision, 
 SMEM_LIMIT = 232_448
 TARGET = GPUTarget("cuda", 90, 32)
 # the chunk kernels, plus the state kernel twice more with FUSE_OUTPUT=True: the fused inference output (no states
-# stored) and the fused training output (states stored too, GDN2_TRITON_TRAIN_FUSED=1)
+# stored) and the fused training output (states stored too, GDN2_TRITON_TRAIN_FUSED=1), and the wy kernel once more
+# with MERGED=True (the inference forward's one chunk-parallel kernel)
 KERNELS = {}
 for _name, _kernel in CHUNK_KERNELS.items():
     KERNELS[_name] = _kernel
+    if _name == "fwd_wy":
+        KERNELS["fwd_wy_merged"] = _kernel
     if _name == "fwd_state":
         KERNELS["fwd_state_fused"] = _kernel
         KERNELS["fwd_state_train_fused"] = _kernel
@@ -49,7 +52,8 @@ FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG
 INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "n_exact"}
 SCALARS = {"scale": "fp32", "TT": "i32", "NSH_LOG2": "i32"}
 # kernels launched with SERIAL_PRECISION (tf32 for fp32 operands); the rest with dot_precision(dtype)
-SERIAL_KERNELS = {"fwd_wy", "fwd_state", "fwd_state_fused", "fwd_state_train_fused", "fwd_output", "bwd_dlocal",
+SERIAL_KERNELS = {"fwd_wy", "fwd_wy_merged", "fwd_state", "fwd_state_fused", "fwd_state_train_fused", "fwd_output",
+                  "bwd_dlocal",
                   "bwd_dstate"}
 
 
@@ -65,7 +69,7 @@ def signature_for(kname, fn, config, dtype, K, V, H=16, HV=16):
                   STORE_FINAL=True, HAS_DHT=True, STORE_DH0=True, FUSE_OUTPUT=consts_of(kname)[0],
                   STORE_STATES=consts_of(kname)[1],
                   PREC=SERIAL_PRECISION if kname in SERIAL_KERNELS else dot_precision(dtype),
-                  PREC_T=solve_precision(dtype))
+                  PREC_T=solve_precision(dtype), MERGED=kname == "fwd_wy_merged", PAIR_PREC=dot_precision(dtype))
     consts.update(config.kwargs)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -7,7 +7,8 @@ is repeated under every config of that kernel (triton.testing.do_bench, median).
 place (solve, exact_diag) are timed on the buffer their previous repeat left: the time is right, the values are not.
 
     PYTHONUNBUFFERED=1 python benchmarks/time_configs.py --kernels bwd_dqkg,fwd_intra --B 8 --T 4096 --out results/bench
-Writes <out>/configs-<card>-B<B>_T<T>.csv (kernel, config, ms) and prints it.
+Writes <out>/configs-<card>-B<B>_T<T>.csv (kernel, config, ms) and prints it. --inference records the launches of
+the no-grad forward instead (the merged wy kernel, the walk with the output inside): configs-...-inference.csv.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def main():
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--inference", action="store_true", help="record the inference forward's launches (no grad)")
     args = ap.parse_args()
     names = args.kernels.split(",")
     unknown = [n for n in names if n not in CHUNK_KERNELS]
@@ -58,8 +60,12 @@ def main():
         setattr(modules[n], attr, recorders[n])
     q, k, v, g, b, w, _ = (x.requires_grad_() for x in inputs(args.B, args.T, seed=0))
     h0 = torch.randn(args.B, q.shape[2], q.shape[3], v.shape[3], device="cuda", requires_grad=True)
-    o, ht = triton_chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True)
-    torch.autograd.backward((o, ht), (torch.randn_like(o), torch.randn_like(ht)))
+    if args.inference:
+        with torch.no_grad():
+            triton_chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True)
+    else:
+        o, ht = triton_chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True)
+        torch.autograd.backward((o, ht), (torch.randn_like(o), torch.randn_like(ht)))
     torch.cuda.synchronize()
     card = torch.cuda.get_device_name().replace(" ", "-")
     rows = []
@@ -83,7 +89,7 @@ def main():
     if not rows:
         raise SystemExit("no kernel was timed")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"configs-{card}-B{args.B}_T{args.T}.csv")
+    path = os.path.join(args.out, f"configs-{card}-B{args.B}_T{args.T}{'-inference' if args.inference else ''}.csv")
     with open(path, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         wr.writeheader()

@@ -133,6 +133,62 @@ def forbid_output_kernel(monkeypatch):
     monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_output", NoLaunch())
 
 
+def forbid_kernels(monkeypatch, *names):
+    """Make a launch of any of the named chunk_fwd kernels fail the test."""
+    from gdn2.ops.triton import chunk_fwd
+
+    class NoLaunch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            raise AssertionError(f"{self.name} ran although the merged wy kernel makes A and Aqk itself")
+    for name in names:
+        monkeypatch.setattr(chunk_fwd, name, NoLaunch(name))
+
+
+def merged_inference_matches(q, k, v, g, b, w, h0, cu=None, l2=False):
+    with torch.no_grad():
+        o, ht = chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                           use_qk_l2norm_in_kernel=l2, backend="triton")
+    ro, rh = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)), initial_state=h0.double(),
+                                  output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=l2)
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+    assert rel(o, ro) < TOL, rel(o, ro)
+    assert rel(ht, rh) < TOL, rel(ht, rh)
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_inference_merged_kernel(monkeypatch, fused):
+    """GDN2_TRITON_INFER_MERGED=1: the wy kernel makes T, Aqk and A = (I + T)^-1 itself (chunk_fwd.chunk_pairs and
+    solve_chunk), so intra, exact_diag and solve never launch. Both output variants; K = 80 (a full and a partial K
+    block), varlen, grouped value heads, fused L2-norm, initial and final state, against the float64 recurrence."""
+    forbid_kernels(monkeypatch, "gdn2_fwd_kernel_intra", "gdn2_fwd_kernel_exact_diag", "gdn2_fwd_kernel_solve")
+    monkeypatch.setenv("GDN2_TRITON_INFER_MERGED", "1")
+    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", fused)
+    q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=19)
+    merged_inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
+
+
+def test_inference_merged_kernel_wide_channels(monkeypatch):
+    """The merged kernel's two forms of exp(G_r - G_s): the chunk-level midpoint on channels whose G moves by at most
+    CHUNK_SPAN over a chunk, the exact row-by-row form on the others ("wide"). Decay rates differ by channel and grow
+    along the sequence, so the first chunk has no wide channel, the later ones have both kinds in the same K block (one
+    channel also has g > 0 on a few tokens). Leaving out the exact form, or taking the midpoint form up to a span of
+    300 (its factors overflow), fails this test."""
+    from gdn2.ops.triton.chunk_fwd import CHUNK_SPAN
+
+    monkeypatch.setenv("GDN2_TRITON_INFER_MERGED", "1")
+    q, k, v, g, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=23)
+    rate = torch.linspace(0, 8, 32) * torch.linspace(0.05, 1.5, 230)[:, None]              # [T, K]
+    g = -torch.rand(1, 230, 1, 32, generator=torch.Generator().manual_seed(1)) * rate[None, :, None, :]
+    g[0, 150:154, 0, 3] = 0.5
+    chunk_sums = torch.nn.functional.pad(g[0, :, 0], (0, 0, 0, 26)).reshape(4, 64, 32).sum(1)     # [chunks, K]
+    wide = chunk_sums < -CHUNK_SPAN.value
+    assert not wide[0].any() and wide[1:].any(-1).all() and (~wide[1:]).any(-1).all()
+    merged_inference_matches(q, k, v, g, b, w, h0)
+
+
 def test_training_forward_fused_output(monkeypatch):
     """GDN2_TRITON_TRAIN_FUSED=1: the training forward computes the output inside the walk and still stores the
     per-chunk states and R that the backward reads. K = 80 (two K blocks), varlen, grouped value heads, initial and

@@ -82,7 +82,12 @@ EXACT_INTERPRET = triton.Config({"BK": 32}, num_warps=1, num_stages=1)
 MIDPOINT_G_MIN = tl.constexpr(-5.0)
 
 # WY kernel: one [64, 64] fp32 A tile times [64, BK] / [64, BV] tiles; BK, BV fixed by the shape (<= 64).
-WY_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=4, num_stages=1)]
+# MERGED (inference): the chunk-level midpoint form of T and Aqk holds on the channels whose G moves by at most
+# CHUNK_SPAN over the 64 rows (an average g of -2.5 per token), each factor then within e^(+-80) (fp32 max ~e^88.7,
+# smallest normal ~e^-87.3).
+CHUNK_SPAN = tl.constexpr(160.0)
+WY_CONFIGS = [triton.Config({}, num_warps=w, num_stages=st, maxnreg=reg)
+              for w, st, reg in ((4, 2, None), (4, 1, None), (8, 1, 128), (8, 2, 128), (8, 1, None))]
 WY_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
 
 # Sequential state kernel: BV is the V slice per program (B*Hv*V/BV programs). fla's equivalent (chunk_delta_h)
@@ -130,8 +135,8 @@ def _load_sub(q, k, g, b, rq, rk, t, eos, carry, cols, scale, SK, SH, K: tl.cons
 def diag_row(q, k, g, b, rq, rk, tr, ok, r, cols, G_r, Gs, scale, SK, H, K: tl.constexpr, USE_L2: tl.constexpr):
     """Row r (token tr, 0 past eos) of a sub-chunk for the exact diagonal blocks (forward and backward): the running
     G_r and the [16, .] tile Gs with its row r set to it, e_rs = exp(G_r - G_s) for s <= r (0 above), scale q_r and
-    (b k)_r (q, k scaled by their inverse L2 norms if fused)."""
-    r16 = tl.arange(0, 16)
+    (b k)_r (q, k scaled by their inverse L2 norms if fused). Gs has one row per row of the block (16, or 64)."""
+    r16 = tl.arange(0, Gs.shape[0])
     G_r += tl.load(g + tr * SK + cols, mask=(cols < K) & ok, other=0.)
     Gs = tl.where((r16 == r)[:, None], G_r[None, :], Gs)
     kr = tl.load(k + tr * SK + cols, mask=(cols < K) & ok, other=0.).to(tl.float32)
@@ -166,22 +171,22 @@ def midpoint_factors(G, c0, c1, on):
 
 
 @triton.jit
-def diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, scale, SK, H, K: tl.constexpr, BK: tl.constexpr,
-                   USE_L2: tl.constexpr):
-    """The diagonal [16, 16] blocks of T (s <= r; the caller masks s = r) and Aqk summed over the `exact` channels
-    [BK] only, row by row with exact exponentials. kt: the sub-chunk's k rows [16, BK]."""
-    r16 = tl.arange(0, 16)
+def diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, Tx, Qx, scale, SK, H, K: tl.constexpr,
+                   BK: tl.constexpr, USE_L2: tl.constexpr):
+    """Tx, Qx plus the diagonal [16, 16] blocks of T (s <= r; the caller masks s = r) and Aqk summed over the `exact`
+    channels [BK] only, row by row with exact exponentials. kt: the sub-chunk's k rows [16, BK] (or a whole chunk's,
+    [64, BK], with [64, 64] Tx, Qx: then the chunk's blocks, rows from t0 on)."""
+    NR: tl.constexpr = kt.shape[0]
+    r16 = tl.arange(0, NR)
     G_r = tl.zeros([BK], dtype=tl.float32)
-    Gs = tl.zeros([16, BK], dtype=tl.float32)
-    Tx = tl.zeros([16, 16], dtype=tl.float32)
-    Qx = tl.zeros([16, 16], dtype=tl.float32)
-    for r in range(16):
+    Gs = tl.zeros([NR, BK], dtype=tl.float32)
+    for r in range(NR):
         tr = t0 + r
         G_r, Gs, e, qr, bkr = diag_row(q, k, g, b, rq, rk, tr, tr < eos, r, cols, G_r, Gs, scale, SK, H, K, USE_L2)
         right = kt * tl.where(exact[None, :], e, 0.)
         row = (r16 == r)[:, None]
-        Tx = tl.where(row, tl.sum(right * bkr[None, :], 1)[None, :], Tx)
-        Qx = tl.where(row, tl.sum(right * qr[None, :], 1)[None, :], Qx)
+        Tx = tl.where(row, Tx + tl.sum(right * bkr[None, :], 1)[None, :], Tx)
+        Qx = tl.where(row, Qx + tl.sum(right * qr[None, :], 1)[None, :], Qx)
     return Tx, Qx
 
 
@@ -316,9 +321,8 @@ def gdn2_fwd_kernel_exact_diag(q, k, g, b, rq, rk, A, Aqk, n_exact, cu_seqlens, 
             exact = exact_channels(load_rows(g, ti, eos, SK, cols, K))
             if tl.sum(exact.to(tl.int32), 0) > 0:
                 kt = l2_rows(load_rows(k, ti, eos, SK, cols, K), rk, ti, eos, H, USE_L2)
-                x, y = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, scale, SK, H, K, BK, USE_L2)
-                Tx += x
-                Qx += y
+                Tx, Qx = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, exact, Tx, Qx, scale, SK, H, K, BK,
+                                        USE_L2)
         pa = A + i_h * 64 + ti[:, None] * S64 + r0 + r16[None, :]
         pq = Aqk + i_h * 64 + ti[:, None] * S64 + r0 + r16[None, :]
         rows = (ti < eos)[:, None]
@@ -339,17 +343,14 @@ def _store16(ptr, blk, t, eos, col0, stride_t):
     store_rows(ptr, blk, t, eos, stride_t, col0 + tl.arange(0, 16), 64)
 
 
-@tuned(SOLVE_CONFIGS, key=["H"], interpret_config=SOLVE_INTERPRET, dtype_arg="A", restore_value=("A",))
 @triton.jit
-def gdn2_fwd_kernel_solve(A, cu_seqlens, chunk_indices, H: tl.constexpr):
-    """A = (I + T)^-1 in place, per chunk and key head, from what the intra and exact_diag kernels left in A: the
-    off-diagonal [16, 16] blocks of the strictly lower T, and the diagonal blocks already inverted (A_ii). The block
-    recursion A_ij = -A_ii sum_{j <= m < i} T_im A_mj (all fp32, IEEE products) fills the off-diagonal blocks."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
-    A += i_h * 64
-    S64 = H * 64
-    ta = bos + i_t * 64 + tl.arange(0, 16)
+def solve_chunk(A, t0, eos, S64, INVERT_DIAG: tl.constexpr):
+    """A = (I + T)^-1 in place for the chunk whose rows start at token t0, A pointing at its key head's columns
+    ([TT, ., 64] fp32, row stride S64): reads the off-diagonal [16, 16] blocks of the strictly lower T and the
+    diagonal blocks, inverted already (A_ii) or, with INVERT_DIAG, still T_ii (then inverted here by
+    utils.unit_lower_inverse16). The block recursion A_ij = -A_ii sum_{j <= m < i} T_im A_mj (all fp32, IEEE
+    products) fills the off-diagonal blocks."""
+    ta = t0 + tl.arange(0, 16)
     tb = ta + 16
     tc = ta + 32
     td = ta + 48
@@ -363,6 +364,15 @@ def gdn2_fwd_kernel_solve(A, cu_seqlens, chunk_indices, H: tl.constexpr):
     Abb = _load16(A, tb, eos, 16, S64)
     Acc = _load16(A, tc, eos, 32, S64)
     Add = _load16(A, td, eos, 48, S64)
+    if INVERT_DIAG:
+        Aaa = unit_lower_inverse16(Aaa)
+        Abb = unit_lower_inverse16(Abb)
+        Acc = unit_lower_inverse16(Acc)
+        Add = unit_lower_inverse16(Add)
+        _store16(A, Aaa, ta, eos, 0, S64)
+        _store16(A, Abb, tb, eos, 16, S64)
+        _store16(A, Acc, tc, eos, 32, S64)
+        _store16(A, Add, td, eos, 48, S64)
     Aba = -tl.dot(Abb, tl.dot(Tba, Aaa, input_precision="ieee"), input_precision="ieee")
     Acb = -tl.dot(Acc, tl.dot(Tcb, Abb, input_precision="ieee"), input_precision="ieee")
     Aca = -tl.dot(Acc, tl.dot(Tca, Aaa, input_precision="ieee") + tl.dot(Tcb, Aba, input_precision="ieee"),
@@ -378,6 +388,16 @@ def gdn2_fwd_kernel_solve(A, cu_seqlens, chunk_indices, H: tl.constexpr):
     _store16(A, Ada, td, eos, 0, S64)
     _store16(A, Adb, td, eos, 16, S64)
     _store16(A, Adc, td, eos, 32, S64)
+
+
+@tuned(SOLVE_CONFIGS, key=["H"], interpret_config=SOLVE_INTERPRET, dtype_arg="A", restore_value=("A",))
+@triton.jit
+def gdn2_fwd_kernel_solve(A, cu_seqlens, chunk_indices, H: tl.constexpr):
+    """A = (I + T)^-1 in place, per chunk and key head, from what the intra and exact_diag kernels left in A: the
+    off-diagonal [16, 16] blocks of the strictly lower T, and the diagonal blocks already inverted (solve_chunk)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
+    solve_chunk(A + i_h * 64, bos + i_t * 64, eos, H * 64, False)
 
 
 @triton.jit
@@ -502,17 +522,78 @@ def decayed_plus(S, pg, k0, X, Z, t, eos, SK, K: tl.constexpr, BK: tl.constexpr,
     return S * key_vector(pg, k0, K, BK)[:, None] + key_block_dot_t(X, Z, t, eos, SK, k0, K, BK, PREC)
 
 
-@tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC"], interpret_config=WY_INTERPRET, dtype_arg="v")
 @triton.jit
-def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu_seqlens, chunk_indices, scale,
+def chunk_cumsum(g, t, eos, SK, cols, K: tl.constexpr):
+    """G [64, BK], the chunk-local inclusive cumsum of g on rows t and channels cols, and its largest and smallest
+    value per channel [BK] (0 on rows past eos and channels past K)."""
+    G = tl.cumsum(load_rows(g, t, eos, SK, cols, K), 0)
+    return G, tl.max(G, 0), tl.min(G, 0)
+
+
+@triton.jit
+def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
+                PREC: tl.constexpr):
+    """T (strictly lower) and Aqk (lower) [64, 64] of one chunk (rows from token t0 on) straight from the inputs, for
+    the merged inference kernel: per K block one [64, BK] x [BK, 64] product each, e^(G_r - G_s) = e^(G_r - m)
+    e^(m - G_s) with m halfway between the largest and the smallest G of the channel in the chunk, on the channels
+    where those two are at most CHUNK_SPAN apart: every factor is then within e^(+-CHUNK_SPAN / 2), finite and normal
+    in fp32 / tf32, so the entries s <= r carry the usual operand rounding; the masked ones (s > r, up to
+    e^CHUNK_SPAN) may overflow and are dropped by the final mask. The other channels ("wide") take the exact form row
+    by row (diag_exact_fwd over 64 rows), in slices of 16 channels, only where a slice has any."""
+    t = t0 + tl.arange(0, 64)
+    T = tl.zeros([64, 64], dtype=tl.float32)
+    Aqk = tl.zeros([64, 64], dtype=tl.float32)
+    n_wide = 0
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        G, G_hi, G_lo = chunk_cumsum(g, t, eos, SK, cols, K)
+        near = G_hi - G_lo <= CHUNK_SPAN
+        n_wide += tl.sum(((~near) & (cols < K)).to(tl.int32), 0)
+        left, right = midpoint_factors(G, G_hi, G_lo, near)
+        kt = l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H, USE_L2)
+        qt = l2_rows(load_rows(q, t, eos, SK, cols, K), rq, t, eos, H, USE_L2)
+        bk = load_rows(b, t, eos, SK, cols, K) * kt
+        kr = tl.trans(kt * right)
+        T += tl.dot(bk * left, kr, input_precision=PREC)
+        Aqk += tl.dot(qt * scale * left, kr, input_precision=PREC)
+    if n_wide > 0:                     # rare: in slices of 16 channels, so few registers are live beside T and Aqk
+        for k0 in range(0, K, 16):
+            cols = k0 + tl.arange(0, 16)
+            G, G_hi, G_lo = chunk_cumsum(g, t, eos, SK, cols, K)
+            wide = (G_hi - G_lo > CHUNK_SPAN) & (cols < K)
+            if tl.sum(wide.to(tl.int32), 0) > 0:
+                kt = l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H, USE_L2)
+                T, Aqk = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, wide, T, Aqk, scale, SK, H, K, 16,
+                                        USE_L2)
+    r = tl.arange(0, 64)
+    return tl.where(r[:, None] > r[None, :], T, 0.), tl.where(r[:, None] >= r[None, :], Aqk, 0.)
+
+
+@tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC", "MERGED"], interpret_config=WY_INTERPRET, dtype_arg="v")
+@triton.jit
+def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, Y, Qg, Kt, gC, U, cu_seqlens, chunk_indices, scale,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr):
+                       BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, MERGED: tl.constexpr,
+                       PAIR_PREC: tl.constexpr):
+    """Y = A E, Q, Kt, exp(G_C) and U = A Z of one chunk and key head, with A from the intra / exact_diag / solve
+    kernels. MERGED (the inference forward, chunk_infer.use_merged_kernel): the kernel makes A itself first, so it is
+    the only chunk-parallel launch: T and Aqk by chunk_pairs (PAIR_PREC: the intra kernel's dot_precision), Aqk
+    stored, T stored into A and inverted in place there (solve_chunk, the diagonal blocks included), then read back
+    whole. Each hand-over through A is fenced by a block barrier."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
     SV = HV * V
     t = bos + i_t * 64 + tl.arange(0, 64)
     koff = i_h * K
+    if MERGED:
+        T, Aqk_c = chunk_pairs(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h, bos + i_t * 64, eos,
+                               scale, SK, H, K, BK, USE_L2, PAIR_PREC)
+        store_tile(Aqk + i_h * 64, Aqk_c, t, eos, H * 64, 0, 64, 64)
+        store_tile(A + i_h * 64, T, t, eos, H * 64, 0, 64, 64)
+        tl.debug_barrier()
+        solve_chunk(A + i_h * 64, bos + i_t * 64, eos, H * 64, True)
+        tl.debug_barrier()
     Am = tile(A + i_h * 64, t, eos, H * 64, 0, 64, 64).to(tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
@@ -704,27 +785,37 @@ def state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state: bool, fuse
 
 
 def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state, fuse_output: bool,
-                  for_backward: bool, recompute_states: bool = False):
+                  for_backward: bool, recompute_states: bool = False, merged: bool = False):
     """The forward launches. Returns o [TT, Hv, V], the final state [N, Hv, K, V] fp32 or None, and the
     intermediates the backward reads: dict(A, Aqk, n_exact, Y, Qg, Kt, gC, hs, R, U). fuse_output: O is computed
     inside the sequential walk (no output kernel). The per-chunk states hs and R are stored when the output kernel
     needs them (not fuse_output) or the backward does (for_backward), unless recompute_states: then the walk stores
-    nothing, U is kept instead, and chunk_bwd.chunk_backward recomputes hs and R with one more walk. Entries not
+    nothing, U is kept instead, and chunk_bwd.chunk_backward recomputes hs and R with one more walk. merged (inference
+    only): the wy kernel makes A and Aqk itself (no intra, exact_diag or solve launch; n_exact is None). Entries not
     kept are None."""
     if recompute_states and not fuse_output:
         raise ValueError("recompute_states needs fuse_output=True: the output kernel reads the per-chunk states")
+    if merged and for_backward:
+        raise ValueError("merged=True is for the inference forward: it does not count n_exact, which the backward "
+                         "reads; use merged=False with for_backward=True")
     cu, chunk_indices, _, n_chunks = layout
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     BK, BV = block_sizes(K, V)
     prec = SERIAL_PRECISION
     dev = q.device
-    A, Aqk, n_exact = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
+    if merged:
+        A = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+        Aqk = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
+        n_exact = None
+    else:
+        A, Aqk, n_exact = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
     Y, Qg, Kt = (torch.empty(TT, H, K, device=dev, dtype=v.dtype) for _ in range(3))
     gC = torch.empty(n_chunks, H, K, device=dev, dtype=torch.float32)
     U = torch.empty_like(v)
-    gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Y, Qg, Kt, gC, U, cu, chunk_indices, scale,
-                                      H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec)
+    gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Aqk, Y, Qg, Kt, gC, U, cu, chunk_indices, scale,
+                                      H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec, MERGED=merged,
+                                      PAIR_PREC=dot_precision(q.dtype))
     store_states = not fuse_output or (for_backward and not recompute_states)
     o, ht, hs, R = state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state, fuse_output, store_states)
     if not fuse_output:

@@ -74,7 +74,19 @@ def recompute_states_in_backward() -> bool:
                                                           "1": "recomputed in the backward"}))
 
 
+def use_merged_kernel(dtype: torch.dtype, K: int) -> bool:
+    """Whether the inference forward makes T, Aqk and A inside the wy kernel (one chunk-parallel launch instead of
+    four; chunk_fwd.chunk_pairs): by default for 16-bit inputs, unless GDN2_TRITON_INFER_MERGED forces either."""
+    forced = _forced("GDN2_TRITON_INFER_MERGED", {"0": "intra, exact_diag, solve and wy kernels",
+                                                  "1": "one merged wy kernel"})
+    if forced is None:
+        return dtype in (torch.bfloat16, torch.float16)
+    return forced
+
+
 def inference_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
+    K = q.shape[-1]
     o, ht, _ = chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state,
-                             fuse_output=use_fused_output(v.dtype, q.shape[-1]), for_backward=False)
+                             fuse_output=use_fused_output(v.dtype, K), for_backward=False,
+                             merged=use_merged_kernel(v.dtype, K))
     return o, ht
