@@ -3,9 +3,8 @@
 bf16 q, k, v, b, w (fp32 g, as the layer computes it), H = 16, K = V = 128, (B, T) in (8, 4096), (2, 16384),
 (1, 65536): inference forward (no grad), training forward (inputs require grad; forward only), forward + backward,
 ours in each variant (rows without a suffix: per-chunk states + output kernel; _fused: the output inside the walk;
-_merged: the inference forward's chunk-parallel work in the one merged wy kernel, output inside the walk; _recompute:
-training without per-chunk states kept, recomputed in the backward; gdn2/ops/triton/chunk_infer.py picks the
-default); the decode step at B = 1 and B = 64 (one token, state updated in place). Timing:
+_merged: the forward's chunk-parallel work in the one merged wy kernel, output inside the walk; _recompute: training
+without per-chunk states kept, recomputed in the backward; gdn2/ops/triton/chunk_infer.py picks the default); the decode step at B = 1 and B = 64 (one token, state updated in place). Timing:
 triton.testing.do_bench (CUDA events), median, after warm-up, on freshly drawn inputs; the decode step also from a
 CUDA graph of 32 steps (GPU time per step without launch gaps). The floor is the bytes every implementation must
 move (inputs read once, outputs written once) over the copy bandwidth measured in the same run.
@@ -31,8 +30,8 @@ from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2
 H, K, V = 16, 128, 128
 SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
 # the rows of each chunked shape, in table order (LEGEND says what each is)
-CHUNK_MODES = ("infer_fwd", "infer_fwd_fused", "infer_fwd_merged", "train_fwd", "train_fwd_fused",
-               "train_fwd_recompute", "fwd_bwd", "fwd_bwd_fused", "fwd_bwd_recompute")
+CHUNK_MODES = ("infer_fwd", "infer_fwd_fused", "infer_fwd_merged", "train_fwd", "train_fwd_fused", "train_fwd_merged",
+               "train_fwd_recompute", "fwd_bwd", "fwd_bwd_fused", "fwd_bwd_merged", "fwd_bwd_recompute")
 
 
 def bench(fn, grad_to_none=None):
@@ -155,25 +154,23 @@ def main():
         do = torch.randn_like(v)
         h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
         kw = dict(initial_state=h0, output_final_state=True)
-        os.environ["GDN2_TRITON_INFER_MERGED"] = "0"                  # infer_fwd, infer_fwd_fused: four kernels
+        os.environ["GDN2_TRITON_MERGED"] = "0"                        # rows without _merged: four kernels
         os.environ["GDN2_TRITON_INFER_FUSED"] = "0"                   # rows without _fused: the split variants
         os.environ["GDN2_TRITON_TRAIN_FUSED"] = "0"
         ours = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
         os.environ["GDN2_TRITON_INFER_FUSED"] = "1"                   # rows with _fused: the output in the walk
         os.environ["GDN2_TRITON_TRAIN_FUSED"] = "1"
-        with torch.no_grad():
-            ours["infer_fwd_fused"] = bench(lambda: triton_chunk_gdn2(q, k, v, g, b, w, **kw))
-            os.environ["GDN2_TRITON_INFER_MERGED"] = "1"
-            ours["infer_fwd_merged"] = bench(lambda: triton_chunk_gdn2(q, k, v, g, b, w, **kw))
-        fused = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do, infer=False)
-        os.environ.pop("GDN2_TRITON_INFER_MERGED")
-        os.environ.pop("GDN2_TRITON_INFER_FUSED")
-        os.environ.pop("GDN2_TRITON_TRAIN_FUSED")
+        fused = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
+        os.environ["GDN2_TRITON_MERGED"] = "1"                        # rows _merged: the merged wy kernel too
+        merged = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
+        for name in ("GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED", "GDN2_TRITON_TRAIN_FUSED"):
+            os.environ.pop(name)
         os.environ["GDN2_TRITON_RECOMPUTE_STATES"] = "1"              # rows _recompute: no states kept for backward
         recomputed = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do, infer=False)
         os.environ.pop("GDN2_TRITON_RECOMPUTE_STATES")
-        ours.update(train_fwd_fused=fused["train_fwd"], fwd_bwd_fused=fused["fwd_bwd"],
-                    train_fwd_recompute=recomputed["train_fwd"], fwd_bwd_recompute=recomputed["fwd_bwd"])
+        ours.update({f"{mode}_fused": ms for mode, ms in fused.items()})
+        ours.update({f"{mode}_merged": ms for mode, ms in merged.items()})
+        ours.update(train_fwd_recompute=recomputed["train_fwd"], fwd_bwd_recompute=recomputed["fwd_bwd"])
         print(f"ours B{B}_T{T}: {ours}", flush=True)
         gd, kd = {}, {}
         if fla_gdn2 is not None:
@@ -201,24 +198,23 @@ def main():
 
 
 # The targets, judged on the default paths for these inputs (bf16, K <= 128: the merged wy kernel and the
-# output inside the walk in inference, the row infer_fwd_merged; the output inside the walk in training, the rows
-# *_fused; chunk_infer.use_merged_kernel, use_fused_output, use_fused_output_in_training).
+# output inside the walk, in inference and in training, the rows *_merged; chunk_infer.use_merged_kernel,
+# use_fused_output, use_fused_output_in_training).
 # The decode target is GPU time, so it is judged on the CUDA-graph row (GPU time per step, no launch gaps): the
 # one-launch row also holds the host's launch latency, which moved from 6.3 to 21.5 us per launch between two H100
 # machines (seventh and eighth sessions; fla's from 23.8 to 99 us) while the GPU time stayed 2.4 us.
-TARGETS = {("B8_T4096", "infer_fwd_merged"): 1.1, ("B8_T4096", "fwd_bwd_fused"): 9.0,
+TARGETS = {("B8_T4096", "infer_fwd_merged"): 1.1, ("B8_T4096", "fwd_bwd_merged"): 9.0,
            ("B1_T1", "decode_step_graph"): 0.020}
 # The rows "ahead of fla" is judged on: the same default paths.
-DEFAULT_MODES = ("infer_fwd_merged", "train_fwd_fused", "fwd_bwd_fused")
-LEGEND = ("Modes: *_fused = the output computed inside the sequential walk (GDN2_TRITON_INFER_FUSED=1 / "
-          "GDN2_TRITON_TRAIN_FUSED=1; our default for 16-bit inputs with K <= 128, so for this table; in training the "
-          "walk still stores the per-chunk states for the backward); without _fused = the split variant (per-chunk "
-          "states + output kernel, both switches =0); infer_fwd_merged = the inference forward with the merged wy "
-          "kernel (GDN2_TRITON_INFER_MERGED=1, our default for 16-bit inputs) and the output inside the walk, while "
-          "infer_fwd and infer_fwd_fused take the four chunk-parallel kernels (=0); infer_fwd = inference forward, "
-          "train_fwd = forward with autograd state kept, fwd_bwd = forward + backward; *_recompute = "
+DEFAULT_MODES = ("infer_fwd_merged", "train_fwd_merged", "fwd_bwd_merged")
+LEGEND = ("Modes: infer_fwd = inference forward, train_fwd = forward with autograd state kept, fwd_bwd = forward + "
+          "backward. Suffixes: none = the four chunk-parallel kernels (intra, exact_diag, solve, wy) and the split "
+          "output (per-chunk states + output kernel); _fused = the output computed inside the sequential walk "
+          "(GDN2_TRITON_INFER_FUSED=1 / GDN2_TRITON_TRAIN_FUSED=1; in training the walk still stores the per-chunk "
+          "states for the backward); _merged = that, with the one merged wy kernel instead of the four "
+          "(GDN2_TRITON_MERGED=1): our default for 16-bit inputs with K <= 128, so for this table; _recompute = "
           "GDN2_TRITON_RECOMPUTE_STATES=1 (the training forward keeps no per-chunk states, the backward recomputes "
-          "them with one more walk, as fla does; not our default); fla has one variant of each mode, shown on every "
+          "them with one more walk, as fla does; not our default). fla has one variant of each mode, shown on every "
           "row of it.")
 
 

@@ -21,20 +21,20 @@ def test_targets_and_default_modes_name_rows_the_benchmark_writes():
 
 def test_verdicts(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fla", types.SimpleNamespace(__version__="0.0-test"))
-    rows = [row("B8_T4096", "infer_fwd_merged", 2.2, 2.3), row("B8_T4096", "fwd_bwd_fused", 8.8, 12.4),
-            row("B8_T4096", "train_fwd_fused", 2.0, 2.5), row("B1_T65536", "train_fwd_fused", 5.7, 5.5),
+    rows = [row("B8_T4096", "infer_fwd_merged", 2.2, 2.3), row("B8_T4096", "fwd_bwd_merged", 8.8, 12.4),
+            row("B8_T4096", "train_fwd_merged", 2.0, 2.5), row("B1_T65536", "train_fwd_merged", 5.7, 5.5),
             row("B8_T4096", "train_fwd", 9.0, 2.0),                 # not a default row: not judged
             row("B1_T1", "decode_step", 0.01, 0.02), row("B1_T1", "decode_step_graph", 0.03, None)]
     path = tmp_path / "report.md"
     bk.write_markdown(rows, "card", 3e12, str(path))
     text = path.read_text()
     assert "- B8_T4096 infer_fwd_merged <= 1.1 ms: 2.2 ms, MISSED (2.00x over)" in text
-    assert "- B8_T4096 fwd_bwd_fused <= 9.0 ms: 8.8 ms, MET" in text
+    assert "- B8_T4096 fwd_bwd_merged <= 9.0 ms: 8.8 ms, MET" in text
     assert "- B1_T1 decode_step_graph <= 0.02 ms: 0.03 ms, MISSED (1.50x over)" in text
-    assert "NO (worst: B1_T65536 train_fwd_fused, ours / fla = 1.036)" in text
-    rows[3] = row("B1_T65536", "train_fwd_fused", 5.4, 5.5)
+    assert "NO (worst: B1_T65536 train_fwd_merged, ours / fla = 1.036)" in text
+    rows[3] = row("B1_T65536", "train_fwd_merged", 5.4, 5.5)
     bk.write_markdown(rows, "card", 3e12, str(path))
-    assert "YES (worst: B1_T65536 train_fwd_fused, ours / fla = 0.982)" in path.read_text()
+    assert "YES (worst: B1_T65536 train_fwd_merged, ours / fla = 0.982)" in path.read_text()
 
 
 def test_report_without_fla(tmp_path, monkeypatch):

@@ -123,6 +123,23 @@ def test_output_variant_choice(monkeypatch, switch, choice):
             use(torch.bfloat16, 128)
 
 
+def test_merged_kernel_choice(monkeypatch):
+    """The merged wy kernel by default for 16-bit inputs (measured faster on the H100), the four kernels for fp32;
+    GDN2_TRITON_MERGED forces either and refuses anything but 0 / 1."""
+    from gdn2.ops.triton.chunk_infer import use_merged_kernel
+
+    monkeypatch.delenv("GDN2_TRITON_MERGED", raising=False)
+    assert use_merged_kernel(torch.bfloat16, 128) and use_merged_kernel(torch.float16, 256)
+    assert not use_merged_kernel(torch.float32, 128)
+    monkeypatch.setenv("GDN2_TRITON_MERGED", "0")
+    assert not use_merged_kernel(torch.bfloat16, 128)
+    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
+    assert use_merged_kernel(torch.float32, 128)
+    monkeypatch.setenv("GDN2_TRITON_MERGED", "on")
+    with pytest.raises(ValueError, match="GDN2_TRITON_MERGED must be 0 .* or 1"):
+        use_merged_kernel(torch.bfloat16, 128)
+
+
 def forbid_output_kernel(monkeypatch):
     """Make a launch of the chunk-parallel output kernel fail the test (for paths that compute O inside the walk)."""
     from gdn2.ops.triton import chunk_fwd
@@ -160,11 +177,11 @@ def merged_inference_matches(q, k, v, g, b, w, h0, cu=None, l2=False):
 
 @pytest.mark.parametrize("fused", ["0", "1"])
 def test_inference_merged_kernel(monkeypatch, fused):
-    """GDN2_TRITON_INFER_MERGED=1: the wy kernel makes T, Aqk and A = (I + T)^-1 itself (chunk_fwd.chunk_pairs and
+    """GDN2_TRITON_MERGED=1: the wy kernel makes T, Aqk and A = (I + T)^-1 itself (chunk_fwd.chunk_pairs and
     solve_chunk), so intra, exact_diag and solve never launch. Both output variants; K = 80 (a full and a partial K
     block), varlen, grouped value heads, fused L2-norm, initial and final state, against the float64 recurrence."""
     forbid_kernels(monkeypatch, "gdn2_fwd_kernel_intra", "gdn2_fwd_kernel_exact_diag", "gdn2_fwd_kernel_solve")
-    monkeypatch.setenv("GDN2_TRITON_INFER_MERGED", "1")
+    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
     monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", fused)
     q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=19)
     merged_inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
@@ -178,7 +195,7 @@ def test_inference_merged_kernel_wide_channels(monkeypatch):
     300 (its factors overflow), fails this test."""
     from gdn2.ops.triton.chunk_fwd import CHUNK_SPAN
 
-    monkeypatch.setenv("GDN2_TRITON_INFER_MERGED", "1")
+    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
     q, k, v, g, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=23)
     rate = torch.linspace(0, 8, 32) * torch.linspace(0.05, 1.5, 230)[:, None]              # [T, K]
     g = -torch.rand(1, 230, 1, 32, generator=torch.Generator().manual_seed(1)) * rate[None, :, None, :]
@@ -187,6 +204,21 @@ def test_inference_merged_kernel_wide_channels(monkeypatch):
     wide = chunk_sums < -CHUNK_SPAN.value
     assert not wide[0].any() and wide[1:].any(-1).all() and (~wide[1:]).any(-1).all()
     merged_inference_matches(q, k, v, g, b, w, h0)
+
+
+def test_training_with_merged_kernel(monkeypatch):
+    """GDN2_TRITON_MERGED=1 in training: the merged wy kernel also counts n_exact, which the backward's exact_diag
+    kernel reads, so the strong-decay input (every sub-chunk with channels on both forms of the diagonal blocks, and
+    wide channels in the merged kernel) checks every gradient against float64 with intra, exact_diag and solve never
+    launched. Storing n_exact as 0 fails this test."""
+    from gdn2.ops.triton.chunk_fwd import CHUNK_SPAN
+
+    forbid_kernels(monkeypatch, "gdn2_fwd_kernel_intra", "gdn2_fwd_kernel_exact_diag", "gdn2_fwd_kernel_solve")
+    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
+    q, k, v, g, b, w, h0 = make_inputs(1, 100, 1, 1, 32, 16, 1, True, seed=5)
+    g = g * 15
+    assert (-g[0, :64, 0].sum(0) > CHUNK_SPAN.value).any()
+    assert_forward_backward_match((q, k, v, g, b, w, h0))
 
 
 def test_training_forward_fused_output(monkeypatch):

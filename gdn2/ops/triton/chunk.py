@@ -17,7 +17,7 @@ from gdn2.ops.triton import chunk_bwd, chunk_fwd
 from gdn2.ops.triton.chunk_bwd import chunk_backward
 from gdn2.ops.triton.chunk_fwd import chunk_forward
 from gdn2.ops.triton.chunk_infer import (inference_forward, recompute_states_in_backward,
-                                          use_fused_output_in_training)
+                                          use_fused_output_in_training, use_merged_kernel)
 from gdn2.ops.triton.utils import inverse_norms, sequence_layout
 
 
@@ -57,7 +57,8 @@ class ChunkGDN2Function(torch.autograd.Function):
         recompute = recompute_states_in_backward()
         o, ht, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, output_final_state,
                                      fuse_output=recompute or use_fused_output_in_training(v.dtype, K),
-                                     for_backward=True, recompute_states=recompute)
+                                     for_backward=True, recompute_states=recompute,
+                                     merged=use_merged_kernel(v.dtype, K))
         ctx.saved_names = tuple(saved)
         ctx.save_for_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, *saved.values())
         ctx.meta = (scale, layout, use_l2, (B, T, H, K, HV, V), initial_state is not None,

@@ -524,17 +524,18 @@ def decayed_plus(S, pg, k0, X, Z, t, eos, SK, K: tl.constexpr, BK: tl.constexpr,
 
 @triton.jit
 def chunk_cumsum(g, t, eos, SK, cols, K: tl.constexpr):
-    """G [64, BK], the chunk-local inclusive cumsum of g on rows t and channels cols, and its largest and smallest
-    value per channel [BK] (0 on rows past eos and channels past K)."""
-    G = tl.cumsum(load_rows(g, t, eos, SK, cols, K), 0)
-    return G, tl.max(G, 0), tl.min(G, 0)
+    """G [64, BK], the chunk-local inclusive cumsum of g on rows t and channels cols, its largest and smallest value
+    per channel [BK], and g itself (0 on rows past eos and channels past K)."""
+    gt = load_rows(g, t, eos, SK, cols, K)
+    G = tl.cumsum(gt, 0)
+    return G, tl.max(G, 0), tl.min(G, 0), gt
 
 
 @triton.jit
 def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
                 PREC: tl.constexpr):
-    """T (strictly lower) and Aqk (lower) [64, 64] of one chunk (rows from token t0 on) straight from the inputs, for
-    the merged inference kernel: per K block one [64, BK] x [BK, 64] product each, e^(G_r - G_s) = e^(G_r - m)
+    """T (strictly lower) and Aqk (lower) [64, 64] of one chunk (rows from token t0 on) straight from the inputs, and
+    n_exact [4] (as the intra kernel counts it, for the backward), for the merged kernel: per K block one [64, BK] x [BK, 64] product each, e^(G_r - G_s) = e^(G_r - m)
     e^(m - G_s) with m halfway between the largest and the smallest G of the channel in the chunk, on the channels
     where those two are at most CHUNK_SPAN apart: every factor is then within e^(+-CHUNK_SPAN / 2), finite and normal
     in fp32 / tf32, so the entries s <= r carry the usual operand rounding; the masked ones (s > r, up to
@@ -544,9 +545,13 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
     T = tl.zeros([64, 64], dtype=tl.float32)
     Aqk = tl.zeros([64, 64], dtype=tl.float32)
     n_wide = 0
+    n_exact = tl.zeros([4], dtype=tl.int32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        G, G_hi, G_lo = chunk_cumsum(g, t, eos, SK, cols, K)
+        G, G_hi, G_lo, gt = chunk_cumsum(g, t, eos, SK, cols, K)
+        sub = tl.reshape(gt, [4, 16, BK])                               # (sub-chunk, row, channel)
+        off_mid = (tl.min(sub, 1) < MIDPOINT_G_MIN) | (tl.max(sub, 1) > 0.)      # exact_channels, per sub-chunk
+        n_exact += tl.sum((off_mid & (cols < K)[None, :]).to(tl.int32), 1)
         near = G_hi - G_lo <= CHUNK_SPAN
         n_wide += tl.sum(((~near) & (cols < K)).to(tl.int32), 0)
         left, right = midpoint_factors(G, G_hi, G_lo, near)
@@ -559,27 +564,27 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
     if n_wide > 0:                     # rare: in slices of 16 channels, so few registers are live beside T and Aqk
         for k0 in range(0, K, 16):
             cols = k0 + tl.arange(0, 16)
-            G, G_hi, G_lo = chunk_cumsum(g, t, eos, SK, cols, K)
+            G, G_hi, G_lo, _ = chunk_cumsum(g, t, eos, SK, cols, K)
             wide = (G_hi - G_lo > CHUNK_SPAN) & (cols < K)
             if tl.sum(wide.to(tl.int32), 0) > 0:
                 kt = l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H, USE_L2)
                 T, Aqk = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, wide, T, Aqk, scale, SK, H, K, 16,
                                         USE_L2)
     r = tl.arange(0, 64)
-    return tl.where(r[:, None] > r[None, :], T, 0.), tl.where(r[:, None] >= r[None, :], Aqk, 0.)
+    return tl.where(r[:, None] > r[None, :], T, 0.), tl.where(r[:, None] >= r[None, :], Aqk, 0.), n_exact
 
 
 @tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC", "MERGED"], interpret_config=WY_INTERPRET, dtype_arg="v")
 @triton.jit
-def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, Y, Qg, Kt, gC, U, cu_seqlens, chunk_indices, scale,
+def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, n_exact, Y, Qg, Kt, gC, U, cu_seqlens, chunk_indices, scale,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, MERGED: tl.constexpr,
                        PAIR_PREC: tl.constexpr):
     """Y = A E, Q, Kt, exp(G_C) and U = A Z of one chunk and key head, with A from the intra / exact_diag / solve
-    kernels. MERGED (the inference forward, chunk_infer.use_merged_kernel): the kernel makes A itself first, so it is
-    the only chunk-parallel launch: T and Aqk by chunk_pairs (PAIR_PREC: the intra kernel's dot_precision), Aqk
-    stored, T stored into A and inverted in place there (solve_chunk, the diagonal blocks included), then read back
-    whole. Each hand-over through A is fenced by a block barrier."""
+    kernels. MERGED (chunk_infer.use_merged_kernel): the kernel makes A itself first, so it is the only chunk-parallel
+    launch of the forward: T, Aqk and n_exact by chunk_pairs (PAIR_PREC: the intra kernel's dot_precision), Aqk and
+    n_exact stored, T stored into A and inverted in place there (solve_chunk, the diagonal blocks included), then
+    read back whole. Each hand-over through A is fenced by a block barrier."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
@@ -587,9 +592,10 @@ def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, Y, Qg, Kt, gC, U, cu_se
     t = bos + i_t * 64 + tl.arange(0, 64)
     koff = i_h * K
     if MERGED:
-        T, Aqk_c = chunk_pairs(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h, bos + i_t * 64, eos,
-                               scale, SK, H, K, BK, USE_L2, PAIR_PREC)
+        T, Aqk_c, n_ex = chunk_pairs(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h, bos + i_t * 64,
+                                     eos, scale, SK, H, K, BK, USE_L2, PAIR_PREC)
         store_tile(Aqk + i_h * 64, Aqk_c, t, eos, H * 64, 0, 64, 64)
+        tl.store(n_exact + (4 * i_c + tl.arange(0, 4)) * H + i_h, n_ex)
         store_tile(A + i_h * 64, T, t, eos, H * 64, 0, 64, 64)
         tl.debug_barrier()
         solve_chunk(A + i_h * 64, bos + i_t * 64, eos, H * 64, True)
@@ -790,14 +796,10 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     intermediates the backward reads: dict(A, Aqk, n_exact, Y, Qg, Kt, gC, hs, R, U). fuse_output: O is computed
     inside the sequential walk (no output kernel). The per-chunk states hs and R are stored when the output kernel
     needs them (not fuse_output) or the backward does (for_backward), unless recompute_states: then the walk stores
-    nothing, U is kept instead, and chunk_bwd.chunk_backward recomputes hs and R with one more walk. merged (inference
-    only): the wy kernel makes A and Aqk itself (no intra, exact_diag or solve launch; n_exact is None). Entries not
-    kept are None."""
+    nothing, U is kept instead, and chunk_bwd.chunk_backward recomputes hs and R with one more walk. merged: the wy
+    kernel makes A, Aqk and n_exact itself (no intra, exact_diag or solve launch). Entries not kept are None."""
     if recompute_states and not fuse_output:
         raise ValueError("recompute_states needs fuse_output=True: the output kernel reads the per-chunk states")
-    if merged and for_backward:
-        raise ValueError("merged=True is for the inference forward: it does not count n_exact, which the backward "
-                         "reads; use merged=False with for_backward=True")
     cu, chunk_indices, _, n_chunks = layout
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
@@ -807,14 +809,14 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     if merged:
         A = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
         Aqk = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
-        n_exact = None
+        n_exact = torch.empty(4 * n_chunks, H, device=dev, dtype=torch.int32)
     else:
         A, Aqk, n_exact = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
     Y, Qg, Kt = (torch.empty(TT, H, K, device=dev, dtype=v.dtype) for _ in range(3))
     gC = torch.empty(n_chunks, H, K, device=dev, dtype=torch.float32)
     U = torch.empty_like(v)
-    gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Aqk, Y, Qg, Kt, gC, U, cu, chunk_indices, scale,
-                                      H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec, MERGED=merged,
+    gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Aqk, n_exact, Y, Qg, Kt, gC, U, cu, chunk_indices,
+                                      scale, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec, MERGED=merged,
                                       PAIR_PREC=dot_precision(q.dtype))
     store_states = not fuse_output or (for_backward and not recompute_states)
     o, ht, hs, R = state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state, fuse_output, store_states)
