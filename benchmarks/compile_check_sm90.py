@@ -69,7 +69,8 @@ def signature_for(kname, fn, config, dtype, K, V, H=16, HV=16):
                   STORE_FINAL=True, HAS_DHT=True, STORE_DH0=True, FUSE_OUTPUT=consts_of(kname)[0],
                   STORE_STATES=consts_of(kname)[1],
                   PREC=SERIAL_PRECISION if kname in SERIAL_KERNELS else dot_precision(dtype),
-                  PREC_T=solve_precision(dtype), MERGED=kname == "fwd_wy_merged", PAIR_PREC=dot_precision(dtype))
+                  PREC_T=solve_precision(dtype), MERGED=kname == "fwd_wy_merged", PAIR_PREC=dot_precision(dtype),
+                  COUNT_EXACT=kname == "fwd_wy_merged")
     consts.update(config.kwargs)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -533,25 +533,28 @@ def chunk_cumsum(g, t, eos, SK, cols, K: tl.constexpr):
 
 @triton.jit
 def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, COUNT_EXACT: tl.constexpr):
     """T (strictly lower) and Aqk (lower) [64, 64] of one chunk (rows from token t0 on) straight from the inputs, and
-    n_exact [4] (as the intra kernel counts it, for the backward), for the merged kernel: per K block one [64, BK] x [BK, 64] product each, e^(G_r - G_s) = e^(G_r - m)
+    with COUNT_EXACT the number of channels off the midpoint form of the diagonal blocks (exact_channels) anywhere in
+    the chunk, for the merged kernel: per K block one [64, BK] x [BK, 64] product each, e^(G_r - G_s) = e^(G_r - m)
     e^(m - G_s) with m halfway between the largest and the smallest G of the channel in the chunk, on the channels
     where those two are at most CHUNK_SPAN apart: every factor is then within e^(+-CHUNK_SPAN / 2), finite and normal
     in fp32 / tf32, so the entries s <= r carry the usual operand rounding; the masked ones (s > r, up to
     e^CHUNK_SPAN) may overflow and are dropped by the final mask. The other channels ("wide") take the exact form row
-    by row (diag_exact_fwd over 64 rows), in slices of 16 channels, only where a slice has any."""
+    by row (diag_exact_fwd over 64 rows), in slices of 16 channels, only where a slice has any. The count bounds each
+    sub-chunk's n_exact from above, which is all the backward's exact_diag kernel needs: it skips a sub-chunk where
+    the count is 0 and finds the channels itself (per sub-chunk, as reshaped per-sub-chunk counts cost the H100 ~0.25
+    ms at B=8, T=4096, ninth session)."""
     t = t0 + tl.arange(0, 64)
     T = tl.zeros([64, 64], dtype=tl.float32)
     Aqk = tl.zeros([64, 64], dtype=tl.float32)
     n_wide = 0
-    n_exact = tl.zeros([4], dtype=tl.int32)
+    n_exact = 0
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         G, G_hi, G_lo, gt = chunk_cumsum(g, t, eos, SK, cols, K)
-        sub = tl.reshape(gt, [4, 16, BK])                               # (sub-chunk, row, channel)
-        off_mid = (tl.min(sub, 1) < MIDPOINT_G_MIN) | (tl.max(sub, 1) > 0.)      # exact_channels, per sub-chunk
-        n_exact += tl.sum((off_mid & (cols < K)[None, :]).to(tl.int32), 1)
+        if COUNT_EXACT:
+            n_exact += tl.sum((exact_channels(gt) & (cols < K)).to(tl.int32), 0)
         near = G_hi - G_lo <= CHUNK_SPAN
         n_wide += tl.sum(((~near) & (cols < K)).to(tl.int32), 0)
         left, right = midpoint_factors(G, G_hi, G_lo, near)
@@ -574,16 +577,17 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
     return tl.where(r[:, None] > r[None, :], T, 0.), tl.where(r[:, None] >= r[None, :], Aqk, 0.), n_exact
 
 
-@tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC", "MERGED"], interpret_config=WY_INTERPRET, dtype_arg="v")
+@tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC", "MERGED", "COUNT_EXACT"], interpret_config=WY_INTERPRET,
+       dtype_arg="v")
 @triton.jit
 def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, n_exact, Y, Qg, Kt, gC, U, cu_seqlens, chunk_indices, scale,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, MERGED: tl.constexpr,
-                       PAIR_PREC: tl.constexpr):
+                       PAIR_PREC: tl.constexpr, COUNT_EXACT: tl.constexpr):
     """Y = A E, Q, Kt, exp(G_C) and U = A Z of one chunk and key head, with A from the intra / exact_diag / solve
     kernels. MERGED (chunk_infer.use_merged_kernel): the kernel makes A itself first, so it is the only chunk-parallel
-    launch of the forward: T, Aqk and n_exact by chunk_pairs (PAIR_PREC: the intra kernel's dot_precision), Aqk and
-    n_exact stored, T stored into A and inverted in place there (solve_chunk, the diagonal blocks included), then
+    launch of the forward: T, Aqk and (COUNT_EXACT, for the backward) n_exact by chunk_pairs (PAIR_PREC: the intra
+    kernel's dot_precision), Aqk and n_exact stored, T stored into A and inverted in place there (solve_chunk, the diagonal blocks included), then
     read back whole. Each hand-over through A is fenced by a block barrier."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
@@ -593,9 +597,10 @@ def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, n_exact, Y, Qg, Kt, gC,
     koff = i_h * K
     if MERGED:
         T, Aqk_c, n_ex = chunk_pairs(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h, bos + i_t * 64,
-                                     eos, scale, SK, H, K, BK, USE_L2, PAIR_PREC)
+                                     eos, scale, SK, H, K, BK, USE_L2, PAIR_PREC, COUNT_EXACT)
         store_tile(Aqk + i_h * 64, Aqk_c, t, eos, H * 64, 0, 64, 64)
-        tl.store(n_exact + (4 * i_c + tl.arange(0, 4)) * H + i_h, n_ex)
+        if COUNT_EXACT:
+            tl.store(n_exact + (4 * i_c + tl.arange(0, 4)) * H + i_h, tl.zeros([4], dtype=tl.int32) + n_ex)
         store_tile(A + i_h * 64, T, t, eos, H * 64, 0, 64, 64)
         tl.debug_barrier()
         solve_chunk(A + i_h * 64, bos + i_t * 64, eos, H * 64, True)
@@ -809,15 +814,16 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     if merged:
         A = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
         Aqk = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
-        n_exact = torch.empty(4 * n_chunks, H, device=dev, dtype=torch.int32)
+        n_exact = torch.empty(4 * n_chunks, H, device=dev, dtype=torch.int32) if for_backward else None
     else:
         A, Aqk, n_exact = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
     Y, Qg, Kt = (torch.empty(TT, H, K, device=dev, dtype=v.dtype) for _ in range(3))
     gC = torch.empty(n_chunks, H, K, device=dev, dtype=torch.float32)
     U = torch.empty_like(v)
-    gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Aqk, n_exact, Y, Qg, Kt, gC, U, cu, chunk_indices,
-                                      scale, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec, MERGED=merged,
-                                      PAIR_PREC=dot_precision(q.dtype))
+    # without n_exact (merged inference) A stands in for its pointer, never touched (COUNT_EXACT=False)
+    gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Aqk, A if n_exact is None else n_exact, Y, Qg, Kt,
+                                      gC, U, cu, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec, MERGED=merged,
+                                      PAIR_PREC=dot_precision(q.dtype), COUNT_EXACT=merged and for_backward)
     store_states = not fuse_output or (for_backward and not recompute_states)
     o, ht, hs, R = state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state, fuse_output, store_states)
     if not fuse_output:
