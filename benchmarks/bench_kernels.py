@@ -3,8 +3,10 @@
 bf16 q, k, v, b, w (fp32 g, as the layer computes it), H = 16, K = V = 128, (B, T) in (8, 4096), (2, 16384),
 (1, 65536): inference forward (no grad), training forward (inputs require grad; forward only), forward + backward,
 ours in each variant (rows without a suffix: per-chunk states + output kernel; _fused: the output inside the walk;
-_merged: the forward's chunk-parallel work in the one merged wy kernel, output inside the walk; _recompute: training
-without per-chunk states kept, recomputed in the backward; gdn2/ops/triton/chunk_infer.py picks the default); the decode step at B = 1 and B = 64 (one token, state updated in place). Timing:
+_merged: the forward's chunk-parallel work in the one merged wy kernel, output inside the walk; _apply_a: that, with
+the walk applying A (inference); _recompute: training without per-chunk states kept, recomputed in the backward;
+gdn2/ops/triton/chunk_infer.py picks the default); the decode step at B = 1 and B = 64 (one token, state updated in
+place). Timing:
 triton.testing.do_bench (CUDA events), median, after warm-up, on freshly drawn inputs; the decode step also from a
 CUDA graph of 32 steps (GPU time per step without launch gaps). The floor is the bytes every implementation must
 move (inputs read once, outputs written once) over the copy bandwidth measured in the same run.
@@ -30,8 +32,8 @@ from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2
 H, K, V = 16, 128, 128
 SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
 # the rows of each chunked shape, in table order (LEGEND says what each is)
-CHUNK_MODES = ("infer_fwd", "infer_fwd_fused", "infer_fwd_merged", "train_fwd", "train_fwd_fused", "train_fwd_merged",
-               "train_fwd_recompute", "fwd_bwd", "fwd_bwd_fused", "fwd_bwd_merged", "fwd_bwd_recompute")
+CHUNK_MODES = ("infer_fwd", "infer_fwd_fused", "infer_fwd_merged", "infer_fwd_apply_a", "train_fwd", "train_fwd_fused",
+               "train_fwd_merged", "train_fwd_recompute", "fwd_bwd", "fwd_bwd_fused", "fwd_bwd_merged", "fwd_bwd_recompute")
 
 
 def bench(fn, grad_to_none=None):
@@ -163,6 +165,10 @@ def main():
         fused = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
         os.environ["GDN2_TRITON_MERGED"] = "1"                        # rows _merged: the merged wy kernel too
         merged = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
+        os.environ["GDN2_TRITON_WALK_APPLIES_A"] = "1"                # row infer_fwd_apply_a: the walk applies A
+        with torch.no_grad():
+            ours["infer_fwd_apply_a"] = bench(lambda: triton_chunk_gdn2(q, k, v, g, b, w, **kw))
+        os.environ.pop("GDN2_TRITON_WALK_APPLIES_A")
         for name in ("GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED", "GDN2_TRITON_TRAIN_FUSED"):
             os.environ.pop(name)
         os.environ["GDN2_TRITON_RECOMPUTE_STATES"] = "1"              # rows _recompute: no states kept for backward
@@ -212,7 +218,8 @@ LEGEND = ("Modes: infer_fwd = inference forward, train_fwd = forward with autogr
           "output (per-chunk states + output kernel); _fused = the output computed inside the sequential walk "
           "(GDN2_TRITON_INFER_FUSED=1 / GDN2_TRITON_TRAIN_FUSED=1; in training the walk still stores the per-chunk "
           "states for the backward); _merged = that, with the one merged wy kernel instead of the four "
-          "(GDN2_TRITON_MERGED=1): our default for 16-bit inputs with K <= 128, so for this table; _recompute = "
+          "(GDN2_TRITON_MERGED=1): our default for 16-bit inputs with K <= 128, so for this table; _apply_a = that, "
+          "with the walk applying A (GDN2_TRITON_WALK_APPLIES_A=1, inference); _recompute = "
           "GDN2_TRITON_RECOMPUTE_STATES=1 (the training forward keeps no per-chunk states, the backward recomputes "
           "them with one more walk, as fla does; not our default). fla has one variant of each mode, shown on every "
           "row of it.")

@@ -6,7 +6,7 @@ reference (torch chunkwise, autograd in float64) by relative error ||x - ref|| /
 bf16 <= 1e-2, fp32 <= 2e-3, for o, the final state and every gradient (q, k, v, g, b, w, h0); the inference (no-grad)
 forward too, in three variants (per-chunk states + output kernel; GDN2_TRITON_INFER_FUSED=1: output inside the walk;
 GDN2_TRITON_MERGED=1 with it: the merged wy kernel instead of intra, exact_diag, solve and wy; mode train_merged is
-that kernel in training),
+that kernel in training; infer_apply_a adds GDN2_TRITON_WALK_APPLIES_A=1),
 and, for the state kernel's configs, the extra shapes and the autotuned case, the training forward in its other two
 variants: the split output (GDN2_TRITON_TRAIN_FUSED=0; =1, the output inside the walk, is mode train_fused) and the
 states recomputed in the backward (GDN2_TRITON_RECOMPUTE_STATES=1, mode train_recompute). Extra shapes (varlen +
@@ -119,17 +119,18 @@ def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
 # flags (train_recompute: the forward's walk stores nothing, the backward's first walk stores the states)
 MODES = {"train": ((False, True),), "train_fused": ((True, True),), "train_recompute": ((True, False), (False, True)),
          "infer": ((False, True),), "infer_fused": ((True, False),), "infer_merged": ((True, False),),
-         "train_merged": ((True, True),)}
+         "train_merged": ((True, True),), "infer_apply_a": ((True, False, True),)}
 # modes that differ from "train" in the state kernel only: run where that kernel is under test
 STATE_ONLY_MODES = ("train_fused", "train_recompute")
 # the chunk_infer switches each mode sets to 1 (every other switch is set to 0): the modes without _merged take the
 # four chunk-parallel kernels, the _merged ones the merged wy kernel (with the output inside the walk)
 SWITCHES = ("GDN2_TRITON_INFER_FUSED", "GDN2_TRITON_TRAIN_FUSED", "GDN2_TRITON_RECOMPUTE_STATES",
-            "GDN2_TRITON_MERGED")
+            "GDN2_TRITON_MERGED", "GDN2_TRITON_WALK_APPLIES_A")
 MODE_SWITCHES = {"train_fused": ("GDN2_TRITON_TRAIN_FUSED",), "train_recompute": ("GDN2_TRITON_RECOMPUTE_STATES",),
                  "infer_fused": ("GDN2_TRITON_INFER_FUSED",),
                  "infer_merged": ("GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED"),
-                 "train_merged": ("GDN2_TRITON_MERGED", "GDN2_TRITON_TRAIN_FUSED")}
+                 "train_merged": ("GDN2_TRITON_MERGED", "GDN2_TRITON_TRAIN_FUSED"),
+                 "infer_apply_a": ("GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED", "GDN2_TRITON_WALK_APPLIES_A")}
 
 
 def pin_for(dtype, K, under_test=None, mode="train"):

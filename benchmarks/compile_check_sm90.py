@@ -34,17 +34,20 @@ from gdn2.ops.triton.utils import SERIAL_PRECISION, config_name, dot_precision, 
 
 SMEM_LIMIT = 232_448
 TARGET = GPUTarget("cuda", 90, 32)
-# the chunk kernels, plus the state kernel twice more with FUSE_OUTPUT=True: the fused inference output (no states
-# stored) and the fused training output (states stored too, GDN2_TRITON_TRAIN_FUSED=1), and the wy kernel once more
-# with MERGED=True (the inference forward's one chunk-parallel kernel)
+# the chunk kernels, plus the state kernel three times more with FUSE_OUTPUT=True: the fused inference output (no
+# states stored), the fused training output (states stored too, GDN2_TRITON_TRAIN_FUSED=1) and the inference walk that
+# applies A (APPLY_A), and the wy kernel twice more with MERGED=True: as training builds it (COUNT_EXACT) and with
+# APPLY_A (inference)
 KERNELS = {}
 for _name, _kernel in CHUNK_KERNELS.items():
     KERNELS[_name] = _kernel
     if _name == "fwd_wy":
         KERNELS["fwd_wy_merged"] = _kernel
+        KERNELS["fwd_wy_apply_a"] = _kernel
     if _name == "fwd_state":
         KERNELS["fwd_state_fused"] = _kernel
         KERNELS["fwd_state_train_fused"] = _kernel
+        KERNELS["fwd_state_apply_a"] = _kernel
 # pointer arguments that are fp32 whatever the input dtype (g, the solve, states in and out, fp32 gradients)
 FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG", "dg", "dAE", "dT", "dAqk",
                  "dbk", "dqs", "dkd",
@@ -52,25 +55,29 @@ FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG
 INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "n_exact"}
 SCALARS = {"scale": "fp32", "TT": "i32", "NSH_LOG2": "i32"}
 # kernels launched with SERIAL_PRECISION (tf32 for fp32 operands); the rest with dot_precision(dtype)
-SERIAL_KERNELS = {"fwd_wy", "fwd_wy_merged", "fwd_state", "fwd_state_fused", "fwd_state_train_fused", "fwd_output",
+SERIAL_KERNELS = {"fwd_wy", "fwd_wy_merged", "fwd_wy_apply_a", "fwd_state", "fwd_state_fused", "fwd_state_train_fused",
+                  "fwd_state_apply_a", "fwd_output",
                   "bwd_dlocal",
                   "bwd_dstate"}
 
 
 def consts_of(kname):
-    """(FUSE_OUTPUT, STORE_STATES) of the three state-kernel variants (the state kernel's fits flags)."""
-    return kname.endswith("_fused"), kname != "fwd_state_fused"
+    """(FUSE_OUTPUT, STORE_STATES, APPLY_A) of the four state-kernel variants (the state kernel's fits flags)."""
+    if kname == "fwd_state_apply_a":
+        return True, False, True
+    return kname.endswith("_fused"), kname != "fwd_state_fused", False
 
 
 def signature_for(kname, fn, config, dtype, K, V, H=16, HV=16):
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     BK, BV = block_sizes(K, V)
-    consts = dict(H=H, HV=HV, K=K, KP=triton.next_power_of_2(K), V=V, BK=BK, BV=BV, NK=triton.cdiv(K, BK), USE_L2=True, HAS_H0=True,
-                  STORE_FINAL=True, HAS_DHT=True, STORE_DH0=True, FUSE_OUTPUT=consts_of(kname)[0],
-                  STORE_STATES=consts_of(kname)[1],
+    consts = dict(H=H, HV=HV, K=K, KP=triton.next_power_of_2(K), V=V, BK=BK, BV=BV, NK=triton.cdiv(K, BK),
+                  USE_L2=True, HAS_H0=True, STORE_FINAL=True, HAS_DHT=True, STORE_DH0=True,
+                  FUSE_OUTPUT=consts_of(kname)[0], STORE_STATES=consts_of(kname)[1],
+                  APPLY_A=consts_of(kname)[2] or kname == "fwd_wy_apply_a",
                   PREC=SERIAL_PRECISION if kname in SERIAL_KERNELS else dot_precision(dtype),
-                  PREC_T=solve_precision(dtype), MERGED=kname == "fwd_wy_merged", PAIR_PREC=dot_precision(dtype),
-                  COUNT_EXACT=kname == "fwd_wy_merged")
+                  PREC_T=solve_precision(dtype), MERGED=kname in ("fwd_wy_merged", "fwd_wy_apply_a"),
+                  PAIR_PREC=dot_precision(dtype), COUNT_EXACT=kname == "fwd_wy_merged")
     consts.update(config.kwargs)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

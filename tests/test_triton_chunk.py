@@ -187,6 +187,37 @@ def test_inference_merged_kernel(monkeypatch, fused):
     merged_inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
 
 
+def test_inference_walk_applying_a(monkeypatch):
+    """GDN2_TRITON_WALK_APPLIES_A=1: the merged wy kernel stores E and the walk forms R = A (w * v - E S_0) itself.
+    K = 80, varlen, grouped value heads, fused L2-norm, initial and final state; then the wide-channel input of the
+    test below. Against the float64 recurrence."""
+    for name, value in (("GDN2_TRITON_MERGED", "1"), ("GDN2_TRITON_INFER_FUSED", "1"),
+                        ("GDN2_TRITON_WALK_APPLIES_A", "1")):
+        monkeypatch.setenv(name, value)
+    q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=29)
+    merged_inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
+    q, k, v, g, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=31)
+    rate = torch.linspace(0, 8, 32) * torch.linspace(0.05, 1.5, 230)[:, None]
+    g = -torch.rand(1, 230, 1, 32, generator=torch.Generator().manual_seed(2)) * rate[None, :, None, :]
+    merged_inference_matches(q, k, v, g, b, w, h0)
+
+
+def test_walk_applying_a_switch(monkeypatch):
+    """Off by default; =1 is refused, naming the switches, where the variant cannot run (no merged kernel, or the split
+    output)."""
+    from gdn2.ops.triton.chunk_infer import use_walk_applying_a
+
+    monkeypatch.delenv("GDN2_TRITON_WALK_APPLIES_A", raising=False)
+    assert not use_walk_applying_a(torch.bfloat16, 128, True, True)
+    monkeypatch.setenv("GDN2_TRITON_WALK_APPLIES_A", "1")
+    assert use_walk_applying_a(torch.bfloat16, 128, True, True)
+    for merged, fused in ((False, True), (True, False)):
+        with pytest.raises(ValueError, match="GDN2_TRITON_WALK_APPLIES_A=1 needs the merged kernel"):
+            use_walk_applying_a(torch.bfloat16, 128, merged, fused)
+    with pytest.raises(ValueError, match="fits torch.float32 at K = 256"):
+        use_walk_applying_a(torch.float32, 256, True, True)
+
+
 def test_inference_merged_kernel_wide_channels(monkeypatch):
     """The merged kernel's two forms of exp(G_r - G_s): the chunk-level midpoint on channels whose G moves by at most
     CHUNK_SPAN over a chunk, the exact row-by-row form on the others ("wide"). Decay rates differ by channel and grow

@@ -577,18 +577,41 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
     return tl.where(r[:, None] > r[None, :], T, 0.), tl.where(r[:, None] >= r[None, :], Aqk, 0.), n_exact
 
 
-@tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC", "MERGED", "COUNT_EXACT"], interpret_config=WY_INTERPRET,
-       dtype_arg="v")
+@triton.jit
+def key_side_tiles(q, k, g, b, rq, rk, A, Y, Qg, Kt, gC, t, eos, i_c, i_h, scale, H: tl.constexpr, K: tl.constexpr,
+                   BK: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, TIMES_A: tl.constexpr):
+    """The key-side outputs of the wy kernel for chunk i_c, key head i_h, in K blocks of BK: Q, Kt, exp(G_C) and,
+    into Y, A E (TIMES_A, with A [64, 64] read from A) or E itself."""
+    SK = H * K
+    koff = i_h * K
+    if TIMES_A:
+        Am = tile(A + i_h * 64, t, eos, H * 64, 0, 64, 64).to(tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        G, G_last, E, Q, Ktb, _, _, _ = chunk_key_side(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h,
+                                                       t, eos, cols, scale, SK, H, K, USE_L2)
+        if TIMES_A:
+            E = tl.dot(Am, E, input_precision=PREC)
+        store_tile(Y + koff, E, t, eos, SK, k0, K, BK)
+        store_tile(Qg + koff, Q, t, eos, SK, k0, K, BK)
+        store_tile(Kt + koff, Ktb, t, eos, SK, k0, K, BK)
+        tl.store(gC + (i_c * H + i_h) * K + cols, tl.exp(G_last), mask=cols < K)
+
+
+@tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC", "MERGED", "COUNT_EXACT", "APPLY_A"],
+       interpret_config=WY_INTERPRET, dtype_arg="v")
 @triton.jit
 def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, n_exact, Y, Qg, Kt, gC, U, cu_seqlens, chunk_indices, scale,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, MERGED: tl.constexpr,
-                       PAIR_PREC: tl.constexpr, COUNT_EXACT: tl.constexpr):
+                       PAIR_PREC: tl.constexpr, COUNT_EXACT: tl.constexpr, APPLY_A: tl.constexpr):
     """Y = A E, Q, Kt, exp(G_C) and U = A Z of one chunk and key head, with A from the intra / exact_diag / solve
     kernels. MERGED (chunk_infer.use_merged_kernel): the kernel makes A itself first, so it is the only chunk-parallel
     launch of the forward: T, Aqk and (COUNT_EXACT, for the backward) n_exact by chunk_pairs (PAIR_PREC: the intra
-    kernel's dot_precision), Aqk and n_exact stored, T stored into A and inverted in place there (solve_chunk, the diagonal blocks included), then
-    read back whole. Each hand-over through A is fenced by a block barrier."""
+    kernel's dot_precision), Aqk and n_exact stored, T stored into A and inverted in place there (solve_chunk, the
+    diagonal blocks included), then read back whole. Each hand-over through A is fenced by a block barrier.
+    APPLY_A (with MERGED; inference, chunk_infer.use_walk_applying_a): the walk applies A itself, R = A (Z - E S_0),
+    so this kernel stores E = e^G b k where Y would go, no U, and leaves A in place (no product with it)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
@@ -602,27 +625,24 @@ def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, n_exact, Y, Qg, Kt, gC,
         if COUNT_EXACT:
             tl.store(n_exact + (4 * i_c + tl.arange(0, 4)) * H + i_h, tl.zeros([4], dtype=tl.int32) + n_ex)
         store_tile(A + i_h * 64, T, t, eos, H * 64, 0, 64, 64)
+        if APPLY_A:                     # independent of A: before the solve, while T's stores land
+            key_side_tiles(q, k, g, b, rq, rk, A, Y, Qg, Kt, gC, t, eos, i_c, i_h, scale, H, K, BK, USE_L2, PREC, False)
         tl.debug_barrier()
         solve_chunk(A + i_h * 64, bos + i_t * 64, eos, H * 64, True)
-        tl.debug_barrier()
-    Am = tile(A + i_h * 64, t, eos, H * 64, 0, 64, 64).to(tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        G, G_last, E, Q, Ktb, _, _, _ = chunk_key_side(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h,
-                                                       t, eos, cols, scale, SK, H, K, USE_L2)
-        store_tile(Y + koff, tl.dot(Am, E, input_precision=PREC), t, eos, SK, k0, K, BK)
-        store_tile(Qg + koff, Q, t, eos, SK, k0, K, BK)
-        store_tile(Kt + koff, Ktb, t, eos, SK, k0, K, BK)
-        tl.store(gC + (i_c * H + i_h) * K + cols, tl.exp(G_last), mask=cols < K)
-    for j in range(HV // H):
-        voff = (i_h * (HV // H) + j) * V
-        for v0 in range(0, V, BV):
-            Z = tile(w + voff, t, eos, SV, v0, V, BV).to(tl.float32) * tile(v + voff, t, eos, SV, v0, V, BV).to(
-                tl.float32)
-            store_tile(U + voff, tl.dot(Am, Z, input_precision=PREC), t, eos, SV, v0, V, BV)
+        if not APPLY_A:
+            tl.debug_barrier()
+    if not APPLY_A:
+        key_side_tiles(q, k, g, b, rq, rk, A, Y, Qg, Kt, gC, t, eos, i_c, i_h, scale, H, K, BK, USE_L2, PREC, True)
+        Am = tile(A + i_h * 64, t, eos, H * 64, 0, 64, 64).to(tl.float32)
+        for j in range(HV // H):
+            voff = (i_h * (HV // H) + j) * V
+            for v0 in range(0, V, BV):
+                Z = tile(w + voff, t, eos, SV, v0, V, BV).to(tl.float32) * tile(v + voff, t, eos, SV, v0, V, BV).to(
+                    tl.float32)
+                store_tile(U + voff, tl.dot(Am, Z, input_precision=PREC), t, eos, SV, v0, V, BV)
 
 
-def state_fits(config, dtype, K, fuse_output=False, store_states=True) -> bool:
+def state_fits(config, dtype, K, fuse_output=False, store_states=True, apply_a=False) -> bool:
     """Whether the fwd state kernel's sm_90 build stays within 232,448 B of shared memory (measured with
     benchmarks/compile_check_sm90.py, 2026-11-27; fp32 operand tiles need about twice bf16's).
     Plain (per-chunk states out): 16-bit inputs every entry up to K = 256 (largest: BV=64, 3 stages, K=256:
@@ -632,9 +652,16 @@ def state_fits(config, dtype, K, fuse_output=False, store_states=True) -> bool:
     (227,328 B; 3 stages: 333,824 B) and 2 warps (116,736 B) only (BV=32: 237,568 B); fp32 K <= 64 all but BV=64
     at 3 stages (262,144 B), above that 2 warps only (131,072 B at K=128, 229,376 B at K=256). With the states
     stored as well (the training variant) fp32 needs ~4 KB more: at K <= 64 3 stages only at BV=16 (BV=32:
-    237,568 B), above that 2 warps only up to K = 128 (135,168 B; K=256: 233,472 B)."""
+    237,568 B), above that 2 warps only up to K = 128 (135,168 B; K=256: 233,472 B).
+    apply_a (fuse_output, no states; the A tile and v, w tiles too): 16-bit K <= 128 2 stages only (<= 196,608 B; 3
+    stages 237,568 - 286,720 B), K = 256 2 warps only (139,264 B); fp32 K <= 128 2 warps only (155,648 B), K = 256
+    none (walk_can_apply_a)."""
     if K is None:
         return True
+    if apply_a:
+        if dtype != torch.float32:
+            return config.num_stages < 3 and (K <= 128 or config.num_warps == 2)
+        return K <= 128 and config.num_warps == 2
     if fuse_output:
         if dtype != torch.float32:
             return K <= 128 or config.num_warps == 2 or (config.kwargs["BV"] <= 16 and config.num_stages < 3)
@@ -650,17 +677,26 @@ def state_fits(config, dtype, K, fuse_output=False, store_states=True) -> bool:
     return config.num_warps == 2
 
 
+def walk_can_apply_a(dtype, K: int) -> bool:
+    """Whether some state-kernel config fits the APPLY_A walk (state_fits): all but fp32 at K > 128."""
+    return dtype != torch.float32 or K <= 128
+
+
 @tuned(STATE_CONFIGS, key=["K", "V", "HV", "NSH_LOG2", "HAS_H0", "STORE_FINAL", "FUSE_OUTPUT", "STORE_STATES",
-                           "PREC"],
-       interpret_config=STATE_INTERPRET, fits=state_fits, dtype_arg="U", fits_args=("FUSE_OUTPUT", "STORE_STATES"))
+                           "APPLY_A", "PREC"],
+       interpret_config=STATE_INTERPRET, fits=state_fits, dtype_arg="U",
+       fits_args=("FUSE_OUTPUT", "STORE_STATES", "APPLY_A"))
 @triton.jit
-def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, chunk_offsets, NSH_LOG2,
+def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, A, w, cu_seqlens, chunk_offsets, NSH_LOG2,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                          FUSE_OUTPUT: tl.constexpr, STORE_STATES: tl.constexpr, PREC: tl.constexpr):
+                          FUSE_OUTPUT: tl.constexpr, STORE_STATES: tl.constexpr, APPLY_A: tl.constexpr,
+                          PREC: tl.constexpr):
     """STORE_STATES: stores the per-chunk states hs and R (for the output kernel and the backward).
     FUSE_OUTPUT: computes O = Q S_0 + Aqk R in the walk (chunk_infer.py says when). The inference forward sets exactly
-    one of the two; the training forward sets STORE_STATES, and FUSE_OUTPUT with GDN2_TRITON_TRAIN_FUSED=1."""
+    one of the two; the training forward sets STORE_STATES, and FUSE_OUTPUT with GDN2_TRITON_TRAIN_FUSED=1.
+    APPLY_A (inference, with the merged wy kernel's APPLY_A): Y holds E, U holds v, and the walk forms
+    R = A (w * v - E S_0) itself, one more [64, 64] x [64, BV] product per chunk step (A fp32, as the solve left it)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // HV
     i_hv = i_nh % HV
@@ -674,6 +710,7 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
     Y += i_h * K
     Kt += i_h * K
     U += i_hv * V
+    w += i_hv * V
     R += i_hv * V
     v0 = i_v * BV
     cv = v0 + tl.arange(0, BV)
@@ -694,6 +731,8 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
         if STORE_STATES:
             store_state_block(ph, S1, 0, cv, K, V, BK)
         Rb = tile(U, t, eos, SV, v0, V, BV).to(tl.float32)
+        if APPLY_A:
+            Rb *= tile(w, t, eos, SV, v0, V, BV).to(tl.float32)
         Rb -= key_block_dot(Y, S1, t, eos, SK, 0, dt, K, BK, PREC)
         if K > BK:
             if STORE_STATES:
@@ -707,6 +746,8 @@ def gdn2_fwd_kernel_state(Y, U, Kt, gC, h0, R, hs, ht, Qg, Aqk, o, cu_seqlens, c
             if STORE_STATES:
                 store_state_block(ph, S4, 3 * BK, cv, K, V, BK)
             Rb -= key_block_dot(Y, S4, t, eos, SK, 3 * BK, dt, K, BK, PREC)
+        if APPLY_A:
+            Rb = tl.dot(tile(A + i_h * 64, t, eos, H * 64, 0, 64, 64), Rb, input_precision=PREC)
         Rd = Rb.to(dt)
         if STORE_STATES:
             store_tile(R, Rb, t, eos, SV, v0, V, BV)
@@ -772,10 +813,13 @@ def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2
     return A, Aqk, n_exact
 
 
-def state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state: bool, fuse_output: bool, store_states: bool):
+def state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state: bool, fuse_output: bool, store_states: bool,
+               A=None, w=None):
     """The sequential state kernel over every sequence (grid: V blocks x sequences * value heads). Returns (o, ht, hs,
     R): o [TT, Hv, V] if fuse_output (O = Q S_0 + Aqk R inside the walk), the final state [N, Hv, K, V] fp32 if
-    output_final_state, the per-chunk states hs [NC, Hv, K, V] and R [TT, Hv, V] if store_states; None otherwise."""
+    output_final_state, the per-chunk states hs [NC, Hv, K, V] and R [TT, Hv, V] if store_states; None otherwise.
+    With A [TT, H, 64] fp32 and w [TT, Hv, V] given, the walk applies A itself (APPLY_A): Y then holds E and U holds
+    v."""
     cu, _, chunk_offsets, n_chunks = layout
     n_seqs = cu.numel() - 1
     TT, H, K = Y.shape
@@ -787,24 +831,36 @@ def state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state: bool, fuse
     o = torch.empty_like(U) if fuse_output else None
     ht = torch.empty(n_seqs, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_seqs * HV)
-    # the outputs a variant does not write are never touched (constexpr-guarded); U stands in for their pointers
+    apply_a = A is not None
+    if apply_a != (w is not None):
+        raise ValueError("state_walk: give both A and w (the walk applies A) or neither")
+    # the tensors a variant does not touch (constexpr-guarded) have U stand in for their pointers
     gdn2_fwd_kernel_state[grid](Y, U, Kt, gC, h0, U if R is None else R, U if hs is None else hs, ht, Qg, Aqk,
-                                U if o is None else o, cu, chunk_offsets, (n_seqs * HV).bit_length(),
-                                H=H, HV=HV, K=K, V=V, BK=BK, HAS_H0=h0 is not None, STORE_FINAL=output_final_state,
-                                FUSE_OUTPUT=fuse_output, STORE_STATES=store_states, PREC=SERIAL_PRECISION)
+                                U if o is None else o, A if apply_a else U, w if apply_a else U, cu, chunk_offsets,
+                                (n_seqs * HV).bit_length(), H=H, HV=HV, K=K, V=V, BK=BK, HAS_H0=h0 is not None,
+                                STORE_FINAL=output_final_state, FUSE_OUTPUT=fuse_output, STORE_STATES=store_states,
+                                APPLY_A=apply_a, PREC=SERIAL_PRECISION)
     return o, ht, hs, R
 
 
 def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state, fuse_output: bool,
-                  for_backward: bool, recompute_states: bool = False, merged: bool = False):
+                  for_backward: bool, recompute_states: bool = False, merged: bool = False, apply_a: bool = False):
     """The forward launches. Returns o [TT, Hv, V], the final state [N, Hv, K, V] fp32 or None, and the
     intermediates the backward reads: dict(A, Aqk, n_exact, Y, Qg, Kt, gC, hs, R, U). fuse_output: O is computed
     inside the sequential walk (no output kernel). The per-chunk states hs and R are stored when the output kernel
     needs them (not fuse_output) or the backward does (for_backward), unless recompute_states: then the walk stores
     nothing, U is kept instead, and chunk_bwd.chunk_backward recomputes hs and R with one more walk. merged: the wy
-    kernel makes A, Aqk and n_exact itself (no intra, exact_diag or solve launch). Entries not kept are None."""
+    kernel makes A, Aqk and n_exact itself (no intra, exact_diag or solve launch). apply_a (inference, with merged and
+    fuse_output): the walk applies A, R = A (Z - E S_0), and the wy kernel stores E for it instead of forming
+    Y = A E and U = A Z. Entries not kept are None."""
     if recompute_states and not fuse_output:
         raise ValueError("recompute_states needs fuse_output=True: the output kernel reads the per-chunk states")
+    if apply_a and (for_backward or not merged or not fuse_output):
+        raise ValueError("apply_a is an inference variant of the merged kernel with the output inside the walk: it "
+                         "needs merged=True, fuse_output=True and for_backward=False (the backward reads Y = A E)")
+    if apply_a and not walk_can_apply_a(q.dtype, q.shape[-1]):
+        raise ValueError(f"apply_a: no state-kernel config fits {q.dtype} at K = {q.shape[-1]} in shared memory "
+                         f"(state_fits); use apply_a=False (GDN2_TRITON_WALK_APPLIES_A=0)")
     cu, chunk_indices, _, n_chunks = layout
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
@@ -817,15 +873,17 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
         n_exact = torch.empty(4 * n_chunks, H, device=dev, dtype=torch.int32) if for_backward else None
     else:
         A, Aqk, n_exact = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
-    Y, Qg, Kt = (torch.empty(TT, H, K, device=dev, dtype=v.dtype) for _ in range(3))
+    Y, Qg, Kt = (torch.empty(TT, H, K, device=dev, dtype=v.dtype) for _ in range(3))     # Y holds E with apply_a
     gC = torch.empty(n_chunks, H, K, device=dev, dtype=torch.float32)
-    U = torch.empty_like(v)
+    U = v if apply_a else torch.empty_like(v)                 # not written with apply_a: the walk reads v there
     # without n_exact (merged inference) A stands in for its pointer, never touched (COUNT_EXACT=False)
     gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Aqk, A if n_exact is None else n_exact, Y, Qg, Kt,
-                                      gC, U, cu, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_L2=use_l2, PREC=prec, MERGED=merged,
-                                      PAIR_PREC=dot_precision(q.dtype), COUNT_EXACT=merged and for_backward)
+                                      gC, U, cu, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV,
+                                      USE_L2=use_l2, PREC=prec, MERGED=merged, PAIR_PREC=dot_precision(q.dtype),
+                                      COUNT_EXACT=merged and for_backward, APPLY_A=apply_a)
     store_states = not fuse_output or (for_backward and not recompute_states)
-    o, ht, hs, R = state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state, fuse_output, store_states)
+    o, ht, hs, R = state_walk(Y, U, Kt, gC, h0, Qg, Aqk, layout, output_final_state, fuse_output, store_states,
+                              *((A, w) if apply_a else ()))
     if not fuse_output:
         o = torch.empty_like(v)
         grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
