@@ -33,7 +33,8 @@ H, K, V = 16, 128, 128
 SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
 # the rows of each chunked shape, in table order (LEGEND says what each is)
 CHUNK_MODES = ("infer_fwd", "infer_fwd_fused", "infer_fwd_merged", "infer_fwd_apply_a", "train_fwd", "train_fwd_fused",
-               "train_fwd_merged", "train_fwd_recompute", "fwd_bwd", "fwd_bwd_fused", "fwd_bwd_merged", "fwd_bwd_recompute")
+               "train_fwd_merged", "train_fwd_recompute", "fwd_bwd", "fwd_bwd_fused", "fwd_bwd_merged",
+               "fwd_bwd_recompute")
 
 
 def bench(fn, grad_to_none=None):
