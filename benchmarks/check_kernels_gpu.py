@@ -120,6 +120,7 @@ def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
 MODES = {"train": ((False, True),), "train_fused": ((True, True),), "train_recompute": ((True, False), (False, True)),
          "infer": ((False, True),), "infer_fused": ((True, False),), "infer_merged": ((True, False),),
          "train_merged": ((True, True),), "infer_apply_a": ((True, False, True),)}
+CHECKED_MODES = list(MODES)                       # --modes narrows it
 # modes that differ from "train" in the state kernel only: run where that kernel is under test
 STATE_ONLY_MODES = ("train_fused", "train_recompute")
 # the chunk_infer switches each mode sets to 1 (every other switch is set to 0): the modes without _merged take the
@@ -169,7 +170,7 @@ def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), 
     for dtype in dtypes:
         cast = [x.to(dtype) if i != 3 else x for i, x in enumerate(xs)]          # g stays fp32, as in the layer
         state_modes = under_test is None or under_test[0] == "fwd_state"
-        for mode in (m for m in MODES if state_modes or m not in STATE_ONLY_MODES):
+        for mode in (m for m in CHECKED_MODES if state_modes or m not in STATE_ONLY_MODES):
             if not pin_for(dtype, K, under_test, mode):
                 continue
             for kname in autotuned:
@@ -238,11 +239,17 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (read before import)")
     ap.add_argument("--kernels", default=None, help="comma-separated names (e.g. bwd_dqkg): check only their configs "
                                                      "on the main shape; no decode, no extra shapes (see --extras)")
+    ap.add_argument("--modes", default=None, help=f"comma-separated modes to run (default: all of {list(MODES)})")
     ap.add_argument("--extras", nargs="?", const="all", default=None,
                     help="with --kernels: also the extra shapes on every kernel's first config (all of them, or the "
                          "comma-separated names given, e.g. strong_decay)")
     args = ap.parse_args()
     only = None if args.kernels is None else set(args.kernels.split(","))
+    if args.modes is not None:
+        unknown = set(args.modes.split(",")) - set(MODES)
+        if unknown:
+            raise SystemExit(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {list(MODES)}")
+        CHECKED_MODES[:] = args.modes.split(",")
     os.makedirs(args.out, exist_ok=True)
     card = "cpu-interpreter" if SMOKE else torch.cuda.get_device_name().replace(" ", "-")
     rows, summary = [], []

@@ -655,12 +655,15 @@ def state_fits(config, dtype, K, fuse_output=False, store_states=True, apply_a=F
     237,568 B), above that 2 warps only up to K = 128 (135,168 B; K=256: 233,472 B).
     apply_a (fuse_output, no states; the A tile and v, w tiles too): 16-bit K <= 128 2 stages only (<= 196,608 B; 3
     stages 237,568 - 286,720 B), K = 256 2 warps only (139,264 B); fp32 K <= 128 2 warps only (155,648 B), K = 256
-    none (walk_can_apply_a)."""
+    none (walk_can_apply_a). Pruned further on the evidence of the H100 (ninth session): bf16 with BV=32 at 4 warps,
+    2 stages failed with an illegal memory access (the GPU check's first config, and the autotuner at B=8), while
+    BV=64 at 4 warps and BV=32 at 2 warps ran and agreed with the merged path (3.3e-3 on o at B=8, T=4096); BV=16 at
+    4 warps was not run, so it is left out too."""
     if K is None:
         return True
     if apply_a:
         if dtype != torch.float32:
-            return config.num_stages < 3 and (K <= 128 or config.num_warps == 2)
+            return config.num_stages == 2 and (config.num_warps == 2 or (config.kwargs["BV"] == 64 and K <= 128))
         return K <= 128 and config.num_warps == 2
     if fuse_output:
         if dtype != torch.float32:
