@@ -190,7 +190,7 @@ def main():
         fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
         bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
         for mode in CHUNK_MODES:
-            fla_mode = mode.split("_fused")[0].split("_recompute")[0].split("_merged")[0]  # fla: one variant of each
+            fla_mode = fla_mode_of(mode)
             add(f"B{B}_T{T}", mode, ours[mode], gd.get(fla_mode), kd.get(fla_mode),
                 fwd_bytes if not mode.startswith("fwd_bwd") else fwd_bytes + bwd_bytes)
         write(rows)
@@ -224,6 +224,14 @@ LEGEND = ("Modes: infer_fwd = inference forward, train_fwd = forward with autogr
           "GDN2_TRITON_RECOMPUTE_STATES=1 (the training forward keeps no per-chunk states, the backward recomputes "
           "them with one more walk, as fla does; not our default). fla has one variant of each mode, shown on every "
           "row of it.")
+
+
+def fla_mode_of(mode: str) -> str:
+    """The fla row a mode of ours is compared with: fla has one variant of each mode ('infer_fwd_merged' ->
+    'infer_fwd')."""
+    for suffix in ("_fused", "_merged", "_apply_a", "_recompute"):
+        mode = mode.removesuffix(suffix)
+    return mode
 
 
 def fla_version() -> str:

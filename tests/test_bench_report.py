@@ -45,3 +45,7 @@ def test_report_without_fla(tmp_path, monkeypatch):
     text = path.read_text()
     assert "fla not installed" in text
     assert "| B8_T4096 | infer_fwd_fused | 2.2 | - |" in text
+
+
+def test_every_mode_is_compared_with_an_fla_mode():
+    assert {bk.fla_mode_of(m) for m in bk.CHUNK_MODES} == {"infer_fwd", "train_fwd", "fwd_bwd"}
