@@ -578,14 +578,11 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
 
 
 @triton.jit
-def key_side_tiles(q, k, g, b, rq, rk, A, Y, Qg, Kt, gC, t, eos, i_c, i_h, scale, H: tl.constexpr, K: tl.constexpr,
-                   BK: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, TIMES_A: tl.constexpr):
-    """The key-side outputs of the wy kernel for chunk i_c, key head i_h, in K blocks of BK: Q, Kt, exp(G_C) and,
-    into Y, A E (TIMES_A, with A [64, 64] read from A) or E itself."""
+def key_side_tiles(q, k, g, b, rq, rk, Am, Y, Qg, Kt, gC, t, eos, i_c, i_h, koff, scale, H: tl.constexpr,
+                   K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, TIMES_A: tl.constexpr):
+    """The key-side outputs of the wy kernel for chunk i_c, key head i_h (columns from koff = i_h K on), in K blocks
+    of BK: Q, Kt, exp(G_C) and, into Y, Am E (TIMES_A, Am the chunk's [64, 64] fp32 A) or E itself (Am unused)."""
     SK = H * K
-    koff = i_h * K
-    if TIMES_A:
-        Am = tile(A + i_h * 64, t, eos, H * 64, 0, 64, 64).to(tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         G, G_last, E, Q, Ktb, _, _, _ = chunk_key_side(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h,
@@ -626,14 +623,16 @@ def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, n_exact, Y, Qg, Kt, gC,
             tl.store(n_exact + (4 * i_c + tl.arange(0, 4)) * H + i_h, tl.zeros([4], dtype=tl.int32) + n_ex)
         store_tile(A + i_h * 64, T, t, eos, H * 64, 0, 64, 64)
         if APPLY_A:                     # independent of A: before the solve, while T's stores land
-            key_side_tiles(q, k, g, b, rq, rk, A, Y, Qg, Kt, gC, t, eos, i_c, i_h, scale, H, K, BK, USE_L2, PREC, False)
+            key_side_tiles(q, k, g, b, rq, rk, 0., Y, Qg, Kt, gC, t, eos, i_c, i_h, koff, scale, H, K, BK, USE_L2,
+                           PREC, False)
         tl.debug_barrier()
         solve_chunk(A + i_h * 64, bos + i_t * 64, eos, H * 64, True)
         if not APPLY_A:
             tl.debug_barrier()
     if not APPLY_A:
-        key_side_tiles(q, k, g, b, rq, rk, A, Y, Qg, Kt, gC, t, eos, i_c, i_h, scale, H, K, BK, USE_L2, PREC, True)
         Am = tile(A + i_h * 64, t, eos, H * 64, 0, 64, 64).to(tl.float32)
+        key_side_tiles(q, k, g, b, rq, rk, Am, Y, Qg, Kt, gC, t, eos, i_c, i_h, koff, scale, H, K, BK, USE_L2, PREC,
+                       True)
         for j in range(HV // H):
             voff = (i_h * (HV // H) + j) * V
             for v0 in range(0, V, BV):
