@@ -1,7 +1,8 @@
 r"""GDN-2 inference-only (prefill) forward: no autograd, nothing kept for a backward.
 
 The forward launches of the training path (chunk_fwd.chunk_forward: intra -> exact_diag -> solve -> wy -> state
-[-> output]); every intermediate is freed on return. Two variants of the last step:
+[-> output], or for 16-bit inputs the merged wy kernel -> state: use_merged_kernel); every intermediate is freed on
+return. Two variants of the last step:
   - split: the sequential state kernel writes the per-chunk states (2 x NC x Hv x K x V bytes in bf16, 0.27 GB
     written and read at B=8, T=4096, H=16, K=V=128) and R; the chunk-parallel output kernel reads them.
   - fused: the state kernel computes O = Q S_0 + Aqk R itself (two more products per chunk step on the sequential
