@@ -535,6 +535,25 @@ def chunk_cumsum(g, t, eos, SK, cols, K: tl.constexpr):
 
 
 @triton.jit
+def wide_channels_exact(q, k, g, b, rq, rk, t0, t, eos, k0, wide, T, Aqk, scale, SK, H, K: tl.constexpr,
+                        BK: tl.constexpr, USE_L2: tl.constexpr):
+    """T, Aqk [64, 64] plus the share of the channels k0 .. k0 + BK marked in `wide` [BK] (int 0 / 1), row by row with
+    exact exponentials (diag_exact_fwd over the chunk's 64 rows), in slices of 16 channels so that few registers are
+    live beside T and Aqk; a slice without a marked channel is skipped. The marks are taken from the caller, so the
+    exact form covers exactly the channels the midpoint product left out (deciding again from a recomputed cumsum
+    could round the other way at the threshold)."""
+    per16 = tl.reshape(wide, [BK // 16, 16])
+    slices = tl.arange(0, BK // 16)
+    for j in range(BK // 16):
+        marked = tl.sum(tl.where(slices[:, None] == j, per16, 0), 0) > 0
+        if tl.sum(marked.to(tl.int32), 0) > 0:
+            cols = k0 + j * 16 + tl.arange(0, 16)
+            kt = l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H, USE_L2)
+            T, Aqk = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, marked, T, Aqk, scale, SK, H, K, 16, USE_L2)
+    return T, Aqk
+
+
+@triton.jit
 def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
                 PREC: tl.constexpr, COUNT_EXACT: tl.constexpr):
     """T (strictly lower) and Aqk (lower) [64, 64] of one chunk (rows from token t0 on) straight from the inputs, and
@@ -544,14 +563,13 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
     where those two are at most CHUNK_SPAN apart: every factor is then within e^(+-CHUNK_SPAN / 2), finite and normal
     in fp32 / tf32, so the entries s <= r carry the usual operand rounding; the masked ones (s > r, up to
     e^CHUNK_SPAN) may overflow and are dropped by the final mask. The other channels ("wide") take the exact form row
-    by row (diag_exact_fwd over 64 rows), in slices of 16 channels, only where a slice has any. The count bounds each
+    by row (wide_channels_exact), in the K blocks that have any. The count bounds each
     sub-chunk's n_exact from above, which is all the backward's exact_diag kernel needs: it skips a sub-chunk where
     the count is 0 and finds the channels itself (per sub-chunk, as reshaped per-sub-chunk counts cost the H100 ~0.25
     ms at B=8, T=4096, ninth session)."""
     t = t0 + tl.arange(0, 64)
     T = tl.zeros([64, 64], dtype=tl.float32)
     Aqk = tl.zeros([64, 64], dtype=tl.float32)
-    n_wide = 0
     n_exact = 0
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
@@ -559,7 +577,6 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
         if COUNT_EXACT:
             n_exact += tl.sum((exact_channels(gt) & (cols < K)).to(tl.int32), 0)
         near = G_hi - G_lo <= CHUNK_SPAN
-        n_wide += tl.sum(((~near) & (cols < K)).to(tl.int32), 0)
         left, right = midpoint_factors(G, G_hi, G_lo, near)
         kt = l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H, USE_L2)
         qt = l2_rows(load_rows(q, t, eos, SK, cols, K), rq, t, eos, H, USE_L2)
@@ -567,15 +584,10 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
         kr = tl.trans(kt * right)
         T += tl.dot(bk * left, kr, input_precision=PREC)
         Aqk += tl.dot(qt * scale * left, kr, input_precision=PREC)
-    if n_wide > 0:                     # rare: in slices of 16 channels, so few registers are live beside T and Aqk
-        for k0 in range(0, K, 16):
-            cols = k0 + tl.arange(0, 16)
-            G, G_hi, G_lo, _ = chunk_cumsum(g, t, eos, SK, cols, K)
-            wide = (G_hi - G_lo > CHUNK_SPAN) & (cols < K)
-            if tl.sum(wide.to(tl.int32), 0) > 0:
-                kt = l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H, USE_L2)
-                T, Aqk = diag_exact_fwd(q, k, g, b, rq, rk, t0, eos, cols, kt, wide, T, Aqk, scale, SK, H, K, 16,
-                                        USE_L2)
+        wide = ((~near) & (cols < K)).to(tl.int32)
+        if tl.sum(wide, 0) > 0:          # rare; the complement of the very `near` above, so no channel is lost or twice
+            T, Aqk = wide_channels_exact(q, k, g, b, rq, rk, t0, t, eos, k0, wide, T, Aqk, scale, SK, H, K, BK,
+                                         USE_L2)
     r = tl.arange(0, 64)
     return tl.where(r[:, None] > r[None, :], T, 0.), tl.where(r[:, None] >= r[None, :], Aqk, 0.), n_exact
 
