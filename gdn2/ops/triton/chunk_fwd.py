@@ -42,6 +42,11 @@ Kernels (in launch order)
   gdn2_fwd_kernel_wy      grid (chunks, key heads): the rest of the state-independent work, in K blocks of BK <= 64:
                           Y = A E, Q, Kt [TT, H, K] and exp(G_C) [NC, H, K] (fp32); U = A Z [TT, Hv, V] for each value
                           head of the group. Y, Q, Kt, U are stored in v's dtype (the tensor-core operand dtype).
+  gdn2_fwd_kernel_wy, MERGED  (GDN2_TRITON_MERGED=1) replaces the four launches above: per chunk, T and Aqk with one
+                          [64, BK] x [BK, 64] product each, the exponent split at one reference per chunk and channel,
+                          m halfway between its largest and smallest G, on the channels whose G spans at most
+                          CHUNK_SPAN in the chunk (exp(G_r - m), exp(m - G_s) both within e^(+-80)); the rest row by
+                          row with exact exponentials; T inverted in place in A's buffer (solve_chunk), then as wy.
   gdn2_fwd_kernel_state   grid (V blocks, sequences * value heads): the only sequential kernel. Per chunk: stores the
                           entering state S_0 (v's dtype), R = U - Y S_0 (K/BK products [64, BK] x [BK, BV]), stores R,
                           S <- Diag(exp G_C) S + Kt^T R (K/BK products [BK, 64] x [64, BV]). The state [K, BV] lives in
@@ -563,10 +568,10 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
     where those two are at most CHUNK_SPAN apart: every factor is then within e^(+-CHUNK_SPAN / 2), finite and normal
     in fp32 / tf32, so the entries s <= r carry the usual operand rounding; the masked ones (s > r, up to
     e^CHUNK_SPAN) may overflow and are dropped by the final mask. The other channels ("wide") take the exact form row
-    by row (wide_channels_exact), in the K blocks that have any. The count bounds each
-    sub-chunk's n_exact from above, which is all the backward's exact_diag kernel needs: it skips a sub-chunk where
-    the count is 0 and finds the channels itself (per sub-chunk, as reshaped per-sub-chunk counts cost the H100 ~0.25
-    ms at B=8, T=4096, ninth session)."""
+    by row (wide_channels_exact), in the K blocks that have any. The count bounds each sub-chunk's n_exact from above,
+    which is all the backward's exact_diag kernel needs: it skips a sub-chunk where the count is 0 and finds the
+    channels itself (counting per sub-chunk through tl.reshape cost the H100 ~0.25 ms at B=8, T=4096, ninth
+    session)."""
     t = t0 + tl.arange(0, 64)
     T = tl.zeros([64, 64], dtype=tl.float32)
     Aqk = tl.zeros([64, 64], dtype=tl.float32)
