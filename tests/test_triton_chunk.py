@@ -240,7 +240,7 @@ def test_training_with_merged_kernel(monkeypatch):
     """GDN2_TRITON_MERGED=1 in training: the merged wy kernel also counts n_exact, which the backward's exact_diag
     kernel reads, so the strong-decay input (every sub-chunk with channels on both forms of the diagonal blocks, and
     wide channels in the merged kernel) checks every gradient against float64 with intra, exact_diag and solve never
-    launched. Storing n_exact as 0 fails this test."""
+    launched; then K = 80, varlen, grouped value heads and the fused L2-norm. Storing n_exact as 0 fails this test."""
     from gdn2.ops.triton.chunk_fwd import CHUNK_SPAN
 
     forbid_kernels(monkeypatch, "gdn2_fwd_kernel_intra", "gdn2_fwd_kernel_exact_diag", "gdn2_fwd_kernel_solve")
@@ -249,6 +249,9 @@ def test_training_with_merged_kernel(monkeypatch):
     g = g * 15
     assert (-g[0, :64, 0].sum(0) > CHUNK_SPAN.value).any()
     assert_forward_backward_match((q, k, v, g, b, w, h0))
+    # and the layout features: K = 80 (a partial K block), varlen, grouped value heads, fused L2-norm
+    assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=37), l2=True,
+                                  cu=torch.tensor([0, 50, 140]))
 
 
 def test_training_forward_fused_output(monkeypatch):
