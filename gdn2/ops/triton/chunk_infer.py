@@ -91,8 +91,9 @@ def use_merged_kernel(dtype: torch.dtype, K: int) -> bool:
 def use_walk_applying_a(dtype: torch.dtype, K: int, merged: bool, fused_output: bool) -> bool:
     """Whether the inference walk applies A itself, R = A (Z - E S_0), so the merged wy kernel stores E and forms
     neither Y = A E nor U = A Z (chunk_fwd.chunk_forward's apply_a). Only with the merged kernel and the output inside
-    the walk, and where a state-kernel config fits (chunk_fwd.walk_can_apply_a). Off unless GDN2_TRITON_WALK_APPLIES_A=1:
-    timed on the H100 at B=8 only (1.57 against 1.66 ms, ninth session), where its walk has few configs left."""
+    the walk, and where a state-kernel config fits (chunk_fwd.walk_can_apply_a). Off unless
+    GDN2_TRITON_WALK_APPLIES_A=1: timed on the H100 at B=8 only (1.57 against 1.66 ms, ninth session), and its walk
+    has few configs left."""
     forced = _forced("GDN2_TRITON_WALK_APPLIES_A", {"0": "the wy kernel forms Y and U",
                                                     "1": "the walk applies A"})
     possible = merged and fused_output and walk_can_apply_a(dtype, K)
