@@ -9,9 +9,9 @@ kernels multiply today), fp16 and bf16 before Y = A E and U = A Z; every other s
 bench_kernels.inputs, on the CPU. Reports ||o - o_ref|| / ||o_ref|| and the same for the final state, next to the
 bf16 bound of the GPU check (1e-2) and the largest |A| entry (fp16 overflows past 65504).
 
-Rows "T, Aqk factors": the merged wy kernel's pair products. It forms T and Aqk as (x e^(G - m)) (k e^(m - G))^T with m halfway
-between each channel's largest and smallest G in the chunk, both factors in tf32 today; this rounds those two
-factors (to tf32, bf16, fp16) and keeps every other step float64 (A exact from the rounded T).
+Rows "T, Aqk factors": the merged wy kernel's pair products. It forms T and Aqk as (x e^(G - m)) (k e^(m - G))^T
+with m halfway between each channel's largest and smallest G in the chunk, both factors in tf32 today; this rounds
+those two factors (to tf32, bf16, fp16) and keeps every other step float64 (A exact from the rounded T).
 
     PYTHONPATH=. python benchmarks/wy_operand_precision.py [--T 4096] [--heads 4]
 """
