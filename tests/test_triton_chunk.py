@@ -87,18 +87,31 @@ def test_inference_forward_no_state_no_grad():
     assert rel(o, ro) < TOL
 
 
+def inference_matches(q, k, v, g, b, w, h0, cu=None, l2=False):
+    """The no-grad path (inference forward) with an initial state and the final state out, against the float64
+    recurrence on the same inputs."""
+    with torch.no_grad():
+        o, ht = chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                           use_qk_l2norm_in_kernel=l2, backend="triton")
+    ro, rh = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)), initial_state=h0.double(),
+                                  output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=l2)
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+    assert rel(o, ro) < TOL, rel(o, ro)
+    assert rel(ht, rh) < TOL, rel(ht, rh)
+
+
+def growing_decay(T, K, seed):
+    """g [1, T, 1, K]: decay rates that differ by channel (0 .. 8) and grow along the sequence (x 0.05 .. 1.5), so early
+    chunks have no channel whose G spans more than CHUNK_SPAN and later ones have both kinds."""
+    rate = torch.linspace(0, 8, K) * torch.linspace(0.05, 1.5, T)[:, None]                 # [T, K]
+    return -torch.rand(1, T, 1, K, generator=torch.Generator().manual_seed(seed)) * rate[None, :, None, :]
+
+
 def test_inference_forward_fused_output(monkeypatch):
     """GDN2_TRITON_INFER_FUSED=1: the output inside the sequential walk (no per-chunk states), K = 80 (two K blocks),
     varlen, grouped value heads, initial and final state."""
     monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "1")
-    cu = torch.tensor([0, 50, 140])
-    q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=11)
-    with torch.no_grad():
-        o, ht = chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                           backend="triton")
-    ro, rh = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)), initial_state=h0.double(),
-                                  output_final_state=True, cu_seqlens=cu)
-    assert rel(o, ro) < TOL and rel(ht, rh) < TOL
+    inference_matches(*make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=11), cu=torch.tensor([0, 50, 140]))
 
 
 @pytest.mark.parametrize("switch,choice", [("GDN2_TRITON_INFER_FUSED", "use_fused_output"),
@@ -163,17 +176,6 @@ def forbid_kernels(monkeypatch, *names):
         monkeypatch.setattr(chunk_fwd, name, NoLaunch(name))
 
 
-def merged_inference_matches(q, k, v, g, b, w, h0, cu=None, l2=False):
-    with torch.no_grad():
-        o, ht = chunk_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                           use_qk_l2norm_in_kernel=l2, backend="triton")
-    ro, rh = naive_recurrent_gdn2(*(x.double() for x in (q, k, v, g, b, w)), initial_state=h0.double(),
-                                  output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=l2)
-    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
-    assert rel(o, ro) < TOL, rel(o, ro)
-    assert rel(ht, rh) < TOL, rel(ht, rh)
-
-
 @pytest.mark.parametrize("fused", ["0", "1"])
 def test_inference_merged_kernel(monkeypatch, fused):
     """GDN2_TRITON_MERGED=1: the wy kernel makes T, Aqk and A = (I + T)^-1 itself (chunk_fwd.chunk_pairs and
@@ -183,7 +185,7 @@ def test_inference_merged_kernel(monkeypatch, fused):
     monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
     monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", fused)
     q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=19)
-    merged_inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
+    inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
 
 
 def test_inference_walk_applying_a(monkeypatch):
@@ -194,11 +196,9 @@ def test_inference_walk_applying_a(monkeypatch):
                         ("GDN2_TRITON_WALK_APPLIES_A", "1")):
         monkeypatch.setenv(name, value)
     q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=29)
-    merged_inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
-    q, k, v, g, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=31)
-    rate = torch.linspace(0, 8, 32) * torch.linspace(0.05, 1.5, 230)[:, None]
-    g = -torch.rand(1, 230, 1, 32, generator=torch.Generator().manual_seed(2)) * rate[None, :, None, :]
-    merged_inference_matches(q, k, v, g, b, w, h0)
+    inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
+    q, k, v, _, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=31)
+    inference_matches(q, k, v, growing_decay(230, 32, seed=2), b, w, h0)
 
 
 def test_walk_applying_a_switch(monkeypatch):
@@ -226,14 +226,13 @@ def test_inference_merged_kernel_wide_channels(monkeypatch):
     from gdn2.ops.triton.chunk_fwd import CHUNK_SPAN
 
     monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
-    q, k, v, g, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=23)
-    rate = torch.linspace(0, 8, 32) * torch.linspace(0.05, 1.5, 230)[:, None]              # [T, K]
-    g = -torch.rand(1, 230, 1, 32, generator=torch.Generator().manual_seed(1)) * rate[None, :, None, :]
+    q, k, v, _, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=23)
+    g = growing_decay(230, 32, seed=1)
     g[0, 150:154, 0, 3] = 0.5
     chunk_sums = torch.nn.functional.pad(g[0, :, 0], (0, 0, 0, 26)).reshape(4, 64, 32).sum(1)     # [chunks, K]
     wide = chunk_sums < -CHUNK_SPAN.value
     assert not wide[0].any() and wide[1:].any(-1).all() and (~wide[1:]).any(-1).all()
-    merged_inference_matches(q, k, v, g, b, w, h0)
+    inference_matches(q, k, v, g, b, w, h0)
 
 
 def test_training_with_merged_kernel(monkeypatch):
