@@ -203,18 +203,23 @@ def test_inference_walk_applying_a(monkeypatch):
 
 def test_walk_applying_a_switch(monkeypatch):
     """Off by default; =1 is refused, naming the switches, where the variant cannot run (no merged kernel, or the split
-    output)."""
+    output, or fp32 at K = 256 where no walk config fits), before any kernel launches."""
     from gdn2.ops.triton.chunk_infer import use_walk_applying_a
 
     monkeypatch.delenv("GDN2_TRITON_WALK_APPLIES_A", raising=False)
-    assert not use_walk_applying_a(torch.bfloat16, 128, True, True)
+    assert not use_walk_applying_a()
     monkeypatch.setenv("GDN2_TRITON_WALK_APPLIES_A", "1")
-    assert use_walk_applying_a(torch.bfloat16, 128, True, True)
-    for merged, fused in ((False, True), (True, False)):
-        with pytest.raises(ValueError, match="GDN2_TRITON_WALK_APPLIES_A=1 needs the merged kernel"):
-            use_walk_applying_a(torch.bfloat16, 128, merged, fused)
+    assert use_walk_applying_a()
+    inputs = make_inputs(1, 70, 1, 1, 32, 16, 1, True, seed=3)
+    for merged, fused in (("0", "1"), ("1", "0")):
+        monkeypatch.setenv("GDN2_TRITON_MERGED", merged)
+        monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", fused)
+        with pytest.raises(ValueError, match="GDN2_TRITON_WALK_APPLIES_A=1.* needs merged=True"):
+            inference_matches(*inputs)
+    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
+    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "1")
     with pytest.raises(ValueError, match="fits torch.float32 at K = 256"):
-        use_walk_applying_a(torch.float32, 256, True, True)
+        inference_matches(*make_inputs(1, 70, 1, 1, 256, 16, 1, True, seed=3))
 
 
 def test_inference_merged_kernel_wide_channels(monkeypatch):

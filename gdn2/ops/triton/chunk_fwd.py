@@ -878,8 +878,9 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     if recompute_states and not fuse_output:
         raise ValueError("recompute_states needs fuse_output=True: the output kernel reads the per-chunk states")
     if apply_a and (for_backward or not merged or not fuse_output):
-        raise ValueError("apply_a is an inference variant of the merged kernel with the output inside the walk: it "
-                         "needs merged=True, fuse_output=True and for_backward=False (the backward reads Y = A E)")
+        raise ValueError("apply_a (GDN2_TRITON_WALK_APPLIES_A=1) is an inference variant of the merged kernel with the "
+                         "output inside the walk: it needs merged=True (GDN2_TRITON_MERGED=1), fuse_output=True "
+                         "(GDN2_TRITON_INFER_FUSED) and for_backward=False (the backward reads Y = A E)")
     if apply_a and not walk_can_apply_a(q.dtype, q.shape[-1]):
         raise ValueError(f"apply_a: no state-kernel config fits {q.dtype} at K = {q.shape[-1]} in shared memory "
                          f"(state_fits); use apply_a=False (GDN2_TRITON_WALK_APPLIES_A=0)")

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from gdn2.ops.triton.chunk_fwd import chunk_forward, walk_can_apply_a
+from gdn2.ops.triton.chunk_fwd import chunk_forward
 
 
 def _forced(name: str, meaning: dict[str, str]) -> bool | None:
@@ -88,27 +88,18 @@ def use_merged_kernel(dtype: torch.dtype, K: int) -> bool:
     return bool(forced)
 
 
-def use_walk_applying_a(dtype: torch.dtype, K: int, merged: bool, fused_output: bool) -> bool:
+def use_walk_applying_a() -> bool:
     """Whether the inference walk applies A itself, R = A (Z - E S_0), so the merged wy kernel stores E and forms
-    neither Y = A E nor U = A Z (chunk_fwd.chunk_forward's apply_a). Only with the merged kernel and the output inside
-    the walk, and where a state-kernel config fits (chunk_fwd.walk_can_apply_a). Off unless
-    GDN2_TRITON_WALK_APPLIES_A=1: timed on the H100 at B=8 only (1.57 against 1.66 ms, ninth session), and its walk
-    has few configs left."""
-    forced = _forced("GDN2_TRITON_WALK_APPLIES_A", {"0": "the wy kernel forms Y and U",
-                                                    "1": "the walk applies A"})
-    possible = merged and fused_output and walk_can_apply_a(dtype, K)
-    if forced and not possible:
-        raise ValueError("GDN2_TRITON_WALK_APPLIES_A=1 needs the merged kernel, the output inside the walk "
-                         f"(GDN2_TRITON_MERGED, GDN2_TRITON_INFER_FUSED) and a walk config that fits {dtype} at "
-                         f"K = {K}; unset it or set it to 0")
-    return bool(forced)
+    neither Y = A E nor U = A Z (chunk_fwd.chunk_forward's apply_a, which refuses it without the merged kernel, the
+    output inside the walk or a state-kernel config that fits). Off unless GDN2_TRITON_WALK_APPLIES_A=1: timed on the
+    H100 at B=8 only (1.57 against 1.66 ms, ninth session), and its walk has few configs left."""
+    return bool(_forced("GDN2_TRITON_WALK_APPLIES_A", {"0": "the wy kernel forms Y and U",
+                                                       "1": "the walk applies A"}))
 
 
 def inference_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
     K = q.shape[-1]
-    merged = use_merged_kernel(v.dtype, K)
-    fused = use_fused_output(v.dtype, K)
     o, ht, _ = chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state,
-                             fuse_output=fused, for_backward=False, merged=merged,
-                             apply_a=use_walk_applying_a(v.dtype, K, merged, fused))
+                             fuse_output=use_fused_output(v.dtype, K), for_backward=False,
+                             merged=use_merged_kernel(v.dtype, K), apply_a=use_walk_applying_a())
     return o, ht
