@@ -137,12 +137,13 @@ def test_output_variant_choice(monkeypatch, switch, choice):
 
 
 def test_merged_kernel_choice(monkeypatch):
-    """The four kernels by default (the merged kernel's final build awaits its GPU check), the merged wy kernel with
-    GDN2_TRITON_MERGED=1 for any dtype; anything but 0 / 1 is refused."""
+    """The merged wy kernel by default for 16-bit inputs, the four kernels for fp32; GDN2_TRITON_MERGED=0 / 1 forces
+    either for any dtype; anything but 0 / 1 is refused."""
     from gdn2.ops.triton.chunk_infer import use_merged_kernel
 
     monkeypatch.delenv("GDN2_TRITON_MERGED", raising=False)
-    assert not use_merged_kernel(torch.bfloat16, 128) and not use_merged_kernel(torch.float32, 128)
+    assert use_merged_kernel(torch.bfloat16, 128) and use_merged_kernel(torch.float16, 256)
+    assert not use_merged_kernel(torch.float32, 128)
     monkeypatch.setenv("GDN2_TRITON_MERGED", "0")
     assert not use_merged_kernel(torch.bfloat16, 128)
     monkeypatch.setenv("GDN2_TRITON_MERGED", "1")

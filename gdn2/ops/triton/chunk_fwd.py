@@ -86,17 +86,22 @@ EXACT_INTERPRET = triton.Config({"BK": 32}, num_warps=1, num_stages=1)
 # decay below e^-5 = 0.0067 is rare in trained models but legal: those channels take the exact form.
 MIDPOINT_G_MIN = tl.constexpr(-5.0)
 
-# WY kernel: one [64, 64] fp32 A tile times [64, BK] / [64, BV] tiles; BK, BV fixed by the shape (<= 64). Measured on
-# the H100 at B=8, T=4096 (ninth session, time_configs.py, results/bench/configs-session9-*), ms as plain / merged
-# inference / merged training: (4, 2) 0.722 / 1.338 / 1.416, (4, 1) 0.699 / 1.327 / 1.368, (8, 1, r128) 0.709 /
-# 1.425 / 1.667, (8, 2, r128) 0.751 / 1.555 / 1.818, (8, 1) 0.949 / 1.857 / 1.991 (every entry GPU-checked).
+# WY kernel: one [64, 64] fp32 A tile times [64, BK] / [64, BV] tiles; BK (the K block) is a launch config, BV fixed
+# by the shape (<= 64). Measured on the H100 at B=8, T=4096 (ninth session, time_configs.py,
+# results/bench/configs-session9-*), ms as plain / merged inference / merged training, with BK = 64: (4, 2) 0.722 /
+# 1.338 / 1.416, (4, 1) 0.699 / 1.327 / 1.368, (8, 1, r128) 0.709 / 1.425 / 1.667, (8, 2, r128) 0.751 / 1.555 /
+# 1.818, (8, 1) 0.949 / 1.857 / 1.991. Tenth session (results/bench/configs-session10-*), merged with the walk
+# applying A (chunk_pairs storing the key side in its pass): BK=32 (4, 2) 0.924, BK=64 (4, 1) 0.949, BK=64 (4, 2)
+# 0.959, BK=32 (4, 1) 0.965; dropped there: BK=32 (4, 2, r168) 0.997, (4, 1, r168) 1.058, (4, 1, r128) 2.049 (the
+# register cap spills 0.4-1 KB per thread), BK=64 (8, 1, r128) 1.189, BK=32 (8, 1) 1.528, and the ninth session's
+# slower 8-warp entries. The same build without the walk applying A (key side in the pass too) was slower than
+# this one's two passes in every entry (best 1.427 against 1.289 ms on the same machine), so only APPLY_A does that.
 # MERGED (inference): the chunk-level midpoint form of T and Aqk holds on the channels whose G moves by at most
 # CHUNK_SPAN over the 64 rows (an average g of -2.5 per token), each factor then within e^(+-80) (fp32 max ~e^88.7,
 # smallest normal ~e^-87.3).
 CHUNK_SPAN = tl.constexpr(160.0)
-WY_CONFIGS = [triton.Config({}, num_warps=w, num_stages=st, maxnreg=reg)
-              for w, st, reg in ((4, 2, None), (4, 1, None), (8, 1, 128), (8, 2, 128), (8, 1, None))]
-WY_INTERPRET = triton.Config({}, num_warps=4, num_stages=1)
+WY_CONFIGS = [triton.Config({"BK": bk}, num_warps=4, num_stages=st) for bk, st in ((64, 1), (64, 2), (32, 2), (32, 1))]
+WY_INTERPRET = triton.Config({"BK": 32}, num_warps=4, num_stages=1)
 
 # Sequential state kernel: BV is the V slice per program (B*Hv*V/BV programs). fla's equivalent (chunk_delta_h)
 # tunes BV in {32, 64}, 2-4 warps, 2-4 stages; BV=16 is for few sequences*heads (B=1, H=16: 128 programs at V=128).
@@ -559,19 +564,23 @@ def wide_channels_exact(q, k, g, b, rq, rk, t0, t, eos, k0, wide, T, Aqk, scale,
 
 
 @triton.jit
-def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr,
-                PREC: tl.constexpr, COUNT_EXACT: tl.constexpr):
-    """T (strictly lower) and Aqk (lower) [64, 64] of one chunk (rows from token t0 on) straight from the inputs, and
-    with COUNT_EXACT the number of channels off the midpoint form of the diagonal blocks (exact_channels) anywhere in
-    the chunk, for the merged kernel: per K block one [64, BK] x [BK, 64] product each, e^(G_r - G_s) = e^(G_r - m)
-    e^(m - G_s) with m halfway between the largest and the smallest G of the channel in the chunk, on the channels
-    where those two are at most CHUNK_SPAN apart: every factor is then within e^(+-CHUNK_SPAN / 2), finite and normal
-    in fp32 / tf32, so the entries s <= r carry the usual operand rounding; the masked ones (s > r, up to
-    e^CHUNK_SPAN) may overflow and are dropped by the final mask. The other channels ("wide") take the exact form row
-    by row (wide_channels_exact), in the K blocks that have any. The count bounds each sub-chunk's n_exact from above,
-    which is all the backward's exact_diag kernel needs: it skips a sub-chunk where the count is 0 and finds the
-    channels itself (counting per sub-chunk through tl.reshape cost the H100 ~0.25 ms at B=8, T=4096, ninth
-    session)."""
+def chunk_pairs(q, k, g, b, rq, rk, Y, Qg, Kt, gC, t0, eos, scale, SK, H, K: tl.constexpr, BK: tl.constexpr,
+                USE_L2: tl.constexpr, PREC: tl.constexpr, COUNT_EXACT: tl.constexpr, KEY_SIDE: tl.constexpr):
+    """T (strictly lower) and Aqk (lower) [64, 64] of one chunk (rows from token t0 on; pointers at the key head's
+    columns) straight from the inputs, in K blocks of BK, for the merged kernel, and with COUNT_EXACT the number of
+    channels off the midpoint form of the diagonal blocks (exact_channels) anywhere in the chunk. KEY_SIDE (the walk
+    applies A, so the key side needs no A): in the same pass, stores Q = scale e^G q, Kt = e^(G_C - G) k, E = e^G b k
+    (into Y) and exp(G_C) (gC at the chunk's row). Without it the kernel makes those after the solve, reloading the
+    inputs (key_side_tiles): on the H100 that measured faster than storing Q, Kt here (B=8, T=4096, tenth session:
+    1.29 against 1.43 ms), as it keeps this loop's registers for the products.
+    T and Aqk: per K block one [64, BK] x [BK, 64] product each, e^(G_r - G_s) = e^(G_r - m) e^(m - G_s) with m halfway
+    between the largest and the smallest G of the channel in the chunk, on the channels where those two are at most
+    CHUNK_SPAN apart: every factor is then within e^(+-CHUNK_SPAN / 2), finite and normal in fp32 / tf32, so the
+    entries s <= r carry the usual operand rounding; the masked ones (s > r, up to e^CHUNK_SPAN) may overflow and are
+    dropped by the final mask. The other channels ("wide") take the exact form row by row (wide_channels_exact), in the
+    K blocks that have any. The count bounds each sub-chunk's n_exact from above, which is all the backward's
+    exact_diag kernel needs: it skips a sub-chunk where the count is 0 and finds the channels itself (counting per
+    sub-chunk through tl.reshape cost the H100 ~0.25 ms at B=8, T=4096, ninth session)."""
     t = t0 + tl.arange(0, 64)
     T = tl.zeros([64, 64], dtype=tl.float32)
     Aqk = tl.zeros([64, 64], dtype=tl.float32)
@@ -581,14 +590,21 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
         G, G_hi, G_lo, gt = chunk_cumsum(g, t, eos, SK, cols, K)
         if COUNT_EXACT:
             n_exact += tl.sum((exact_channels(gt) & (cols < K)).to(tl.int32), 0)
+        kt = l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H, USE_L2)
+        qt = l2_rows(load_rows(q, t, eos, SK, cols, K), rq, t, eos, H, USE_L2) * scale
+        bk = load_rows(b, t, eos, SK, cols, K) * kt
+        if KEY_SIDE:
+            gamma = tl.exp(G)
+            G_last = tl.sum(gt, 0)
+            store_rows(Qg, gamma * qt, t, eos, SK, cols, K)
+            store_rows(Kt, tl.exp(G_last[None, :] - G) * kt, t, eos, SK, cols, K)
+            store_rows(Y, gamma * bk, t, eos, SK, cols, K)
+            tl.store(gC + cols, tl.exp(G_last), mask=cols < K)
         near = G_hi - G_lo <= CHUNK_SPAN
         left, right = midpoint_factors(G, G_hi, G_lo, near)
-        kt = l2_rows(load_rows(k, t, eos, SK, cols, K), rk, t, eos, H, USE_L2)
-        qt = l2_rows(load_rows(q, t, eos, SK, cols, K), rq, t, eos, H, USE_L2)
-        bk = load_rows(b, t, eos, SK, cols, K) * kt
         kr = tl.trans(kt * right)
         T += tl.dot(bk * left, kr, input_precision=PREC)
-        Aqk += tl.dot(qt * scale * left, kr, input_precision=PREC)
+        Aqk += tl.dot(qt * left, kr, input_precision=PREC)
         wide = ((~near) & (cols < K)).to(tl.int32)
         if tl.sum(wide, 0) > 0:          # rare; the complement of the very `near` above, so no channel is lost or twice
             T, Aqk = wide_channels_exact(q, k, g, b, rq, rk, t0, t, eos, k0, wide, T, Aqk, scale, SK, H, K, BK,
@@ -599,66 +615,75 @@ def chunk_pairs(q, k, g, b, rq, rk, t0, eos, scale, SK, H, K: tl.constexpr, BK: 
 
 @triton.jit
 def key_side_tiles(q, k, g, b, rq, rk, Am, Y, Qg, Kt, gC, t, eos, i_c, i_h, koff, scale, H: tl.constexpr,
-                   K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, TIMES_A: tl.constexpr):
-    """The key-side outputs of the wy kernel for chunk i_c, key head i_h (columns from koff = i_h K on), in K blocks
-    of BK: Q, Kt, exp(G_C) and, into Y, Am E (TIMES_A, Am the chunk's [64, 64] fp32 A) or E itself (Am unused)."""
+                   K: tl.constexpr, BK: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr):
+    """The key-side outputs of the plain wy kernel for chunk i_c, key head i_h (columns from koff = i_h K on), in K
+    blocks of BK: Q, Kt, exp(G_C) and Y = Am E (Am the chunk's [64, 64] fp32 A)."""
     SK = H * K
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         G, G_last, E, Q, Ktb, _, _, _ = chunk_key_side(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h,
                                                        t, eos, cols, scale, SK, H, K, USE_L2)
-        if TIMES_A:
-            E = tl.dot(Am, E, input_precision=PREC)
-        store_tile(Y + koff, E, t, eos, SK, k0, K, BK)
+        store_tile(Y + koff, tl.dot(Am, E, input_precision=PREC), t, eos, SK, k0, K, BK)
         store_tile(Qg + koff, Q, t, eos, SK, k0, K, BK)
         store_tile(Kt + koff, Ktb, t, eos, SK, k0, K, BK)
         tl.store(gC + (i_c * H + i_h) * K + cols, tl.exp(G_last), mask=cols < K)
 
 
+@triton.jit
+def write_side(Am, v, w, U, t, eos, i_h, HV: tl.constexpr, H: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+               PREC: tl.constexpr):
+    """U = Am Z, Z = w v, for each value head of key head i_h's group ([64, BV] blocks)."""
+    SV = HV * V
+    for j in range(HV // H):
+        voff = (i_h * (HV // H) + j) * V
+        for v0 in range(0, V, BV):
+            Z = tile(w + voff, t, eos, SV, v0, V, BV).to(tl.float32) * tile(v + voff, t, eos, SV, v0, V, BV).to(
+                tl.float32)
+            store_tile(U + voff, tl.dot(Am, Z, input_precision=PREC), t, eos, SV, v0, V, BV)
+
+
+def wy_fits(config, dtype, K) -> bool:
+    """Whether a wy config's K block suits K: BK = 32 always, BK = 64 only where K needs more than 32 columns."""
+    return K is None or config.kwargs["BK"] <= max(32, triton.next_power_of_2(K))
+
+
 @tuned(WY_CONFIGS, key=["K", "V", "HV", "USE_L2", "PREC", "MERGED", "COUNT_EXACT", "APPLY_A"],
-       interpret_config=WY_INTERPRET, dtype_arg="v")
+       interpret_config=WY_INTERPRET, fits=wy_fits, dtype_arg="v")
 @triton.jit
 def gdn2_fwd_kernel_wy(q, k, v, g, b, w, rq, rk, A, Aqk, n_exact, Y, Qg, Kt, gC, U, cu_seqlens, chunk_indices, scale,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr, MERGED: tl.constexpr,
                        PAIR_PREC: tl.constexpr, COUNT_EXACT: tl.constexpr, APPLY_A: tl.constexpr):
     """Y = A E, Q, Kt, exp(G_C) and U = A Z of one chunk and key head, with A from the intra / exact_diag / solve
-    kernels. MERGED (chunk_infer.use_merged_kernel): the kernel makes A itself first, so it is the only chunk-parallel
-    launch of the forward: T, Aqk and (COUNT_EXACT, for the backward) n_exact by chunk_pairs (PAIR_PREC: the intra
-    kernel's dot_precision), Aqk and n_exact stored, T stored into A and inverted in place there (solve_chunk, the
-    diagonal blocks included), then read back whole. Each hand-over through A is fenced by a block barrier.
-    APPLY_A (with MERGED; inference, chunk_infer.use_walk_applying_a): the walk applies A itself, R = A (Z - E S_0),
-    so this kernel stores E = e^G b k where Y would go, no U, and leaves A in place (no product with it)."""
+    kernels; BK (the K block) is a launch config. MERGED (chunk_infer.use_merged_kernel): the kernel makes A itself,
+    so it is the only chunk-parallel launch of the forward: T, Aqk and (COUNT_EXACT, for the backward) n_exact by
+    chunk_pairs (PAIR_PREC: the intra kernel's dot_precision), Aqk and n_exact stored, T stored into A and inverted
+    in place there (solve_chunk, the diagonal blocks included), then read back whole for the key and write sides.
+    Each hand-over through A is fenced by a block barrier. APPLY_A (with MERGED; inference,
+    chunk_infer.use_walk_applying_a): the walk applies A itself, R = A (Z - E S_0), so chunk_pairs stores E = e^G b k
+    (where Y would go), Q, Kt and exp(G_C) in its pass over the inputs, and the kernel stops after the solve (no U, no
+    product with A)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_t, bos, eos = chunk_span(chunk_indices, cu_seqlens, i_c)
     SK = H * K
-    SV = HV * V
     t = bos + i_t * 64 + tl.arange(0, 64)
     koff = i_h * K
     if MERGED:
-        T, Aqk_c, n_ex = chunk_pairs(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h, bos + i_t * 64,
-                                     eos, scale, SK, H, K, BK, USE_L2, PAIR_PREC, COUNT_EXACT)
+        T, Aqk_c, n_ex = chunk_pairs(q + koff, k + koff, g + koff, b + koff, rq + i_h, rk + i_h, Y + koff, Qg + koff,
+                                     Kt + koff, gC + (i_c * H + i_h) * K, bos + i_t * 64, eos, scale, SK, H, K, BK,
+                                     USE_L2, PAIR_PREC, COUNT_EXACT, APPLY_A)
         store_tile(Aqk + i_h * 64, Aqk_c, t, eos, H * 64, 0, 64, 64)
         if COUNT_EXACT:
             tl.store(n_exact + (4 * i_c + tl.arange(0, 4)) * H + i_h, tl.zeros([4], dtype=tl.int32) + n_ex)
         store_tile(A + i_h * 64, T, t, eos, H * 64, 0, 64, 64)
-        if APPLY_A:                     # independent of A: before the solve, while T's stores land
-            key_side_tiles(q, k, g, b, rq, rk, 0., Y, Qg, Kt, gC, t, eos, i_c, i_h, koff, scale, H, K, BK, USE_L2,
-                           PREC, False)
         tl.debug_barrier()
         solve_chunk(A + i_h * 64, bos + i_t * 64, eos, H * 64, True)
         if not APPLY_A:
             tl.debug_barrier()
     if not APPLY_A:
         Am = tile(A + i_h * 64, t, eos, H * 64, 0, 64, 64).to(tl.float32)
-        key_side_tiles(q, k, g, b, rq, rk, Am, Y, Qg, Kt, gC, t, eos, i_c, i_h, koff, scale, H, K, BK, USE_L2, PREC,
-                       True)
-        for j in range(HV // H):
-            voff = (i_h * (HV // H) + j) * V
-            for v0 in range(0, V, BV):
-                Z = tile(w + voff, t, eos, SV, v0, V, BV).to(tl.float32) * tile(v + voff, t, eos, SV, v0, V, BV).to(
-                    tl.float32)
-                store_tile(U + voff, tl.dot(Am, Z, input_precision=PREC), t, eos, SV, v0, V, BV)
+        key_side_tiles(q, k, g, b, rq, rk, Am, Y, Qg, Kt, gC, t, eos, i_c, i_h, koff, scale, H, K, BK, USE_L2, PREC)
+        write_side(Am, v, w, U, t, eos, i_h, HV, H, V, BV, PREC)
 
 
 def state_fits(config, dtype, K, fuse_output=False, store_states=True, apply_a=False) -> bool:
@@ -901,7 +926,7 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     U = v if apply_a else torch.empty_like(v)                 # not written with apply_a: the walk reads v there
     # without n_exact (merged inference) A stands in for its pointer, never touched (COUNT_EXACT=False)
     gdn2_fwd_kernel_wy[(n_chunks, H)](q, k, v, g, b, w, rq, rk, A, Aqk, A if n_exact is None else n_exact, Y, Qg, Kt,
-                                      gC, U, cu, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV,
+                                      gC, U, cu, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BV=BV,
                                       USE_L2=use_l2, PREC=prec, MERGED=merged, PAIR_PREC=dot_precision(q.dtype),
                                       COUNT_EXACT=merged and for_backward, APPLY_A=apply_a)
     store_states = not fuse_output or (for_backward and not recompute_states)

@@ -1,7 +1,7 @@
 r"""GDN-2 inference-only (prefill) forward: no autograd, nothing kept for a backward.
 
-The forward launches of the training path (chunk_fwd.chunk_forward: intra -> exact_diag -> solve -> wy -> state
-[-> output], or with GDN2_TRITON_MERGED=1 the merged wy kernel -> state: use_merged_kernel); every intermediate is
+The forward launches of the training path (chunk_fwd.chunk_forward: the merged wy kernel -> state for 16-bit inputs,
+intra -> exact_diag -> solve -> wy -> state [-> output] for fp32: use_merged_kernel); every intermediate is
 freed on return. Two variants of the last step:
   - split: the sequential state kernel writes the per-chunk states (2 x NC x Hv x K x V bytes in bf16, 0.27 GB
     written and read at B=8, T=4096, H=16, K=V=128) and R; the chunk-parallel output kernel reads them.
@@ -77,15 +77,16 @@ def recompute_states_in_backward() -> bool:
 
 def use_merged_kernel(dtype: torch.dtype, K: int) -> bool:
     """Whether the forward (inference and training) makes T, Aqk and A inside the wy kernel, one chunk-parallel launch
-    instead of four (chunk_fwd.chunk_pairs): GDN2_TRITON_MERGED=1. The H100 measured it faster for 16-bit inputs
-    (ninth session: inference 1.66 vs 2.15 ms at B=8, T=4096, 4.31 vs 5.18 at B=1, T=65536; training forward 1.86 vs
-    2.27, forward + backward 8.50 vs 8.90 at B=8), and earlier builds of it passed the GPU check in every config, but
-    its final build (the wide-channel fix) has not been through that check yet, so it stays off by default until it
-    has (docs/kernels.md, next measurement); then the default becomes 16-bit inputs (fp32 spills 1-4 KB per thread in
-    its sm_90 build and is untimed)."""
+    instead of four (chunk_fwd.chunk_pairs): by default for 16-bit inputs, where the H100 measured it faster (ninth
+    session: inference 1.66 vs 2.15 ms at B=8, T=4096, 4.31 vs 5.18 at B=1, T=65536; training forward 1.86 vs 2.27,
+    forward + backward 8.50 vs 8.90 at B=8; docs/kernels.md) and its every build passed the GPU check. fp32 keeps the
+    four kernels (its merged build spills 1-4 KB per thread on sm_90 and is untimed). GDN2_TRITON_MERGED=1 / 0 (read
+    per call) forces either; K plays no part (the check covers K = 256)."""
     forced = _forced("GDN2_TRITON_MERGED", {"0": "intra, exact_diag, solve and wy kernels",
                                             "1": "one merged wy kernel"})
-    return bool(forced)
+    if forced is None:
+        return dtype in (torch.bfloat16, torch.float16)
+    return forced
 
 
 def use_walk_applying_a() -> bool:
