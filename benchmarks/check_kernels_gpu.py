@@ -242,7 +242,8 @@ def main():
     ap.add_argument("--modes", default=None, help=f"comma-separated modes to run (default: all of {list(MODES)})")
     ap.add_argument("--extras", nargs="?", const="all", default=None,
                     help="with --kernels: also the extra shapes on every kernel's first config (all of them, or the "
-                         "comma-separated names given, e.g. strong_decay)")
+                         "comma-separated names given, e.g. strong_decay), and the strong-decay shape on every "
+                         "config of the kernels named")
     args = ap.parse_args()
     only = None if args.kernels is None else set(args.kernels.split(","))
     if args.modes is not None:
@@ -296,6 +297,12 @@ def main():
     k256_chosen = args.extras is not None and (wanted is None or K256["name"] in wanted)
     extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None or (kname in only and k256_chosen)
                    for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
+    # the strong-decay shape (the exact forms of exp(G_r - G_s), whose slices follow the K block) on every other config
+    # of the kernels named in --kernels, when --extras takes that shape (a small shape: B=1, T=1000, H=4)
+    STRONG = next(case for case in EXTRA if case["name"].endswith("strong_decay"))
+    strong_chosen = args.extras is not None and (wanted is None or STRONG["name"] in wanted)
+    extra_runs += [(STRONG, (kname, cfg)) for kname in sorted(only or ()) if strong_chosen
+                   for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, STRONG["K"])]
     for case, under_test in extra_runs:
         seed += 7
         label = "all(first)" if under_test is None else under_test[0]
