@@ -13,7 +13,10 @@ def row(shape, mode, ours, fla):
 
 
 def test_targets_and_default_modes_name_rows_the_benchmark_writes():
-    assert set(bk.DEFAULT_MODES) <= set(bk.CHUNK_MODES)
+    for B, T in bk.SHAPES:
+        assert set(bk.default_modes(f"B{B}_T{T}")) <= set(bk.CHUNK_MODES)
+    assert bk.default_modes("B8_T4096")[0] == "infer_fwd_apply_a"              # 8 x 16 = 128 walks
+    assert bk.default_modes("B2_T16384")[0] == "infer_fwd_merged"              # 32
     for (shape, mode), _ in bk.TARGETS.items():
         assert mode in bk.CHUNK_MODES or mode == "decode_step_graph", mode
         assert shape in {f"B{B}_T{T}" for B, T in bk.SHAPES} | {"B1_T1"}, shape
@@ -21,18 +24,19 @@ def test_targets_and_default_modes_name_rows_the_benchmark_writes():
 
 def test_verdicts(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fla", types.SimpleNamespace(__version__="0.0-test"))
-    rows = [row("B8_T4096", "infer_fwd_merged", 2.2, 2.3), row("B8_T4096", "fwd_bwd_merged", 8.8, 12.4),
+    rows = [row("B8_T4096", "infer_fwd_apply_a", 2.2, 2.3), row("B8_T4096", "fwd_bwd_merged", 8.8, 12.4),
+            row("B8_T4096", "infer_fwd_merged", 2.4, 2.3),          # not the default at B=8: not judged
             row("B8_T4096", "train_fwd_merged", 2.0, 2.5), row("B1_T65536", "train_fwd_merged", 5.7, 5.5),
             row("B8_T4096", "train_fwd", 9.0, 2.0),                 # not a default row: not judged
             row("B1_T1", "decode_step", 0.01, 0.02), row("B1_T1", "decode_step_graph", 0.03, None)]
     path = tmp_path / "report.md"
     bk.write_markdown(rows, "card", 3e12, str(path))
     text = path.read_text()
-    assert "- B8_T4096 infer_fwd_merged <= 1.1 ms: 2.2 ms, MISSED (2.00x over)" in text
+    assert "- B8_T4096 infer_fwd_apply_a <= 1.1 ms: 2.2 ms, MISSED (2.00x over)" in text
     assert "- B8_T4096 fwd_bwd_merged <= 9.0 ms: 8.8 ms, MET" in text
     assert "- B1_T1 decode_step_graph <= 0.02 ms: 0.03 ms, MISSED (1.50x over)" in text
     assert "NO (worst: B1_T65536 train_fwd_merged, ours / fla = 1.036)" in text
-    rows[3] = row("B1_T65536", "train_fwd_merged", 5.4, 5.5)
+    rows[4] = row("B1_T65536", "train_fwd_merged", 5.4, 5.5)
     bk.write_markdown(rows, "card", 3e12, str(path))
     assert "YES (worst: B1_T65536 train_fwd_merged, ours / fla = 0.982)" in path.read_text()
 

@@ -203,14 +203,25 @@ def test_inference_walk_applying_a(monkeypatch):
 
 
 def test_walk_applying_a_switch(monkeypatch):
-    """Off by default; =1 is refused, naming the switches, where the variant cannot run (no merged kernel, or the split
-    output, or fp32 at K = 256 where no walk config fits), before any kernel launches."""
-    from gdn2.ops.triton.chunk_infer import use_walk_applying_a
+    """By default on only for 16-bit inputs with at least APPLY_A_MIN_WALKS sequences x value heads (where the merged
+    kernel and the output inside the walk are defaults too); =0 / =1 force it; =1 is refused, naming the switches,
+    where the variant cannot run (no merged kernel, or the split output, or fp32 at K = 256 where no walk config
+    fits), before any kernel launches."""
+    from gdn2.ops.triton.chunk_infer import APPLY_A_MIN_WALKS, use_walk_applying_a
 
-    monkeypatch.delenv("GDN2_TRITON_WALK_APPLIES_A", raising=False)
-    assert not use_walk_applying_a()
+    for name in ("GDN2_TRITON_WALK_APPLIES_A", "GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED"):
+        monkeypatch.delenv(name, raising=False)
+    assert use_walk_applying_a(torch.bfloat16, 128, APPLY_A_MIN_WALKS)
+    assert not use_walk_applying_a(torch.bfloat16, 128, APPLY_A_MIN_WALKS - 1)
+    assert not use_walk_applying_a(torch.float32, 128, APPLY_A_MIN_WALKS)     # no merged kernel by default
+    assert not use_walk_applying_a(torch.bfloat16, 256, APPLY_A_MIN_WALKS)    # the split output by default
+    monkeypatch.setenv("GDN2_TRITON_MERGED", "0")
+    assert not use_walk_applying_a(torch.bfloat16, 128, APPLY_A_MIN_WALKS)
+    monkeypatch.delenv("GDN2_TRITON_MERGED")
+    monkeypatch.setenv("GDN2_TRITON_WALK_APPLIES_A", "0")
+    assert not use_walk_applying_a(torch.bfloat16, 128, APPLY_A_MIN_WALKS)
     monkeypatch.setenv("GDN2_TRITON_WALK_APPLIES_A", "1")
-    assert use_walk_applying_a()
+    assert use_walk_applying_a(torch.float32, 128, 1)
     inputs = make_inputs(1, 70, 1, 1, 32, 16, 1, True, seed=3)
     for merged, fused in (("0", "1"), ("1", "0")):
         monkeypatch.setenv("GDN2_TRITON_MERGED", merged)
@@ -221,6 +232,29 @@ def test_walk_applying_a_switch(monkeypatch):
     monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "1")
     with pytest.raises(ValueError, match="fits torch.float32 at K = 256"):
         inference_matches(*make_inputs(1, 70, 1, 1, 256, 16, 1, True, seed=3))
+
+
+def test_walk_applying_a_default_counts_sequences_times_value_heads(monkeypatch):
+    """The inference forward turns the walk applying A on by default from APPLY_A_MIN_WALKS sequences x value heads
+    (varlen sequences count one each), and the result still matches float64."""
+    import gdn2.ops.triton.chunk_infer as chunk_infer
+
+    chosen = []
+    real_forward = chunk_infer.chunk_forward
+
+    def recording_forward(*args, **kwargs):
+        chosen.append(kwargs["apply_a"])
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_infer, "chunk_forward", recording_forward)
+    monkeypatch.setattr(chunk_infer, "APPLY_A_MIN_WALKS", 4)
+    monkeypatch.delenv("GDN2_TRITON_WALK_APPLIES_A", raising=False)
+    for name in ("GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED"):     # their defaults for 16-bit inputs; CPU is fp32
+        monkeypatch.setenv(name, "1")
+    inference_matches(*make_inputs(2, 70, 1, 2, 32, 16, 2, True, seed=5))                      # 2 x 2 walks
+    inference_matches(*make_inputs(1, 90, 1, 2, 32, 16, 2, True, seed=6), cu=torch.tensor([0, 40, 90]))
+    inference_matches(*make_inputs(1, 70, 1, 2, 32, 16, 1, True, seed=7))                      # 1 x 2 walks
+    assert chosen == [True, True, False]
 
 
 def test_inference_merged_kernel_wide_channels(monkeypatch):

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from gdn2.ops.triton.chunk_fwd import chunk_forward
+from gdn2.ops.triton.chunk_fwd import chunk_forward, walk_can_apply_a
 
 
 def _forced(name: str, meaning: dict[str, str]) -> bool | None:
@@ -89,18 +89,32 @@ def use_merged_kernel(dtype: torch.dtype, K: int) -> bool:
     return forced
 
 
-def use_walk_applying_a() -> bool:
+# The walk applying A pays one more [64, 64] x [64, BV] product per chunk step on its sequential path, and saves the
+# merged kernel its second half (Y = A E, U = A Z); that pays only where many walks run side by side. H100, bf16,
+# H = Hv = 16, K = V = 128 (tenth session, bench rows infer_fwd_merged / infer_fwd_apply_a, results/bench/
+# bench-session10-*): 1.48 vs 1.62 ms at B=8, T=4096 (128 sequences x value heads); 5.73 vs 4.15 at B=1, T=65536 (16).
+# Between the two (B=2: 32) it is untimed, so it stays off there.
+APPLY_A_MIN_WALKS = 128
+
+
+def use_walk_applying_a(dtype: torch.dtype, K: int, n_walks: int) -> bool:
     """Whether the inference walk applies A itself, R = A (Z - E S_0), so the merged wy kernel stores E and forms
-    neither Y = A E nor U = A Z (chunk_fwd.chunk_forward's apply_a, which refuses it without the merged kernel, the
-    output inside the walk or a state-kernel config that fits). Off unless GDN2_TRITON_WALK_APPLIES_A=1: timed on the
-    H100 at B=8 only (1.57 against 1.66 ms, ninth session), and its walk has few configs left."""
-    return bool(_forced("GDN2_TRITON_WALK_APPLIES_A", {"0": "the wy kernel forms Y and U",
-                                                       "1": "the walk applies A"}))
+    neither Y = A E nor U = A Z (chunk_fwd.chunk_forward's apply_a). By default where it measured faster: with the
+    merged kernel and the output inside the walk (their defaults for 16-bit inputs, K <= 128) and at least
+    APPLY_A_MIN_WALKS sequences x value heads (n_walks). GDN2_TRITON_WALK_APPLIES_A=1 / 0 forces it on or off;
+    chunk_forward refuses =1, naming the switches, where the variant cannot run (no merged kernel, the split output,
+    or no state-kernel config that fits)."""
+    forced = _forced("GDN2_TRITON_WALK_APPLIES_A", {"0": "the wy kernel forms Y and U", "1": "the walk applies A"})
+    if forced is not None:
+        return forced
+    return (n_walks >= APPLY_A_MIN_WALKS and use_merged_kernel(dtype, K) and use_fused_output(dtype, K)
+            and walk_can_apply_a(dtype, K))
 
 
 def inference_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state):
     K = q.shape[-1]
+    n_walks = (layout[0].numel() - 1) * v.shape[1]                   # sequences x value heads
     o, ht, _ = chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_final_state,
                              fuse_output=use_fused_output(v.dtype, K), for_backward=False,
-                             merged=use_merged_kernel(v.dtype, K), apply_a=use_walk_applying_a())
+                             merged=use_merged_kernel(v.dtype, K), apply_a=use_walk_applying_a(v.dtype, K, n_walks))
     return o, ht
