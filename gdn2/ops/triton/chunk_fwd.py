@@ -39,14 +39,16 @@ Kernels (in launch order)
   gdn2_fwd_kernel_solve   grid (chunks, key heads): A = (I + T)^-1 in place, fp32: the block recursion over the
                           inverted diagonal blocks and the off-diagonal blocks of T. A [TT, H, 64] fp32
                           and Aqk [TT, H, 64] depend on key-head inputs only, so grouped value heads share them.
-  gdn2_fwd_kernel_wy      grid (chunks, key heads): the rest of the state-independent work, in K blocks of BK <= 64:
+  gdn2_fwd_kernel_wy      grid (chunks, key heads): the rest of the state-independent work, in K blocks of BK (64 or 32, a launch config):
                           Y = A E, Q, Kt [TT, H, K] and exp(G_C) [NC, H, K] (fp32); U = A Z [TT, Hv, V] for each value
                           head of the group. Y, Q, Kt, U are stored in v's dtype (the tensor-core operand dtype).
-  gdn2_fwd_kernel_wy, MERGED  (GDN2_TRITON_MERGED=1) replaces the four launches above: per chunk, T and Aqk with one
-                          [64, BK] x [BK, 64] product each, the exponent split at one reference per chunk and channel,
-                          m halfway between its largest and smallest G, on the channels whose G spans at most
-                          CHUNK_SPAN in the chunk (exp(G_r - m), exp(m - G_s) both within e^(+-80)); the rest row by
-                          row with exact exponentials; T inverted in place in A's buffer (solve_chunk), then as wy.
+  gdn2_fwd_kernel_wy, MERGED  (chunk_infer.use_merged_kernel: the default for 16-bit inputs) replaces the four
+                          launches above: per chunk, T and Aqk with one [64, BK] x [BK, 64] product each, the exponent
+                          split at one reference per chunk and channel, m halfway between its largest and smallest G,
+                          on the channels whose G spans at most CHUNK_SPAN in the chunk (exp(G_r - m), exp(m - G_s)
+                          both within e^(+-80)); the rest row by row with exact exponentials; T inverted in place in
+                          A's buffer (solve_chunk), then as wy. With APPLY_A (inference, the walk applies A) the
+                          key side is stored in the same pass over the inputs and the kernel stops after the solve.
   gdn2_fwd_kernel_state   grid (V blocks, sequences * value heads): the only sequential kernel. Per chunk: stores the
                           entering state S_0 (v's dtype), R = U - Y S_0 (K/BK products [64, BK] x [BK, BV]), stores R,
                           S <- Diag(exp G_C) S + Kt^T R (K/BK products [BK, 64] x [64, BV]). The state [K, BV] lives in

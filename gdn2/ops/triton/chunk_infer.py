@@ -20,6 +20,8 @@ for the backward; it drops the output kernel. Same runs: 2.26 vs 2.39 ms forward
 at B=8; 2.41 vs 2.54 and 9.30 vs 9.40 at B=2; equal at B=1 (5.70 vs 5.69, 20.51 vs 20.49). So it is the default on
 the same domain; GDN2_TRITON_TRAIN_FUSED=1 / =0 forces either. GDN2_TRITON_RECOMPUTE_STATES=1 (opt-in): no
 per-chunk states kept for the backward (recompute_states_in_backward).
+With the output inside the walk and the merged kernel, inference has one more variant: the walk applies A itself
+(use_walk_applying_a), the default where many walks run side by side.
 """
 from __future__ import annotations
 
