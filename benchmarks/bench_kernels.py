@@ -20,15 +20,17 @@ times every config, outside the timed region).
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import datetime
 import os
+import re
 
 import torch
 import triton
 
 from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2
-from gdn2.ops.triton.chunk_infer import APPLY_A_MIN_WALKS
+from gdn2.ops.triton.chunk_infer import APPLY_A_MIN_WALKS, forced
 
 H, K, V = 16, 128, 128
 SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
@@ -74,23 +76,50 @@ def load_fla():
         return None, None, None
 
 
-def time_modes(call, args, do, infer=True):
-    """(inference fwd, training fwd, fwd+bwd) in ms for call(*args) -> o (without the first if not `infer`). The
-    initial state h0 [B, H, K, V] and the final state are part of every call (chunked prefill); h0 needs no grad."""
+def time_modes(call, args, do, modes=("infer_fwd", "train_fwd", "fwd_bwd")):
+    """{mode: ms} for call(*args) -> o: inference fwd (no grad), training fwd (inputs require grad; forward only),
+    fwd+bwd, those of them named in `modes`. The initial state h0 [B, H, K, V] and the final state are part of every
+    call (chunked prefill); h0 needs no grad."""
     out = {}
-    if infer:
+    if "infer_fwd" in modes:
         with torch.no_grad():
             out["infer_fwd"] = bench(lambda: call(*args))
     leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
-    out["train_fwd"] = bench(lambda: call(*leaves))
-
-    def fwd_bwd():
-        call(*leaves).backward(do)
-    out["fwd_bwd"] = bench(fwd_bwd, grad_to_none=leaves)
+    if "train_fwd" in modes:
+        out["train_fwd"] = bench(lambda: call(*leaves))
+    if "fwd_bwd" in modes:
+        def fwd_bwd():
+            call(*leaves).backward(do)
+        out["fwd_bwd"] = bench(fwd_bwd, grad_to_none=leaves)
     return out
 
 
-def decode_rows(add, fla_rec):
+# Our variants, each a suffix of the row names, the chunk_infer switches it forces (the rest stay as set: defaults)
+# and the modes it is timed in; every row forces what its name says, whatever the defaults are.
+VARIANTS = (
+    ("", dict(merged=False, infer_fused=False, train_fused=False, walk_applies_a=False),
+     ("infer_fwd", "train_fwd", "fwd_bwd")),
+    ("_fused", dict(merged=False, infer_fused=True, train_fused=True, walk_applies_a=False),
+     ("infer_fwd", "train_fwd", "fwd_bwd")),
+    ("_merged", dict(merged=True, infer_fused=True, train_fused=True, walk_applies_a=False),
+     ("infer_fwd", "train_fwd", "fwd_bwd")),
+    ("_apply_a", dict(merged=True, infer_fused=True, walk_applies_a=True), ("infer_fwd",)),
+    ("_recompute", dict(merged=True, train_fused=True, recompute_states=True), ("train_fwd", "fwd_bwd")),
+)
+
+
+def time_ours(call, args, do):
+    """{row name: ms} of every variant in VARIANTS (the rows CHUNK_MODES lists)."""
+    ours = {}
+    for suffix, switches, modes in VARIANTS:
+        with forced(**switches):
+            ours.update({mode + suffix: ms for mode, ms in time_modes(call, args, do, modes).items()})
+    return ours
+
+
+def decode_rows(card, bw, fla_rec):
+    """The decode step's rows at B = 1 and 64: one launch (ours and fla), and ours per step in a CUDA graph."""
+    rows = []
     for B in (1, 64):
         q, k, v, g, b, w, _ = inputs(B, 1, seed=10 + B)
         state = torch.randn(B, H, K, V, device="cuda") * 0.1
@@ -108,8 +137,57 @@ def decode_rows(add, fla_rec):
         if fla_rec is not None:
             st = state.clone()
             fla_ms = bench(lambda: fla_rec(q, k, v, g, b, w, initial_state=st, output_final_state=True))
-        add(f"B{B}_T1", "decode_step", ours, fla_ms, None, floor_bytes)
-        add(f"B{B}_T1", "decode_step_graph", ours_graph, None, None, floor_bytes)
+        rows.append(make_row(card, bw, f"B{B}_T1", "decode_step", ours, fla_ms, None, floor_bytes))
+        rows.append(make_row(card, bw, f"B{B}_T1", "decode_step_graph", ours_graph, None, None, floor_bytes))
+    return rows
+
+
+def make_row(card, bw, shape, mode, ours, gdn2, kda, floor_bytes):
+    """One table row: ms of ours and fla (None where not timed), the floor at copy bandwidth bw (B/s), the ratios."""
+    floor_ms = floor_bytes / bw * 1e3
+    return dict(card=card, date=datetime.date.today().isoformat(), shape=shape, mode=mode, ours_ms=round(ours, 4),
+                fla_gdn2_ms=None if gdn2 is None else round(gdn2, 4),
+                fla_kda_ms=None if kda is None else round(kda, 4), floor_ms=round(floor_ms, 4),
+                ours_over_fla_gdn2=None if gdn2 is None else round(ours / gdn2, 3),
+                ours_over_floor=round(ours / floor_ms, 2))
+
+
+def shape_rows(card, bw, B, T, ours, gd, kd):
+    """The rows of one chunked shape, in CHUNK_MODES order: ours {row: ms} (the rows it has: a log of an older version
+    may lack some) and fla's {mode: ms} (gdn2, kda; empty where not timed). Floor: q, k, b, v, w read in bf16, g in fp32, o written (forward); the backward reads them and do,
+    and writes their gradients."""
+    ntok = B * T * H
+    fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
+    bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
+    return [make_row(card, bw, f"B{B}_T{T}", mode, ours[mode], gd.get(fla_mode_of(mode)), kd.get(fla_mode_of(mode)),
+                     fwd_bytes if not mode.startswith("fwd_bwd") else fwd_bytes + bwd_bytes)
+            for mode in CHUNK_MODES if mode in ours]
+
+
+def rows_from_log(text, card):
+    """Rebuild the chunked rows from a bench log's printed dicts ("card ...; copy bandwidth X TB/s", "ours B8_T4096:
+    {...}", "fla gdn2 B8_T4096: {...}", "fla kda ..."), for a run whose time limit cut it before it wrote them.
+    Returns (rows, bandwidth in B/s)."""
+    bw = float(re.search(r"copy bandwidth ([\d.]+) TB/s", text).group(1)) * 1e12
+    rows = []
+    for shape, ours in re.findall(r"^ours (B\d+_T\d+): (\{.*\})$", text, flags=re.M):
+        fla = {name: ast.literal_eval(found.group(1)) if found else {} for name in ("gdn2", "kda")
+               for found in [re.search(rf"^fla {name} {shape}: (\{{.*\}})$", text, flags=re.M)]}
+        B, T = (int(x[1:]) for x in shape.split("_"))
+        rows += shape_rows(card, bw, B, T, ast.literal_eval(ours), fla["gdn2"], fla["kda"])
+    return rows, bw
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        wr.writeheader()
+        wr.writerows(rows)
+
+
+def print_rows(rows):
+    for row in rows:
+        print(" | ".join(str(v) for v in row.values()), flush=True)
 
 
 def main():
@@ -120,6 +198,10 @@ def main():
     ap.add_argument("--shapes", default=",".join(f"{B}x{T}" for B, T in SHAPES),
                     help="BxT list, e.g. 8x4096 (default: the three shapes of the issue)")
     ap.add_argument("--plot-from", default=None, help="kernels-<card>.csv: only redraw its .png here (no GPU)")
+    ap.add_argument("--rows-from-logs", nargs="+", default=None, metavar="LOG",
+                    help="no GPU: rebuild kernels-<card>.csv/.md in --out from the dicts these bench logs printed "
+                         "(a run cut short), with --card")
+    ap.add_argument("--card", default=None, help="with --rows-from-logs: the card the logs ran on")
     args = ap.parse_args()
     if args.plot_from:
         with open(args.plot_from) as f:
@@ -128,59 +210,36 @@ def main():
         write_plot(rows, rows[0]["card"], args.plot_from[:-4] + ".png")
         return
     os.makedirs(args.out, exist_ok=True)
+    if args.rows_from_logs:
+        if not args.card:
+            raise SystemExit("--rows-from-logs needs --card (e.g. NVIDIA-H100-80GB-HBM3): the logs' rows carry it")
+        rows, bw = [], None
+        for path in args.rows_from_logs:
+            with open(path) as f:
+                got, bw = rows_from_log(f.read(), args.card)
+            rows += got
+        write_csv(rows, os.path.join(args.out, f"kernels-{args.card}.csv"))
+        write_markdown(rows, args.card, bw, os.path.join(args.out, f"kernels-{args.card}.md"))
+        print_rows(rows)
+        return
     card = torch.cuda.get_device_name().replace(" ", "-")
     bw = copy_bandwidth()
     print(f"card {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     fla_gdn2, fla_kda, fla_rec = (None, None, None) if args.skip_fla else load_fla()
+    csv_path = os.path.join(args.out, f"kernels-{card}.csv")
     rows = []
 
-    def write(rows):
-        with open(os.path.join(args.out, f"kernels-{card}.csv"), "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            wr.writeheader()
-            wr.writerows(rows)
-
-    def add(shape, mode, ours, gdn2, kda, floor_bytes):
-        floor_ms = floor_bytes / bw * 1e3
-        row = dict(card=card, date=datetime.date.today().isoformat(), shape=shape, mode=mode,
-                   ours_ms=round(ours, 4), fla_gdn2_ms=None if gdn2 is None else round(gdn2, 4),
-                   fla_kda_ms=None if kda is None else round(kda, 4), floor_ms=round(floor_ms, 4),
-                   ours_over_fla_gdn2=None if gdn2 is None else round(ours / gdn2, 3),
-                   ours_over_floor=round(ours / floor_ms, 2))
-        rows.append(row)
-        print(" | ".join(str(v) for v in row.values()), flush=True)
-
-    # Shape by shape: ours, then fla on the same inputs; the rows of a shape are written as soon as it is done,
-    # so a run cut short keeps every finished shape (a first version timed all of ours first and lost fla's rows).
+    # Shape by shape: ours, then fla on the same inputs. The file is rewritten after ours (fla's cells empty: its first
+    # compiles can outlast a time limit) and again after fla, so a run cut short keeps everything it timed.
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     for i, (B, T) in enumerate(shapes):
         q, k, v, g, b, w, beta = inputs(B, T, seed=i)
         do = torch.randn_like(v)
         h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
         kw = dict(initial_state=h0, output_final_state=True)
-        os.environ["GDN2_TRITON_WALK_APPLIES_A"] = "0"                # every row but infer_fwd_apply_a
-        os.environ["GDN2_TRITON_MERGED"] = "0"                        # rows without _merged: four kernels
-        os.environ["GDN2_TRITON_INFER_FUSED"] = "0"                   # rows without _fused: the split variants
-        os.environ["GDN2_TRITON_TRAIN_FUSED"] = "0"
-        ours = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
-        os.environ["GDN2_TRITON_INFER_FUSED"] = "1"                   # rows with _fused: the output in the walk
-        os.environ["GDN2_TRITON_TRAIN_FUSED"] = "1"
-        fused = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
-        os.environ["GDN2_TRITON_MERGED"] = "1"                        # rows _merged: the merged wy kernel too
-        merged = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
-        os.environ["GDN2_TRITON_WALK_APPLIES_A"] = "1"                # row infer_fwd_apply_a: the walk applies A
-        with torch.no_grad():
-            ours["infer_fwd_apply_a"] = bench(lambda: triton_chunk_gdn2(q, k, v, g, b, w, **kw))
-        for name in ("GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED", "GDN2_TRITON_TRAIN_FUSED",
-                     "GDN2_TRITON_WALK_APPLIES_A"):
-            os.environ.pop(name)
-        os.environ["GDN2_TRITON_RECOMPUTE_STATES"] = "1"              # rows _recompute: no states kept for backward
-        recomputed = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do, infer=False)
-        os.environ.pop("GDN2_TRITON_RECOMPUTE_STATES")
-        ours.update({f"{mode}_fused": ms for mode, ms in fused.items()})
-        ours.update({f"{mode}_merged": ms for mode, ms in merged.items()})
-        ours.update(train_fwd_recompute=recomputed["train_fwd"], fwd_bwd_recompute=recomputed["fwd_bwd"])
+        ours = time_ours(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
         print(f"ours B{B}_T{T}: {ours}", flush=True)
+        write_csv(rows + shape_rows(card, bw, B, T, ours, {}, {}), csv_path)
         gd, kd = {}, {}
         if fla_gdn2 is not None:
             gd = time_modes(lambda *a: fla_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
@@ -188,22 +247,17 @@ def main():
             if not args.skip_kda:
                 kd = time_modes(lambda *a: fla_kda(*a, **kw)[0], (q, k, v, g, beta), do)
                 print(f"fla kda B{B}_T{T}: {kd}", flush=True)
-        ntok = B * T * H
-        fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
-        bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
-        for mode in CHUNK_MODES:
-            fla_mode = fla_mode_of(mode)
-            add(f"B{B}_T{T}", mode, ours[mode], gd.get(fla_mode), kd.get(fla_mode),
-                fwd_bytes if not mode.startswith("fwd_bwd") else fwd_bytes + bwd_bytes)
-        write(rows)
+        rows += shape_rows(card, bw, B, T, ours, gd, kd)
+        print_rows(rows[-len(CHUNK_MODES):])
+        write_csv(rows, csv_path)
         del q, k, v, g, b, w, beta, do
         torch.cuda.empty_cache()
-    decode_rows(add, fla_rec)
-
-    write(rows)
+    rows += decode_rows(card, bw, fla_rec)
+    print_rows([r for r in rows if r["mode"].startswith("decode")])
+    write_csv(rows, csv_path)
     write_markdown(rows, card, bw, os.path.join(args.out, f"kernels-{card}.md"))
     write_plot(rows, card, os.path.join(args.out, f"kernels-{card}.png"))
-    print(f"wrote {os.path.join(args.out, f'kernels-{card}.csv')} (.md, .png)")
+    print(f"wrote {csv_path} (.md, .png)")
 
 
 # The issue's targets and the "ahead of fla" verdict are judged on the rows of what main runs by default for these

@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.bench_kernels import inputs, time_modes
 from gdn2.ops.triton import triton_chunk_gdn2
-from gdn2.ops.triton.chunk_infer import use_fused_output, use_fused_output_in_training
+from gdn2.ops.triton.chunk_infer import forced, use_fused_output, use_fused_output_in_training
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # name -> (dtype, heads, K = V, B, T): the same model width (heads x K = 2048) as bench_kernels.py's H=16, K=128
@@ -30,18 +30,11 @@ CASES = {
     "fp16-K128": ("fp16", 16, 128, 8, 4096),
     "bf16-K256-B1": ("bf16", 8, 256, 1, 65536),
 }
-SWITCHES = ("GDN2_TRITON_INFER_FUSED", "GDN2_TRITON_TRAIN_FUSED")
-
-
 def time_variant(fused: bool, args, do, h0):
-    """(infer_fwd, train_fwd, fwd_bwd) ms with both switches forced to the variant."""
-    for name in SWITCHES:
-        os.environ[name] = "1" if fused else "0"
-    try:
+    """(infer_fwd, train_fwd, fwd_bwd) ms with the output forced into the walk (fused) or after it (split) in both
+    inference and training; the other switches keep their defaults."""
+    with forced(infer_fused=fused, train_fused=fused):
         return time_modes(lambda *a: triton_chunk_gdn2(*a, initial_state=h0, output_final_state=True)[0], args, do)
-    finally:
-        for name in SWITCHES:
-            os.environ.pop(name)
 
 
 def main():

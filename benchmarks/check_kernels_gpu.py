@@ -39,6 +39,8 @@ from gdn2.ops.chunk_torch import torch_chunk_gdn2  # noqa: E402
 from gdn2.ops.recurrent import torch_recurrent_step_gdn2  # noqa: E402
 from gdn2.ops.triton import recurrent, triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
 from gdn2.ops.triton.chunk import CHUNK_KERNELS  # noqa: E402
+from gdn2.ops.triton.chunk_fwd import walk_can_apply_a  # noqa: E402
+from gdn2.ops.triton.chunk_infer import SWITCHES, forced  # noqa: E402
 from gdn2.ops.triton.utils import config_name, pin_config  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
@@ -123,21 +125,28 @@ MODES = {"train": ((False, True),), "train_fused": ((True, True),), "train_recom
 CHECKED_MODES = list(MODES)                       # --modes narrows it
 # modes that differ from "train" in the state kernel only: run where that kernel is under test
 STATE_ONLY_MODES = ("train_fused", "train_recompute")
-# the chunk_infer switches each mode sets to 1 (every other switch is set to 0): the modes without _merged take the
-# four chunk-parallel kernels, the _merged ones the merged wy kernel (with the output inside the walk)
-SWITCHES = ("GDN2_TRITON_INFER_FUSED", "GDN2_TRITON_TRAIN_FUSED", "GDN2_TRITON_RECOMPUTE_STATES",
-            "GDN2_TRITON_MERGED", "GDN2_TRITON_WALK_APPLIES_A")
-MODE_SWITCHES = {"train_fused": ("GDN2_TRITON_TRAIN_FUSED",), "train_recompute": ("GDN2_TRITON_RECOMPUTE_STATES",),
-                 "infer_fused": ("GDN2_TRITON_INFER_FUSED",),
-                 "infer_merged": ("GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED"),
-                 "train_merged": ("GDN2_TRITON_MERGED", "GDN2_TRITON_TRAIN_FUSED"),
-                 "infer_apply_a": ("GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED", "GDN2_TRITON_WALK_APPLIES_A")}
+# the chunk_infer switches each mode forces on (chunk_infer.forced; every other switch is forced off): the modes
+# without _merged take the four chunk-parallel kernels, the _merged ones the merged wy kernel (with the output inside
+# the walk)
+MODE_SWITCHES = {"train_fused": ("train_fused",), "train_recompute": ("recompute_states",),
+                 "infer_fused": ("infer_fused",), "infer_merged": ("merged", "infer_fused"),
+                 "train_merged": ("merged", "train_fused"),
+                 "infer_apply_a": ("merged", "infer_fused", "walk_applies_a")}
+
+
+def switches_of(mode):
+    """{switch: on} for chunk_infer.forced: every switch, on where MODE_SWITCHES names it for the mode."""
+    return {name: name in MODE_SWITCHES.get(mode, ()) for name in SWITCHES}
 
 
 def pin_for(dtype, K, under_test=None, mode="train"):
     """Pin every kernel to its first config that may run on (`dtype`, K, the mode's state-kernel variant); the kernel
     under test to its given config. Returns False if the config under test cannot run in that setting (the mode is
     skipped)."""
+    if any(flags[2:] == (True,) for flags in MODES[mode]) and not walk_can_apply_a(dtype, K):
+        # the library refuses it before any launch (so also under the interpreter, which has no resource limits)
+        print(f"  the walk applying A cannot run on {dtype} K={K} (walk_can_apply_a): mode {mode} skipped")
+        return False
     for kname, kern in KERNELS.items():
         variants = MODES[mode] if kname == "fwd_state" else ((),)
         # the interpreter has no resource limits
@@ -175,16 +184,12 @@ def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), 
                 continue
             for kname in autotuned:
                 pin_config(KERNELS[kname], None)
-            for switch in SWITCHES:
-                os.environ[switch] = "1" if switch in MODE_SWITCHES.get(mode, ()) else "0"
-            with poisoned_allocations():
+            with forced(**switches_of(mode)), poisoned_allocations():
                 if mode.startswith("train"):
                     got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht)
                 else:
                     with torch.no_grad():
                         got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht, grad=False)
-            for switch in SWITCHES:
-                os.environ[switch] = "0"
             if not SMOKE:
                 torch.cuda.synchronize()
             for name, val in got.items():
@@ -334,7 +339,15 @@ def main():
     record("autotuned", ",".join(tuned), status, DT)
     for kern in KERNELS.values():
         pin_config(kern, None)
-    print(f"wrote {args.out}/check-{card}.csv; {sum(not r['ok'] for r in rows)} failing rows of {len(rows)}")
+    failed = not_passed(summary)
+    print(f"wrote {args.out}/check-{card}.csv; {sum(not r['ok'] for r in rows)} failing rows of {len(rows)}; "
+          f"{len(failed)} of {len(summary)} checks did not pass" + "".join(f"\n  {line}" for line in failed))
+
+
+def not_passed(summary) -> list[str]:
+    """The summary lines (kernel, config or shape, status) whose status is not a PASS: FAIL, ERROR, NOT RUN."""
+    return [f"{kname} {name}: {status}" for kname, name, status in summary
+            if not status.split(" (")[0].endswith("PASS")]
 
 
 def verdict(worst: float, n_checked: int) -> str:

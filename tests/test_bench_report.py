@@ -1,7 +1,10 @@
 """The kernel benchmark's report (benchmarks/bench_kernels.py): the targets and the "ahead of fla" verdict are judged
 on rows the benchmark writes, and the verdict lines say MET / MISSED / YES / NO as hand-computed here."""
+import os
 import sys
 import types
+
+import torch
 
 from benchmarks import bench_kernels as bk
 
@@ -53,3 +56,59 @@ def test_report_without_fla(tmp_path, monkeypatch):
 
 def test_every_mode_is_compared_with_an_fla_mode():
     assert {bk.fla_mode_of(m) for m in bk.CHUNK_MODES} == {"infer_fwd", "train_fwd", "fwd_bwd"}
+
+
+def test_each_row_is_timed_under_the_switches_its_name_says(monkeypatch):
+    """time_ours on the CPU with a stand-in for the kernels: which chunk_infer choices each row's calls saw (the rows
+    must not follow a default that changes, as the walk applying A became one for B=8), and every row of CHUNK_MODES
+    is produced; the environment is restored afterwards."""
+    from gdn2.ops.triton import chunk_infer
+
+    def run_once(fn, grad_to_none=None):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(bk, "bench", run_once)
+    for env in chunk_infer.SWITCHES.values():
+        monkeypatch.delenv(env, raising=False)
+    seen = []
+
+    def call(q, v):
+        dt, K = torch.bfloat16, 128
+        seen.append((torch.is_grad_enabled() and v.requires_grad, chunk_infer.use_merged_kernel(dt, K),
+                     chunk_infer.use_fused_output(dt, K) if not v.requires_grad else
+                     chunk_infer.use_fused_output_in_training(dt, K),
+                     chunk_infer.use_walk_applying_a(dt, K, 10 ** 6), chunk_infer.recompute_states_in_backward()))
+        return v * 2
+
+    v = torch.ones(3)
+    ours = bk.time_ours(call, (torch.ones(3), v), torch.ones(3))
+    assert list(ours) == [m for suffix, _, modes in bk.VARIANTS for m in (mode + suffix for mode in modes)]
+    assert sorted(ours) == sorted(bk.CHUNK_MODES)
+    # (grad, merged, output in the walk, walk applies A, states recomputed) per call, in VARIANTS order
+    four_split = [(False, False, False, False, False)] + [(True, False, False, False, False)] * 2
+    four_fused = [(False, False, True, False, False)] + [(True, False, True, False, False)] * 2
+    merged = [(False, True, True, False, False)] + [(True, True, True, False, False)] * 2
+    apply_a = [(False, True, True, True, False)]
+    recompute = [(True, True, True, True, True)] * 2          # apply_a's default is not read in training
+    assert seen == four_split + four_fused + merged + apply_a + recompute
+    assert not any(env in os.environ for env in chunk_infer.SWITCHES.values())
+
+
+def test_rows_from_a_log_cut_short(tmp_path):
+    """The rows rebuilt from a bench log's printed dicts, one shape with fla and one without (hand-computed floor and
+    ratio), and the rows an older log lacks are left out."""
+    ours8 = {mode: 1.0 for mode in bk.CHUNK_MODES}
+    ours1 = {"infer_fwd_merged": 4.0}
+    text = ("card X; copy bandwidth 3.00 TB/s (read + write)\n"
+            f"ours B8_T4096: {ours8}\n"
+            "fla gdn2 B8_T4096: {'infer_fwd': 2.0, 'train_fwd': 2.5, 'fwd_bwd': 12.0}\n"
+            f"ours B1_T65536: {ours1}\n")
+    rows, bw = bk.rows_from_log(text, "X")
+    assert bw == 3.0e12
+    assert [r["shape"] for r in rows] == ["B8_T4096"] * len(bk.CHUNK_MODES) + ["B1_T65536"]
+    merged8 = next(r for r in rows if r["shape"] == "B8_T4096" and r["mode"] == "infer_fwd_merged")
+    assert merged8["fla_gdn2_ms"] == 2.0 and merged8["ours_over_fla_gdn2"] == 0.5 and merged8["fla_kda_ms"] is None
+    # forward floor: 8 * 4096 * 16 token-heads x (3 x 128 x 2 + 128 x 4 + 2 x 128 x 2 + 128 x 2) B at 3.0e12 B/s
+    assert merged8["floor_ms"] == round(8 * 4096 * 16 * 2048 / 3.0e12 * 1e3, 4)
+    assert rows[-1]["mode"] == "infer_fwd_merged" and rows[-1]["fla_gdn2_ms"] is None

@@ -153,6 +153,25 @@ def test_merged_kernel_choice(monkeypatch):
         use_merged_kernel(torch.bfloat16, 128)
 
 
+def test_forced_switches_are_restored(monkeypatch):
+    """chunk_infer.forced sets the named switches inside its block only: a switch set before gets its value back, an
+    unset one is unset again (also when the block raises); an unknown name is refused, naming the known ones."""
+    import os
+
+    from gdn2.ops.triton.chunk_infer import forced, use_merged_kernel, use_walk_applying_a
+
+    monkeypatch.setenv("GDN2_TRITON_MERGED", "0")
+    monkeypatch.delenv("GDN2_TRITON_WALK_APPLIES_A", raising=False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with forced(merged=True, walk_applies_a=False):
+            assert use_merged_kernel(torch.float32, 64) and not use_walk_applying_a(torch.bfloat16, 128, 10 ** 6)
+            raise RuntimeError("inside")
+    assert os.environ["GDN2_TRITON_MERGED"] == "0" and "GDN2_TRITON_WALK_APPLIES_A" not in os.environ
+    with pytest.raises(ValueError, match=r"unknown switch\(es\) \['fused'\]; choose from .*'infer_fused'"):
+        with forced(fused=True):
+            pass
+
+
 def forbid_output_kernel(monkeypatch):
     """Make a launch of the chunk-parallel output kernel fail the test (for paths that compute O inside the walk)."""
     from gdn2.ops.triton import chunk_fwd

@@ -25,6 +25,7 @@ With the output inside the walk and the merged kernel, inference has one more va
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -32,15 +33,41 @@ import torch
 from gdn2.ops.triton.chunk_fwd import chunk_forward, walk_can_apply_a
 
 
-def _forced(name: str, meaning: dict[str, str]) -> bool | None:
+def _switch(name: str, meaning: dict[str, str]) -> bool | None:
     """The value of a switch: None if unset, else 0 / 1 (anything else is refused, naming what each value means)."""
-    forced = os.environ.get(name)
-    if forced is None or forced == "":
+    value = os.environ.get(name)
+    if value is None or value == "":
         return None
-    if forced not in ("0", "1"):
+    if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 ({meaning['0']}) or 1 ({meaning['1']}), or unset for the default; "
-                         f"got {forced!r}")
-    return forced == "1"
+                         f"got {value!r}")
+    return value == "1"
+
+
+# the switches this module reads (each per call, "0" / "1" / unset for the default), by the keyword forced() takes
+SWITCHES = {"merged": "GDN2_TRITON_MERGED", "infer_fused": "GDN2_TRITON_INFER_FUSED",
+            "train_fused": "GDN2_TRITON_TRAIN_FUSED", "recompute_states": "GDN2_TRITON_RECOMPUTE_STATES",
+            "walk_applies_a": "GDN2_TRITON_WALK_APPLIES_A"}
+
+
+@contextlib.contextmanager
+def forced(**switches: bool):
+    """Force the named switches inside a with-block (True -> "1", False -> "0"), e.g. forced(merged=False) for the
+    four chunk-parallel kernels; the others keep their value. The environment is restored on exit."""
+    unknown = sorted(set(switches) - set(SWITCHES))
+    if unknown:
+        raise ValueError(f"forced(): unknown switch(es) {unknown}; choose from {sorted(SWITCHES)}")
+    saved = {SWITCHES[name]: os.environ.get(SWITCHES[name]) for name in switches}
+    try:
+        for name, on in switches.items():
+            os.environ[SWITCHES[name]] = "1" if on else "0"
+        yield
+    finally:
+        for env, value in saved.items():
+            if value is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = value
 
 
 OUTPUT_SWITCH = {"0": "per-chunk states + output kernel", "1": "output inside the sequential walk"}
@@ -49,22 +76,22 @@ OUTPUT_SWITCH = {"0": "per-chunk states + output kernel", "1": "output inside th
 def _output_in_walk(switch: str, dtype: torch.dtype, K: int) -> bool:
     """The output inside the walk where it measured faster (16-bit inputs, K <= 128; fp32 and K = 256 measured slower)
     unless `switch` forces it."""
-    forced = _forced(switch, OUTPUT_SWITCH)
-    if forced is None:
+    choice = _switch(switch, OUTPUT_SWITCH)
+    if choice is None:
         return dtype in (torch.bfloat16, torch.float16) and K <= 128
-    return forced
+    return choice
 
 
 def use_fused_output(dtype: torch.dtype, K: int) -> bool:
     """Whether the inference forward computes the output inside the sequential walk (see the module docstring)."""
-    return _output_in_walk("GDN2_TRITON_INFER_FUSED", dtype, K)
+    return _output_in_walk(SWITCHES["infer_fused"], dtype, K)
 
 
 def use_fused_output_in_training(dtype: torch.dtype, K: int) -> bool:
     """Whether the training forward computes the output inside the walk too (it still stores the per-chunk states and
     R for the backward, and drops the output kernel): by default where the inference forward does (see the module
     docstring)."""
-    return _output_in_walk("GDN2_TRITON_TRAIN_FUSED", dtype, K)
+    return _output_in_walk(SWITCHES["train_fused"], dtype, K)
 
 
 def recompute_states_in_backward() -> bool:
@@ -72,9 +99,10 @@ def recompute_states_in_backward() -> bool:
     output inside) and the backward recomputes them with one more walk, as fla's chunk_gated_delta_rule does. Saves
     NC x Hv x K x V x 2 bytes of training memory per layer (0.27 GB at B=8, T=4096, H=16, K=V=128) for one more
     walk in the backward. Off unless set: on the H100 (seventh session, docs/kernels.md) it made forward + backward
-    2-6% slower (9.18 vs 8.98 ms at B=8, T=4096; 21.71 vs 20.47 at B=1, T=65536; bench rows *_recompute)."""
-    return bool(_forced("GDN2_TRITON_RECOMPUTE_STATES", {"0": "per-chunk states kept for the backward",
-                                                          "1": "recomputed in the backward"}))
+    2-6% slower (9.18 vs 8.98 ms at B=8, T=4096; 21.71 vs 20.47 at B=1, T=65536; bench rows *_recompute); with the
+    merged kernel (tenth session) 8.62 vs 8.42 and 20.53 vs 19.32."""
+    return bool(_switch(SWITCHES["recompute_states"], {"0": "per-chunk states kept for the backward",
+                                                       "1": "recomputed in the backward"}))
 
 
 def use_merged_kernel(dtype: torch.dtype, K: int) -> bool:
@@ -84,11 +112,10 @@ def use_merged_kernel(dtype: torch.dtype, K: int) -> bool:
     forward + backward 8.50 vs 8.90 at B=8; docs/kernels.md) and its every build passed the GPU check. fp32 keeps the
     four kernels (its merged build spills 1-4 KB per thread on sm_90 and is untimed). GDN2_TRITON_MERGED=1 / 0 (read
     per call) forces either; K plays no part (the check covers K = 256)."""
-    forced = _forced("GDN2_TRITON_MERGED", {"0": "intra, exact_diag, solve and wy kernels",
-                                            "1": "one merged wy kernel"})
-    if forced is None:
+    choice = _switch(SWITCHES["merged"], {"0": "intra, exact_diag, solve and wy kernels", "1": "one merged wy kernel"})
+    if choice is None:
         return dtype in (torch.bfloat16, torch.float16)
-    return forced
+    return choice
 
 
 # The walk applying A pays one more [64, 64] x [64, BV] product per chunk step on its sequential path, and saves the
@@ -106,9 +133,9 @@ def use_walk_applying_a(dtype: torch.dtype, K: int, n_walks: int) -> bool:
     APPLY_A_MIN_WALKS sequences x value heads (n_walks). GDN2_TRITON_WALK_APPLIES_A=1 / 0 forces it on or off;
     chunk_forward refuses =1, naming the switches, where the variant cannot run (no merged kernel, the split output,
     or no state-kernel config that fits)."""
-    forced = _forced("GDN2_TRITON_WALK_APPLIES_A", {"0": "the wy kernel forms Y and U", "1": "the walk applies A"})
-    if forced is not None:
-        return forced
+    choice = _switch(SWITCHES["walk_applies_a"], {"0": "the wy kernel forms Y and U", "1": "the walk applies A"})
+    if choice is not None:
+        return choice
     return (n_walks >= APPLY_A_MIN_WALKS and use_merged_kernel(dtype, K) and use_fused_output(dtype, K)
             and walk_can_apply_a(dtype, K))
 
