@@ -107,9 +107,10 @@ def recompute_states_in_backward() -> bool:
 
 def use_merged_kernel(dtype: torch.dtype, K: int) -> bool:
     """Whether the forward (inference and training) makes T, Aqk and A inside the wy kernel, one chunk-parallel launch
-    instead of four (chunk_fwd.chunk_pairs): by default for 16-bit inputs, where the H100 measured it faster (ninth
-    session: inference 1.66 vs 2.15 ms at B=8, T=4096, 4.31 vs 5.18 at B=1, T=65536; training forward 1.86 vs 2.27,
-    forward + backward 8.50 vs 8.90 at B=8; docs/kernels.md) and its every build passed the GPU check. fp32 keeps the
+    instead of four (chunk_fwd.chunk_pairs): by default for 16-bit inputs, where the H100 measured it faster (tenth
+    session, bf16, output inside the walk: inference 1.62 vs 2.11 ms at B=8, T=4096, 4.15 vs 5.13 at B=1, T=65536;
+    training forward 1.81 vs 2.23 and 4.53 vs 5.34, forward + backward 8.42 vs 8.83 and 19.32 vs 20.11;
+    docs/kernels.md) and its every build passed the GPU check. fp32 keeps the
     four kernels (its merged build spills 1-4 KB per thread on sm_90 and is untimed). GDN2_TRITON_MERGED=1 / 0 (read
     per call) forces either; K plays no part (the check covers K = 256)."""
     choice = _switch(SWITCHES["merged"], {"0": "intra, exact_diag, solve and wy kernels", "1": "one merged wy kernel"})
