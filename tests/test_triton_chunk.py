@@ -294,6 +294,29 @@ def test_inference_merged_kernel_wide_channels(monkeypatch):
     inference_matches(q, k, v, g, b, w, h0)
 
 
+@pytest.mark.parametrize("apply_a", [False, True])
+def test_merged_kernel_in_every_k_block_of_its_configs(monkeypatch, apply_a):
+    """The merged kernel with each K block its launch configs use (BK = 64 and 32; the interpreter runs one config,
+    so each is pinned here), on K = 80 (a partial last block) with wide and normal channels in the same block and
+    grouped value heads, with and without the walk applying A: against float64."""
+    from gdn2.ops.triton.chunk_fwd import WY_CONFIGS, gdn2_fwd_kernel_wy
+    from gdn2.ops.triton.utils import pin_config
+
+    for name, value in (("GDN2_TRITON_MERGED", "1"), ("GDN2_TRITON_INFER_FUSED", "1"),
+                        ("GDN2_TRITON_WALK_APPLIES_A", "1" if apply_a else "0")):
+        monkeypatch.setenv(name, value)
+    q, k, v, _, b, w, h0 = make_inputs(1, 230, 1, 2, 80, 16, 1, True, seed=41)
+    g = growing_decay(230, 80, seed=3)
+    block_sizes = sorted({config.kwargs["BK"] for config in WY_CONFIGS})
+    assert block_sizes == [32, 64]
+    try:
+        for bk in block_sizes:
+            pin_config(gdn2_fwd_kernel_wy, triton.Config({"BK": bk}, num_warps=4, num_stages=1))
+            inference_matches(q, k, v, g, b, w, h0)
+    finally:
+        pin_config(gdn2_fwd_kernel_wy, None)
+
+
 def test_training_with_merged_kernel(monkeypatch):
     """GDN2_TRITON_MERGED=1 in training: the merged wy kernel also counts n_exact, which the backward's exact_diag
     kernel reads, so the strong-decay input (every sub-chunk with channels on both forms of the diagonal blocks, and
