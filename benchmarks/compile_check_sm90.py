@@ -34,20 +34,31 @@ from gdn2.ops.triton.utils import SERIAL_PRECISION, config_name, dot_precision, 
 
 SMEM_LIMIT = 232_448
 TARGET = GPUTarget("cuda", 90, 32)
-# the chunk kernels, plus the state kernel three times more with FUSE_OUTPUT=True: the fused inference output (no
-# states stored), the fused training output (states stored too, GDN2_TRITON_TRAIN_FUSED=1) and the inference walk that
-# applies A (APPLY_A), and the wy kernel twice more with MERGED=True: as training builds it (COUNT_EXACT) and with
-# APPLY_A (inference)
+# Builds beyond one per chunk kernel: each extra name is a kernel of CHUNK_KERNELS with its variant constexprs. The
+# state kernel's (FUSE_OUTPUT, STORE_STATES, APPLY_A), its fits() flags: the fused inference output (no states
+# stored), the fused training output (states stored too, GDN2_TRITON_TRAIN_FUSED=1), the inference walk that applies
+# A. The wy kernel's (MERGED, COUNT_EXACT, APPLY_A): merged as training builds it (COUNT_EXACT), as inference builds
+# it (the 16-bit default below APPLY_A_MIN_WALKS walks), and with the walk applying A.
+VARIANTS = {"fwd_state": dict(FUSE_OUTPUT=False, STORE_STATES=True, APPLY_A=False),
+            "fwd_state_fused": ("fwd_state", dict(FUSE_OUTPUT=True, STORE_STATES=False, APPLY_A=False)),
+            "fwd_state_train_fused": ("fwd_state", dict(FUSE_OUTPUT=True, STORE_STATES=True, APPLY_A=False)),
+            "fwd_state_apply_a": ("fwd_state", dict(FUSE_OUTPUT=True, STORE_STATES=False, APPLY_A=True)),
+            "fwd_wy": dict(MERGED=False, COUNT_EXACT=False, APPLY_A=False),
+            "fwd_wy_merged": ("fwd_wy", dict(MERGED=True, COUNT_EXACT=True, APPLY_A=False)),
+            "fwd_wy_merged_infer": ("fwd_wy", dict(MERGED=True, COUNT_EXACT=False, APPLY_A=False)),
+            "fwd_wy_apply_a": ("fwd_wy", dict(MERGED=True, COUNT_EXACT=False, APPLY_A=True))}
 KERNELS = {}
 for _name, _kernel in CHUNK_KERNELS.items():
     KERNELS[_name] = _kernel
-    if _name == "fwd_wy":
-        KERNELS["fwd_wy_merged"] = _kernel
-        KERNELS["fwd_wy_apply_a"] = _kernel
-    if _name == "fwd_state":
-        KERNELS["fwd_state_fused"] = _kernel
-        KERNELS["fwd_state_train_fused"] = _kernel
-        KERNELS["fwd_state_apply_a"] = _kernel
+    KERNELS.update({extra: _kernel for extra, spec in VARIANTS.items() if isinstance(spec, tuple) and spec[0] == _name})
+
+
+def variant_consts(kname) -> dict:
+    """The variant constexprs of a build name (VARIANTS; {} for a kernel without variants)."""
+    spec = VARIANTS.get(kname, {})
+    return spec[1] if isinstance(spec, tuple) else spec
+
+
 # pointer arguments that are fp32 whatever the input dtype (g, the solve, states in and out, fp32 gradients)
 FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG", "dg", "dAE", "dT", "dAqk",
                  "dbk", "dqs", "dkd",
@@ -55,17 +66,14 @@ FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG
 INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "n_exact"}
 SCALARS = {"scale": "fp32", "TT": "i32", "NSH_LOG2": "i32"}
 # kernels launched with SERIAL_PRECISION (tf32 for fp32 operands); the rest with dot_precision(dtype)
-SERIAL_KERNELS = {"fwd_wy", "fwd_wy_merged", "fwd_wy_apply_a", "fwd_state", "fwd_state_fused", "fwd_state_train_fused",
-                  "fwd_state_apply_a", "fwd_output",
-                  "bwd_dlocal",
-                  "bwd_dstate"}
+SERIAL_KERNELS = {"fwd_wy", "fwd_wy_merged", "fwd_wy_merged_infer", "fwd_wy_apply_a", "fwd_state", "fwd_state_fused",
+                  "fwd_state_train_fused", "fwd_state_apply_a", "fwd_output", "bwd_dlocal", "bwd_dstate"}
 
 
 def consts_of(kname):
-    """(FUSE_OUTPUT, STORE_STATES, APPLY_A) of the four state-kernel variants (the state kernel's fits flags)."""
-    if kname == "fwd_state_apply_a":
-        return True, False, True
-    return kname.endswith("_fused"), kname != "fwd_state_fused", False
+    """(FUSE_OUTPUT, STORE_STATES, APPLY_A) of a state-kernel build (the state kernel's fits flags)."""
+    c = variant_consts(kname)
+    return c["FUSE_OUTPUT"], c["STORE_STATES"], c["APPLY_A"]
 
 
 def signature_for(kname, fn, config, dtype, K, V, H=16, HV=16):
@@ -73,11 +81,9 @@ def signature_for(kname, fn, config, dtype, K, V, H=16, HV=16):
     BK, BV = block_sizes(K, V)
     consts = dict(H=H, HV=HV, K=K, KP=triton.next_power_of_2(K), V=V, BK=BK, BV=BV, NK=triton.cdiv(K, BK),
                   USE_L2=True, HAS_H0=True, STORE_FINAL=True, HAS_DHT=True, STORE_DH0=True,
-                  FUSE_OUTPUT=consts_of(kname)[0], STORE_STATES=consts_of(kname)[1],
-                  APPLY_A=consts_of(kname)[2] or kname == "fwd_wy_apply_a",
                   PREC=SERIAL_PRECISION if kname in SERIAL_KERNELS else dot_precision(dtype),
-                  PREC_T=solve_precision(dtype), MERGED=kname in ("fwd_wy_merged", "fwd_wy_apply_a"),
-                  PAIR_PREC=dot_precision(dtype), COUNT_EXACT=kname == "fwd_wy_merged")
+                  PREC_T=solve_precision(dtype), PAIR_PREC=dot_precision(dtype))
+    consts.update(variant_consts(kname))
     consts.update(config.kwargs)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
