@@ -30,6 +30,8 @@ CASES = {
     "fp16-K128": ("fp16", 16, 128, 8, 4096),
     "bf16-K256-B1": ("bf16", 8, 256, 1, 65536),
 }
+
+
 def time_variant(fused: bool, args, do, h0):
     """(infer_fwd, train_fwd, fwd_bwd) ms with the output forced into the walk (fused) or after it (split) in both
     inference and training; the other switches keep their defaults."""
