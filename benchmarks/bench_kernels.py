@@ -154,8 +154,8 @@ def make_row(card, bw, shape, mode, ours, gdn2, kda, floor_bytes):
 
 def shape_rows(card, bw, B, T, ours, gd, kd):
     """The rows of one chunked shape, in CHUNK_MODES order: ours {row: ms} (the rows it has: a log of an older version
-    may lack some) and fla's {mode: ms} (gdn2, kda; empty where not timed). Floor: q, k, b, v, w read in bf16, g in fp32, o written (forward); the backward reads them and do,
-    and writes their gradients."""
+    may lack some) and fla's {mode: ms} (gdn2, kda; empty where not timed). Floor: q, k, b, v, w read in bf16, g in
+    fp32, o written (forward); the backward reads them and do, and writes their gradients."""
     ntok = B * T * H
     fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
     bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
