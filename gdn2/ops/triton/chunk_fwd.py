@@ -41,7 +41,8 @@ Kernels (in launch order)
                           and Aqk [TT, H, 64] depend on key-head inputs only, so grouped value heads share them.
   gdn2_fwd_kernel_wy      grid (chunks, key heads): the rest of the state-independent work, in K blocks of BK (64 or
                           32, a launch config): Y = A E, Q, Kt [TT, H, K] and exp(G_C) [NC, H, K] (fp32); U = A Z
-                          [TT, Hv, V] for each value head of the group. Y, Q, Kt, U are stored in v's dtype (the tensor-core operand dtype).
+                          [TT, Hv, V] for each value head of the group. Y, Q, Kt, U are stored in v's dtype (the
+                          tensor-core operand dtype).
   gdn2_fwd_kernel_wy, MERGED  (chunk_infer.use_merged_kernel: the default for 16-bit inputs) replaces the four
                           launches above: per chunk, T and Aqk with one [64, BK] x [BK, 64] product each, the exponent
                           split at one reference per chunk and channel, m halfway between its largest and smallest G,
