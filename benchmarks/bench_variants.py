@@ -12,13 +12,12 @@ Writes <out>/variants-<card>.csv and prints it.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 
 import torch
 
-from benchmarks.bench_kernels import inputs, time_modes
+from benchmarks.bench_kernels import inputs, print_rows, time_modes, write_csv
 from gdn2.ops.triton import triton_chunk_gdn2
 from gdn2.ops.triton.chunk_infer import forced, use_fused_output, use_fused_output_in_training
 
@@ -67,11 +66,8 @@ def main():
                              K=dim, V=dim, B=B, T=T, mode=mode, split_ms=round(split[mode], 4),
                              fused_ms=round(fused[mode], 4), fused_over_split=round(fused[mode] / split[mode], 3),
                              default="fused" if default[mode] else "split"))
-            print(" | ".join(str(x) for x in rows[-1].values()), flush=True)
-        with open(path, "w", newline="") as f:                  # after every case: a run cut short keeps the rest
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
+            print_rows(rows[-1:])
+        write_csv(rows, path)                                   # after every case: a run cut short keeps the rest
         del q, k, v, g, b, w, do, h0
         torch.cuda.empty_cache()
     print(f"wrote {path}")

@@ -13,14 +13,13 @@ the no-grad forward instead (the merged wy kernel, the walk with the output insi
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import os
 
 import torch
 import triton
 
-from benchmarks.bench_kernels import inputs
+from benchmarks.bench_kernels import inputs, write_csv
 from gdn2.ops.triton import triton_chunk_gdn2
 from gdn2.ops.triton.chunk import CHUNK_KERNELS
 from gdn2.ops.triton.utils import config_name, pin_config
@@ -90,10 +89,7 @@ def main():
         raise SystemExit("no kernel was timed")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"configs-{card}-B{args.B}_T{args.T}{'-inference' if args.inference else ''}.csv")
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        wr.writeheader()
-        wr.writerows(rows)
+    write_csv(rows, path)
     print(f"wrote {path}")
 
 

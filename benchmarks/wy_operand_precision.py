@@ -91,18 +91,17 @@ def main():
             gen = torch.Generator().manual_seed(seed)
             h0 = torch.randn(1, args.heads, 128, 128, dtype=torch.float64, generator=gen) * 0.1
             x = (q, k, v, g * g_scale, b, w, h0)
-            o_ref, s_ref, _ = chunk_forward(*x, ROUNDINGS["float64 (reference)"])
+            exact = ROUNDINGS["float64 (reference)"]
+            o_ref, s_ref, _ = chunk_forward(*x, exact)
+
+            def report(label, o, s, amax):
+                err_o = ((o - o_ref).norm() / o_ref.norm()).item()
+                err_s = ((s - s_ref).norm() / s_ref.norm()).item()
+                print(f"{case + f' seed {seed}':26s} {label:32s} {err_o:11.2e} {err_s:15.2e} {amax:9.3g}", flush=True)
             for name, fn in list(ROUNDINGS.items())[1:]:
-                o, s, amax = chunk_forward(*x, fn)
-                err_o = ((o - o_ref).norm() / o_ref.norm()).item()
-                err_s = ((s - s_ref).norm() / s_ref.norm()).item()
-                print(f"{case + f' seed {seed}':26s} {name:32s} {err_o:11.2e} {err_s:15.2e} {amax:9.3g}", flush=True)
+                report(name, *chunk_forward(*x, fn))
             for name, fn in ROUNDINGS.items():
-                o, s, amax = chunk_forward(*x, ROUNDINGS["float64 (reference)"], round_pairs=fn)
-                err_o = ((o - o_ref).norm() / o_ref.norm()).item()
-                err_s = ((s - s_ref).norm() / s_ref.norm()).item()
-                print(f"{case + f' seed {seed}':26s} {'T, Aqk factors ' + name.split(' ')[0]:32s} {err_o:11.2e} "
-                      f"{err_s:15.2e} {amax:9.3g}", flush=True)
+                report("T, Aqk factors " + name.split(" ")[0], *chunk_forward(*x, exact, round_pairs=fn))
 
 
 if __name__ == "__main__":

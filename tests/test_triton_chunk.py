@@ -172,18 +172,8 @@ def test_forced_switches_are_restored(monkeypatch):
             pass
 
 
-def forbid_output_kernel(monkeypatch):
-    """Make a launch of the chunk-parallel output kernel fail the test (for paths that compute O inside the walk)."""
-    from gdn2.ops.triton import chunk_fwd
-
-    class NoLaunch:
-        def __getitem__(self, grid):
-            raise AssertionError("the output kernel ran although the output is computed inside the walk")
-    monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_output", NoLaunch())
-
-
-def forbid_kernels(monkeypatch, *names):
-    """Make a launch of any of the named chunk_fwd kernels fail the test."""
+def forbid_kernels(monkeypatch, *names, why="the merged wy kernel makes A and Aqk itself"):
+    """Make a launch of any of the named chunk_fwd kernels fail the test, saying why it should not have run."""
     from gdn2.ops.triton import chunk_fwd
 
     class NoLaunch:
@@ -191,9 +181,14 @@ def forbid_kernels(monkeypatch, *names):
             self.name = name
 
         def __getitem__(self, grid):
-            raise AssertionError(f"{self.name} ran although the merged wy kernel makes A and Aqk itself")
+            raise AssertionError(f"{self.name} ran although {why}")
     for name in names:
         monkeypatch.setattr(chunk_fwd, name, NoLaunch(name))
+
+
+def forbid_output_kernel(monkeypatch):
+    """Make a launch of the chunk-parallel output kernel fail the test (for paths that compute O inside the walk)."""
+    forbid_kernels(monkeypatch, "gdn2_fwd_kernel_output", why="the output is computed inside the walk")
 
 
 @pytest.mark.parametrize("fused", ["0", "1"])

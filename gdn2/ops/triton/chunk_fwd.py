@@ -848,13 +848,21 @@ def block_sizes(K: int, V: int) -> tuple[int, int]:
     return min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
 
 
+def chunk_matrices(q, n_chunks, with_n_exact: bool = True):
+    """Empty A (fp32) and Aqk (q's dtype) per key head, [TT, H, 64] each, and n_exact [4 x chunks, H] int32 (None
+    unless with_n_exact): what intra_forward, or the merged wy kernel, fills."""
+    TT, H, _ = q.shape
+    A = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32)
+    Aqk = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
+    n_exact = torch.empty(4 * n_chunks, H, device=q.device, dtype=torch.int32) if with_n_exact else None
+    return A, Aqk, n_exact
+
+
 def intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2):
     """A (fp32) and Aqk (q's dtype) per key head: [TT, H, 64] each; n_exact [4 x chunks, H] int32, the number of
     channels per sub-chunk off the midpoint form (the exact kernels skip the sub-chunks where it is 0)."""
     TT, H, K = q.shape
-    A = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32)
-    Aqk = torch.empty(TT, H, CHUNK, device=q.device, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
-    n_exact = torch.empty(4 * n_chunks, H, device=q.device, dtype=torch.int32)
+    A, Aqk, n_exact = chunk_matrices(q, n_chunks)
     gdn2_fwd_kernel_intra[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, n_exact, cu, chunk_indices, scale,
                                              H=H, K=K, USE_L2=use_l2, PREC=dot_precision(q.dtype))
     gdn2_fwd_kernel_exact_diag[(4 * n_chunks, H)](q, k, g, b, rq, rk, A, Aqk, n_exact, cu, chunk_indices, scale,
@@ -919,9 +927,7 @@ def chunk_forward(q, k, v, g, b, w, rq, rk, h0, scale, layout, use_l2, output_fi
     prec = SERIAL_PRECISION
     dev = q.device
     if merged:
-        A = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
-        Aqk = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
-        n_exact = torch.empty(4 * n_chunks, H, device=dev, dtype=torch.int32) if for_backward else None
+        A, Aqk, n_exact = chunk_matrices(q, n_chunks, with_n_exact=for_backward)
     else:
         A, Aqk, n_exact = intra_forward(q, k, g, b, rq, rk, scale, cu, chunk_indices, n_chunks, use_l2)
     Y, Qg, Kt = (torch.empty(TT, H, K, device=dev, dtype=v.dtype) for _ in range(3))     # Y holds E with apply_a
