@@ -29,6 +29,7 @@ import re
 import torch
 import triton
 
+from benchmarks.csv_rows import write_csv
 from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2
 from gdn2.ops.triton.chunk_infer import APPLY_A_MIN_WALKS, forced
 
@@ -176,13 +177,6 @@ def rows_from_log(text, card):
         B, T = (int(x[1:]) for x in shape.split("_"))
         rows += shape_rows(card, bw, B, T, ast.literal_eval(ours), fla["gdn2"], fla["kda"])
     return rows, bw
-
-
-def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        wr.writeheader()
-        wr.writerows(rows)
 
 
 def print_rows(rows):

@@ -9,7 +9,6 @@ tokens (one batched encode per 32 samples) plus needle depths in tokens. Tokeniz
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -29,6 +28,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "ruler-generate-cpu.csv"))
     args = parser.parse_args()
 
+    from benchmarks.csv_rows import write_csv
     from tasks import get_task
     from tasks.offline_tokenizers import mistral
 
@@ -53,10 +53,7 @@ def main() -> int:
         })
         print(rows[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from benchmarks.bench_kernels import inputs, print_rows, time_modes, write_csv
+from benchmarks.bench_kernels import inputs, print_rows, time_modes
+from benchmarks.csv_rows import write_csv
 from gdn2.ops.triton import triton_chunk_gdn2
 from gdn2.ops.triton.chunk_infer import forced, use_fused_output, use_fused_output_in_training
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import sys
 import time
@@ -32,9 +31,11 @@ import time
 SMOKE = "--smoke" in sys.argv
 if SMOKE:                                          # before any Triton kernel module is imported
     os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: benchmarks.*
 
 import torch  # noqa: E402
 
+from benchmarks.csv_rows import write_csv  # noqa: E402
 from gdn2.ops.chunk_torch import torch_chunk_gdn2  # noqa: E402
 from gdn2.ops.recurrent import torch_recurrent_step_gdn2  # noqa: E402
 from gdn2.ops.triton import recurrent, triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
@@ -361,10 +362,7 @@ def verdict(worst: float, n_checked: int) -> str:
 def write_results(out, card, rows, summary):
     """check-<card>.csv (one row per tensor checked) and check-summary-<card>.txt (one line per config)."""
     if rows:
-        with open(os.path.join(out, f"check-{card}.csv"), "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            wr.writeheader()
-            wr.writerows(rows)
+        write_csv(rows, os.path.join(out, f"check-{card}.csv"))
     with open(os.path.join(out, f"check-summary-{card}.txt"), "w") as f:
         for r in summary:
             f.write(" | ".join(r) + "\n")

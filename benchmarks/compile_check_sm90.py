@@ -13,7 +13,6 @@ Needs no CUDA driver (the interpreter must be OFF: do not set TRITON_INTERPRET).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 import subprocess
@@ -22,12 +21,14 @@ import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: benchmarks.*
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from benchmarks.csv_rows import write_csv  # noqa: E402
 from gdn2.ops.triton.chunk import CHUNK_KERNELS  # noqa: E402
 from gdn2.ops.triton.chunk_fwd import block_sizes  # noqa: E402
 from gdn2.ops.triton.utils import SERIAL_PRECISION, config_name, dot_precision, solve_precision  # noqa: E402
@@ -175,10 +176,7 @@ def main():
                           f"{str(regs):>5s} {str(spill):>7s}  {'ok' if ok else 'NO':6s}  {fits}{flag} "
                           f"({row['compile_s']}s){' ' + err if err else ''}", flush=True)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
+        write_csv(rows, args.csv)
     bad = [r for r in rows if r["fits"] and not r["launch_ok"]]
     spare = [r for r in rows if r["launch_ok"] and not r["fits"]]
     print(f"{len(rows)} compiles; {sum(not r['launch_ok'] for r in rows)} cannot launch; {len(bad)} admitted by "

@@ -13,7 +13,6 @@ Writes <out>/profile-<card>-B<B>_T<T>.csv (impl, mode, kernel, calls per iterati
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from collections import defaultdict
 
@@ -21,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_kernels import H, K, V, inputs, load_fla
+from benchmarks.csv_rows import write_csv
 from gdn2.ops.triton import triton_chunk_gdn2
 from gdn2.ops.triton.chunk import CHUNK_KERNELS
 
@@ -102,13 +102,6 @@ def main():
                 for kname, cfg in chosen_configs().items():
                     print(f"  config {kname}: {cfg}")
         write_csv(rows, os.path.join(args.out, f"profile-{card}-B{args.B}_T{args.T}.csv"))
-
-
-def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        wr.writeheader()
-        wr.writerows(rows)
 
 
 if __name__ == "__main__":

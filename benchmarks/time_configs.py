@@ -19,7 +19,8 @@ import os
 import torch
 import triton
 
-from benchmarks.bench_kernels import inputs, write_csv
+from benchmarks.bench_kernels import inputs
+from benchmarks.csv_rows import write_csv
 from gdn2.ops.triton import triton_chunk_gdn2
 from gdn2.ops.triton.chunk import CHUNK_KERNELS
 from gdn2.ops.triton.utils import config_name, pin_config
