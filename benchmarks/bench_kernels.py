@@ -25,13 +25,15 @@ import csv
 import datetime
 import os
 import re
+import sys
 
 import torch
 import triton
 
-from benchmarks.csv_rows import write_csv
-from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2
-from gdn2.ops.triton.chunk_infer import APPLY_A_MIN_WALKS, forced
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: benchmarks.*
+from benchmarks.csv_rows import write_csv  # noqa: E402
+from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
+from gdn2.ops.triton.chunk_infer import APPLY_A_MIN_WALKS, forced  # noqa: E402
 
 H, K, V = 16, 128, 128
 SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
@@ -124,7 +126,6 @@ def decode_rows(card, bw, fla_rec):
     for B in (1, 64):
         q, k, v, g, b, w, _ = inputs(B, 1, seed=10 + B)
         state = torch.randn(B, H, K, V, device="cuda") * 0.1
-        floor_bytes = B * H * (2 * K * V * 4 + 3 * K * 2 + K * 4 + 3 * V * 2)
         ours = bench(lambda: triton_recurrent_step_gdn2(q, k, v, g, b, w, state, None, False))
         steps = 32
         graph = torch.cuda.CUDAGraph()
@@ -138,9 +139,14 @@ def decode_rows(card, bw, fla_rec):
         if fla_rec is not None:
             st = state.clone()
             fla_ms = bench(lambda: fla_rec(q, k, v, g, b, w, initial_state=st, output_final_state=True))
-        rows.append(make_row(card, bw, f"B{B}_T1", "decode_step", ours, fla_ms, None, floor_bytes))
-        rows.append(make_row(card, bw, f"B{B}_T1", "decode_step_graph", ours_graph, None, None, floor_bytes))
+        floor = floor_bytes_of(f"B{B}_T1", "decode_step")
+        rows.append(make_row(card, bw, f"B{B}_T1", "decode_step", ours, fla_ms, None, floor))
+        rows.append(make_row(card, bw, f"B{B}_T1", "decode_step_graph", ours_graph, None, None, floor))
     return rows
+
+
+ROW_KEYS = ("card", "date", "shape", "mode", "ours_ms", "fla_gdn2_ms", "fla_kda_ms", "floor_ms", "ours_over_fla_gdn2",
+            "ours_over_floor")
 
 
 def make_row(card, bw, shape, mode, ours, gdn2, kda, floor_bytes):
@@ -153,30 +159,92 @@ def make_row(card, bw, shape, mode, ours, gdn2, kda, floor_bytes):
                 ours_over_floor=round(ours / floor_ms, 2))
 
 
-def shape_rows(card, bw, B, T, ours, gd, kd):
-    """The rows of one chunked shape, in CHUNK_MODES order: ours {row: ms} (the rows it has: a log of an older version
-    may lack some) and fla's {mode: ms} (gdn2, kda; empty where not timed). Floor: q, k, b, v, w read in bf16, g in
-    fp32, o written (forward); the backward reads them and do, and writes their gradients."""
+def floor_bytes_of(shape: str, mode: str) -> int:
+    """The bytes every implementation must move for a row (shape "B8_T4096"). Chunked forward: q, k, b, v, w read in
+    bf16, g in fp32, o written; the backward reads them and do, and writes their gradients. Decode (T = 1): the state
+    read and written in fp32, one token's inputs read and its output written."""
+    B, T = (int(x[1:]) for x in shape.split("_"))
+    if T == 1:
+        return B * H * (2 * K * V * 4 + 3 * K * 2 + K * 4 + 3 * V * 2)
     ntok = B * T * H
     fwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2)
-    bwd_bytes = ntok * (3 * K * 2 + K * 4 + 2 * V * 2 + V * 2) + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
-    return [make_row(card, bw, f"B{B}_T{T}", mode, ours[mode], gd.get(fla_mode_of(mode)), kd.get(fla_mode_of(mode)),
-                     fwd_bytes if not mode.startswith("fwd_bwd") else fwd_bytes + bwd_bytes)
+    bwd_bytes = fwd_bytes + ntok * (3 * K * 2 + K * 4 + 2 * V * 2)
+    return fwd_bytes + bwd_bytes if mode.startswith("fwd_bwd") else fwd_bytes
+
+
+def shape_rows(card, bw, B, T, ours, gd, kd):
+    """The rows of one chunked shape, in CHUNK_MODES order: ours {row: ms} (the rows it has: a log of an older version
+    may lack some) and fla's {mode: ms} (gdn2, kda; empty where not timed)."""
+    shape = f"B{B}_T{T}"
+    return [make_row(card, bw, shape, mode, ours[mode], gd.get(fla_mode_of(mode)), kd.get(fla_mode_of(mode)),
+                     floor_bytes_of(shape, mode))
             for mode in CHUNK_MODES if mode in ours]
 
 
+def run_header(card, bw) -> str:
+    """The first line a bench run prints: card, copy bandwidth, date and software (rows_from_log reads it back)."""
+    return (f"card {card}; copy bandwidth {bw / 1e12:.4f} TB/s (read + write); {datetime.date.today().isoformat()}; "
+            f"{software()}")
+
+
 def rows_from_log(text, card):
-    """Rebuild the chunked rows from a bench log's printed dicts ("card ...; copy bandwidth X TB/s", "ours B8_T4096:
-    {...}", "fla gdn2 B8_T4096: {...}", "fla kda ..."), for a run whose time limit cut it before it wrote them.
-    Returns (rows, bandwidth in B/s)."""
-    bw = float(re.search(r"copy bandwidth ([\d.]+) TB/s", text).group(1)) * 1e12
+    """Rebuild the rows from a bench log, for a run whose time limit cut it before it wrote them: the chunked rows from
+    its printed dicts ("ours B8_T4096: {...}", "fla gdn2 B8_T4096: {...}", "fla kda ..."), the decode rows from their
+    printed table lines. Date, copy bandwidth and software come from the log's first line (run_header); a log from
+    before that line named date and software has "not in log" for them. Returns (rows, bandwidth in B/s, software)."""
+    header = re.search(r"^card \S+; copy bandwidth ([\d.]+) TB/s \(read \+ write\)(?:; (\S+); (.*))?$", text,
+                       flags=re.M)
+    bw = float(header.group(1)) * 1e12
+    date, soft = header.group(2) or "not in log", header.group(3) or "software not in log"
     rows = []
     for shape, ours in re.findall(r"^ours (B\d+_T\d+): (\{.*\})$", text, flags=re.M):
         fla = {name: ast.literal_eval(found.group(1)) if found else {} for name in ("gdn2", "kda")
                for found in [re.search(rf"^fla {name} {shape}: (\{{.*\}})$", text, flags=re.M)]}
         B, T = (int(x[1:]) for x in shape.split("_"))
         rows += shape_rows(card, bw, B, T, ast.literal_eval(ours), fla["gdn2"], fla["kda"])
-    return rows, bw
+    for line in re.findall(r"^\S+ \| \S+ \| B\d+_T1 \| decode_step.*$", text, flags=re.M):
+        cells = [None if c == "None" else c for c in line.split(" | ")]
+        row = dict(zip(ROW_KEYS, cells[:4] + [None if c is None else float(c) for c in cells[4:]]))
+        rows.append({**row, "card": card})
+    return [{**r, "date": date} for r in rows], bw, soft
+
+
+def read_rows(path):
+    """The rows of a kernels-<card>.csv, numbers as floats and empty cells as None."""
+    def cell(key, text):
+        if text in ("", "None"):
+            return None
+        return text if key in ("card", "date", "shape", "mode") else float(text)
+    with open(path) as f:
+        return [{key: cell(key, text) for key, text in r.items()} for r in csv.DictReader(f)]
+
+
+def software_of_report(path) -> str:
+    """The software line of a kernels-<card>.md report (write_markdown's third line, up to "; bf16")."""
+    if not os.path.exists(path):
+        return "software not recorded"
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return lines[2].split("; bf16")[0] if len(lines) > 2 and "; bf16" in lines[2] else "software not recorded"
+
+
+def bandwidth_of(rows) -> float:
+    """The copy bandwidth (B/s) the rows' floors were computed with, from the largest floor (ms, rounded to 4
+    decimals) and the bytes of its shape."""
+    row = max(rows, key=lambda r: r["floor_ms"])
+    return floor_bytes_of(row["shape"], row["mode"]) / (row["floor_ms"] * 1e-3)
+
+
+def merge_rows(row_lists):
+    """One table from several runs' rows: a later run's row replaces an earlier one of the same shape and mode. Order:
+    the chunked shapes as in SHAPES (others after them), then the decode rows; within a shape, first appearance."""
+    merged = {}
+    for rows in row_lists:
+        for r in rows:
+            merged[(r["shape"], r["mode"])] = r
+    order = [f"B{B}_T{T}" for B, T in SHAPES]
+    return sorted(merged.values(), key=lambda r: (r["shape"].endswith("_T1"),
+                                                  order.index(r["shape"]) if r["shape"] in order else len(order)))
 
 
 def print_rows(rows):
@@ -196,29 +264,43 @@ def main():
                     help="no GPU: rebuild kernels-<card>.csv/.md in --out from the dicts these bench logs printed "
                          "(a run cut short), with --card")
     ap.add_argument("--card", default=None, help="with --rows-from-logs: the card the logs ran on")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="CSV",
+                    help="no GPU: one kernels-<card>.csv/.md/.png in --out from several runs' kernels-<card>.csv (a "
+                         "later file's row replaces an earlier one of the same shape and mode); the software comes "
+                         "from the .md report beside each")
     args = ap.parse_args()
     if args.plot_from:
-        with open(args.plot_from) as f:
-            rows = [{k: (float(v) if k.endswith("_ms") and v not in ("", "None") else None if v in ("", "None")
-                         else v) for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = read_rows(args.plot_from)
         write_plot(rows, rows[0]["card"], args.plot_from[:-4] + ".png")
         return
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        rows = merge_rows([read_rows(path) for path in args.merge])
+        soft = " / ".join(dict.fromkeys(software_of_report(path[:-4] + ".md") for path in args.merge))
+        card = rows[0]["card"]
+        write_csv(rows, os.path.join(args.out, f"kernels-{card}.csv"))
+        note = ("Rows merged from " + ", ".join(os.path.basename(p) for p in args.merge)
+                + " (bench_kernels.py --merge; a later file's row replaces an earlier one of the same shape and mode).")
+        write_markdown(rows, card, bandwidth_of(rows), os.path.join(args.out, f"kernels-{card}.md"), soft, note)
+        write_plot(rows, card, os.path.join(args.out, f"kernels-{card}.png"))
+        print_rows(rows)
+        return
     if args.rows_from_logs:
         if not args.card:
             raise SystemExit("--rows-from-logs needs --card (e.g. NVIDIA-H100-80GB-HBM3): the logs' rows carry it")
-        rows, bw = [], None
+        runs = []
         for path in args.rows_from_logs:
             with open(path) as f:
-                got, bw = rows_from_log(f.read(), args.card)
-            rows += got
+                runs.append(rows_from_log(f.read(), args.card))
+        rows = merge_rows([got for got, _, _ in runs])
+        soft = " / ".join(dict.fromkeys(s for _, _, s in runs))                # distinct, in order
         write_csv(rows, os.path.join(args.out, f"kernels-{args.card}.csv"))
-        write_markdown(rows, args.card, bw, os.path.join(args.out, f"kernels-{args.card}.md"))
+        write_markdown(rows, args.card, runs[-1][1], os.path.join(args.out, f"kernels-{args.card}.md"), soft)
         print_rows(rows)
         return
     card = torch.cuda.get_device_name().replace(" ", "-")
     bw = copy_bandwidth()
-    print(f"card {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    print(run_header(card, bw), flush=True)
     fla_gdn2, fla_kda, fla_rec = (None, None, None) if args.skip_fla else load_fla()
     csv_path = os.path.join(args.out, f"kernels-{card}.csv")
     rows = []
@@ -249,7 +331,7 @@ def main():
     rows += decode_rows(card, bw, fla_rec)
     print_rows([r for r in rows if r["mode"].startswith("decode")])
     write_csv(rows, csv_path)
-    write_markdown(rows, card, bw, os.path.join(args.out, f"kernels-{card}.md"))
+    write_markdown(rows, card, bw, os.path.join(args.out, f"kernels-{card}.md"), software())
     write_plot(rows, card, os.path.join(args.out, f"kernels-{card}.png"))
     print(f"wrote {csv_path} (.md, .png)")
 
@@ -301,14 +383,21 @@ def fla_version() -> str:
     return getattr(fla, "__version__", "?")
 
 
-def write_markdown(rows, card, bw, path):
-    import torch as _torch
-    lines = [f"# GDN-2 Triton kernels vs fla ({card}, {datetime.date.today().isoformat()})", "",
-             f"triton {triton.__version__}, torch {_torch.__version__}, fla {fla_version()}; "
+def software() -> str:
+    """The versions a run used (triton, torch, fla) and whether it autotuned."""
+    return (f"triton {triton.__version__}, torch {torch.__version__}, fla {fla_version()}, "
+            f"GDN2_TRITON_AUTOTUNE={os.environ.get('GDN2_TRITON_AUTOTUNE', '1')}")
+
+
+def write_markdown(rows, card, bw, path, software_used, note=""):
+    """The report: header (card, the rows' dates, software_used, e.g. software() of the run, and a note on where the
+    rows come from, if any), table, targets."""
+    dates = ", ".join(dict.fromkeys(r["date"] for r in rows))
+    lines = [f"# GDN-2 Triton kernels vs fla ({card}, {dates})", "",
+             f"{software_used}; "
              f"bf16 q,k,v,b,w, fp32 g, H={H}, K=V={K}, initial state in, final state out; median of "
-             f"triton.testing.do_bench. Floor = bytes that must move / {bw / 1e12:.2f} TB/s measured copy. "
-             f"GDN2_TRITON_AUTOTUNE={os.environ.get('GDN2_TRITON_AUTOTUNE', '1')}.", "",
-             LEGEND, "",
+             f"triton.testing.do_bench. Floor = bytes that must move / {bw / 1e12:.2f} TB/s measured copy.", "",
+             *([note, ""] if note else []), LEGEND, "",
              "| shape | mode | ours ms | fla gdn2 ms | fla kda ms | floor ms | ours / fla gdn2 | ours / floor |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
