@@ -122,8 +122,8 @@ def use_merged_kernel(dtype: torch.dtype, K: int) -> bool:
 # The walk applying A pays one more [64, 64] x [64, BV] product per chunk step on its sequential path, and saves the
 # merged kernel its second half (Y = A E, U = A Z); that pays only where many walks run side by side. H100, bf16,
 # H = Hv = 16, K = V = 128 (tenth session, bench rows infer_fwd_merged / infer_fwd_apply_a, results/bench/
-# bench-session10-*): 1.48 vs 1.62 ms at B=8, T=4096 (128 sequences x value heads); 5.73 vs 4.15 at B=1, T=65536 (16).
-# Between the two (B=2: 32) it is untimed, so it stays off there.
+# bench-session10-*): 1.48 vs 1.62 ms at B=8, T=4096 (128 sequences x value heads); 5.73 vs 4.15 at B=1, T=65536 (16);
+# eleventh session (bench-session11-*): 1.93 vs 1.75 at B=2, T=16384 (32), so it stays off there too.
 APPLY_A_MIN_WALKS = 128
 
 
