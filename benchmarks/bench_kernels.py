@@ -30,7 +30,8 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: benchmarks.*
+# the repository root, for benchmarks.*; appended, so that a gdn2 copy on PYTHONPATH still comes first
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.csv_rows import write_csv  # noqa: E402
 from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
 from gdn2.ops.triton.chunk_infer import APPLY_A_MIN_WALKS, forced  # noqa: E402

@@ -48,7 +48,8 @@ def main() -> int:
             "samples_per_s": round(len(samples) / elapsed, 1), "prompt_tokens_per_s": int(total_tokens / elapsed),
             "min_length": min(lengths), "max_length": max(lengths),
             "tokenizer": "mistral-7b sentencepiece 32000 (LlamaTokenizer, Rust backend)",
-            "tokenizer_load_s": round(load_s, 2), "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "default"),
+            "tokenizer_load_s": round(load_s, 2),
+            "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "default"),
             "cpu": f"{platform.machine()} x{os.cpu_count()}", "date": datetime.date.today().isoformat(),
         })
         print(rows[-1], flush=True)

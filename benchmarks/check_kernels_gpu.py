@@ -31,7 +31,8 @@ import time
 SMOKE = "--smoke" in sys.argv
 if SMOKE:                                          # before any Triton kernel module is imported
     os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: benchmarks.*
+# the repository root, for benchmarks.*; appended, so that a gdn2 copy on PYTHONPATH still comes first
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 

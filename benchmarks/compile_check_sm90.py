@@ -21,7 +21,8 @@ import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: benchmarks.*
+# the repository root, for benchmarks.*; appended, so that a gdn2 copy on PYTHONPATH still comes first
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--inference", action="store_true", help="record the inference forward's launches (no grad)")
+    ap.add_argument("--config", default=None, help="time only the config of this name (e.g. BK=32,w4,s2)")
     args = ap.parse_args()
     names = args.kernels.split(",")
     unknown = [n for n in names if n not in CHUNK_KERNELS]
@@ -81,13 +82,15 @@ def main():
         for config in list(getattr(kernel, "_all_configs", kernel.configs)):
             if not kernel.fits(config, named[kernel.dtype_arg].dtype, named.get("K"), *fits_args):
                 continue
+            if args.config is not None and config_name(config) != args.config:
+                continue
             pin_config(kernel, config)
             ms = triton.testing.do_bench(lambda: kernel[grid](*a, **kw), warmup=25, rep=100)
             rows.append(dict(card=card, kernel=n, config=config_name(config), ms=f"{ms:.4f}"))
             print(f"{n:16s} {config_name(config):28s} {ms:8.4f} ms", flush=True)
         pin_config(kernel, None)
     if not rows:
-        raise SystemExit("no kernel was timed")
+        raise SystemExit("no kernel was timed" + (f" (no config named {args.config} fits)" if args.config else ""))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"configs-{card}-B{args.B}_T{args.T}{'-inference' if args.inference else ''}.csv")
     write_csv(rows, path)
