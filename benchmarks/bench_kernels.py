@@ -195,6 +195,9 @@ def rows_from_log(text, card):
     before that line named date and software has "not in log" for them. Returns (rows, bandwidth in B/s, software)."""
     header = re.search(r"^card \S+; copy bandwidth ([\d.]+) TB/s \(read \+ write\)(?:; (\S+); (.*))?$", text,
                        flags=re.M)
+    if header is None:
+        raise ValueError("not a bench_kernels.py log: no line 'card ...; copy bandwidth X TB/s (read + write)' (the "
+                         "first line every run prints); pass the log the run wrote")
     bw = float(header.group(1)) * 1e12
     date, soft = header.group(2) or "not in log", header.group(3) or "software not in log"
     rows = []
@@ -277,6 +280,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     if args.merge:
         rows = merge_rows([read_rows(path) for path in args.merge])
+        if not rows:
+            raise SystemExit(f"--merge: no rows in {args.merge}; pass kernels-<card>.csv files a bench run wrote")
         soft = " / ".join(dict.fromkeys(software_of_report(path[:-4] + ".md") for path in args.merge))
         card = rows[0]["card"]
         write_csv(rows, os.path.join(args.out, f"kernels-{card}.csv"))

@@ -4,6 +4,7 @@ import os
 import sys
 import types
 
+import pytest
 import torch
 
 from benchmarks import bench_kernels as bk
@@ -113,6 +114,8 @@ def test_rows_from_a_log_cut_short(tmp_path):
     # forward floor: 8 * 4096 * 16 token-heads x (3 x 128 x 2 + 128 x 4 + 2 x 128 x 2 + 128 x 2) B at 3.0e12 B/s
     assert merged8["floor_ms"] == round(8 * 4096 * 16 * 2048 / 3.0e12 * 1e3, 4)
     assert rows[-1]["mode"] == "infer_fwd_merged" and rows[-1]["fla_gdn2_ms"] is None
+    with pytest.raises(ValueError, match="not a bench_kernels.py log"):
+        bk.rows_from_log("ours B8_T4096: {}\n", "X")
 
 
 def test_log_header_and_decode_rows_round_trip(tmp_path):
