@@ -124,7 +124,6 @@ def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
 MODES = {"train": ((False, True),), "train_fused": ((True, True),), "train_recompute": ((True, False), (False, True)),
          "infer": ((False, True),), "infer_fused": ((True, False),), "infer_merged": ((True, False),),
          "train_merged": ((True, True),), "infer_apply_a": ((True, False, True),)}
-CHECKED_MODES = list(MODES)                       # --modes narrows it
 # modes that differ from "train" in the state kernel only: run where that kernel is under test
 STATE_ONLY_MODES = ("train_fused", "train_recompute")
 # the chunk_infer switches each mode forces on (chunk_infer.forced; every other switch is forced off): the modes
@@ -166,10 +165,12 @@ def pin_for(dtype, K, under_test=None, mode="train"):
     return True
 
 
-def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), under_test=None, autotuned=()):
-    """autotuned: kernel names left to the autotuner (all their configs, cache cleared) in every mode, so the checked
-    call is the first one of its key: the autotuner times every config in place before the real run (a kernel that
-    updates its arguments in place must restore them: restore_value)."""
+def check_case(case, seed, label, rows, modes, dtypes=(torch.bfloat16, torch.float32), under_test=None,
+               autotuned=()):
+    """modes: the MODES to run (the state-only ones only where the state kernel is under test). autotuned: kernel
+    names left to the autotuner (all their configs, cache cleared) in every mode, so the checked call is the first one
+    of its key: the autotuner times every config in place before the real run (a kernel that updates its arguments in
+    place must restore them: restore_value)."""
     xs, h0, cu = make_inputs(case, seed)
     gen = torch.Generator(device=DEV).manual_seed(seed + 1)
     B, T, HV, V, K = case["B"], case["T"], case["HV"], case["V"], case["K"]
@@ -181,7 +182,7 @@ def check_case(case, seed, label, rows, dtypes=(torch.bfloat16, torch.float32), 
     for dtype in dtypes:
         cast = [x.to(dtype) if i != 3 else x for i, x in enumerate(xs)]          # g stays fp32, as in the layer
         state_modes = under_test is None or under_test[0] == "fwd_state"
-        for mode in (m for m in CHECKED_MODES if state_modes or m not in STATE_ONLY_MODES):
+        for mode in (m for m in modes if state_modes or m not in STATE_ONLY_MODES):
             if not pin_for(dtype, K, under_test, mode):
                 continue
             for kname in autotuned:
@@ -255,11 +256,10 @@ def main():
                                                             "(to finish a check that a time limit cut short)")
     args = ap.parse_args()
     only = None if args.kernels is None else set(args.kernels.split(","))
-    if args.modes is not None:
-        unknown = set(args.modes.split(",")) - set(MODES)
-        if unknown:
-            raise SystemExit(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {list(MODES)}")
-        CHECKED_MODES[:] = args.modes.split(",")
+    modes = list(MODES) if args.modes is None else args.modes.split(",")
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise SystemExit(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {list(MODES)}")
     os.makedirs(args.out, exist_ok=True)
     card = "cpu-interpreter" if SMOKE else torch.cuda.get_device_name().replace(" ", "-")
     rows, summary = [], []
@@ -285,14 +285,8 @@ def main():
                 continue
             dtypes = [d for d in DT if kern.fits(cfg, d, MAIN["K"])]
             seed += 7
-            t = time.time()
-            try:
-                n_rows = len(rows)
-                worst = check_case(MAIN, seed, f"{kname} {config_name(cfg)} {[str(d)[6:] for d in dtypes]}", rows,
-                                   dtypes, (kname, cfg))
-                status = verdict(worst, len(rows) - n_rows) + f" ({time.time() - t:.0f}s)"
-            except Exception as e:                                             # a config that fails to compile/run
-                status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
+            status = case_status(MAIN, seed, f"{kname} {config_name(cfg)} {[str(d)[6:] for d in dtypes]}", rows,
+                                 modes, dtypes, (kname, cfg), timed=True)
             record(kname, config_name(cfg), status, dtypes)
     wanted = None if args.extras in (None, "all") else set(args.extras.split(","))
     unknown = (wanted or set()) - {case["name"] for case in EXTRA}
@@ -320,30 +314,30 @@ def main():
             record(label, name, "NOT RUN (time budget)")
             continue
         dtypes = [d for d in DT if under_test is None or KERNELS[under_test[0]].fits(under_test[1], d, case["K"])]
-        try:
-            n_rows = len(rows)
-            worst = check_case(case, seed, f"{label} {name}", rows, dtypes, under_test)
-            status = verdict(worst, len(rows) - n_rows)
-        except Exception as e:
-            status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
-        record(label, name, status, dtypes)
+        record(label, name, case_status(case, seed, f"{label} {name}", rows, modes, dtypes, under_test), dtypes)
     # the first call under autotuning (found in the fourth session: the in-place solve kernel had no restore_value,
     # so the first call of each key inverted A once per timed config)
     tuned = sorted(KERNELS) if only is None else sorted(only)
     seed += 7
-    try:
-        n_rows = len(rows)
-        worst = check_case(dict(MAIN, name=MAIN["name"] + "_autotuned"), seed, "autotuned first call", rows, DT,
-                           autotuned=tuned)
-        status = verdict(worst, len(rows) - n_rows)
-    except Exception as e:
-        status = f"ERROR {type(e).__name__}: {str(e)[:120]}"
+    status = case_status(dict(MAIN, name=MAIN["name"] + "_autotuned"), seed, "autotuned first call", rows, modes, DT,
+                         autotuned=tuned)
     record("autotuned", ",".join(tuned), status, DT)
     for kern in KERNELS.values():
         pin_config(kern, None)
     failed = not_passed(summary)
     print(f"wrote {args.out}/check-{card}.csv; {sum(not r['ok'] for r in rows)} failing rows of {len(rows)}; "
           f"{len(failed)} of {len(summary)} checks did not pass" + "".join(f"\n  {line}" for line in failed))
+
+
+def case_status(case, seed, label, rows, modes, dtypes, under_test=None, autotuned=(), timed=False) -> str:
+    """check_case run and summed up in one status: its verdict over the rows it added (with its seconds, if timed), or
+    ERROR naming the exception (a config that fails to compile or run)."""
+    n_rows, start = len(rows), time.time()
+    try:
+        worst = check_case(case, seed, label, rows, modes, dtypes, under_test, autotuned)
+    except Exception as e:
+        return f"ERROR {type(e).__name__}: {str(e)[:120]}"
+    return verdict(worst, len(rows) - n_rows) + (f" ({time.time() - start:.0f}s)" if timed else "")
 
 
 def not_passed(summary) -> list[str]:
