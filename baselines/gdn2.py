@@ -106,7 +106,7 @@ def build_hybrid(config, attn_layers: dict[int, dict]) -> nn.Module:
                               expand_v=config.expand_v, num_v_heads=config.num_v_heads, conv_size=config.conv_size,
                               use_short_conv=config.use_short_conv, allow_neg_eigval=config.allow_neg_eigval,
                               output_gate_activation=config.output_gate_activation, norm_eps=config.norm_eps,
-                              layer_idx=i)
+                              layer_idx=i, erase_gate=config.erase_gate, write_gate=config.write_gate)
 
     lm = build_mixer_stack(settings, mixer, config=config)
     return lm

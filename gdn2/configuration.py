@@ -4,6 +4,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 OUTPUT_GATE_ACTIVATIONS = ("silu", "sigmoid")
+GATE_GRANULARITIES = ("channel", "scalar")
 
 
 class GDN2Config(PretrainedConfig):
@@ -11,6 +12,8 @@ class GDN2Config(PretrainedConfig):
 
     output_gate_activation: "silu" as in the official GDN-2 code, "sigmoid" as in fla's GatedDeltaNet2 layer;
     the two conventions have identical parameter names, so this switch is what lets both kinds of weights load.
+    erase_gate / write_gate: "channel" (GDN-2: one erase gate per key channel, one write gate per value channel) or
+    "scalar" (one gate per head, broadcast over its channels): the paper's Table 5 ablations.
     max_position_embeddings: the context length the model was trained at (informational; recurrent models run past
     it, and the harness refuses longer contexts only when asked to).
     """
@@ -31,6 +34,8 @@ class GDN2Config(PretrainedConfig):
         conv_size: int = 4,
         use_short_conv: bool = True,
         allow_neg_eigval: bool = False,
+        erase_gate: str = "channel",
+        write_gate: str = "channel",
         output_gate_activation: str = "silu",
         norm_eps: float = 1e-5,
         hidden_act: str = "swish",
@@ -47,6 +52,9 @@ class GDN2Config(PretrainedConfig):
             raise ValueError(
                 f"output_gate_activation must be one of {OUTPUT_GATE_ACTIVATIONS}; got {output_gate_activation!r}"
             )
+        for name, value in (("erase_gate", erase_gate), ("write_gate", write_gate)):
+            if value not in GATE_GRANULARITIES:
+                raise ValueError(f"{name} must be one of {GATE_GRANULARITIES}; got {value!r}")
         if hidden_act not in ("swish", "silu"):
             raise ValueError(f"hidden_act must be 'swish' (SwiGLU MLP); got {hidden_act!r}")
         num_v_heads = num_heads if num_v_heads is None else num_v_heads
@@ -65,6 +73,8 @@ class GDN2Config(PretrainedConfig):
         self.conv_size = conv_size
         self.use_short_conv = use_short_conv
         self.allow_neg_eigval = allow_neg_eigval
+        self.erase_gate = erase_gate
+        self.write_gate = write_gate
         self.output_gate_activation = output_gate_activation
         self.norm_eps = norm_eps
         self.hidden_act = hidden_act

@@ -4,6 +4,8 @@ x [B, T, d] -> q, k = L2norm(SiLU(conv(W_q x))), SiLU(conv(W_k x))   [B, T, H, K
                v = SiLU(conv(W_v x))                                 [B, T, Hv, V]
                g = -exp(A_log) * softplus(f_proj(x) + dt_bias)       [B, T, H, K]  (fp32, low-rank f_proj)
                b = sigmoid(b_proj x) (x2 if allow_neg_eigval),  w = sigmoid(w_proj x)
+               (erase_gate / write_gate "scalar": one gate per head, broadcast over K / V: the paper's
+               Table 5 ablations; "channel" is GDN-2)
             o = GDN-2(q, k, v, g, b, w);  y = o_proj(RMSNorm(o) * act(g_proj x)),  act = SiLU (or sigmoid)
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gdn2.configuration import GATE_GRANULARITIES
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
 
 # Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
@@ -106,8 +109,13 @@ class GatedDeltaNet2(nn.Module):
         output_gate_activation: str = "silu",
         norm_eps: float = 1e-5,
         layer_idx: int | None = None,
+        erase_gate: str = "channel",
+        write_gate: str = "channel",
     ):
         super().__init__()
+        for name, value in (("erase_gate", erase_gate), ("write_gate", write_gate)):
+            if value not in GATE_GRANULARITIES:
+                raise ValueError(f"{name} must be one of {GATE_GRANULARITIES}; got {value!r}")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_v_heads = num_heads if num_v_heads is None else num_v_heads
@@ -119,6 +127,7 @@ class GatedDeltaNet2(nn.Module):
         self.allow_neg_eigval = allow_neg_eigval
         self.conv_size = conv_size
         self.layer_idx = layer_idx
+        self.erase_gate, self.write_gate = erase_gate, write_gate
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -131,8 +140,9 @@ class GatedDeltaNet2(nn.Module):
             nn.Linear(hidden_size, self.head_v_dim, bias=False),
             nn.Linear(self.head_v_dim, self.key_dim, bias=False),
         )
-        self.b_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.w_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.b_proj = nn.Linear(hidden_size, self.key_dim if erase_gate == "channel" else self.num_heads, bias=False)
+        self.w_proj = nn.Linear(hidden_size, self.value_dim if write_gate == "channel" else self.num_v_heads,
+                                bias=False)
         self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
         self.A_log._no_weight_decay = True
         self.dt_bias = nn.Parameter(torch.empty(self.key_dim, dtype=torch.float32))
@@ -171,8 +181,10 @@ class GatedDeltaNet2(nn.Module):
             b = b * 2.0
         w = self.w_proj(hidden_states).sigmoid()
 
-        q, k, g, b = (x.reshape(B, T, self.num_heads, self.head_k_dim) for x in (q, k, g, b))
-        v, w = (x.reshape(B, T, self.num_v_heads, self.head_v_dim) for x in (v, w))
+        q, k, g = (x.reshape(B, T, self.num_heads, self.head_k_dim) for x in (q, k, g))
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        b = b.reshape(B, T, self.num_heads, -1).expand(B, T, self.num_heads, self.head_k_dim)
+        w = w.reshape(B, T, self.num_v_heads, -1).expand(B, T, self.num_v_heads, self.head_v_dim)
         previous = state.recurrent_state if state is not None else None
         if previous is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
             recurrent = previous if use_cache else previous.clone()

@@ -62,6 +62,8 @@ class GDN2Block(nn.Module):
             conv_size=config.conv_size,
             use_short_conv=config.use_short_conv,
             allow_neg_eigval=config.allow_neg_eigval,
+            erase_gate=config.erase_gate,
+            write_gate=config.write_gate,
             output_gate_activation=config.output_gate_activation,
             norm_eps=config.norm_eps,
             layer_idx=layer_idx,

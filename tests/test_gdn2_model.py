@@ -13,7 +13,8 @@ def tiny_model(seed=0, **overrides) -> GDN2ForCausalLM:
     return GDN2ForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_v_heads": 4}, {"output_gate_activation": "sigmoid"}])
+@pytest.mark.parametrize("overrides", [{}, {"num_v_heads": 4}, {"output_gate_activation": "sigmoid"},
+                                       {"erase_gate": "scalar", "write_gate": "scalar", "num_v_heads": 4}])
 def test_prefill_then_decode_equals_full_forward(overrides):
     model = tiny_model(**overrides)
     ids = torch.randint(0, 97, (2, 150), generator=torch.Generator().manual_seed(1))
@@ -26,6 +27,31 @@ def test_prefill_then_decode_equals_full_forward(overrides):
             pieces.append(step.logits)
     assert cache.get_seq_length() == 150
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("erase_gate, write_gate", [("scalar", "channel"), ("channel", "scalar")])
+def test_scalar_gate_equals_channel_gate_with_one_value_per_head(erase_gate, write_gate):
+    """A scalar gate (one per head) is the channel-wise gate whose projection rows repeat the head's row: the
+    channel model built that way gives the same logits (the Table 5 ablations are GDN-2 with tied channels)."""
+    ablated = tiny_model(erase_gate=erase_gate, write_gate=write_gate, num_v_heads=4)
+    full = tiny_model(num_v_heads=4)
+    state = ablated.state_dict()
+    for name, tensor in list(state.items()):
+        if name.endswith(("b_proj.weight", "w_proj.weight")):
+            channels = full.state_dict()[name].shape[0] // tensor.shape[0]
+            state[name] = tensor.repeat_interleave(channels, dim=0)
+    full.load_state_dict(state)
+    mixer = ablated.model.layers[0].attn
+    assert mixer.b_proj.out_features == (2 if erase_gate == "scalar" else 64)   # 2 heads of K = 32
+    assert mixer.w_proj.out_features == (4 if write_gate == "scalar" else 128)  # 4 value heads of V = 32
+    ids = torch.randint(0, 97, (2, 80), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ablated(ids).logits, full(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_gate_granularity_is_refused():
+    with pytest.raises(ValueError, match="erase_gate must be one of"):
+        named_config("gdn2-tiny", erase_gate="per-key")
 
 
 def test_cache_memory_is_constant_per_token():
