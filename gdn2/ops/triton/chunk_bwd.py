@@ -48,13 +48,13 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load_sub, block_sizes, chunk_key_side, chunk_span,
-                                       decayed_plus, diag_row, exact_channels, key_block_dot, key_block_dot_t,
-                                       key_head_inputs, load_state_blocks,
-                                       midpoint_channels, state_block_t, state_walk, store_state_block,
-                                       store_state_blocks, store_tile, sub_chunk_span, tile, tile_t)
-from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, l2_rows, load_rows, solve_precision,
-                                   store_rows, tuned)
+from gdn2.ops.triton.fwd_state import STATE_CONFIGS
+from gdn2.ops.triton.gates import chunk_key_side, diag_row, exact_channels, load_sub_chunk, midpoint_channels
+from gdn2.ops.triton.tiles import (chunk_span, decayed_plus, key_block_dot, key_block_dot_t, key_head_inputs, l2_rows,
+                                   load_rows, load_state_blocks, state_block_t, store_rows, store_state_block,
+                                   store_state_blocks, store_tile, sub_chunk_span, tile, tile_t)
+from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, SUBS_PER_CHUNK, block_sizes, dot_precision,
+                                   solve_precision, tuned)
 
 DLOCAL_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
                                                                                        num_stages=2)]
@@ -356,8 +356,8 @@ def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_e
     cols = i_k * BKD + tl.arange(0, BKD)
     exact = exact_channels(load_rows(g, ti, eos, SK, cols, K))
     if tl.sum(exact.to(tl.int32), 0) > 0:
-        _, _, qs, kt, bk, _ = _load_sub(q, k, g, b, rq, rk, ti, eos, tl.zeros([BKD], dtype=tl.float32), cols, scale,
-                                        SK, H, K, USE_L2)
+        _, _, qs, kt, bk, _ = load_sub_chunk(q, k, g, b, rq, rk, ti, eos, tl.zeros([BKD], dtype=tl.float32), cols,
+                                             scale, SK, H, K, USE_L2)
         d_bk, d_qs, d_k = diag_exact_bwd(q, k, g, b, rq, rk, dT + i_h * 64 + r0, dAqk + i_h * 64 + r0, t0, eos, cols,
                                          kt, exact, scale, SK, S64, H, K, BKD, USE_L2)
         pq, pk, pb, pG = _add_row_side(dq + koff, dk + koff, db + koff, dG + koff, ti, eos, cols, SK, K, d_bk, d_qs,
@@ -529,9 +529,6 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     dev = q.device
     do = do.to(v.dtype)
     A, Aqk, R, hs = saved["A"], saved["Aqk"], saved["R"], saved["hs"]
-    if hs is None:               # the forward kept no per-chunk states (recompute_states): one more walk stores them
-        _, _, hs, R = state_walk(saved["Y"], saved["U"], saved["Kt"], saved["gC"], h0, saved["Qg"], Aqk, layout,
-                                 output_final_state=False, fuse_output=False, store_states=True)
     dRl = torch.empty_like(v)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
     gdn2_bwd_kernel_dlocal[grid](Aqk, do, dRl, cu, chunk_indices, H=H, HV=HV, V=V, PREC=SERIAL_PRECISION)
@@ -557,7 +554,7 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     gdn2_bwd_kernel_dav[(n_chunks, H)](v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu, chunk_indices, TT,
                                        H=H, HV=HV, V=V, NK=NK, PREC=prec, PREC_T=solve_precision(v.dtype))
     del dAE
-    grid = lambda meta: (4 * n_chunks, H, triton.cdiv(K, meta["BKD"]))
+    grid = lambda meta: (SUBS_PER_CHUNK * n_chunks, H, triton.cdiv(K, meta["BKD"]))
     gdn2_bwd_kernel_exact_diag[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, saved["n_exact"], cu,
                                      chunk_indices, scale, H=H, K=K, USE_L2=use_l2)
     # the totals in the inputs' dtypes (no casts after the kernel); q and k stay fp32 for the L2-norm VJP
