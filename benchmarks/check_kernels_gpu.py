@@ -5,10 +5,11 @@ outputs poisoned with NaN before the run (every torch.empty / empty_like is NaN-
 reference (torch chunkwise, autograd in float64) by relative error ||x - ref|| / ||ref||: bf16 <= 1e-2, fp32 <= 2e-3,
 for o, the final state and every gradient (q, k, v, g, b, w, h0). Each config runs in the modes (MODES: training,
 inference, inference planned with APPLY_A_MIN_WALKS walks) and dtypes (bf16, fp32) whose plan launches its kernel,
-so every launch config of every default path is checked and nothing else. Extra shapes (varlen + grouped heads +
-fused L2-norm + K = 256; K != V with V = 256; strong decay) run on the first fitting config of every kernel; the
-K = 256 shape also on every sequential-kernel config that fits K = 256 (they hold the state as four [64, BV] blocks
-there). The decode kernel: every (BV, num_warps) entry vs a float64 step. Last, the first call under autotuning.
+so every launch config of every default path is checked and nothing else. Order: the decode kernel (every
+(BV, num_warps) entry vs a float64 step); the extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V
+with V = 256; strong decay) on the first fitting config of every kernel, which runs every plan; every config on the
+main shape; the K = 256 shape on every other sequential-kernel config that fits it (they hold the state as four
+[64, BV] blocks there); last, the first call under autotuning. --budget-s marks what is left NOT RUN.
 
     PYTHONUNBUFFERED=1 python benchmarks/check_kernels_gpu.py --out results/bench [--budget-s 300]
     python benchmarks/check_kernels_gpu.py --smoke --out /tmp/smoke     # CPU: the same plumbing under the Triton
@@ -277,51 +278,53 @@ def main():
     for cfg, worst in (check_decode(rows) if only is None else {}).items():
         status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'}"
         record("decode", f"BV={cfg[0]},w{cfg[1]}", status)
-    seed = 1000
     DT = (torch.bfloat16, torch.float32) if not SMOKE else (torch.float32,)     # the interpreter mangles bf16
-    for kname, kern in KERNELS.items():
-        for cfg in (list(kern._all_configs) if only is None or (kname in only and not args.no_main) else []):
-            if time.time() - start > args.budget_s:
-                record(kname, config_name(cfg), "NOT RUN (time budget)")
-                continue
-            dtypes = [d for d in DT if kern.fits(cfg, d, MAIN["K"])]
-            seed += 7
-            status = case_status(MAIN, seed, f"{kname} {config_name(cfg)} {[str(d)[6:] for d in dtypes]}", rows,
-                                 modes, dtypes, (kname, cfg), timed=True)
-            record(kname, config_name(cfg), status, dtypes)
     wanted = None if args.extras in (None, "all") else set(args.extras.split(","))
     unknown = (wanted or set()) - {case["name"] for case in EXTRA}
     if unknown:
         raise SystemExit(f"--extras: unknown shape(s) {sorted(unknown)}; choose from {[c['name'] for c in EXTRA]}")
-    extra_runs = [(case, None) for case in EXTRA if wanted is None or case["name"] in wanted] \
+    # (case, (kernel, config) under test or None for every kernel's first config), in the order they run: the extra
+    # shapes on the first configs (every plan, K = 256 included), then every config on the main shape, then the K = 256
+    # shape on every other config of the sequential kernels (four state blocks; in the full run, or for those named in
+    # --kernels when --extras takes that shape) and the strong-decay shape (the exact forms of exp(G_r - G_s), whose
+    # slices follow the K block) on every other config of the kernels named in --kernels, when --extras takes it. So a
+    # time budget cuts configs, not plans.
+    runs = [(case, None) for case in EXTRA if wanted is None or case["name"] in wanted] \
         if only is None or args.extras else []
-    # the K = 256 shape on every other config of the sequential kernels (four state blocks): in the full run, or for
-    # the sequential kernels named in --kernels when --extras takes that shape
+    runs += [(MAIN, (kname, cfg)) for kname, kern in KERNELS.items()
+             if only is None or (kname in only and not args.no_main) for cfg in kern._all_configs]
     K256 = EXTRA[0]
     k256_chosen = args.extras is not None and (wanted is None or K256["name"] in wanted)
-    extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None or (kname in only and k256_chosen)
-                   for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
-    # the strong-decay shape (the exact forms of exp(G_r - G_s), whose slices follow the K block) on every other config
-    # of the kernels named in --kernels, when --extras takes that shape (a small shape: B=1, T=1000, H=4)
+    runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None or (kname in only and k256_chosen)
+             for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
     STRONG = next(case for case in EXTRA if case["name"].endswith("strong_decay"))
     strong_chosen = args.extras is not None and (wanted is None or STRONG["name"] in wanted)
-    extra_runs += [(STRONG, (kname, cfg)) for kname in sorted(only or ()) if strong_chosen
-                   for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, STRONG["K"])]
-    for case, under_test in extra_runs:
+    runs += [(STRONG, (kname, cfg)) for kname in sorted(only or ()) if strong_chosen
+             for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, STRONG["K"])]
+    seed = 1000
+    for case, under_test in runs:
         seed += 7
-        label = "all(first)" if under_test is None else under_test[0]
-        name = case["name"] if under_test is None else f"{case['name']} {config_name(under_test[1])}"
+        if under_test is None:
+            label, name = "all(first)", case["name"]
+        elif case is MAIN:
+            label, name = under_test[0], config_name(under_test[1])
+        else:
+            label, name = under_test[0], f"{case['name']} {config_name(under_test[1])}"
         if time.time() - start > args.budget_s:
             record(label, name, "NOT RUN (time budget)")
             continue
         dtypes = [d for d in DT if under_test is None or KERNELS[under_test[0]].fits(under_test[1], d, case["K"])]
-        record(label, name, case_status(case, seed, f"{label} {name}", rows, modes, dtypes, under_test), dtypes)
+        status = case_status(case, seed, f"{label} {name} {[str(d)[6:] for d in dtypes]}", rows, modes, dtypes,
+                             under_test, timed=case is MAIN)
+        record(label, name, status, dtypes)
     # the first call under autotuning: a kernel that updates a buffer in place without restore_value would see it
     # changed once per timed config
     tuned = sorted(KERNELS) if only is None else sorted(only)
-    seed += 7
-    status = case_status(dict(MAIN, name=MAIN["name"] + "_autotuned"), seed, "autotuned first call", rows, modes, DT,
-                         autotuned=tuned)
+    if time.time() - start > args.budget_s:
+        status = "NOT RUN (time budget)"
+    else:
+        status = case_status(dict(MAIN, name=MAIN["name"] + "_autotuned"), seed + 7, "autotuned first call", rows,
+                             modes, DT, autotuned=tuned)
     record("autotuned", ",".join(tuned), status, DT)
     for kern in KERNELS.values():
         pin_config(kern, None)
