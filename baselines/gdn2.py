@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from baselines.gdn2_hybrid import build_hybrid
 from harness.checkpoint import load_tokenizer, load_weights_strict, read_state_dict, resolve_source
 from harness.model import EvalModel
 from harness.registry import ModelFamily, read_config, register_family
@@ -91,26 +92,6 @@ def build_model(config: dict, source: str = "config.json", meta: bool = False) -
         lm = lm.to_empty(device="cpu")
         if gdn2_config.tie_word_embeddings and not attn_layers:
             lm.lm_head.weight = lm.model.embeddings.weight   # to_empty gives each name its own storage
-    return lm
-
-
-def build_hybrid(config, attn_layers: dict[int, dict]) -> nn.Module:
-    """GDN-2 mixers interleaved with sliding-window attention (fla's block names), as a MixerStackLM."""
-    from baselines.common import build_mixer_stack
-    from gdn2.layer import GatedDeltaNet2
-
-    settings = dict(hidden_size=config.hidden_size, norm_eps=config.norm_eps, vocab_size=config.vocab_size,
-                    num_hidden_layers=config.num_hidden_layers, intermediate_size=config.intermediate_size,
-                    attn_layers=attn_layers, tie_word_embeddings=False)
-
-    def mixer(i: int) -> nn.Module:
-        return GatedDeltaNet2(hidden_size=config.hidden_size, num_heads=config.num_heads, head_dim=config.head_dim,
-                              expand_v=config.expand_v, num_v_heads=config.num_v_heads, conv_size=config.conv_size,
-                              use_short_conv=config.use_short_conv, allow_neg_eigval=config.allow_neg_eigval,
-                              output_gate_activation=config.output_gate_activation, norm_eps=config.norm_eps,
-                              layer_idx=i, erase_gate=config.erase_gate, write_gate=config.write_gate)
-
-    lm = build_mixer_stack(settings, mixer, config=config)
     return lm
 
 

@@ -204,7 +204,7 @@ def convert_lit_gpt_checkpoint(path: str | Path, norm_eps: float = 1e-5, max_pos
     """A lit_gpt GDN-2 checkpoint (file, or folder holding one) -> GDN2ForCausalLM with its weights (strict);
     for a hybrid (swa_gdn2) checkpoint, the GDN-2 + sliding-window-attention MixerStackLM (its .config is the
     GDN2Config, its .attn_layers the attention settings per layer)."""
-    from baselines.gdn2 import build_hybrid
+    from baselines.gdn2_hybrid import build_hybrid
     from gdn2 import GDN2ForCausalLM
     from harness.checkpoint import load_weights_strict
 

@@ -2,11 +2,8 @@
 
 bf16 q, k, v, b, w (fp32 g, as the layer computes it), H = 16, K = V = 128, (B, T) in (8, 4096), (2, 16384),
 (1, 65536): inference forward (no grad), training forward (inputs require grad; forward only), forward + backward,
-ours in each variant (rows without a suffix: per-chunk states + output kernel; _fused: the output inside the walk;
-_merged: the forward's chunk-parallel work in the one merged wy kernel, output inside the walk; _apply_a: that, with
-the walk applying A (inference); _recompute: training without per-chunk states kept, recomputed in the backward;
-gdn2/ops/triton/chunk_infer.py picks the default); the decode step at B = 1 and B = 64 (one token, state updated in
-place). Timing:
+each on the launches gdn2/ops/triton/dispatch.py plans for the call; the decode step at B = 1 and B = 64 (one token,
+state updated in place). Timing:
 triton.testing.do_bench (CUDA events), median, after warm-up, on freshly drawn inputs; the decode step also from a
 CUDA graph of 32 steps (GPU time per step without launch gaps). The floor is the bytes every implementation must
 move (inputs read once, outputs written once) over the copy bandwidth measured in the same run.
@@ -34,14 +31,11 @@ import triton
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.csv_rows import write_csv  # noqa: E402
 from gdn2.ops.triton import triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
-from gdn2.ops.triton.chunk_infer import APPLY_A_MIN_WALKS, forced  # noqa: E402
 
 H, K, V = 16, 128, 128
 SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
 # the rows of each chunked shape, in table order (LEGEND says what each is)
-CHUNK_MODES = ("infer_fwd", "infer_fwd_fused", "infer_fwd_merged", "infer_fwd_apply_a", "train_fwd", "train_fwd_fused",
-               "train_fwd_merged", "train_fwd_recompute", "fwd_bwd", "fwd_bwd_fused", "fwd_bwd_merged",
-               "fwd_bwd_recompute")
+CHUNK_MODES = ("infer_fwd", "train_fwd", "fwd_bwd")
 
 
 def bench(fn, grad_to_none=None):
@@ -98,29 +92,6 @@ def time_modes(call, args, do, modes=("infer_fwd", "train_fwd", "fwd_bwd")):
     return out
 
 
-# Our variants, each a suffix of the row names, the chunk_infer switches it forces (the rest stay as set: defaults)
-# and the modes it is timed in; every row forces what its name says, whatever the defaults are.
-VARIANTS = (
-    ("", dict(merged=False, infer_fused=False, train_fused=False, walk_applies_a=False),
-     ("infer_fwd", "train_fwd", "fwd_bwd")),
-    ("_fused", dict(merged=False, infer_fused=True, train_fused=True, walk_applies_a=False),
-     ("infer_fwd", "train_fwd", "fwd_bwd")),
-    ("_merged", dict(merged=True, infer_fused=True, train_fused=True, walk_applies_a=False),
-     ("infer_fwd", "train_fwd", "fwd_bwd")),
-    ("_apply_a", dict(merged=True, infer_fused=True, walk_applies_a=True), ("infer_fwd",)),
-    ("_recompute", dict(merged=True, train_fused=True, recompute_states=True), ("train_fwd", "fwd_bwd")),
-)
-
-
-def time_ours(call, args, do):
-    """{row name: ms} of every variant in VARIANTS (the rows CHUNK_MODES lists)."""
-    ours = {}
-    for suffix, switches, modes in VARIANTS:
-        with forced(**switches):
-            ours.update({mode + suffix: ms for mode, ms in time_modes(call, args, do, modes).items()})
-    return ours
-
-
 def decode_rows(card, bw, fla_rec):
     """The decode step's rows at B = 1 and 64: one launch (ours and fla), and ours per step in a CUDA graph."""
     rows = []
@@ -174,11 +145,10 @@ def floor_bytes_of(shape: str, mode: str) -> int:
 
 
 def shape_rows(card, bw, B, T, ours, gd, kd):
-    """The rows of one chunked shape, in CHUNK_MODES order: ours {row: ms} (the rows it has: a log of an older version
-    may lack some) and fla's {mode: ms} (gdn2, kda; empty where not timed)."""
+    """The rows of one chunked shape, in CHUNK_MODES order: ours {mode: ms} (the modes it has: a log cut short may
+    lack some) and fla's {mode: ms} (gdn2, kda; empty where not timed)."""
     shape = f"B{B}_T{T}"
-    return [make_row(card, bw, shape, mode, ours[mode], gd.get(fla_mode_of(mode)), kd.get(fla_mode_of(mode)),
-                     floor_bytes_of(shape, mode))
+    return [make_row(card, bw, shape, mode, ours[mode], gd.get(mode), kd.get(mode), floor_bytes_of(shape, mode))
             for mode in CHUNK_MODES if mode in ours]
 
 
@@ -191,8 +161,9 @@ def run_header(card, bw) -> str:
 def rows_from_log(text, card):
     """Rebuild the rows from a bench log, for a run whose time limit cut it before it wrote them: the chunked rows from
     its printed dicts ("ours B8_T4096: {...}", "fla gdn2 B8_T4096: {...}", "fla kda ..."), the decode rows from their
-    printed table lines. Date, copy bandwidth and software come from the log's first line (run_header); a log from
-    before that line named date and software has "not in log" for them. Returns (rows, bandwidth in B/s, software)."""
+    printed table lines. Date, copy bandwidth and software come from the log's first line (run_header); a log
+    whose first line names no date and software has "not in log" for them. Returns (rows, bandwidth in B/s,
+    software)."""
     header = re.search(r"^card \S+; copy bandwidth ([\d.]+) TB/s \(read \+ write\)(?:; (\S+); (.*))?$", text,
                        flags=re.M)
     if header is None:
@@ -319,7 +290,7 @@ def main():
         do = torch.randn_like(v)
         h0 = torch.randn(B, H, K, V, device="cuda") * 0.1
         kw = dict(initial_state=h0, output_final_state=True)
-        ours = time_ours(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
+        ours = time_modes(lambda *a: triton_chunk_gdn2(*a, **kw)[0], (q, k, v, g, b, w), do)
         print(f"ours B{B}_T{T}: {ours}", flush=True)
         write_csv(rows + shape_rows(card, bw, B, T, ours, {}, {}), csv_path)
         gd, kd = {}, {}
@@ -342,42 +313,15 @@ def main():
     print(f"wrote {csv_path} (.md, .png)")
 
 
-# The issue's targets and the "ahead of fla" verdict are judged on the rows of what main runs by default for these
-# bf16 inputs (chunk_infer.py): the merged wy kernel with the output inside the walk (rows *_merged), and in
-# inference, from APPLY_A_MIN_WALKS sequences x heads on (B=8 here), the walk applying A (row infer_fwd_apply_a).
-# The decode target is GPU time, so it is judged on the CUDA-graph row (GPU time per step, no launch gaps): the
-# one-launch row also holds the host's launch latency, which moved from 6.3 to 21.5 us per launch between two H100
-# machines (seventh and eighth sessions; fla's from 23.8 to 99 us) while the GPU time stayed 2.4 us.
-TARGETS = {("B8_T4096", "infer_fwd_apply_a"): 1.1, ("B8_T4096", "fwd_bwd_merged"): 9.0,
-           ("B1_T1", "decode_step_graph"): 0.020}
-
-
-def default_modes(shape: str) -> tuple[str, ...]:
-    """The rows of a chunked shape ('B8_T4096') that time main's default path: inference, training forward, forward +
-    backward."""
-    batch = int(shape.split("_")[0][1:])
-    infer = "infer_fwd_apply_a" if batch * H >= APPLY_A_MIN_WALKS else "infer_fwd_merged"
-    return infer, "train_fwd_merged", "fwd_bwd_merged"
-
+# The decode target is judged on the CUDA-graph row (GPU time per step, no launch gaps): the one-launch row also
+# holds the host's launch latency, which varies between machines (docs/kernels.md#measured).
+TARGETS = {("B8_T4096", "infer_fwd"): 1.1, ("B8_T4096", "fwd_bwd"): 9.0, ("B1_T1", "decode_step_graph"): 0.020}
 
 LEGEND = ("Modes: infer_fwd = inference forward, train_fwd = forward with autograd state kept, fwd_bwd = forward + "
-          "backward. Each row forces the chunk_infer switches it names, whatever the defaults. Suffixes: none = the "
-          "four chunk-parallel kernels (intra, exact_diag, solve, wy) and the split output (per-chunk states + output "
-          "kernel); _fused = the output computed inside the sequential walk (GDN2_TRITON_INFER_FUSED=1 / "
-          "GDN2_TRITON_TRAIN_FUSED=1; in training the walk still stores the per-chunk states for the backward); "
-          "_merged = that, with the one merged wy kernel instead of the four (GDN2_TRITON_MERGED=1: the default for "
-          "16-bit inputs); _apply_a = that, with the walk applying A (GDN2_TRITON_WALK_APPLIES_A=1, inference: the "
-          "default from 128 sequences x heads, B=8 here); _recompute = GDN2_TRITON_RECOMPUTE_STATES=1 (the training "
-          "forward keeps no per-chunk states, the backward recomputes them with one more walk, as fla does; not our "
-          "default). fla has one variant of each mode, shown on every row of it.")
-
-
-def fla_mode_of(mode: str) -> str:
-    """The fla row a mode of ours is compared with: fla has one variant of each mode ('infer_fwd_merged' ->
-    'infer_fwd')."""
-    for suffix in ("_fused", "_merged", "_apply_a", "_recompute"):
-        mode = mode.removesuffix(suffix)
-    return mode
+          "backward, each on the launches dispatch.plan_forward picks for these inputs (bf16, K = 128: the wy kernel "
+          "forms A, the state kernel computes the output; in inference from 128 sequences x heads, B=8 here, the "
+          "state kernel also applies A). decode_step = one token, one launch; decode_step_graph = per step in a CUDA "
+          "graph of 32 steps.")
 
 
 def fla_version() -> str:
@@ -415,11 +359,10 @@ def write_markdown(rows, card, bw, path, software_used, note=""):
         got = next((r["ours_ms"] for r in rows if r["shape"] == shape and r["mode"] == mode), None)
         verdict = "not run" if got is None else ("MET" if got <= target else f"MISSED ({got / target:.2f}x over)")
         lines.append(f"- {shape} {mode} <= {target} ms: {got} ms, {verdict}")
-    chunked = [r for r in rows if r["ours_over_fla_gdn2"] is not None and "decode" not in r["mode"]
-               and r["mode"] in default_modes(r["shape"])]
+    chunked = [r for r in rows if r["ours_over_fla_gdn2"] is not None and r["mode"] in CHUNK_MODES]
     if chunked:
         worst = max(chunked, key=lambda r: r["ours_over_fla_gdn2"])
-        lines.append(f"- ahead of fla chunk_gdn2 at every chunked row of the default path (default_modes): "
+        lines.append(f"- ahead of fla chunk_gdn2 at every chunked row: "
                      f"{'YES' if worst['ours_over_fla_gdn2'] < 1 else 'NO'} (worst: {worst['shape']} {worst['mode']}, "
                      f"ours / fla = {worst['ours_over_fla_gdn2']})")
     with open(path, "w") as f:

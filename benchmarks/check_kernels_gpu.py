@@ -1,24 +1,20 @@
-"""GPU correctness check of every launch config of our GDN-2 Triton kernels (H100, triton 3.6).
+"""GPU correctness check of every launch config of our GDN-2 Triton kernels on the paths dispatch.py plans.
 
-For each kernel and each of its configs (the others pinned to their first config), fresh random inputs, outputs
-poisoned with NaN before the run (every torch.empty inside our kernel modules is NaN-filled), compared with a float64
-reference (torch chunkwise, autograd in float64) by relative error ||x - ref|| / ||ref||:
-bf16 <= 1e-2, fp32 <= 2e-3, for o, the final state and every gradient (q, k, v, g, b, w, h0); the inference (no-grad)
-forward too, in three variants (per-chunk states + output kernel; GDN2_TRITON_INFER_FUSED=1: output inside the walk;
-GDN2_TRITON_MERGED=1 with it: the merged wy kernel instead of intra, exact_diag, solve and wy; mode train_merged is
-that kernel in training; infer_apply_a adds GDN2_TRITON_WALK_APPLIES_A=1),
-and, for the state kernel's configs, the extra shapes and the autotuned case, the training forward in its other two
-variants: the split output (GDN2_TRITON_TRAIN_FUSED=0; =1, the output inside the walk, is mode train_fused) and the
-states recomputed in the backward (GDN2_TRITON_RECOMPUTE_STATES=1, mode train_recompute). Extra shapes (varlen +
-grouped heads + fused L2-norm + K = 256; K != V with V = 256) run on the first fitting config of every kernel, in bf16
-and fp32; the K = 256 shape also on every sequential-kernel config that fits K = 256 (they hold the state as four
-[64, BV] blocks there), in the full run or for the sequential kernels named with --kernels when --extras takes that
-shape. The decode kernel: every (BV, num_warps) entry vs a float64 step.
+For each kernel and each of its configs (the others pinned to their first fitting config), fresh random inputs,
+outputs poisoned with NaN before the run (every torch.empty / empty_like is NaN-filled), compared with a float64
+reference (torch chunkwise, autograd in float64) by relative error ||x - ref|| / ||ref||: bf16 <= 1e-2, fp32 <= 2e-3,
+for o, the final state and every gradient (q, k, v, g, b, w, h0). Each config runs in the modes (MODES: training,
+inference, inference planned with APPLY_A_MIN_WALKS walks) and dtypes (bf16, fp32) whose plan launches its kernel,
+so every launch config of every default path is checked and nothing else. Order: the decode kernel (every
+(BV, num_warps) entry vs a float64 step); the extra shapes (varlen + grouped heads + fused L2-norm + K = 256; K != V
+with V = 256; strong decay) on the first fitting config of every kernel, which runs every plan; every config on the
+main shape; the K = 256 shape on every other sequential-kernel config that fits it (they hold the state as four
+[64, BV] blocks there); last, the first call under autotuning. --budget-s marks what is left NOT RUN.
 
     PYTHONUNBUFFERED=1 python benchmarks/check_kernels_gpu.py --out results/bench [--budget-s 300]
     python benchmarks/check_kernels_gpu.py --smoke --out /tmp/smoke     # CPU: the same plumbing under the Triton
                                                                          # interpreter on tiny shapes (no GPU)
-Writes <out>/check-<card>.csv; prints a per-config summary.
+Writes <out>/check-<card>.csv and check-summary-<card>.txt; prints a per-config summary.
 """
 from __future__ import annotations
 
@@ -41,8 +37,7 @@ from gdn2.ops.chunk_torch import torch_chunk_gdn2  # noqa: E402
 from gdn2.ops.recurrent import torch_recurrent_step_gdn2  # noqa: E402
 from gdn2.ops.triton import recurrent, triton_chunk_gdn2, triton_recurrent_step_gdn2  # noqa: E402
 from gdn2.ops.triton.chunk import CHUNK_KERNELS  # noqa: E402
-from gdn2.ops.triton.chunk_fwd import walk_can_apply_a  # noqa: E402
-from gdn2.ops.triton.chunk_infer import SWITCHES, forced  # noqa: E402
+from gdn2.ops.triton.dispatch import APPLY_A_MIN_WALKS, ForwardPlan, plan_forward, planned_as  # noqa: E402
 from gdn2.ops.triton.utils import config_name, pin_config  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
@@ -119,39 +114,39 @@ def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
     return out
 
 
-# mode -> the state kernel's variants it runs, each (output inside the walk, per-chunk states stored): its `fits`
-# flags (train_recompute: the forward's walk stores nothing, the backward's first walk stores the states)
-MODES = {"train": ((False, True),), "train_fused": ((True, True),), "train_recompute": ((True, False), (False, True)),
-         "infer": ((False, True),), "infer_fused": ((True, False),), "infer_merged": ((True, False),),
-         "train_merged": ((True, True),), "infer_apply_a": ((True, False, True),)}
-# modes that differ from "train" in the state kernel only: run where that kernel is under test
-STATE_ONLY_MODES = ("train_fused", "train_recompute")
-# the chunk_infer switches each mode forces on (chunk_infer.forced; every other switch is forced off): the modes
-# without _merged take the four chunk-parallel kernels, the _merged ones the merged wy kernel (with the output inside
-# the walk)
-MODE_SWITCHES = {"train_fused": ("train_fused",), "train_recompute": ("recompute_states",),
-                 "infer_fused": ("infer_fused",), "infer_merged": ("merged", "infer_fused"),
-                 "train_merged": ("merged", "train_fused"),
-                 "infer_apply_a": ("merged", "infer_fused", "walk_applies_a")}
+# mode -> (training, the walks to plan with: None for the case's own). Every mode runs the plan dispatch.plan_forward
+# picks for the dtype checked; infer_many_sequences plans as if there were APPLY_A_MIN_WALKS walks, so the state
+# kernel applying A runs on the check's shapes (the main shape has 16).
+MODES = {"train": (True, None), "infer": (False, None), "infer_many_sequences": (False, APPLY_A_MIN_WALKS)}
 
 
-def switches_of(mode):
-    """{switch: on} for chunk_infer.forced: every switch, on where MODE_SWITCHES names it for the mode."""
-    return {name: name in MODE_SWITCHES.get(mode, ()) for name in SWITCHES}
+def plan_of(mode, dtype, case) -> ForwardPlan:
+    """The plan a mode runs for a case in `dtype`."""
+    training, n_walks = MODES[mode]
+    walks = (case["B"] if case["cu"] is None else len(case["cu"]) - 1) * case["HV"]
+    return plan_forward(dtype, case["K"], n_walks or walks, training)
 
 
-def pin_for(dtype, K, under_test=None, mode="train"):
-    """Pin every kernel to its first config that may run on (`dtype`, K, the mode's state-kernel variant); the kernel
+def plan_dtypes(dtype) -> tuple:
+    """The dtypes whose plans run on inputs of `dtype`: its own; under --smoke bf16's too (the interpreter mangles bf16
+    inputs, so the 16-bit plans run on fp32 ones there)."""
+    return (dtype, torch.bfloat16) if SMOKE else (dtype,)
+
+
+def launches(plan: ForwardPlan, kname: str) -> bool:
+    """Whether a call on `plan` launches kernel `kname` (the backward's kernels: in training)."""
+    return kname in plan.launches() or (kname.startswith("bwd_") and plan.keep_for_backward)
+
+
+def pin_for(plan, dtype, K, under_test=None):
+    """Pin every kernel to its first config that may run on (`dtype`, K, the plan's state-kernel variant); the kernel
     under test to its given config. Returns False if the config under test cannot run in that setting (the mode is
     skipped)."""
-    if any(flags[2:] == (True,) for flags in MODES[mode]) and not walk_can_apply_a(dtype, K):
-        # the library refuses it before any launch (so also under the interpreter, which has no resource limits)
-        print(f"  the walk applying A cannot run on {dtype} K={K} (walk_can_apply_a): mode {mode} skipped")
-        return False
+    state_flags = (plan.output_in_state, plan.store_states, plan.state_applies_a)
     for kname, kern in KERNELS.items():
-        variants = MODES[mode] if kname == "fwd_state" else ((),)
+        flags = state_flags if kname == "fwd_state" else ()
         # the interpreter has no resource limits
-        fits = lambda c: SMOKE or all(kern.fits(c, dtype, K, *f) for f in variants)   # noqa: E731
+        fits = lambda c: SMOKE or kern.fits(c, dtype, K, *flags)   # noqa: E731
         if under_test is not None and kname == under_test[0]:
             if not fits(under_test[1]):
                 return False
@@ -159,7 +154,7 @@ def pin_for(dtype, K, under_test=None, mode="train"):
         else:
             config = next((c for c in kern._all_configs if fits(c)), None)
             if config is None:
-                print(f"  no config of {kname} fits {dtype} K={K} (mode {mode}): mode skipped")
+                print(f"  no config of {kname} fits {dtype} K={K} ({plan}): mode skipped")
                 return False
             pin_config(kern, config)
     return True
@@ -167,10 +162,10 @@ def pin_for(dtype, K, under_test=None, mode="train"):
 
 def check_case(case, seed, label, rows, modes, dtypes=(torch.bfloat16, torch.float32), under_test=None,
                autotuned=()):
-    """modes: the MODES to run (the state-only ones only where the state kernel is under test). autotuned: kernel
-    names left to the autotuner (all their configs, cache cleared) in every mode, so the checked call is the first one
-    of its key: the autotuner times every config in place before the real run (a kernel that updates its arguments in
-    place must restore them: restore_value)."""
+    """modes: the MODES to run, each where its plan launches the kernel under test (a mode whose plan an earlier mode
+    ran already is skipped). autotuned: kernel names left to the autotuner (all their configs, cache cleared) in every
+    mode, so the checked call is the first one of its key: the autotuner times every config in place before the real
+    run (a kernel that updates its arguments in place must restore them: restore_value)."""
     xs, h0, cu = make_inputs(case, seed)
     gen = torch.Generator(device=DEV).manual_seed(seed + 1)
     B, T, HV, V, K = case["B"], case["T"], case["HV"], case["V"], case["K"]
@@ -181,14 +176,18 @@ def check_case(case, seed, label, rows, modes, dtypes=(torch.bfloat16, torch.flo
     worst = 0.0
     for dtype in dtypes:
         cast = [x.to(dtype) if i != 3 else x for i, x in enumerate(xs)]          # g stays fp32, as in the layer
-        state_modes = under_test is None or under_test[0] == "fwd_state"
-        for mode in (m for m in modes if state_modes or m not in STATE_ONLY_MODES):
-            if not pin_for(dtype, K, under_test, mode):
+        plans_run = []
+        for plan_dtype, mode in ((d, m) for d in plan_dtypes(dtype) for m in modes):
+            plan = plan_of(mode, plan_dtype, case)
+            if plan in plans_run or (under_test is not None and not launches(plan, under_test[0])):
+                continue
+            plans_run.append(plan)
+            if not pin_for(plan, dtype, K, under_test):
                 continue
             for kname in autotuned:
                 pin_config(KERNELS[kname], None)
-            with forced(**switches_of(mode)), poisoned_allocations():
-                if mode.startswith("train"):
+            with planned_as(plan_dtype, MODES[mode][1]), poisoned_allocations():
+                if MODES[mode][0]:
                     got = run_one(triton_chunk_gdn2, cast, h0, cu, case["l2"], do, dht)
                 else:
                     with torch.no_grad():
@@ -202,8 +201,11 @@ def check_case(case, seed, label, rows, modes, dtypes=(torch.bfloat16, torch.flo
                     err = float("inf")
                 ratio = err / TOL[dtype]
                 worst = max(worst, ratio)
-                rows.append(dict(label=label, case=case["name"], dtype=str(dtype).split(".")[-1], mode=mode,
-                                 tensor=name, rel_err=f"{err:.3e}", tol=TOL[dtype], ok=err <= TOL[dtype]))
+                dtype_name = str(dtype).split(".")[-1]
+                if plan_dtype != dtype:
+                    dtype_name += f" ({str(plan_dtype).split('.')[-1]} plan)"
+                rows.append(dict(label=label, case=case["name"], dtype=dtype_name, mode=mode, tensor=name,
+                                 rel_err=f"{err:.3e}", tol=TOL[dtype], ok=err <= TOL[dtype]))
     return worst
 
 
@@ -276,51 +278,53 @@ def main():
     for cfg, worst in (check_decode(rows) if only is None else {}).items():
         status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'}"
         record("decode", f"BV={cfg[0]},w{cfg[1]}", status)
-    seed = 1000
     DT = (torch.bfloat16, torch.float32) if not SMOKE else (torch.float32,)     # the interpreter mangles bf16
-    for kname, kern in KERNELS.items():
-        for cfg in (list(kern._all_configs) if only is None or (kname in only and not args.no_main) else []):
-            if time.time() - start > args.budget_s:
-                record(kname, config_name(cfg), "NOT RUN (time budget)")
-                continue
-            dtypes = [d for d in DT if kern.fits(cfg, d, MAIN["K"])]
-            seed += 7
-            status = case_status(MAIN, seed, f"{kname} {config_name(cfg)} {[str(d)[6:] for d in dtypes]}", rows,
-                                 modes, dtypes, (kname, cfg), timed=True)
-            record(kname, config_name(cfg), status, dtypes)
     wanted = None if args.extras in (None, "all") else set(args.extras.split(","))
     unknown = (wanted or set()) - {case["name"] for case in EXTRA}
     if unknown:
         raise SystemExit(f"--extras: unknown shape(s) {sorted(unknown)}; choose from {[c['name'] for c in EXTRA]}")
-    extra_runs = [(case, None) for case in EXTRA if wanted is None or case["name"] in wanted] \
+    # (case, (kernel, config) under test or None for every kernel's first config), in the order they run: the extra
+    # shapes on the first configs (every plan, K = 256 included), then every config on the main shape, then the K = 256
+    # shape on every other config of the sequential kernels (four state blocks; in the full run, or for those named in
+    # --kernels when --extras takes that shape) and the strong-decay shape (the exact forms of exp(G_r - G_s), whose
+    # slices follow the K block) on every other config of the kernels named in --kernels, when --extras takes it. So a
+    # time budget cuts configs, not plans.
+    runs = [(case, None) for case in EXTRA if wanted is None or case["name"] in wanted] \
         if only is None or args.extras else []
-    # the K = 256 shape on every other config of the sequential kernels (four state blocks): in the full run, or for
-    # the sequential kernels named in --kernels when --extras takes that shape
+    runs += [(MAIN, (kname, cfg)) for kname, kern in KERNELS.items()
+             if only is None or (kname in only and not args.no_main) for cfg in kern._all_configs]
     K256 = EXTRA[0]
     k256_chosen = args.extras is not None and (wanted is None or K256["name"] in wanted)
-    extra_runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None or (kname in only and k256_chosen)
-                   for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
-    # the strong-decay shape (the exact forms of exp(G_r - G_s), whose slices follow the K block) on every other config
-    # of the kernels named in --kernels, when --extras takes that shape (a small shape: B=1, T=1000, H=4)
+    runs += [(K256, (kname, cfg)) for kname in SEQUENTIAL if only is None or (kname in only and k256_chosen)
+             for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, K256["K"])]
     STRONG = next(case for case in EXTRA if case["name"].endswith("strong_decay"))
     strong_chosen = args.extras is not None and (wanted is None or STRONG["name"] in wanted)
-    extra_runs += [(STRONG, (kname, cfg)) for kname in sorted(only or ()) if strong_chosen
-                   for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, STRONG["K"])]
-    for case, under_test in extra_runs:
+    runs += [(STRONG, (kname, cfg)) for kname in sorted(only or ()) if strong_chosen
+             for cfg in KERNELS[kname]._all_configs[1:] if KERNELS[kname].fits(cfg, torch.bfloat16, STRONG["K"])]
+    seed = 1000
+    for case, under_test in runs:
         seed += 7
-        label = "all(first)" if under_test is None else under_test[0]
-        name = case["name"] if under_test is None else f"{case['name']} {config_name(under_test[1])}"
+        if under_test is None:
+            label, name = "all(first)", case["name"]
+        elif case is MAIN:
+            label, name = under_test[0], config_name(under_test[1])
+        else:
+            label, name = under_test[0], f"{case['name']} {config_name(under_test[1])}"
         if time.time() - start > args.budget_s:
             record(label, name, "NOT RUN (time budget)")
             continue
         dtypes = [d for d in DT if under_test is None or KERNELS[under_test[0]].fits(under_test[1], d, case["K"])]
-        record(label, name, case_status(case, seed, f"{label} {name}", rows, modes, dtypes, under_test), dtypes)
-    # the first call under autotuning (found in the fourth session: the in-place solve kernel had no restore_value,
-    # so the first call of each key inverted A once per timed config)
+        status = case_status(case, seed, f"{label} {name} {[str(d)[6:] for d in dtypes]}", rows, modes, dtypes,
+                             under_test, timed=case is MAIN)
+        record(label, name, status, dtypes)
+    # the first call under autotuning: a kernel that updates a buffer in place without restore_value would see it
+    # changed once per timed config
     tuned = sorted(KERNELS) if only is None else sorted(only)
-    seed += 7
-    status = case_status(dict(MAIN, name=MAIN["name"] + "_autotuned"), seed, "autotuned first call", rows, modes, DT,
-                         autotuned=tuned)
+    if time.time() - start > args.budget_s:
+        status = "NOT RUN (time budget)"
+    else:
+        status = case_status(dict(MAIN, name=MAIN["name"] + "_autotuned"), seed + 7, "autotuned first call", rows,
+                             modes, DT, autotuned=tuned)
     record("autotuned", ",".join(tuned), status, DT)
     for kern in KERNELS.values():
         pin_config(kern, None)
@@ -347,8 +351,8 @@ def not_passed(summary) -> list[str]:
 
 
 def verdict(worst: float, n_checked: int) -> str:
-    """A config's summary: its worst error / bound over the tensors it checked, or NOT RUN where none was (the config
-    fits none of the modes run, e.g. a 3-stage state config under --modes infer_apply_a)."""
+    """A config's summary: its worst error / bound over the tensors it checked, or NOT RUN where none was (no mode
+    run launches it in a setting it fits, e.g. a 3-stage state config under --modes infer_many_sequences)."""
     if n_checked == 0:
         return "NOT RUN (fits none of the checked modes)"
     return f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'}"

@@ -4,7 +4,7 @@ For each kernel, config, input dtype (bf16, fp32) and key width K (128, 256; V =
 input present), Triton compiles for GPUTarget("cuda", 90, 32) on the CPU; we print the shared memory the launch will
 ask for (metadata.shared) and, from the bundled ptxas -v on the generated PTX, registers per thread and spill bytes.
 A config that needs more than 232,448 B of shared memory (the H100's per-block opt-in maximum) cannot launch; the
-script lists those, and each kernel's ``fits`` (chunk_fwd.py / chunk_bwd.py) must exclude them (checked at the end).
+script lists those, and each kernel's ``fits`` (fwd_*.py / chunk_bwd.py) must exclude them (checked at the end).
 
     .venv/bin/python benchmarks/compile_check_sm90.py [--kernels state,dstate] [--K 128,256] [--csv out.csv]
 
@@ -31,24 +31,25 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.csv_rows import write_csv  # noqa: E402
 from gdn2.ops.triton.chunk import CHUNK_KERNELS  # noqa: E402
-from gdn2.ops.triton.chunk_fwd import block_sizes  # noqa: E402
-from gdn2.ops.triton.utils import SERIAL_PRECISION, config_name, dot_precision, solve_precision  # noqa: E402
+from gdn2.ops.triton.utils import (SERIAL_PRECISION, block_sizes, config_name, dot_precision,  # noqa: E402
+                                   solve_precision)
 
 SMEM_LIMIT = 232_448
 TARGET = GPUTarget("cuda", 90, 32)
-# Builds beyond one per chunk kernel: each extra name is a kernel of CHUNK_KERNELS with its variant constexprs. The
-# state kernel's (FUSE_OUTPUT, STORE_STATES, APPLY_A), its fits() flags: the fused inference output (no states
-# stored), the fused training output (states stored too, GDN2_TRITON_TRAIN_FUSED=1), the inference walk that applies
-# A. The wy kernel's (MERGED, COUNT_EXACT, APPLY_A): merged as training builds it (COUNT_EXACT), as inference builds
-# it (the 16-bit default below APPLY_A_MIN_WALKS walks), and with the walk applying A.
+# Builds beyond one per chunk kernel: each extra name is a kernel of CHUNK_KERNELS with the variant constexprs a
+# ForwardPlan (dispatch.py) launches it with. The state kernel's (FUSE_OUTPUT, STORE_STATES, APPLY_A), its fits()
+# flags: states stored for the output kernel (fp32, K > 128), the output inside (16-bit inference), the output inside
+# with the states stored (16-bit training), applying A (16-bit inference from APPLY_A_MIN_WALKS walks). The wy
+# kernel's (SOLVE_A, COUNT_EXACT, APPLY_A): A from the solve kernel (fp32), A formed inside in training (COUNT_EXACT)
+# and in inference, and with the state kernel applying A.
 VARIANTS = {"fwd_state": dict(FUSE_OUTPUT=False, STORE_STATES=True, APPLY_A=False),
-            "fwd_state_fused": ("fwd_state", dict(FUSE_OUTPUT=True, STORE_STATES=False, APPLY_A=False)),
-            "fwd_state_train_fused": ("fwd_state", dict(FUSE_OUTPUT=True, STORE_STATES=True, APPLY_A=False)),
+            "fwd_state_output": ("fwd_state", dict(FUSE_OUTPUT=True, STORE_STATES=False, APPLY_A=False)),
+            "fwd_state_output_train": ("fwd_state", dict(FUSE_OUTPUT=True, STORE_STATES=True, APPLY_A=False)),
             "fwd_state_apply_a": ("fwd_state", dict(FUSE_OUTPUT=True, STORE_STATES=False, APPLY_A=True)),
-            "fwd_wy": dict(MERGED=False, COUNT_EXACT=False, APPLY_A=False),
-            "fwd_wy_merged": ("fwd_wy", dict(MERGED=True, COUNT_EXACT=True, APPLY_A=False)),
-            "fwd_wy_merged_infer": ("fwd_wy", dict(MERGED=True, COUNT_EXACT=False, APPLY_A=False)),
-            "fwd_wy_apply_a": ("fwd_wy", dict(MERGED=True, COUNT_EXACT=False, APPLY_A=True))}
+            "fwd_wy": dict(SOLVE_A=False, COUNT_EXACT=False, APPLY_A=False),
+            "fwd_wy_solve_a_train": ("fwd_wy", dict(SOLVE_A=True, COUNT_EXACT=True, APPLY_A=False)),
+            "fwd_wy_solve_a": ("fwd_wy", dict(SOLVE_A=True, COUNT_EXACT=False, APPLY_A=False)),
+            "fwd_wy_apply_a": ("fwd_wy", dict(SOLVE_A=True, COUNT_EXACT=False, APPLY_A=True))}
 KERNELS = {}
 for _name, _kernel in CHUNK_KERNELS.items():
     KERNELS[_name] = _kernel
@@ -68,8 +69,8 @@ FP32_POINTERS = {"g", "A", "gC", "h0", "ht", "dht", "dh0", "dq", "dk", "db", "dG
 INT_POINTERS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "n_exact"}
 SCALARS = {"scale": "fp32", "TT": "i32", "NSH_LOG2": "i32"}
 # kernels launched with SERIAL_PRECISION (tf32 for fp32 operands); the rest with dot_precision(dtype)
-SERIAL_KERNELS = {"fwd_wy", "fwd_wy_merged", "fwd_wy_merged_infer", "fwd_wy_apply_a", "fwd_state", "fwd_state_fused",
-                  "fwd_state_train_fused", "fwd_state_apply_a", "fwd_output", "bwd_dlocal", "bwd_dstate"}
+SERIAL_KERNELS = {"fwd_wy", "fwd_wy_solve_a_train", "fwd_wy_solve_a", "fwd_wy_apply_a", "fwd_state", "fwd_state_output",
+                  "fwd_state_output_train", "fwd_state_apply_a", "fwd_output", "bwd_dlocal", "bwd_dstate"}
 
 
 def consts_of(kname):

@@ -3,9 +3,8 @@
 Where bench_kernels.py says how long a call takes, this says which launch the time goes to. bf16 q, k, v, b, w,
 fp32 g, H = 16, K = V = 128, initial state in, final state out (as bench_kernels.py). Each implementation is
 warmed up (autotuning, compiles) outside the profiled region, then `--iters` calls of the inference forward, the
-training forward and forward + backward are profiled; the table gives each kernel's GPU time per call. Our variants
-follow the switches of gdn2/ops/triton/chunk_infer.py as set in the environment (e.g.
-GDN2_TRITON_RECOMPUTE_STATES=1 python benchmarks/profile_kernels.py --B 1 --T 65536 --skip-fla).
+training forward and forward + backward are profiled; the table gives each kernel's GPU time per call. Ours runs the
+launches gdn2/ops/triton/dispatch.py plans for each call.
 
     PYTHONUNBUFFERED=1 python benchmarks/profile_kernels.py --B 8 --T 4096 --out results/bench
 Writes <out>/profile-<card>-B<B>_T<T>.csv (impl, mode, kernel, calls per iteration, ms per iteration) and prints it.

@@ -8,7 +8,8 @@ place (solve, exact_diag) are timed on the buffer their previous repeat left: th
 
     PYTHONUNBUFFERED=1 python benchmarks/time_configs.py --kernels bwd_dqkg,fwd_intra --B 8 --T 4096 --out results/bench
 Writes <out>/configs-<card>-B<B>_T<T>.csv (kernel, config, ms) and prints it. --inference records the launches of
-the no-grad forward instead (the merged wy kernel, the walk with the output inside): configs-...-inference.csv.
+the no-grad forward instead (its plan, dispatch.py: at B=8 the wy kernel forming A and the state kernel applying A
+and computing the output): configs-...-inference.csv.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def main():
         kernel = recorders[n].kernel
         setattr(modules[n], kernel.fn.__name__, kernel)
         if not recorders[n].calls:
-            print(f"{n}: not launched by this call (e.g. the output kernel with GDN2_TRITON_TRAIN_FUSED=1); skipped")
+            print(f"{n}: not launched by this call (not in its ForwardPlan, dispatch.py); skipped")
             continue
         grid, a, kw = recorders[n].calls[0]
         named = {**dict(zip(kernel.fn.arg_names, a)), **kw}

@@ -5,6 +5,8 @@ the only error is fp32 rounding through a 64-step solve and a few chunks of recu
 room for platforms with different summation orders while still failing any wrong index, mask or gate (those give
 errors of order 1e-1 .. 1).
 """
+import sys
+
 import pytest
 import torch
 import triton
@@ -12,7 +14,9 @@ import triton.language as tl
 
 from gdn2.ops.chunk import chunk_gdn2
 from gdn2.ops.naive import naive_recurrent_gdn2
-from gdn2.ops.triton.utils import unit_lower_inverse16
+from gdn2.ops.triton.dispatch import APPLY_A_MIN_WALKS, plan_forward, planned_as
+from gdn2.ops.triton.fwd_matrices import unit_lower_inverse16
+from gdn2.ops.triton.gates import CHUNK_SPAN, MIDPOINT_G_MIN
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 TOL = 1e-4
@@ -107,273 +111,179 @@ def growing_decay(T, K, seed):
     return -torch.rand(1, T, 1, K, generator=torch.Generator().manual_seed(seed)) * rate[None, :, None, :]
 
 
-def test_inference_forward_fused_output(monkeypatch):
-    """GDN2_TRITON_INFER_FUSED=1: the output inside the sequential walk (no per-chunk states), K = 80 (two K blocks),
-    varlen, grouped value heads, initial and final state."""
-    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "1")
-    inference_matches(*make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=11), cu=torch.tensor([0, 50, 140]))
+class Recording:
+    """Stands in for a chunk kernel in its module: notes the launch by its CHUNK_KERNELS name, then launches it."""
+
+    def __init__(self, kernel, name, seen):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
-@pytest.mark.parametrize("switch,choice", [("GDN2_TRITON_INFER_FUSED", "use_fused_output"),
-                                           ("GDN2_TRITON_TRAIN_FUSED", "use_fused_output_in_training")])
-def test_output_variant_choice(monkeypatch, switch, choice):
-    """Inference and training forward alike: the output inside the walk by default where the H100 measured it faster
-    (16-bit inputs, K <= 128), the split output elsewhere; the variable forces either; anything else is refused with
-    the accepted values."""
-    from gdn2.ops.triton import chunk_infer
+@pytest.fixture
+def launches(monkeypatch):
+    """The chunk kernels the test launches, by their CHUNK_KERNELS names, in launch order."""
+    from gdn2.ops.triton.chunk import CHUNK_KERNELS
 
-    use = getattr(chunk_infer, choice)
-    monkeypatch.delenv(switch, raising=False)
-    assert use(torch.bfloat16, 128) and use(torch.float16, 64)
-    assert not use(torch.float32, 128) and not use(torch.bfloat16, 256)
-    monkeypatch.setenv(switch, "0")
-    assert not use(torch.bfloat16, 128)
-    monkeypatch.setenv(switch, "1")
-    assert use(torch.float32, 256)
-    for bad in ("yes", "2"):
-        monkeypatch.setenv(switch, bad)
-        with pytest.raises(ValueError, match=f"{switch} must be 0 .* or 1"):
-            use(torch.bfloat16, 128)
+    seen = []
+    for name, kernel in CHUNK_KERNELS.items():
+        python_fn = kernel.fn.fn                                  # under the jit (or interpreter) wrapper
+        monkeypatch.setattr(sys.modules[python_fn.__module__], python_fn.__name__, Recording(kernel, name, seen))
+    return seen
 
 
-def test_merged_kernel_choice(monkeypatch):
-    """The merged wy kernel by default for 16-bit inputs, the four kernels for fp32; GDN2_TRITON_MERGED=0 / 1 forces
-    either for any dtype; anything but 0 / 1 is refused."""
-    from gdn2.ops.triton.chunk_infer import use_merged_kernel
-
-    monkeypatch.delenv("GDN2_TRITON_MERGED", raising=False)
-    assert use_merged_kernel(torch.bfloat16, 128) and use_merged_kernel(torch.float16, 256)
-    assert not use_merged_kernel(torch.float32, 128)
-    monkeypatch.setenv("GDN2_TRITON_MERGED", "0")
-    assert not use_merged_kernel(torch.bfloat16, 128)
-    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
-    assert use_merged_kernel(torch.float32, 128)
-    monkeypatch.setenv("GDN2_TRITON_MERGED", "on")
-    with pytest.raises(ValueError, match="GDN2_TRITON_MERGED must be 0 .* or 1"):
-        use_merged_kernel(torch.bfloat16, 128)
+def forward_launches(seen):
+    """The forward's share of a launch record (one call each)."""
+    return tuple(name for name in seen if name.startswith("fwd_"))
 
 
-def test_forced_switches_are_restored(monkeypatch):
-    """chunk_infer.forced sets the named switches inside its block only: a switch set before gets its value back, an
-    unset one is unset again (also when the block raises); an unknown name is refused, naming the known ones."""
-    import os
+def plan_of(dtype, K, n_walks, training):
+    return plan_forward(dtype, K, n_walks, training)
 
-    from gdn2.ops.triton.chunk_infer import forced, use_merged_kernel, use_walk_applying_a
 
-    monkeypatch.setenv("GDN2_TRITON_MERGED", "0")
-    monkeypatch.delenv("GDN2_TRITON_WALK_APPLIES_A", raising=False)
+def test_plan_forward_is_the_decision_table():
+    """The rows of dispatch.py's table: fp32 runs the three chunk-local kernels and the output kernel; 16-bit inputs
+    form A in the wy kernel; with K <= 128 the state kernel computes the output; in inference from APPLY_A_MIN_WALKS
+    walks on it applies A too. Training always keeps the intermediates for the backward."""
+    separate = ("fwd_intra", "fwd_exact_diag", "fwd_solve", "fwd_wy", "fwd_state", "fwd_output")
+    for training in (False, True):
+        for n_walks in (1, APPLY_A_MIN_WALKS):
+            assert plan_of(torch.float32, 128, n_walks, training).launches() == separate
+            assert plan_of(torch.bfloat16, 256, n_walks, training).launches() == ("fwd_wy", "fwd_state", "fwd_output")
+            assert plan_of(torch.float16, 128, n_walks, training).launches() == ("fwd_wy", "fwd_state")
+            assert plan_of(torch.bfloat16, 64, n_walks, training).keep_for_backward == training
+    assert plan_of(torch.bfloat16, 128, APPLY_A_MIN_WALKS, False).state_applies_a
+    assert not plan_of(torch.bfloat16, 128, APPLY_A_MIN_WALKS - 1, False).state_applies_a
+    assert not plan_of(torch.bfloat16, 128, APPLY_A_MIN_WALKS, True).state_applies_a
+    assert not plan_of(torch.bfloat16, 256, APPLY_A_MIN_WALKS, False).state_applies_a
+    assert not plan_of(torch.float32, 128, APPLY_A_MIN_WALKS, False).state_applies_a
+    # the per-chunk states are stored for the output kernel or the backward, and only then
+    assert not plan_of(torch.bfloat16, 128, 1, False).store_states
+    assert plan_of(torch.bfloat16, 128, 1, True).store_states and plan_of(torch.float32, 128, 1, False).store_states
+
+
+def test_planned_as_stands_in_for_dtype_and_walks_inside_its_block_only():
+    """planned_as plans as if the inputs had the dtype and walks given, inside its block only (also when the block
+    raises); nested blocks keep the outer one's other field; bad values are refused, naming the accepted ones."""
     with pytest.raises(RuntimeError, match="inside"):
-        with forced(merged=True, walk_applies_a=False):
-            assert use_merged_kernel(torch.float32, 64) and not use_walk_applying_a(torch.bfloat16, 128, 10 ** 6)
+        with planned_as(torch.bfloat16):
+            assert plan_of(torch.float32, 128, 1, False).launches() == ("fwd_wy", "fwd_state")
+            with planned_as(n_walks=APPLY_A_MIN_WALKS):
+                assert plan_of(torch.float32, 128, 1, False).state_applies_a
+            assert not plan_of(torch.float32, 128, 1, False).state_applies_a
             raise RuntimeError("inside")
-    assert os.environ["GDN2_TRITON_MERGED"] == "0" and "GDN2_TRITON_WALK_APPLIES_A" not in os.environ
-    with pytest.raises(ValueError, match=r"unknown switch\(es\) \['fused'\]; choose from .*'infer_fused'"):
-        with forced(fused=True):
+    assert plan_of(torch.float32, 128, 1, False).launches()[0] == "fwd_intra"
+    with pytest.raises(ValueError, match="dtype must be torch.bfloat16, torch.float16 or torch.float32"):
+        with planned_as(torch.int8):
+            pass
+    with pytest.raises(ValueError, match="n_walks must be >= 1"):
+        with planned_as(n_walks=0):
             pass
 
 
-def forbid_kernels(monkeypatch, *names, why="the merged wy kernel makes A and Aqk itself"):
-    """Make a launch of any of the named chunk_fwd kernels fail the test, saying why it should not have run."""
-    from gdn2.ops.triton import chunk_fwd
+def test_walks_are_sequences_times_value_heads():
+    """A call's plan counts its walks as sequences x value heads, varlen sequences one each: the state kernel
+    applies A from APPLY_A_MIN_WALKS on (bf16 inputs, no kernel runs here)."""
+    from gdn2.ops.triton.chunk import plan_for
+    from gdn2.ops.triton.utils import sequence_layout
 
-    class NoLaunch:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            raise AssertionError(f"{self.name} ran although {why}")
-    for name in names:
-        monkeypatch.setattr(chunk_fwd, name, NoLaunch(name))
-
-
-def forbid_output_kernel(monkeypatch):
-    """Make a launch of the chunk-parallel output kernel fail the test (for paths that compute O inside the walk)."""
-    forbid_kernels(monkeypatch, "gdn2_fwd_kernel_output", why="the output is computed inside the walk")
+    hv = APPLY_A_MIN_WALKS // 2
+    v = torch.empty(2 * 70, hv, 16, dtype=torch.bfloat16)
+    assert plan_for(v, 128, sequence_layout(None, 2, 70, "cpu"), training=False).state_applies_a        # 2 x hv
+    assert not plan_for(v, 128, sequence_layout(None, 1, 140, "cpu"), training=False).state_applies_a   # 1 x hv
+    varlen = sequence_layout(torch.tensor([0, 40, 140]), 1, 140, "cpu")
+    assert plan_for(v, 128, varlen, training=False).state_applies_a                                     # 2 x hv
+    assert not plan_for(v, 128, varlen, training=True).state_applies_a
 
 
-@pytest.mark.parametrize("fused", ["0", "1"])
-def test_inference_merged_kernel(monkeypatch, fused):
-    """GDN2_TRITON_MERGED=1: the wy kernel makes T, Aqk and A = (I + T)^-1 itself (chunk_fwd.chunk_pairs and
-    solve_chunk), so intra, exact_diag and solve never launch. Both output variants; K = 80 (a full and a partial K
-    block), varlen, grouped value heads, fused L2-norm, initial and final state, against the float64 recurrence."""
-    forbid_kernels(monkeypatch, "gdn2_fwd_kernel_intra", "gdn2_fwd_kernel_exact_diag", "gdn2_fwd_kernel_solve")
-    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
-    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", fused)
+def test_training_on_the_16bit_plan(launches):
+    """The 16-bit training forward (A formed in the wy kernel, the output inside the state kernel, which still stores
+    the per-chunk states and R for the backward; the wy kernel counts n_exact, which the backward's exact_diag kernel
+    reads): the strong-decay input (every sub-chunk with channels on both forms of the diagonal blocks, and wide
+    channels in the wy kernel) checks every gradient against float64; then K = 80, varlen, grouped value heads and the
+    fused L2-norm. Storing n_exact as 0 fails this test."""
+    q, k, v, g, b, w, h0 = make_inputs(1, 100, 1, 1, 32, 16, 1, True, seed=5)
+    g = g * 15
+    assert (-g[0, :64, 0].sum(0) > CHUNK_SPAN.value).any()
+    with planned_as(torch.bfloat16):
+        assert_forward_backward_match((q, k, v, g, b, w, h0))
+        assert forward_launches(launches) == ("fwd_wy", "fwd_state")
+        assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=37), l2=True,
+                                      cu=torch.tensor([0, 50, 140]))
+
+
+def test_the_16bit_plan_at_K256(launches):
+    """16-bit inputs with K = 256 (four K blocks of 64 in the state kernel): A formed in the wy kernel, the per-chunk
+    states and the output kernel, in training (every gradient) and in inference, against float64."""
+    inputs = make_inputs(1, 70, 1, 1, 256, 16, 1, True, seed=43)
+    with planned_as(torch.bfloat16):
+        assert_forward_backward_match(inputs)
+        assert forward_launches(launches) == ("fwd_wy", "fwd_state", "fwd_output")
+        launches.clear()
+        inference_matches(*inputs)
+    assert forward_launches(launches) == ("fwd_wy", "fwd_state", "fwd_output")
+
+
+def test_inference_on_the_16bit_plan(launches):
+    """The 16-bit inference forward below APPLY_A_MIN_WALKS walks: the wy kernel forms T, Aqk and A = (I + T)^-1 itself
+    (fwd_wy.chunk_pairs and fwd_matrices.solve_chunk), the state kernel computes the output. K = 80 (a full and a
+    partial K block), varlen, grouped value heads, fused L2-norm, initial and final state, against float64."""
     q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=19)
-    inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
+    with planned_as(torch.bfloat16):
+        inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
+    assert forward_launches(launches) == ("fwd_wy", "fwd_state")
 
 
-def test_inference_walk_applying_a(monkeypatch):
-    """GDN2_TRITON_WALK_APPLIES_A=1: the merged wy kernel stores E and the walk forms R = A (w * v - E S_0) itself.
-    K = 80, varlen, grouped value heads, fused L2-norm, initial and final state; then the wide-channel input of the
-    test below. Against the float64 recurrence."""
-    for name, value in (("GDN2_TRITON_MERGED", "1"), ("GDN2_TRITON_INFER_FUSED", "1"),
-                        ("GDN2_TRITON_WALK_APPLIES_A", "1")):
-        monkeypatch.setenv(name, value)
+def test_inference_with_the_state_kernel_applying_a():
+    """The 16-bit inference forward from APPLY_A_MIN_WALKS walks on: the wy kernel stores E and the state kernel forms
+    R = A (w * v - E S_0) itself. K = 80, varlen, grouped value heads, fused L2-norm, initial and final state; then the
+    wide-channel input of the test below. Against float64."""
     q, k, v, g, b, w, h0 = make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=29)
-    inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
-    q, k, v, _, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=31)
-    inference_matches(q, k, v, growing_decay(230, 32, seed=2), b, w, h0)
+    with planned_as(torch.bfloat16, n_walks=APPLY_A_MIN_WALKS):
+        inference_matches(q, k, v, g, b, w, h0, cu=torch.tensor([0, 50, 140]), l2=True)
+        q, k, v, _, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=31)
+        inference_matches(q, k, v, growing_decay(230, 32, seed=2), b, w, h0)
 
 
-def test_walk_applying_a_switch(monkeypatch):
-    """By default on only for 16-bit inputs with at least APPLY_A_MIN_WALKS sequences x value heads (where the merged
-    kernel and the output inside the walk are defaults too); =0 / =1 force it; =1 is refused, naming the switches,
-    where the variant cannot run (no merged kernel, or the split output, or fp32 at K = 256 where no walk config
-    fits), before any kernel launches."""
-    from gdn2.ops.triton.chunk_infer import APPLY_A_MIN_WALKS, use_walk_applying_a
-
-    for name in ("GDN2_TRITON_WALK_APPLIES_A", "GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED"):
-        monkeypatch.delenv(name, raising=False)
-    assert use_walk_applying_a(torch.bfloat16, 128, APPLY_A_MIN_WALKS)
-    assert not use_walk_applying_a(torch.bfloat16, 128, APPLY_A_MIN_WALKS - 1)
-    assert not use_walk_applying_a(torch.float32, 128, APPLY_A_MIN_WALKS)     # no merged kernel by default
-    assert not use_walk_applying_a(torch.bfloat16, 256, APPLY_A_MIN_WALKS)    # the split output by default
-    monkeypatch.setenv("GDN2_TRITON_MERGED", "0")
-    assert not use_walk_applying_a(torch.bfloat16, 128, APPLY_A_MIN_WALKS)
-    monkeypatch.delenv("GDN2_TRITON_MERGED")
-    monkeypatch.setenv("GDN2_TRITON_WALK_APPLIES_A", "0")
-    assert not use_walk_applying_a(torch.bfloat16, 128, APPLY_A_MIN_WALKS)
-    monkeypatch.setenv("GDN2_TRITON_WALK_APPLIES_A", "1")
-    assert use_walk_applying_a(torch.float32, 128, 1)
-    inputs = make_inputs(1, 70, 1, 1, 32, 16, 1, True, seed=3)
-    for merged, fused in (("0", "1"), ("1", "0")):
-        monkeypatch.setenv("GDN2_TRITON_MERGED", merged)
-        monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", fused)
-        with pytest.raises(ValueError, match="GDN2_TRITON_WALK_APPLIES_A=1.* needs merged=True"):
-            inference_matches(*inputs)
-    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
-    monkeypatch.setenv("GDN2_TRITON_INFER_FUSED", "1")
-    with pytest.raises(ValueError, match="fits torch.float32 at K = 256"):
-        inference_matches(*make_inputs(1, 70, 1, 1, 256, 16, 1, True, seed=3))
-
-
-def test_walk_applying_a_default_counts_sequences_times_value_heads(monkeypatch):
-    """The inference forward turns the walk applying A on by default from APPLY_A_MIN_WALKS sequences x value heads
-    (varlen sequences count one each), and the result still matches float64."""
-    import gdn2.ops.triton.chunk_infer as chunk_infer
-
-    chosen = []
-    real_forward = chunk_infer.chunk_forward
-
-    def recording_forward(*args, **kwargs):
-        chosen.append(kwargs["apply_a"])
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(chunk_infer, "chunk_forward", recording_forward)
-    monkeypatch.setattr(chunk_infer, "APPLY_A_MIN_WALKS", 4)
-    monkeypatch.delenv("GDN2_TRITON_WALK_APPLIES_A", raising=False)
-    for name in ("GDN2_TRITON_MERGED", "GDN2_TRITON_INFER_FUSED"):     # their defaults for 16-bit inputs; CPU is fp32
-        monkeypatch.setenv(name, "1")
-    inference_matches(*make_inputs(2, 70, 1, 2, 32, 16, 2, True, seed=5))                      # 2 x 2 walks
-    inference_matches(*make_inputs(1, 90, 1, 2, 32, 16, 2, True, seed=6), cu=torch.tensor([0, 40, 90]))
-    inference_matches(*make_inputs(1, 70, 1, 2, 32, 16, 1, True, seed=7))                      # 1 x 2 walks
-    assert chosen == [True, True, False]
-
-
-def test_inference_merged_kernel_wide_channels(monkeypatch):
-    """The merged kernel's two forms of exp(G_r - G_s): the chunk-level midpoint on channels whose G moves by at most
+def test_wy_kernel_wide_channels():
+    """The wy kernel's two forms of exp(G_r - G_s): the chunk-level midpoint on channels whose G moves by at most
     CHUNK_SPAN over a chunk, the exact row-by-row form on the others ("wide"). Decay rates differ by channel and grow
     along the sequence, so the first chunk has no wide channel, the later ones have both kinds in the same K block (one
     channel also has g > 0 on a few tokens). Leaving out the exact form, or taking the midpoint form up to a span of
     300 (its factors overflow), fails this test."""
-    from gdn2.ops.triton.chunk_fwd import CHUNK_SPAN
-
-    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
     q, k, v, _, b, w, h0 = make_inputs(1, 230, 1, 1, 32, 16, 1, True, seed=23)
     g = growing_decay(230, 32, seed=1)
     g[0, 150:154, 0, 3] = 0.5
     chunk_sums = torch.nn.functional.pad(g[0, :, 0], (0, 0, 0, 26)).reshape(4, 64, 32).sum(1)     # [chunks, K]
     wide = chunk_sums < -CHUNK_SPAN.value
     assert not wide[0].any() and wide[1:].any(-1).all() and (~wide[1:]).any(-1).all()
-    inference_matches(q, k, v, g, b, w, h0)
+    with planned_as(torch.bfloat16):
+        inference_matches(q, k, v, g, b, w, h0)
 
 
-@pytest.mark.parametrize("apply_a", [False, True])
-def test_merged_kernel_in_every_k_block_of_its_configs(monkeypatch, apply_a):
-    """The merged kernel with each K block its launch configs use (BK = 64 and 32; the interpreter runs one config,
-    so each is pinned here), on K = 80 (a partial last block) with wide and normal channels in the same block and
-    grouped value heads, with and without the walk applying A: against float64."""
-    from gdn2.ops.triton.chunk_fwd import WY_CONFIGS, gdn2_fwd_kernel_wy
+@pytest.mark.parametrize("n_walks", [1, APPLY_A_MIN_WALKS])
+def test_wy_kernel_in_every_k_block_of_its_configs(n_walks):
+    """The wy kernel forming A with each K block its launch configs use (BK = 64 and 32; the interpreter runs one
+    config, so each is pinned here), on K = 80 (a partial last block) with wide and normal channels in the same block
+    and grouped value heads, with and without the state kernel applying A: against float64."""
+    from gdn2.ops.triton.fwd_wy import WY_CONFIGS, gdn2_fwd_kernel_wy
     from gdn2.ops.triton.utils import pin_config
 
-    for name, value in (("GDN2_TRITON_MERGED", "1"), ("GDN2_TRITON_INFER_FUSED", "1"),
-                        ("GDN2_TRITON_WALK_APPLIES_A", "1" if apply_a else "0")):
-        monkeypatch.setenv(name, value)
     q, k, v, _, b, w, h0 = make_inputs(1, 230, 1, 2, 80, 16, 1, True, seed=41)
     g = growing_decay(230, 80, seed=3)
     block_sizes = sorted({config.kwargs["BK"] for config in WY_CONFIGS})
     assert block_sizes == [32, 64]
     try:
-        for bk in block_sizes:
-            pin_config(gdn2_fwd_kernel_wy, triton.Config({"BK": bk}, num_warps=4, num_stages=1))
-            inference_matches(q, k, v, g, b, w, h0)
+        with planned_as(torch.bfloat16, n_walks=n_walks):
+            for bk in block_sizes:
+                pin_config(gdn2_fwd_kernel_wy, triton.Config({"BK": bk}, num_warps=4, num_stages=1))
+                inference_matches(q, k, v, g, b, w, h0)
     finally:
         pin_config(gdn2_fwd_kernel_wy, None)
-
-
-def test_training_with_merged_kernel(monkeypatch):
-    """GDN2_TRITON_MERGED=1 in training: the merged wy kernel also counts n_exact, which the backward's exact_diag
-    kernel reads, so the strong-decay input (every sub-chunk with channels on both forms of the diagonal blocks, and
-    wide channels in the merged kernel) checks every gradient against float64 with intra, exact_diag and solve never
-    launched; then K = 80, varlen, grouped value heads and the fused L2-norm. Storing n_exact as 0 fails this test."""
-    from gdn2.ops.triton.chunk_fwd import CHUNK_SPAN
-
-    forbid_kernels(monkeypatch, "gdn2_fwd_kernel_intra", "gdn2_fwd_kernel_exact_diag", "gdn2_fwd_kernel_solve")
-    monkeypatch.setenv("GDN2_TRITON_MERGED", "1")
-    q, k, v, g, b, w, h0 = make_inputs(1, 100, 1, 1, 32, 16, 1, True, seed=5)
-    g = g * 15
-    assert (-g[0, :64, 0].sum(0) > CHUNK_SPAN.value).any()
-    assert_forward_backward_match((q, k, v, g, b, w, h0))
-    # and the layout features: K = 80 (a partial K block), varlen, grouped value heads, fused L2-norm
-    assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, False, seed=37), l2=True,
-                                  cu=torch.tensor([0, 50, 140]))
-
-
-def test_training_forward_fused_output(monkeypatch):
-    """GDN2_TRITON_TRAIN_FUSED=1: the training forward computes the output inside the walk and still stores the
-    per-chunk states and R that the backward reads. K = 80 (two K blocks), varlen, grouped value heads, initial and
-    final state; output, final state and every gradient against the float64 recurrence. The output kernel must not
-    run."""
-    forbid_output_kernel(monkeypatch)
-    monkeypatch.setenv("GDN2_TRITON_TRAIN_FUSED", "1")
-    assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=13), cu=torch.tensor([0, 50, 140]))
-
-
-def test_training_with_states_recomputed_in_backward(monkeypatch):
-    """GDN2_TRITON_RECOMPUTE_STATES=1: the training forward's walk stores no per-chunk states (the inference walk,
-    output inside), and the backward's first walk recomputes them. Output, final state and every gradient against the
-    float64 recurrence (K = 80, varlen, grouped value heads, initial state); the state kernel must run exactly twice,
-    in those two variants, and the output kernel never."""
-    from gdn2.ops.triton import chunk_fwd
-
-    real = chunk_fwd.gdn2_fwd_kernel_state
-    variants = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                variants.append((kwargs["FUSE_OUTPUT"], kwargs["STORE_STATES"]))
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(chunk_fwd, "gdn2_fwd_kernel_state", Recorder())
-    forbid_output_kernel(monkeypatch)
-    monkeypatch.setenv("GDN2_TRITON_RECOMPUTE_STATES", "1")
-    assert_forward_backward_match(make_inputs(1, 140, 1, 2, 80, 16, 2, True, seed=17), cu=torch.tensor([0, 60, 140]))
-    assert variants == [(True, False), (False, True)]
-
-
-def test_recompute_switch(monkeypatch):
-    from gdn2.ops.triton.chunk_infer import recompute_states_in_backward
-
-    monkeypatch.delenv("GDN2_TRITON_RECOMPUTE_STATES", raising=False)
-    assert not recompute_states_in_backward()
-    monkeypatch.setenv("GDN2_TRITON_RECOMPUTE_STATES", "1")
-    assert recompute_states_in_backward()
-    monkeypatch.setenv("GDN2_TRITON_RECOMPUTE_STATES", "yes")
-    with pytest.raises(ValueError, match="GDN2_TRITON_RECOMPUTE_STATES must be 0 .*kept.* or 1 .*recomputed"):
-        recompute_states_in_backward()
 
 
 def test_strong_decay_does_not_overflow():
@@ -381,8 +291,6 @@ def test_strong_decay_does_not_overflow():
     channels' decay rates differ, so every 16-row sub-chunk has channels on both forms of the diagonal blocks (the
     midpoint form where g stays in [MIDPOINT_G_MIN, 0], the exact row-by-row form elsewhere), in the forward and the
     backward."""
-    from gdn2.ops.triton.chunk_fwd import MIDPOINT_G_MIN
-
     q, k, v, g, b, w, h0 = make_inputs(1, 100, 1, 1, 32, 16, 1, True, seed=5)
     g = g * 15
     sub = torch.nn.functional.pad(g[0, :, 0], (0, 0, 0, 28)).reshape(8, 16, 32)[:7]      # the 7 sub-chunks with data
@@ -391,23 +299,23 @@ def test_strong_decay_does_not_overflow():
     assert_forward_backward_match((q, k, v, g, b, w, h0))
 
 
-def test_unwritten_outputs_are_caught(monkeypatch):
-    """Poison every buffer the kernels allocate (torch.empty -> NaN): any element they fail to write shows as NaN."""
+@pytest.mark.parametrize("as_dtype", [None, torch.bfloat16])
+def test_unwritten_outputs_are_caught(monkeypatch, as_dtype):
+    """Poison every buffer the kernels allocate (torch.empty -> NaN): any element they fail to write shows as NaN. On
+    the fp32 plan and on the 16-bit one."""
     real_empty = torch.empty
 
     def poisoned(*args, **kwargs):
         x = real_empty(*args, **kwargs)
         return x.fill_(float("nan")) if x.is_floating_point() else x
 
-    import gdn2.ops.triton.chunk_bwd as bwd
-    import gdn2.ops.triton.chunk_fwd as fwd
-    monkeypatch.setattr(fwd.torch, "empty", poisoned)
-    monkeypatch.setattr(bwd.torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty", poisoned)
     monkeypatch.setattr(torch, "empty_like", lambda x, **kw: real_empty(x.shape, dtype=x.dtype).fill_(float("nan")))
     inputs = make_inputs(1, 80, 1, 2, 16, 16, 1, True, seed=9)
     ours = [x.clone().requires_grad_() for x in inputs]
-    o, ht = chunk_gdn2(*ours[:6], initial_state=ours[6], output_final_state=True, backend="triton")
-    (o.sum() + ht.sum()).backward()
+    with planned_as(as_dtype):
+        o, ht = chunk_gdn2(*ours[:6], initial_state=ours[6], output_final_state=True, backend="triton")
+        (o.sum() + ht.sum()).backward()
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     for x in ours:
         assert torch.isfinite(x.grad).all()

@@ -5,19 +5,19 @@
 
 q, k, g, b: [B, T, H, K]; v, w: [B, T, Hv, V] (Hv a multiple of H; value head j reads key head j // (Hv // H));
 g is the natural-log decay per key channel; the state is fp32 [N, Hv, K, V]. With cu_seqlens [N + 1], B must be 1.
-Dispatch: the autograd Function (chunk_fwd.chunk_forward keeping its intermediates, then chunk_bwd.py) when grad mode is
-on and any input requires grad; otherwise the inference-only forward (chunk_infer.py).
+Dispatch: the autograd Function when grad mode is on and any input requires grad (chunk_fwd.chunk_forward keeping its
+intermediates, then chunk_bwd.chunk_backward); otherwise the same forward, its intermediates freed on return. Which
+forward launches run is one ForwardPlan per call (dispatch.plan_forward).
 """
 from __future__ import annotations
 
 import torch
 
 from gdn2.ops.naive import check_gdn2_inputs
-from gdn2.ops.triton import chunk_bwd, chunk_fwd
+from gdn2.ops.triton import chunk_bwd, fwd_matrices, fwd_output, fwd_state, fwd_wy
 from gdn2.ops.triton.chunk_bwd import chunk_backward
 from gdn2.ops.triton.chunk_fwd import chunk_forward
-from gdn2.ops.triton.chunk_infer import (inference_forward, recompute_states_in_backward,
-                                          use_fused_output_in_training, use_merged_kernel)
+from gdn2.ops.triton.dispatch import plan_forward
 from gdn2.ops.triton.utils import inverse_norms, sequence_layout
 
 
@@ -26,14 +26,15 @@ def _l2norm_vjp(x: torch.Tensor, inv_norm: torch.Tensor, grad_hat: torch.Tensor)
     x_hat = x.float() * inv_norm[..., None]
     return inv_norm[..., None] * (grad_hat - x_hat * (x_hat * grad_hat).sum(-1, keepdim=True))
 
+
 # Every chunk kernel by the name the GPU check, the sm_90 compile report and the profiler use, in launch order.
 CHUNK_KERNELS = {
-    "fwd_intra": chunk_fwd.gdn2_fwd_kernel_intra,
-    "fwd_exact_diag": chunk_fwd.gdn2_fwd_kernel_exact_diag,
-    "fwd_solve": chunk_fwd.gdn2_fwd_kernel_solve,
-    "fwd_wy": chunk_fwd.gdn2_fwd_kernel_wy,
-    "fwd_state": chunk_fwd.gdn2_fwd_kernel_state,
-    "fwd_output": chunk_fwd.gdn2_fwd_kernel_output,
+    "fwd_intra": fwd_matrices.gdn2_fwd_kernel_intra,
+    "fwd_exact_diag": fwd_matrices.gdn2_fwd_kernel_exact_diag,
+    "fwd_solve": fwd_matrices.gdn2_fwd_kernel_solve,
+    "fwd_wy": fwd_wy.gdn2_fwd_kernel_wy,
+    "fwd_state": fwd_state.gdn2_fwd_kernel_state,
+    "fwd_output": fwd_output.gdn2_fwd_kernel_output,
     "bwd_dlocal": chunk_bwd.gdn2_bwd_kernel_dlocal,
     "bwd_dstate": chunk_bwd.gdn2_bwd_kernel_dstate,
     "bwd_dqk": chunk_bwd.gdn2_bwd_kernel_dqk,
@@ -43,22 +44,33 @@ CHUNK_KERNELS = {
 }
 
 
+def packed_inputs(q, k, v, g, b, w, initial_state, use_l2, cu_seqlens):
+    """The kernels' view of a call: q, k, g, b as [B*T, H, K] and v, w as [B*T, Hv, V] (contiguous), the inverse
+    norms rq, rk [B*T, H] (q, k themselves without the fused L2-norm), h0 fp32 or None, and the sequence layout."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    qf, kf, gf, bf = (x.reshape(B * T, H, K).contiguous() for x in (q, k, g, b))
+    vf, wf = (x.reshape(B * T, HV, V).contiguous() for x in (v, w))
+    rq, rk = (inverse_norms(qf), inverse_norms(kf)) if use_l2 else (qf, kf)
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    return qf, kf, vf, gf, bf, wf, rq, rk, h0, sequence_layout(cu_seqlens, B, T, q.device)
+
+
+def plan_for(v: torch.Tensor, K: int, layout, training: bool):
+    """plan_forward for a call: v's dtype, key width K, walks = sequences x value heads."""
+    n_walks = (layout[0].numel() - 1) * v.shape[-2]
+    return plan_forward(v.dtype, K, n_walks, training)
+
+
 class ChunkGDN2Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, b, w, scale, initial_state, output_final_state, use_l2, cu_seqlens):
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
-        layout = sequence_layout(cu_seqlens, B, T, q.device)
-        cu, chunk_indices, chunk_offsets, n_chunks = layout
-        qf, kf, gf, bf = (x.reshape(B * T, H, K).contiguous() for x in (q, k, g, b))
-        vf, wf = (x.reshape(B * T, HV, V).contiguous() for x in (v, w))
-        rq, rk = (inverse_norms(qf), inverse_norms(kf)) if use_l2 else (qf, kf)
-        h0 = initial_state.float().contiguous() if initial_state is not None else None
-        recompute = recompute_states_in_backward()
+        qf, kf, vf, gf, bf, wf, rq, rk, h0, layout = packed_inputs(q, k, v, g, b, w, initial_state, use_l2,
+                                                                   cu_seqlens)
         o, ht, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, output_final_state,
-                                     fuse_output=recompute or use_fused_output_in_training(v.dtype, K),
-                                     for_backward=True, recompute_states=recompute,
-                                     merged=use_merged_kernel(v.dtype, K))
+                                     plan_for(vf, K, layout, training=True))
         ctx.saved_names = tuple(saved)
         ctx.save_for_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, *saved.values())
         ctx.meta = (scale, layout, use_l2, (B, T, H, K, HV, V), initial_state is not None,
@@ -109,11 +121,8 @@ def triton_chunk_gdn2(
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return ChunkGDN2Function.apply(q, k, v, g, b, w, scale, initial_state, output_final_state,
                                        use_qk_l2norm_in_kernel, cu_seqlens)
-    layout = sequence_layout(cu_seqlens, B, T, q.device)
-    qf, kf, gf, bf = (x.reshape(B * T, H, K).contiguous() for x in (q, k, g, b))
-    vf, wf = (x.reshape(B * T, HV, V).contiguous() for x in (v, w))
-    rq, rk = (inverse_norms(qf), inverse_norms(kf)) if use_qk_l2norm_in_kernel else (qf, kf)
-    h0 = initial_state.float().contiguous() if initial_state is not None else None
-    o, ht = inference_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_qk_l2norm_in_kernel,
-                              output_final_state)
+    qf, kf, vf, gf, bf, wf, rq, rk, h0, layout = packed_inputs(q, k, v, g, b, w, initial_state,
+                                                               use_qk_l2norm_in_kernel, cu_seqlens)
+    o, ht, _ = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_qk_l2norm_in_kernel,
+                             output_final_state, plan_for(vf, K, layout, training=False))
     return o.reshape(B, T, HV, V), ht

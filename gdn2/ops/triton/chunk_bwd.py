@@ -27,7 +27,7 @@ Kernels (in launch order; only dstate is sequential)
                           dAqk = tril(dO R^T); dT = -A^T dA A^T (fp32: IEEE products for fp32 inputs, tf32x3
                           - three tf32 passes, about fp32 accuracy on tensor cores - for 16-bit inputs).
   gdn2_bwd_kernel_exact_diag  grid (4 x chunks, key heads, K slices of BKD): the diagonal blocks' backward on the
-                          channels off the midpoint form (chunk_fwd.py), row by row, added to the partials dq, dk, db,
+                          channels off the midpoint form (gates.py), row by row, added to the partials dq, dk, db,
                           dG; a sub-chunk without such channels (the forward's count n_exact) returns at once.
   gdn2_bwd_kernel_dqkg    grid (chunks x K slices of BKS, key heads): the backward of T and Aqk (every product reduces
                           over rows, so K splits over the grid), all 64 rows of the chunk: per sub-chunk j and side one
@@ -48,25 +48,25 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.chunk_fwd import (STATE_CONFIGS, _load_sub, block_sizes, chunk_key_side, chunk_span,
-                                       decayed_plus, diag_row, exact_channels, key_block_dot, key_block_dot_t,
-                                       key_head_inputs, load_state_blocks,
-                                       midpoint_channels, state_block_t, state_walk, store_state_block,
-                                       store_state_blocks, store_tile, sub_chunk_span, tile, tile_t)
-from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, dot_precision, l2_rows, load_rows, solve_precision,
-                                   store_rows, tuned)
+from gdn2.ops.triton.fwd_state import STATE_CONFIGS
+from gdn2.ops.triton.gates import chunk_key_side, diag_row, exact_channels, load_sub_chunk, midpoint_channels
+from gdn2.ops.triton.tiles import (chunk_span, decayed_plus, key_block_dot, key_block_dot_t, key_head_inputs, l2_rows,
+                                   load_rows, load_state_blocks, state_block_t, store_rows, store_state_block,
+                                   store_state_blocks, store_tile, sub_chunk_span, tile, tile_t)
+from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, SUBS_PER_CHUNK, block_sizes, dot_precision,
+                                   solve_precision, tuned)
 
 DLOCAL_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
                                                                                        num_stages=2)]
 DLOCAL_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
-# The forward state kernel's list (chunk_fwd.STATE_CONFIGS, fresh Config objects) and key; dstate_fits from the sm_90
+# The forward state kernel's list (fwd_state.STATE_CONFIGS, fresh Config objects) and key; dstate_fits from the sm_90
 # compile report.
 DSTATE_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages) for c in STATE_CONFIGS]
 
 
 def dstate_fits(config, dtype, K, *flags) -> bool:
-    """Whether the bwd dstate kernel's sm_90 build stays within 232,448 B of shared memory (compile_check_sm90.py,
-    2026-11-27): 16-bit inputs: every entry up to K = 128 (<= 188,416 B); K <= 256 num_stages=2 only (3 stages:
+    """Whether the bwd dstate kernel's sm_90 build stays within 232,448 B of shared memory (compile_check_sm90.py):
+    16-bit inputs: every entry up to K = 128 (<= 188,416 B); K <= 256 num_stages=2 only (3 stages:
     315,392 / 335,872 B; BV=64 at 2 stages: 229,376 B). fp32: K <= 64 every entry (<= 229,376 B); K <= 128 the
     BV=16 and 2-warp entries (217,088 / 118,784 B; BV=32/64 at 4 warps: 237,568 / 278,528 B); K <= 256 the 2-warp
     entry only (217,088 B)."""
@@ -82,9 +82,8 @@ def dstate_fits(config, dtype, K, *flags) -> bool:
 
 
 DSTATE_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
-# Measured on the H100 (B=8, T=4096, bf16, time_configs.py, 2026-11-27): (64, w8, 3 stages) 1.87 ms, (64, w8, 2)
-# 1.96, (64, w4, 2) 2.35; dropped: (64, w4, 1) 2.35, (32, w4, 2) 2.57. The first entry is the default without
-# autotuning.
+# The entries within 1.15x of the best at B=8, T=4096 (docs/kernels.md#launch-configs). The first entry is the default
+# without autotuning.
 DQK_CONFIGS = [triton.Config({"BV": 64}, num_warps=8, num_stages=3),
                triton.Config({"BV": 64}, num_warps=8, num_stages=2),
                triton.Config({"BV": 64}, num_warps=4, num_stages=2)]
@@ -99,16 +98,12 @@ DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 # dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
-# Measured on the H100 (B=8, T=4096, bf16, benchmarks/time_configs.py, 2026-11-27, results/bench/configs-*), sixth
-# session, loads of the next sub-chunk issued before the current one's work: (32, 4) 3.29 ms, (32, 4, 2 stages) 3.29,
-# (16, 4, maxnreg 128) 3.36, (32, 4, maxnreg 168) 3.48; dropped: (16, 4) 4.44. Before that prefetch (the same Horner
-# form) the best was 3.80 (2 stages); the form before it (two exponential tiles per sub-chunk and side) 3.86-3.91, and
-# 8 warps 6.6-6.9 in both. sm_90 build (bf16, K = 128), registers / spill bytes: 255/72, 255/40, 128/136, 168/560.
+# The entries within 1.15x of the best at B=8, T=4096; 8 warps took twice as long (docs/kernels.md#launch-configs).
 DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=st, maxnreg=reg)
                 for bks, st, reg in ((32, 1, None), (32, 2, None), (16, 1, 128), (32, 1, 168))]
 DQKG_INTERPRET = triton.Config({"BKS": 16}, num_warps=4, num_stages=1)
 # exact_diag: BKD channels per program (per-channel outputs); one or two warps keep the reductions over the 16 rows
-# inside a warp (the full-K form of this kernel at 2 warps took 5.1 ms at B=8, T=4096 on the H100: cross-warp).
+# inside a warp (a full-K form at 2 warps reduced across warps and was several times slower).
 EXACT_BWD_CONFIGS = [triton.Config({"BKD": bkd}, num_warps=w, num_stages=1) for bkd, w in ((32, 1), (64, 2))]
 EXACT_BWD_INTERPRET = triton.Config({"BKD": 32}, num_warps=1, num_stages=1)
 
@@ -339,7 +334,7 @@ def _add_col_side(pk, pG, d_k, kb):
 @triton.jit
 def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_exact, cu_seqlens, chunk_indices,
                                scale, H: tl.constexpr, K: tl.constexpr, BKD: tl.constexpr, USE_L2: tl.constexpr):
-    """The backward of gdn2_fwd_kernel_exact_diag: for the channels off the midpoint form (chunk_fwd.exact_channels),
+    """The backward of gdn2_fwd_kernel_exact_diag: for the channels off the midpoint form (gates.exact_channels),
     the diagonal blocks' gradients, added to the elementwise partials dq, dk, db, dG in place before
     gdn2_bwd_kernel_dqkg reads them. One sub-chunk and BKD channels per program; a sub-chunk without such channels
     (the forward's count n_exact is 0) only reads that count."""
@@ -356,8 +351,8 @@ def gdn2_bwd_kernel_exact_diag(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, n_e
     cols = i_k * BKD + tl.arange(0, BKD)
     exact = exact_channels(load_rows(g, ti, eos, SK, cols, K))
     if tl.sum(exact.to(tl.int32), 0) > 0:
-        _, _, qs, kt, bk, _ = _load_sub(q, k, g, b, rq, rk, ti, eos, tl.zeros([BKD], dtype=tl.float32), cols, scale,
-                                        SK, H, K, USE_L2)
+        _, _, qs, kt, bk, _ = load_sub_chunk(q, k, g, b, rq, rk, ti, eos, tl.zeros([BKD], dtype=tl.float32), cols,
+                                             scale, SK, H, K, USE_L2)
         d_bk, d_qs, d_k = diag_exact_bwd(q, k, g, b, rq, rk, dT + i_h * 64 + r0, dAqk + i_h * 64 + r0, t0, eos, cols,
                                          kt, exact, scale, SK, S64, H, K, BKD, USE_L2)
         pq, pk, pb, pG = _add_row_side(dq + koff, dk + koff, db + koff, dG + koff, ti, eos, cols, SK, K, d_bk, d_qs,
@@ -405,8 +400,8 @@ def _col_side_loads(q, k, b, g, dT, dAqk, t0, eos, j, c0, SK, S64, K: tl.constex
 
 
 # The partials dq, dk, db, dG are read only and the totals go to separate outputs, so no autotuned config sees
-# another's result (the first version updated dq, dk, db in place without restoring them: its first autotuned call
-# per shape accumulated the pairwise part more than once).
+# another's result (updated in place, the autotuner's first call per shape would add the pairwise part once per timed
+# config).
 @tuned(DQKG_CONFIGS, key=["K", "USE_L2", "PREC"], interpret_config=DQKG_INTERPRET, dtype_arg="q")
 @triton.jit
 def gdn2_bwd_kernel_dqkg(q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, dq_out, dk_out, db_out, dg, cu_seqlens,
@@ -529,9 +524,6 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     dev = q.device
     do = do.to(v.dtype)
     A, Aqk, R, hs = saved["A"], saved["Aqk"], saved["R"], saved["hs"]
-    if hs is None:               # the forward kept no per-chunk states (recompute_states): one more walk stores them
-        _, _, hs, R = state_walk(saved["Y"], saved["U"], saved["Kt"], saved["gC"], h0, saved["Qg"], Aqk, layout,
-                                 output_final_state=False, fuse_output=False, store_states=True)
     dRl = torch.empty_like(v)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_chunks, HV)
     gdn2_bwd_kernel_dlocal[grid](Aqk, do, dRl, cu, chunk_indices, H=H, HV=HV, V=V, PREC=SERIAL_PRECISION)
@@ -557,7 +549,7 @@ def chunk_backward(q, k, v, g, b, w, rq, rk, h0, saved, do, dht, scale, layout, 
     gdn2_bwd_kernel_dav[(n_chunks, H)](v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu, chunk_indices, TT,
                                        H=H, HV=HV, V=V, NK=NK, PREC=prec, PREC_T=solve_precision(v.dtype))
     del dAE
-    grid = lambda meta: (4 * n_chunks, H, triton.cdiv(K, meta["BKD"]))
+    grid = lambda meta: (SUBS_PER_CHUNK * n_chunks, H, triton.cdiv(K, meta["BKD"]))
     gdn2_bwd_kernel_exact_diag[grid](q, k, g, b, rq, rk, dT, dAqk, dq, dk, db, dG, saved["n_exact"], cu,
                                      chunk_indices, scale, H=H, K=K, USE_L2=use_l2)
     # the totals in the inputs' dtypes (no casts after the kernel); q and k stay fp32 for the L2-norm VJP

@@ -24,12 +24,14 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("GDN2_TRITON_AUTOTUNE", "1") != "0"
-CHUNK = 64          # chunk length C; the intra-chunk kernels are written for 4 sub-chunks of 16
+# The chunk length C and the sub-chunk length of the diagonal blocks: every chunk kernel is written for these (its
+# tiles are tl.arange(0, 64) / tl.arange(0, 16)), the host code allocates and launches with the names.
+CHUNK = 64
 SUB = 16
+SUBS_PER_CHUNK = CHUNK // SUB
 L2NORM_EPS = 1e-6
 
 
@@ -118,8 +120,8 @@ def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton
 def dot_precision(dtype) -> str:
     """input_precision of the fp32-operand tl.dot calls of the intra-chunk pairwise products (fwd intra, bwd dqkg) and
     of the dA / dT path (backward kernels dqk, dav, dqkg): "ieee"
-    (exact fp32 FMA, no tensor cores) when the inputs are fp32, "tf32" (tensor cores) otherwise. Seen on H100
-    (2026-11-27): with tf32 on fp32 inputs, db came out at 2.01e-3 .. 2.04e-3 relative error against the 2e-3 bound.
+    (exact fp32 FMA, no tensor cores) when the inputs are fp32, "tf32" (tensor cores) otherwise: with tf32 on fp32
+    inputs db came out just over the 2e-3 bound of the GPU check (docs/kernels.md#precision).
     The other kernels (wy, state, output, dlocal, dstate) always use SERIAL_PRECISION: IEEE products there would move
     the sequential kernels off the tensor cores (and, compiled for sm_90, spill tens of KiB per thread)."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -182,52 +184,6 @@ def inverse_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(x.float().square().sum(-1) + L2NORM_EPS).contiguous()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# jit helpers shared by the chunk kernels
-# ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def row_tile(ptr, t, t_end, stride_t, cols, n_cols):
-    """[len(t), len(cols)] tile, in the stored dtype, of rows t (0 from t_end on) and columns cols (0 from n_cols on)
-    of a row-major matrix at ptr with row stride stride_t."""
-    mask = (t < t_end)[:, None] & (cols < n_cols)[None, :]
-    return tl.load(ptr + t[:, None] * stride_t + cols[None, :], mask=mask, other=0.)
-
-
-@triton.jit
-def load_rows(ptr, t, t_end, stride_t, cols, n_cols):
-    """row_tile in fp32."""
-    return row_tile(ptr, t, t_end, stride_t, cols, n_cols).to(tl.float32)
-
-
-@triton.jit
-def store_rows(ptr, x, t, t_end, stride_t, cols, n_cols):
-    """The inverse of row_tile: x, cast to ptr's dtype, into rows t < t_end and columns cols < n_cols."""
-    tl.store(ptr + t[:, None] * stride_t + cols[None, :], x.to(ptr.dtype.element_ty),
-             mask=(t < t_end)[:, None] & (cols < n_cols)[None, :])
-
-
-@triton.jit
-def l2_rows(x, inv_norm, t, t_end, stride_t, USE_L2: tl.constexpr):
-    """The fused q/k L2-norm: x [len(t), .] fp32 times its rows' inverse norms inv_norm[t * stride_t] (0 from t_end
-    on) when USE_L2, x itself otherwise."""
-    if USE_L2:
-        x = x * tl.load(inv_norm + t * stride_t, mask=t < t_end, other=0.).to(tl.float32)[:, None]
-    return x
-
-
-@triton.jit
-def unit_lower_inverse16(Tm):
-    """(I + Tm)^-1 for a strictly lower triangular [16, 16] fp32 Tm. Tm is nilpotent (Tm^16 = 0), so with P = -Tm
-    (I + Tm)^-1 = I + P + ... + P^15 = (I + P)(I + P^2)(I + P^4)(I + P^8): six fp32 products (IEEE), no serial
-    row-by-row substitution (0.37 -> 0.19 ms for the solve kernel on an H200). Rounding against float64 (CPU, torch
-    fp32, 2,000 blocks per family, 2026-11-27): relative error 1e-8 .. 1.5e-7, the same as forward substitution
-    (1.3e-8 .. 2.2e-7), also for blocks whose inverse reaches 1.2e4; tests/test_triton_chunk.py checks the kernel's."""
-    r16 = tl.arange(0, 16)
-    P = -Tm
-    X = (r16[:, None] == r16[None, :]).to(tl.float32) + P
-    P = tl.dot(P, P, input_precision="ieee")
-    X += tl.dot(X, P, input_precision="ieee")
-    P = tl.dot(P, P, input_precision="ieee")
-    X += tl.dot(X, P, input_precision="ieee")
-    P = tl.dot(P, P, input_precision="ieee")
-    return X + tl.dot(X, P, input_precision="ieee")
+def block_sizes(K: int, V: int) -> tuple[int, int]:
+    """(BK, BV) cap for the key / value blocks: 64, or the (power-of-two padded) dimension if smaller."""
+    return min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
