@@ -169,7 +169,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
         get_family(family)  # fail early on a wrong family name
         return family, source
     if spec in bundled.BUNDLED:
-        return bundled.BUNDLED[spec].family, spec
+        entry = bundled.BUNDLED[spec]
+        return entry.family, str(entry.folder) if entry.folder is not None else spec
     path = Path(spec)
     if path.is_dir():
         config = read_config(path)
@@ -189,11 +190,16 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def load_model(spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                tokenizer: str | None = None, allow_longer_context: bool = False, name: str | None = None) -> EvalModel:
     """Load a model spec into an EvalModel on `device` in `dtype` (tokenizer: an explicit tokenizer folder/file)."""
+    from harness import bundled
+
     family_name, source = parse_spec(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model = get_family(family_name).load(source, dev, dt, tokenizer)
     model.allow_longer_context = allow_longer_context
+    if spec in bundled.BUNDLED and bundled.BUNDLED[spec].folder is not None:
+        model.name = spec
+        model.info["bundled"] = bundled.BUNDLED[spec].description
     if name:
         model.name = name
     return model

@@ -1,0 +1,212 @@
+"""The small matched models and their training: the training mix (held-out texts, disjoint RULER keys, targets),
+the models of every family (matched budget and state, saved in the family's format, loaded by the registry), the
+training loop (learns, reproducible from its seed) and the retraining command of a model card (tiny, on CPU)."""
+import gzip
+import json
+import random
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from harness import small_models
+from harness.bundled import BPE_4K
+from harness.registry import load_model
+from harness.train import IGNORE, TrainConfig, learning_rate, train
+from tasks import training_mix
+from tasks.ruler.words import wonderwords_list
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = small_models.Shape(hidden_size=64, layers=1, mlp_width=64, max_length=128)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A folder of training texts: two plays of the shipped data under names the held-out rule does not match, and
+    two files whose names it does (they must not be read)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for name, source in (("play_one", "shakespeare_hamlet"), ("play_two", "shakespeare_macbeth")):
+        text = gzip.decompress((ROOT / "tasks" / "data" / f"{source}.txt.gz").read_bytes()).decode()
+        (folder / f"{name}.txt").write_text(text)
+    (folder / "hamlet_gut.txt").write_text("held out " * 1000)
+    (folder / "areopagitica.txt").write_text("held out " * 1000)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def builder(corpus) -> training_mix.MixBuilder:
+    tokenizer = Tokenizer.from_file(str(BPE_4K / "tokenizer.json"))
+    return training_mix.MixBuilder(training_mix.MixConfig(seq_len=256), tokenizer,
+                                   training_mix.read_corpus(corpus), eos_id=0)
+
+
+# ------------------------------------------------------------------------------------------ the training mix
+def test_held_out_texts_are_not_read(corpus):
+    assert sorted(training_mix.read_corpus(corpus)) == ["play_one", "play_two"]
+
+
+def test_training_keys_are_never_ruler_keys(builder):
+    ruler = {w.lower() for f in ("adjectivelist.txt", "nounlist.txt", "verblist.txt") for w in wonderwords_list(f)}
+    rng = random.Random(0)
+    keys = [builder.draw_atom(rng, "words") for _ in range(2000)]
+    assert all(re.fullmatch(r"[a-z]+-[a-z]+", k) for k in keys)
+    assert not {part for k in keys for part in k.split("-")} & ruler
+
+
+def test_rows_are_a_function_of_seed_and_index(builder):
+    first = builder.rows(0, 12)
+    again = builder.rows(0, 12)
+    parallel = training_mix.build_stream(builder, 12, workers=2, block=5)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert np.array_equal(parallel[0], first[0].astype(np.int16))
+    assert np.array_equal(parallel[1], first[1].astype(np.int16))
+
+
+def test_targets_are_next_tokens_except_mqar_and_separators(builder):
+    """Text and needle tokens predict the next input token; MQAR documents have targets only at their queries (the
+    value of the queried key), and an EOS separator predicts nothing."""
+    kinds = set()
+    for index in range(40):
+        inputs, targets = builder.row(index)
+        assert inputs.shape == targets.shape == (256,)
+        taken = targets != IGNORE
+        next_token = np.append(inputs[1:], -1)
+        differs = taken & (targets != next_token)
+        if not taken.all():
+            kinds.add("retrieval")
+            # every target that is not the next token is an MQAR value: in the upper half of the vocabulary,
+            # predicted right after its key, and that key appeared earlier in the row followed by this value
+            for t in np.flatnonzero(differs[:-1]):
+                assert targets[t] >= 4096 // 2
+                earlier = np.flatnonzero(inputs[:t] == inputs[t])
+                assert any(inputs[e + 1] == targets[t] for e in earlier if e + 1 < t)
+        else:
+            kinds.add("text")
+    assert kinds == {"text", "retrieval"}
+
+
+def test_needle_documents_carry_their_answer(builder):
+    tokenizer = builder.tokenizer
+    rng = random.Random(1)
+    for _ in range(12):
+        ids, targets = builder.needle_document(rng, 600)       # every format fits in 600 tokens
+        text = tokenizer.decode(ids)
+        assert len(ids) <= 600 and targets[-1] == builder.eos_id and targets[:-1] == ids[1:]
+        question = re.search(r"special magic \w+ for ([\w, -]+?) mentioned in the provided text (?:is|are) (.*)\.$",
+                             text)
+        assert question, text[-200:]
+        for key in re.split(r", and |, ", question.group(1)):
+            for value in question.group(2).split(", "):
+                if f"for {key} is: {value}." in text:
+                    break
+            else:
+                pytest.fail(f"no needle of key {key!r} holds an answered value in {text[-300:]!r}")
+
+
+# ------------------------------------------------------------------------------------------ the models
+def test_models_match_budget_and_state():
+    shape = small_models.Shape()
+    counts, states = {}, {}
+    for name in small_models.SMALL_MODELS:
+        matched = small_models.matched_shape(name, shape)
+        lm, config = small_models.build(name, matched, on_meta=True)
+        counts[name] = small_models.count_params(lm)[0]
+        states[name] = small_models.state_floats_per_layer(name, config)
+    reference = counts["gdn2"]
+    assert all(abs(c - reference) / reference < 0.01 for c in counts.values()), counts
+    assert {s for n, s in states.items() if n != "transformer"} == {64 * shape.hidden_size}
+    assert states["transformer"] == 0
+
+
+@pytest.mark.parametrize("name", list(small_models.SMALL_MODELS))
+def test_saved_model_loads_through_the_registry(tmp_path, name):
+    """The folder written in the family's format loads by its bare path and gives the logits of the trained module
+    with its weights rounded to bf16 (what the checkpoint stores); the tied head is stored once."""
+    torch.manual_seed(0)
+    lm, config = small_models.build(name, small_models.matched_shape(name, TINY))
+    folder = small_models.save(tmp_path / name, name, lm, config, BPE_4K)
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.dim() >= 2:
+                p.copy_(p.to(torch.bfloat16).float())
+    model = load_model(str(folder), device="cpu", dtype="float32")
+    assert model.family == small_models.SMALL_MODELS[name][0]
+    assert model.num_params(non_embedding=False) == small_models.count_params(lm)[0]
+    ids = torch.randint(1, 4096, (2, 150), generator=torch.Generator().manual_seed(0))
+    lm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm(input_ids=ids).logits.float(), lm(input_ids=ids).logits.float(),
+                                   rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_learning_rate_schedule():
+    config = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(0, config) == pytest.approx(0.1)
+    assert learning_rate(9, config) == pytest.approx(1.0)
+    assert learning_rate(99, config) == pytest.approx(0.1)
+    assert 0.1 < learning_rate(50, config) < 1.0
+
+
+def test_training_learns_and_is_reproducible():
+    """On a stream that repeats one short pattern the loss falls far below chance (log 4096 = 8.3); the same seed
+    gives the same losses, another seed other ones."""
+    pattern = np.tile(np.arange(1, 33), 5)[:129]
+    inputs = np.tile(pattern[:-1], (64, 1)).astype(np.int16)
+    targets = np.tile(pattern[1:], (64, 1)).astype(np.int16)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        lm, _ = small_models.build("transformer", small_models.matched_shape("transformer", TINY))
+        return train(lm, inputs, targets, TrainConfig(steps=30, batch_size=2, lr=1e-2, warmup_steps=3,
+                                                      log_every=10), torch.device("cpu"))
+
+    first, again, other = run(0), run(0), run(1)
+    assert first.losses[0][1] > 5.0 and first.final_loss < 1.0, (first.losses, first.final_loss)
+    assert first.losses == again.losses and first.final_loss == again.final_loss
+    assert other.losses != first.losses
+
+
+def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
+    """train_small.py writes a full folder; running the command its card records (tiny, on CPU) gives the same
+    final loss and the same weights."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_small
+
+    flags = ["--corpus", str(corpus), "--models", "gdn2", "--steps", "3", "--batch-size", "2", "--seq-len", "128",
+             "--hidden-size", "64", "--layers", "1", "--mlp-width", "64", "--workers", "1", "--device", "cpu"]
+    assert train_small.main(flags + ["--out", str(tmp_path / "a")]) == 0
+    folder = tmp_path / "a" / "gdn2-small"
+    record = json.loads((folder / "training.json").read_text())
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                  "training.json", "loss.png", "README.md"}
+    assert record["command"] in (folder / "README.md").read_text()
+    command = shlex.split(record["command"])[2:]
+    command[command.index("--corpus") + 1] = str(corpus)
+    assert train_small.main(command + ["--workers", "1", "--device", "cpu", "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "gdn2-small" / "training.json").read_text())
+    assert again["result"]["final_loss"] == record["result"]["final_loss"]
+    assert again["stream"]["stream_sha256"] == record["stream"]["stream_sha256"]
+    assert (tmp_path / "b" / "gdn2-small" / "model.safetensors").read_bytes() == (
+        folder / "model.safetensors").read_bytes()
+
+
+def test_pick_steps_fits_the_slowest_model():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_small import pick_steps
+
+    def probe(seconds_per_step):
+        return {"result": {"losses": [[10, 9.0], [20, 8.0], [30, 7.0]],
+                           "extra": {"elapsed_at_log": [5.0, 5.0 + 10 * seconds_per_step, 5.0 + 20 * seconds_per_step]}}}
+
+    # 0.8 * 100 s / 0.05 s per step = 1600 steps for the slowest
+    assert pick_steps({"a": probe(0.01), "b": probe(0.05)}, budget=100, cap=5000) == 1600
+    assert pick_steps({"a": probe(0.01)}, budget=100, cap=3000) == 3000
