@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,10 +138,10 @@ def child_command(args: argparse.Namespace, name: str, width: int, record: Path)
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
-    """Every (model, width) run, --jobs at a time in their own processes; rows of those that finished."""
+    """Every (model, width) run, --jobs at a time in their own processes (widest first); rows of those that
+    finished, written to OUT after each."""
     out = Path(args.out)
-    work = out / ".runs"
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mqar-sweep-"))
     pending = [(m, w) for w in sorted(args.widths, reverse=True) for m in args.models]
     running: dict[tuple[str, int], tuple[subprocess.Popen, Path]] = {}
     rows: list[dict] = []
@@ -157,6 +158,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             del running[key]
             if proc.returncode == 0 and record.is_file():
                 rows += json.loads(record.read_text())
+                write_results(rows, out)                  # after every run: a cut-short sweep keeps what finished
             else:
                 print(f"[{key[0]} d={key[1]}] FAILED (exit code {proc.returncode})", flush=True)
     return rows
