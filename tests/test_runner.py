@@ -141,10 +141,13 @@ def test_identity_mismatch_is_refused(tmp_path, tiny):
 
 
 def test_suites_parse_and_expand():
-    quick = plan_from_suite(load_suite("quick"))
-    assert quick.models == ["gdn2-tiny-random"]
-    cells = quick.expand()
+    smoke = plan_from_suite(load_suite("smoke"))
+    assert smoke.models == ["gdn2-tiny-random"]
+    cells = smoke.expand()
     assert ("niah_single_1", 1024, 4, {}) in cells and ("mqar", 256, 8, {}) in cells
+    quick = plan_from_suite(load_suite("quick"))
+    assert len(quick.models) == 8 and all(m.endswith("-small") for m in quick.models)
+    assert ("mqar", 512, 20, {"num_kv_pairs": 32}) in quick.expand()
     table3 = plan_from_suite(load_suite("paper-table3"), samples=5, limit=3)
     assert {n for _, _, n, _ in table3.expand()} == {3}
     assert len(table3.expand()) == 14
