@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+
 from test_report import build_known_store
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analysis.ipynb"

@@ -39,7 +39,8 @@ def build_known_store(folder: str | Path) -> Path:
             store.put_model({"model": name, "spec": name, "family": "demo", "source": name, "backend": "torch",
                              "device": "cpu", "dtype": "float32", "state_floats_per_layer": state,
                              "num_params_non_embedding": params, "paper_setting": setting or None,
-                             "paper_model": paper_model or None, "random_init": 0, "describe": {"name": name, **describe_extra}})
+                             "paper_model": paper_model or None, "random_init": 0,
+                             "describe": {"name": name, **describe_extra}})
             for task, length, n in (("niah_single_1", 1024, 5), ("niah_single_1", 2048, 5),
                                     ("niah_multikey_1", 1024, 4)):
                 for i in range(n):
