@@ -351,5 +351,5 @@ class Mamba2Family(ModelFamily):
 
     def conformance_single_token_decode(self, variant: str = "") -> str:
         """fla's Mamba2 model (the doctor's upstream) raises on more than one new token once it has a cache
-        (H200, 2026-11-27: "Mamba2 cached decoding only supports a single new token per step")."""
+        ("Mamba2 cached decoding only supports a single new token per step")."""
         return "fla's Mamba2 takes one new token per cached call"
