@@ -1,12 +1,18 @@
-# Quick start: `make demo` (set up + run the default evaluation), `make test` (set up + run the test suite).
+# Quick start: `make demo` (set up + run the default evaluation), `make test` (set up with the test tools + the suite).
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench-wheels
+.PHONY: setup setup-dev demo test lint
 setup:
-	@bash scripts/setup.sh
+	@bash scripts/setup.sh main
+
+setup-dev:
+	@bash scripts/setup.sh dev
 
 demo: setup
 	$(PY) run_eval.py
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest -n 2 -q tests
+
+lint: setup-dev
+	$(PY) -m ruff check .

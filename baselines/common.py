@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gdn2.cache import RecurrentCache, check_forward_args, run_layers
-from gdn2.layer import ShortConvolution as ShortConvolution  # noqa: F401  (re-exported)
 from gdn2.layer import GatedRMSNorm as _GDN2GatedRMSNorm
+from gdn2.layer import ShortConvolution as ShortConvolution  # noqa: F401  (re-exported)
 from gdn2.modeling import RMSNorm as RMSNorm  # noqa: F401  (re-exported)
 from gdn2.modeling import SwiGLUMLP as SwiGLUMLP  # noqa: F401  (re-exported)
 from harness.registry import ModelFamily  # light: the registry imports no backend
@@ -343,7 +343,8 @@ def build_mixer_stack(settings: dict, make_mixer, config: Any = None) -> MixerSt
     for i in range(settings["num_hidden_layers"]):
         spec = settings["attn_layers"].get(i)
         mixer = SlidingWindowAttention(d, layer_idx=i, **spec) if spec is not None else make_mixer(i)
-        blocks.append(PreNormBlock(RMSNorm(d, eps), mixer, RMSNorm(d, eps), SwiGLUMLP(d, settings["intermediate_size"])))
+        mlp = SwiGLUMLP(d, settings["intermediate_size"])
+        blocks.append(PreNormBlock(RMSNorm(d, eps), mixer, RMSNorm(d, eps), mlp))
     return MixerStackLM(config if config is not None else settings, settings["vocab_size"], d, blocks,
                         RMSNorm(d, eps), tie_word_embeddings=bool(settings.get("tie_word_embeddings", False)))
 

@@ -18,8 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.common import (PAPER_DELTA_RULE_CONFIG, FLAFamilyBase, GatedRMSNorm, RMSNorm, ShortConvolution,
-                              gate_activation, gated_delta_rule)
+from baselines.common import (
+    PAPER_DELTA_RULE_CONFIG,
+    FLAFamilyBase,
+    GatedRMSNorm,
+    RMSNorm,
+    ShortConvolution,
+    gate_activation,
+    gated_delta_rule,
+)
 from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
 from harness.registry import register_family
 
@@ -58,7 +65,8 @@ class GatedDeltaNetMixer(nn.Module):
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.a_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(self.num_v_heads, dtype=torch.float32).uniform_(0, 16).log())  # fla: U(0, 16)
+        # fla: A ~ U(0, 16)
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads, dtype=torch.float32).uniform_(0, 16).log())
         self.dt_bias = nn.Parameter(inverse_softplus_dt(self.num_v_heads))
         if use_short_conv:
             self.q_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias)

@@ -15,7 +15,6 @@ The recurrence runs through gdn2.ops with b = w = beta (GDN-2 reduces to KDA).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -26,8 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.common import ShortConvolution
-from baselines.mamba_common import (GroupedRMSNormGated, MambaLM, MambaLMConfig, RecurrentState, trapezoid_scan,
-                                    trapezoid_step)
+from baselines.mamba_common import (
+    GroupedRMSNormGated,
+    MambaLM,
+    MambaLMConfig,
+    RecurrentState,
+    trapezoid_scan,
+    trapezoid_step,
+)
 from harness.model import EvalModel
 from harness.registry import ModelFamily, register_family
 
@@ -54,7 +60,8 @@ class Mamba2MixerConfig:
 
     def __post_init__(self):
         if self.d_inner % self.head_dim:
-            raise ValueError(f"Mamba-2: expand*hidden_size = {self.d_inner} is not a multiple of head_dim {self.head_dim}")
+            raise ValueError(f"Mamba-2: expand*hidden_size = {self.d_inner} is not a multiple of head_dim "
+                             f"{self.head_dim}")
         if self.ssm_dim % self.head_dim:
             raise ValueError(f"Mamba-2: d_ssm = {self.ssm_dim} is not a multiple of head_dim {self.head_dim}")
         if self.num_heads % self.n_groups:
@@ -262,13 +269,14 @@ def mamba2_configs(config: dict, source: str = "config.json") -> MambaLMConfig:
     if act not in ("silu", "swish"):
         raise ValueError(f"{source}: Mamba-2 with hidden_act={act!r} is not supported (only silu)")
     fields = {k: config[k] for k in _FLA_MIXER_KEYS_M2 if k in config}
-    limit = config.get("dt_limit", config.get("time_step_limit"))            # fla: dt_limit; transformers: time_step_limit
+    limit = config.get("dt_limit", config.get("time_step_limit"))   # fla: dt_limit; transformers: time_step_limit
     if limit is not None:
         fields["dt_limit"] = tuple(limit)
     hidden = int(config.get("hidden_size", 2048))
     mixer = Mamba2MixerConfig(hidden_size=hidden, **fields)
     if config.get("num_heads") not in (None, 0, mixer.num_heads):
-        raise ValueError(f"{source}: num_heads={config['num_heads']} but expand*hidden_size/head_dim = {mixer.num_heads}")
+        raise ValueError(f"{source}: num_heads={config['num_heads']} but expand*hidden_size/head_dim = "
+                         f"{mixer.num_heads}")
     return MambaLMConfig(
         vocab_size=int(config.get("vocab_size", 32000)), hidden_size=hidden,
         num_hidden_layers=int(config.get("num_hidden_layers", 48)), mixer=mixer,
@@ -343,5 +351,5 @@ class Mamba2Family(ModelFamily):
 
     def conformance_single_token_decode(self, variant: str = "") -> str:
         """fla's Mamba2 model (the doctor's upstream) raises on more than one new token once it has a cache
-        (H200, 2026-11-27: "Mamba2 cached decoding only supports a single new token per step")."""
+        ("Mamba2 cached decoding only supports a single new token per step")."""
         return "fla's Mamba2 takes one new token per cached call"

@@ -4,7 +4,7 @@ The mixer as mamba-ssm 2.3.2.post1 defines it (modules/mamba3.py + ops/triton/ma
 layers/mamba3.py wraps the same kernels with the same parameter names). d = d_model, E = expand*d, H = E/P heads,
 G = ngroups (B/C heads), N = d_state, R = mimo_rank (1 for SISO), A = num_rope_angles = (N*rope_fraction)//2:
 
-    in_proj  [2E + 2*N*G*R + 3H + A, d]  -> z [E], x [E], B [R,G,N], C [R,G,N], dd_dt [H], dd_A [H], trap [H], angles [A]
+    in_proj  [2E + 2*N*G*R + 3H + A, d] -> z [E], x [E], B [R,G,N], C [R,G,N], dd_dt [H], dd_A [H], trap [H], angles [A]
     dt_bias [H];  B_bias, C_bias [H, R, N] (init 1);  B_norm, C_norm: RMSNorm over N (weight [N]);  D [H]
     MIMO: mimo_x, mimo_z, mimo_o [H, R, P];  is_outproj_norm: norm = RMSNormGated(E, group P, norm_before_gate=True)
     out_proj [d, E].  No conv1d, no A_log (A is data-dependent).
@@ -18,7 +18,8 @@ Per token t and head h (group g = h // (H/G)):
     S_t = exp(A_t DT_t) (S_{t-1} + (1-lam_t) DT_t sum_r v_{t-1,r} k_{t-1,r}^T) + lam_t DT_t sum_r v_{t,r} k_{t,r}^T
     o_{t,r} = S_t q_{t,r} + D v_{t,r}
     SISO: y = o * silu(z)  [is_outproj_norm: y = RMSNormGated(o, z)]
-    MIMO: y = sum_r o_r * mimo_o[h,r] * silu(z * mimo_z[h,r])  [is_outproj_norm: sum_r RMSNormGated(o_r, z*mimo_z_r) * mimo_o_r]
+    MIMO: y = sum_r o_r * mimo_o[h,r] * silu(z * mimo_z[h,r])
+          [is_outproj_norm: sum_r RMSNormGated(o_r, z*mimo_z_r) * mimo_o_r]
     out = out_proj(y)
 The state a sequence carries: theta [B, H, A], S [B, H, P, N] (fp32), and the last token's rotated k [B, R, H, N]
 and v [B, R, H, P] (the trapezoid's pending term). state_floats_per_layer counts S only: H * P * N.
@@ -35,9 +36,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.mamba_common import (GroupedRMSNormGated, MambaLM, MambaLMConfig, RecurrentState, trapezoid_scan,
-                                    trapezoid_step)
 from baselines.mamba2 import is_mamba_ssm_config, mamba_ssm_layer, mamba_ssm_lm_config
+from baselines.mamba_common import (
+    GroupedRMSNormGated,
+    MambaLM,
+    MambaLMConfig,
+    RecurrentState,
+    trapezoid_scan,
+    trapezoid_step,
+)
 from harness.model import EvalModel
 from harness.registry import ModelFamily, register_family
 
@@ -60,7 +67,8 @@ class Mamba3MixerConfig:
 
     def __post_init__(self):
         if self.d_inner % self.head_dim:
-            raise ValueError(f"Mamba-3: expand*hidden_size = {self.d_inner} is not a multiple of head_dim {self.head_dim}")
+            raise ValueError(f"Mamba-3: expand*hidden_size = {self.d_inner} is not a multiple of head_dim "
+                             f"{self.head_dim}")
         if self.n_groups < 1 or self.num_heads % self.n_groups:
             raise ValueError(f"Mamba-3: n_groups={self.n_groups} must divide the {self.num_heads} heads")
         if self.rope_fraction not in (0.5, 1.0):
@@ -305,7 +313,8 @@ class Mamba3Family(ModelFamily):
             return "torch reference (SISO and MIMO)"
         found = upstream_kernels()
         siso = "mamba-ssm Triton kernel" if found["siso"] else "torch reference (mamba-ssm not importable)"
-        mimo = "torch reference (TileLang missing)" if not found["mimo"] else "torch reference (TileLang kernel not wired)"
+        mimo = ("torch reference (TileLang missing)" if not found["mimo"]
+                else "torch reference (TileLang kernel not wired)")
         step = "torch step" + ("" if found["step"] else " (CuTe missing)")
         return f"SISO prefill: {siso}; MIMO: {mimo}; decode: {step}"
 

@@ -12,7 +12,8 @@ and two input weights gamma_t (this token) and eta_t (the previous token, Mamba-
                   gamma = sigmoid(trap)*dt, eta = (1 - sigmoid(trap))*dt (exponential-trapezoidal discretisation).
 
 Chunkwise form (chunk_scan): within a chunk with inclusive cumsum Λ_t = Σ_{i<=t} a_i,
-    o_t = exp(Λ_t) S_0 q_t + Σ_{s<t} exp(Λ_t - Λ_s) c_s (q_t·k_s) v_s + gamma_t (q_t·k_t) v_t,   c_s = gamma_s + eta_{s+1}
+    o_t = exp(Λ_t) S_0 q_t + Σ_{s<t} exp(Λ_t - Λ_s) c_s (q_t·k_s) v_s + gamma_t (q_t·k_t) v_t
+    with c_s = gamma_s + eta_{s+1}
     S_C = exp(Λ_C) S_0 + Σ_s exp(Λ_C - Λ_s) c_s v_s k_s^T
 where the eta_{s+1} term of a chunk's last token is decayed by the next chunk's exp(Λ). A sequence cut into
 segments carries (S, k_last, v_last); the next segment first folds eta_0 * v_last k_last^T into S_0. This is what
@@ -24,7 +25,7 @@ Exports
 - trapezoid_step(q, k, v, log_decay, gamma, eta, state)                              one token, O(1)
 - naive_recurrence(...)                                                              token-serial oracle (float64)
 - GroupedRMSNormGated(dim, eps, group_size, norm_before_gate)                        mamba-ssm's RMSNormGated
-- MambaBlock / MambaLM / MambaLMConfig                                               the LM shell (fla / mamba-ssm names)
+- MambaBlock / MambaLM / MambaLMConfig                                              the LM shell (fla / mamba-ssm names)
 """
 from __future__ import annotations
 

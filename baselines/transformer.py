@@ -52,7 +52,7 @@ def rope_theta(hf_config) -> float:
 
 def reference_from_llama(hf_model: nn.Module) -> nn.Module:
     """The same network as a MixerStackLM of baselines.common pieces, weights copied (doctor's conformance)."""
-    from baselines.common import PreNormBlock, RMSNorm, SlidingWindowAttention, SwiGLUMLP, MixerStackLM
+    from baselines.common import MixerStackLM, PreNormBlock, RMSNorm, SlidingWindowAttention, SwiGLUMLP
 
     c = hf_model.config
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def resolve_source(source: str) -> Path:
@@ -81,7 +82,8 @@ def load_weights_strict(module: nn.Module, state: dict[str, torch.Tensor], sourc
     if missing or unexpected or mis_shaped:
         def show(items):
             return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-        parts = [f"missing: {show(missing)}" if missing else "", f"unexpected: {show(unexpected)}" if unexpected else "",
+        parts = [f"missing: {show(missing)}" if missing else "",
+                 f"unexpected: {show(unexpected)}" if unexpected else "",
                  f"shape mismatch: {show(mis_shaped)}" if mis_shaped else ""]
         raise ValueError(
             f"weights in {source} do not match the model built from its config ("

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +35,30 @@ Start here:
 A rerun of the same command resumes: stored samples are skipped (results live in <output>/results.sqlite).
 Command help: python run_eval.py <command> --help
 """
+
+
+class ListArgument(argparse.Action):
+    """A list option given space- or comma-separated, as lm-eval users type it: `a,b c` -> ['a', 'b', 'c']."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = [part.strip() for value in values for part in value.split(",") if part.strip()]
+        if not items:
+            parser.error(f"{option_string}: no names given (separate them with spaces or commas)")
+        setattr(namespace, self.dest, items)
+
+
+def parse_limit(text: str) -> int | float:
+    """--limit as lm-eval reads it: 0 < x < 1 is a fraction of each cell's samples, a whole number >= 1 a count."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value.is_integer():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction between 0 and 1 (0.1 = a tenth of each cell) "
+                                     "or a whole number of samples >= 1 (50)")
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -71,14 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--models", nargs="+", metavar="SPEC",
                       help="model specs: a bundled name (gdn2-tiny-random), family=PATH (gdn2=/ckpt/x) or a "
                            "checkpoint folder; default: the suite's models")
-    plan.add_argument("--tasks", nargs="+", metavar="TASK",
-                      help="task names (`list tasks`); replaces the suite's tasks")
-    plan.add_argument("--lengths", nargs="+", metavar="L", help="context lengths (1024, 4k, ...) for length-axis "
-                                                                 "tasks; default: the suite's, else 1k 2k")
+    plan.add_argument("--tasks", nargs="+", metavar="TASK", action=ListArgument,
+                      help="task names (`list tasks`), space- or comma-separated; replaces the suite's tasks")
+    plan.add_argument("--lengths", nargs="+", metavar="L", action=ListArgument,
+                      help="context lengths (1024, 4k, ...) for length-axis tasks, space- or comma-separated; "
+                           "default: the suite's, else 1k 2k")
     plan.add_argument("--samples", type=int, help="samples per cell (RULER/MQAR/ppl; lm-eval: documents); "
                                                   "default: the suite's, else 100 (lm-eval: all documents)")
     plan.add_argument("--seed", type=int, help="seed of the sample generators (default: the suite's, else 0)")
-    plan.add_argument("--limit", type=int, help="cap on samples per cell, lm-eval --limit style (quick looks)")
+    plan.add_argument("--limit", type=parse_limit,
+                      help="as lm-eval's --limit (quick looks): a whole number caps the samples (lm-eval: documents) "
+                           "per cell; 0 < x < 1 keeps that fraction of each cell's, rounded up")
     plan.add_argument("--paper-row", action="append", default=[], metavar="MODEL=SETTING:NAME",
                       help='map a model to a row of the paper for side-by-side deltas, e.g. '
                            '"gdn2-1.3b=recurrent:Gated DeltaNet-2" (repeatable)')
@@ -170,12 +198,16 @@ def make_plan(args: argparse.Namespace):
     else:
         suite = load_suite(args.suite or "quick")
         name = suite["name"]
-    plan = plan_from_suite(suite, models=args.models, samples=args.samples, seed=args.seed, limit=args.limit,
+    fraction = args.limit if isinstance(args.limit, float) else None
+    plan = plan_from_suite(suite, models=args.models, samples=args.samples, seed=args.seed,
+                           limit=None if fraction else args.limit,
                            lengths=None if args.tasks else args.lengths, device=args.device, dtype=args.dtype,
                            batch_size=args.batch_size, retry_failed=args.retry_failed,
                            allow_longer_context=args.allow_longer_context, offline=not args.online,
                            paper_rows=_parse_paper_rows(args.paper_row))
     plan.name = name
+    if fraction:
+        apply_limit_fraction(plan, fraction)
     if args.tasks:
         from harness.task_adapters import resolve_task
 
@@ -191,6 +223,19 @@ def make_plan(args: argparse.Namespace):
     if not plan.models:
         raise SystemExit("error: no models: pass --models SPEC ... (see `run_eval.py list models`)")
     return plan
+
+
+def apply_limit_fraction(plan, fraction: float) -> None:
+    """--limit 0 < f < 1: every cell keeps ceil(f * its samples), as lm-eval rounds. An lm-eval cell that runs all of
+    its documents passes f on to lm-eval, which alone knows how many there are."""
+    from harness.runner import DEFAULT_SAMPLES
+
+    for cell in plan.cells:
+        n = cell.samples if cell.samples is not None else plan.samples
+        if n is None and cell.task.startswith("lm_eval:"):
+            cell.samples = fraction
+        else:
+            cell.samples = max(1, math.ceil(fraction * (DEFAULT_SAMPLES if n is None else n)))
 
 
 def set_essay_haystack(plan, haystack_file: str) -> None:

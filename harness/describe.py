@@ -76,7 +76,7 @@ def format_table(rows: list[FamilyRow], device: torch.device | str) -> str:
     lines = []
     for row in body:
         lines.append(f"{row[0]}")
-        for label, value in zip(header[1:], row[1:]):
+        for label, value in zip(header[1:], row[1:], strict=True):
             if value:
                 lines.append(f"    {label}: {value}")
     return "\n".join(lines)

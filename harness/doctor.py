@@ -145,66 +145,72 @@ def check_family(family, device: torch.device, seq_len: int = SEQ_LEN, tolerance
         except Exception as err:  # a broken upstream install is a finding, not a crash of the doctor
             rows.append(DoctorRow(label, "build models", "error", detail=f"{type(err).__name__}: {err}"))
             continue
-        vocab = reference.get_output_embeddings().weight.shape[0]
-        gen = torch.Generator().manual_seed(1234)
-        ids = torch.randint(0, vocab, (1, seq_len), generator=gen).to(device)
-
-        def measure(check: str, compute, limit: float = tolerance, detail: str = "") -> torch.Tensor | None:
-            try:
-                expected, actual = compute()
-            except Exception as err:
-                rows.append(DoctorRow(label, check, "error", detail=f"{type(err).__name__}: {err}"))
-                return None
-            err_value = relative_error(expected, actual)
-            ok = err_value <= limit and bool(torch.isfinite(actual).all())
-            rows.append(DoctorRow(label, check, "ok" if ok else "FAIL", err_value, limit, detail))
-            return actual
-
-        # A family may declare a looser limit when the upstream kernel itself computes in lower precision
-        # (mamba-ssm's Mamba-3 SISO casts to bf16 inside). Our model runs that same kernel on CUDA (as a sweep
-        # does), so the limit holds for every check of the variant; each row says so.
-        limit, note = tolerance, ""
-        if hasattr(family, "conformance_tolerance") and family.conformance_tolerance(variant) > tolerance:
-            limit = family.conformance_tolerance(variant)
-            note = "family-declared limit: the upstream kernel computes in bf16 internally"
-        # ... and may name checks its upstream cannot run here (e.g. a decode kernel of a backend not installed)
-        skips = family.conformance_skips(variant) if hasattr(family, "conformance_skips") else {}
-
-        def measure_or_skip(check: str, compute, extra: str = ""):
-            if check in skips:
-                rows.append(DoctorRow(label, check, "skipped", detail=skips[check]))
-                return
-            measure(check, compute, limit, "; ".join(x for x in (note, extra) if x))
-
-        state = {}
-        for key, lm in (("up", upstream), ("ref", reference)):
-            try:
-                state[key] = full_logits(lm, ids)
-            except Exception as err:
-                which = "upstream" if key == "up" else "reference"
-                rows.append(DoctorRow(label, f"forward ({which})", "error", detail=f"{type(err).__name__}: {err}"))
-        if "up" in state and "ref" in state:
-            measure_or_skip(f"logits upstream vs reference (T={seq_len})", lambda: (state["up"], state["ref"]))
-        # ... and may take only one new token per cached call (then every token after the prefill goes singly)
-        single = family.conformance_single_token_decode(variant) if hasattr(
-            family, "conformance_single_token_decode") else ""
-        up_steps = seq_len if single else DECODE_STEPS
-        if "up" in state:
-            measure_or_skip("prefill+decode vs full (upstream)",
-                            lambda: (state["up"], incremental_logits(upstream, ids, steps=up_steps)),
-                            f"every token after the prefill singly: {single}" if single else "")
-        if "ref" in state:
-            measure_or_skip("prefill+decode vs full (reference)",
-                            lambda: (state["ref"], incremental_logits(reference, ids)))
-        if device.type == "cuda" and "ref" in state:
-            def on_cpu():
-                cpu_copy = copy.deepcopy(reference).cpu()
-                return state["ref"], full_logits(cpu_copy, ids.cpu())
-            measure_or_skip("reference on cuda vs cpu", on_cpu)
+        _check_variant(rows, family, variant, label, upstream, reference, device, seq_len, tolerance)
         del upstream, reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return list(rows)
+
+
+def _check_variant(rows: list, family, variant: str, label: str, upstream, reference, device: torch.device,
+                   seq_len: int, tolerance: float) -> None:
+    """The checks of one variant's (upstream, reference) model pair; appends a row per check."""
+    vocab = reference.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (1, seq_len), generator=gen).to(device)
+
+    def measure(check: str, compute, limit: float = tolerance, detail: str = "") -> torch.Tensor | None:
+        try:
+            expected, actual = compute()
+        except Exception as err:
+            rows.append(DoctorRow(label, check, "error", detail=f"{type(err).__name__}: {err}"))
+            return None
+        err_value = relative_error(expected, actual)
+        ok = err_value <= limit and bool(torch.isfinite(actual).all())
+        rows.append(DoctorRow(label, check, "ok" if ok else "FAIL", err_value, limit, detail))
+        return actual
+
+    # A family may declare a looser limit when the upstream kernel itself computes in lower precision
+    # (mamba-ssm's Mamba-3 SISO casts to bf16 inside). Our model runs that same kernel on CUDA (as a sweep
+    # does), so the limit holds for every check of the variant; each row says so.
+    limit, note = tolerance, ""
+    if hasattr(family, "conformance_tolerance") and family.conformance_tolerance(variant) > tolerance:
+        limit = family.conformance_tolerance(variant)
+        note = "family-declared limit: the upstream kernel computes in bf16 internally"
+    # ... and may name checks its upstream cannot run here (e.g. a decode kernel of a backend not installed)
+    skips = family.conformance_skips(variant) if hasattr(family, "conformance_skips") else {}
+
+    def measure_or_skip(check: str, compute, extra: str = ""):
+        if check in skips:
+            rows.append(DoctorRow(label, check, "skipped", detail=skips[check]))
+            return
+        measure(check, compute, limit, "; ".join(x for x in (note, extra) if x))
+
+    state = {}
+    for key, lm in (("up", upstream), ("ref", reference)):
+        try:
+            state[key] = full_logits(lm, ids)
+        except Exception as err:
+            which = "upstream" if key == "up" else "reference"
+            rows.append(DoctorRow(label, f"forward ({which})", "error", detail=f"{type(err).__name__}: {err}"))
+    if "up" in state and "ref" in state:
+        measure_or_skip(f"logits upstream vs reference (T={seq_len})", lambda: (state["up"], state["ref"]))
+    # ... and may take only one new token per cached call (then every token after the prefill goes singly)
+    single = family.conformance_single_token_decode(variant) if hasattr(
+        family, "conformance_single_token_decode") else ""
+    up_steps = seq_len if single else DECODE_STEPS
+    if "up" in state:
+        measure_or_skip("prefill+decode vs full (upstream)",
+                        lambda: (state["up"], incremental_logits(upstream, ids, steps=up_steps)),
+                        f"every token after the prefill singly: {single}" if single else "")
+    if "ref" in state:
+        measure_or_skip("prefill+decode vs full (reference)",
+                        lambda: (state["ref"], incremental_logits(reference, ids)))
+    if device.type == "cuda" and "ref" in state:
+        def on_cpu():
+            cpu_copy = copy.deepcopy(reference).cpu()
+            return state["ref"], full_logits(cpu_copy, ids.cpu())
+        measure_or_skip("reference on cuda vs cpu", on_cpu)
 
 
 class _RowList(list):
@@ -286,11 +292,12 @@ def format_rows(rows: list[DoctorRow], device: torch.device | None = None) -> st
     header = ("family", "check", "status", "rel. error", "limit", "detail")
     body = [(r.family, r.check, r.status, "" if r.value is None else f"{r.value:.2e}",
              "" if r.limit is None else f"{r.limit:.0e}", r.detail) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)] if body else [len(h) for h in header]
+    columns = zip(header, *body, strict=True) if body else [(h,) for h in header]
+    widths = [max(len(str(x)) for x in col) for col in columns]
     widths[-1] = 0  # detail last and unpadded
     lines = [f"doctor on {device}" if device is not None else "doctor"]
     for row in (header, *body):
-        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
 

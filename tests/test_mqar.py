@@ -10,13 +10,13 @@ def test_structure_keys_values_queries():
     V, T, K = 1000, 256, 16
     inputs, labels = mqar_arrays(64, T, V, K, seed=3)
     assert inputs.shape == labels.shape == (64, T) and inputs.dtype == labels.dtype == np.int64
-    for x, y in zip(inputs, labels):
+    for x, y in zip(inputs, labels, strict=True):
         keys, values = x[0:2 * K:2], x[1:2 * K:2]
         assert len(set(keys)) == K and len(set(values)) == K
         assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
         pos = np.flatnonzero(y != IGNORE_INDEX)
         assert len(pos) == K and (pos >= 2 * K).all() and ((pos - 2 * K) % 2 == 0).all()
-        pair = dict(zip(keys.tolist(), values.tolist()))
+        pair = dict(zip(keys.tolist(), values.tolist(), strict=True))
         assert sorted(x[pos].tolist()) == sorted(keys.tolist())  # each key queried exactly once
         for p in pos:
             assert y[p] == pair[x[p]]  # the label after a query is its key's value
@@ -43,7 +43,7 @@ def test_deterministic_and_batches_reproducible():
     a = mqar_arrays(8, 128, 512, 8, seed=5)
     b = mqar_arrays(8, 128, 512, 8, seed=5)
     c = mqar_arrays(8, 128, 512, 8, seed=6)
-    assert all((x == y).all() for x, y in zip(a, b)) and not (a[0] == c[0]).all()
+    assert all((x == y).all() for x, y in zip(a, b, strict=True)) and not (a[0] == c[0]).all()
     s1, s2 = mqar_batches(4, 64, 256, 4, seed=1), mqar_batches(4, 64, 256, 4, seed=1)
     for _ in range(3):
         (x1, y1), (x2, y2) = next(s1), next(s2)
@@ -69,7 +69,7 @@ def test_task_interface():
     s = samples[0]
     assert len(s.input_ids) == 512 and len(s.query_positions) == 16 == len(s.target_ids)
     pred = [0] * 511
-    for p, t in zip(s.query_positions[:4], s.target_ids[:4]):
+    for p, t in zip(s.query_positions[:4], s.target_ids[:4], strict=True):
         pred[p] = t
     score, detail = task.score(pred, s.to_record())
     assert score == 25.0 and detail["correct"] == 4 and detail["num_queries"] == 16

@@ -22,4 +22,4 @@ def test_analysis_notebook_runs(tmp_path, monkeypatch):
                      for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
     assert "Table 3 (RULER" in text and "paper: Gated DeltaNet-2" in text
     assert "accuracy_vs_length_niah_single_1.png" in text
-    assert (folder / "report" / "plots" / "needle_heatmap_gdn2-demo_niah_single_1.png").is_file()
+    assert (folder / "report" / "plots" / "needle_heatmap_niah_single_1.png").is_file()

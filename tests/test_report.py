@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import build_tables, interval95, lm_eval_json, load_results, standard_error, write_report
+from harness.report import build_tables, lm_eval_json, write_report
+from harness.results import interval95, load_results, standard_error
 from harness.store import ResultsStore, SampleRow
 
 EXPECTED = Path(__file__).resolve().parent / "data" / "expected_report"
@@ -21,6 +22,7 @@ MODELS = [
     ("transformer-demo", "hybrid:Transformer", 0, 1_290_000_000),
     ("mystery-demo", None, 65536, 350_000_000),
 ]
+KV_FLOATS_PER_TOKEN = {"transformer-demo": 4096}   # describe() of an attention model: KV cache per token per layer
 
 
 def build_known_store(folder: str | Path) -> Path:
@@ -32,10 +34,13 @@ def build_known_store(folder: str | Path) -> Path:
                                         "device": "cpu", "dtype": "float32", "seed": 0})
         for m, (name, paper, state, params) in enumerate(MODELS):
             setting, _, paper_model = (paper or "").partition(":")
+            describe_extra = ({"kv_cache_floats_per_token_per_layer": KV_FLOATS_PER_TOKEN[name]}
+                              if name in KV_FLOATS_PER_TOKEN else {})
             store.put_model({"model": name, "spec": name, "family": "demo", "source": name, "backend": "torch",
                              "device": "cpu", "dtype": "float32", "state_floats_per_layer": state,
                              "num_params_non_embedding": params, "paper_setting": setting or None,
-                             "paper_model": paper_model or None, "random_init": 0, "describe": {"name": name}})
+                             "paper_model": paper_model or None, "random_init": 0,
+                             "describe": {"name": name, **describe_extra}})
             for task, length, n in (("niah_single_1", 1024, 5), ("niah_single_1", 2048, 5),
                                     ("niah_multikey_1", 1024, 4)):
                 for i in range(n):
@@ -117,7 +122,7 @@ def test_write_report_files_plots_and_exports(known_store, tmp_path):
     names = {p.name for p in report["files"]}
     for expected in ("all.md", "all.tex", "all.csv", "table3.md", "table2.csv", "report.md",
                      "accuracy_vs_length_niah_single_1.png", "accuracy_vs_length_niah_single_1.svg",
-                     "needle_heatmap_gdn2-demo_niah_single_1.png", "perplexity_vs_position_ppl_shakespeare.svg",
+                     "needle_heatmap_niah_single_1.png", "perplexity_vs_position_ppl_shakespeare.svg",
                      "accuracy_vs_state_size.png", "niah_single_1@1024.csv", "niah_single_1@1024.parquet",
                      "results.json"):
         assert expected in names, expected

@@ -57,7 +57,7 @@ def test_depth_matches_prefix_count():
         starts = [i for i in range(len(s.input)) if s.input.startswith("One of the special magic", i)]
         assert len(starts) == 4
         prefix_counts = [len(_ids(tok, s.input[:c])) for c in starts]
-        assert all(abs(a - b) <= 1 for a, b in zip(prefix_counts, s.needle_depth_tokens))
+        assert all(abs(a - b) <= 1 for a, b in zip(prefix_counts, s.needle_depth_tokens, strict=True))
 
 
 def test_too_small_length_is_a_clear_error():
@@ -88,6 +88,6 @@ def test_sentencepiece_and_plain_callable_tokenizers_agree_with_fast():
     ref = task.build_samples(fast, 2048, 2, seed=4)
     for tok in [sp, lambda text: sp.encode(text)]:
         other = task.build_samples(tok, 2048, 2, seed=4)
-        for a, b in zip(ref, other):
+        for a, b in zip(ref, other, strict=True):
             assert (a.input, a.length, a.outputs) == (b.input, b.length, b.outputs)
-            assert all(abs(x - y) <= 1 for x, y in zip(a.needle_depth_tokens, b.needle_depth_tokens))
+            assert all(abs(x - y) <= 1 for x, y in zip(a.needle_depth_tokens, b.needle_depth_tokens, strict=True))

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import tasks
 from tasks import UnknownTaskError, get_task, list_tasks
 from tasks.offline_tokenizers import OFFLINE_TOKENIZERS
 from tasks.ruler import Sample, postprocess_pred, score_prediction, string_match_all, string_match_part
@@ -91,8 +90,9 @@ def test_record_format_round_trip():
 
 
 def _generate(args):
-    from tasks.cli import add_generate_arguments, run_generate
     import argparse
+
+    from tasks.cli import add_generate_arguments, run_generate
 
     parsed = add_generate_arguments(argparse.ArgumentParser()).parse_args(args)
     return run_generate(parsed)

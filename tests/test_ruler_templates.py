@@ -89,7 +89,7 @@ def test_niah_multi_sample_text(tok):
     m = re.fullmatch(r" The special magic numbers for (.+) mentioned in the provided text are", s.answer_prefix)
     keys = re.fullmatch(r"(\S+), (\S+), (\S+), and (\S+)", m[1]).groups()
     assert s.input.endswith(f"\nWhat are all the special magic numbers for {m[1]} mentioned in the provided text?")
-    for key, value in zip(keys, s.outputs):
+    for key, value in zip(keys, s.outputs, strict=True):
         assert s.input.count(f"One of the special magic numbers for {key} is: {value}.") == 1
     assert s.haystack == "milton-areopagitica" and len(s.haystack_sha256) == 64
 
@@ -98,8 +98,8 @@ def test_multikey_needle_haystack_and_uuid_keys(tok):
     s = get_task("niah_multikey_3").build_samples(tok, 2048, 1, seed=2)[0]
     uuid = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
     body = s.input.split("\n")[1:-1]
-    assert len(body) > 10 and all(re.fullmatch(rf"One of the special magic uuids for {uuid} is: {uuid}\.", l)
-                                  for l in body)
+    assert len(body) > 10 and all(re.fullmatch(rf"One of the special magic uuids for {uuid} is: {uuid}\.", line)
+                                  for line in body)
     key = re.search(rf"for ({uuid}) mentioned", s.answer_prefix)[1]
     assert sum(1 for line in body if f"for {key} is:" in line) == 1
     assert s.outputs[0] in s.input

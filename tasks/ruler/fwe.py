@@ -68,7 +68,7 @@ class FWEFamily:
     def draft(self, rng: random.Random, num_units: int) -> Draft:
         vocab = self._vocab(rng)
         counts = (num_units * self._weights).astype(int)
-        words = [w for w, c in zip(vocab, counts.tolist()) for _ in range(c)]
+        words = [w for w, c in zip(vocab, counts.tolist(), strict=True) for _ in range(c)]
         random.Random(self.seed).shuffle(words)
         text = FWE_TEMPLATE.format(context=" ".join(words))
         return Draft(text, FWE_ANSWER_PREFIX, vocab[1:4], [], {"haystack_units": num_units})

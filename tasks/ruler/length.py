@@ -125,7 +125,7 @@ def fit_samples(family: Family, counter: TokenCounter, length: int, max_new_toke
         indices = list(range(start, min(start + BATCH, num_samples)))
         drafts = [family.draft(sample_rng(i, 0), n_star) for i in indices]
         encs = counter.encode([d.prompt for d in drafts])
-        for i, draft, enc in zip(indices, drafts, encs):
+        for i, draft, enc in zip(indices, drafts, encs, strict=True):
             n, attempt = n_star, 0
             while not (low <= enc.num_tokens <= budget):
                 attempt += 1

@@ -40,14 +40,14 @@ def string_match_all(predictions: Sequence[str], references: Sequence[Sequence[s
     """RULER's string_match_all over a task: mean of per-sample fractions x 100, rounded to 2 decimals.
     ``predictions`` are expected post-processed (see postprocess_pred)."""
     _check_lengths(predictions, references)
-    total = sum(match_all_fraction(p, r) for p, r in zip(predictions, references))
+    total = sum(match_all_fraction(p, r) for p, r in zip(predictions, references, strict=True))
     return round(total / len(predictions) * 100, 2)
 
 
 def string_match_part(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """RULER's string_match_part over a task: percent of samples where any reference is found, 2 decimals."""
     _check_lengths(predictions, references)
-    total = sum(match_part(p, r) for p, r in zip(predictions, references))
+    total = sum(match_part(p, r) for p, r in zip(predictions, references, strict=True))
     return round(total / len(predictions) * 100, 2)
 
 

@@ -19,8 +19,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..haystacks import NOISE_UNIT, EssayText
-from .constants import (DEPTHS, NIAH_ANSWER_PREFIX, NIAH_ANSWER_PREFIX_SINGULAR, NIAH_NEEDLE, NIAH_TEMPLATE,
-                        NIAH_TEMPLATE_SINGULAR)
+from .constants import (
+    DEPTHS,
+    NIAH_ANSWER_PREFIX,
+    NIAH_ANSWER_PREFIX_SINGULAR,
+    NIAH_NEEDLE,
+    NIAH_TEMPLATE,
+    NIAH_TEMPLATE_SINGULAR,
+)
 from .length import Draft
 from .words import random_atom
 
@@ -142,7 +148,7 @@ class NiahFamily:
                                                 value=self.draw_atom(rng, k.type_needle_v)))
         marks = [False] * len(lines)
         indexes = sorted(rng.sample(range(num_lines), len(needles)), reverse=True)
-        for index, needle in zip(indexes, needles):
+        for index, needle in zip(indexes, needles, strict=True):
             lines.insert(index, needle)
             marks.insert(index, True)
         return _join_tracking("\n", lines, [i for i, m in enumerate(marks) if m])

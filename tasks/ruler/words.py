@@ -27,7 +27,8 @@ def wonderwords_list(filename: str) -> tuple[str, ...]:
 @lru_cache(maxsize=None)
 def key_word_parts() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(adjectives, nouns): RULER's keys are f"{adjective}-{noun}" over all pairs."""
-    return tuple(sorted(set(wonderwords_list("adjectivelist.txt")))), tuple(sorted(set(wonderwords_list("nounlist.txt"))))
+    adjectives = tuple(sorted(set(wonderwords_list("adjectivelist.txt"))))
+    return adjectives, tuple(sorted(set(wonderwords_list("nounlist.txt"))))
 
 
 @lru_cache(maxsize=None)
