@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-pairs", nargs="+", type=int, default=[16, 32, 64])
     p.add_argument("--eval-sequences", type=int, default=256)
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=60, help="rows per step, a multiple of the pair counts")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="results/mqar")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "WIDTH"), help=argparse.SUPPRESS)  # a child run
     args = p.parse_args(argv)
+    if args.batch_size % len(args.train_pairs):
+        p.error(f"--batch-size {args.batch_size} must be a multiple of the {len(args.train_pairs)} --train-pairs")
     unknown = [m for m in args.models if m not in small_models.SMALL_MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; known: {', '.join(small_models.SMALL_MODELS)}")
@@ -67,9 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def training_stream(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) [steps * batch, seq_len]: each step's rows split evenly over --train-pairs."""
-    per = args.batch_size // len(args.train_pairs)
-    if per < 1:
-        raise ValueError(f"--batch-size {args.batch_size} is smaller than the {len(args.train_pairs)} pair counts")
+    per, rest = divmod(args.batch_size, len(args.train_pairs))
+    if per < 1 or rest:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {len(args.train_pairs)} pair "
+                         f"counts of --train-pairs")
     inputs, targets = [], []
     for step in range(args.steps):
         for j, pairs in enumerate(args.train_pairs):
@@ -165,6 +168,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
 
 
 def write_results(rows: list[dict], out: Path) -> None:
+    if not rows:
+        return
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r["model"], r["width"], r["kv_pairs"]))
     with open(out / "mqar_sweep.csv", "w", newline="") as f:

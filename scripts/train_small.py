@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"which models (default: all): {', '.join(small_models.SMALL_MODELS)}")
     p.add_argument("--out", default=str(BUNDLED_DIR), help="parent folder of the model folders (default: the "
                    "bundled models' folder, harness/bundled)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (the cap when --time-budget is given)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per step")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (the cap when --time-budget is given)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (the training context)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=100)
