@@ -160,7 +160,8 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
         "description": small_models.SMALL_MODELS[name][2], "shape": asdict(shape),
         "params": total, "non_embedding_params": non_embedding, "train": asdict(train_config),
         "result": result.to_record(), "stream": stream, "command": retrain_command(args, name, steps),
-        "software": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "software": {"torch": torch.__version__, "python": sys.version.split()[0],
+                     "GDN2_TRITON_AUTOTUNE": os.environ.get("GDN2_TRITON_AUTOTUNE", "1")},
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     if args.probe_only:
