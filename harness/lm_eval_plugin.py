@@ -150,7 +150,7 @@ class HarnessLM(LM):
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
         """(context ids, predicted ids) of each disjoint window of text, exactly as lm-eval's HFLM builds them."""
-        windows = get_rolling_token_windows(token_list=self.model.encode(text), prefix_token=self.model.prefix_token_id,
+        windows = get_rolling_token_windows(token_list=self.model.encode_input(text), prefix_token=self.model.prefix_token_id,
                                             max_seq_len=self.max_length, context_len=1)
         return [make_disjoint_window(w) for w in windows]
 
@@ -180,7 +180,7 @@ class HarnessLM(LM):
             if (gen_kwargs.get("do_sample") or gen_kwargs.get("temperature", 0)) and not self._warned_sampling:
                 log.warning("harness LM decodes greedily; ignoring sampling arguments %s", gen_kwargs)
                 self._warned_sampling = True
-            prompt_ids = self.model.encode(context) if context else [self.model.prefix_token_id]
+            prompt_ids = self.model.encode_input(context) if context else [self.model.prefix_token_id]
             prompt_ids = self._truncate(context, prompt_ids)
             text = self.model.greedy_text(prompt_ids, max_gen_toks, until)
             self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)

@@ -49,8 +49,8 @@ def accuracy_vs_length(results: Results, out: Path) -> list[Path]:
             points = sorted((l, s) for (m, t, l), s in stats.items() if m == model and t == task and l != NO_LENGTH)
             xs = [l for l, _ in points]
             ys = [s.value for _, s in points]
-            lo = [s.value - s.lo if not math.isnan(s.lo) else 0 for _, s in points]
-            hi = [s.hi - s.value if not math.isnan(s.hi) else 0 for _, s in points]
+            lo = [max(0.0, s.value - s.lo) if not math.isnan(s.lo) else 0 for _, s in points]   # >= 0: matplotlib
+            hi = [max(0.0, s.hi - s.value) if not math.isnan(s.hi) else 0 for _, s in points]   # refuses negatives
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=model)
             lengths_seen.update(xs)
         ax.set_xscale("log", base=2)
