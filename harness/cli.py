@@ -223,7 +223,7 @@ def default_output_for(args: argparse.Namespace, plan) -> Path:
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.distributed import init_from_env
     from harness.registry import UnknownNameError
-    from harness.runner import SweepRunner
+    from harness.runner import SweepRunner, merge_rank_cells
     from harness.store import CellIdentityError, ResultsStore, StoreError
 
     try:
@@ -251,8 +251,9 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"\ninterrupted; stored samples are kept in {output / 'results.sqlite'}; rerun the same command to "
               "resume", file=sys.stderr)
         return 130
-    dist.barrier()
+    per_rank = dist.all_gather(summary.cells)       # also the barrier before rank 0 reports
     if dist.is_main:
+        summary.cells = merge_rank_cells(per_rank)
         print_summary(summary, time.time() - start)
         if not args.no_report:
             try:

@@ -427,6 +427,26 @@ class RunSummary:
         return [c for c in self.cells if c.status == "failed" or c.failed]
 
 
+def merge_rank_cells(per_rank: list[list[CellSummary]]) -> list[CellSummary]:
+    """One CellSummary per cell from every rank's (ranks run the same plan in the same order): counts summed,
+    failed if any rank's share failed. What rank 0 prints under torchrun, so the totals cover every rank."""
+    merged = []
+    for shares in zip(*per_rank):
+        first = shares[0]
+        cell = CellSummary(first.model, first.task, first.length, status=first.status, error=first.error,
+                           seconds=max(c.seconds for c in shares))
+        for c in shares:
+            cell.planned += c.planned
+            cell.skipped += c.skipped
+            cell.ok += c.ok
+            cell.failed += c.failed
+            cell.failed_before += c.failed_before
+            if c.status == "failed" and cell.status != "failed":
+                cell.status, cell.error = "failed", c.error
+        merged.append(cell)
+    return merged
+
+
 class Progress:
     """A tqdm bar per cell: samples done / planned, samples/s, tokens/s and ETA; silent when disabled."""
 
