@@ -157,7 +157,7 @@ def _parse_paper_rows(items: list[str]) -> dict[str, str]:
         model, sep, row = item.partition("=")
         setting, sep2, name = row.partition(":")
         if not sep or not sep2 or setting not in ("recurrent", "hybrid") or not name:
-            raise SystemExit(f"error: --paper-row {item!r}: expected MODEL=recurrent:NAME or MODEL=hybrid:NAME, "
+            raise ValueError(f"--paper-row {item!r}: expected MODEL=recurrent:NAME or MODEL=hybrid:NAME, "
                              'e.g. "gdn2-1.3b=recurrent:Gated DeltaNet-2"')
         rows[model] = f"{setting}:{name}"
     return rows
@@ -204,7 +204,8 @@ def set_essay_haystack(plan, haystack_file: str) -> None:
     from tasks.haystacks import load_essay
 
     if not Path(haystack_file).is_file():
-        raise FileNotFoundError(f"--haystack-file {haystack_file}: no such file")
+        raise FileNotFoundError(f"--haystack-file {haystack_file}: " + ("a folder, not a file" if Path(
+            haystack_file).is_dir() else "no such file"))
     load_essay(str(Path(haystack_file).resolve()))    # unreadable or too short: refused before any model loads
     for cell in plan.cells:
         task = resolve_task(cell.task, cell.options, offline=plan.offline)
@@ -245,7 +246,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         with ResultsStore(output) as store:
             summary = SweepRunner(plan, store, dist, progress=not args.no_progress, argv=argv).run()
     except (CellIdentityError, StoreError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if dist.is_main:                     # every rank meets the same error; say it once
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; stored samples are kept in {output / 'results.sqlite'}; rerun the same command to "
@@ -312,6 +314,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     writable = os.access(output, os.W_OK | os.X_OK)
     exports = not args.no_exports
     try:
+        rows = _parse_paper_rows(args.paper_row)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         check_readable(output / DB_NAME)
         if not writable:
             if args.paper_row:
@@ -323,8 +330,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 print(f"note: {output} is read-only, so no exports (they are written beside the store)",
                       file=sys.stderr)
                 exports = False
-        if args.paper_row:
-            rows = _parse_paper_rows(args.paper_row)
+        if rows:
             with ResultsStore(output) as store, store.transaction() as c:
                 for model, row in rows.items():
                     setting, _, name = row.partition(":")
@@ -335,9 +341,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except PermissionError as err:
-        print(f"error: cannot write {err.filename} ({err.strerror}); pass --out DIR to write the report "
-              "elsewhere", file=sys.stderr)
+    except OSError as err:           # a --out that is a file, a folder we may not write, a full disk
+        print(f"error: cannot write {err.filename or args.out} ({err.strerror or err}); pass --out DIR (a folder "
+              "you can write to) to write the report elsewhere", file=sys.stderr)
         return 2
     return 0
 

@@ -84,8 +84,8 @@ def check_lm_eval_task(name: str, offline: bool = True, catalog: tuple[str, ...]
     known = indexed_names(include)
     if name in known:
         return
-    nearest = difflib.get_close_matches(name, list(catalog) + sorted(known), n=3, cutoff=0.75)
+    nearest = difflib.get_close_matches(name, sorted(set(catalog) | known), n=3, cutoff=0.75)
     hint = f" Did you mean {', '.join(repr(f'lm_eval:{n}') for n in nearest)}?" if nearest else ""
     raise UnknownNameError(
         f"unknown lm-eval task 'lm_eval:{name}'.{hint} The paper's columns: "
-        f"{', '.join(f'lm_eval:{k}' for k in catalog)}; any task of `lm_eval ls tasks` also works as lm_eval:NAME.")
+        f"{', '.join(f'lm_eval:{k}' for k in catalog)}; any task of `lm-eval ls tasks` also works as lm_eval:NAME.")

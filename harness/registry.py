@@ -120,7 +120,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' -> cuda if available else cpu; refuses a device this machine lacks."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -231,9 +234,10 @@ def check_spec(spec: str, tokenizer: str | None = None) -> None:
         raise FileNotFoundError(f"model spec {spec!r}: checkpoint folder {source!r} does not exist (and it is not "
                                 "a hub id 'org/name')")
     tok = options.get("tokenizer", tokenizer)
-    if tok and _looks_like_path(tok) and not Path(tok).expanduser().exists():
-        raise FileNotFoundError(f"tokenizer {tok!r} (of model spec {spec!r}) does not exist; pass a tokenizer folder "
-                                "or tokenizer.json")
+    if tok and (_looks_like_path(tok) or Path(tok).expanduser().exists()):
+        from harness.checkpoint import check_tokenizer_path
+
+        check_tokenizer_path(tok)
 
 
 def load_model(spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",

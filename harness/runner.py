@@ -136,8 +136,9 @@ def suite_problems(suite: Any) -> list[str]:
         problems.append(f"'models' must be a list of model specs, got {models!r}")
     if _bad_count(suite.get("samples")):
         problems.append(f"'samples' must be a whole number >= 1, got {suite.get('samples')!r}")
-    if isinstance(suite.get("seed"), bool) or not isinstance(suite.get("seed", 0), int):
-        problems.append(f"'seed' must be an integer, got {suite.get('seed')!r}")
+    seed = suite.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        problems.append(f"'seed' must be a whole number >= 0, got {seed!r}")
     cells = suite.get("cells")
     if not isinstance(cells, list) or not cells:
         problems.append(f"'cells' must be a non-empty list of {{task: ..., lengths: [...]}}, got {cells!r}")
@@ -209,8 +210,9 @@ def validate_plan(plan: Plan) -> None:
     for what, value in (("--samples", plan.samples), ("--limit", plan.limit)):
         if _bad_count(value):
             problems.append(f"{what} must be a whole number >= 1, got {value!r}")
-    if isinstance(plan.seed, bool) or not isinstance(plan.seed, int):
-        problems.append(f"--seed must be an integer, got {plan.seed!r}")
+    if isinstance(plan.seed, bool) or not isinstance(plan.seed, int) or plan.seed < 0:
+        problems.append(f"--seed must be a whole number >= 0 (numpy's seed sequences take no negatives), "
+                        f"got {plan.seed!r}")
     if not plan.models:
         problems.append("no models: pass --models SPEC ... (see `run_eval.py list models`)")
     if not plan.cells:
@@ -253,6 +255,9 @@ def resolve_tasks(plan: Plan) -> dict[tuple[str, str], Any]:
         except KeyError:
             raise
         except Exception as err:  # noqa: BLE001 - e.g. an lm-eval task without offline data: its cells fail
+            if not task_name.startswith(("lm_eval:", "ppl:")):     # bad options of our own tasks: bad input
+                raise PlanError(f"task {task_name}" + (f" with options {options}" if options else "")
+                                + f": {err}") from None
             tasks[key] = UnavailableTask(task_name, f"{type(err).__name__}: {err}",
                                          uses_length=not task_name.startswith("lm_eval:"))
     return tasks
@@ -559,7 +564,7 @@ class SweepRunner:
         if self.dist.is_main:
             lock = RunLock(self.store.folder)
             try:
-                lock.acquire(self.argv if self.argv is not None else sys.argv)
+                lock.acquire(sys.argv)             # the command line of the process that holds it
                 stale = self.store.mark_stale_runs()
                 if stale:
                     self._say(f"{stale} run row(s) of {self.store.path} were left 'running' by a killed process; "
@@ -612,16 +617,17 @@ class SweepRunner:
             for task_name, length, n, options in cells:
                 task = tasks[(task_name, json.dumps(options, sort_keys=True))]
                 key = self._cell_key(task, length)
-                row = self.store.cell(known_name, task.name, key)
-                if self.dist.is_main and row is not None and row["status"] != "done":
-                    self.store.set_cell_status(known_name, task.name, key, "done", None, self.run_id)
                 stored = self.store.stored_samples(known_name, task.name, key)
                 if is_whole_cell(task):
                     owned = list(stored) if self.dist.is_main else []
+                    planned = list(stored)
                 else:
-                    owned = [i for i in range(DEFAULT_SAMPLES if n is None else n) if self.dist.owns(i)]
-                out.append(CellSummary(known_name, task.name, length, planned=len(owned), skipped=len(owned),
-                                       failed_before=sum(stored[i][0] == "error" for i in owned)))
+                    planned = list(range(DEFAULT_SAMPLES if n is None else n))
+                    owned = [i for i in planned if self.dist.owns(i)]
+                cell = CellSummary(known_name, task.name, length, planned=len(owned), skipped=len(owned),
+                                   failed_before=sum(stored[i][0] == "error" for i in owned))
+                self._settle_complete_cell(cell, key, stored, planned)
+                out.append(cell)
             return out
         self._say(f"[{spec}] loading (device {self.dist.device(self.plan.device)}, dtype {self.plan.dtype})")
         try:
@@ -695,7 +701,8 @@ class SweepRunner:
         cell.planned, cell.skipped = len(mine), len(mine) - len(todo)
         cell.failed_before = sum(stored[s.index][0] == "error" for s in mine if s.index in stored)
         if not todo:
-            self._finish_cell(cell, key, t0)
+            self._settle_complete_cell(cell, key, stored, [s.index for s in samples])
+            cell.seconds = time.time() - t0
             return cell
         bar = Progress(self.progress, total=len(mine), initial=cell.skipped, desc=label)
         try:
@@ -704,6 +711,19 @@ class SweepRunner:
             bar.close()
         self._finish_cell(cell, key, t0)
         return cell
+
+    def _settle_complete_cell(self, cell: CellSummary, key: int, stored: dict, planned: list[int]) -> None:
+        """A cell with a row for every planned sample is done, or failed when every row is a failure (nothing
+        scored); its stored status is corrected either way (a label left by an earlier run does not stick)."""
+        if planned and all(i in stored and stored[i][0] == "error" for i in planned):
+            first = (self.store.first_error(cell.model, cell.task, key) or "").strip().splitlines()
+            cell.status = "failed"
+            cell.error = (f"all {len(planned)} samples failed (stored by earlier runs; --retry-failed retries them)"
+                          + (f". First: {first[0]}" if first else ""))
+        if self.dist.is_main:
+            row = self.store.cell(cell.model, cell.task, key)
+            if row is not None and (row["status"], row["error"]) != (cell.status, cell.error):
+                self.store.set_cell_status(cell.model, cell.task, key, cell.status, cell.error, self.run_id)
 
     def _finish_cell(self, cell: CellSummary, key: int, t0: float) -> None:
         cell.seconds = time.time() - t0

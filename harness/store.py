@@ -230,18 +230,28 @@ class ResultsStore:
             self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
             if create:
                 self._create_schema()
-            version = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            self._check_version(allow_new=False)
         except sqlite3.DatabaseError as err:
             raise store_error(self.path, err) from err
-        if version is None or int(version[0]) != SCHEMA_VERSION:
+
+    def _check_version(self, allow_new: bool) -> None:
+        """StoreError unless the file holds this harness's schema version (allow_new: or no tables at all yet)."""
+        has_meta = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        if not has_meta and allow_new and not self.conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE name IN ('samples', 'cells', 'runs', 'models')").fetchone():
+            return
+        version = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
+            if has_meta else None
+        if version is None or str(version[0]) != str(SCHEMA_VERSION):
             raise StoreError(f"{self.path} has schema version {version and version[0]}; this harness reads "
-                             f"version {SCHEMA_VERSION}. Use a fresh --output folder.")
+                             f"version {SCHEMA_VERSION}. It was left as it is; use a fresh --output folder.")
 
     def _create_schema(self) -> None:
         """Tables (created if missing, newer columns added), after a check that every page of the file reads."""
         check = self.conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
+        self._check_version(allow_new=True)             # another version's store is left exactly as it is
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = FULL")
         with self.transaction():
@@ -395,6 +405,12 @@ class ResultsStore:
             (model, task, length)).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
+    def first_error(self, model: str, task: str, length: int) -> str | None:
+        """The error text of a cell's lowest-index failure row (None: no failures)."""
+        row = self.conn.execute("SELECT error FROM samples WHERE model = ? AND task = ? AND length = ? AND "
+                                "status = 'error' ORDER BY sample_index LIMIT 1", (model, task, length)).fetchone()
+        return row[0] if row else None
+
     def delete_failed(self, model: str, task: str, length: int, indices: Iterable[int] | None = None) -> int:
         """Drop a cell's failure rows so that they are retried (--retry-failed): those of ``indices`` (a rank's own
         samples; another rank may already have stored its retried rows), or all when None."""
@@ -422,13 +438,16 @@ def check_readable(path: Path) -> None:
                                uri=True)
         try:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         finally:
             conn.close()
     except sqlite3.DatabaseError as err:
         raise store_error(path, err) from err
     if check != "ok":
         raise store_error(path, sqlite3.DatabaseError(f"database disk image is malformed ({check})"))
+    if version is None or str(version[0]) != str(SCHEMA_VERSION):
+        raise StoreError(f"{path} has schema version {version and version[0]}; this harness reads version "
+                         f"{SCHEMA_VERSION}")
 
 
 def open_store(output: str | Path) -> ResultsStore:

@@ -77,6 +77,8 @@ class MqarEvalTask:
         if unknown:
             raise ValueError(f"task {getattr(mqar_task, 'name', 'mqar')!r}: unknown option(s) {unknown}; "
                              f"known: {list(self.OPTIONS)}")
+        if hasattr(mqar_task, "check_options"):
+            mqar_task.check_options(**options)
         self.mqar = mqar_task
         self.name = getattr(mqar_task, "name", "mqar")
         self.options = options

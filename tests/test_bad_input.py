@@ -247,6 +247,10 @@ SUITES = {
     "zero_cell_samples": ("cells:\n  - {task: mqar, lengths: [128], samples: 0}\n", "'samples' must be a whole"),
     "bad_length": ("cells:\n  - {task: mqar, lengths: [-5]}\n", "it must be a positive whole number"),
     "unknown_task": ("cells:\n  - {task: niah_singel_1, lengths: [1k]}\n", "Did you mean 'niah_single_1'"),
+    "bad_option": ("cells:\n  - {task: mqar, lengths: [128], options: {num_kv_pairs: abc}}\n",
+                   "num_kv_pairs must be a whole number"),
+    "unknown_option": ("cells:\n  - {task: mqar, lengths: [128], options: {num_kv_pair: 4}}\n",
+                       "unknown option(s) ['num_kv_pair']"),
 }
 
 
@@ -268,7 +272,7 @@ def test_lm_eval_typo_is_refused_with_the_nearest_name(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [["--samples", "0"], ["--samples", "-3"], ["--limit", "0"], ["--limit", "-1"],
-                                   ["--lengths", "0"]])
+                                   ["--lengths", "0"], ["--seed", "-1"]])
 def test_zero_or_negative_counts_are_refused(tmp_path, capsys, flags):
     argv = ["run", *FAST, "--tasks", "mqar", "--lengths", "128", "--output", str(tmp_path / "o"), *flags]
     refused(capsys, argv, flags[0] if flags[0] != "--lengths" else "positive")
@@ -326,3 +330,11 @@ def test_results_record_whether_inputs_start_with_bos(tmp_path):
     describe = json.loads(conn.execute("SELECT describe FROM models").fetchone()[0])
     conn.close()
     assert describe["input_bos"] is False                           # the bundled BPE adds no special tokens
+
+
+def test_a_cell_whose_stored_samples_all_failed_stays_failed_on_rerun(tmp_path, tiny):
+    sweep(tmp_path, [CellPlan(f"{SUPPORT}:FailingTask", [16])], tiny, samples=3)        # abandoned after 3
+    again = sweep(tmp_path, [CellPlan(f"{SUPPORT}:FailingTask", [16])], tiny, samples=3)
+    cell = again.cells[0]
+    assert (cell.status, cell.failed_before) == ("failed", 3) and "--retry-failed" in cell.error
+    assert cells_of(tmp_path)[("gdn2-tiny-random", "failing", 16)][0] == "failed"
