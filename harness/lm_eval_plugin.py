@@ -9,7 +9,8 @@ truncate_input_to (left-truncate every input to this many tokens, recorded), seg
 already loaded EvalModel instead of a spec.
 
 Semantics, request by request (batch size 1, always: padding would leak into a recurrent state, so none is used;
-lm-eval's --batch_size is accepted and ignored with a warning):
+lm-eval's --batch_size is accepted and ignored with a warning); inputs get special tokens as HFLM gives them
+(EvalModel.encode_input: the tokenizer's default, e.g. Llama's BOS, unless the spec says bos=true|false):
 - loglikelihood: EvalModel.split_request's tokenisation (lm-eval's _encode_pair: trailing context whitespace moved
   to the continuation, the context encoded alone, the continuation = what the whole string adds past it, empty
   context -> prefix token); the whole input runs with the state carried, no truncation. A model with a hard context limit refuses a longer input
