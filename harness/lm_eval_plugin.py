@@ -151,7 +151,8 @@ class HarnessLM(LM):
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
         """(context ids, predicted ids) of each disjoint window of text, exactly as lm-eval's HFLM builds them."""
-        windows = get_rolling_token_windows(token_list=self.model.encode_input(text), prefix_token=self.model.prefix_token_id,
+        windows = get_rolling_token_windows(token_list=self.model.encode_input(text),
+                                            prefix_token=self.model.prefix_token_id,
                                             max_seq_len=self.max_length, context_len=1)
         return [make_disjoint_window(w) for w in windows]
 

@@ -202,8 +202,8 @@ def _bad_count(value: Any) -> bool:
 
 def validate_plan(plan: Plan) -> None:
     """Refuse a plan that cannot run as asked, before any model loads or anything is stored: counts and lengths
-    must be whole numbers >= 1, the seed an integer, model specs and the tokenizer must name things that exist,
-    the device and dtype must be available here."""
+    must be whole numbers >= 1, the seed a whole number >= 0, model specs and the tokenizer must name things that
+    exist, the device and dtype must be available here."""
     from harness.registry import UnknownNameError, check_spec, resolve_device, resolve_dtype
 
     problems = []

@@ -46,7 +46,8 @@ def sweep(out: Path, cells, tiny, samples=4, loader=None, **kw):
 
 def cells_of(out: Path) -> dict:
     conn = sqlite3.connect(out / "results.sqlite")
-    found = {(m, t, l): (s, e) for m, t, l, s, e in conn.execute("SELECT model, task, length, status, error FROM cells")}
+    found = {(m, t, length): (s, e)
+             for m, t, length, s, e in conn.execute("SELECT model, task, length, status, error FROM cells")}
     conn.close()
     return found
 
@@ -338,3 +339,33 @@ def test_a_cell_whose_stored_samples_all_failed_stays_failed_on_rerun(tmp_path, 
     cell = again.cells[0]
     assert (cell.status, cell.failed_before) == ("failed", 3) and "--retry-failed" in cell.error
     assert cells_of(tmp_path)[("gdn2-tiny-random", "failing", 16)][0] == "failed"
+
+
+def test_a_store_of_another_schema_version_is_left_as_it_is(tmp_path, capsys):
+    db = tmp_path / "results.sqlite"
+    conn = sqlite3.connect(db)
+    conn.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES "
+                       "('schema_version', '2');")
+    conn.close()
+    before = db.read_bytes()
+    refused(capsys, ["run", *FAST, "--tasks", "mqar", "--lengths", "128", "--output", str(tmp_path)],
+            "has schema version 2", "left as it is")
+    refused(capsys, ["report", str(tmp_path), "--no-plots"], "has schema version 2")
+    assert db.read_bytes() == before
+
+
+def test_report_out_that_is_a_file(tmp_path, capsys, stored_run):
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("keep me")
+    refused(capsys, ["report", str(stored_run), "--no-plots", "--no-exports", "--out", str(a_file)],
+            f"cannot write {a_file}", "--out DIR")
+    assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flags, needle", [(["--device", "tpu"], "unsupported device 'tpu'"),
+                                           (["--dtype", "float8"], "unknown dtype 'float8'"),
+                                           (["--tokenizer", __file__], "pass a tokenizer folder or a tokenizer.json")])
+def test_unusable_device_dtype_or_tokenizer(tmp_path, capsys, flags, needle):
+    refused(capsys, ["run", *FAST, "--tasks", "mqar", "--lengths", "128", "--output", str(tmp_path / "o"), *flags],
+            needle)
+    assert not (tmp_path / "o").exists()
