@@ -92,6 +92,23 @@ def load_weights_strict(module: nn.Module, state: dict[str, torch.Tensor], sourc
     module.load_state_dict(state, strict=True)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def check_tokenizer_path(path: str) -> None:
+    """FileNotFoundError / ValueError unless a local tokenizer path is a folder holding tokenizer files or a
+    tokenizer.json-style file (hub ids and other non-paths are checked when loaded)."""
+    target = Path(path).expanduser()
+    if not target.exists():
+        raise FileNotFoundError(f"tokenizer {path!r} does not exist; pass a tokenizer folder or tokenizer.json")
+    if target.is_file() and target.suffix != ".json":
+        raise ValueError(f"tokenizer {path!r} is a {target.suffix or 'suffix-less'} file; pass a tokenizer folder "
+                         "or a tokenizer.json")
+    if target.is_dir() and not any((target / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {path}; pass a tokenizer "
+                                "folder or a tokenizer.json")
+
+
 def load_tokenizer(folder: Path | None, explicit: str | None):
     """An HF tokenizer from `explicit` (folder or tokenizer.json) or the checkpoint folder."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "when no --tasks are given")
     plan.add_argument("--models", nargs="+", metavar="SPEC",
                       help="model specs: a bundled name (gdn2-tiny-random), family=PATH (gdn2=/ckpt/x) or a "
-                           "checkpoint folder; default: the suite's models")
+                           "checkpoint folder, optionally with ,tokenizer=PATH and ,bos=true|false "
+                           "(mamba2=/ckpt/m,tokenizer=/ckpt/neox); default: the suite's models")
     plan.add_argument("--tasks", nargs="+", metavar="TASK", action=ListArgument,
                       help="task names (`list tasks`), space- or comma-separated; replaces the suite's tasks")
     plan.add_argument("--lengths", nargs="+", metavar="L", action=ListArgument,
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     hw = run.add_argument_group("how to run")
     hw.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     hw.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    hw.add_argument("--tokenizer", metavar="PATH",
+                    help="tokenizer folder or tokenizer.json for models whose spec names none (checkpoints that "
+                         "ship no tokenizer, e.g. state-spaces Mamba folders); a spec's ,tokenizer= wins")
     hw.add_argument("--batch-size", type=int, default=1,
                     help="recorded; recurrent models run batch 1 (padding would leak into the state)")
     hw.add_argument("--online", action="store_true",
@@ -181,14 +185,14 @@ def _parse_paper_rows(items: list[str]) -> dict[str, str]:
         model, sep, row = item.partition("=")
         setting, sep2, name = row.partition(":")
         if not sep or not sep2 or setting not in ("recurrent", "hybrid") or not name:
-            raise SystemExit(f"error: --paper-row {item!r}: expected MODEL=recurrent:NAME or MODEL=hybrid:NAME, "
+            raise ValueError(f"--paper-row {item!r}: expected MODEL=recurrent:NAME or MODEL=hybrid:NAME, "
                              'e.g. "gdn2-1.3b=recurrent:Gated DeltaNet-2"')
         rows[model] = f"{setting}:{name}"
     return rows
 
 
 def make_plan(args: argparse.Namespace):
-    from harness.runner import load_suite, parse_length, plan_from_suite
+    from harness.runner import load_suite, parse_length, plan_from_suite, resolve_tasks, validate_plan
 
     if args.tasks:
         suite = load_suite(args.suite) if args.suite else {"name": "custom", "models": ["gdn2-tiny-random"]}
@@ -204,7 +208,7 @@ def make_plan(args: argparse.Namespace):
                            lengths=None if args.tasks else args.lengths, device=args.device, dtype=args.dtype,
                            batch_size=args.batch_size, retry_failed=args.retry_failed,
                            allow_longer_context=args.allow_longer_context, offline=not args.online,
-                           paper_rows=_parse_paper_rows(args.paper_row))
+                           tokenizer=args.tokenizer, paper_rows=_parse_paper_rows(args.paper_row))
     plan.name = name
     if fraction:
         apply_limit_fraction(plan, fraction)
@@ -218,10 +222,10 @@ def make_plan(args: argparse.Namespace):
                 cell.lengths = [None]
         for cell in plan.cells:
             cell.lengths = [parse_length(x) for x in cell.lengths]
+    validate_plan(plan)
+    resolve_tasks(plan)          # unknown task names (lm-eval's included) are refused before any model loads
     if args.haystack_file:
         set_essay_haystack(plan, args.haystack_file)
-    if not plan.models:
-        raise SystemExit("error: no models: pass --models SPEC ... (see `run_eval.py list models`)")
     return plan
 
 
@@ -242,8 +246,12 @@ def set_essay_haystack(plan, haystack_file: str) -> None:
     """Point every RULER cell with an essay haystack at haystack_file (it becomes part of the cell's identity)."""
     from harness.task_adapters import RulerEvalTask, resolve_task
 
+    from tasks.haystacks import load_essay
+
     if not Path(haystack_file).is_file():
-        raise FileNotFoundError(f"--haystack-file {haystack_file}: no such file")
+        raise FileNotFoundError(f"--haystack-file {haystack_file}: " + ("a folder, not a file" if Path(
+            haystack_file).is_dir() else "no such file"))
+    load_essay(str(Path(haystack_file).resolve()))    # unreadable or too short: refused before any model loads
     for cell in plan.cells:
         task = resolve_task(cell.task, cell.options, offline=plan.offline)
         if isinstance(task, RulerEvalTask) and task.ruler.haystack_type == "essay":
@@ -261,8 +269,8 @@ def default_output_for(args: argparse.Namespace, plan) -> Path:
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.distributed import init_from_env
     from harness.registry import UnknownNameError
-    from harness.runner import SweepRunner
-    from harness.store import CellIdentityError, ResultsStore
+    from harness.runner import SweepRunner, merge_rank_cells
+    from harness.store import CellIdentityError, ResultsStore, StoreError
 
     try:
         plan = make_plan(args)
@@ -282,23 +290,18 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         dist.barrier()
         with ResultsStore(output) as store:
             summary = SweepRunner(plan, store, dist, progress=not args.no_progress, argv=argv).run()
-    except CellIdentityError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (CellIdentityError, StoreError) as err:
+        if dist.is_main:                     # every rank meets the same error; say it once
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; stored samples are kept in {output / 'results.sqlite'}; rerun the same command to "
               "resume", file=sys.stderr)
         return 130
-    dist.barrier()
+    per_rank = dist.all_gather(summary.cells)       # also the barrier before rank 0 reports
     if dist.is_main:
-        ok = sum(c.ok for c in summary.cells)
-        skipped = sum(c.skipped for c in summary.cells)
-        failed = sum(c.failed for c in summary.cells)
-        bad_cells = [c for c in summary.cells if c.status == "failed"]
-        print(f"\ndone in {time.time() - start:.1f}s: {ok} sample(s) scored, {skipped} already stored, "
-              f"{failed} failed sample(s), {len(bad_cells)} failed cell(s)")
-        for c in bad_cells:
-            print(f"  FAILED {c.model} | {c.task}" + (f" @ {c.length}" if c.length else "") + f": {c.error}")
+        summary.cells = merge_rank_cells(per_rank)
+        print_summary(summary, time.time() - start)
         if not args.no_report:
             try:
                 _print_report(output, plots=True, exports=True)
@@ -308,6 +311,27 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"\nresults: {output / 'results.sqlite'} (rerun the same command to resume or extend)")
     dist.close()
     return 1 if summary.failed_cells and all(c.status == "failed" for c in summary.cells) else 0
+
+
+def print_summary(summary, seconds: float) -> None:
+    """Samples scored, skipped and failed; every cell that failed or holds failed samples (this run's or kept
+    from an earlier one), so a rerun never reports a cell with failures as done."""
+    cells = summary.cells
+    ok = sum(c.ok for c in cells)
+    skipped = sum(c.skipped for c in cells)
+    failed = sum(c.failed for c in cells)
+    kept = sum(c.failed_before for c in cells)
+    bad = [c for c in cells if c.status == "failed" or c.failed or c.failed_before]
+    print(f"\ndone in {seconds:.1f}s: {ok} sample(s) scored, {skipped} already stored, {failed} failed sample(s)"
+          + (f" (+{kept} failed in earlier runs)" if kept else "")
+          + f", {len(bad)} cell(s) failed or with failures")
+    for c in bad:
+        where = f"{c.model} | {c.task}" + (f" @ {c.length}" if c.length else "")
+        if c.status == "failed":
+            print(f"  FAILED {where}: {c.error}")
+        else:
+            print(f"  {where}: {c.failed + c.failed_before} failed sample(s) of {c.planned}"
+                  + (" (stored earlier; --retry-failed retries them)" if c.failed_before else ""))
 
 
 def _print_report(output: Path, plots: bool, exports: bool, fmt: str = "md", out: str | None = None) -> dict:
@@ -325,22 +349,47 @@ def _print_report(output: Path, plots: bool, exports: bool, fmt: str = "md", out
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.store import DB_NAME, ResultsStore
+    from harness.store import DB_NAME, ResultsStore, StoreError, check_readable
 
     output = Path(args.output)
     if not (output / DB_NAME).is_file():
         print(f"error: no results store at {output / DB_NAME}; pass the --output folder of a run "
               f"(e.g. {DEFAULT_OUTPUT} after `python run_eval.py`)", file=sys.stderr)
         return 2
-    if args.paper_row:
+    writable = os.access(output, os.W_OK | os.X_OK)
+    exports = not args.no_exports
+    try:
         rows = _parse_paper_rows(args.paper_row)
-        with ResultsStore(output) as store, store.transaction() as c:
-            for model, row in rows.items():
-                setting, _, name = row.partition(":")
-                if c.execute("UPDATE models SET paper_setting = ?, paper_model = ? WHERE model = ?",
-                             (setting, name, model)).rowcount == 0:
-                    print(f"warning: --paper-row: no model {model!r} in {output}", file=sys.stderr)
-    _print_report(output, plots=not args.no_plots, exports=not args.no_exports, fmt=args.format, out=args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        check_readable(output / DB_NAME)
+        if not writable:
+            if args.paper_row:
+                raise StoreError(f"--paper-row stores the mapping in {output / DB_NAME}, but {output} is read-only; "
+                                 "map the rows in a writable copy (cp -r), or leave --paper-row out")
+            if not args.out:
+                raise StoreError(f"{output} is read-only: pass --out DIR to write the report elsewhere")
+            if exports:
+                print(f"note: {output} is read-only, so no exports (they are written beside the store)",
+                      file=sys.stderr)
+                exports = False
+        if rows:
+            with ResultsStore(output) as store, store.transaction() as c:
+                for model, row in rows.items():
+                    setting, _, name = row.partition(":")
+                    if c.execute("UPDATE models SET paper_setting = ?, paper_model = ? WHERE model = ?",
+                                 (setting, name, model)).rowcount == 0:
+                        print(f"warning: --paper-row: no model {model!r} in {output}", file=sys.stderr)
+        _print_report(output, plots=not args.no_plots, exports=exports, fmt=args.format, out=args.out)
+    except StoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:           # a --out that is a file, a folder we may not write, a full disk
+        print(f"error: cannot write {err.filename or args.out} ({err.strerror or err}); pass --out DIR (a folder "
+              "you can write to) to write the report elsewhere", file=sys.stderr)
+        return 2
     return 0
 
 

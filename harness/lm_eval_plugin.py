@@ -9,7 +9,8 @@ truncate_input_to (left-truncate every input to this many tokens, recorded), seg
 already loaded EvalModel instead of a spec.
 
 Semantics, request by request (batch size 1, always: padding would leak into a recurrent state, so none is used;
-lm-eval's --batch_size is accepted and ignored with a warning):
+lm-eval's --batch_size is accepted and ignored with a warning); inputs get special tokens as HFLM gives them
+(EvalModel.encode_input: the tokenizer's default, e.g. Llama's BOS, unless the spec says bos=true|false):
 - loglikelihood: EvalModel.split_request's tokenisation (lm-eval's _encode_pair: trailing context whitespace moved
   to the continuation, the context encoded alone, the continuation = what the whole string adds past it, empty
   context -> prefix token); the whole input runs with the state carried, no truncation. A model with a hard context limit refuses a longer input
@@ -150,7 +151,8 @@ class HarnessLM(LM):
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
         """(context ids, predicted ids) of each disjoint window of text, exactly as lm-eval's HFLM builds them."""
-        windows = get_rolling_token_windows(token_list=self.model.encode(text), prefix_token=self.model.prefix_token_id,
+        windows = get_rolling_token_windows(token_list=self.model.encode_input(text),
+                                            prefix_token=self.model.prefix_token_id,
                                             max_seq_len=self.max_length, context_len=1)
         return [make_disjoint_window(w) for w in windows]
 
@@ -180,7 +182,7 @@ class HarnessLM(LM):
             if (gen_kwargs.get("do_sample") or gen_kwargs.get("temperature", 0)) and not self._warned_sampling:
                 log.warning("harness LM decodes greedily; ignoring sampling arguments %s", gen_kwargs)
                 self._warned_sampling = True
-            prompt_ids = self.model.encode(context) if context else [self.model.prefix_token_id]
+            prompt_ids = self.model.encode_input(context) if context else [self.model.prefix_token_id]
             prompt_ids = self._truncate(context, prompt_ids)
             text = self.model.greedy_text(prompt_ids, max_gen_toks, until)
             self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)

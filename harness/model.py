@@ -53,6 +53,7 @@ class EvalModel:
     info: dict = field(default_factory=dict)
     segment: int = DEFAULT_SEGMENT      # default segment length for long inputs (the runner halves it after an OOM)
     check_finite: bool = False          # raise NonFiniteLogitsError when a forward pass returns NaN/Inf logits
+    add_bos: bool | None = None         # inputs start with BOS: None = the tokenizer's default (lm-eval's HFLM rule)
 
     # ---------------------------------------------------------------- sizes
     def state_floats_per_layer(self) -> int:
@@ -72,6 +73,24 @@ class EvalModel:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of text; no special tokens unless asked (then the tokenizer's own default, e.g. Llama's BOS)."""
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_input(self, text: str) -> list[int]:
+        """Token ids of a whole model input as lm-eval's HFLM encodes it (tok_encode): the tokenizer's special
+        tokens (BOS for Llama/Mistral, none for GPT-NeoX) unless add_bos says otherwise; none when the text already
+        starts with the prefix token's text."""
+        prefix = self.tokenizer.decode([self.prefix_token_id]) if self.tokenizer.bos_token_id is not None \
+            or self.tokenizer.eos_token_id is not None else ""
+        if (prefix and text.startswith(prefix)) or self.add_bos is False:
+            return self.encode(text)
+        ids = self.encode(text, add_special_tokens=True)
+        bos = self.tokenizer.bos_token_id
+        return [int(bos)] + ids if self.add_bos and bos is not None and ids[:1] != [bos] else ids
+
+    @property
+    def input_bos(self) -> bool:
+        """Whether inputs start with BOS under encode_input (recorded with the results)."""
+        bos = self.tokenizer.bos_token_id
+        return bos is not None and self.encode_input("a")[:1] == [bos]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -139,17 +158,21 @@ class EvalModel:
 
     def split_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of context and continuation exactly as lm-eval's _encode_pair (causal LMs): trailing whitespace
-        of the context moves to the continuation; the context ids are the context encoded alone, the continuation
-        ids what encoding the whole string adds past that many tokens; empty context -> [prefix token]."""
+        of the context moves to the continuation; the context ids are the context encoded alone (encode_input: BOS
+        where lm-eval adds it), the continuation ids what encoding the whole string adds past that many tokens;
+        empty context -> [prefix token] (or the continuation's first token when it is the prefix token)."""
         if not continuation:
             raise ValueError("loglikelihood request with an empty continuation")
         if not context:
-            return [self.prefix_token_id], self.encode(continuation)
+            continuation_ids = self.encode(continuation)
+            if continuation_ids[:1] == [self.prefix_token_id]:
+                return continuation_ids[:1], continuation_ids[1:]
+            return [self.prefix_token_id], continuation_ids
         trailing = len(context) - len(context.rstrip())
         if trailing:
             context, continuation = context[:-trailing], context[-trailing:] + continuation
-        context_ids = self.encode(context)
-        continuation_ids = self.encode(context + continuation)[len(context_ids):]
+        context_ids = self.encode_input(context)
+        continuation_ids = self.encode_input(context + continuation)[len(context_ids):]
         if not continuation_ids:
             raise ValueError(f"{self.name}: continuation {continuation!r} adds no token to the context "
                              f"(...{context[-40:]!r}): its text merges into the context's last tokens")
@@ -160,7 +183,7 @@ class EvalModel:
         but the whole text in one pass with the state carried instead of disjoint windows)."""
         results = []
         for text in texts:
-            ids = [self.prefix_token_id] + self.encode(text)
+            ids = [self.prefix_token_id] + self.encode_input(text)
             lp, _ = self.token_logprobs(ids, score_from=1)
             results.append(float(lp.sum()))
         return results
@@ -191,7 +214,7 @@ class EvalModel:
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] | None = None) -> list[str]:
         """Greedy continuation of each prompt, cut at the first stop string (EOS always stops)."""
-        return [self.greedy_text(self.encode(prompt), max_new_tokens, stop) for prompt in prompts]
+        return [self.greedy_text(self.encode_input(prompt), max_new_tokens, stop) for prompt in prompts]
 
     def greedy_text(self, prompt_ids: Sequence[int], max_new_tokens: int, stop: Sequence[str] | None = None) -> str:
         """Greedy continuation of prompt_ids as text: decoding stops at EOS, once a stop string appears, or after
@@ -211,5 +234,6 @@ class EvalModel:
             "name": self.name, "family": self.family, "source": self.source, "backend": self.backend,
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "state_floats_per_layer": self.state_floats, "num_params_non_embedding": self.num_params(True),
-            "max_length": self.max_length, "trained_length": self.trained_length, **self.info,
+            "max_length": self.max_length, "trained_length": self.trained_length, "input_bos": self.input_bos,
+            **self.info,
         }

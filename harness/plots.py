@@ -89,8 +89,8 @@ def accuracy_vs_length(results: Results, out: Path) -> list[Path]:
                             if m == model and t == task and length != NO_LENGTH)
             xs = [length for length, _ in points]
             ys = [s.value for _, s in points]
-            lo = [s.value - s.lo if not math.isnan(s.lo) else 0 for _, s in points]
-            hi = [s.hi - s.value if not math.isnan(s.hi) else 0 for _, s in points]
+            lo = [max(0.0, s.value - s.lo) if not math.isnan(s.lo) else 0 for _, s in points]   # >= 0: matplotlib
+            hi = [max(0.0, s.hi - s.value) if not math.isnan(s.hi) else 0 for _, s in points]   # refuses negatives
             dodge = 2 ** (DODGE * (i - (len(models) - 1) / 2))      # side by side, so the bars do not overlap
             ax.errorbar([x * dodge for x in xs], ys, yerr=[lo, hi], marker="o", capsize=3,
                         label=f"{model} ({_n_label([s.n for _, s in points])})")

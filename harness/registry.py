@@ -4,7 +4,9 @@
     class KDAFamily(ModelFamily): ...
 
 A model spec is "family=path_or_hub_id", a bare checkpoint path whose config.json names its family, or the name of
-a bundled model (harness/bundled.py).
+a bundled model (harness/bundled.py), optionally followed by options: ",tokenizer=PATH" (for checkpoints that ship
+no tokenizer, e.g. state-spaces Mamba folders) and ",bos=true|false" (whether inputs start with BOS; default: the
+tokenizer's own rule, as lm-eval's HFLM does). Example: "mamba2=/ckpt/mamba2-1.3b,tokenizer=/ckpt/gpt-neox-20b".
 """
 from __future__ import annotations
 
@@ -118,7 +120,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' -> cuda if available else cpu; refuses a device this machine lacks."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -160,18 +165,46 @@ def read_config(path: Path) -> dict:
         raise ValueError(f"{config_file} is not valid JSON ({err}); the file is corrupt or truncated") from err
 
 
+SPEC_OPTIONS = ("tokenizer", "bos")
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """"base,tokenizer=T,bos=false" -> ("base", {"tokenizer": "T", "bos": "false"}). Only the known option names
+    after the last commas are split off, so a path with commas in it stays whole."""
+    base, options = spec, {}
+    while True:
+        head, sep, tail = base.rpartition(",")
+        key, eq, value = tail.partition("=")
+        if not (sep and eq and key.strip() in SPEC_OPTIONS):
+            break
+        if not value.strip():
+            raise ValueError(f"model spec {spec!r}: option {key.strip()!r} has no value")
+        options.setdefault(key.strip(), value.strip())
+        base = head
+    if "bos" in options and options["bos"].lower() not in ("true", "false"):
+        raise ValueError(f"model spec {spec!r}: bos={options['bos']!r}; use bos=true or bos=false")
+    return base, options
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or text.startswith((".", "~"))
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
-    """-> (family, source). "family=source" | bare local path (family from its config.json) | bundled name."""
+    """-> (family, source). "family=source" | bare local path (family from its config.json) | bundled name.
+    Spec options (",tokenizer=..."), if any, must be split off first (split_spec)."""
     from harness import bundled
 
     if "=" in spec:
         family, source = spec.split("=", 1)
         get_family(family)  # fail early on a wrong family name
+        if not source:
+            raise ValueError(f"model spec {spec!r} names no checkpoint: use {family}=PATH_OR_HUB_ID")
         return family, source
     if spec in bundled.BUNDLED:
         entry = bundled.BUNDLED[spec]
         return entry.family, str(entry.folder) if entry.folder is not None else spec
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_dir():
         config = read_config(path)
         for family in all_families():
@@ -184,22 +217,47 @@ def parse_spec(spec: str) -> tuple[str, str]:
         )
     if os.path.exists(spec):
         raise ValueError(f"{spec!r} is a file; pass the checkpoint folder that holds config.json")
+    if _looks_like_path(spec):
+        raise FileNotFoundError(f"model path {spec!r} does not exist; pass an existing checkpoint folder, "
+                                "family=PATH, or a bundled name (`run_eval.py list models`)")
     raise unknown_name("model", spec, list(bundled.BUNDLED) + [f"{f}=PATH" for f in family_names()])
+
+
+def check_spec(spec: str, tokenizer: str | None = None) -> None:
+    """Everything about a spec that can be checked without loading it: options, family or bundled name, that a
+    local path exists (hub ids are checked when loaded), that a named tokenizer path exists."""
+    from harness import bundled
+
+    base, options = split_spec(spec)
+    family, source = parse_spec(base)
+    is_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if "=" in base and not (Path(source).expanduser().exists() or is_hub_id or source in bundled.BUNDLED):
+        raise FileNotFoundError(f"model spec {spec!r}: checkpoint folder {source!r} does not exist (and it is not "
+                                "a hub id 'org/name')")
+    tok = options.get("tokenizer", tokenizer)
+    if tok and (_looks_like_path(tok) or Path(tok).expanduser().exists()):
+        from harness.checkpoint import check_tokenizer_path
+
+        check_tokenizer_path(tok)
 
 
 def load_model(spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                tokenizer: str | None = None, allow_longer_context: bool = False, name: str | None = None) -> EvalModel:
-    """Load a model spec into an EvalModel on `device` in `dtype` (tokenizer: an explicit tokenizer folder/file)."""
+    """Load a model spec into an EvalModel on `device` in `dtype`. tokenizer: an explicit tokenizer folder/file,
+    used when the spec names none (",tokenizer=..." in the spec wins)."""
     from harness import bundled
 
-    family_name, source = parse_spec(spec)
+    base, options = split_spec(spec)
+    family_name, source = parse_spec(base)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model = get_family(family_name).load(source, dev, dt, tokenizer)
+    model = get_family(family_name).load(source, dev, dt, options.get("tokenizer", tokenizer))
     model.allow_longer_context = allow_longer_context
-    if spec in bundled.BUNDLED and bundled.BUNDLED[spec].folder is not None:
-        model.name = spec
-        model.info["bundled"] = bundled.BUNDLED[spec].description
+    if base in bundled.BUNDLED and bundled.BUNDLED[base].folder is not None:
+        model.name = base
+        model.info["bundled"] = bundled.BUNDLED[base].description
+    if "bos" in options:
+        model.add_bos = options["bos"].lower() == "true"
     if name:
         model.name = name
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ def load_results(folder: str | Path) -> Results:
     path = folder / DB_NAME if folder.is_dir() else folder
     if not path.is_file():
         raise FileNotFoundError(f"no results store at {path}; pass the --output folder of a run (it holds {DB_NAME})")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # a read-only folder cannot hold WAL's shared-memory file: read the file as is (store.check_readable first)
+    conn = sqlite3.connect(f"file:{path}?mode=ro" + ("" if os.access(path.parent, os.W_OK) else "&immutable=1"),
+                           uri=True)
     try:
         frames = {t: pd.read_sql_query(f"SELECT * FROM {t}", conn) for t in ("samples", "models", "cells", "runs")}
     finally:
@@ -56,16 +59,22 @@ def interval95(scores: Sequence[float]) -> tuple[float, float]:
         return (math.nan, math.nan)
     mean = sum(scores) / n
     if all(s in (0.0, 100.0) for s in scores):
-        p = mean / 100.0
-        denom = 1 + Z95 ** 2 / n
-        centre = (p + Z95 ** 2 / (2 * n)) / denom
-        half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denom
-        return (100 * max(0.0, centre - half), 100 * min(1.0, centre + half))
+        return binomial_interval95(sum(s == 100.0 for s in scores), n)
     if n == 1:
         return (math.nan, math.nan)
     var = sum((s - mean) ** 2 for s in scores) / (n - 1)
     half = Z95 * math.sqrt(var / n)
     return (max(0.0, mean - half), min(100.0, mean + half))
+
+
+def binomial_interval95(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of successes / n in percent (scipy's binomtest), clipped to [0, 100] and to
+    contain the observed percentage (rounding can put a bound a hair past it at 0% or 100%)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    observed = 100.0 * successes / n
+    return (min(max(100.0 * ci.low, 0.0), observed), max(min(100.0 * ci.high, 100.0), observed))
 
 
 def standard_error(scores: Sequence[float]) -> float:

@@ -37,7 +37,7 @@ import yaml
 
 from harness.distributed import DistContext
 from harness.eval_task import Sample, SampleResult
-from harness.store import NO_LENGTH, CellIdentityError, ResultsStore, SampleRow, dumps
+from harness.store import NO_LENGTH, CellIdentityError, FolderBusyError, ResultsStore, RunLock, SampleRow, dumps
 from tasks.cli import parse_length
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -75,6 +75,7 @@ class Plan:
     retry_failed: bool = False
     allow_longer_context: bool = False
     offline: bool = True                # lm-eval tasks: the offline data copies (tasks/lm_eval_yaml)
+    tokenizer: str | None = None        # tokenizer for models whose spec names none (--tokenizer)
 
     def expand(self) -> list[tuple[str, int | None, int | None, dict]]:
         """(task, length, num_samples, options) for every cell, in plan order."""
@@ -100,7 +101,8 @@ def suite_names() -> list[str]:
 
 
 def load_suite(name_or_path: str) -> dict:
-    """A suite file (harness/suites/<name>.yaml, or a path) as a dict, validated (see harness/suites/README.md)."""
+    """A suite file (harness/suites/<name>.yaml, or a path) as a dict, validated as a whole (see
+    harness/suites/README.md): ValueError naming the file and every problem found."""
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = SUITES_DIR / f"{name_or_path}.yaml"
@@ -108,20 +110,63 @@ def load_suite(name_or_path: str) -> dict:
         from harness.registry import unknown_name
 
         raise unknown_name("suite", name_or_path, suite_names())
-    suite = yaml.safe_load(path.read_text()) or {}
-    bad = set(suite) - SUITE_KEYS
-    if bad:
-        raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; a suite has {sorted(SUITE_KEYS)}")
-    for i, cell in enumerate(suite.get("cells") or []):
-        if "task" not in cell:
-            raise ValueError(f"{path}: cells[{i}] has no 'task'")
-        bad = set(cell) - CELL_KEYS
-        if bad:
-            raise ValueError(f"{path}: cells[{i}] ({cell['task']}) has unknown key(s) {sorted(bad)}; "
-                             f"a cell has {sorted(CELL_KEYS)}")
+    try:
+        suite = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"suite {path} is not valid YAML: {err}") from None
+    problems = suite_problems(suite)
+    if problems:
+        raise ValueError(f"suite {path}: " + ("; ".join(problems) if len(problems) == 1 else
+                                              "\n  - " + "\n  - ".join(problems)))
     suite["name"] = path.stem
     suite["path"] = str(path)
     return suite
+
+
+def suite_problems(suite: Any) -> list[str]:
+    """Everything wrong with a parsed suite file (empty: fine). Task names are checked later, with the plan."""
+    if not isinstance(suite, dict):
+        return [f"the top level must be a mapping of {sorted(SUITE_KEYS)}, got {type(suite).__name__}"]
+    problems = []
+    bad = set(suite) - SUITE_KEYS
+    if bad:
+        problems.append(f"unknown key(s) {sorted(bad)}; a suite has {sorted(SUITE_KEYS)}")
+    models = suite.get("models")
+    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+        problems.append(f"'models' must be a list of model specs, got {models!r}")
+    if _bad_count(suite.get("samples")):
+        problems.append(f"'samples' must be a whole number >= 1, got {suite.get('samples')!r}")
+    seed = suite.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        problems.append(f"'seed' must be a whole number >= 0, got {seed!r}")
+    cells = suite.get("cells")
+    if not isinstance(cells, list) or not cells:
+        problems.append(f"'cells' must be a non-empty list of {{task: ..., lengths: [...]}}, got {cells!r}")
+        return problems
+    for i, cell in enumerate(cells):
+        where = f"cells[{i}]"
+        if not isinstance(cell, dict) or not isinstance(cell.get("task"), str):
+            problems.append(f"{where} must be a mapping with a 'task' name, got {cell!r}")
+            continue
+        where += f" ({cell['task']})"
+        bad = set(cell) - CELL_KEYS
+        if bad:
+            problems.append(f"{where} has unknown key(s) {sorted(bad)}; a cell has {sorted(CELL_KEYS)}")
+        if _bad_count(cell.get("samples")):
+            problems.append(f"{where}: 'samples' must be a whole number >= 1, got {cell.get('samples')!r}")
+        lengths = cell.get("lengths")
+        if lengths is not None:
+            if not isinstance(lengths, list):
+                problems.append(f"{where}: 'lengths' must be a list (e.g. [1024, 4k]), got {lengths!r}")
+            else:
+                for x in lengths:
+                    try:
+                        parse_length(x)
+                    except ValueError as err:
+                        problems.append(f"{where}: {err}")
+        if not isinstance(cell.get("options") or {}, dict):
+            problems.append(f"{where}: 'options' must be a mapping, got {cell.get('options')!r}")
+    return problems
 
 
 def plan_from_suite(suite: dict, **overrides: Any) -> Plan:
@@ -145,6 +190,86 @@ def plan_from_suite(suite: dict, **overrides: Any) -> Plan:
         if value is not None:
             setattr(plan, key, value)
     return plan
+
+
+class PlanError(ValueError):
+    """Bad input in a plan (counts, lengths, models, device); the message lists every problem found."""
+
+
+def _bad_count(value: Any) -> bool:
+    return value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+
+
+def validate_plan(plan: Plan) -> None:
+    """Refuse a plan that cannot run as asked, before any model loads or anything is stored: counts and lengths
+    must be whole numbers >= 1, the seed a whole number >= 0, model specs and the tokenizer must name things that
+    exist, the device and dtype must be available here."""
+    from harness.registry import UnknownNameError, check_spec, resolve_device, resolve_dtype
+
+    problems = []
+    for what, value in (("--samples", plan.samples), ("--limit", plan.limit)):
+        if _bad_count(value):
+            problems.append(f"{what} must be a whole number >= 1, got {value!r}")
+    if isinstance(plan.seed, bool) or not isinstance(plan.seed, int) or plan.seed < 0:
+        problems.append(f"--seed must be a whole number >= 0 (numpy's seed sequences take no negatives), "
+                        f"got {plan.seed!r}")
+    if not plan.models:
+        problems.append("no models: pass --models SPEC ... (see `run_eval.py list models`)")
+    if not plan.cells:
+        problems.append("no cells: pass --tasks T ... or a suite with cells (see harness/suites/README.md)")
+    for cell in plan.cells:
+        if _bad_count(cell.samples):
+            problems.append(f"task {cell.task}: samples must be a whole number >= 1, got {cell.samples!r}")
+        bad = [x for x in cell.lengths or [None] if x is not None and _bad_count(x)]
+        if bad:
+            problems.append(f"task {cell.task}: lengths must be whole numbers >= 1, got {bad}")
+    for spec in plan.models:
+        try:
+            check_spec(spec, plan.tokenizer)
+        except (UnknownNameError, ValueError, FileNotFoundError) as err:
+            problems.append(str(err))
+    try:
+        resolve_dtype(plan.dtype, resolve_device(plan.device))
+    except (ValueError, RuntimeError) as err:
+        problems.append(f"--device {plan.device} --dtype {plan.dtype}: {err}")
+    if problems:
+        raise PlanError("; ".join(problems) if len(problems) == 1 else
+                        "the plan cannot run:\n  - " + "\n  - ".join(problems))
+
+
+def resolve_tasks(plan: Plan) -> dict[tuple[str, str], Any]:
+    """(task name, options JSON) -> EvalTask for every cell. Unknown names raise UnknownNameError (lm-eval names
+    are checked against lm-eval's registry); a known task that cannot run here (an lm-eval task without offline
+    data) becomes an UnavailableTask whose cells are recorded as failed."""
+    from harness.task_adapters import resolve_task
+
+    tasks: dict[tuple[str, str], Any] = {}
+    for task_name, _, _, options in plan.expand():
+        key = (task_name, json.dumps(options, sort_keys=True))
+        if key in tasks:
+            continue
+        if task_name.startswith("lm_eval:"):
+            check_lm_eval_name(task_name[len("lm_eval:"):], plan.offline)
+        try:
+            tasks[key] = resolve_task(task_name, options, offline=plan.offline)
+        except KeyError:
+            raise
+        except Exception as err:  # noqa: BLE001 - e.g. an lm-eval task without offline data: its cells fail
+            if not task_name.startswith(("lm_eval:", "ppl:")):     # bad options of our own tasks: bad input
+                raise PlanError(f"task {task_name}" + (f" with options {options}" if options else "")
+                                + f": {err}") from None
+            tasks[key] = UnavailableTask(task_name, f"{type(err).__name__}: {err}",
+                                         uses_length=not task_name.startswith("lm_eval:"))
+    return tasks
+
+
+def check_lm_eval_name(name: str, offline: bool) -> None:
+    try:
+        from harness.lm_eval_tasks import CATALOG
+        from harness.lm_eval_names import check_lm_eval_task
+    except ImportError:       # without lm-eval, resolve_task says what to install
+        return
+    check_lm_eval_task(name, offline=offline, catalog=tuple(CATALOG))
 
 
 # ------------------------------------------------------------------------------------------------ identity
@@ -177,6 +302,15 @@ def haystack_identity(samples: list[Sample]) -> list[list[str]]:
 
 def sample_sha(sample: Sample) -> str:
     return hashlib.sha256(dumps(sample.payload).encode()).hexdigest()[:16]
+
+
+def model_identity(model: Any) -> dict:
+    """The model's part of a cell's identity: source, dtype, and a BOS rule set by the spec (bos=...; the default,
+    the tokenizer's own rule, adds no key, so cells stored before the option existed keep their identity)."""
+    out = {"model_source": model.source, "dtype": str(model.dtype).replace("torch.", "")}
+    if getattr(model, "add_bos", None) is not None:
+        out["bos"] = bool(model.add_bos)
+    return out
 
 
 def task_config(task: Any) -> Any:
@@ -280,6 +414,7 @@ class CellSummary:
     skipped: int = 0
     ok: int = 0
     failed: int = 0
+    failed_before: int = 0              # failure rows stored by earlier runs and kept (--retry-failed retries them)
     status: str = "done"
     error: str | None = None
     seconds: float = 0.0
@@ -295,6 +430,26 @@ class RunSummary:
     @property
     def failed_cells(self) -> list[CellSummary]:
         return [c for c in self.cells if c.status == "failed" or c.failed]
+
+
+def merge_rank_cells(per_rank: list[list[CellSummary]]) -> list[CellSummary]:
+    """One CellSummary per cell from every rank's (ranks run the same plan in the same order): counts summed,
+    failed if any rank's share failed. What rank 0 prints under torchrun, so the totals cover every rank."""
+    merged = []
+    for shares in zip(*per_rank):
+        first = shares[0]
+        cell = CellSummary(first.model, first.task, first.length, status=first.status, error=first.error,
+                           seconds=max(c.seconds for c in shares))
+        for c in shares:
+            cell.planned += c.planned
+            cell.skipped += c.skipped
+            cell.ok += c.ok
+            cell.failed += c.failed
+            cell.failed_before += c.failed_before
+            if c.status == "failed" and cell.status != "failed":
+                cell.status, cell.error = "failed", c.error
+        merged.append(cell)
+    return merged
 
 
 class Progress:
@@ -369,6 +524,7 @@ class SweepRunner:
         self.argv = argv
         self.run_id = ""
         self.tokenizer_hash = ""
+        self.cell_identity: str | None = None     # identity_sha of the cell being evaluated (checked per row)
 
     def _say(self, msg: str) -> None:
         if self.dist.is_main:
@@ -376,34 +532,49 @@ class SweepRunner:
 
     # -------------------------------------------------------------------------------------------- top level
     def run(self) -> RunSummary:
-        from harness.task_adapters import resolve_task
-
         start = time.time()
-        self.run_id = self.dist.broadcast(time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
-        summary = RunSummary(run_id=self.run_id, output=str(self.store.folder))
-        self.store.start_run(self.run_id, self.dist.rank, self.dist.world_size, run_metadata(self.plan, self.argv))
+        validate_plan(self.plan)                  # bad input is refused before anything is loaded or stored
         cells = self.plan.expand()
-        tasks: dict[tuple[str, str], Any] = {}
-        for task_name, _, _, options in cells:      # fail fast on unknown task names, before loading anything
-            key = (task_name, json.dumps(options, sort_keys=True))
-            if key not in tasks:
-                try:
-                    tasks[key] = resolve_task(task_name, options, offline=self.plan.offline)
-                except KeyError:
-                    raise
-                except Exception as err:  # noqa: BLE001 - e.g. an lm-eval task without offline data: its cells fail
-                    tasks[key] = UnavailableTask(task_name, f"{type(err).__name__}: {err}",
-                                                 uses_length=not task_name.startswith("lm_eval:"))
+        tasks = resolve_tasks(self.plan)
+        lock = self._lock()
         status = "failed"
         try:
-            for spec in self.plan.models:
-                summary.cells.extend(self._run_model(spec, cells, tasks))
-            status = "done"
+            self.run_id = self.dist.broadcast(time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+            summary = RunSummary(run_id=self.run_id, output=str(self.store.folder))
+            self.store.start_run(self.run_id, self.dist.rank, self.dist.world_size,
+                                 run_metadata(self.plan, self.argv))
+            try:
+                for spec in self.plan.models:
+                    summary.cells.extend(self._run_model(spec, cells, tasks))
+                status = "done"
+            finally:
+                summary.seconds = time.time() - start
+                self.store.finish_run(self.run_id, self.dist.rank, status if status == "done" else "interrupted",
+                                      {"cells": [asdict(c) for c in summary.cells], "seconds": summary.seconds})
+            self.dist.barrier()                   # the lock covers every rank's writes
         finally:
-            summary.seconds = time.time() - start
-            self.store.finish_run(self.run_id, self.dist.rank, status if status == "done" else "interrupted",
-                                  {"cells": [asdict(c) for c in summary.cells], "seconds": summary.seconds})
+            if lock is not None:
+                lock.release()
         return summary
+
+    def _lock(self) -> RunLock | None:
+        """Rank 0 takes the output folder's lock (FolderBusyError on every rank when another run holds it) and marks
+        runs left 'running' by killed processes as 'killed'."""
+        lock, error = None, None
+        if self.dist.is_main:
+            lock = RunLock(self.store.folder)
+            try:
+                lock.acquire(sys.argv)             # the command line of the process that holds it
+                stale = self.store.mark_stale_runs()
+                if stale:
+                    self._say(f"{stale} run row(s) of {self.store.path} were left 'running' by a killed process; "
+                              "marked 'killed' (their stored samples are kept)")
+            except FolderBusyError as err:
+                lock, error = None, str(err)
+        error = self.dist.broadcast(error)
+        if error:
+            raise FolderBusyError(error)
+        return lock
 
     def _load(self, spec: str):
         if self.loader is not None:
@@ -411,7 +582,7 @@ class SweepRunner:
         from harness.registry import load_model
 
         return load_model(spec, device=self.dist.device(self.plan.device), dtype=self.plan.dtype,
-                          allow_longer_context=self.plan.allow_longer_context)
+                          tokenizer=self.plan.tokenizer, allow_longer_context=self.plan.allow_longer_context)
 
     def _cell_key(self, task: Any, length: int | None) -> int:
         return length if (getattr(task, "uses_length", True) and length is not None) else NO_LENGTH
@@ -445,23 +616,29 @@ class SweepRunner:
             out = []
             for task_name, length, n, options in cells:
                 task = tasks[(task_name, json.dumps(options, sort_keys=True))]
-                out.append(CellSummary(known_name, task.name, length, planned=n or 0, skipped=n or 0))
+                key = self._cell_key(task, length)
+                stored = self.store.stored_samples(known_name, task.name, key)
+                if is_whole_cell(task):
+                    owned = list(stored) if self.dist.is_main else []
+                    planned = list(stored)
+                else:
+                    planned = list(range(DEFAULT_SAMPLES if n is None else n))
+                    owned = [i for i in planned if self.dist.owns(i)]
+                cell = CellSummary(known_name, task.name, length, planned=len(owned), skipped=len(owned),
+                                   failed_before=sum(stored[i][0] == "error" for i in owned))
+                self._settle_complete_cell(cell, key, stored, planned)
+                out.append(cell)
             return out
         self._say(f"[{spec}] loading (device {self.dist.device(self.plan.device)}, dtype {self.plan.dtype})")
         try:
             model = self._load(spec)
         except Exception as err:  # noqa: BLE001 - a model that cannot load fails its cells, not the sweep
+            # Nothing is stored: its cells keep what they hold (a complete cell stays complete) and a spec that
+            # never loaded leaves no row in the reports; the run's summary and exit status say it failed.
             message = f"model {spec!r} failed to load: {type(err).__name__}: {err}"
             self._say(f"FAILED {message}")
-            out = []
-            for task_name, length, n, options in cells:
-                task = tasks[(task_name, json.dumps(options, sort_keys=True))]
-                if self.dist.is_main:
-                    self.store.set_cell_status(known_name or spec, task.name, self._cell_key(task, length), "failed",
-                                               message, self.run_id)
-                out.append(CellSummary(known_name or spec, task.name, length, planned=n or 0, status="failed",
-                                       error=message))
-            return out
+            return [CellSummary(known_name or spec, tasks[(t, json.dumps(o, sort_keys=True))].name, length,
+                                planned=n or 0, status="failed", error=message) for t, length, n, o in cells]
         model.check_finite = True
         _threads_for(model)
         self._say(f"[{spec}] {model.name}: {model.family}, {model.backend} on {model.device}, "
@@ -505,9 +682,10 @@ class SweepRunner:
             return cell
         identity = {"task": task.name, "task_config": task_config(task), "seed": self.plan.seed,
                     "tokenizer_sha": self.tokenizer_hash, "haystack": haystack_identity(samples),
-                    "model_source": model.source, "dtype": str(model.dtype).replace("torch.", "")}
+                    **model_identity(model)}
         identity_sha = hashlib.sha256(dumps(identity).encode()).hexdigest()[:16]
         self.store.begin_cell(model.name, task.name, key, identity, identity_sha, len(samples), self.run_id)
+        self.cell_identity = identity_sha
         mine = [s for s in samples if self.dist.owns(s.index)]
         if self.plan.retry_failed:   # only this rank's rows: another rank may have stored its retries already
             self.store.delete_failed(model.name, task.name, key, [s.index for s in mine])
@@ -521,8 +699,10 @@ class SweepRunner:
                 "Use a new --output folder.")
         todo = [s for s in mine if s.index not in stored]
         cell.planned, cell.skipped = len(mine), len(mine) - len(todo)
+        cell.failed_before = sum(stored[s.index][0] == "error" for s in mine if s.index in stored)
         if not todo:
-            self._finish_cell(cell, key, t0)
+            self._settle_complete_cell(cell, key, stored, [s.index for s in samples])
+            cell.seconds = time.time() - t0
             return cell
         bar = Progress(self.progress, total=len(mine), initial=cell.skipped, desc=label)
         try:
@@ -531,6 +711,19 @@ class SweepRunner:
             bar.close()
         self._finish_cell(cell, key, t0)
         return cell
+
+    def _settle_complete_cell(self, cell: CellSummary, key: int, stored: dict, planned: list[int]) -> None:
+        """A cell with a row for every planned sample is done, or failed when every row is a failure (nothing
+        scored); its stored status is corrected either way (a label left by an earlier run does not stick)."""
+        if planned and all(i in stored and stored[i][0] == "error" for i in planned):
+            first = (self.store.first_error(cell.model, cell.task, key) or "").strip().splitlines()
+            cell.status = "failed"
+            cell.error = (f"all {len(planned)} samples failed (stored by earlier runs; --retry-failed retries them)"
+                          + (f". First: {first[0]}" if first else ""))
+        if self.dist.is_main:
+            row = self.store.cell(cell.model, cell.task, key)
+            if row is not None and (row["status"], row["error"]) != (cell.status, cell.error):
+                self.store.set_cell_status(cell.model, cell.task, key, cell.status, cell.error, self.run_id)
 
     def _finish_cell(self, cell: CellSummary, key: int, t0: float) -> None:
         cell.seconds = time.time() - t0
@@ -556,7 +749,7 @@ class SweepRunner:
             problem = _nonfinite(result)
             if problem:
                 result, kind, error = None, "nonfinite", problem
-        self.store.add_sample(self._row(model, task, key, sample, result, kind, error, elapsed))
+        self.store.add_sample(self._row(model, task, key, sample, result, kind, error, elapsed), self.cell_identity)
         if result is None:
             cell.failed += 1
         else:
@@ -573,7 +766,8 @@ class SweepRunner:
             streak, last_error = (0, None) if ok else (streak + 1, error)
             if streak >= MAX_CONSECUTIVE_FAILURES:
                 cell.status = "failed"
-                cell.error = (f"{streak} failures in a row; rest of the cell abandoned (rerun retries it). "
+                cell.error = (f"{streak} failures in a row; rest of the cell abandoned. A rerun continues it; "
+                              "add --retry-failed to retry the failed samples too. "
                               f"Last: {(last_error or '').splitlines()[0]}")
                 return
 
@@ -591,10 +785,10 @@ class SweepRunner:
             cell.planned = cell.skipped
             return cell
         identity = {"task": task.name, "task_config": task_config_whole(task), "seed": self.plan.seed,
-                    "tokenizer_sha": self.tokenizer_hash, "haystack": [],
-                    "model_source": model.source, "dtype": str(model.dtype).replace("torch.", "")}
+                    "tokenizer_sha": self.tokenizer_hash, "haystack": [], **model_identity(model)}
         identity_sha = hashlib.sha256(dumps(identity).encode()).hexdigest()[:16]
         self.store.begin_cell(model.name, task.name, key, identity, identity_sha, n, self.run_id)
+        self.cell_identity = identity_sha
         self._say(f"{label}: evaluating the whole cell at once ({'all' if n is None else n} samples; "
                   "the engine shows its own progress)")
         result, kind, error = evaluate_with_retries(

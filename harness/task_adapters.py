@@ -51,8 +51,8 @@ class RulerEvalTask:
         record = sample.payload
         prompt = record["input"] + record["answer_prefix"]
         # As RULER's HF wrapper: the prompt gets the tokenizer's default special tokens (BOS for Llama-style
-        # tokenizers, none for GPT-NeoX); the length window is counted without them, as RULER counts it.
-        prompt_ids = model.encode(prompt, add_special_tokens=True)
+        # tokenizers, none for GPT-NeoX; a spec's bos= overrides); the length window is counted without them.
+        prompt_ids = model.encode_input(prompt)
         eos = model.tokenizer.eos_token_id
         generated = model.generate_ids(prompt_ids, record["max_new_tokens"],
                                        stop_ids=[eos] if eos is not None else [])
@@ -77,6 +77,8 @@ class MqarEvalTask:
         if unknown:
             raise ValueError(f"task {getattr(mqar_task, 'name', 'mqar')!r}: unknown option(s) {unknown}; "
                              f"known: {list(self.OPTIONS)}")
+        if hasattr(mqar_task, "check_options"):
+            mqar_task.check_options(**options)
         self.mqar = mqar_task
         self.name = getattr(mqar_task, "name", "mqar")
         self.options = options
@@ -116,6 +118,7 @@ def _greedy_next_tokens(model: EvalModel, ids: list[int]) -> list[int]:
     One pass in segments of model.segment tokens with the recurrent state carried."""
     import torch
 
+    model.check_length(len(ids) - 1)                   # the last token is never fed, as in token_logprobs
     tokens = torch.tensor(ids, dtype=torch.long, device=model.device)[None]
     cache, preds = None, []
     with torch.no_grad():

@@ -99,10 +99,20 @@ def read_text_file(path: str | Path) -> str:
                                 "'text' field (e.g. RULER's PaulGrahamEssays.json)")
     raw = p.read_bytes()
     if p.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    text = raw.decode("utf-8")
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"haystack file {str(p)!r} is not a readable .gz file ({err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"haystack file {str(p)!r} is not UTF-8 text (byte {err.start}: {err.reason}); pass a "
+                         ".txt, .txt.gz or JSON file of UTF-8 text") from None
     if p.suffix == ".json" or p.name.endswith(".json.gz"):
-        obj = json.loads(text)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"haystack file {str(p)!r} is not valid JSON ({err})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f"{str(p)!r}: a JSON haystack must be an object with a string field 'text'")
         text = obj["text"]

@@ -154,6 +154,16 @@ class MQARTask:
         return {"num_kv_pairs": self.num_kv_pairs, "power_a": self.power_a,
                 "random_non_queries": self.random_non_queries}
 
+    @staticmethod
+    def check_options(num_kv_pairs: int | None = None, power_a: float | None = None) -> None:
+        """ValueError naming a bad option value, before any sample is built (suite cells' options)."""
+        if num_kv_pairs is not None and (isinstance(num_kv_pairs, bool) or not isinstance(num_kv_pairs, int)
+                                         or num_kv_pairs < 1):
+            raise ValueError(f"mqar option num_kv_pairs must be a whole number >= 1, got {num_kv_pairs!r}")
+        if power_a is not None and (isinstance(power_a, bool) or not isinstance(power_a, (int, float))
+                                    or not power_a > 0):
+            raise ValueError(f"mqar option power_a must be a number > 0, got {power_a!r}")
+
     def build_samples(self, vocab_size: int, length: int, num_samples: int, seed: int = 0,
                       num_kv_pairs: int | None = None, power_a: float | None = None) -> list[MQARSample]:
         """``length`` is the sequence length T. ``num_kv_pairs`` defaults to the task's (8). Sample i is drawn

@@ -61,8 +61,11 @@ def test_failing_cells_and_models_do_not_stop_the_sweep(tmp_path, tiny):
     cells = [CellPlan(f"{SUPPORT}:FailingTask", [16]), CellPlan(f"{SUPPORT}:BrokenSamplesTask", [16]),
              CellPlan("niah_single_1", [64]),                 # too short for the task: LengthTargetError
              CellPlan(f"{SUPPORT}:FlakyTask", [16]), CellPlan(f"{SUPPORT}:CountTask", [16])]
-    summary = run(tmp_path, cells, samples=6, models=("gdn2=/nonexistent/checkpoint", "gdn2-tiny-random"),
-                  tiny=tiny)
+    broken = tmp_path / "broken"                              # a checkpoint folder without weights
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "gdn2"}')
+    out = tmp_path / "out"
+    summary = run(out, cells, samples=6, models=(f"gdn2={broken}", "gdn2-tiny-random"), tiny=tiny)
     by = {(c.model, c.task): c for c in summary.cells}
     assert all(c.status == "failed" and "failed to load" in c.error for c in summary.cells[:5])
     assert by[("gdn2-tiny-random", "failing")].status == "failed"
@@ -73,15 +76,15 @@ def test_failing_cells_and_models_do_not_stop_the_sweep(tmp_path, tiny):
     flaky = by[("gdn2-tiny-random", "flaky")]
     assert (flaky.status, flaky.ok, flaky.failed) == ("done", 3, 3)
     assert by[("gdn2-tiny-random", "count")].ok == 6
-    failed = rows(tmp_path, "status = 'error'")
+    failed = rows(out, "status = 'error'")
     assert {r["task"] for r in failed} == {"failing", "flaky"}
     assert all(r["error_kind"] == "exception" and r["score"] is None for r in failed)
-    conn = sqlite3.connect(tmp_path / "results.sqlite")
+    conn = sqlite3.connect(out / "results.sqlite")
     cell_status = dict(((m, t), s) for m, t, s in conn.execute("SELECT model, task, status FROM cells"))
-    assert cell_status[("gdn2=/nonexistent/checkpoint", "count")] == "failed"
+    assert {m for m, _ in cell_status} == {"gdn2-tiny-random"}    # the model that never loaded stores nothing
     assert cell_status[("gdn2-tiny-random", "count")] == "done"
     # --retry-failed retries failure rows (and only those)
-    again = run(tmp_path, [CellPlan(f"{SUPPORT}:FlakyTask", [16])], samples=6, tiny=tiny, retry_failed=True)
+    again = run(out, [CellPlan(f"{SUPPORT}:FlakyTask", [16])], samples=6, tiny=tiny, retry_failed=True)
     assert (again.cells[0].ok, again.cells[0].failed, again.cells[0].skipped) == (0, 3, 3)
 
 
