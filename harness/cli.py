@@ -207,7 +207,7 @@ def make_plan(args: argparse.Namespace):
                            limit=None if fraction else args.limit,
                            lengths=None if args.tasks else args.lengths, device=args.device, dtype=args.dtype,
                            batch_size=args.batch_size, retry_failed=args.retry_failed,
-                           allow_longer_context=args.allow_longer_context, offline=not args.online,
+                           allow_longer_context=args.allow_longer_context or None, offline=not args.online,
                            tokenizer=args.tokenizer, paper_rows=_parse_paper_rows(args.paper_row))
     plan.name = name
     if fraction:

@@ -92,7 +92,7 @@ class Plan:
         return asdict(self)
 
 
-SUITE_KEYS = {"description", "models", "samples", "seed", "report", "cells"}
+SUITE_KEYS = {"description", "models", "samples", "seed", "report", "cells", "allow_longer_context"}
 CELL_KEYS = {"task", "lengths", "samples", "options"}
 
 
@@ -166,6 +166,8 @@ def suite_problems(suite: Any) -> list[str]:
                         problems.append(f"{where}: {err}")
         if not isinstance(cell.get("options") or {}, dict):
             problems.append(f"{where}: 'options' must be a mapping, got {cell.get('options')!r}")
+    if not isinstance(suite.get("allow_longer_context", False), bool):
+        problems.append(f"'allow_longer_context' must be true or false, got {suite['allow_longer_context']!r}")
     return problems
 
 
@@ -177,7 +179,8 @@ def plan_from_suite(suite: dict, **overrides: Any) -> Plan:
         cells.append(CellPlan(task=cell["task"], lengths=lengths, samples=cell.get("samples"),
                               options=dict(cell.get("options") or {})))
     plan = Plan(models=list(suite.get("models") or []), cells=cells, samples=suite.get("samples"),
-                seed=int(suite.get("seed", 0)), name=suite.get("name", "custom"))
+                seed=int(suite.get("seed", 0)), name=suite.get("name", "custom"),
+                allow_longer_context=bool(suite.get("allow_longer_context", False)))
     lengths = overrides.pop("lengths", None)
     if lengths:
         for cell in plan.cells:
