@@ -6,7 +6,7 @@
     python run_eval.py report runs/t3                    # tables (md, tex, csv), plots, exports
     python run_eval.py list models|tasks|suites
     python run_eval.py generate --task niah_single_1 --length 2k --samples 5 --tokenizer offline:bpe
-    python run_eval.py bench kernels|ruler [-- args for the benchmark script]
+    python run_eval.py bench kernels|ruler|models [-- args for the benchmark script]
     python run_eval.py doctor
     torchrun --nproc-per-node 4 run_eval.py run ...      # samples of every cell sharded across the ranks
 """
@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = {"kernels": "benchmarks/bench_kernels.py", "ruler": "benchmarks/bench_ruler_generate.py"}
+BENCHMARKS = {"kernels": "benchmarks/bench_kernels.py", "ruler": "benchmarks/bench_ruler_generate.py",
+              "models": "benchmarks/bench_models.py"}
 DEFAULT_OUTPUT = Path("runs") / "default"
 
 EPILOG = """\
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     hw.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     hw.add_argument("--batch-size", type=int, default=1,
-                    help="recorded; recurrent models run batch 1 (padding would leak into the state)")
+                    help="samples evaluated together (each prompt prefilled alone, then decoded or scored in "
+                         "batches; no padding enters a recurrent state); results equal batch 1's")
     hw.add_argument("--online", action="store_true",
                     help="lm-eval tasks: use lm-eval's own datasets from the HF hub instead of the offline copies")
     hw.add_argument("--allow-longer-context", action="store_true",
@@ -190,6 +192,8 @@ def make_plan(args: argparse.Namespace):
         set_essay_haystack(plan, args.haystack_file)
     if not plan.models:
         raise SystemExit("error: no models: pass --models SPEC ... (see `run_eval.py list models`)")
+    if plan.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be a positive integer; got {plan.batch_size}")
     return plan
 
 

@@ -463,6 +463,7 @@ class SweepRunner:
                                        error=message))
             return out
         model.check_finite = True
+        model.batch_size = self.plan.batch_size
         _threads_for(model)
         self._say(f"[{spec}] {model.name}: {model.family}, {model.backend} on {model.device}, "
                   f"{str(model.dtype).replace('torch.', '')}")
@@ -564,7 +565,10 @@ class SweepRunner:
         bar.update(_tokens_of(result, sample), cell.failed)
         return result is not None
 
-    def _evaluate_each(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress) -> None:
+    def _evaluate_each(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress,
+                       batched: bool = True) -> None:
+        if batched and self.plan.batch_size > 1 and callable(getattr(task, "evaluate_batch", None)):
+            return self._evaluate_batches(model, task, todo, key, cell, bar)
         streak, last_error = 0, None
         for sample in todo:
             t = time.time()
@@ -575,6 +579,22 @@ class SweepRunner:
                 cell.status = "failed"
                 cell.error = (f"{streak} failures in a row; rest of the cell abandoned (rerun retries it). "
                               f"Last: {(last_error or '').splitlines()[0]}")
+                return
+
+    def _evaluate_batches(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress) -> None:
+        """batch_size samples per task.evaluate_batch call, each stored as its own row; a batch that fails is run
+        again one sample at a time, so each failure row is its own sample's."""
+        for i in range(0, len(todo), self.plan.batch_size):
+            batch = todo[i:i + self.plan.batch_size]
+            t = time.time()
+            results, _, _ = evaluate_with_retries(lambda: task.evaluate_batch(model, batch), model)
+            if results is None:
+                self._evaluate_each(model, task, batch, key, cell, bar, batched=False)
+            else:
+                for sample, result in zip(batch, results):
+                    self._commit(model, task, key, sample, result, None, None, (time.time() - t) / len(batch), cell,
+                                 bar)
+            if cell.status == "failed":
                 return
 
     def _run_whole_cell(self, model, task, n: int | None, cell: CellSummary, label: str, t0: float) -> CellSummary:
