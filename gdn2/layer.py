@@ -157,11 +157,15 @@ class GatedDeltaNet2(nn.Module):
         self.dt_bias.copy_(inverse_softplus_dt(self.dt_bias.numel()))
 
     def forward(
-        self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False
+        self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, GDN2LayerState | None]:
-        """hidden_states [B, T, d]; state: the carried state (None at the start of a sequence).
+        """hidden_states [B, T, d]; state: the carried state (None at the start of a sequence); token_mask [B, T]
+        (1 = token, 0 = left padding; None: all tokens): padding leaves the state and the conv inputs as they were.
         Returns y [B, T, d] and the state after the last token (when use_cache, else None)."""
         B, T, _ = hidden_states.shape
+        if token_mask is not None:     # zero inputs: q = k = v = 0 there and the short convs carry zeros
+            hidden_states = hidden_states * token_mask[..., None].to(hidden_states.dtype)
         q, k, v, conv_states = short_conv_qkv(self, hidden_states, state)
         g = -self.A_log.float().exp().repeat_interleave(self.head_k_dim) * F.softplus(
             self.f_proj(hidden_states).float() + self.dt_bias
@@ -174,6 +178,8 @@ class GatedDeltaNet2(nn.Module):
         q, k, g, b = (x.reshape(B, T, self.num_heads, self.head_k_dim) for x in (q, k, g, b))
         v, w = (x.reshape(B, T, self.num_v_heads, self.head_v_dim) for x in (v, w))
         previous = state.recurrent_state if state is not None else None
+        if token_mask is not None:     # no decay at padding; with k = 0 the delta update is zero, so S passes unchanged
+            g = g * token_mask[:, :, None, None].to(g.dtype)
         if previous is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
             recurrent = previous if use_cache else previous.clone()
             o, recurrent = recurrent_step_gdn2(q, k, v, g, b, w, recurrent, use_qk_l2norm_in_kernel=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from gdn2.cache import RecurrentCache, check_forward_args, run_layers
+from gdn2.cache import RecurrentCache, check_forward_args, left_padding_mask, run_layers
 from gdn2.configuration import GDN2Config
 from gdn2.layer import GatedDeltaNet2, GDN2LayerState
 
@@ -69,8 +69,8 @@ class GDN2Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, state: GDN2LayerState | None, use_cache: bool):
-        mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache)
+    def forward(self, x, state: GDN2LayerState | None, use_cache: bool, token_mask: torch.Tensor | None = None):
+        mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, token_mask=token_mask)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
         return x, new_state
@@ -122,14 +122,18 @@ class GDN2Model(GDN2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """input_ids [B, T] (or inputs_embeds [B, T, d]). attention_mask, if given, must be all ones: padding is
-        not supported because padded tokens would flow into the recurrent state."""
-        check_forward_args(attention_mask, kwargs)
+        """input_ids [B, T] (or inputs_embeds [B, T, d]). attention_mask [B, seen + T] may mark left padding
+        (0s before a row's tokens; what generate() gets from a tokenizer with padding_side='left'): padded positions
+        leave every recurrent state and conv input unchanged, so each row computes what it computes alone. Right
+        padding is refused (it would sit between a prompt and its continuation)."""
+        check_forward_args(None, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        x, past_key_values = run_layers(self.layers, x, past_key_values, use_cache)
+        token_mask = left_padding_mask(attention_mask, x.shape[1])
+        x, past_key_values = run_layers(self.layers, x, past_key_values, use_cache,
+                                        **({"token_mask": token_mask} if token_mask is not None else {}))
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
 
 
@@ -190,11 +194,12 @@ class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
-        """Feed only the tokens the cache has not seen yet."""
+        """Feed only the tokens the cache has not seen yet (the attention mask goes along: left padding is skipped
+        exactly, right padding refused)."""
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             input_ids = input_ids[:, past_key_values.get_seq_length():]
             inputs_embeds = None
-        inputs = {"past_key_values": past_key_values, "use_cache": use_cache}
+        inputs = {"past_key_values": past_key_values, "use_cache": use_cache, "attention_mask": attention_mask}
         if inputs_embeds is not None:
             inputs["inputs_embeds"] = inputs_embeds
         else:
