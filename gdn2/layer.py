@@ -15,6 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils.checkpoint import checkpoint
+
+from gdn2.fused import gated_rms_norm
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
 
 # Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
@@ -63,15 +66,29 @@ class ShortConvolution(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, D], cache [B, D, W-1] (the previous inputs; zeros when None) -> (y [B, T, D], new cache)."""
+        """x [B, T, D], cache [B, D, W-1] (the previous inputs; zeros when None) -> (y [B, T, D], new cache).
+        With autograd the conv is recomputed in the backward pass, so only x is kept (not its padded copy and
+        the pre-activation)."""
         B, T, D = x.shape
-        xt = x.transpose(1, 2)
         if cache is None:
-            cache = xt.new_zeros(B, D, self.kernel_size - 1)
-        padded = torch.cat([cache.to(xt.dtype), xt], dim=-1)                 # [B, D, W-1+T]
-        y = F.conv1d(padded, self.weight.to(xt.dtype), self.bias, groups=D)  # [B, D, T]
-        new_cache = padded[..., padded.shape[-1] - (self.kernel_size - 1):]
-        return F.silu(y.transpose(1, 2)), new_cache
+            cache = x.new_zeros(B, D, self.kernel_size - 1)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            y = checkpoint(causal_conv_silu, x, cache, self.weight, self.bias, use_reentrant=False)
+        else:
+            y = causal_conv_silu(x, cache, self.weight, self.bias)
+        if T >= self.kernel_size - 1:
+            new_cache = x[:, T - (self.kernel_size - 1):].transpose(1, 2)
+        else:
+            new_cache = torch.cat([cache.to(x.dtype), x.transpose(1, 2)], dim=-1)[..., T:]
+        return y, new_cache
+
+
+def causal_conv_silu(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """SiLU(depthwise causal conv) of x [B, T, D] continuing the inputs cache [B, D, W-1]; weight [D, 1, W]."""
+    xt = x.transpose(1, 2)
+    padded = torch.cat([cache.to(xt.dtype), xt], dim=-1)                           # [B, D, W-1+T]
+    y = F.conv1d(padded, weight.to(xt.dtype), bias, groups=x.shape[-1])            # [B, D, T]
+    return F.silu(y.transpose(1, 2))
 
 
 class GatedRMSNorm(nn.Module):
@@ -84,10 +101,7 @@ class GatedRMSNorm(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        act = F.silu if self.activation == "silu" else torch.sigmoid
-        return (y * act(gate.float())).to(x.dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps, self.activation)
 
 
 class GatedDeltaNet2(nn.Module):

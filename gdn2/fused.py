@@ -1,0 +1,182 @@
+"""Memory-lean autograd pieces of the model's training path (plain PyTorch; same values as the unfused ops).
+
+- linear_cross_entropy(hidden [N, d], weight [V, d], labels [N])  mean cross-entropy of hidden @ weight^T without
+  ever holding the [N, V] logits: tokens run in chunks, and each chunk's gradients (wrt hidden and weight) are
+  formed in the forward pass (the loss is the graph's end), so the backward only scales them.
+- rms_norm(x, weight, eps)                  y = x / rms(x) * weight (fp32 math, float64 for float64 inputs; x's dtype
+                                            out); saves x and 1/rms
+- gated_rms_norm(x, gate, weight, eps, activation)   rms_norm(x) * act(gate); saves x, gate and 1/rms
+- silu_mul(gate, up)                         silu(gate) * up; saves gate and up
+
+The norms and silu_mul recompute their fp32 intermediates in the backward pass instead of keeping them: autograd
+of the plain expressions keeps two to four fp32 copies of every activation they touch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Tokens per chunk of linear_cross_entropy: 2048 x 32000 fp32 logits are 262 MB, plus their softmax in place.
+CE_CHUNK_TOKENS = 2048
+
+
+# ------------------------------------------------------------------------------------------ cross-entropy
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean over non-ignored tokens of -log softmax(hidden @ weight^T)[label]; see linear_cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens):
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else hidden.dtype                                     # what an autocast linear would compute in
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        valid = labels != ignore_index
+        count = int(valid.sum())
+        total = hidden.new_zeros((), dtype=acc)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h = hidden[start:start + chunk_tokens].to(dtype)
+            target, keep = labels[start:start + chunk_tokens], valid[start:start + chunk_tokens]
+            logits = (h @ w.t()).to(acc)                                          # [n, V]
+            lse = logits.logsumexp(-1)
+            picked = logits.gather(-1, target.clamp(min=0)[:, None])[:, 0]
+            total += ((lse - picked) * keep).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d loss / d logits = (softmax - onehot(target)) / count, zero on ignored rows
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad.scatter_add_(-1, target.clamp(min=0)[:, None], -torch.ones_like(lse)[:, None])
+            grad.mul_(keep.to(acc)[:, None] / max(count, 1))
+            grad = grad.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_tokens] = (grad @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).to(acc)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / max(count, 1)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        dh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
+        dw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         chunk_tokens: int = CE_CHUNK_TOKENS) -> torch.Tensor:
+    """F.cross_entropy(hidden @ weight^T, labels, ignore_index) (mean over the tokens not ignored) in chunks of
+    chunk_tokens tokens. hidden [N, d], weight [V, d], labels [N] long. Under autocast the products run in the
+    autocast dtype, as an autocast nn.Linear would; the softmax is fp32 and the weight's gradient is summed over the
+    chunks in fp32. With every label ignored the loss is 0 (F.cross_entropy gives NaN)."""
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be [N, d] and labels [N]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    return LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_tokens)
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal LM loss of hidden [B, T, d] (position t predicts labels[:, t + 1]; -100 ignored), as
+    F.cross_entropy(lm_head(hidden)[:, :-1], labels[:, 1:]) but through linear_cross_entropy (no logits)."""
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1))
+
+
+# ------------------------------------------------------------------------------------------ norms
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in its compute precision: fp32, or float64 for float64 inputs."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_hat * weight in fp32, 1/rms fp32 [..., 1])."""
+    xf = _wide(x)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf * rstd * _wide(weight), rstd
+
+
+def _rms_backward(x, weight, rstd, grad_y) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx fp32, dweight fp32) of y = x * rstd * weight given dy (fp32)."""
+    x_hat = _wide(x) * rstd
+    dweight = (grad_y * x_hat).reshape(-1, x.shape[-1]).sum(0)
+    dx_hat = grad_y * _wide(weight)
+    dx = rstd * (dx_hat - x_hat * (dx_hat * x_hat).mean(-1, keepdim=True))
+    return dx, dweight
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rms_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = _rms_backward(x, weight, rstd, _wide(grad_y))
+        return dx.to(x.dtype), dweight.to(weight.dtype), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last axis, fp32 math, x's dtype out. Saves x and 1/rms only."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def _activation(name: str):
+    """(act, d act / d z as a function of z) for 'silu' or 'sigmoid'."""
+    if name == "silu":
+        return F.silu, lambda z: torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z)))
+    if name == "sigmoid":
+        return torch.sigmoid, lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z))
+    raise ValueError(f"activation must be 'silu' or 'sigmoid'; got {name!r}")
+
+
+class GatedRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps, activation):
+        act, _ = _activation(activation)
+        y, rstd = _rms_forward(x, weight, eps)
+        ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.activation = activation
+        return (y * act(_wide(gate))).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate, weight, rstd = ctx.saved_tensors
+        act, act_grad = _activation(ctx.activation)
+        gf, grad_out = _wide(gate), _wide(grad_out)
+        y = _wide(x) * rstd * _wide(weight)
+        dgate = grad_out * y * act_grad(gf)
+        dx, dweight = _rms_backward(x, weight, rstd, grad_out * act(gf))
+        return dx.to(x.dtype), dgate.to(gate.dtype), dweight.to(weight.dtype), None, None
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                   activation: str = "silu") -> torch.Tensor:
+    """rms_norm(x) * act(gate), fp32 math, x's dtype out; act 'silu' or 'sigmoid'. Saves x, gate and 1/rms."""
+    return GatedRMSNormFunction.apply(x, gate, weight, eps, activation)
+
+
+# ------------------------------------------------------------------------------------------ SwiGLU
+class SiluMulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        gf = _wide(gate)
+        sig = torch.sigmoid(gf)
+        grad_out = _wide(grad_out)
+        dgate = grad_out * _wide(up) * sig * (1 + gf * (1 - sig))
+        dup = grad_out * gf * sig
+        return dgate.to(gate.dtype), dup.to(up.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (the SwiGLU product), computed as F.silu(gate) * up; saves gate and up only."""
+    return SiluMulFunction.apply(gate, up)

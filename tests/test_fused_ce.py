@@ -1,0 +1,160 @@
+"""The training path's memory-lean pieces (gdn2/fused.py) against the plain PyTorch expressions they replace, in
+float64: chunked linear cross-entropy (loss and both gradients, ignored labels, chunk edges, autocast), RMSNorm,
+gated RMSNorm, SwiGLU product, the recomputed short convolution; and the whole GDN-2 model's loss and every
+parameter gradient with the fused loss and with block checkpointing against the plain forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gdn2 import GDN2ForCausalLM, named_config
+from gdn2.fused import gated_rms_norm, linear_cross_entropy, rms_norm, silu_mul
+from gdn2.layer import ShortConvolution, causal_conv_silu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def grads_of(fn, *tensors):
+    """(fn(*leaves), gradients of sum(fn * fixed random weights) wrt every leaf)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    weights = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
+    (out * weights).sum().backward()
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def assert_same(a, b, tol=1e-12):
+    out_a, grads_a = a
+    out_b, grads_b = b
+    torch.testing.assert_close(out_a, out_b, rtol=tol, atol=tol)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------ cross-entropy
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, dtype=torch.float64, generator=g)
+    weight = torch.randn(37, 16, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 37, (50,), generator=g)
+    labels[[0, 3, 4, 49]] = -100
+    fused = grads_of(lambda h, w: linear_cross_entropy(h, w, labels, chunk_tokens=chunk), hidden, weight)
+    plain = grads_of(lambda h, w: F.cross_entropy(h @ w.t(), labels, ignore_index=-100), hidden, weight)
+    assert_same(fused, plain)
+
+
+def test_linear_cross_entropy_with_every_label_ignored_is_zero_with_zero_gradients():
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((5,), -100))
+    loss.backward()
+    assert loss.item() == 0 and not hidden.grad.any() and not weight.grad.any()
+
+
+def test_linear_cross_entropy_under_autocast_matches_an_autocast_linear():
+    """bf16 products as an autocast nn.Linear computes them; fp32 softmax. Tolerance: bf16 rounding of the
+    products, summed in another order."""
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(40, 32, generator=g), torch.randn(64, 32, generator=g) * 0.2
+    labels = torch.randint(0, 64, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = grads_of(lambda h, w: linear_cross_entropy(h, w, labels, chunk_tokens=16), hidden, weight)
+        plain = grads_of(lambda h, w: F.cross_entropy(F.linear(h, w).float(), labels), hidden, weight)
+    assert fused[1][1].dtype == torch.float32
+    assert_same(fused, plain, tol=2e-2)
+
+
+def test_linear_cross_entropy_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"hidden must be \[N, d\] and labels \[N\]"):
+        linear_cross_entropy(torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(6, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ norms, SwiGLU, conv
+def plain_rms(x, w, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+def test_norms_and_swiglu_equal_the_plain_expressions(activation):
+    g = torch.Generator().manual_seed(2)
+    x, gate, up = (torch.randn(3, 5, 24, dtype=torch.float64, generator=g) for _ in range(3))
+    w = 1 + 0.3 * torch.randn(24, dtype=torch.float64, generator=g)
+    assert_same(grads_of(lambda x, w: rms_norm(x, w, 1e-5), x, w), grads_of(plain_rms, x, w))
+    act = F.silu if activation == "silu" else torch.sigmoid
+    assert_same(grads_of(lambda x, z, w: gated_rms_norm(x, z, w, 1e-5, activation), x, gate, w),
+                grads_of(lambda x, z, w: plain_rms(x, w) * act(z), x, gate, w))
+    assert_same(grads_of(silu_mul, gate, up), grads_of(lambda a, b: F.silu(a) * b, gate, up))
+
+
+def test_recomputed_short_conv_equals_plain_conv_and_carries_the_cache():
+    torch.manual_seed(3)
+    conv = ShortConvolution(12, 4).double()
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    cache = torch.randn(2, 12, 3, dtype=torch.float64)
+    fused = grads_of(lambda x, c, w: ShortConvolution.forward(_with_weight(conv, w), x, c)[0], x, cache, conv.weight)
+    plain = grads_of(lambda x, c, w: causal_conv_silu(x, c, w, None), x, cache, conv.weight)
+    assert_same(fused, plain)
+    whole = torch.cat([cache, x.transpose(1, 2)], -1)
+    for T in (9, 2):
+        _, new_cache = conv(x[:, :T], cache)
+        assert torch.equal(new_cache, whole[..., T:T + 3])
+
+
+def _with_weight(conv, weight):
+    clone = ShortConvolution(conv.hidden_size, conv.kernel_size).double()
+    del clone.weight
+    clone.weight = weight
+    return clone
+
+
+# ------------------------------------------------------------------------------ the model
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return GDN2ForCausalLM(named_config("gdn2-tiny", vocab_size=97, num_hidden_layers=2)).double().train()
+
+
+def plain_loss(model, ids, labels):
+    """The unfused loss: full logits, then cross-entropy of the shifted labels."""
+    logits = model(ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def test_model_loss_and_every_gradient_equal_the_plain_path():
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    results = {}
+    for mode in ("plain", "fused", "checkpointed"):
+        model = tiny()
+        if mode == "checkpointed":
+            model.gradient_checkpointing_enable()
+        if mode == "plain":
+            loss = plain_loss(model, ids, labels)
+        else:
+            out = model(ids, labels=labels, use_cache=False)
+            loss = out.loss
+            assert out.logits is None
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    for mode in ("fused", "checkpointed"):
+        torch.testing.assert_close(results[mode][0], results["plain"][0], rtol=1e-10, atol=1e-10)
+        for name, grad in results["plain"][1].items():
+            torch.testing.assert_close(results[mode][1][name], grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_model_returns_logits_with_labels_when_autograd_is_off():
+    model = tiny().eval()
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+        assert out.logits.shape == (1, 12, 97)
+        torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:]))
