@@ -76,10 +76,11 @@ class ShortConvolution(nn.Module):
             y = checkpoint(causal_conv_silu, x, cache, self.weight, self.bias, use_reentrant=False)
         else:
             y = causal_conv_silu(x, cache, self.weight, self.bias)
+        # a copy, not a view: a view would keep the whole [B, T, D] input alive in the decoding cache
         if T >= self.kernel_size - 1:
-            new_cache = x[:, T - (self.kernel_size - 1):].transpose(1, 2)
+            new_cache = x[:, T - (self.kernel_size - 1):].transpose(1, 2).clone(memory_format=torch.contiguous_format)
         else:
-            new_cache = torch.cat([cache.to(x.dtype), x.transpose(1, 2)], dim=-1)[..., T:]
+            new_cache = torch.cat([cache.to(x.dtype), x.transpose(1, 2)], dim=-1)[..., T:].contiguous()
         return y, new_cache
 
 

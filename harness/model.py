@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from harness.batching import DecodeBatch, cache_signature, stack_caches
+from harness.graph_decode import MIN_TOKENS_FOR_GRAPH, StaticStep, static_step_possible
 
 # Long inputs are fed in segments of this many tokens, the cache carried between them (exact for every family).
 DEFAULT_SEGMENT = 2048
@@ -63,6 +64,9 @@ class EvalModel:
     segment: int = DEFAULT_SEGMENT      # default segment length for long inputs (the runner halves it after an OOM)
     check_finite: bool = False          # raise NonFiniteLogitsError when a forward pass returns NaN/Inf logits
     batch_size: int = 1                 # sequences per forward pass in the *_many methods (1: one at a time)
+    # greedy steps from static buffers and a CUDA graph (harness/graph_decode.py): None = on CUDA where the cache
+    # allows it, True = wherever the cache allows it (on the CPU without the graph), False = never
+    static_decode: bool | None = None
 
     # ---------------------------------------------------------------- sizes
     def state_floats_per_layer(self) -> int:
@@ -284,6 +288,8 @@ class EvalModel:
         """Greedy decoding of a batch of prefilled samples (logits [B, vocab] of their last positions): one token
         per running sample per step; a sample stops at a token in stop_ids (not returned), after max_new_tokens,
         or once stop_when(its tokens) is true, and then leaves the batch."""
+        if self._use_static_step(batch.cache, max_new_tokens):
+            return self._decode_static(batch.cache, logits, max_new_tokens, stop_ids, stop_when)
         stop = set(int(s) for s in stop_ids)
         generated: list[list[int]] = [[] for _ in range(logits.shape[0])]
         running = list(range(logits.shape[0]))                 # the sample in each row of the batch
@@ -306,6 +312,40 @@ class EvalModel:
             logits, batch.cache = self._forward(ids, batch.cache, 1, **batch.step_kwargs())
             logits = logits[:, -1]
             batch.advance()
+        return generated
+
+    def _use_static_step(self, cache: Any, max_new_tokens: int) -> bool:
+        if self.static_decode is False or not static_step_possible(cache):
+            return False
+        return self.static_decode is True or (self.device.type == "cuda" and max_new_tokens >= MIN_TOKENS_FOR_GRAPH)
+
+    def _decode_static(self, cache: Any, logits: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],
+                       stop_when: Callable[[list[int]], bool] | None) -> list[list[int]]:
+        """_decode's tokens from a StaticStep (one CUDA graph replay per token on CUDA): the batch keeps its rows,
+        a sample that stopped is computed on and ignored."""
+        step = StaticStep(self.lm, cache)
+        if self.device.type == "cuda":
+            step.capture()
+        stop = set(int(s) for s in stop_ids)
+        generated: list[list[int]] = [[] for _ in range(logits.shape[0])]
+        running = [True] * logits.shape[0]
+        for _ in range(max_new_tokens):
+            next_ids = logits.argmax(-1)
+            for row, token in enumerate(next_ids.tolist()):
+                if not running[row]:
+                    continue
+                if token in stop:
+                    running[row] = False
+                    continue
+                generated[row].append(token)
+                if len(generated[row]) == max_new_tokens or (stop_when is not None and stop_when(generated[row])):
+                    running[row] = False
+            if not any(running):
+                break
+            step.ids.copy_(next_ids[:, None])
+            logits = step.run()
+            if self.check_finite and not bool(torch.isfinite(logits).all()):
+                raise NonFiniteLogitsError(f"{self.name}: NaN/Inf in the logits of a decoding step")
         return generated
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] | None = None) -> list[str]:

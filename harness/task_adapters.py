@@ -51,7 +51,8 @@ class RulerEvalTask:
     def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
         return self.evaluate_batch(model, [sample], batch_size=1)[0]
 
-    def evaluate_batch(self, model: EvalModel, samples: list[Sample], batch_size: int | None = None) -> list[SampleResult]:
+    def evaluate_batch(self, model: EvalModel, samples: list[Sample],
+                       batch_size: int | None = None) -> list[SampleResult]:
         """evaluate() of each sample, batch_size (None: model.batch_size) of them decoded together."""
         # As RULER's HF wrapper: the prompt gets the tokenizer's default special tokens (BOS for Llama-style
         # tokenizers, none for GPT-NeoX); the length window is counted without them, as RULER counts it.
@@ -108,7 +109,8 @@ class MqarEvalTask:
     def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
         return self.evaluate_batch(model, [sample], batch_size=1)[0]
 
-    def evaluate_batch(self, model: EvalModel, samples: list[Sample], batch_size: int | None = None) -> list[SampleResult]:
+    def evaluate_batch(self, model: EvalModel, samples: list[Sample],
+                       batch_size: int | None = None) -> list[SampleResult]:
         """evaluate() of each sample, batch_size (None: model.batch_size) sequences per forward pass."""
         predictions = model.next_token_argmax_many([list(s.payload["input_ids"]) for s in samples],
                                                    batch_size=batch_size)
