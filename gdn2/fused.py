@@ -9,7 +9,8 @@
 - silu_mul(gate, up)                         silu(gate) * up; saves gate and up
 
 The norms and silu_mul recompute their fp32 intermediates in the backward pass instead of keeping them: autograd
-of the plain expressions keeps two to four fp32 copies of every activation they touch.
+of the plain expressions keeps two to four fp32 copies of every activation they touch. On CUDA they run as one
+Triton kernel per pass (gdn2/fused_kernels.py) instead of four to ten elementwise launches.
 """
 from __future__ import annotations
 
@@ -105,25 +106,6 @@ def _rms_backward(x, weight, rstd, grad_y) -> tuple[torch.Tensor, torch.Tensor]:
     return dx, dweight
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _rms_forward(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dweight = _rms_backward(x, weight, rstd, _wide(grad_y))
-        return dx.to(x.dtype), dweight.to(weight.dtype), None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight over the last axis, fp32 math, x's dtype out. Saves x and 1/rms only."""
-    return RMSNormFunction.apply(x, weight, eps)
-
-
 def _activation(name: str):
     """(act, d act / d z as a function of z) for 'silu' or 'sigmoid'."""
     if name == "silu":
@@ -133,50 +115,102 @@ def _activation(name: str):
     raise ValueError(f"activation must be 'silu' or 'sigmoid'; got {name!r}")
 
 
-class GatedRMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gate, weight, eps, activation):
-        act, _ = _activation(activation)
-        y, rstd = _rms_forward(x, weight, eps)
-        ctx.save_for_backward(x, gate, weight, rstd)
-        ctx.activation = activation
-        return (y * act(_wide(gate))).to(x.dtype)
+def _backend(x: torch.Tensor, backend: str) -> str:
+    """'auto' -> 'triton' for CUDA tensors (not float64), else 'torch'; an explicit choice is kept."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "triton" if x.is_cuda and x.dtype != torch.float64 and x.shape[-1] <= 16384 else "torch"
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = x / rms(x) * weight [* act(gate)] over the last axis; see rms_norm and gated_rms_norm."""
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def forward(ctx, x, gate, weight, eps, activation, backend):
+        ctx.activation, ctx.backend, ctx.shapes = activation, backend, (x.shape, None if gate is None else gate.shape)
+        if backend == "triton":
+            from gdn2.fused_kernels import rms_norm_fwd
+
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            gate_rows = gate.reshape(rows.shape).contiguous() if gate is not None else None
+            y, rstd = rms_norm_fwd(rows, weight, eps, gate_rows, activation)
+            ctx.save_for_backward(rows, gate_rows, weight, rstd)
+            return y.view(x.shape)
+        y, rstd = _rms_forward(x, weight, eps)
+        if gate is not None:
+            y = y * _activation(activation)[0](_wide(gate))
+        ctx.save_for_backward(x, gate, weight, rstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
         x, gate, weight, rstd = ctx.saved_tensors
-        act, act_grad = _activation(ctx.activation)
-        gf, grad_out = _wide(gate), _wide(grad_out)
-        y = _wide(x) * rstd * _wide(weight)
-        dgate = grad_out * y * act_grad(gf)
-        dx, dweight = _rms_backward(x, weight, rstd, grad_out * act(gf))
-        return dx.to(x.dtype), dgate.to(gate.dtype), dweight.to(weight.dtype), None, None
+        x_shape, gate_shape = ctx.shapes
+        if ctx.backend == "triton":
+            from gdn2.fused_kernels import rms_norm_bwd
+
+            dx, dweight, dgate = rms_norm_bwd(x, weight, rstd, grad_y.reshape(x.shape).contiguous(), gate,
+                                              ctx.activation)
+            return (dx.view(x_shape), None if dgate is None else dgate.view(gate_shape), dweight.to(weight.dtype),
+                    None, None, None)
+        grad_y, dgate = _wide(grad_y), None
+        if gate is not None:
+            act, act_grad = _activation(ctx.activation)
+            gf = _wide(gate)
+            dgate = (grad_y * _wide(x) * rstd * _wide(weight) * act_grad(gf)).to(gate.dtype)
+            grad_y = grad_y * act(gf)
+        dx, dweight = _rms_backward(x, weight, rstd, grad_y)
+        return dx.to(x.dtype), dgate, dweight.to(weight.dtype), None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    """x / rms(x) * weight over the last axis, fp32 math, x's dtype out. Saves x and 1/rms only. backend: 'auto'
+    (Triton kernels, gdn2/fused_kernels.py, for CUDA tensors; torch ops otherwise), 'torch' or 'triton'."""
+    return RMSNormFunction.apply(x, None, weight, eps, "silu", _backend(x, backend))
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
-                   activation: str = "silu") -> torch.Tensor:
+                   activation: str = "silu", backend: str = "auto") -> torch.Tensor:
     """rms_norm(x) * act(gate), fp32 math, x's dtype out; act 'silu' or 'sigmoid'. Saves x, gate and 1/rms."""
-    return GatedRMSNormFunction.apply(x, gate, weight, eps, activation)
+    _activation(activation)
+    return RMSNormFunction.apply(x, gate, weight, eps, activation, _backend(x, backend))
 
 
 # ------------------------------------------------------------------------------------------ SwiGLU
 class SiluMulFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, backend):
+        ctx.backend = backend
+        if backend == "triton":
+            from gdn2.fused_kernels import silu_mul_fwd
+
+            gate, up = gate.contiguous(), up.contiguous()
+            ctx.save_for_backward(gate, up)
+            return silu_mul_fwd(gate, up)
         ctx.save_for_backward(gate, up)
         return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up = ctx.saved_tensors
+        if ctx.backend == "triton":
+            from gdn2.fused_kernels import silu_mul_bwd
+
+            return (*silu_mul_bwd(gate, up, grad_out.contiguous()), None)
         gf = _wide(gate)
         sig = torch.sigmoid(gf)
         grad_out = _wide(grad_out)
         dgate = grad_out * _wide(up) * sig * (1 + gf * (1 - sig))
         dup = grad_out * gf * sig
-        return dgate.to(gate.dtype), dup.to(up.dtype)
+        return dgate.to(gate.dtype), dup.to(up.dtype), None
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (the SwiGLU product), computed as F.silu(gate) * up; saves gate and up only."""
-    return SiluMulFunction.apply(gate, up)
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(gate) * up (the SwiGLU product; gate and up of one shape and dtype); saves gate and up only. backend as
+    rms_norm's (the torch path computes F.silu(gate) * up in the inputs' dtype, the kernel in fp32)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul needs gate and up of one shape and dtype; got {tuple(gate.shape)} {gate.dtype} "
+                         f"and {tuple(up.shape)} {up.dtype}")
+    return SiluMulFunction.apply(gate, up, _backend(gate, backend))

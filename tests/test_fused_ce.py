@@ -158,3 +158,47 @@ def test_model_returns_logits_with_labels_when_autograd_is_off():
         out = model(ids, labels=ids)
         assert out.logits.shape == (1, 12, 97)
         torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:]))
+
+
+# ------------------------------------------------------------------------------ the Triton kernels (interpreter)
+@pytest.mark.parametrize("width", [24, 130])
+@pytest.mark.parametrize("activation", [None, "silu", "sigmoid"])
+def test_triton_norm_kernels_equal_the_torch_path(width, activation):
+    """fp32 inputs: the kernels (Triton's CPU interpreter here) against the torch path of the same Function. Rows
+    not a multiple of a tile, widths not a power of two."""
+    g = torch.Generator().manual_seed(5)
+    x, gate = (torch.randn(37, width, generator=g) for _ in range(2))
+    w = 1 + 0.3 * torch.randn(width, generator=g)
+    for backend in ("torch", "triton"):
+        if activation is None:
+            result = grads_of(lambda x, w: rms_norm(x, w, 1e-5, backend=backend), x, w)
+        else:
+            result = grads_of(lambda x, z, w: gated_rms_norm(x, z, w, 1e-5, activation, backend=backend), x, gate, w)
+        if backend == "torch":
+            expected = result
+    assert_same(result, expected, tol=1e-5)
+
+
+def test_triton_kernels_keep_dtypes_and_shapes_in_bf16():
+    """bf16 activations with an fp32 weight (what autocast hands the norms): outputs and gradients keep the
+    inputs' dtypes and shapes, and agree with the torch path to bf16 rounding."""
+    g = torch.Generator().manual_seed(6)
+    x, gate, up = (torch.randn(2, 5, 3, 64, generator=g).bfloat16() for _ in range(3))
+    w = 1 + 0.3 * torch.randn(64, generator=g)
+    for fn, args in ((lambda x, z, w, b: gated_rms_norm(x, z, w, 1e-5, "silu", backend=b), (x, gate, w)),
+                     (lambda x, w, b: rms_norm(x, w, 1e-5, backend=b), (x, w)),
+                     (lambda a, u, b: silu_mul(a, u, backend=b), (gate, up))):
+        out_t, grads_t = grads_of(lambda *t: fn(*t, "triton"), *args)
+        out_p, grads_p = grads_of(lambda *t: fn(*t, "torch"), *args)
+        assert out_t.dtype == args[0].dtype and out_t.shape == args[0].shape
+        torch.testing.assert_close(out_t.float(), out_p.float(), rtol=2e-2, atol=2e-2)
+        for gt, gp, arg in zip(grads_t, grads_p, args):
+            assert gt.dtype == arg.dtype and gt.shape == arg.shape
+            torch.testing.assert_close(gt.float(), gp.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_triton_silu_mul_equals_the_plain_product_in_fp32():
+    g = torch.Generator().manual_seed(8)
+    gate, up = (torch.randn(3, 4100, generator=g) for _ in range(2))      # more than one block of elements
+    assert_same(grads_of(lambda a, b: silu_mul(a, b, backend="triton"), gate, up),
+                grads_of(lambda a, b: F.silu(a) * b, gate, up), tol=1e-5)
