@@ -63,7 +63,7 @@ class HarnessLM(LM):
     def __init__(self, spec: str | None = None, model: EvalModel | None = None, device: str = "auto",
                  dtype: str = "auto", tokenizer: str | None = None, allow_longer_context: bool = False,
                  max_length: int | None = None, rolling: str = "windows", truncate_input_to: int | None = None,
-                 segment: int | None = None, batch_size: Any = 1, max_batch_size: Any = None, **unused: Any) -> None:
+                 segment: int | None = None, batch_size: Any = None, max_batch_size: Any = None, **unused: Any) -> None:
         super().__init__()
         if unused:
             log.warning("harness LM: ignoring model_args %s (not used by this LM)", sorted(unused))

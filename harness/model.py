@@ -17,6 +17,7 @@ Both give the batch-1 results (up to floating-point summation order), tested per
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,8 @@ import torch.nn as nn
 
 from harness.batching import DecodeBatch, cache_signature, stack_caches
 from harness.graph_decode import MIN_TOKENS_FOR_GRAPH, StaticStep, static_step_possible
+
+log = logging.getLogger(__name__)
 
 # Long inputs are fed in segments of this many tokens, the cache carried between them (exact for every family).
 DEFAULT_SEGMENT = 2048
@@ -325,7 +328,12 @@ class EvalModel:
         a sample that stopped is computed on and ignored."""
         step = StaticStep(self.lm, cache)
         if self.device.type == "cuda":
-            step.capture()
+            try:
+                step.capture()
+            except RuntimeError as err:     # a model whose step cannot be captured still decodes, eagerly
+                step.graph = None
+                log.warning("%s: CUDA graph capture of the decoding step failed (%s); decoding eagerly from static "
+                            "buffers", self.name, err)
         stop = set(int(s) for s in stop_ids)
         generated: list[list[int]] = [[] for _ in range(logits.shape[0])]
         running = [True] * logits.shape[0]

@@ -188,3 +188,8 @@ def test_lm_eval_plugin_batch_size_gives_the_batch_one_results():
         assert abs(lp1 - lp3) <= 1e-5 * abs(lp1) and g1 == g3
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(outputs[1][1], outputs[3][1]))
     assert outputs[3][2] == outputs[1][2] and len(outputs[1][2]) == 3
+    runner_model = load_model("gdn2-tiny-random", device="cpu")
+    runner_model.batch_size = 4                       # what the runner sets from --batch-size
+    assert HarnessLM(model=runner_model).describe()["batch_size"] == 4       # kept when lm-eval names none
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        HarnessLM(model=runner_model, batch_size=0)
