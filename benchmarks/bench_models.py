@@ -44,6 +44,7 @@ PREFILL_CONTEXTS = (1024, 4096, 16384, 65536, 131072)
 DECODE_CONTEXTS = (1024, 16384, 65536)
 DECODE_BATCHES = (1, 32)
 DECODE_STEPS = 64
+PREFILL_SEGMENT = 4096       # decode rows prefill their context in segments of this many tokens per row
 PAPER_CSV = ROOT / "results" / "paper" / "figure2_throughput.csv"
 PAPER_NAMES = {"gdn2": "Gated DeltaNet-2", "gated_deltanet": "Gated DeltaNet", "kda": "KDA", "mamba2": "Mamba-2",
                "mamba3": "Mamba-3 (SISO)", "transformer": "Transformer"}
@@ -115,6 +116,21 @@ def build_model(family: str, impl: str) -> torch.nn.Module:
         return build_llama(config)
 
 
+def missing_kernels(family: str, impl: str) -> str | None:
+    """Why the family's model would run on torch reference code here (hours at 1.3B), or None."""
+    if impl != "ours" or RUN.get("smoke"):
+        return None
+    if family == "mamba2":
+        from baselines.mamba2 import _mamba_ssm_kernels
+
+        return None if _mamba_ssm_kernels() is not None else "mamba-ssm's kernels do not import (carry its wheel)"
+    if family == "mamba3":
+        from baselines.mamba3 import upstream_kernels
+
+        return None if upstream_kernels()["siso"] else "mamba-ssm's Mamba-3 kernels do not import (carry its wheel)"
+    return None
+
+
 def impls_of(family: str, with_fla: bool) -> list[str]:
     return ["ours"] + (["fla"] if with_fla and family in FLA_CLASSES else [])
 
@@ -161,6 +177,9 @@ def gib(n_bytes: int) -> float:
 def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile: bool,
                checkpointing: bool) -> list[dict]:
     rows = []
+    missing = missing_kernels(family, impl)
+    if missing:
+        return [row("train", family, impl, status="skipped", note=missing)]
     try:
         model = build_model(family, impl).train()
     except Exception as err:  # noqa: BLE001 - a family that cannot build here is a row, not a crash
@@ -247,6 +266,9 @@ def inference_model(family: str, impl: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def prefill_rows(family: str, impl: str, contexts) -> list[dict]:
+    missing = missing_kernels(family, impl)
+    if missing:
+        return [row("prefill", family, impl, status="skipped", note=missing)]
     try:
         model = inference_model(family, impl)
     except Exception as err:  # noqa: BLE001
@@ -283,6 +305,9 @@ def decode_rows(family: str, impl: str, contexts, batches, steps: int) -> list[d
     recurrent caches the static CUDA-graph step, whose tokens must equal the plain step's."""
     from harness.graph_decode import StaticStep, static_step_possible
 
+    missing = missing_kernels(family, impl)
+    if missing:
+        return [row("decode", family, impl, status="skipped", note=missing)]
     try:
         model = inference_model(family, impl)
     except Exception as err:  # noqa: BLE001
@@ -293,8 +318,12 @@ def decode_rows(family: str, impl: str, contexts, batches, steps: int) -> list[d
             ids = torch.randint(0, vocab(), (B, T), device=RUN["device"])
             try:
                 reset_peak()
-                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                cache, first = out.past_key_values, out.logits[:, -1].argmax(-1)
+                cache = None
+                for start in range(0, T, PREFILL_SEGMENT):     # segments, as EvalModel prefills: bounded memory
+                    out = model(input_ids=ids[:, start:start + PREFILL_SEGMENT], past_key_values=cache,
+                                use_cache=True, logits_to_keep=1)
+                    cache = out.past_key_values
+                first = out.logits[:, -1].argmax(-1)
                 del out
                 static = StaticStep(model, cache) if static_step_possible(cache) else None
                 plain_tokens, seconds = plain_decode(model, cache, first, steps)
@@ -494,11 +523,12 @@ def write_plot(rows: list[dict], path: Path) -> None:
     axes[0].set_xticks([x + 0.4 for x in range(len(shapes))], shapes)
     axes[0].set_ylabel("training K tokens/s")
     axes[0].set_title("training (bf16 autocast, fused AdamW); paper: hybrid models")
-    axes[0].legend(fontsize=6)
+    if series or paper:
+        axes[0].legend(fontsize=6)
     for ax, (kind, key, batch, label) in zip(axes[1:], panels):
         for family, impl in sorted({(r["family"], r["impl"]) for r in rows if r["kind"] == kind}):
-            points = sorted((int(r["context"]), float(r[key])) for r in rows if r["kind"] == kind and r["status"] == "ok"
-                            and (r["family"], r["impl"]) == (family, impl)
+            points = sorted((int(r["context"]), float(r[key])) for r in rows
+                            if r["kind"] == kind and r["status"] == "ok" and (r["family"], r["impl"]) == (family, impl)
                             and (batch is None or int(r["batch"]) == batch) and r[key] != "")
             if points:
                 ax.plot(*zip(*points), marker="o", label=f"{family} {impl}")
@@ -507,7 +537,8 @@ def write_plot(rows: list[dict], path: Path) -> None:
             ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
         ax.set_title(label)
-        ax.legend(fontsize=6)
+        if ax.get_lines():
+            ax.legend(fontsize=6)
     card = rows[0]["card"] if rows else ""
     dates = sorted({r["date"] for r in rows})
     fig.suptitle(f"1.3B models, random init, {card}, {', '.join(dates)}")

@@ -4,9 +4,10 @@
   ever holding the [N, V] logits: tokens run in chunks, and each chunk's gradients (wrt hidden and weight) are
   formed in the forward pass (the loss is the graph's end), so the backward only scales them.
 - rms_norm(x, weight, eps)                  y = x / rms(x) * weight (fp32 math, float64 for float64 inputs; x's dtype
-                                            out); saves x and 1/rms
+                                            out, or the autocast dtype under autocast); saves x and 1/rms
 - gated_rms_norm(x, gate, weight, eps, activation)   rms_norm(x) * act(gate); saves x, gate and 1/rms
 - silu_mul(gate, up)                         silu(gate) * up; saves gate and up
+- swiglu_down(gate, up, weight)              F.linear(silu(gate) * up, weight); saves gate and up, not the product
 
 The norms and silu_mul recompute their fp32 intermediates in the backward pass instead of keeping them: autograd
 of the plain expressions keeps two to four fp32 copies of every activation they touch. On CUDA they run as one
@@ -130,19 +131,23 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, weight, eps, activation, backend):
         ctx.activation, ctx.backend, ctx.shapes = activation, backend, (x.shape, None if gate is None else gate.shape)
+        # Under autocast the output is already in the autocast dtype: every linear reading it would cast it anyway,
+        # each keeping its own copy for the backward pass.
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         if backend == "triton":
             from gdn2.fused_kernels import rms_norm_fwd
 
             rows = x.reshape(-1, x.shape[-1]).contiguous()
             gate_rows = gate.reshape(rows.shape).contiguous() if gate is not None else None
-            y, rstd = rms_norm_fwd(rows, weight, eps, gate_rows, activation)
+            y, rstd = rms_norm_fwd(rows, weight, eps, gate_rows, activation, out_dtype)
             ctx.save_for_backward(rows, gate_rows, weight, rstd)
             return y.view(x.shape)
         y, rstd = _rms_forward(x, weight, eps)
         if gate is not None:
             y = y * _activation(activation)[0](_wide(gate))
         ctx.save_for_backward(x, gate, weight, rstd)
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -166,14 +171,16 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
-    """x / rms(x) * weight over the last axis, fp32 math, x's dtype out. Saves x and 1/rms only. backend: 'auto'
-    (Triton kernels, gdn2/fused_kernels.py, for CUDA tensors; torch ops otherwise), 'torch' or 'triton'."""
+    """x / rms(x) * weight over the last axis, fp32 math, x's dtype out (the autocast dtype under autocast). Saves x
+    and 1/rms only. backend: 'auto' (Triton kernels, gdn2/fused_kernels.py, for CUDA tensors; torch ops
+    otherwise), 'torch' or 'triton'."""
     return RMSNormFunction.apply(x, None, weight, eps, "silu", _backend(x, backend))
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
                    activation: str = "silu", backend: str = "auto") -> torch.Tensor:
-    """rms_norm(x) * act(gate), fp32 math, x's dtype out; act 'silu' or 'sigmoid'. Saves x, gate and 1/rms."""
+    """rms_norm(x) * act(gate), fp32 math, x's dtype out (as rms_norm); act 'silu' or 'sigmoid'. Saves x, gate and
+    1/rms."""
     _activation(activation)
     return RMSNormFunction.apply(x, gate, weight, eps, activation, _backend(x, backend))
 
@@ -214,3 +221,51 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> tor
         raise ValueError(f"silu_mul needs gate and up of one shape and dtype; got {tuple(gate.shape)} {gate.dtype} "
                          f"and {tuple(up.shape)} {up.dtype}")
     return SiluMulFunction.apply(gate, up, _backend(gate, backend))
+
+
+def _silu_product(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from gdn2.fused_kernels import silu_mul_fwd
+
+        return silu_mul_fwd(gate.contiguous(), up.contiguous())
+    return F.silu(gate) * up
+
+
+class SwiGLUDownFunction(torch.autograd.Function):
+    """F.linear(silu(gate) * up, weight); see swiglu_down."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, backend):
+        device = gate.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else gate.dtype
+        ctx.backend, ctx.dtype = backend, dtype
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(_silu_product(gate, up, backend).to(dtype), weight.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gate, up, weight = ctx.saved_tensors
+        product = _silu_product(gate, up, ctx.backend).to(ctx.dtype)          # recomputed, not kept
+        grad_y = grad_y.to(ctx.dtype)
+        grad_weight = grad_y.reshape(-1, grad_y.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
+        grad_product = (grad_y @ weight.to(ctx.dtype)).to(gate.dtype)
+        if ctx.backend == "triton":
+            from gdn2.fused_kernels import silu_mul_bwd
+
+            grad_gate, grad_up = silu_mul_bwd(gate.contiguous(), up.contiguous(), grad_product.contiguous())
+        else:
+            gf = _wide(gate)
+            sig = torch.sigmoid(gf)
+            grad_gate = (_wide(grad_product) * _wide(up) * sig * (1 + gf * (1 - sig))).to(gate.dtype)
+            grad_up = (_wide(grad_product) * gf * sig).to(up.dtype)
+        return grad_gate, grad_up, grad_weight.to(weight.dtype), None
+
+
+def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """The SwiGLU MLP's output projection F.linear(silu(gate) * up, weight), weight [d, I], keeping gate and up
+    only: the product [.., I] is recomputed in the backward pass instead of being kept for the weight's gradient.
+    Under autocast the product and the weight run in the autocast dtype, as an autocast nn.Linear would."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu_down needs gate and up of one shape and dtype; got {tuple(gate.shape)} {gate.dtype} "
+                         f"and {tuple(up.shape)} {up.dtype}")
+    return SwiGLUDownFunction.apply(gate, up, weight, _backend(gate, backend))

@@ -1,7 +1,7 @@
 """Triton kernels behind gdn2/fused.py's autograd Functions on CUDA: one launch per pass instead of the four to ten
 elementwise and reduction launches (each reading or writing an fp32 copy of the activation) of the torch expressions.
 
-    rms_norm_fwd(x [N, D], weight [D], eps, gate=None, activation) -> (y [N, D] in x's dtype, rstd [N] fp32)
+    rms_norm_fwd(x [N, D], weight [D], eps, gate=None, activation, out_dtype=None) -> (y [N, D], rstd [N] fp32)
     rms_norm_bwd(x, weight, rstd, dy, gate=None, activation) -> (dx, dweight fp32 [D], dgate or None)
     silu_mul_fwd(gate, up) -> y;  silu_mul_bwd(gate, up, dy) -> (dgate, dup)
 
@@ -89,10 +89,10 @@ def _tile(D: int) -> tuple[int, int, int]:
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None,
-                 activation: str = "silu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [N, D] in x's dtype, rstd [N] fp32) for contiguous x [N, D] (and gate [N, D])."""
+                 activation: str = "silu", out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [N, D] in out_dtype (None: x's), rstd [N] fp32) for contiguous x [N, D] (and gate [N, D])."""
     N, D = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     block, rows, warps = _tile(D)
     _rms_fwd_kernel[(triton.cdiv(N, rows),)](x, weight, gate if gate is not None else x, y, rstd, N, D, eps,

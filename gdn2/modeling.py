@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from gdn2.cache import RecurrentCache, check_forward_args, left_padding_mask, run_layers
 from gdn2.configuration import GDN2Config
-from gdn2.fused import causal_lm_loss, rms_norm, silu_mul
+from gdn2.fused import causal_lm_loss, rms_norm, swiglu_down
 from gdn2.layer import GatedDeltaNet2, GDN2LayerState
 
 
@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLUMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases."""
+    """down(silu(gate(x)) * up(x)), no biases (gdn2.fused.swiglu_down: the product is recomputed in the backward)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -44,7 +44,7 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return swiglu_down(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 
 class GDN2Block(nn.Module):

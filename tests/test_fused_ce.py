@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gdn2 import GDN2ForCausalLM, named_config
-from gdn2.fused import gated_rms_norm, linear_cross_entropy, rms_norm, silu_mul
+from gdn2.fused import gated_rms_norm, linear_cross_entropy, rms_norm, silu_mul, swiglu_down
 from gdn2.layer import ShortConvolution, causal_conv_silu
 
 
@@ -202,3 +202,42 @@ def test_triton_silu_mul_equals_the_plain_product_in_fp32():
     gate, up = (torch.randn(3, 4100, generator=g) for _ in range(2))      # more than one block of elements
     assert_same(grads_of(lambda a, b: silu_mul(a, b, backend="triton"), gate, up),
                 grads_of(lambda a, b: F.silu(a) * b, gate, up), tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_norm_output_under_autocast_is_the_autocast_dtype(backend):
+    """An fp32 residual stream under bf16 autocast: the norm hands its linears one bf16 tensor (what each would cast
+    to anyway), and its input gradient stays fp32."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 32, generator=g, requires_grad=True)
+    w = 1 + 0.3 * torch.randn(32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rms_norm(x, w, 1e-5, backend=backend)
+    assert y.dtype == torch.bfloat16
+    # within one bf16 unit in the last place: Triton's CPU interpreter narrows to bf16 with its own rounding
+    torch.testing.assert_close(y.float(), plain_rms(x.detach(), w).bfloat16().float(), rtol=2 ** -7, atol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swiglu_down_equals_the_plain_projection(backend):
+    g = torch.Generator().manual_seed(10)
+    gate, up = (torch.randn(2, 7, 40, dtype=torch.float64, generator=g) for _ in range(2))
+    weight = torch.randn(12, 40, dtype=torch.float64, generator=g) * 0.2
+    dtype = torch.float64 if backend == "torch" else torch.float32      # the kernels compute in fp32
+    args = [t.to(dtype) for t in (gate, up, weight)]
+    assert_same(grads_of(lambda a, b, w: swiglu_down(a, b, w, backend=backend), *args),
+                grads_of(lambda a, b, w: F.linear(F.silu(a) * b, w), *args), tol=1e-12 if backend == "torch" else 1e-5)
+
+
+def test_swiglu_down_under_autocast_matches_an_autocast_linear():
+    g = torch.Generator().manual_seed(11)
+    gate, up = (torch.randn(3, 5, 64, generator=g).bfloat16() for _ in range(2))
+    weight = torch.randn(16, 64, generator=g) * 0.2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = grads_of(lambda a, b, w: swiglu_down(a, b, w, backend="torch"), gate, up, weight)
+        plain = grads_of(lambda a, b, w: F.linear(F.silu(a) * b, w), gate, up, weight)
+    assert fused[0].dtype == torch.bfloat16 and fused[1][2].dtype == torch.float32
+    assert_same((fused[0].float(), [t.float() for t in fused[1]]), (plain[0].float(), [t.float() for t in plain[1]]),
+                tol=2e-2)
