@@ -8,6 +8,7 @@
 - gated_rms_norm(x, gate, weight, eps, activation)   rms_norm(x) * act(gate); saves x, gate and 1/rms
 - silu_mul(gate, up)                         silu(gate) * up; saves gate and up
 - swiglu_down(gate, up, weight)              F.linear(silu(gate) * up, weight); saves gate and up, not the product
+- short_conv_silu(x, cache, weight, bias)    SiLU(depthwise causal conv) of x [B, T, D]; saves x only
 
 The norms and silu_mul recompute their fp32 intermediates in the backward pass instead of keeping them: autograd
 of the plain expressions keeps two to four fp32 copies of every activation they touch. On CUDA they run as one
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # Tokens per chunk of linear_cross_entropy: 2048 x 32000 fp32 logits are 262 MB, plus their softmax in place.
 CE_CHUNK_TOKENS = 2048
@@ -269,3 +271,47 @@ def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, back
         raise ValueError(f"swiglu_down needs gate and up of one shape and dtype; got {tuple(gate.shape)} {gate.dtype} "
                          f"and {tuple(up.shape)} {up.dtype}")
     return SwiGLUDownFunction.apply(gate, up, weight, _backend(gate, backend))
+
+
+# ------------------------------------------------------------------------------------------ short convolution
+def causal_conv_silu(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """SiLU(depthwise causal conv) of x [B, T, D] continuing the inputs cache [B, D, W-1]; weight [D, 1, W]
+    (torch ops: the reference of the kernels)."""
+    xt = x.transpose(1, 2)
+    padded = torch.cat([cache.to(xt.dtype), xt], dim=-1)                           # [B, D, W-1+T]
+    y = F.conv1d(padded, weight.to(xt.dtype), bias, groups=x.shape[-1])            # [B, D, T]
+    return F.silu(y.transpose(1, 2))
+
+
+class ConvSiluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cache, weight, bias):
+        from gdn2.fused_kernels import conv_silu_fwd
+
+        x, cache = x.contiguous(), cache.to(x.dtype).contiguous()
+        taps = weight.reshape(weight.shape[0], -1).contiguous()
+        ctx.save_for_backward(x, cache, taps, bias)
+        ctx.weight_shape = weight.shape
+        return conv_silu_fwd(x, cache, taps, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from gdn2.fused_kernels import conv_silu_bwd
+
+        x, cache, taps, bias = ctx.saved_tensors
+        dx, dweight, dbias = conv_silu_bwd(x, cache, taps, bias, grad_y.contiguous())
+        return (dx, None, dweight.reshape(ctx.weight_shape).to(taps.dtype),
+                None if dbias is None else dbias.to(bias.dtype))
+
+
+def short_conv_silu(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    backend: str = "auto") -> torch.Tensor:
+    """causal_conv_silu keeping only x for the backward pass: the Triton kernels (gdn2/fused_kernels.py) on CUDA,
+    else the torch ops under torch.utils.checkpoint. The carried cache gets no gradient on the Triton path (a
+    cache that requires one takes the torch path)."""
+    backend = _backend(x, backend)
+    if backend == "triton" and not cache.requires_grad:
+        return ConvSiluFunction.apply(x, cache, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return checkpoint(causal_conv_silu, x, cache, weight, bias, use_reentrant=False)
+    return causal_conv_silu(x, cache, weight, bias)

@@ -4,9 +4,13 @@ elementwise and reduction launches (each reading or writing an fp32 copy of the 
     rms_norm_fwd(x [N, D], weight [D], eps, gate=None, activation, out_dtype=None) -> (y [N, D], rstd [N] fp32)
     rms_norm_bwd(x, weight, rstd, dy, gate=None, activation) -> (dx, dweight fp32 [D], dgate or None)
     silu_mul_fwd(gate, up) -> y;  silu_mul_bwd(gate, up, dy) -> (dgate, dup)
+    conv_silu_fwd(x [B, T, D], cache [B, D, W-1], weight [D, W], bias) -> silu(causal depthwise conv), [B, T, D]
+    conv_silu_bwd(x, cache, weight, bias, dy) -> (dx, dweight fp32, dbias fp32 or None)
 
 With gate, y = x / rms(x) * weight * act(gate) (act: silu or sigmoid), the output-gated norm of the mixers. Math in
-fp32 (the torch path's precision); inputs and outputs keep their dtypes. Rows are at most 16384 wide.
+fp32 (the torch path's precision); inputs and outputs keep their dtypes. Rows are at most 16384 wide. The
+convolution works on the [B, T, D] layout the projections produce (no transposed copies) and recomputes its
+pre-activation in the backward pass.
 """
 from __future__ import annotations
 
@@ -153,3 +157,105 @@ def silu_mul_bwd(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tupl
     _silu_mul_bwd_kernel[(triton.cdiv(n, ELEMENTS_PER_PROGRAM),)](gate, up, dy, dg, du, n,
                                                                  BLOCK=ELEMENTS_PER_PROGRAM, num_warps=8)
     return dg, du
+
+
+# ------------------------------------------------------------------------------------------ short convolution
+@triton.jit
+def _conv_fwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, y_ptr, T, D, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BT: tl.constexpr, BD: tl.constexpr):
+    """y[b, t, d] = silu(bias[d] + sum_j w[d, j] * x_in[b, t + j - (W-1), d]), x_in continuing the cache c
+    [B, D, W-1]."""
+    b, tb, db = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    t = tb * BT + tl.arange(0, BT)
+    d = db * BD + tl.arange(0, BD)
+    dmask = d < D
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(W):
+        src = t + j - (W - 1)
+        from_x = tl.load(x_ptr + (b * T + src[:, None]) * D + d[None, :],
+                         mask=(src[:, None] >= 0) & (src[:, None] < T) & dmask[None, :], other=0.0)
+        from_c = tl.load(c_ptr + (b * D + d[None, :]) * (W - 1) + (src[:, None] + W - 1),
+                         mask=(src[:, None] < 0) & (t[:, None] < T) & dmask[None, :], other=0.0)
+        weight = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
+        acc += (from_x.to(tl.float32) + from_c.to(tl.float32)) * weight[None, :]
+    y = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + (b * T + t[:, None]) * D + d[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(t[:, None] < T) & dmask[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, T, D, NT, W: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """dx[t] = sum_k w[W-1-k] * g[t + k] with g = dy * silu'(pre) (pre recomputed); partial dw [b, tb, d, j] and
+    dbias [b, tb, d] of this block's output rows."""
+    b, tb, db = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    t = tb * BT + tl.arange(0, BT)
+    d = db * BD + tl.arange(0, BD)
+    dmask = d < D
+    dx = tl.zeros([BT, BD], dtype=tl.float32)
+    # g at the rows this block's dx needs (t .. t + W-1) and its own rows t, one shift at a time
+    for k in tl.static_range(W):
+        rows = t + k                                           # the output row whose gradient reaches t through j
+        pre = tl.zeros([BT, BD], dtype=tl.float32)
+        if HAS_BIAS:
+            pre += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(W):
+            src = rows + j - (W - 1)
+            from_x = tl.load(x_ptr + (b * T + src[:, None]) * D + d[None, :],
+                             mask=(src[:, None] >= 0) & (src[:, None] < T) & dmask[None, :], other=0.0)
+            from_c = tl.load(c_ptr + (b * D + d[None, :]) * (W - 1) + (src[:, None] + W - 1),
+                             mask=(src[:, None] < 0) & (rows[:, None] < T) & dmask[None, :], other=0.0)
+            weight = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
+            pre += (from_x.to(tl.float32) + from_c.to(tl.float32)) * weight[None, :]
+        live = (rows[:, None] < T) & dmask[None, :]
+        dy = tl.load(dy_ptr + (b * T + rows[:, None]) * D + d[None, :], mask=live, other=0.0).to(tl.float32)
+        s = tl.sigmoid(pre)
+        g = tl.where(live, dy * s * (1 + pre * (1 - s)), 0.0)
+        # output row t + k reads input row t through tap j = W-1-k
+        weight = tl.load(w_ptr + d * W + (W - 1 - k), mask=dmask, other=0.0).to(tl.float32)
+        dx += g * weight[None, :]
+        if k == 0:                                             # this block's own output rows: weight gradients
+            if HAS_BIAS:
+                tl.store(db_ptr + (b * NT + tb) * D + d, tl.sum(g, axis=0), mask=dmask)
+            for j in tl.static_range(W):
+                src = t + j - (W - 1)
+                from_x = tl.load(x_ptr + (b * T + src[:, None]) * D + d[None, :],
+                                 mask=(src[:, None] >= 0) & (src[:, None] < T) & dmask[None, :], other=0.0)
+                from_c = tl.load(c_ptr + (b * D + d[None, :]) * (W - 1) + (src[:, None] + W - 1),
+                                 mask=(src[:, None] < 0) & (t[:, None] < T) & dmask[None, :], other=0.0)
+                part = tl.sum(g * (from_x.to(tl.float32) + from_c.to(tl.float32)), axis=0)
+                tl.store(dw_ptr + ((b * NT + tb) * D + d) * W + j, part, mask=dmask)
+    tl.store(dx_ptr + (b * T + t[:, None]) * D + d[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=(t[:, None] < T) & dmask[None, :])
+
+
+CONV_BT, CONV_BD = 64, 128
+
+
+def conv_silu_fwd(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(depthwise causal conv + bias) of contiguous x [B, T, D] continuing contiguous cache [B, D, W-1];
+    weight [D, W] contiguous."""
+    B, T, D = x.shape
+    y = torch.empty_like(x)
+    grid = (B, triton.cdiv(T, CONV_BT), triton.cdiv(D, CONV_BD))
+    _conv_fwd_kernel[grid](x, cache, weight, bias if bias is not None else weight, y, T, D, W=weight.shape[1],
+                           HAS_BIAS=bias is not None, BT=CONV_BT, BD=CONV_BD, num_warps=4)
+    return y
+
+
+def conv_silu_bwd(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  dy: torch.Tensor):
+    """(dx in x's dtype, dweight fp32 [D, W], dbias fp32 [D] or None) of conv_silu_fwd (no gradient for the cache)."""
+    B, T, D = x.shape
+    W = weight.shape[1]
+    nt = triton.cdiv(T, CONV_BT)
+    dx = torch.empty_like(x)
+    dw = torch.empty(B, nt, D, W, dtype=torch.float32, device=x.device)
+    db = torch.empty(B, nt, D, dtype=torch.float32, device=x.device) if bias is not None else None
+    _conv_bwd_kernel[(B, nt, triton.cdiv(D, CONV_BD))](x, cache, weight, bias if bias is not None else weight, dy, dx,
+                                                       dw, db if db is not None else dw, T, D, nt, W=W,
+                                                       HAS_BIAS=bias is not None, BT=CONV_BT, BD=CONV_BD, num_warps=4)
+    return dx, dw.sum((0, 1)), None if db is None else db.sum((0, 1))

@@ -15,9 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.utils.checkpoint import checkpoint
-
-from gdn2.fused import gated_rms_norm
+from gdn2.fused import causal_conv_silu as causal_conv_silu  # noqa: F401  (the torch reference, re-exported)
+from gdn2.fused import gated_rms_norm, short_conv_silu
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
 
 # Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
@@ -67,29 +66,17 @@ class ShortConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D], cache [B, D, W-1] (the previous inputs; zeros when None) -> (y [B, T, D], new cache).
-        With autograd the conv is recomputed in the backward pass, so only x is kept (not its padded copy and
-        the pre-activation)."""
+        With autograd only x is kept (gdn2.fused.short_conv_silu: the conv is recomputed in the backward pass)."""
         B, T, D = x.shape
         if cache is None:
             cache = x.new_zeros(B, D, self.kernel_size - 1)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            y = checkpoint(causal_conv_silu, x, cache, self.weight, self.bias, use_reentrant=False)
-        else:
-            y = causal_conv_silu(x, cache, self.weight, self.bias)
+        y = short_conv_silu(x, cache, self.weight, self.bias)
         # a copy, not a view: a view would keep the whole [B, T, D] input alive in the decoding cache
         if T >= self.kernel_size - 1:
             new_cache = x[:, T - (self.kernel_size - 1):].transpose(1, 2).clone(memory_format=torch.contiguous_format)
         else:
             new_cache = torch.cat([cache.to(x.dtype), x.transpose(1, 2)], dim=-1)[..., T:].contiguous()
         return y, new_cache
-
-
-def causal_conv_silu(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """SiLU(depthwise causal conv) of x [B, T, D] continuing the inputs cache [B, D, W-1]; weight [D, 1, W]."""
-    xt = x.transpose(1, 2)
-    padded = torch.cat([cache.to(xt.dtype), xt], dim=-1)                           # [B, D, W-1+T]
-    y = F.conv1d(padded, weight.to(xt.dtype), bias, groups=x.shape[-1])            # [B, D, T]
-    return F.silu(y.transpose(1, 2))
 
 
 class GatedRMSNorm(nn.Module):

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from gdn2 import GDN2ForCausalLM, named_config
-from gdn2.fused import gated_rms_norm, linear_cross_entropy, rms_norm, silu_mul, swiglu_down
-from gdn2.layer import ShortConvolution, causal_conv_silu
+from gdn2.fused import (causal_conv_silu, gated_rms_norm, linear_cross_entropy, rms_norm, short_conv_silu, silu_mul,
+                        swiglu_down)
+from gdn2.layer import ShortConvolution
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -185,9 +186,12 @@ def test_triton_kernels_keep_dtypes_and_shapes_in_bf16():
     g = torch.Generator().manual_seed(6)
     x, gate, up = (torch.randn(2, 5, 3, 64, generator=g).bfloat16() for _ in range(3))
     w = 1 + 0.3 * torch.randn(64, generator=g)
+    conv_x, conv_w = torch.randn(2, 9, 64, generator=g).bfloat16(), torch.randn(64, 1, 4, generator=g) * 0.5
+    cache = torch.zeros(2, 64, 3, dtype=torch.bfloat16)
     for fn, args in ((lambda x, z, w, b: gated_rms_norm(x, z, w, 1e-5, "silu", backend=b), (x, gate, w)),
                      (lambda x, w, b: rms_norm(x, w, 1e-5, backend=b), (x, w)),
-                     (lambda a, u, b: silu_mul(a, u, backend=b), (gate, up))):
+                     (lambda a, u, b: silu_mul(a, u, backend=b), (gate, up)),
+                     (lambda c, w, b: short_conv_silu(c, cache, w, None, backend=b), (conv_x, conv_w))):
         out_t, grads_t = grads_of(lambda *t: fn(*t, "triton"), *args)
         out_p, grads_p = grads_of(lambda *t: fn(*t, "torch"), *args)
         assert out_t.dtype == args[0].dtype and out_t.shape == args[0].shape
@@ -241,3 +245,22 @@ def test_swiglu_down_under_autocast_matches_an_autocast_linear():
     assert fused[0].dtype == torch.bfloat16 and fused[1][2].dtype == torch.float32
     assert_same((fused[0].float(), [t.float() for t in fused[1]]), (plain[0].float(), [t.float() for t in plain[1]]),
                 tol=2e-2)
+
+
+@pytest.mark.parametrize("width,bias", [(4, False), (4, True), (2, True)])
+def test_triton_short_conv_equals_the_torch_conv(width, bias):
+    """The conv kernels (interpreter) against F.conv1d: outputs and the gradients of x, weight and bias, with a
+    carried cache, T and D not multiples of the kernel's blocks."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 70, 130, generator=g)
+    cache = torch.randn(2, 130, width - 1, generator=g)
+    weight = torch.randn(130, 1, width, generator=g) * 0.5
+    b = torch.randn(130, generator=g) * 0.1 if bias else None
+    leaves = (x, weight) + ((b,) if bias else ())
+
+    def run(backend):
+        return lambda x, w, *rest: short_conv_silu(x, cache, w, rest[0] if rest else None, backend=backend)
+
+    assert_same(grads_of(run("triton"), *leaves),
+                grads_of(lambda x, w, *rest: causal_conv_silu(x, cache, w, rest[0] if rest else None), *leaves),
+                tol=1e-5)
