@@ -62,8 +62,8 @@ def check_kernels() -> None:
              lambda b: lambda o, z, w: gated_rms_norm(o, z, w, 1e-5, "sigmoid", backend=b), (o, z, wo)),
             ("swiglu_down [4096, 6208] -> 2304",
              lambda b: lambda g, u, w: swiglu_down(g, u, w, backend=b), (gate, up, down)),
-            ("short_conv_silu [2, 2048, 2048] W=4", lambda b: lambda c, w: short_conv_silu(c, cache, w, None, backend=b),
-             (cx, cw)),
+            ("short_conv_silu [2, 2048, 2048] W=4",
+             lambda b: lambda c, w: short_conv_silu(c, cache, w, None, backend=b), (cx, cw)),
         ):
             report(f"{label} {name}", with_grads(fn("triton"), *args), with_grads(fn("torch"), *args), tol)
     hidden = torch.randn(8192, 2304, device=dev)
