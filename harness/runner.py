@@ -582,12 +582,20 @@ class SweepRunner:
                 return
 
     def _evaluate_batches(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress) -> None:
-        """batch_size samples per task.evaluate_batch call, each stored as its own row; a batch that fails is run
-        again one sample at a time, so each failure row is its own sample's."""
+        """batch_size samples per task.evaluate_batch call, each stored as its own row; a batch that fails (out of
+        memory included) is run again one sample at a time, with the per-sample retries, so each failure row is its
+        own sample's."""
         for i in range(0, len(todo), self.plan.batch_size):
             batch = todo[i:i + self.plan.batch_size]
             t = time.time()
-            results, _, _ = evaluate_with_retries(lambda: task.evaluate_batch(model, batch), model)
+            try:
+                results = task.evaluate_batch(model, batch)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:  # noqa: BLE001 - the samples are retried one by one below
+                results = None
+                if is_oom(err):
+                    free_memory()
             if results is None:
                 self._evaluate_each(model, task, batch, key, cell, bar, batched=False)
             else:

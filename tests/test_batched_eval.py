@@ -193,3 +193,50 @@ def test_lm_eval_plugin_batch_size_gives_the_batch_one_results():
     assert HarnessLM(model=runner_model).describe()["batch_size"] == 4       # kept when lm-eval names none
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         HarnessLM(model=runner_model, batch_size=0)
+
+
+class FailingBatchTask:
+    """Its batches fail (out of memory or an error); alone, sample 2 fails and the others pass."""
+
+    uses_length = True
+    name = "failing_batch"
+
+    def __init__(self, oom: bool = False):
+        self.oom, self.batch_calls = oom, 0
+
+    def samples(self, model, length, num_samples, seed):
+        from harness.eval_task import Sample
+
+        return [Sample(index=i, payload={"i": i}) for i in range(num_samples)]
+
+    def evaluate(self, model, sample):
+        from harness.eval_task import SampleResult
+
+        if sample.index == 2:
+            raise ValueError("sample 2 cannot be scored")
+        return SampleResult(index=sample.index, score=100.0, prediction=str(sample.index))
+
+    def evaluate_batch(self, model, samples):
+        self.batch_calls += 1
+        raise RuntimeError("CUDA out of memory (batch)" if self.oom else "the batch failed")
+
+
+@pytest.mark.parametrize("oom", [False, True])
+def test_runner_reruns_a_failed_batch_one_sample_at_a_time(tmp_path, oom, monkeypatch):
+    from harness import task_adapters
+    from harness.runner import CellPlan, Plan, SweepRunner
+    from harness.store import ResultsStore
+
+    task = FailingBatchTask(oom)
+    monkeypatch.setattr(task_adapters, "resolve_task", lambda name, options=None, offline=True: task)
+    tiny = load_model("gdn2-tiny-random", device="cpu")
+    plan = Plan(models=["gdn2-tiny-random"], cells=[CellPlan("failing_batch", [16])], samples=5, device="cpu",
+                batch_size=3)
+    with ResultsStore(tmp_path) as store:
+        summary = SweepRunner(plan, store, progress=False, log=lambda m: None, loader=lambda spec: tiny).run()
+    assert task.batch_calls == 2 and [(c.ok, c.failed) for c in summary.cells] == [(4, 1)]
+    conn = sqlite3.connect(tmp_path / "results.sqlite")
+    rows = conn.execute("SELECT sample_index, status, error_kind, error FROM samples ORDER BY sample_index").fetchall()
+    conn.close()
+    assert [(i, status) for i, status, _, _ in rows] == [(0, "ok"), (1, "ok"), (2, "error"), (3, "ok"), (4, "ok")]
+    assert rows[2][2] == "exception" and "sample 2 cannot be scored" in rows[2][3]
