@@ -40,7 +40,7 @@ def with_grads(fn, *tensors):
 
 
 def check_kernels() -> None:
-    from gdn2.fused import gated_rms_norm, linear_cross_entropy, rms_norm, short_conv_silu, swiglu_down
+    from gdn2.fused import decay, gated_rms_norm, linear_cross_entropy, rms_norm, short_conv_silu, swiglu_down
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -53,6 +53,8 @@ def check_kernels() -> None:
         down = torch.randn(2304, 6208, device=dev) * 0.02
         cx = torch.randn(2, 2048, 2048, device=dev).to(dtype)
         cw, cache = torch.randn(2048, 1, 4, device=dev) * 0.5, torch.randn(2, 2048, 3, device=dev).to(dtype)
+        f = (torch.randn(8192, 2048, device=dev) * 4).to(dtype)
+        a_log, dt_bias = torch.empty(16, device=dev).uniform_(0, 2.7), torch.randn(2048, device=dev)
         name = str(dtype).replace("torch.", "")
         for label, fn, args in (
             ("rms_norm [8192, 2304]", lambda b: lambda x, w: rms_norm(x, w, 1e-5, backend=b), (x, w)),
@@ -64,6 +66,8 @@ def check_kernels() -> None:
              lambda b: lambda g, u, w: swiglu_down(g, u, w, backend=b), (gate, up, down)),
             ("short_conv_silu [2, 2048, 2048] W=4",
              lambda b: lambda c, w: short_conv_silu(c, cache, w, None, backend=b), (cx, cw)),
+            ("decay [8192, 2048], 16 heads", lambda b: lambda f, a, d: decay(f, a, d, 128, backend=b),
+             (f, a_log, dt_bias)),
         ):
             report(f"{label} {name}", with_grads(fn("triton"), *args), with_grads(fn("torch"), *args), tol)
     hidden = torch.randn(8192, 2304, device=dev)

@@ -9,6 +9,7 @@
 - silu_mul(gate, up)                         silu(gate) * up; saves gate and up
 - swiglu_down(gate, up, weight)              F.linear(silu(gate) * up, weight); saves gate and up, not the product
 - short_conv_silu(x, cache, weight, bias)    SiLU(depthwise causal conv) of x [B, T, D]; saves x only
+- decay(f, A_log, dt_bias, head_dim)         -exp(A_log) * softplus(f + dt_bias) (fp32); saves f only
 
 The norms and silu_mul recompute their fp32 intermediates in the backward pass instead of keeping them: autograd
 of the plain expressions keeps two to four fp32 copies of every activation they touch. On CUDA they run as one
@@ -315,3 +316,39 @@ def short_conv_silu(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, 
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return checkpoint(causal_conv_silu, x, cache, weight, bias, use_reentrant=False)
     return causal_conv_silu(x, cache, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------ decay gate
+def decay_reference(f: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """g = -exp(A_log) (per head, repeated over its head_dim channels) * softplus(f + dt_bias), fp32 (as the mixer
+    writes it in torch ops)."""
+    return -_wide(a_log).exp().repeat_interleave(head_dim) * F.softplus(_wide(f) + dt_bias)
+
+
+class DecayFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f, a_log, dt_bias, head_dim):
+        from gdn2.fused_kernels import decay_fwd
+
+        rows = f.reshape(-1, f.shape[-1]).contiguous()
+        ctx.save_for_backward(rows, a_log, dt_bias)
+        ctx.head_dim, ctx.shape = head_dim, f.shape
+        return decay_fwd(rows, a_log.float().contiguous(), dt_bias.float().contiguous(), head_dim).view(f.shape)
+
+    @staticmethod
+    def backward(ctx, grad_g):
+        from gdn2.fused_kernels import decay_bwd
+
+        rows, a_log, dt_bias = ctx.saved_tensors
+        df, da, ddt = decay_bwd(rows, a_log.float().contiguous(), dt_bias.float().contiguous(), ctx.head_dim,
+                                grad_g.reshape(rows.shape).float().contiguous())
+        return df.view(ctx.shape), da.to(a_log.dtype), ddt.to(dt_bias.dtype), None
+
+
+def decay(f: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, head_dim: int,
+          backend: str = "auto") -> torch.Tensor:
+    """decay_reference keeping only f (in its own dtype, bf16 under autocast) for the backward pass instead of three
+    fp32 copies: one Triton kernel per pass on CUDA, the torch expression elsewhere. f [..., H * head_dim]."""
+    if _backend(f, backend) == "triton":
+        return DecayFunction.apply(f, a_log, dt_bias, head_dim)
+    return decay_reference(f, a_log, dt_bias, head_dim)

@@ -259,3 +259,68 @@ def conv_silu_bwd(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bi
                                                        dw, db if db is not None else dw, T, D, nt, W=W,
                                                        HAS_BIAS=bias is not None, BT=CONV_BT, BD=CONV_BD, num_warps=4)
     return dx, dw.sum((0, 1)), None if db is None else db.sum((0, 1))
+
+
+# ------------------------------------------------------------------------------------------ decay gate
+@triton.jit
+def _decay_fwd_kernel(f_ptr, a_ptr, dt_ptr, g_ptr, N, D, K, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """g[n, c] = -exp(A_log[c // K]) * softplus(f[n, c] + dt_bias[c]) (fp32)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < D
+    mask = (rows[:, None] < N) & cmask[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    z = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32) + \
+        tl.load(dt_ptr + cols, mask=cmask, other=0.0)[None, :]
+    a = tl.exp(tl.load(a_ptr + cols // K, mask=cmask, other=0.0))
+    softplus = tl.where(z > 20.0, z, tl.log(1 + tl.exp(tl.minimum(z, 20.0))))
+    tl.store(g_ptr + offs, -a[None, :] * softplus, mask=mask)
+
+
+@triton.jit
+def _decay_bwd_kernel(f_ptr, a_ptr, dt_ptr, dg_ptr, df_ptr, ddt_ptr, da_ptr, N, D, K, ROWS: tl.constexpr,
+                      ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """df = dg * -a * sigmoid(z); per-program column sums of df (dt_bias) and of dg * -a * softplus(z) (A_log)."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < D
+    dt = tl.load(dt_ptr + cols, mask=cmask, other=0.0)[None, :]
+    a = tl.exp(tl.load(a_ptr + cols // K, mask=cmask, other=0.0))[None, :]
+    ddt = tl.zeros([BLOCK], dtype=tl.float32)
+    da = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in range(ITERS):
+        rows = (pid * ITERS + it) * ROWS + tl.arange(0, ROWS)
+        mask = (rows[:, None] < N) & cmask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        z = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32) + dt
+        dg = tl.load(dg_ptr + offs, mask=mask, other=0.0)
+        softplus = tl.where(z > 20.0, z, tl.log(1 + tl.exp(tl.minimum(z, 20.0))))
+        dz = tl.where(mask, -a * dg * tl.sigmoid(z), 0.0)
+        tl.store(df_ptr + offs, dz.to(df_ptr.dtype.element_ty), mask=mask)
+        ddt += tl.sum(dz, axis=0)
+        da += tl.sum(tl.where(mask, -a * dg * softplus, 0.0), axis=0)
+    tl.store(ddt_ptr + pid * D + cols, ddt, mask=cmask)
+    tl.store(da_ptr + pid * D + cols, da, mask=cmask)
+
+
+def decay_fwd(f: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """g [N, D] fp32 from contiguous f [N, D] (D = H * head_dim), A_log [H] and dt_bias [D] (fp32)."""
+    N, D = f.shape
+    g = torch.empty(N, D, dtype=torch.float32, device=f.device)
+    block, rows, warps = _tile(D)
+    _decay_fwd_kernel[(triton.cdiv(N, rows),)](f, a_log, dt_bias, g, N, D, head_dim, ROWS=rows, BLOCK=block,
+                                              num_warps=warps)
+    return g
+
+
+def decay_bwd(f: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, head_dim: int, dg: torch.Tensor):
+    """(df in f's dtype, dA_log fp32 [H], ddt_bias fp32 [D]) of decay_fwd; dg contiguous fp32 [N, D]."""
+    N, D = f.shape
+    block, rows, warps = _tile(D)
+    programs = triton.cdiv(N, rows * BACKWARD_TILES)
+    df = torch.empty_like(f)
+    ddt = torch.empty(programs, D, dtype=torch.float32, device=f.device)
+    da = torch.empty(programs, D, dtype=torch.float32, device=f.device)
+    _decay_bwd_kernel[(programs,)](f, a_log, dt_bias, dg, df, ddt, da, N, D, head_dim, ROWS=rows,
+                                   ITERS=BACKWARD_TILES, BLOCK=block, num_warps=warps)
+    return df, da.sum(0).reshape(-1, head_dim).sum(1), ddt.sum(0)

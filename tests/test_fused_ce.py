@@ -264,3 +264,21 @@ def test_triton_short_conv_equals_the_torch_conv(width, bias):
     assert_same(grads_of(run("triton"), *leaves),
                 grads_of(lambda x, w, *rest: causal_conv_silu(x, cache, w, rest[0] if rest else None), *leaves),
                 tol=1e-5)
+
+
+def test_triton_decay_equals_the_mixer_expression():
+    """The decay kernels (interpreter) against the mixer's torch expression: g and the gradients of f, A_log and
+    dt_bias; f in bf16 as autocast hands it over, f large enough to reach softplus's linear branch."""
+    from gdn2.fused import decay, decay_reference
+
+    g = torch.Generator().manual_seed(13)
+    f = (torch.randn(37, 6 * 16, generator=g) * 8).bfloat16()
+    a_log = torch.empty(6).uniform_(0, 2.7, generator=g)
+    dt_bias = torch.randn(6 * 16, generator=g)
+    fused = grads_of(lambda f, a, d: decay(f, a, d, 16, backend="triton"), f, a_log, dt_bias)
+    plain = grads_of(lambda f, a, d: decay_reference(f, a, d, 16), f, a_log, dt_bias)
+    assert fused[0].dtype == torch.float32 and fused[1][0].dtype == torch.bfloat16
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1][0].float(), plain[1][0].float(), rtol=1e-2, atol=1e-2)   # bf16 df
+    for got, want in zip(fused[1][1:], plain[1][1:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
