@@ -1,4 +1,5 @@
-"""Memory-lean autograd pieces of the model's training path (plain PyTorch; same values as the unfused ops).
+"""Memory-lean autograd pieces of the model's training path (torch ops, and Triton kernels on CUDA for all but the
+cross-entropy; the values of the unfused expressions).
 
 - linear_cross_entropy(hidden [N, d], weight [V, d], labels [N])  mean cross-entropy of hidden @ weight^T without
   ever holding the [N, V] logits: tokens run in chunks, and each chunk's gradients (wrt hidden and weight) are
@@ -11,9 +12,9 @@
 - short_conv_silu(x, cache, weight, bias)    SiLU(depthwise causal conv) of x [B, T, D]; saves x only
 - decay(f, A_log, dt_bias, head_dim)         -exp(A_log) * softplus(f + dt_bias) (fp32); saves f only
 
-The norms and silu_mul recompute their fp32 intermediates in the backward pass instead of keeping them: autograd
-of the plain expressions keeps two to four fp32 copies of every activation they touch. On CUDA they run as one
-Triton kernel per pass (gdn2/fused_kernels.py) instead of four to ten elementwise launches.
+The others recompute their intermediates in the backward pass instead of keeping them: autograd of the plain
+expressions keeps two to four fp32 copies of every activation they touch. On CUDA each runs as one Triton kernel per
+pass (gdn2/fused_kernels.py) instead of four to ten elementwise launches; backend="torch" forces the torch ops.
 """
 from __future__ import annotations
 
