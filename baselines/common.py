@@ -195,9 +195,10 @@ LayerStates = RecurrentCache
 
 @dataclass
 class LMOutput:
-    """What the LM shell returns: logits [B, T', vocab] and the cache (LayerStates or None)."""
+    """What the LM shell returns: logits [B, T', vocab] (None when a training loss was asked for) and the cache
+    (LayerStates or None)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     past_key_values: LayerStates | None = None
     loss: torch.Tensor | None = None
 
@@ -239,11 +240,17 @@ class MixerStackLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, past_key_values: LayerStates | None = None,
                 use_cache: bool = False, logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **unused) -> LMOutput:
-        """input_ids [B, T]; attention_mask, if given, must be all ones (padding would enter the state)."""
+        """input_ids [B, T]; attention_mask, if given, must be all ones (padding would enter the state). With
+        labels and autograd on, the loss is gdn2.fused's chunked linear cross-entropy and logits is None."""
         check_forward_args(attention_mask, unused)
         x, past_key_values = run_layers(self.model.layers, self.model.embeddings(input_ids), past_key_values,
                                         use_cache)
         x = self.model.norm(x)
+        if labels is not None and torch.is_grad_enabled():
+            from gdn2.fused import causal_lm_loss
+
+            return LMOutput(logits=None, past_key_values=past_key_values if use_cache else None,
+                            loss=causal_lm_loss(x, self.lm_head.weight, labels))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)

@@ -88,15 +88,31 @@ def check_forward_args(attention_mask: torch.Tensor | None, extra_kwargs: dict) 
         raise TypeError(f"unexpected arguments {sorted(unknown)}")
 
 
-def run_layers(layers: nn.ModuleList, x: torch.Tensor, cache: RecurrentCache | None, use_cache: bool) -> tuple:
-    """x [B, T, d] through every layer (layer(x, state, use_cache) -> (x, new_state)), states read from and written
-    to `cache` (created when use_cache and None). Returns (x, cache)."""
+def left_padding_mask(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+    """The [B, num_tokens] token mask (1 = token, 0 = padding) of the current input from an attention mask
+    [B, seen + num_tokens], None when nothing is padded. Only left padding is accepted: it is what a recurrent
+    state can skip exactly; padding after a token would sit between the prompt and what is generated next."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    mask = attention_mask.bool()
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError("attention_mask has padding after a token (right padding or a hole); a recurrent model "
+                         "takes left padding only: pad on the left (tokenizer.padding_side = 'left')")
+    if mask.shape[1] < num_tokens:
+        raise ValueError(f"attention_mask covers {mask.shape[1]} positions but the input has {num_tokens} tokens")
+    return mask[:, mask.shape[1] - num_tokens:]
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, cache: RecurrentCache | None, use_cache: bool,
+               **layer_kwargs) -> tuple:
+    """x [B, T, d] through every layer (layer(x, state, use_cache, **layer_kwargs) -> (x, new_state)), states read
+    from and written to `cache` (created when use_cache and None). Returns (x, cache)."""
     if use_cache and cache is None:
         cache = RecurrentCache(len(layers))
     if cache is not None and not isinstance(cache, RecurrentCache):
         raise TypeError(f"past_key_values must be a RecurrentCache; got {type(cache).__name__}")
     for i, layer in enumerate(layers):
-        x, new_state = layer(x, cache.states[i] if cache is not None else None, use_cache)
+        x, new_state = layer(x, cache.states[i] if cache is not None else None, use_cache, **layer_kwargs)
         if use_cache:
             cache.states[i] = new_state
     if use_cache:

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gdn2.configuration import GATE_GRANULARITIES
+from gdn2.fused import causal_conv_silu as causal_conv_silu  # noqa: F401  (the torch reference, re-exported)
+from gdn2.fused import gated_rms_norm, short_conv_silu
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
 
 # Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
@@ -66,15 +68,18 @@ class ShortConvolution(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, D], cache [B, D, W-1] (the previous inputs; zeros when None) -> (y [B, T, D], new cache)."""
+        """x [B, T, D], cache [B, D, W-1] (the previous inputs; zeros when None) -> (y [B, T, D], new cache).
+        With autograd only x is kept (gdn2.fused.short_conv_silu: the conv is recomputed in the backward pass)."""
         B, T, D = x.shape
-        xt = x.transpose(1, 2)
         if cache is None:
-            cache = xt.new_zeros(B, D, self.kernel_size - 1)
-        padded = torch.cat([cache.to(xt.dtype), xt], dim=-1)                 # [B, D, W-1+T]
-        y = F.conv1d(padded, self.weight.to(xt.dtype), self.bias, groups=D)  # [B, D, T]
-        new_cache = padded[..., padded.shape[-1] - (self.kernel_size - 1):]
-        return F.silu(y.transpose(1, 2)), new_cache
+            cache = x.new_zeros(B, D, self.kernel_size - 1)
+        y = short_conv_silu(x, cache, self.weight, self.bias)
+        # a copy, not a view: a view would keep the whole [B, T, D] input alive in the decoding cache
+        if T >= self.kernel_size - 1:
+            new_cache = x[:, T - (self.kernel_size - 1):].transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        else:
+            new_cache = torch.cat([cache.to(x.dtype), x.transpose(1, 2)], dim=-1)[..., T:].contiguous()
+        return y, new_cache
 
 
 class GatedRMSNorm(nn.Module):
@@ -87,10 +92,7 @@ class GatedRMSNorm(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        act = F.silu if self.activation == "silu" else torch.sigmoid
-        return (y * act(gate.float())).to(x.dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps, self.activation)
 
 
 class GatedDeltaNet2(nn.Module):
@@ -167,11 +169,15 @@ class GatedDeltaNet2(nn.Module):
         self.dt_bias.copy_(inverse_softplus_dt(self.dt_bias.numel()))
 
     def forward(
-        self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False
+        self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, GDN2LayerState | None]:
-        """hidden_states [B, T, d]; state: the carried state (None at the start of a sequence).
+        """hidden_states [B, T, d]; state: the carried state (None at the start of a sequence); token_mask [B, T]
+        (1 = token, 0 = left padding; None: all tokens): padding leaves the state and the conv inputs as they were.
         Returns y [B, T, d] and the state after the last token (when use_cache, else None)."""
         B, T, _ = hidden_states.shape
+        if token_mask is not None:     # zero inputs: q = k = v = 0 there and the short convs carry zeros
+            hidden_states = hidden_states * token_mask[..., None].to(hidden_states.dtype)
         q, k, v, conv_states = short_conv_qkv(self, hidden_states, state)
         g = -self.A_log.float().exp().repeat_interleave(self.head_k_dim) * F.softplus(
             self.f_proj(hidden_states).float() + self.dt_bias
@@ -186,6 +192,8 @@ class GatedDeltaNet2(nn.Module):
         b = b.reshape(B, T, self.num_heads, -1).expand(B, T, self.num_heads, self.head_k_dim)
         w = w.reshape(B, T, self.num_v_heads, -1).expand(B, T, self.num_v_heads, self.head_v_dim)
         previous = state.recurrent_state if state is not None else None
+        if token_mask is not None:     # no decay at padding; with k = 0 the delta update is zero, so S passes unchanged
+            g = g * token_mask[:, :, None, None].to(g.dtype)
         if previous is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
             recurrent = previous if use_cache else previous.clone()
             o, recurrent = recurrent_step_gdn2(q, k, v, g, b, w, recurrent, use_qk_l2norm_in_kernel=True)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from gdn2.cache import RecurrentCache, check_forward_args, run_layers
+from gdn2.cache import RecurrentCache, check_forward_args, left_padding_mask, run_layers
 from gdn2.configuration import GDN2Config
+from gdn2.fused import causal_lm_loss, rms_norm, swiglu_down
 from gdn2.layer import GatedDeltaNet2, GDN2LayerState
 
 
@@ -22,7 +23,7 @@ GDN2Cache = RecurrentCache
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight, computed in fp32."""
+    """y = x / rms(x) * weight, computed in fp32 (gdn2.fused.rms_norm: keeps x and 1/rms for the backward)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -30,12 +31,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLUMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases."""
+    """down(silu(gate(x)) * up(x)), no biases (gdn2.fused.swiglu_down: the product is recomputed in the backward)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -44,7 +44,7 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu_down(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 
 class GDN2Block(nn.Module):
@@ -71,8 +71,8 @@ class GDN2Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, state: GDN2LayerState | None, use_cache: bool):
-        mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache)
+    def forward(self, x, state: GDN2LayerState | None, use_cache: bool, token_mask: torch.Tensor | None = None):
+        mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, token_mask=token_mask)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
         return x, new_state
@@ -81,7 +81,7 @@ class GDN2Block(nn.Module):
 class GDN2PreTrainedModel(PreTrainedModel):
     config_class = GDN2Config
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["GDN2Block"]
 
     @torch.no_grad()
@@ -107,6 +107,7 @@ class GDN2Model(GDN2PreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([GDN2Block(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.gradient_checkpointing = False      # set by gradient_checkpointing_enable(): recompute each block
         self.post_init()
 
     def get_input_embeddings(self):
@@ -124,14 +125,25 @@ class GDN2Model(GDN2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """input_ids [B, T] (or inputs_embeds [B, T, d]). attention_mask, if given, must be all ones: padding is
-        not supported because padded tokens would flow into the recurrent state."""
-        check_forward_args(attention_mask, kwargs)
+        """input_ids [B, T] (or inputs_embeds [B, T, d]). attention_mask [B, seen + T] may mark left padding
+        (0s before a row's tokens; what generate() gets from a tokenizer with padding_side='left'): padded positions
+        leave every recurrent state and conv input unchanged, so each row computes what it computes alone. Right
+        padding is refused (it would sit between a prompt and its continuation)."""
+        check_forward_args(None, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        x, past_key_values = run_layers(self.layers, x, past_key_values, use_cache)
+        token_mask = left_padding_mask(attention_mask, x.shape[1])
+        layer_kwargs = {"token_mask": token_mask} if token_mask is not None else {}
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if use_cache:
+                raise ValueError("gradient checkpointing recomputes blocks in the backward pass and carries no "
+                                 "cache: pass use_cache=False")
+            for layer in self.layers:           # each block's inputs kept, its inside recomputed in the backward
+                x, _ = self._gradient_checkpointing_func(layer.__call__, x, None, False, **layer_kwargs)
+        else:
+            x, past_key_values = run_layers(self.layers, x, past_key_values, use_cache, **layer_kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
 
 
@@ -172,7 +184,10 @@ class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [B, T, vocab] (fp32-upcast is left to the caller); loss when labels [B, T] are given (shifted
-        inside, -100 ignored). logits_to_keep > 0 computes only the last that many positions' logits."""
+        inside, -100 ignored). logits_to_keep > 0 computes only the last that many positions' logits.
+        With labels and autograd on (training), the loss is the chunked linear cross-entropy (gdn2.fused) and the
+        logits are not formed (None): [tokens, vocab] fp32 logits and their gradient would be the largest
+        activations of the step."""
         out = self.model(
             input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
             use_cache=use_cache, attention_mask=attention_mask, **kwargs,
@@ -180,6 +195,9 @@ class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with labels")
         hidden = out.last_hidden_state
+        if labels is not None and torch.is_grad_enabled():
+            loss = causal_lm_loss(hidden, self.lm_head.weight, labels)
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -192,11 +210,12 @@ class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
-        """Feed only the tokens the cache has not seen yet."""
+        """Feed only the tokens the cache has not seen yet (the attention mask goes along: left padding is skipped
+        exactly, right padding refused)."""
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             input_ids = input_ids[:, past_key_values.get_seq_length():]
             inputs_embeds = None
-        inputs = {"past_key_values": past_key_values, "use_cache": use_cache}
+        inputs = {"past_key_values": past_key_values, "use_cache": use_cache, "attention_mask": attention_mask}
         if inputs_embeds is not None:
             inputs["inputs_embeds"] = inputs_embeds
         else:

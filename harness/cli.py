@@ -6,7 +6,7 @@
     python run_eval.py report runs/t3                    # tables (md, tex, csv), plots, exports
     python run_eval.py list models|tasks|suites
     python run_eval.py generate --task niah_single_1 --length 2k --samples 5 --tokenizer offline:bpe
-    python run_eval.py bench kernels|ruler [-- args for the benchmark script]
+    python run_eval.py bench kernels|ruler|models [-- args for the benchmark script]
     python run_eval.py doctor
     torchrun --nproc-per-node 4 run_eval.py run ...      # samples of every cell sharded across the ranks
 """
@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = {"kernels": "benchmarks/bench_kernels.py", "ruler": "benchmarks/bench_ruler_generate.py"}
+BENCHMARKS = {"kernels": "benchmarks/bench_kernels.py", "ruler": "benchmarks/bench_ruler_generate.py",
+              "models": "benchmarks/bench_models.py"}
 DEFAULT_OUTPUT = Path("runs") / "default"
 
 EPILOG = """\
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokenizer folder or tokenizer.json for models whose spec names none (checkpoints that "
                          "ship no tokenizer, e.g. state-spaces Mamba folders); a spec's ,tokenizer= wins")
     hw.add_argument("--batch-size", type=int, default=1,
-                    help="recorded; recurrent models run batch 1 (padding would leak into the state)")
+                    help="samples evaluated together (each prompt prefilled alone, then decoded or scored in "
+                         "batches; no padding enters a recurrent state); results equal batch 1's")
     hw.add_argument("--online", action="store_true",
                     help="lm-eval tasks: use lm-eval's own datasets from the HF hub instead of the offline copies")
     hw.add_argument("--allow-longer-context", action="store_true",
@@ -226,6 +228,10 @@ def make_plan(args: argparse.Namespace):
     resolve_tasks(plan)          # unknown task names (lm-eval's included) are refused before any model loads
     if args.haystack_file:
         set_essay_haystack(plan, args.haystack_file)
+    if not plan.models:
+        raise SystemExit("error: no models: pass --models SPEC ... (see `run_eval.py list models`)")
+    if plan.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be a positive integer; got {plan.batch_size}")
     return plan
 
 

@@ -8,9 +8,10 @@ allow_longer_context, max_length (window of loglikelihood_rolling), rolling ("wi
 truncate_input_to (left-truncate every input to this many tokens, recorded), segment. In Python, `model=` takes an
 already loaded EvalModel instead of a spec.
 
-Semantics, request by request (batch size 1, always: padding would leak into a recurrent state, so none is used;
-lm-eval's --batch_size is accepted and ignored with a warning); inputs get special tokens as HFLM gives them
-(EvalModel.encode_input: the tokenizer's default, e.g. Llama's BOS, unless the spec says bos=true|false):
+Semantics, request by request. batch_size (lm-eval's --batch_size, or the loaded EvalModel's own when "auto" or
+absent) requests run together, with EvalModel's batching (harness/model.py): no padding enters a recurrent state and
+the results equal batch size 1's. Inputs get special tokens as HFLM gives them (EvalModel.encode_input: the
+tokenizer's default, e.g. Llama's BOS, unless the spec says bos=true|false):
 - loglikelihood: EvalModel.split_request's tokenisation (lm-eval's _encode_pair: trailing context whitespace moved
   to the continuation, the context encoded alone, the continuation = what the whole string adds past it, empty
   context -> prefix token); the whole input runs with the state carried, no truncation. A model with a hard context limit refuses a longer input
@@ -63,13 +64,12 @@ class HarnessLM(LM):
     def __init__(self, spec: str | None = None, model: EvalModel | None = None, device: str = "auto",
                  dtype: str = "auto", tokenizer: str | None = None, allow_longer_context: bool = False,
                  max_length: int | None = None, rolling: str = "windows", truncate_input_to: int | None = None,
-                 segment: int | None = None, batch_size: Any = 1, max_batch_size: Any = None, **unused: Any) -> None:
+                 segment: int | None = None, batch_size: Any = None, max_batch_size: Any = None, **unused: Any) -> None:
         super().__init__()
         if unused:
             log.warning("harness LM: ignoring model_args %s (not used by this LM)", sorted(unused))
-        if batch_size not in (None, 1, "1", "auto") or max_batch_size not in (None, 1, "1"):
-            log.warning("harness LM runs batch size 1 (padding would leak into recurrent state); "
-                        "ignoring batch_size=%r max_batch_size=%r", batch_size, max_batch_size)
+        if max_batch_size not in (None, 1, "1"):
+            log.warning("harness LM: ignoring max_batch_size=%r (batch_size is the batch size)", max_batch_size)
         if model is None:
             if not spec:
                 raise ValueError("harness LM needs model_args spec=<bundled name | family=path | checkpoint folder>")
@@ -82,6 +82,10 @@ class HarnessLM(LM):
             raise ValueError(f"rolling must be 'windows' (lm-eval's disjoint windows) or 'carry'; got {rolling!r}")
         if segment:
             model.segment = int(segment)
+        if batch_size not in (None, "auto"):
+            if int(batch_size) < 1:
+                raise ValueError(f"batch_size must be a positive integer or 'auto'; got {batch_size!r}")
+            model.batch_size = int(batch_size)
         self.model = model
         self.rolling = rolling
         self.truncate_input_to = int(truncate_input_to) if truncate_input_to else None
@@ -118,7 +122,7 @@ class HarnessLM(LM):
 
     def describe(self) -> dict:
         """What results should record about this LM (model identity plus the request semantics in force)."""
-        return {**self.model.describe(), "batch_size": 1, "rolling": self.rolling,
+        return {**self.model.describe(), "batch_size": self.model.batch_size, "rolling": self.rolling,
                 "rolling_window": self.max_length if self.rolling == "windows" else None,
                 "truncate_input_to": self.truncate_input_to}
 
@@ -132,22 +136,37 @@ class HarnessLM(LM):
         self.truncations[key] = (len(ids), keep)
         return ids[len(ids) - keep:]
 
-    def _progress(self, requests, desc: str):
-        return tqdm(requests, desc=f"{self.model.name} {desc}", disable=len(requests) < 20, leave=False)
+    def _progress(self, items, desc: str, total: int | None = None, step: int = 1):
+        total = len(items) if total is None else total
+        bar = tqdm(total=total, desc=f"{self.model.name} {desc}", disable=total < 20, leave=False)
+        for item in items:
+            yield item
+            bar.update(min(step, total - bar.n))
+        bar.close()
 
     # ---------------------------------------------------------------- lm-eval API
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        results = []
-        for request in self._progress(requests, "loglikelihood"):
+        scored = []
+        for request in requests:
             context, continuation = request.args
             context_ids, continuation_ids = self.model.split_request(context, continuation)
             ids = self._truncate(context, context_ids + continuation_ids, keep_at_least=len(continuation_ids) + 1)
-            score_from = len(ids) - len(continuation_ids)
-            logprobs, greedy = self.model.token_logprobs(ids, score_from=score_from)
+            scored.append((ids, len(ids) - len(continuation_ids)))
+        results = []
+        for request, (logprobs, greedy) in zip(requests, self._score(scored, "loglikelihood")):
             result = (float(logprobs.sum()), bool(greedy.all()))
-            self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
             results.append(result)
         return results
+
+    def _score(self, scored: list[tuple[list[int], int]], desc: str) -> list:
+        """EvalModel.token_logprobs_many over (ids, score_from) requests, in pieces of a few batches so that the
+        progress bar moves."""
+        step = 8 * self.model.batch_size
+        out = []
+        for start in self._progress(range(0, len(scored), step), desc, total=len(scored), step=step):
+            out += self.model.token_logprobs_many(scored[start:start + step])
+        return out
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
         """(context ids, predicted ids) of each disjoint window of text, exactly as lm-eval's HFLM builds them."""
@@ -157,23 +176,24 @@ class HarnessLM(LM):
         return [make_disjoint_window(w) for w in windows]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        results = []
-        for request in self._progress(requests, "loglikelihood_rolling"):
-            (text,) = request.args
-            if self.rolling == "carry":
-                total = self.model.loglikelihood_rolling([text])[0]
-            else:
-                total = 0.0
-                for context_ids, predicted_ids in self.rolling_windows(text):
-                    logprobs, _ = self.model.token_logprobs(context_ids + predicted_ids, score_from=len(context_ids))
-                    total += float(logprobs.sum())
+        texts = [request.args[0] for request in requests]
+        if self.rolling == "carry":
+            totals = self.model.loglikelihood_rolling(texts)
+        else:
+            windows = [(i, context_ids + predicted_ids, len(context_ids)) for i, text in enumerate(texts)
+                       for context_ids, predicted_ids in self.rolling_windows(text)]
+            totals = [0.0] * len(texts)
+            for (i, _, _), (logprobs, _) in zip(windows, self._score([(ids, s) for _, ids, s in windows],
+                                                                      "loglikelihood_rolling")):
+                totals[i] += float(logprobs.sum())
+        for text, total in zip(texts, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-            results.append(total)
-        return results
+        return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        results = []
-        for request in self._progress(requests, "generate_until"):
+        """Requests sharing stop strings and max_gen_toks are decoded together (self.model.batch_size at a time)."""
+        groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        for i, request in enumerate(requests):
             context, gen_kwargs = request.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.pop("until", None) or []
@@ -183,8 +203,11 @@ class HarnessLM(LM):
                 log.warning("harness LM decodes greedily; ignoring sampling arguments %s", gen_kwargs)
                 self._warned_sampling = True
             prompt_ids = self.model.encode_input(context) if context else [self.model.prefix_token_id]
-            prompt_ids = self._truncate(context, prompt_ids)
-            text = self.model.greedy_text(prompt_ids, max_gen_toks, until)
-            self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
-            results.append(text)
+            groups.setdefault((tuple(until), max_gen_toks), []).append((i, self._truncate(context, prompt_ids)))
+        results: list = [None] * len(requests)
+        for (until, max_gen_toks), members in groups.items():
+            texts = self.model.greedy_texts([ids for _, ids in members], max_gen_toks, list(until))
+            for (i, _), text in zip(members, texts):
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                results[i] = text
         return results

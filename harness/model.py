@@ -6,15 +6,28 @@ An adapter hands over a causal LM module with the transformers calling conventio
         -> object with .logits [B, T', vocab] and .past_key_values
 
 and a tokenizer; everything else (log-likelihoods, greedy generation with the recurrent state carried, segment-wise
-scoring of long texts) is written once, here. Batch size is 1 throughout: padding would leak into recurrent state.
+scoring of long texts) is written once, here.
+
+Batches (batch_size > 1, the *_many methods and those built on them) never let padding into a recurrent state:
+- scoring right-pads a batch of sequences (sorted by length) and reads each row only at its real positions; the
+  models are causal, so padding after a sequence cannot change its earlier positions;
+- generation prefills each prompt on its own, stacks the per-sample caches along the batch axis
+  (harness/batching.py) and decodes all samples together one token per step; a sample that stops drops out.
+Both give the batch-1 results (up to floating-point summation order), tested per family in tests/test_batched_eval.py.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+
+from harness.batching import DecodeBatch, cache_signature, stack_caches
+from harness.graph_decode import MIN_TOKENS_FOR_GRAPH, StaticStep, static_step_possible
+
+log = logging.getLogger(__name__)
 
 # Long inputs are fed in segments of this many tokens, the cache carried between them (exact for every family).
 DEFAULT_SEGMENT = 2048
@@ -54,6 +67,10 @@ class EvalModel:
     segment: int = DEFAULT_SEGMENT      # default segment length for long inputs (the runner halves it after an OOM)
     check_finite: bool = False          # raise NonFiniteLogitsError when a forward pass returns NaN/Inf logits
     add_bos: bool | None = None         # inputs start with BOS: None = the tokenizer's default (lm-eval's HFLM rule)
+    batch_size: int = 1                 # sequences per forward pass in the *_many methods (1: one at a time)
+    # greedy steps from static buffers and a CUDA graph (harness/graph_decode.py): None = on CUDA where the cache
+    # allows it, True = wherever the cache allows it (on the CPU without the graph), False = never
+    static_decode: bool | None = None
 
     # ---------------------------------------------------------------- sizes
     def state_floats_per_layer(self) -> int:
@@ -112,8 +129,8 @@ class EvalModel:
             )
 
     # ---------------------------------------------------------------- forward
-    def _forward(self, ids: torch.Tensor, cache, keep: int):
-        out = self.lm(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    def _forward(self, ids: torch.Tensor, cache, keep: int, **step_kwargs):
+        out = self.lm(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep, **step_kwargs)
         if self.check_finite and not bool(torch.isfinite(out.logits).all()):
             raise NonFiniteLogitsError(f"{self.name}: NaN/Inf in the logits of a forward pass over {ids.shape[1]} tokens")
         return out.logits, out.past_key_values
@@ -148,13 +165,75 @@ class EvalModel:
         return torch.cat(logprobs), torch.cat(greedy)
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """lm-eval semantics: (sum log p(continuation | context), whether greedy decoding reproduces it)."""
-        results = []
+        """lm-eval semantics: (sum log p(continuation | context), whether greedy decoding reproduces it);
+        self.batch_size requests per forward pass."""
+        scored = []
         for context, continuation in requests:
             context_ids, continuation_ids = self.split_request(context, continuation)
-            lp, greedy = self.token_logprobs(context_ids + continuation_ids, score_from=len(context_ids))
-            results.append((float(lp.sum()), bool(greedy.all())))
+            scored.append((context_ids + continuation_ids, len(context_ids)))
+        return [(float(lp.sum()), bool(greedy.all())) for lp, greedy in self.token_logprobs_many(scored)]
+
+    # ---------------------------------------------------------------- batched scoring
+    def token_logprobs_many(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None = None,
+                            batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """token_logprobs(ids, score_from) of each (ids, score_from) request, in request order, batch_size
+        (None: self.batch_size) requests of similar length per forward pass, right-padded."""
+        results: list = [None] * len(requests)
+        for group in length_groups([len(ids) for ids, _ in requests], batch_size or self.batch_size):
+            if len(group) == 1:
+                ids, score_from = requests[group[0]]
+                results[group[0]] = self.token_logprobs(ids, score_from, segment)
+                continue
+            scored = self._score_padded([requests[i] for i in group], segment)
+            for i, (logprobs, argmax) in zip(group, scored):
+                ids, score_from = requests[i]
+                targets = torch.tensor(list(ids[score_from:]), dtype=torch.long)
+                results[i] = (logprobs, argmax == targets)
         return results
+
+    def next_token_argmax_many(self, sequences: Sequence[Sequence[int]], segment: int | None = None,
+                               batch_size: int | None = None) -> list[list[int]]:
+        """Teacher-forced greedy predictions: out[i][t] = argmax p(. | sequences[i][:t + 1]) for t < len - 1,
+        batch_size (None: self.batch_size) sequences per forward pass."""
+        results: list = [None] * len(sequences)
+        for group in length_groups([len(ids) for ids in sequences], batch_size or self.batch_size):
+            scored = self._score_padded([(sequences[i], 1) for i in group], segment)
+            for i, (_, argmax) in zip(group, scored):
+                results[i] = argmax.tolist()
+        return results
+
+    @torch.no_grad()
+    def _score_padded(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None = None):
+        """(log p(ids[t] | ids[:t]) float64 CPU, argmax of that prediction long CPU) for t in [score_from, len(ids))
+        of each request, all requests in one right-padded batch run in segments with the cache carried. Row r is
+        read only at its real positions; the padding after it never reaches them (causal models)."""
+        segment = segment or self.segment
+        for ids, score_from in requests:
+            if not 1 <= score_from <= len(ids) - 1:
+                raise ValueError(f"score_from must be in [1, {len(ids) - 1}] for {len(ids)} tokens; got {score_from}")
+            self.check_length(len(ids) - 1)
+        longest = max(len(ids) for ids, _ in requests)
+        pad = int(requests[0][0][0])                                   # any real token id: it is never read
+        tokens = torch.tensor([list(ids) + [pad] * (longest - len(ids)) for ids, _ in requests],
+                              dtype=torch.long, device=self.device)
+        inputs = tokens[:, :-1]                                        # position t predicts token t + 1
+        first = [score_from - 1 for _, score_from in requests]        # inputs index of each row's first score
+        ends = [len(ids) - 1 for ids, _ in requests]                   # one past each row's last scored input
+        logprobs: list[list[torch.Tensor]] = [[] for _ in requests]
+        argmax: list[list[torch.Tensor]] = [[] for _ in requests]
+        cache = None
+        for start in range(0, inputs.shape[1], segment):
+            end = min(start + segment, inputs.shape[1])
+            rows = [r for r in range(len(requests)) if first[r] < end and ends[r] > start]
+            kept_from = min((max(start, first[r]) for r in rows), default=end - 1)
+            logits, cache = self._forward(inputs[:, start:end], cache, end - kept_from)
+            for r in rows:
+                a, b = max(start, first[r]), min(end, ends[r])
+                scores = logits[r, a - kept_from:b - kept_from].float()          # [b - a, vocab]
+                targets = tokens[r, a + 1:b + 1]
+                logprobs[r].append((scores.gather(-1, targets[:, None])[:, 0] - scores.logsumexp(-1)).double().cpu())
+                argmax[r].append(scores.argmax(-1).cpu())
+        return [(torch.cat(lp), torch.cat(am)) for lp, am in zip(logprobs, argmax)]
 
     def split_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of context and continuation exactly as lm-eval's _encode_pair (causal LMs): trailing whitespace
@@ -181,12 +260,8 @@ class EvalModel:
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         """Sum of log p over every token of each text, conditioned on the prefix token (lm-eval semantics,
         but the whole text in one pass with the state carried instead of disjoint windows)."""
-        results = []
-        for text in texts:
-            ids = [self.prefix_token_id] + self.encode_input(text)
-            lp, _ = self.token_logprobs(ids, score_from=1)
-            results.append(float(lp.sum()))
-        return results
+        requests = [([self.prefix_token_id] + self.encode_input(text), 1) for text in texts]
+        return [float(lp.sum()) for lp, _ in self.token_logprobs_many(requests)]
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
@@ -194,39 +269,139 @@ class EvalModel:
                      segment: int | None = None, stop_when: Callable[[list[int]], bool] | None = None) -> list[int]:
         """Greedy decoding: chunkwise prefill in segments (None: self.segment), then one token at a time with the
         state carried. Stops at a token in stop_ids (not returned), or once stop_when(generated ids) is true."""
-        segment = segment or self.segment
         self.check_length(len(prompt_ids) + max_new_tokens)
+        logits, cache = self._prefill(prompt_ids, segment)
+        return self._decode(DecodeBatch(cache), logits, max_new_tokens, stop_ids, stop_when)[0]
+
+    @torch.no_grad()
+    def generate_ids_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
+                          segment: int | None = None, stop_when: Callable[[list[int]], bool] | None = None,
+                          batch_size: int | None = None) -> list[list[int]]:
+        """generate_ids of each prompt, in prompt order, batch_size (None: self.batch_size) samples decoded together:
+        each prompt is prefilled on its own, the caches are stacked, and every step feeds one token per sample
+        still running (stop_when is applied to each sample's own tokens). Samples whose caches cannot share a
+        batch (harness/batching.py) are decoded in separate groups."""
+        batch_size = batch_size or self.batch_size
+        results: list = [None] * len(prompts)
+        for group in length_groups([len(p) for p in prompts], batch_size):
+            if len(group) == 1:
+                results[group[0]] = self.generate_ids(prompts[group[0]], max_new_tokens, stop_ids, segment, stop_when)
+                continue
+            for i in group:
+                self.check_length(len(prompts[i]) + max_new_tokens)
+            prefilled = {i: self._prefill(prompts[i], segment) for i in group}
+            for members in _stackable_groups({i: cache for i, (_, cache) in prefilled.items()}):
+                logits = torch.cat([prefilled[i][0] for i in members], 0)
+                caches = [prefilled.pop(i)[1] for i in members]
+                batch = stack_caches(caches, [len(prompts[i]) for i in members]) if len(members) > 1 \
+                    else DecodeBatch(caches[0])
+                del caches
+                for i, ids in zip(members, self._decode(batch, logits, max_new_tokens, stop_ids, stop_when)):
+                    results[i] = ids
+        return results
+
+    def _prefill(self, prompt_ids: Sequence[int], segment: int | None) -> tuple[torch.Tensor, Any]:
+        """Run a prompt through the model in segments; returns (last position's logits [1, vocab], cache)."""
+        segment = segment or self.segment
         tokens = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)[None]
         cache, logits = None, None
         for start in range(0, tokens.shape[1], segment):
             logits, cache = self._forward(tokens[:, start:start + segment], cache, 1)
-        generated: list[int] = []
+        return logits[:, -1], cache
+
+    def _decode(self, batch: DecodeBatch, logits: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],
+                stop_when: Callable[[list[int]], bool] | None) -> list[list[int]]:
+        """Greedy decoding of a batch of prefilled samples (logits [B, vocab] of their last positions): one token
+        per running sample per step; a sample stops at a token in stop_ids (not returned), after max_new_tokens,
+        or once stop_when(its tokens) is true, and then leaves the batch."""
+        if self._use_static_step(batch.cache, max_new_tokens):
+            return self._decode_static(batch.cache, logits, max_new_tokens, stop_ids, stop_when)
         stop = set(int(s) for s in stop_ids)
+        generated: list[list[int]] = [[] for _ in range(logits.shape[0])]
+        running = list(range(logits.shape[0]))                 # the sample in each row of the batch
         for _ in range(max_new_tokens):
-            next_id = int(logits[0, -1].argmax())
-            if next_id in stop:
+            next_ids = logits.argmax(-1).tolist()
+            keep = []
+            for row, (sample, token) in enumerate(zip(running, next_ids)):
+                if token in stop:
+                    continue
+                generated[sample].append(token)
+                if len(generated[sample]) < max_new_tokens and not (stop_when is not None
+                                                                    and stop_when(generated[sample])):
+                    keep.append(row)
+            if not keep:
                 break
-            generated.append(next_id)
-            if len(generated) == max_new_tokens or (stop_when is not None and stop_when(generated)):
+            if len(keep) < len(running):
+                batch.keep(keep)
+                running = [running[row] for row in keep]
+            ids = torch.tensor([[next_ids[row]] for row in keep], dtype=torch.long, device=self.device)
+            logits, batch.cache = self._forward(ids, batch.cache, 1, **batch.step_kwargs())
+            logits = logits[:, -1]
+            batch.advance()
+        return generated
+
+    def _use_static_step(self, cache: Any, max_new_tokens: int) -> bool:
+        if self.static_decode is False or not static_step_possible(cache):
+            return False
+        return self.static_decode is True or (self.device.type == "cuda" and max_new_tokens >= MIN_TOKENS_FOR_GRAPH)
+
+    def _decode_static(self, cache: Any, logits: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],
+                       stop_when: Callable[[list[int]], bool] | None) -> list[list[int]]:
+        """_decode's tokens from a StaticStep (one CUDA graph replay per token on CUDA): the batch keeps its rows,
+        a sample that stopped is computed on and ignored."""
+        step = StaticStep(self.lm, cache)
+        if self.device.type == "cuda":
+            try:
+                step.capture()
+            except RuntimeError as err:     # a model whose step cannot be captured still decodes, eagerly
+                step.graph = None
+                log.warning("%s: CUDA graph capture of the decoding step failed (%s); decoding eagerly from static "
+                            "buffers", self.name, err)
+        stop = set(int(s) for s in stop_ids)
+        generated: list[list[int]] = [[] for _ in range(logits.shape[0])]
+        running = [True] * logits.shape[0]
+        for _ in range(max_new_tokens):
+            next_ids = logits.argmax(-1)
+            for row, token in enumerate(next_ids.tolist()):
+                if not running[row]:
+                    continue
+                if token in stop:
+                    running[row] = False
+                    continue
+                generated[row].append(token)
+                if len(generated[row]) == max_new_tokens or (stop_when is not None and stop_when(generated[row])):
+                    running[row] = False
+            if not any(running):
                 break
-            logits, cache = self._forward(torch.tensor([[next_id]], device=self.device), cache, 1)
+            step.ids.copy_(next_ids[:, None])
+            logits = step.run()
+            if self.check_finite and not bool(torch.isfinite(logits).all()):
+                raise NonFiniteLogitsError(f"{self.name}: NaN/Inf in the logits of a decoding step")
         return generated
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] | None = None) -> list[str]:
         """Greedy continuation of each prompt, cut at the first stop string (EOS always stops)."""
-        return [self.greedy_text(self.encode_input(prompt), max_new_tokens, stop) for prompt in prompts]
+        return self.greedy_texts([self.encode_input(prompt) for prompt in prompts], max_new_tokens, stop)
 
     def greedy_text(self, prompt_ids: Sequence[int], max_new_tokens: int, stop: Sequence[str] | None = None) -> str:
         """Greedy continuation of prompt_ids as text: decoding stops at EOS, once a stop string appears, or after
         max_new_tokens; the text is cut before the first stop string."""
+        return self.greedy_texts([prompt_ids], max_new_tokens, stop)[0]
+
+    def greedy_texts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     stop: Sequence[str] | None = None) -> list[str]:
+        """greedy_text of each prompt, self.batch_size samples decoded together."""
         stops = [s for s in stop or () if s]
         eos = self.tokenizer.eos_token_id
-        ids = self.generate_ids(prompt_ids, max_new_tokens, stop_ids=[eos] if eos is not None else [],
-                                stop_when=(lambda generated: any(s in self.decode(generated) for s in stops))
-                                if stops else None)
-        text = self.decode(ids)
-        cuts = [text.index(s) for s in stops if s in text]
-        return text[:min(cuts)] if cuts else text
+        outputs = self.generate_ids_many(prompts, max_new_tokens, stop_ids=[eos] if eos is not None else [],
+                                         stop_when=(lambda generated: any(s in self.decode(generated) for s in stops))
+                                         if stops else None)
+        texts = []
+        for ids in outputs:
+            text = self.decode(ids)
+            cuts = [text.index(s) for s in stops if s in text]
+            texts.append(text[:min(cuts)] if cuts else text)
+        return texts
 
     def describe(self) -> dict:
         """Identity of the model for result records."""
@@ -237,3 +412,20 @@ class EvalModel:
             "max_length": self.max_length, "trained_length": self.trained_length, "input_bos": self.input_bos,
             **self.info,
         }
+
+
+def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of lengths in groups of at most batch_size, longest first, so that a group's lengths are close."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _stackable_groups(caches: dict[int, Any]) -> list[list[int]]:
+    """The keys of caches grouped by cache signature (an unstackable cache is a group of its own)."""
+    groups: dict[Any, list[int]] = {}
+    for i, cache in caches.items():
+        signature = cache_signature(cache)
+        groups.setdefault(signature if signature is not None else ("alone", i), []).append(i)
+    return list(groups.values())

@@ -643,6 +643,7 @@ class SweepRunner:
             return [CellSummary(known_name or spec, tasks[(t, json.dumps(o, sort_keys=True))].name, length,
                                 planned=n or 0, status="failed", error=message) for t, length, n, o in cells]
         model.check_finite = True
+        model.batch_size = self.plan.batch_size
         _threads_for(model)
         self._say(f"[{spec}] {model.name}: {model.family}, {model.backend} on {model.device}, "
                   f"{str(model.dtype).replace('torch.', '')}")
@@ -760,7 +761,10 @@ class SweepRunner:
         bar.update(_tokens_of(result, sample), cell.failed)
         return result is not None
 
-    def _evaluate_each(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress) -> None:
+    def _evaluate_each(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress,
+                       batched: bool = True) -> None:
+        if batched and self.plan.batch_size > 1 and callable(getattr(task, "evaluate_batch", None)):
+            return self._evaluate_batches(model, task, todo, key, cell, bar)
         streak, last_error = 0, None
         for sample in todo:
             t = time.time()
@@ -772,6 +776,30 @@ class SweepRunner:
                 cell.error = (f"{streak} failures in a row; rest of the cell abandoned. A rerun continues it; "
                               "add --retry-failed to retry the failed samples too. "
                               f"Last: {(last_error or '').splitlines()[0]}")
+                return
+
+    def _evaluate_batches(self, model, task, todo: list[Sample], key: int, cell: CellSummary, bar: Progress) -> None:
+        """batch_size samples per task.evaluate_batch call, each stored as its own row; a batch that fails (out of
+        memory included) is run again one sample at a time, with the per-sample retries, so each failure row is its
+        own sample's."""
+        for i in range(0, len(todo), self.plan.batch_size):
+            batch = todo[i:i + self.plan.batch_size]
+            t = time.time()
+            try:
+                results = task.evaluate_batch(model, batch)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:  # noqa: BLE001 - the samples are retried one by one below
+                results = None
+                if is_oom(err):
+                    free_memory()
+            if results is None:
+                self._evaluate_each(model, task, batch, key, cell, bar, batched=False)
+            else:
+                for sample, result in zip(batch, results):
+                    self._commit(model, task, key, sample, result, None, None, (time.time() - t) / len(batch), cell,
+                                 bar)
+            if cell.status == "failed":
                 return
 
     def _run_whole_cell(self, model, task, n: int | None, cell: CellSummary, label: str, t0: float) -> CellSummary:

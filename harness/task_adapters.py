@@ -7,7 +7,8 @@ of task name.
     task = resolve_task("my_pkg.tasks:MyTask", {...})   # any EvalTask: "module:attribute" (class, factory or object)
 
 An adapter turns the task's records into harness Samples (payload = the task's flat record, so the store keeps the
-input, references, needle depths in tokens and length of every sample) and scores one sample per evaluate().
+input, references, needle depths in tokens and length of every sample) and scores one sample per evaluate(), or
+several together per evaluate_batch() (what the runner calls when --batch-size > 1).
 """
 from __future__ import annotations
 
@@ -48,19 +49,28 @@ class RulerEvalTask:
         return [Sample(index=s.index, payload=s.to_record()) for s in built]
 
     def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
-        record = sample.payload
-        prompt = record["input"] + record["answer_prefix"]
+        return self.evaluate_batch(model, [sample], batch_size=1)[0]
+
+    def evaluate_batch(self, model: EvalModel, samples: list[Sample],
+                       batch_size: int | None = None) -> list[SampleResult]:
+        """evaluate() of each sample, batch_size (None: model.batch_size) of them decoded together."""
         # As RULER's HF wrapper: the prompt gets the tokenizer's default special tokens (BOS for Llama-style
         # tokenizers, none for GPT-NeoX; a spec's bos= overrides); the length window is counted without them.
-        prompt_ids = model.encode_input(prompt)
+        prompts = [model.encode_input(s.payload["input"] + s.payload["answer_prefix"]) for s in samples]
         eos = model.tokenizer.eos_token_id
-        generated = model.generate_ids(prompt_ids, record["max_new_tokens"],
-                                       stop_ids=[eos] if eos is not None else [])
-        prediction = model.decode(generated)
-        score = self.ruler.score(prediction, record)
-        return SampleResult(index=sample.index, score=score, prediction=prediction,
-                            metrics={"prompt_tokens": len(prompt_ids), "generated_tokens": len(generated)},
-                            record=record)
+        max_new = {s.payload["max_new_tokens"] for s in samples}
+        if len(max_new) != 1:
+            raise ValueError(f"{self.name}: samples of one batch must share max_new_tokens; got {sorted(max_new)}")
+        outputs = model.generate_ids_many(prompts, max_new.pop(), stop_ids=[eos] if eos is not None else [],
+                                          batch_size=batch_size)
+        results = []
+        for sample, prompt_ids, generated in zip(samples, prompts, outputs):
+            prediction = model.decode(generated)
+            results.append(SampleResult(index=sample.index, score=self.ruler.score(prediction, sample.payload),
+                                        prediction=prediction,
+                                        metrics={"prompt_tokens": len(prompt_ids), "generated_tokens": len(generated)},
+                                        record=sample.payload))
+        return results
 
 
 class MqarEvalTask:
@@ -98,35 +108,30 @@ class MqarEvalTask:
         return [Sample(index=s.index, payload=s.to_record()) for s in built]
 
     def evaluate(self, model: EvalModel, sample: Sample) -> SampleResult:
-        record = sample.payload
-        predicted_next = _greedy_next_tokens(model, list(record["input_ids"]))
-        score, detail = self.mqar.score(predicted_next, record)
-        return SampleResult(index=sample.index, score=float(score), prediction=json.dumps(detail.get("predicted", [])),
-                            metrics={"correct": detail.get("correct"), "num_queries": detail.get("num_queries"),
-                                     "tokens": len(record["input_ids"])},
-                            record=record)
+        return self.evaluate_batch(model, [sample], batch_size=1)[0]
+
+    def evaluate_batch(self, model: EvalModel, samples: list[Sample],
+                       batch_size: int | None = None) -> list[SampleResult]:
+        """evaluate() of each sample, batch_size (None: model.batch_size) sequences per forward pass."""
+        predictions = model.next_token_argmax_many([list(s.payload["input_ids"]) for s in samples],
+                                                   batch_size=batch_size)
+        results = []
+        for sample, predicted_next in zip(samples, predictions):
+            record = sample.payload
+            score, detail = self.mqar.score(predicted_next, record)
+            results.append(SampleResult(index=sample.index, score=float(score),
+                                        prediction=json.dumps(detail.get("predicted", [])),
+                                        metrics={"correct": detail.get("correct"),
+                                                 "num_queries": detail.get("num_queries"),
+                                                 "tokens": len(record["input_ids"])},
+                                        record=record))
+        return results
 
 
 def _vocab_size(model: EvalModel) -> int:
     config = getattr(model.lm, "config", None)
     size = getattr(config, "vocab_size", None)
     return int(size) if size else len(model.tokenizer)
-
-
-def _greedy_next_tokens(model: EvalModel, ids: list[int]) -> list[int]:
-    """Teacher-forced argmax at every position: out[t] = argmax p(. | ids[0..t]), for t in [0, len(ids) - 1).
-    One pass in segments of model.segment tokens with the recurrent state carried."""
-    import torch
-
-    model.check_length(len(ids) - 1)                   # the last token is never fed, as in token_logprobs
-    tokens = torch.tensor(ids, dtype=torch.long, device=model.device)[None]
-    cache, preds = None, []
-    with torch.no_grad():
-        for start in range(0, tokens.shape[1] - 1, model.segment):
-            end = min(start + model.segment, tokens.shape[1] - 1)
-            logits, cache = model._forward(tokens[:, start:end], cache, end - start)
-            preds.append(logits[0].argmax(-1).cpu())
-    return torch.cat(preds).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- lookup

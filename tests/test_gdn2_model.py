@@ -136,12 +136,13 @@ def test_output_gate_activation_changes_the_output():
         GDN2Config(output_gate_activation="relu")
 
 
-def test_padding_is_refused_not_leaked_into_state():
+def test_right_padding_is_refused_not_leaked_into_state():
+    """Left padding is skipped exactly (tests/test_gdn2_padding.py); padding after a token is refused."""
     model = tiny_model()
     ids = torch.randint(0, 97, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, :3] = 0
-    with pytest.raises(ValueError, match="padded") as refused:
+    mask[1, 5:] = 0
+    with pytest.raises(ValueError, match="padding_side = 'left'") as refused:
         model(ids, attention_mask=mask)
     # the advice names nothing forward refuses: it takes no packed (cu_seqlens) input
     assert "cu_seqlens" not in str(refused.value)

@@ -106,7 +106,8 @@ def test_describe_families_lists_every_family():
     for name in ("gdn2", "gated_deltanet", "kda"):
         assert rows[name].state_floats == "262,144"
     assert "need CUDA" in rows["kda"].backend and "torch reference" in rows["kda"].backend
-    assert rows["gdn2"].bundled == "gdn2-tiny-random"
+    assert rows["gdn2"].bundled == "gdn2-scalar-erase-small, gdn2-scalar-write-small, gdn2-small, gdn2-tiny-random"
+    assert rows["mamba3"].bundled == "mamba3-small"
     assert print_families("cpu") == 0
     if NO_CUDA:
         assert print_families("cuda") == 2

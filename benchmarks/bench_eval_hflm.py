@@ -1,0 +1,169 @@
+"""Batched evaluation against lm-eval's HFLM, same model, same call: GDN2ForCausalLM at the 1.3B shape (random init,
+bf16) with the bundled 4K BPE tokenizer (vocabulary 4096, so that every generated id decodes).
+
+- lm-eval: one task (offline copy, e.g. piqa) through HFLM at each batch size (its best is the reference) and through
+  the harness LM (harness/lm_eval_plugin.py) at each batch size; wall time and the task's metric for each.
+- RULER: the runner on niah_single_1..3 and niah_multikey_1 at the given lengths, at batch 1 and batch N; wall time,
+  mean score and the number of stored predictions that differ from batch 1's.
+
+    python benchmarks/bench_eval_hflm.py --task piqa --limit 500 --batch-sizes 1,16,64 \
+        --ruler-lengths 1k,2k,4k,8k --ruler-samples 20 --out $OUT
+
+Writes <out>/eval-vs-hflm-<card>.csv and prints a table. Random weights: the scores are chance-level; what matters is
+that each pair of rows has the same score and how long each took.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT))
+from benchmarks.csv_rows import write_csv  # noqa: E402
+
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1")
+
+
+def build_model(smoke: bool):
+    """(GDN2ForCausalLM in bf16 on the device, the bundled tokenizer, an EvalModel over both)."""
+    from gdn2 import GDN2ForCausalLM, named_config
+    from harness.bundled import BPE_4K
+    from harness.checkpoint import load_tokenizer
+    from harness.model import EvalModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = named_config("gdn2-tiny" if smoke else "gdn2-1.3B", vocab_size=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = GDN2ForCausalLM(config)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lm = lm.to(dtype).eval()
+    for module in lm.modules():                      # decay parameters stay fp32, as the loader keeps them
+        for name in ("A_log", "dt_bias"):
+            if isinstance(getattr(module, name, None), torch.nn.Parameter):
+                getattr(module, name).data = getattr(module, name).data.float()
+    tokenizer = load_tokenizer(None, str(BPE_4K))
+    model = EvalModel(name="gdn2-1.3B-random", family="gdn2", lm=lm, tokenizer=tokenizer, device=device, dtype=dtype,
+                      source="random init", backend="gdn2 Triton kernels (ours)",
+                      state_floats=config.state_floats_per_layer(), trained_length=4096)
+    return lm, tokenizer, model
+
+
+def timed_evaluate(lm_obj, task_name: str, limit: int, manager) -> tuple[float, dict]:
+    import lm_eval
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm_obj, tasks=[task_name], limit=limit, task_manager=manager,
+                                  bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                  fewshot_random_seed=0)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    metrics = {k.split(",")[0]: v for k, v in out["results"][task_name].items()
+               if isinstance(v, float) and "stderr" not in k}
+    return seconds, metrics
+
+
+def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes) -> list[dict]:
+    from harness.lm_eval_plugin import HarnessLM
+    from harness.lm_eval_tasks import CATALOG, offline_include_path, task_manager
+
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    task_name = CATALOG[task_key].task_name(offline=True)
+    manager = task_manager(str(offline_include_path()))
+    rows = []
+    for size in batch_sizes:
+        for engine in ("HFLM", "harness"):
+            try:
+                if engine == "HFLM":
+                    from lm_eval.models.huggingface import HFLM      # needs accelerate
+
+                    lm_obj = HFLM(pretrained=lm, tokenizer=tokenizer, batch_size=size, device=str(model.device))
+                else:
+                    lm_obj = HarnessLM(model=model, batch_size=size)
+                seconds, metrics = timed_evaluate(lm_obj, task_name, limit, manager)
+                rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds=round(seconds, 2),
+                                 score=str(metrics), status="ok"))
+            except Exception as err:  # noqa: BLE001 - a failing engine is a row
+                rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds="", score="",
+                                 status=f"{type(err).__name__}: {err}"[:200]))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def ruler_rows(model, lengths, samples: int, batch_sizes, workdir: Path) -> list[dict]:
+    from harness.runner import CellPlan, Plan, SweepRunner
+    from harness.store import ResultsStore
+    from tasks.cli import parse_length
+
+    rows, reference = [], None
+    for size in batch_sizes:
+        plan = Plan(models=[model.name], cells=[CellPlan(t, [parse_length(x) for x in lengths]) for t in RULER_TASKS],
+                    samples=samples, batch_size=size, device=str(model.device))
+        folder = workdir / f"ruler-b{size}"
+        start = time.perf_counter()
+        with ResultsStore(folder) as store:
+            summary = SweepRunner(plan, store, progress=False, log=lambda m: None, loader=lambda spec: model).run()
+        seconds = time.perf_counter() - start
+        conn = sqlite3.connect(folder / "results.sqlite")
+        stored = conn.execute("SELECT task, length, sample_index, score, prediction FROM samples "
+                              "ORDER BY task, length, sample_index").fetchall()
+        conn.close()
+        reference = stored if reference is None else reference
+        differ = sum(a[4] != b[4] for a, b in zip(stored, reference))
+        scores = [r[3] for r in stored if r[3] is not None]
+        rows.append(dict(kind=f"ruler {','.join(lengths)} x {samples}", engine="harness runner", batch=size,
+                         seconds=round(seconds, 2),
+                         score=f"mean {sum(scores) / max(len(scores), 1):.2f} over {len(scores)}; "
+                               f"{differ} predictions differ from batch {batch_sizes[0]}'s",
+                         status="ok" if not summary.failed_cells else f"{len(summary.failed_cells)} failed cells"))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="piqa", help="lm-eval task key of harness/lm_eval_tasks.py (offline copy)")
+    parser.add_argument("--limit", type=int, default=500, help="documents of the lm-eval task")
+    parser.add_argument("--batch-sizes", default="1,16,64", help="batch sizes for both engines")
+    parser.add_argument("--ruler-lengths", default="1k,2k,4k,8k")
+    parser.add_argument("--ruler-samples", type=int, default=20)
+    parser.add_argument("--ruler-batch-sizes", default="1,16")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: lm-eval, ruler")
+    parser.add_argument("--smoke", action="store_true", help="the tiny GDN-2 config (checks the code paths)")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "bench"))
+    args = parser.parse_args(argv)
+    lm, tokenizer, model = build_model(args.smoke)
+    card = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
+    card += "-smoke" if args.smoke else ""
+    date = datetime.date.today().isoformat()
+    print(f"# {card} {date} torch {torch.__version__}", flush=True)
+    rows = []
+    skip = set(args.skip.split(","))
+    if "lm-eval" not in skip:
+        rows += lm_eval_rows(lm, tokenizer, model, args.task, args.limit,
+                             [int(b) for b in args.batch_sizes.split(",")])
+    if "ruler" not in skip:
+        with tempfile.TemporaryDirectory() as workdir:
+            rows += ruler_rows(model, args.ruler_lengths.split(","), args.ruler_samples,
+                               [int(b) for b in args.ruler_batch_sizes.split(",")], Path(workdir))
+    rows = [{"card": card, "date": date, **r} for r in rows]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, str(out / f"eval-vs-hflm-{card}.csv"))
+    print(f"wrote {out / f'eval-vs-hflm-{card}.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""GPU check of the model-level kernels and paths (compiled Triton, not the CPU interpreter the tests use):
+gdn2/fused_kernels.py against the torch path of the same autograd Functions at the 1.3B model's shapes (fp32 and
+bf16; outputs and every gradient), the chunked linear cross-entropy against F.cross_entropy, a small GDN-2 model's
+loss and parameter gradients (fused path against the plain logits path, fp32), and greedy decoding from the CUDA
+graph (harness/graph_decode.py) against the plain step for each recurrent family's tiny model.
+
+    python benchmarks/check_fused_gpu.py            # prints one line per check and PASS / FAIL; exit 1 on a FAIL
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+FAILED = []
+
+
+def report(name: str, got, want, tol: float) -> None:
+    """Largest |got - want| / (max |want| + 1e-6) over the paired tensors against tol."""
+    worst = 0.0
+    for g, w in zip(got, want):
+        worst = max(worst, float((g.float() - w.float()).abs().max() / (w.float().abs().max() + 1e-6)))
+    ok = worst <= tol
+    if not ok:
+        FAILED.append(name)
+    print(f"{'PASS' if ok else 'FAIL'}  {name:58s} max rel err {worst:.2e} (tol {tol:.0e})", flush=True)
+
+
+def with_grads(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    torch.manual_seed(1)
+    out.backward(torch.randn(out.shape, dtype=out.dtype, device=out.device))   # not randn_like: strides differ
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+def check_kernels() -> None:
+    from gdn2.fused import decay, gated_rms_norm, linear_cross_entropy, rms_norm, short_conv_silu, swiglu_down
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x = torch.randn(4, 2048, 2304, device=dev).to(dtype)
+        w = 1 + 0.1 * torch.randn(2304, device=dev)
+        o, z = (torch.randn(4, 2048, 16, 128, device=dev).to(dtype) for _ in range(2))
+        wo = 1 + 0.1 * torch.randn(128, device=dev)
+        gate, up = (torch.randn(2, 2048, 6208, device=dev).to(dtype) for _ in range(2))
+        down = torch.randn(2304, 6208, device=dev) * 0.02
+        cx = torch.randn(2, 2048, 2048, device=dev).to(dtype)
+        cw, cache = torch.randn(2048, 1, 4, device=dev) * 0.5, torch.randn(2, 2048, 3, device=dev).to(dtype)
+        f = (torch.randn(8192, 2048, device=dev) * 4).to(dtype)
+        a_log, dt_bias = torch.empty(16, device=dev).uniform_(0, 2.7), torch.randn(2048, device=dev)
+        name = str(dtype).replace("torch.", "")
+        for label, fn, args in (
+            ("rms_norm [8192, 2304]", lambda b: lambda x, w: rms_norm(x, w, 1e-5, backend=b), (x, w)),
+            ("gated_rms_norm silu [131072, 128]",
+             lambda b: lambda o, z, w: gated_rms_norm(o, z, w, 1e-5, "silu", backend=b), (o, z, wo)),
+            ("gated_rms_norm sigmoid [131072, 128]",
+             lambda b: lambda o, z, w: gated_rms_norm(o, z, w, 1e-5, "sigmoid", backend=b), (o, z, wo)),
+            ("swiglu_down [4096, 6208] -> 2304",
+             lambda b: lambda g, u, w: swiglu_down(g, u, w, backend=b), (gate, up, down)),
+            ("short_conv_silu [2, 2048, 2048] W=4",
+             lambda b: lambda c, w: short_conv_silu(c, cache, w, None, backend=b), (cx, cw)),
+            ("decay [8192, 2048], 16 heads", lambda b: lambda f, a, d: decay(f, a, d, 128, backend=b),
+             (f, a_log, dt_bias)),
+        ):
+            report(f"{label} {name}", with_grads(fn("triton"), *args), with_grads(fn("torch"), *args), tol)
+    hidden = torch.randn(8192, 2304, device=dev)
+    head = torch.randn(32000, 2304, device=dev) * 0.02
+    labels = torch.randint(0, 32000, (8192,), device=dev)
+    labels[::7] = -100
+    report("linear_cross_entropy [8192, 2304] x 32000 fp32",
+           with_grads(lambda h, w: linear_cross_entropy(h, w, labels), hidden, head),
+           with_grads(lambda h, w: F.cross_entropy(h @ w.t(), labels), hidden, head), 1e-4)
+
+
+def check_model() -> None:
+    from gdn2 import GDN2ForCausalLM, named_config
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 4096, (2, 512), device="cuda")
+    grads = {}
+    for mode in ("plain", "fused"):
+        torch.manual_seed(0)
+        model = GDN2ForCausalLM(named_config("gdn2-tiny", num_hidden_layers=2)).cuda().train()
+        if mode == "plain":
+            logits = model(ids, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        else:
+            loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads[mode] = [loss.detach()] + [p.grad for p in model.parameters()]
+    report("GDN-2 tiny: loss and every parameter gradient, fp32", grads["fused"], grads["plain"], 1e-3)
+
+
+def check_graph_decode() -> None:
+    import tempfile
+
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_families import load_tiny, random_ids
+
+    for family in ("gdn2", "gated_deltanet", "kda", "mamba2", "mamba3"):
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                model = load_tiny(family, Path(folder) / family, dtype=torch.float32)
+            except Exception as err:  # noqa: BLE001
+                print(f"SKIP  {family}: {type(err).__name__}: {err}")
+                continue
+            model.lm.cuda()
+            model.device = torch.device("cuda")
+            prompts = [random_ids(n, 7 + n) for n in (300, 41, 129)]
+            model.static_decode = False
+            plain = model.generate_ids_many(prompts, 24, batch_size=3)
+            model.static_decode = None                 # CUDA: the graph
+            graph = model.generate_ids_many(prompts, 24, batch_size=3)
+            same = sum(a == b for a, b in zip(graph, plain))
+            ok = same == len(prompts)
+            if not ok:
+                FAILED.append(f"graph decode {family}")
+            print(f"{'PASS' if ok else 'FAIL'}  greedy tokens, CUDA graph vs plain step: {family:15s} "
+                  f"{same}/{len(prompts)} samples equal", flush=True)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("error: this check needs a CUDA GPU (the CPU tests run the kernels in Triton's interpreter)")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    check_kernels()
+    check_model()
+    check_graph_decode()
+    print(f"{len(FAILED)} failed" + (f": {', '.join(FAILED)}" if FAILED else ""))
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

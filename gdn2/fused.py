@@ -1,0 +1,355 @@
+"""Memory-lean autograd pieces of the model's training path (torch ops, and Triton kernels on CUDA for all but the
+cross-entropy; the values of the unfused expressions).
+
+- linear_cross_entropy(hidden [N, d], weight [V, d], labels [N])  mean cross-entropy of hidden @ weight^T without
+  ever holding the [N, V] logits: tokens run in chunks, and each chunk's gradients (wrt hidden and weight) are
+  formed in the forward pass (the loss is the graph's end), so the backward only scales them.
+- rms_norm(x, weight, eps)                  y = x / rms(x) * weight (fp32 math, float64 for float64 inputs; x's dtype
+                                            out, or the autocast dtype under autocast); saves x and 1/rms
+- gated_rms_norm(x, gate, weight, eps, activation)   rms_norm(x) * act(gate); saves x, gate and 1/rms
+- silu_mul(gate, up)                         silu(gate) * up; saves gate and up
+- swiglu_down(gate, up, weight)              F.linear(silu(gate) * up, weight); saves gate and up, not the product
+- short_conv_silu(x, cache, weight, bias)    SiLU(depthwise causal conv) of x [B, T, D]; saves x only
+- decay(f, A_log, dt_bias, head_dim)         -exp(A_log) * softplus(f + dt_bias) (fp32); saves f only
+
+The others recompute their intermediates in the backward pass instead of keeping them: autograd of the plain
+expressions keeps two to four fp32 copies of every activation they touch. On CUDA each runs as one Triton kernel per
+pass (gdn2/fused_kernels.py) instead of four to ten elementwise launches; backend="torch" forces the torch ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Tokens per chunk of linear_cross_entropy: 2048 x 32000 fp32 logits are 262 MB, plus their softmax in place.
+CE_CHUNK_TOKENS = 2048
+
+
+# ------------------------------------------------------------------------------------------ cross-entropy
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean over non-ignored tokens of -log softmax(hidden @ weight^T)[label]; see linear_cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens):
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else hidden.dtype                                     # what an autocast linear would compute in
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        valid = labels != ignore_index
+        count = int(valid.sum())
+        total = hidden.new_zeros((), dtype=acc)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h = hidden[start:start + chunk_tokens].to(dtype)
+            target, keep = labels[start:start + chunk_tokens], valid[start:start + chunk_tokens]
+            logits = (h @ w.t()).to(acc)                                          # [n, V]
+            lse = logits.logsumexp(-1)
+            picked = logits.gather(-1, target.clamp(min=0)[:, None])[:, 0]
+            total += ((lse - picked) * keep).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d loss / d logits = (softmax - onehot(target)) / count, zero on ignored rows
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad.scatter_add_(-1, target.clamp(min=0)[:, None], -torch.ones_like(lse)[:, None])
+            grad.mul_(keep.to(acc)[:, None] / max(count, 1))
+            grad = grad.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_tokens] = (grad @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).to(acc)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / max(count, 1)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        dh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
+        dw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         chunk_tokens: int = CE_CHUNK_TOKENS) -> torch.Tensor:
+    """F.cross_entropy(hidden @ weight^T, labels, ignore_index) (mean over the tokens not ignored) in chunks of
+    chunk_tokens tokens. hidden [N, d], weight [V, d], labels [N] long. Under autocast the products run in the
+    autocast dtype, as an autocast nn.Linear would; the softmax is fp32 and the weight's gradient is summed over the
+    chunks in fp32. With every label ignored the loss is 0 (F.cross_entropy gives NaN)."""
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be [N, d] and labels [N]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    return LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_tokens)
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal LM loss of hidden [B, T, d] (position t predicts labels[:, t + 1]; -100 ignored), as
+    F.cross_entropy(lm_head(hidden)[:, :-1], labels[:, 1:]) but through linear_cross_entropy (no logits)."""
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1))
+
+
+# ------------------------------------------------------------------------------------------ norms
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in its compute precision: fp32, or float64 for float64 inputs."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_hat * weight in fp32, 1/rms fp32 [..., 1])."""
+    xf = _wide(x)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf * rstd * _wide(weight), rstd
+
+
+def _rms_backward(x, weight, rstd, grad_y) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx fp32, dweight fp32) of y = x * rstd * weight given dy (fp32)."""
+    x_hat = _wide(x) * rstd
+    dweight = (grad_y * x_hat).reshape(-1, x.shape[-1]).sum(0)
+    dx_hat = grad_y * _wide(weight)
+    dx = rstd * (dx_hat - x_hat * (dx_hat * x_hat).mean(-1, keepdim=True))
+    return dx, dweight
+
+
+def _activation(name: str):
+    """(act, d act / d z as a function of z) for 'silu' or 'sigmoid'."""
+    if name == "silu":
+        return F.silu, lambda z: torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z)))
+    if name == "sigmoid":
+        return torch.sigmoid, lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z))
+    raise ValueError(f"activation must be 'silu' or 'sigmoid'; got {name!r}")
+
+
+def _backend(x: torch.Tensor, backend: str) -> str:
+    """'auto' -> 'triton' for CUDA tensors (not float64), else 'torch'; an explicit choice is kept."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "triton" if x.is_cuda and x.dtype != torch.float64 and x.shape[-1] <= 16384 else "torch"
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = x / rms(x) * weight [* act(gate)] over the last axis; see rms_norm and gated_rms_norm."""
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps, activation, backend):
+        ctx.activation, ctx.backend, ctx.shapes = activation, backend, (x.shape, None if gate is None else gate.shape)
+        # Under autocast the output is already in the autocast dtype: every linear reading it would cast it anyway,
+        # each keeping its own copy for the backward pass.
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if backend == "triton":
+            from gdn2.fused_kernels import rms_norm_fwd
+
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            gate_rows = gate.reshape(rows.shape).contiguous() if gate is not None else None
+            y, rstd = rms_norm_fwd(rows, weight, eps, gate_rows, activation, out_dtype)
+            ctx.save_for_backward(rows, gate_rows, weight, rstd)
+            return y.view(x.shape)
+        y, rstd = _rms_forward(x, weight, eps)
+        if gate is not None:
+            y = y * _activation(activation)[0](_wide(gate))
+        ctx.save_for_backward(x, gate, weight, rstd)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, gate, weight, rstd = ctx.saved_tensors
+        x_shape, gate_shape = ctx.shapes
+        if ctx.backend == "triton":
+            from gdn2.fused_kernels import rms_norm_bwd
+
+            dx, dweight, dgate = rms_norm_bwd(x, weight, rstd, grad_y.reshape(x.shape).contiguous(), gate,
+                                              ctx.activation)
+            return (dx.view(x_shape), None if dgate is None else dgate.view(gate_shape), dweight.to(weight.dtype),
+                    None, None, None)
+        grad_y, dgate = _wide(grad_y), None
+        if gate is not None:
+            act, act_grad = _activation(ctx.activation)
+            gf = _wide(gate)
+            dgate = (grad_y * _wide(x) * rstd * _wide(weight) * act_grad(gf)).to(gate.dtype)
+            grad_y = grad_y * act(gf)
+        dx, dweight = _rms_backward(x, weight, rstd, grad_y)
+        return dx.to(x.dtype), dgate, dweight.to(weight.dtype), None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    """x / rms(x) * weight over the last axis, fp32 math, x's dtype out (the autocast dtype under autocast). Saves x
+    and 1/rms only. backend: 'auto' (Triton kernels, gdn2/fused_kernels.py, for CUDA tensors; torch ops
+    otherwise), 'torch' or 'triton'."""
+    return RMSNormFunction.apply(x, None, weight, eps, "silu", _backend(x, backend))
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                   activation: str = "silu", backend: str = "auto") -> torch.Tensor:
+    """rms_norm(x) * act(gate), fp32 math, x's dtype out (as rms_norm); act 'silu' or 'sigmoid'. Saves x, gate and
+    1/rms."""
+    _activation(activation)
+    return RMSNormFunction.apply(x, gate, weight, eps, activation, _backend(x, backend))
+
+
+# ------------------------------------------------------------------------------------------ SwiGLU
+class SiluMulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, backend):
+        ctx.backend = backend
+        if backend == "triton":
+            from gdn2.fused_kernels import silu_mul_fwd
+
+            gate, up = gate.contiguous(), up.contiguous()
+            ctx.save_for_backward(gate, up)
+            return silu_mul_fwd(gate, up)
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        if ctx.backend == "triton":
+            from gdn2.fused_kernels import silu_mul_bwd
+
+            return (*silu_mul_bwd(gate, up, grad_out.contiguous()), None)
+        gf = _wide(gate)
+        sig = torch.sigmoid(gf)
+        grad_out = _wide(grad_out)
+        dgate = grad_out * _wide(up) * sig * (1 + gf * (1 - sig))
+        dup = grad_out * gf * sig
+        return dgate.to(gate.dtype), dup.to(up.dtype), None
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(gate) * up (the SwiGLU product; gate and up of one shape and dtype); saves gate and up only. backend as
+    rms_norm's (the torch path computes F.silu(gate) * up in the inputs' dtype, the kernel in fp32)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul needs gate and up of one shape and dtype; got {tuple(gate.shape)} {gate.dtype} "
+                         f"and {tuple(up.shape)} {up.dtype}")
+    return SiluMulFunction.apply(gate, up, _backend(gate, backend))
+
+
+def _silu_product(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from gdn2.fused_kernels import silu_mul_fwd
+
+        return silu_mul_fwd(gate.contiguous(), up.contiguous())
+    return F.silu(gate) * up
+
+
+class SwiGLUDownFunction(torch.autograd.Function):
+    """F.linear(silu(gate) * up, weight); see swiglu_down."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, backend):
+        device = gate.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else gate.dtype
+        ctx.backend, ctx.dtype = backend, dtype
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(_silu_product(gate, up, backend).to(dtype), weight.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gate, up, weight = ctx.saved_tensors
+        product = _silu_product(gate, up, ctx.backend).to(ctx.dtype)          # recomputed, not kept
+        grad_y = grad_y.to(ctx.dtype)
+        grad_weight = grad_y.reshape(-1, grad_y.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
+        grad_product = (grad_y @ weight.to(ctx.dtype)).to(gate.dtype)
+        if ctx.backend == "triton":
+            from gdn2.fused_kernels import silu_mul_bwd
+
+            grad_gate, grad_up = silu_mul_bwd(gate.contiguous(), up.contiguous(), grad_product.contiguous())
+        else:
+            gf = _wide(gate)
+            sig = torch.sigmoid(gf)
+            grad_gate = (_wide(grad_product) * _wide(up) * sig * (1 + gf * (1 - sig))).to(gate.dtype)
+            grad_up = (_wide(grad_product) * gf * sig).to(up.dtype)
+        return grad_gate, grad_up, grad_weight.to(weight.dtype), None
+
+
+def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """The SwiGLU MLP's output projection F.linear(silu(gate) * up, weight), weight [d, I], keeping gate and up
+    only: the product [.., I] is recomputed in the backward pass instead of being kept for the weight's gradient.
+    Under autocast the product and the weight run in the autocast dtype, as an autocast nn.Linear would."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu_down needs gate and up of one shape and dtype; got {tuple(gate.shape)} {gate.dtype} "
+                         f"and {tuple(up.shape)} {up.dtype}")
+    return SwiGLUDownFunction.apply(gate, up, weight, _backend(gate, backend))
+
+
+# ------------------------------------------------------------------------------------------ short convolution
+def causal_conv_silu(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """SiLU(depthwise causal conv) of x [B, T, D] continuing the inputs cache [B, D, W-1]; weight [D, 1, W]
+    (torch ops: the reference of the kernels)."""
+    xt = x.transpose(1, 2)
+    padded = torch.cat([cache.to(xt.dtype), xt], dim=-1)                           # [B, D, W-1+T]
+    y = F.conv1d(padded, weight.to(xt.dtype), bias, groups=x.shape[-1])            # [B, D, T]
+    return F.silu(y.transpose(1, 2))
+
+
+class ConvSiluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cache, weight, bias):
+        from gdn2.fused_kernels import conv_silu_fwd
+
+        x, cache = x.contiguous(), cache.to(x.dtype).contiguous()
+        taps = weight.reshape(weight.shape[0], -1).contiguous()
+        ctx.save_for_backward(x, cache, taps, bias)
+        ctx.weight_shape = weight.shape
+        return conv_silu_fwd(x, cache, taps, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from gdn2.fused_kernels import conv_silu_bwd
+
+        x, cache, taps, bias = ctx.saved_tensors
+        dx, dweight, dbias = conv_silu_bwd(x, cache, taps, bias, grad_y.contiguous())
+        return (dx, None, dweight.reshape(ctx.weight_shape).to(taps.dtype),
+                None if dbias is None else dbias.to(bias.dtype))
+
+
+def short_conv_silu(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    backend: str = "auto") -> torch.Tensor:
+    """causal_conv_silu keeping only x for the backward pass: the Triton kernels (gdn2/fused_kernels.py) on CUDA,
+    else the torch ops under torch.utils.checkpoint. The carried cache gets no gradient on the Triton path (a
+    cache that requires one takes the torch path)."""
+    backend = _backend(x, backend)
+    if backend == "triton" and not cache.requires_grad:
+        return ConvSiluFunction.apply(x, cache, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return checkpoint(causal_conv_silu, x, cache, weight, bias, use_reentrant=False)
+    return causal_conv_silu(x, cache, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------ decay gate
+def decay_reference(f: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """g = -exp(A_log) (per head, repeated over its head_dim channels) * softplus(f + dt_bias), fp32 (as the mixer
+    writes it in torch ops)."""
+    return -_wide(a_log).exp().repeat_interleave(head_dim) * F.softplus(_wide(f) + dt_bias)
+
+
+class DecayFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f, a_log, dt_bias, head_dim):
+        from gdn2.fused_kernels import decay_fwd
+
+        rows = f.reshape(-1, f.shape[-1]).contiguous()
+        ctx.save_for_backward(rows, a_log, dt_bias)
+        ctx.head_dim, ctx.shape = head_dim, f.shape
+        return decay_fwd(rows, a_log.float().contiguous(), dt_bias.float().contiguous(), head_dim).view(f.shape)
+
+    @staticmethod
+    def backward(ctx, grad_g):
+        from gdn2.fused_kernels import decay_bwd
+
+        rows, a_log, dt_bias = ctx.saved_tensors
+        df, da, ddt = decay_bwd(rows, a_log.float().contiguous(), dt_bias.float().contiguous(), ctx.head_dim,
+                                grad_g.reshape(rows.shape).float().contiguous())
+        return df.view(ctx.shape), da.to(a_log.dtype), ddt.to(dt_bias.dtype), None
+
+
+def decay(f: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, head_dim: int,
+          backend: str = "auto") -> torch.Tensor:
+    """decay_reference keeping only f (in its own dtype, bf16 under autocast) for the backward pass instead of three
+    fp32 copies: one Triton kernel per pass on CUDA, the torch expression elsewhere. f [..., H * head_dim]."""
+    if _backend(f, backend) == "triton":
+        return DecayFunction.apply(f, a_log, dt_bias, head_dim)
+    return decay_reference(f, a_log, dt_bias, head_dim)

@@ -1,0 +1,242 @@
+"""Batched evaluation equals the batch-1 path for every family's CPU reference path (float64): log-likelihoods of
+right-padded batches read at each row's real positions, teacher-forced argmax, and greedy generation from stacked
+per-sample caches (samples that stop leave the batch); the cache stacking itself, fla's cache included; the runner
+stores the same rows at --batch-size 4 as at 1."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import torch
+
+from harness.batching import cache_signature, stack_caches
+from harness.registry import load_model
+from tiny_families import FAMILIES, RTOL, load_tiny, random_ids
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only contend (as the runner, _threads_for)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request, tmp_path_factory):
+    loaded = load_tiny(request.param, tmp_path_factory.mktemp(request.param))
+    loaded.segment = 16          # several segments per sequence: the batch carries its cache across them
+    return loaded
+
+
+LENGTHS = [37, 5, 64, 20, 21, 50, 2]
+
+
+def test_logprobs_of_padded_batches_equal_batch_one(model):
+    requests = [(random_ids(n, seed), max(1, n - 1 - seed % 9)) for seed, n in enumerate(LENGTHS)]
+    requests[2] = (requests[2][0], 1)                              # scored from the first position on
+    alone = model.token_logprobs_many(requests, batch_size=1)
+    batched = model.token_logprobs_many(requests, batch_size=3)
+    for (lp1, greedy1), (lp3, greedy3), (ids, score_from) in zip(alone, batched, requests):
+        assert lp3.shape == (len(ids) - score_from,)
+        torch.testing.assert_close(lp3, lp1, rtol=RTOL, atol=0)
+        assert torch.equal(greedy3, greedy1)
+
+
+def test_teacher_forced_argmax_of_batches_equals_batch_one(model):
+    sequences = [random_ids(n, 100 + seed) for seed, n in enumerate(LENGTHS)]
+    assert model.next_token_argmax_many(sequences, batch_size=4) == model.next_token_argmax_many(sequences,
+                                                                                                batch_size=1)
+
+
+def test_greedy_generation_of_stacked_caches_equals_batch_one(model):
+    prompts = [random_ids(n, 200 + seed) for seed, n in enumerate([30, 9, 30, 41, 17])]
+    alone = [model.generate_ids(p, max_new_tokens=12) for p in prompts]
+    assert model.generate_ids_many(prompts, 12, batch_size=5) == alone
+    # A stop token from the middle of one sample's output: that sample leaves the batch early, the others go on.
+    stop = alone[3][4]
+    alone = [model.generate_ids(p, max_new_tokens=12, stop_ids=[stop]) for p in prompts]
+    assert len(alone[3]) == 4
+    assert model.generate_ids_many(prompts, 12, stop_ids=[stop], batch_size=3) == alone
+    stop_when = lambda generated: len(generated) >= 2 and generated[-1] == generated[-2]  # noqa: E731
+    alone = [model.generate_ids(p, max_new_tokens=12, stop_when=stop_when) for p in prompts]
+    assert model.generate_ids_many(prompts, 12, stop_when=stop_when, batch_size=5) == alone
+
+
+def test_text_level_calls_batch_through_model_batch_size(model):
+    model.batch_size = 1
+    requests = [("The quick brown", " fox"), ("A", " longer continuation here"), ("", " empty context")]
+    texts = ["one short text", "a second, somewhat longer text to score"]
+    one = (model.loglikelihood(requests), model.loglikelihood_rolling(texts), model.generate(["Once", "Then we"], 6))
+    model.batch_size = 3
+    try:
+        many = (model.loglikelihood(requests), model.loglikelihood_rolling(texts),
+                model.generate(["Once", "Then we"], 6))
+    finally:
+        model.batch_size = 1
+    for (lp1, g1), (lp3, g3) in zip(one[0], many[0]):
+        assert abs(lp1 - lp3) <= RTOL * abs(lp1) and g1 == g3
+    assert all(abs(a - b) <= RTOL * abs(a) for a, b in zip(one[1], many[1]))
+    assert one[2] == many[2]
+
+
+# ------------------------------------------------------------------------------ cache stacking
+def test_stacking_groups_only_compatible_caches(model):
+    """Recurrent caches stack whatever the prompt lengths; an attention layer's cache (hybrid) only at equal
+    positions; transformers' KV cache always (left-padded with a mask)."""
+    caches = [model._prefill(random_ids(n, 300 + n), None)[1] for n in (20, 33, 33)]
+    signatures = [cache_signature(c) for c in caches]
+    assert None not in signatures and signatures[1] == signatures[2]
+    hybrid = "attn" in (model.lm.config if isinstance(model.lm.config, dict) else {})
+    assert (signatures[0] == signatures[1]) == (not hybrid)
+
+
+def test_stacked_cache_holds_each_sample_in_its_row(model):
+    """Recurrent states: row i is sample i's state exactly. KV caches: row i is sample i's keys and values,
+    left-padded, with the padding masked out and the next position that sample's own."""
+    from gdn2.cache import tensors_of
+
+    lengths = [31, 31] if model.family != "transformer" else [20, 31]    # equal lengths: hybrids stack too
+    first, second = (model._prefill(random_ids(n, 400 + i), None)[1] for i, n in enumerate(lengths))
+    batch = stack_caches([first, second], lengths)
+    if model.family == "transformer":
+        for stacked, alone in ((batch.cache.layers[0].keys, first.layers[0].keys),
+                               (batch.cache.layers[1].values, first.layers[1].values)):
+            assert torch.equal(stacked[0:1, :, 11:], alone) and not stacked[0, :, :11].any()
+        assert torch.equal(batch.cache.layers[0].keys[1:2], second.layers[0].keys)
+        assert batch.mask.tolist() == [[0] * 11 + [1] * 20, [1] * 31] and batch.positions.tolist() == [20, 31]
+        batch.keep([1])
+        assert torch.equal(batch.cache.layers[0].keys, second.layers[0].keys) and batch.positions.tolist() == [31]
+        return
+    for i, part in enumerate((first, second)):
+        for stacked, alone in zip(tensors_of(batch.cache.states), tensors_of(part.states)):
+            assert torch.equal(stacked[i:i + 1], alone)
+    batch.keep([1])
+    for stacked, alone in zip(tensors_of(batch.cache.states), tensors_of(second.states)):
+        assert torch.equal(stacked, alone)
+
+
+def test_fla_cache_stacks_and_keeps_rows():
+    cache_utils = pytest.importorskip("fla.models.cache_utils")
+
+    def fla_cache(seed, seen):
+        g = torch.Generator().manual_seed(seed)
+        cache = cache_utils.FLACache()
+        for layer in range(2):
+            cache.update(recurrent_state=torch.randn(1, 2, 4, 4, generator=g),
+                         conv_state=tuple(torch.randn(1, 8, 3, generator=g) for _ in range(3)),
+                         layer_idx=layer, offset=seen)
+        return cache
+
+    caches = [fla_cache(seed, seen) for seed, seen in ((0, 10), (1, 25), (2, 7))]
+    expected = [[dict(c[i]) for i in range(2)] for c in caches]
+    assert len({cache_signature(c) for c in caches}) == 1
+    batch = stack_caches(caches, [10, 25, 7])
+    for layer in range(2):
+        state = batch.cache[layer]
+        for row in range(3):
+            assert torch.equal(state["recurrent_state"][row:row + 1], expected[row][layer]["recurrent_state"])
+            for got, want in zip(state["conv_state"], expected[row][layer]["conv_state"]):
+                assert torch.equal(got[row:row + 1], want)
+    batch.keep([2, 0])
+    assert torch.equal(batch.cache[1]["recurrent_state"], torch.cat([expected[2][1]["recurrent_state"],
+                                                                     expected[0][1]["recurrent_state"]]))
+
+
+# ------------------------------------------------------------------------------ the runner
+def test_runner_batch_size_stores_the_batch_one_rows(tmp_path):
+    from harness.runner import CellPlan, Plan, SweepRunner
+    from harness.store import ResultsStore
+
+    tiny = load_model("gdn2-tiny-random", device="cpu")
+    stored = {}
+    for batch_size in (1, 4):
+        plan = Plan(models=["gdn2-tiny-random"], cells=[CellPlan("niah_single_1", [512]), CellPlan("mqar", [128])],
+                    samples=5, device="cpu", batch_size=batch_size)
+        with ResultsStore(tmp_path / str(batch_size)) as store:
+            summary = SweepRunner(plan, store, progress=False, log=lambda m: None, loader=lambda spec: tiny).run()
+        assert [(c.ok, c.failed) for c in summary.cells] == [(5, 0), (5, 0)]
+        conn = sqlite3.connect(tmp_path / str(batch_size) / "results.sqlite")
+        stored[batch_size] = conn.execute("SELECT task, length, sample_index, status, score, prediction FROM samples "
+                                          "ORDER BY task, length, sample_index").fetchall()
+        conn.close()
+    assert len(stored[1]) == 10 and stored[4] == stored[1]
+
+
+def test_lm_eval_plugin_batch_size_gives_the_batch_one_results():
+    from lm_eval.api.instance import Instance
+
+    from harness.lm_eval_plugin import HarnessLM
+
+    def instances(kind, args):
+        return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
+
+    pairs = [("Who's there?", " Nay, answer me"), ("Stand, and unfold", " yourself."), ("", " Long live the king"),
+             ("You come most carefully upon", " your hour.")]
+    texts = ["'Tis now struck twelve; get thee to bed, Francisco.", "For this relief much thanks."]
+    prompts = [("Who's there?", {"until": ["\n"], "max_gen_toks": 8}), ("Stand", {"until": ["."], "max_gen_toks": 5}),
+               ("Nay, answer me", {"until": ["\n"], "max_gen_toks": 8})]
+    outputs = {}
+    for batch_size in (1, 3):
+        lm = HarnessLM(model=load_model("gdn2-tiny-random", device="cpu"), batch_size=batch_size, max_length=8)
+        assert lm.describe()["batch_size"] == batch_size
+        outputs[batch_size] = (lm.loglikelihood(instances("loglikelihood", pairs)),
+                               lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(t,) for t in texts])),
+                               lm.generate_until(instances("generate_until", prompts)))
+    for (lp1, g1), (lp3, g3) in zip(outputs[1][0], outputs[3][0]):   # fp32 model: summation order at 1e-7 level
+        assert abs(lp1 - lp3) <= 1e-5 * abs(lp1) and g1 == g3
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(outputs[1][1], outputs[3][1]))
+    assert outputs[3][2] == outputs[1][2] and len(outputs[1][2]) == 3
+    runner_model = load_model("gdn2-tiny-random", device="cpu")
+    runner_model.batch_size = 4                       # what the runner sets from --batch-size
+    assert HarnessLM(model=runner_model).describe()["batch_size"] == 4       # kept when lm-eval names none
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        HarnessLM(model=runner_model, batch_size=0)
+
+
+class FailingBatchTask:
+    """Its batches fail (out of memory or an error); alone, sample 2 fails and the others pass."""
+
+    uses_length = True
+    name = "failing_batch"
+
+    def __init__(self, oom: bool = False):
+        self.oom, self.batch_calls = oom, 0
+
+    def samples(self, model, length, num_samples, seed):
+        from harness.eval_task import Sample
+
+        return [Sample(index=i, payload={"i": i}) for i in range(num_samples)]
+
+    def evaluate(self, model, sample):
+        from harness.eval_task import SampleResult
+
+        if sample.index == 2:
+            raise ValueError("sample 2 cannot be scored")
+        return SampleResult(index=sample.index, score=100.0, prediction=str(sample.index))
+
+    def evaluate_batch(self, model, samples):
+        self.batch_calls += 1
+        raise RuntimeError("CUDA out of memory (batch)" if self.oom else "the batch failed")
+
+
+@pytest.mark.parametrize("oom", [False, True])
+def test_runner_reruns_a_failed_batch_one_sample_at_a_time(tmp_path, oom, monkeypatch):
+    from harness import task_adapters
+    from harness.runner import CellPlan, Plan, SweepRunner
+    from harness.store import ResultsStore
+
+    task = FailingBatchTask(oom)
+    monkeypatch.setattr(task_adapters, "resolve_task", lambda name, options=None, offline=True: task)
+    tiny = load_model("gdn2-tiny-random", device="cpu")
+    plan = Plan(models=["gdn2-tiny-random"], cells=[CellPlan("failing_batch", [16])], samples=5, device="cpu",
+                batch_size=3)
+    with ResultsStore(tmp_path) as store:
+        summary = SweepRunner(plan, store, progress=False, log=lambda m: None, loader=lambda spec: tiny).run()
+    assert task.batch_calls == 2 and [(c.ok, c.failed) for c in summary.cells] == [(4, 1)]
+    conn = sqlite3.connect(tmp_path / "results.sqlite")
+    rows = conn.execute("SELECT sample_index, status, error_kind, error FROM samples ORDER BY sample_index").fetchall()
+    conn.close()
+    assert [(i, status) for i, status, _, _ in rows] == [(0, "ok"), (1, "ok"), (2, "error"), (3, "ok"), (4, "ok")]
+    assert rows[2][2] == "exception" and "sample 2 cannot be scored" in rows[2][3]

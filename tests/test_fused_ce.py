@@ -1,0 +1,284 @@
+"""The training path's memory-lean pieces (gdn2/fused.py) against the plain PyTorch expressions they replace, in
+float64: chunked linear cross-entropy (loss and both gradients, ignored labels, chunk edges, autocast), RMSNorm,
+gated RMSNorm, SwiGLU product, the recomputed short convolution; and the whole GDN-2 model's loss and every
+parameter gradient with the fused loss and with block checkpointing against the plain forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gdn2 import GDN2ForCausalLM, named_config
+from gdn2.fused import (causal_conv_silu, gated_rms_norm, linear_cross_entropy, rms_norm, short_conv_silu, silu_mul,
+                        swiglu_down)
+from gdn2.layer import ShortConvolution
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def grads_of(fn, *tensors):
+    """(fn(*leaves), gradients of sum(fn * fixed random weights) wrt every leaf)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    weights = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
+    (out * weights).sum().backward()
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def assert_same(a, b, tol=1e-12):
+    out_a, grads_a = a
+    out_b, grads_b = b
+    torch.testing.assert_close(out_a, out_b, rtol=tol, atol=tol)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------ cross-entropy
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, dtype=torch.float64, generator=g)
+    weight = torch.randn(37, 16, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 37, (50,), generator=g)
+    labels[[0, 3, 4, 49]] = -100
+    fused = grads_of(lambda h, w: linear_cross_entropy(h, w, labels, chunk_tokens=chunk), hidden, weight)
+    plain = grads_of(lambda h, w: F.cross_entropy(h @ w.t(), labels, ignore_index=-100), hidden, weight)
+    assert_same(fused, plain)
+
+
+def test_linear_cross_entropy_with_every_label_ignored_is_zero_with_zero_gradients():
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((5,), -100))
+    loss.backward()
+    assert loss.item() == 0 and not hidden.grad.any() and not weight.grad.any()
+
+
+def test_linear_cross_entropy_under_autocast_matches_an_autocast_linear():
+    """bf16 products as an autocast nn.Linear computes them; fp32 softmax. Tolerance: bf16 rounding of the
+    products, summed in another order."""
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(40, 32, generator=g), torch.randn(64, 32, generator=g) * 0.2
+    labels = torch.randint(0, 64, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = grads_of(lambda h, w: linear_cross_entropy(h, w, labels, chunk_tokens=16), hidden, weight)
+        plain = grads_of(lambda h, w: F.cross_entropy(F.linear(h, w).float(), labels), hidden, weight)
+    assert fused[1][1].dtype == torch.float32
+    assert_same(fused, plain, tol=2e-2)
+
+
+def test_linear_cross_entropy_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"hidden must be \[N, d\] and labels \[N\]"):
+        linear_cross_entropy(torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(6, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ norms, SwiGLU, conv
+def plain_rms(x, w, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+def test_norms_and_swiglu_equal_the_plain_expressions(activation):
+    g = torch.Generator().manual_seed(2)
+    x, gate, up = (torch.randn(3, 5, 24, dtype=torch.float64, generator=g) for _ in range(3))
+    w = 1 + 0.3 * torch.randn(24, dtype=torch.float64, generator=g)
+    assert_same(grads_of(lambda x, w: rms_norm(x, w, 1e-5), x, w), grads_of(plain_rms, x, w))
+    act = F.silu if activation == "silu" else torch.sigmoid
+    assert_same(grads_of(lambda x, z, w: gated_rms_norm(x, z, w, 1e-5, activation), x, gate, w),
+                grads_of(lambda x, z, w: plain_rms(x, w) * act(z), x, gate, w))
+    assert_same(grads_of(silu_mul, gate, up), grads_of(lambda a, b: F.silu(a) * b, gate, up))
+
+
+def test_recomputed_short_conv_equals_plain_conv_and_carries_the_cache():
+    torch.manual_seed(3)
+    conv = ShortConvolution(12, 4).double()
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    cache = torch.randn(2, 12, 3, dtype=torch.float64)
+    fused = grads_of(lambda x, c, w: ShortConvolution.forward(_with_weight(conv, w), x, c)[0], x, cache, conv.weight)
+    plain = grads_of(lambda x, c, w: causal_conv_silu(x, c, w, None), x, cache, conv.weight)
+    assert_same(fused, plain)
+    whole = torch.cat([cache, x.transpose(1, 2)], -1)
+    for T in (9, 2):
+        _, new_cache = conv(x[:, :T], cache)
+        assert torch.equal(new_cache, whole[..., T:T + 3])
+
+
+def _with_weight(conv, weight):
+    clone = ShortConvolution(conv.hidden_size, conv.kernel_size).double()
+    del clone.weight
+    clone.weight = weight
+    return clone
+
+
+# ------------------------------------------------------------------------------ the model
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return GDN2ForCausalLM(named_config("gdn2-tiny", vocab_size=97, num_hidden_layers=2)).double().train()
+
+
+def plain_loss(model, ids, labels):
+    """The unfused loss: full logits, then cross-entropy of the shifted labels."""
+    logits = model(ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def test_model_loss_and_every_gradient_equal_the_plain_path():
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    results = {}
+    for mode in ("plain", "fused", "checkpointed"):
+        model = tiny()
+        if mode == "checkpointed":
+            model.gradient_checkpointing_enable()
+        if mode == "plain":
+            loss = plain_loss(model, ids, labels)
+        else:
+            out = model(ids, labels=labels, use_cache=False)
+            loss = out.loss
+            assert out.logits is None
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    for mode in ("fused", "checkpointed"):
+        torch.testing.assert_close(results[mode][0], results["plain"][0], rtol=1e-10, atol=1e-10)
+        for name, grad in results["plain"][1].items():
+            torch.testing.assert_close(results[mode][1][name], grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_model_returns_logits_with_labels_when_autograd_is_off():
+    model = tiny().eval()
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+        assert out.logits.shape == (1, 12, 97)
+        torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:]))
+
+
+# ------------------------------------------------------------------------------ the Triton kernels (interpreter)
+@pytest.mark.parametrize("width", [24, 130])
+@pytest.mark.parametrize("activation", [None, "silu", "sigmoid"])
+def test_triton_norm_kernels_equal_the_torch_path(width, activation):
+    """fp32 inputs: the kernels (Triton's CPU interpreter here) against the torch path of the same Function. Rows
+    not a multiple of a tile, widths not a power of two."""
+    g = torch.Generator().manual_seed(5)
+    x, gate = (torch.randn(37, width, generator=g) for _ in range(2))
+    w = 1 + 0.3 * torch.randn(width, generator=g)
+    for backend in ("torch", "triton"):
+        if activation is None:
+            result = grads_of(lambda x, w: rms_norm(x, w, 1e-5, backend=backend), x, w)
+        else:
+            result = grads_of(lambda x, z, w: gated_rms_norm(x, z, w, 1e-5, activation, backend=backend), x, gate, w)
+        if backend == "torch":
+            expected = result
+    assert_same(result, expected, tol=1e-5)
+
+
+def test_triton_kernels_keep_dtypes_and_shapes_in_bf16():
+    """bf16 activations with an fp32 weight (what autocast hands the norms): outputs and gradients keep the
+    inputs' dtypes and shapes, and agree with the torch path to bf16 rounding."""
+    g = torch.Generator().manual_seed(6)
+    x, gate, up = (torch.randn(2, 5, 3, 64, generator=g).bfloat16() for _ in range(3))
+    w = 1 + 0.3 * torch.randn(64, generator=g)
+    conv_x, conv_w = torch.randn(2, 9, 64, generator=g).bfloat16(), torch.randn(64, 1, 4, generator=g) * 0.5
+    cache = torch.zeros(2, 64, 3, dtype=torch.bfloat16)
+    for fn, args in ((lambda x, z, w, b: gated_rms_norm(x, z, w, 1e-5, "silu", backend=b), (x, gate, w)),
+                     (lambda x, w, b: rms_norm(x, w, 1e-5, backend=b), (x, w)),
+                     (lambda a, u, b: silu_mul(a, u, backend=b), (gate, up)),
+                     (lambda c, w, b: short_conv_silu(c, cache, w, None, backend=b), (conv_x, conv_w))):
+        out_t, grads_t = grads_of(lambda *t: fn(*t, "triton"), *args)
+        out_p, grads_p = grads_of(lambda *t: fn(*t, "torch"), *args)
+        assert out_t.dtype == args[0].dtype and out_t.shape == args[0].shape
+        torch.testing.assert_close(out_t.float(), out_p.float(), rtol=2e-2, atol=2e-2)
+        for gt, gp, arg in zip(grads_t, grads_p, args):
+            assert gt.dtype == arg.dtype and gt.shape == arg.shape
+            torch.testing.assert_close(gt.float(), gp.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_triton_silu_mul_equals_the_plain_product_in_fp32():
+    g = torch.Generator().manual_seed(8)
+    gate, up = (torch.randn(3, 4100, generator=g) for _ in range(2))      # more than one block of elements
+    assert_same(grads_of(lambda a, b: silu_mul(a, b, backend="triton"), gate, up),
+                grads_of(lambda a, b: F.silu(a) * b, gate, up), tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_norm_output_under_autocast_is_the_autocast_dtype(backend):
+    """An fp32 residual stream under bf16 autocast: the norm hands its linears one bf16 tensor (what each would cast
+    to anyway), and its input gradient stays fp32."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 32, generator=g, requires_grad=True)
+    w = 1 + 0.3 * torch.randn(32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rms_norm(x, w, 1e-5, backend=backend)
+    assert y.dtype == torch.bfloat16
+    # within one bf16 unit in the last place: Triton's CPU interpreter narrows to bf16 with its own rounding
+    torch.testing.assert_close(y.float(), plain_rms(x.detach(), w).bfloat16().float(), rtol=2 ** -7, atol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swiglu_down_equals_the_plain_projection(backend):
+    g = torch.Generator().manual_seed(10)
+    gate, up = (torch.randn(2, 7, 40, dtype=torch.float64, generator=g) for _ in range(2))
+    weight = torch.randn(12, 40, dtype=torch.float64, generator=g) * 0.2
+    dtype = torch.float64 if backend == "torch" else torch.float32      # the kernels compute in fp32
+    args = [t.to(dtype) for t in (gate, up, weight)]
+    assert_same(grads_of(lambda a, b, w: swiglu_down(a, b, w, backend=backend), *args),
+                grads_of(lambda a, b, w: F.linear(F.silu(a) * b, w), *args), tol=1e-12 if backend == "torch" else 1e-5)
+
+
+def test_swiglu_down_under_autocast_matches_an_autocast_linear():
+    g = torch.Generator().manual_seed(11)
+    gate, up = (torch.randn(3, 5, 64, generator=g).bfloat16() for _ in range(2))
+    weight = torch.randn(16, 64, generator=g) * 0.2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = grads_of(lambda a, b, w: swiglu_down(a, b, w, backend="torch"), gate, up, weight)
+        plain = grads_of(lambda a, b, w: F.linear(F.silu(a) * b, w), gate, up, weight)
+    assert fused[0].dtype == torch.bfloat16 and fused[1][2].dtype == torch.float32
+    assert_same((fused[0].float(), [t.float() for t in fused[1]]), (plain[0].float(), [t.float() for t in plain[1]]),
+                tol=2e-2)
+
+
+@pytest.mark.parametrize("width,bias", [(4, False), (4, True), (2, True)])
+def test_triton_short_conv_equals_the_torch_conv(width, bias):
+    """The conv kernels (interpreter) against F.conv1d: outputs and the gradients of x, weight and bias, with a
+    carried cache, T and D not multiples of the kernel's blocks."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 70, 130, generator=g)
+    cache = torch.randn(2, 130, width - 1, generator=g)
+    weight = torch.randn(130, 1, width, generator=g) * 0.5
+    b = torch.randn(130, generator=g) * 0.1 if bias else None
+    leaves = (x, weight) + ((b,) if bias else ())
+
+    def run(backend):
+        return lambda x, w, *rest: short_conv_silu(x, cache, w, rest[0] if rest else None, backend=backend)
+
+    assert_same(grads_of(run("triton"), *leaves),
+                grads_of(lambda x, w, *rest: causal_conv_silu(x, cache, w, rest[0] if rest else None), *leaves),
+                tol=1e-5)
+
+
+def test_triton_decay_equals_the_mixer_expression():
+    """The decay kernels (interpreter) against the mixer's torch expression: g and the gradients of f, A_log and
+    dt_bias; f in bf16 as autocast hands it over, f large enough to reach softplus's linear branch."""
+    from gdn2.fused import decay, decay_reference
+
+    g = torch.Generator().manual_seed(13)
+    f = (torch.randn(37, 6 * 16, generator=g) * 8).bfloat16()
+    a_log = torch.empty(6).uniform_(0, 2.7, generator=g)
+    dt_bias = torch.randn(6 * 16, generator=g)
+    fused = grads_of(lambda f, a, d: decay(f, a, d, 16, backend="triton"), f, a_log, dt_bias)
+    plain = grads_of(lambda f, a, d: decay_reference(f, a, d, 16), f, a_log, dt_bias)
+    assert fused[0].dtype == torch.float32 and fused[1][0].dtype == torch.bfloat16
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1][0].float(), plain[1][0].float(), rtol=1e-2, atol=1e-2)   # bf16 df
+    for got, want in zip(fused[1][1:], plain[1][1:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
