@@ -1,6 +1,6 @@
 """The command line: `python run_eval.py <command> ...` (run_eval.py only calls main()).
 
-    python run_eval.py                                   # the quick suite on the bundled model, then its report
+    python run_eval.py                                   # the quick suite on the bundled models, then its report
     python run_eval.py run --suite paper-table3 --models gdn2=/ckpt/gdn2-1.3b --output runs/t3
     python run_eval.py run --models gdn2-tiny-random --tasks niah_single_1 mqar --lengths 1k 2k --samples 8
     python run_eval.py report runs/t3                    # tables (md, tex, csv), plots, exports
@@ -28,7 +28,7 @@ DEFAULT_OUTPUT = Path("runs") / "default"
 
 EPILOG = """\
 Start here:
-  python run_eval.py                        run the quick suite (bundled random-init model, < 1 min on CPU)
+  python run_eval.py                        run the quick suite (the bundled small models, minutes on a CPU)
   python run_eval.py list suites            named plans: quick, paper-table2, paper-table3, paper-table4
   python run_eval.py run --suite paper-table3 --models gdn2=PATH --output runs/t3
   python run_eval.py report runs/t3         tables in the paper's layout, plots, CSV/Parquet/JSON exports
@@ -480,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv:   # no arguments: the quick suite into runs/default, then its report
-        print("No command given: running the quick suite (bundled gdn2-tiny-random, random-init: its scores are "
-              "chance-level by construction; this checks that everything runs).\n"
+        print("No command given: running the quick suite: the eight bundled small models (one per family and the two "
+              "GDN-2 gate ablations, trained here; small-scale, not comparable to the paper) on RULER needles, MQAR "
+              "and held-out perplexity, on this machine.\n"
               "See `python run_eval.py --help` for the commands.\n", file=sys.stderr)
         argv = ["run"]
     args = parser.parse_args(argv)

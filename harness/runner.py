@@ -221,7 +221,9 @@ def validate_plan(plan: Plan) -> None:
     if not plan.cells:
         problems.append("no cells: pass --tasks T ... or a suite with cells (see harness/suites/README.md)")
     for cell in plan.cells:
-        if _bad_count(cell.samples):
+        lm_eval_fraction = (cell.task.startswith("lm_eval:") and isinstance(cell.samples, float)
+                            and 0 < cell.samples < 1)     # --limit 0 < f < 1 passed on to lm-eval (cli)
+        if _bad_count(cell.samples) and not lm_eval_fraction:
             problems.append(f"task {cell.task}: samples must be a whole number >= 1, got {cell.samples!r}")
         bad = [x for x in cell.lengths or [None] if x is not None and _bad_count(x)]
         if bad:

@@ -28,8 +28,12 @@ def tiny():
 
 
 def refused(capsys, argv: list[str], *needles: str) -> str:
-    """main(argv) exits 2 and its stderr contains every needle; returns stderr."""
-    assert main(argv) == 2
+    """main(argv) exits 2 (returned, or argparse's SystemExit) and its stderr contains every needle; returns it."""
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    assert code == 2
     err = capsys.readouterr().err
     for needle in needles:
         assert needle in err, err

@@ -67,17 +67,32 @@ def test_run_then_report_in_process(tmp_path, capsys):
     assert "\\begin{tabular}" in capsys.readouterr().out
 
 
-def test_no_arguments_runs_the_quick_suite(tmp_path):
-    """`python run_eval.py` on a fresh CPU machine: the quick suite into runs/default, the report, the paths, and a
-    plain statement that the bundled model is random-init."""
+def test_no_arguments_runs_the_quick_suite(monkeypatch, capsys):
+    """`python run_eval.py` is `run` of the quick suite (the eight bundled small models) into runs/default."""
+    import harness.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_run", lambda args, argv: seen.update(args=args, argv=argv) or 0)
+    assert cli.main([]) == 0
+    assert seen["argv"] == ["run"] and seen["args"].suite is None and seen["args"].output is None
+    assert "bundled small models" in capsys.readouterr().err
+    plan = cli.make_plan(seen["args"])
+    assert plan.name == "quick" and len(plan.models) == 8 and plan.allow_longer_context
+    assert str(cli.default_output_for(seen["args"], plan)) == "runs/default"
+
+
+def test_quick_suite_runs_every_bundled_model(tmp_path):
+    """The default run's suite end to end on all eight bundled models, one sample per cell, in a subprocess as a user
+    runs it: every model loads, every cell is scored, the report names every model."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(REPO / "run_eval.py")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(REPO / "run_eval.py"), "run", "--suite", "quick", "--samples", "1",
+                           "--output", str(tmp_path / "q"), "--no-progress"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "runs" / "default" / "results.sqlite").is_file()
-    assert "random-init" in done.stderr and "chance-level" in done.stdout
-    assert "niah_single_1@1k" in done.stdout and "niah_single_1@2k" in done.stdout and "mqar@256" in done.stdout
-    assert "runs/default/results.sqlite" in done.stdout
+    for model in ("gdn2-small", "gdn2-scalar-erase-small", "gdn2-scalar-write-small", "gated_deltanet-small",
+                  "kda-small", "mamba2-small", "mamba3-small", "transformer-small"):
+        assert model in done.stdout
+    assert "niah_single_1@1k" in done.stdout and "mqar@512" in done.stdout and "failed" not in done.stdout
 
 
 def test_doctor_options_pass_through_the_cli(capsys):
