@@ -12,6 +12,7 @@ demo: setup
 	$(PY) run_eval.py
 
 test: setup-dev
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 -q tests
 
 lint: setup-dev

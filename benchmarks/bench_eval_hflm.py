@@ -86,7 +86,7 @@ def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes) -
         for engine in ("HFLM", "harness"):
             try:
                 if engine == "HFLM":
-                    from lm_eval.models.huggingface import HFLM      # needs accelerate
+                    from lm_eval.models.huggingface import HFLM  # needs accelerate
 
                     lm_obj = HFLM(pretrained=lm, tokenizer=tokenizer, batch_size=size, device=str(model.device))
                 else:
@@ -120,7 +120,7 @@ def ruler_rows(model, lengths, samples: int, batch_sizes, workdir: Path) -> list
                               "ORDER BY task, length, sample_index").fetchall()
         conn.close()
         reference = stored if reference is None else reference
-        differ = sum(a[4] != b[4] for a, b in zip(stored, reference))
+        differ = sum(a[4] != b[4] for a, b in zip(stored, reference, strict=False))
         scores = [r[3] for r in stored if r[3] is not None]
         rows.append(dict(kind=f"ruler {','.join(lengths)} x {samples}", engine="harness runner", batch=size,
                          seconds=round(seconds, 2),

@@ -179,7 +179,7 @@ def rows_from_log(text, card):
         rows += shape_rows(card, bw, B, T, ast.literal_eval(ours), fla["gdn2"], fla["kda"])
     for line in re.findall(r"^\S+ \| \S+ \| B\d+_T1 \| decode_step.*$", text, flags=re.M):
         cells = [None if c == "None" else c for c in line.split(" | ")]
-        row = dict(zip(ROW_KEYS, cells[:4] + [None if c is None else float(c) for c in cells[4:]]))
+        row = dict(zip(ROW_KEYS, cells[:4] + [None if c is None else float(c) for c in cells[4:]], strict=False))
         rows.append({**row, "card": card})
     return [{**r, "date": date} for r in rows], bw, soft
 

@@ -340,7 +340,7 @@ def decode_rows(family: str, impl: str, contexts, batches, steps: int) -> list[d
                                     peak_gib=peak_gib(),
                                     status="ok" if same else "tokens differ",
                                     note="greedy tokens equal the plain step's" if same else
-                                    f"{sum(a != b for a, b in zip(graph_tokens, plain_tokens))} of "
+                                    f"{sum(a != b for a, b in zip(graph_tokens, plain_tokens, strict=False))} of "
                                     f"{len(plain_tokens)} rows differ from the plain step"))
                     print_row(rows[-1])
                 del cache, static
@@ -409,7 +409,7 @@ def eval_rows(family: str, lengths, samples: int, batch_sizes, new_tokens: int) 
             sync()
             seconds = time.perf_counter() - start
             reference = out if reference is None else reference
-            same = sum(a == b for a, b in zip(out, reference))
+            same = sum(a == b for a, b in zip(out, reference, strict=False))
             rows.append(row("eval-generate", family, f"batch {size}", context=L, batch=size,
                             tok_s=round(sum(len(p) + new_tokens for p in prompts) / seconds), ms=round(seconds * 1e3),
                             note=f"{samples} prompts, {new_tokens} new tokens; {same}/{samples} outputs equal "
@@ -425,7 +425,7 @@ def eval_rows(family: str, lengths, samples: int, batch_sizes, new_tokens: int) 
         seconds = time.perf_counter() - start
         sums = [float(lp.sum()) for lp, _ in out]
         reference = sums if reference is None else reference
-        worst = max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(sums, reference))
+        worst = max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(sums, reference, strict=False))
         rows.append(row("eval-loglikelihood", family, f"batch {size}", context=520, batch=size,
                         tok_s=round(520 * len(requests) / seconds), ms=round(seconds * 1e3),
                         note=f"{len(requests)} requests; largest relative difference to batch {batch_sizes[0]}: "
@@ -525,13 +525,13 @@ def write_plot(rows: list[dict], path: Path) -> None:
     axes[0].set_title("training (bf16 autocast, fused AdamW); paper: hybrid models")
     if series or paper:
         axes[0].legend(fontsize=6)
-    for ax, (kind, key, batch, label) in zip(axes[1:], panels):
+    for ax, (kind, key, batch, label) in zip(axes[1:], panels, strict=False):
         for family, impl in sorted({(r["family"], r["impl"]) for r in rows if r["kind"] == kind}):
             points = sorted((int(r["context"]), float(r[key])) for r in rows
                             if r["kind"] == kind and r["status"] == "ok" and (r["family"], r["impl"]) == (family, impl)
                             and (batch is None or int(r["batch"]) == batch) and r[key] != "")
             if points:
-                ax.plot(*zip(*points), marker="o", label=f"{family} {impl}")
+                ax.plot(*zip(*points, strict=False), marker="o", label=f"{family} {impl}")
         ax.set_xscale("log", base=2)
         if all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
             ax.set_yscale("log")

@@ -23,7 +23,7 @@ FAILED = []
 def report(name: str, got, want, tol: float) -> None:
     """Largest |got - want| / (max |want| + 1e-6) over the paired tensors against tol."""
     worst = 0.0
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         worst = max(worst, float((g.float() - w.float()).abs().max() / (w.float().abs().max() + 1e-6)))
     ok = worst <= tol
     if not ok:
@@ -118,7 +118,7 @@ def check_graph_decode() -> None:
             plain = model.generate_ids_many(prompts, 24, batch_size=3)
             model.static_decode = None                 # CUDA: the graph
             graph = model.generate_ids_many(prompts, 24, batch_size=3)
-            same = sum(a == b for a, b in zip(graph, plain))
+            same = sum(a == b for a, b in zip(graph, plain, strict=False))
             ok = same == len(prompts)
             if not ok:
                 FAILED.append(f"graph decode {family}")

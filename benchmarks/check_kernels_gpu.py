@@ -107,7 +107,7 @@ def run_one(fn, xs, h0, cu, l2, do, dht, grad=True):
     out = {"o": o.detach(), "ht": ht.detach()}
     if grad:
         torch.autograd.backward([o, ht], [do.to(o.dtype), dht])
-        for n, x in zip("q k v g b w".split(), ins):
+        for n, x in zip("q k v g b w".split(), ins, strict=False):
             out["d" + n] = x.grad
         if h is not None:
             out["dh0"] = h.grad
@@ -273,7 +273,7 @@ def main():
         print(f"{kname:15s} {name:28s} {'' if dtypes is None else [str(d)[6:] for d in dtypes]} {status}", flush=True)
         write_results(args.out, card, rows, summary)
 
-    for kname, kern in KERNELS.items():
+    for kern in KERNELS.values():
         pin_config(kern, kern.configs[0])
     for cfg, worst in (check_decode(rows) if only is None else {}).items():
         status = f"worst err/tol {worst:.3f} {'PASS' if worst <= 1 else 'FAIL'}"

@@ -31,8 +31,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.csv_rows import write_csv  # noqa: E402
 from gdn2.ops.triton.chunk import CHUNK_KERNELS  # noqa: E402
-from gdn2.ops.triton.utils import (SERIAL_PRECISION, block_sizes, config_name, dot_precision,  # noqa: E402
-                                   solve_precision)
+from gdn2.ops.triton.utils import SERIAL_PRECISION, block_sizes, config_name, dot_precision, solve_precision  # noqa: E402
 
 SMEM_LIMIT = 232_448
 TARGET = GPUTarget("cuda", 90, 32)

@@ -78,7 +78,7 @@ def main():
             print(f"{n}: not launched by this call (not in its ForwardPlan, dispatch.py); skipped")
             continue
         grid, a, kw = recorders[n].calls[0]
-        named = {**dict(zip(kernel.fn.arg_names, a)), **kw}
+        named = {**dict(zip(kernel.fn.arg_names, a, strict=False)), **kw}
         fits_args = [named[x] for x in kernel.fits_args]
         for config in list(getattr(kernel, "_all_configs", kernel.configs)):
             if not kernel.fits(config, named[kernel.dtype_arg].dtype, named.get("K"), *fits_args):

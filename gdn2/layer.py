@@ -53,7 +53,8 @@ def short_conv_qkv(mixer: nn.Module, x: torch.Tensor, state) -> tuple:
         return (*(F.silu(p) for p in projections), None)
     carried = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
     (q, cq), (k, ck), (v, cv) = (conv(p, c) for conv, p, c in
-                                 zip((mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d), projections, carried))
+                                 zip((mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d), projections, carried,
+                                     strict=True))
     return q, k, v, (cq, ck, cv)
 
 

@@ -17,7 +17,6 @@ from gdn2.configuration import GDN2Config
 from gdn2.fused import causal_lm_loss, rms_norm, swiglu_down
 from gdn2.layer import GatedDeltaNet2, GDN2LayerState
 
-
 # The GDN-2 model's cache is the shared recurrent cache (one GDN2LayerState per layer); the name stays for users.
 GDN2Cache = RecurrentCache
 

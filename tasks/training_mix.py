@@ -66,7 +66,7 @@ class MixConfig:
     """What the stream is made of. Shares are fractions of rows (text) and of documents (needles vs MQAR)."""
 
     seq_len: int = 1024
-    text_share: float = 0.3
+    text_share: float = 0.5
     mqar_share: float = 0.3           # of the documents in retrieval rows; the rest are needle documents
     vocab_size: int = 4096            # MQAR token range (the model's vocabulary)
     seed: int = 0

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from baselines.common import write_checkpoint_folder
 from baselines.gdn2 import gdn2_config_fields, is_fla_config
-from baselines.gdn2_lit_gpt import LitGPTConversionError, convert_lit_gpt_checkpoint, main as convert_main
+from baselines.gdn2_lit_gpt import LitGPTConversionError, convert_lit_gpt_checkpoint
+from baselines.gdn2_lit_gpt import main as convert_main
 from gdn2 import GDN2Config, GDN2ForCausalLM
 from harness.bundled import BPE_4K
 from harness.registry import load_model

@@ -38,7 +38,7 @@ def test_logprobs_of_padded_batches_equal_batch_one(model):
     requests[2] = (requests[2][0], 1)                              # scored from the first position on
     alone = model.token_logprobs_many(requests, batch_size=1)
     batched = model.token_logprobs_many(requests, batch_size=3)
-    for (lp1, greedy1), (lp3, greedy3), (ids, score_from) in zip(alone, batched, requests):
+    for (lp1, greedy1), (lp3, greedy3), (ids, score_from) in zip(alone, batched, requests, strict=False):
         assert lp3.shape == (len(ids) - score_from,)
         torch.testing.assert_close(lp3, lp1, rtol=RTOL, atol=0)
         assert torch.equal(greedy3, greedy1)
@@ -75,9 +75,9 @@ def test_text_level_calls_batch_through_model_batch_size(model):
                 model.generate(["Once", "Then we"], 6))
     finally:
         model.batch_size = 1
-    for (lp1, g1), (lp3, g3) in zip(one[0], many[0]):
+    for (lp1, g1), (lp3, g3) in zip(one[0], many[0], strict=False):
         assert abs(lp1 - lp3) <= RTOL * abs(lp1) and g1 == g3
-    assert all(abs(a - b) <= RTOL * abs(a) for a, b in zip(one[1], many[1]))
+    assert all(abs(a - b) <= RTOL * abs(a) for a, b in zip(one[1], many[1], strict=False))
     assert one[2] == many[2]
 
 
@@ -110,10 +110,10 @@ def test_stacked_cache_holds_each_sample_in_its_row(model):
         assert torch.equal(batch.cache.layers[0].keys, second.layers[0].keys) and batch.positions.tolist() == [31]
         return
     for i, part in enumerate((first, second)):
-        for stacked, alone in zip(tensors_of(batch.cache.states), tensors_of(part.states)):
+        for stacked, alone in zip(tensors_of(batch.cache.states), tensors_of(part.states), strict=False):
             assert torch.equal(stacked[i:i + 1], alone)
     batch.keep([1])
-    for stacked, alone in zip(tensors_of(batch.cache.states), tensors_of(second.states)):
+    for stacked, alone in zip(tensors_of(batch.cache.states), tensors_of(second.states), strict=False):
         assert torch.equal(stacked, alone)
 
 
@@ -137,7 +137,7 @@ def test_fla_cache_stacks_and_keeps_rows():
         state = batch.cache[layer]
         for row in range(3):
             assert torch.equal(state["recurrent_state"][row:row + 1], expected[row][layer]["recurrent_state"])
-            for got, want in zip(state["conv_state"], expected[row][layer]["conv_state"]):
+            for got, want in zip(state["conv_state"], expected[row][layer]["conv_state"], strict=False):
                 assert torch.equal(got[row:row + 1], want)
     batch.keep([2, 0])
     assert torch.equal(batch.cache[1]["recurrent_state"], torch.cat([expected[2][1]["recurrent_state"],
@@ -184,9 +184,10 @@ def test_lm_eval_plugin_batch_size_gives_the_batch_one_results():
         outputs[batch_size] = (lm.loglikelihood(instances("loglikelihood", pairs)),
                                lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(t,) for t in texts])),
                                lm.generate_until(instances("generate_until", prompts)))
-    for (lp1, g1), (lp3, g3) in zip(outputs[1][0], outputs[3][0]):   # fp32 model: summation order at 1e-7 level
+    # fp32 model: summation order at 1e-7 level
+    for (lp1, g1), (lp3, g3) in zip(outputs[1][0], outputs[3][0], strict=True):
         assert abs(lp1 - lp3) <= 1e-5 * abs(lp1) and g1 == g3
-    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(outputs[1][1], outputs[3][1]))
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(outputs[1][1], outputs[3][1], strict=False))
     assert outputs[3][2] == outputs[1][2] and len(outputs[1][2]) == 3
     runner_model = load_model("gdn2-tiny-random", device="cpu")
     runner_model.batch_size = 4                       # what the runner sets from --batch-size

@@ -62,7 +62,7 @@ def test_static_step_states_and_logits_equal_the_plain_step(model):
             step.ids.fill_(token)
             static_logits = step.run()
             torch.testing.assert_close(static_logits, plain.logits[:, -1], rtol=0, atol=0)
-    for static, moved in zip(tensors_of(step.cache.states), tensors_of(cache.states)):
+    for static, moved in zip(tensors_of(step.cache.states), tensors_of(cache.states), strict=False):
         torch.testing.assert_close(static, moved, rtol=0, atol=0)
     assert [t.data_ptr() for t in tensors_of(step.cache.states)] == buffers      # written in place, never moved
 

@@ -9,8 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from gdn2 import GDN2ForCausalLM, named_config
-from gdn2.fused import (causal_conv_silu, gated_rms_norm, linear_cross_entropy, rms_norm, short_conv_silu, silu_mul,
-                        swiglu_down)
+from gdn2.fused import (
+    causal_conv_silu,
+    gated_rms_norm,
+    linear_cross_entropy,
+    rms_norm,
+    short_conv_silu,
+    silu_mul,
+    swiglu_down,
+)
 from gdn2.layer import ShortConvolution
 
 
@@ -36,7 +43,7 @@ def assert_same(a, b, tol=1e-12):
     out_a, grads_a = a
     out_b, grads_b = b
     torch.testing.assert_close(out_a, out_b, rtol=tol, atol=tol)
-    for ga, gb in zip(grads_a, grads_b):
+    for ga, gb in zip(grads_a, grads_b, strict=False):
         torch.testing.assert_close(ga, gb, rtol=tol, atol=tol)
 
 
@@ -196,7 +203,7 @@ def test_triton_kernels_keep_dtypes_and_shapes_in_bf16():
         out_p, grads_p = grads_of(lambda *t: fn(*t, "torch"), *args)
         assert out_t.dtype == args[0].dtype and out_t.shape == args[0].shape
         torch.testing.assert_close(out_t.float(), out_p.float(), rtol=2e-2, atol=2e-2)
-        for gt, gp, arg in zip(grads_t, grads_p, args):
+        for gt, gp, arg in zip(grads_t, grads_p, args, strict=False):
             assert gt.dtype == arg.dtype and gt.shape == arg.shape
             torch.testing.assert_close(gt.float(), gp.float(), rtol=3e-2, atol=3e-2)
 
@@ -280,5 +287,5 @@ def test_triton_decay_equals_the_mixer_expression():
     assert fused[0].dtype == torch.float32 and fused[1][0].dtype == torch.bfloat16
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[1][0].float(), plain[1][0].float(), rtol=1e-2, atol=1e-2)   # bf16 df
-    for got, want in zip(fused[1][1:], plain[1][1:]):
+    for got, want in zip(fused[1][1:], plain[1][1:], strict=False):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

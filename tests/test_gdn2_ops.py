@@ -91,7 +91,7 @@ def test_gradients_match_naive_autograd():
     ds = torch.randn_like(s_a)
     ((o_a * do).sum() + (s_a * ds).sum()).backward()
     ((o_b * do).sum() + (s_b * ds).sum()).backward()
-    for name, a, b in zip(names, leaves_a, leaves_b):
+    for name, a, b in zip(names, leaves_a, leaves_b, strict=False):
         assert rel_err(a.grad, b.grad) < 1e-9, name
 
 

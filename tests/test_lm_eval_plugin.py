@@ -64,7 +64,7 @@ def test_loglikelihood_equals_direct_computation(model):
     whole, alone = model.encode("Long live the king!"), model.encode("Long live th")
     assert whole[:len(alone)] != alone
     got = HarnessLM(model=model).loglikelihood(_instances("loglikelihood", requests))
-    for (context, continuation), (ll, greedy) in zip(requests, got):
+    for (context, continuation), (ll, greedy) in zip(requests, got, strict=False):
         want_ll, want_greedy = _direct_loglikelihood(model, context, continuation)
         assert ll == pytest.approx(want_ll, abs=1e-3, rel=1e-5)
         assert greedy == want_greedy

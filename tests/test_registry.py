@@ -12,8 +12,15 @@ import torch
 import torch.nn as nn
 
 from harness import registry
-from harness.registry import (UnknownNameError, get_family, load_model, parse_spec, register_family,
-                              resolve_device, resolve_dtype)
+from harness.registry import (
+    UnknownNameError,
+    get_family,
+    load_model,
+    parse_spec,
+    register_family,
+    resolve_device,
+    resolve_dtype,
+)
 
 NO_CUDA = not torch.cuda.is_available()
 

@@ -62,7 +62,7 @@ def test_rows_are_a_function_of_seed_and_index(builder):
     first = builder.rows(0, 12)
     again = builder.rows(0, 12)
     parallel = training_mix.build_stream(builder, 12, workers=2, block=5)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=False))
     assert np.array_equal(parallel[0], first[0].astype(np.int16))
     assert np.array_equal(parallel[1], first[1].astype(np.int16))
 
@@ -204,8 +204,8 @@ def test_pick_steps_fits_the_slowest_model():
     from train_small import pick_steps
 
     def probe(seconds_per_step):
-        return {"result": {"losses": [[10, 9.0], [20, 8.0], [30, 7.0]],
-                           "extra": {"elapsed_at_log": [5.0, 5.0 + 10 * seconds_per_step, 5.0 + 20 * seconds_per_step]}}}
+        elapsed = [5.0, 5.0 + 10 * seconds_per_step, 5.0 + 20 * seconds_per_step]
+        return {"result": {"losses": [[10, 9.0], [20, 8.0], [30, 7.0]], "extra": {"elapsed_at_log": elapsed}}}
 
     # 0.8 * 100 s / 0.05 s per step = 1600 steps for the slowest
     assert pick_steps({"a": probe(0.01), "b": probe(0.05)}, budget=100, cap=5000) == 1600

@@ -81,7 +81,7 @@ class ChunkGDN2Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         qf, kf, vf, gf, bf, wf, rq, rk, h0, *rest = ctx.saved_tensors
-        saved = dict(zip(ctx.saved_names, rest))
+        saved = dict(zip(ctx.saved_names, rest, strict=False))
         scale, layout, use_l2, (B, T, H, K, HV, V), has_h0, h0_dtype, dtypes = ctx.meta
         do = do.reshape(B * T, HV, V).contiguous()
         dht = dht.float().contiguous() if dht is not None else None
@@ -92,7 +92,7 @@ class ChunkGDN2Function(torch.autograd.Function):
             dk = _l2norm_vjp(kf, rk, dk)
         grads = [x.reshape(B, T, H, K) for x in (dq, dk)] + [dv.reshape(B, T, HV, V)]
         grads += [dg.reshape(B, T, H, K), db.reshape(B, T, H, K), dw.reshape(B, T, HV, V)]
-        grads = [x.to(dt) for x, dt in zip(grads, dtypes)]
+        grads = [x.to(dt) for x, dt in zip(grads, dtypes, strict=False)]
         dh0 = dh0.to(h0_dtype) if has_h0 else None
         return (*grads, None, dh0, None, None, None)
 

@@ -50,11 +50,33 @@ import triton.language as tl
 
 from gdn2.ops.triton.fwd_state import STATE_CONFIGS
 from gdn2.ops.triton.gates import chunk_key_side, diag_row, exact_channels, load_sub_chunk, midpoint_channels
-from gdn2.ops.triton.tiles import (chunk_span, decayed_plus, key_block_dot, key_block_dot_t, key_head_inputs, l2_rows,
-                                   load_rows, load_state_blocks, state_block_t, store_rows, store_state_block,
-                                   store_state_blocks, store_tile, sub_chunk_span, tile, tile_t)
-from gdn2.ops.triton.utils import (CHUNK, SERIAL_PRECISION, SUBS_PER_CHUNK, block_sizes, dot_precision,
-                                   solve_precision, tuned)
+from gdn2.ops.triton.tiles import (
+    chunk_span,
+    decayed_plus,
+    key_block_dot,
+    key_block_dot_t,
+    key_head_inputs,
+    l2_rows,
+    load_rows,
+    load_state_blocks,
+    state_block_t,
+    store_rows,
+    store_state_block,
+    store_state_blocks,
+    store_tile,
+    sub_chunk_span,
+    tile,
+    tile_t,
+)
+from gdn2.ops.triton.utils import (
+    CHUNK,
+    SERIAL_PRECISION,
+    SUBS_PER_CHUNK,
+    block_sizes,
+    dot_precision,
+    solve_precision,
+    tuned,
+)
 
 DLOCAL_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=4,
                                                                                        num_stages=2)]

@@ -62,7 +62,8 @@ class ForwardPlan:
 def plan_forward(dtype: torch.dtype, K: int, n_walks: int, training: bool) -> ForwardPlan:
     """The forward's launches for inputs of `dtype` with key width K, n_walks = sequences x value heads, in training
     (autograd) or inference. The decision table of the module docstring; planned_as may stand in for dtype, n_walks."""
-    dtype, n_walks = _PLANNED_AS.get().get("dtype", dtype), _PLANNED_AS.get().get("n_walks", n_walks)
+    planned = _PLANNED_AS.get() or {}
+    dtype, n_walks = planned.get("dtype", dtype), planned.get("n_walks", n_walks)
     sixteen_bit = dtype in (torch.bfloat16, torch.float16)
     # fp32: the wy kernel forming A spills 1-4 KB per thread on sm_90 (docs/kernels.md#dispatch)
     solve_in_wy = sixteen_bit
@@ -73,7 +74,7 @@ def plan_forward(dtype: torch.dtype, K: int, n_walks: int, training: bool) -> Fo
                        keep_for_backward=training)
 
 
-_PLANNED_AS: contextvars.ContextVar[dict] = contextvars.ContextVar("gdn2_planned_as", default={})
+_PLANNED_AS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("gdn2_planned_as", default=None)
 
 
 @contextlib.contextmanager
@@ -86,7 +87,7 @@ def planned_as(dtype: torch.dtype | None = None, n_walks: int | None = None):
     if n_walks is not None and n_walks < 1:
         raise ValueError(f"planned_as: n_walks must be >= 1; got {n_walks}")
     given = {"dtype": dtype, "n_walks": n_walks}
-    token = _PLANNED_AS.set({**_PLANNED_AS.get(), **{k: v for k, v in given.items() if v is not None}})
+    token = _PLANNED_AS.set({**(_PLANNED_AS.get() or {}), **{k: v for k, v in given.items() if v is not None}})
     try:
         yield
     finally:

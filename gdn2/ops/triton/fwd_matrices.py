@@ -26,8 +26,15 @@ import triton
 import triton.language as tl
 
 from gdn2.ops.triton.gates import diag_exact_fwd, exact_channels, load_sub_chunk, midpoint_channels, midpoint_factors
-from gdn2.ops.triton.tiles import (key_head_inputs, l2_rows, load_rows, store_rows, store_tile, chunk_span,
-                                   sub_chunk_span)
+from gdn2.ops.triton.tiles import (
+    chunk_span,
+    key_head_inputs,
+    l2_rows,
+    load_rows,
+    store_rows,
+    store_tile,
+    sub_chunk_span,
+)
 from gdn2.ops.triton.utils import CHUNK, SUBS_PER_CHUNK, dot_precision, tuned
 
 # Intra kernel: one 16-row sub-chunk per program, K in slices of BK. Every product is [16, BK] x [BK, 16], and Triton

@@ -18,8 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.triton.tiles import (decayed_plus, key_block_dot, load_state_blocks, store_state_block,
-                                   store_state_blocks, store_tile, tile)
+from gdn2.ops.triton.tiles import (
+    decayed_plus,
+    key_block_dot,
+    load_state_blocks,
+    store_state_block,
+    store_state_blocks,
+    store_tile,
+    tile,
+)
 from gdn2.ops.triton.utils import SERIAL_PRECISION, block_sizes, tuned
 
 # BV is the V slice per program (B*Hv*V/BV programs walk the sequences); BV=16 is for few sequences x heads (B=1,

@@ -20,8 +20,14 @@ import triton
 import triton.language as tl
 
 from gdn2.ops.triton.fwd_matrices import solve_chunk
-from gdn2.ops.triton.gates import (CHUNK_SPAN, chunk_cumsum, chunk_key_side, diag_exact_fwd, exact_channels,
-                                   midpoint_factors)
+from gdn2.ops.triton.gates import (
+    CHUNK_SPAN,
+    chunk_cumsum,
+    chunk_key_side,
+    diag_exact_fwd,
+    exact_channels,
+    midpoint_factors,
+)
 from gdn2.ops.triton.tiles import chunk_span, l2_rows, load_rows, store_rows, store_tile, tile
 from gdn2.ops.triton.utils import SERIAL_PRECISION, block_sizes, dot_precision, tuned
 

@@ -70,7 +70,7 @@ class FixedLaunch:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            named = {**dict(zip(self.fn.arg_names, args)), **kwargs}
+            named = {**dict(zip(self.fn.arg_names, args, strict=False)), **kwargs}
             dtype = named[self.dtype_arg].dtype
             extra = [named[a] for a in self.fits_args]
             config = next((c for c in self.configs if self.fits(c, dtype, named.get("K"), *extra)), self.configs[0])
