@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from gdn2.ops.naive import check_gdn2_inputs, compute_dtype, prepare_inputs, sequence_bounds
 
 CHUNK_SIZE = 64
+SUB = 16                 # rows per block of the decayed products (_pairwise_decayed_products)
 # Upper bound on elements of the [.., C, C, K] decay-difference tensor built at once (bounds peak memory).
 _PAIRWISE_BUDGET = 1 << 25
 
@@ -38,11 +39,9 @@ def _pad_to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return x.reshape(B, Tp // chunk, chunk, H, D).permute(0, 3, 1, 2, 4)
 
 
-def _pairwise_decayed_products(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool):
-    """M_rs = sum_d left_rd right_sd exp(G_rd - G_sd) for s < r (s <= r if inclusive), else 0.
-
-    left, right, G: [..., C, K] -> [..., C, C]. Built in slices of the leading axes to bound memory.
-    """
+def _pairwise_exact(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool) -> torch.Tensor:
+    """M_rs = sum_d left_rd right_sd exp(G_rd - G_sd) for s < r (s <= r if inclusive), else 0, with every
+    exponent formed as a difference. left, right, G: [..., C, K] -> [..., C, C], in slices to bound memory."""
     C, K = G.shape[-2:]
     lead = G.shape[:-2]
     flat = [x.reshape(-1, C, K) for x in (left, right, G)]
@@ -55,6 +54,33 @@ def _pairwise_decayed_products(left: torch.Tensor, right: torch.Tensor, G: torch
         decay = torch.where(mask[None, :, :, None], diff, diff.new_tensor(float("-inf"))).exp()
         parts.append(torch.einsum("nrk,nsk,nrsk->nrs", lf, rt, decay))
     return torch.cat(parts).reshape(*lead, C, C)
+
+
+def _pairwise_decayed_products(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool):
+    """M_rs = sum_d left_rd right_sd exp(G_rd - G_sd) for s < r (s <= r if inclusive), else 0.
+
+    left, right, G: [..., C, K] -> [..., C, C]. Blocks of SUB rows: a pair (r, s) with s before r's block start b
+    factors as exp(G_r - G_b) exp(G_b - G_s), both exponents <= 0 since G never increases (g <= 0), so one matmul
+    per block serves it without overflow; pairs inside a block take the exact pairwise form (_pairwise_exact).
+    A G that increases somewhere (g > 0) takes the pairwise form everywhere.
+    """
+    C, K = G.shape[-2:]
+    if C % SUB or C == SUB or bool((G[..., 1:, :] > G[..., :-1, :]).any()):
+        return _pairwise_exact(left, right, G, inclusive)
+    lead, nb = G.shape[:-2], C // SUB
+    starts = G[..., ::SUB, :]                                                       # [..., nb, K]: G at b_i
+    left_scaled = left * (G - starts.repeat_interleave(SUB, dim=-2)).exp()          # exp(G_r - G_b(r))
+    before = torch.arange(C, device=G.device)[None, :] < torch.arange(0, C, SUB, device=G.device)[:, None]
+    to_start = starts[..., :, None, :] - G[..., None, :, :]                          # [..., nb, C(s), K]
+    right_scaled = torch.where(before[:, :, None], to_start, to_start.new_tensor(float("-inf"))).exp()
+    right_scaled = right_scaled * right[..., None, :, :]                             # exp(G_b - G_s) r_s, s < b
+    out = left_scaled.reshape(*lead, nb, SUB, K) @ right_scaled.transpose(-1, -2)   # [..., nb, SUB, C]
+    blocks = [x.reshape(*lead, nb, SUB, K) for x in (left, right, G)]
+    inside = _pairwise_exact(*blocks, inclusive)                                     # [..., nb, SUB, SUB]
+    out = out.clone()
+    for i in range(nb):
+        out[..., i, :, i * SUB:(i + 1) * SUB] = inside[..., i, :, :]
+    return out.reshape(*lead, C, C)
 
 
 def _chunk_gdn2_one(q, k, v, g, b, w, scale: float, state: torch.Tensor, chunk: int):
