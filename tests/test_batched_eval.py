@@ -13,14 +13,7 @@ from harness.batching import cache_signature, stack_caches
 from harness.registry import load_model
 from tiny_families import FAMILIES, RTOL, load_tiny, random_ids
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only contend (as the runner, _threads_for)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: intra-op threads only contend
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

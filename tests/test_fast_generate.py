@@ -14,13 +14,7 @@ from tiny_families import load_tiny, random_ids
 RECURRENT = ["gdn2", "gated_deltanet", "kda", "mamba2", "mamba3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: intra-op threads only contend
 
 
 @pytest.fixture(scope="module", params=RECURRENT + ["kda-hybrid", "transformer"])

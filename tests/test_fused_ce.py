@@ -20,14 +20,7 @@ from gdn2.fused import (
 )
 from gdn2.layer import ShortConvolution
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: intra-op threads only contend
 
 
 def grads_of(fn, *tensors):

@@ -8,13 +8,7 @@ from gdn2 import GDN2ForCausalLM, named_config
 PAD = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model on a shared 2-core machine: intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: intra-op threads only contend
 
 
 def tiny_model(seed=0) -> GDN2ForCausalLM:
