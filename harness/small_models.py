@@ -34,12 +34,14 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 INIT_STD = 0.02
 RESIDUAL_OUTPUTS = ("o_proj", "out_proj", "down_proj", "fc2")   # linear layers that write the residual stream
+TIED_HEAD = "lm_head.weight"    # every format's name of the head; tied to the embeddings, so not stored
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,8 @@ def _llama(shape: Shape) -> dict:
 
 
 # name -> (family, config builder, one line for tables)
-SMALL_MODELS: dict[str, tuple[str, callable, str]] = {
-    "gdn2": ("gdn2", lambda s: _gdn2(s), "GDN-2 (channel erase + channel write)"),
+SMALL_MODELS: dict[str, tuple[str, Callable[[Shape], dict], str]] = {
+    "gdn2": ("gdn2", _gdn2, "GDN-2 (channel erase + channel write)"),
     "gdn2-scalar-erase": ("gdn2", lambda s: _gdn2(s, erase_gate="scalar"), "GDN-2, scalar erase gate (w-only)"),
     "gdn2-scalar-write": ("gdn2", lambda s: _gdn2(s, write_gate="scalar"), "GDN-2, scalar write gate (b-only)"),
     "gated_deltanet": ("gated_deltanet", lambda s: _fla_delta(s, "gated_deltanet", "GatedDeltaNetForCausalLM"),
@@ -179,23 +181,12 @@ def initialise(lm: nn.Module, num_layers: int, std: float = INIT_STD) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def head_and_embedding_names(name: str) -> tuple[str, str]:
-    """(state-dict name of the tied LM head, of the embeddings) in the checkpoint format of `name`."""
-    family = SMALL_MODELS[name][0]
-    if family in ("mamba2", "mamba3"):
-        return "lm_head.weight", "backbone.embedding.weight"
-    if family == "transformer":
-        return "lm_head.weight", "model.embed_tokens.weight"
-    return "lm_head.weight", "model.embeddings.weight"
-
-
-def checkpoint_state(name: str, lm: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def checkpoint_state(lm: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores: the format's names, the tied head left out, floating tensors in `dtype`
     except the decay parameters that the loaders keep in fp32 (stored fp32)."""
-    head, _ = head_and_embedding_names(name)
     state = {}
     for key, tensor in lm.state_dict().items():
-        if key == head:
+        if key == TIED_HEAD:
             continue
         if key.startswith("backbone.embeddings."):          # mamba-ssm's name (the loader renames it back)
             key = "backbone.embedding." + key[len("backbone.embeddings."):]
@@ -204,14 +195,14 @@ def checkpoint_state(name: str, lm: nn.Module, dtype: torch.dtype = torch.bfloat
     return state
 
 
-def save(folder: str | Path, name: str, lm: nn.Module, config: dict, tokenizer_dir: str | Path) -> Path:
+def save(folder: str | Path, lm: nn.Module, config: dict, tokenizer_dir: str | Path) -> Path:
     """Write config.json, model.safetensors and the tokenizer files of `tokenizer_dir` into `folder`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(checkpoint_state(name, lm), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(checkpoint_state(lm), str(folder / "model.safetensors"), metadata={"format": "pt"})
     for file in Path(tokenizer_dir).iterdir():
         if file.name == "tokenizer.json":   # written compact: the same tokenizer in 40% of the bytes
             compact = json.dumps(json.loads(file.read_text(encoding="utf-8")), separators=(",", ":"),

@@ -7,6 +7,7 @@ autocast on CUDA (fp32 on CPU), parameters and optimizer state fp32. Loss: mean 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import time
@@ -103,7 +104,7 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(parameter_groups(lm, config.weight_decay), lr=config.lr, betas=(0.9, 0.95),
                                   eps=1e-8, fused=fused)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     losses, window, step_losses, elapsed = [], [], [], []
     start = time.perf_counter()
     steps_done = config.steps
@@ -143,14 +144,6 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
     return TrainResult(losses=losses, final_loss=float(np.mean(step_losses[-tail:])), steps_done=steps_done,
                        tokens=rows * inputs.shape[1], trained_tokens=trained, seconds=seconds,
                        device=describe_device(device), extra=extra)
-
-
-class _no_autocast:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def describe_device(device: torch.device) -> str:

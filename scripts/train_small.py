@@ -34,10 +34,12 @@ import torch  # noqa: E402
 from harness import small_models  # noqa: E402
 from harness.bundled import BPE_4K  # noqa: E402
 from harness.bundled import HERE as BUNDLED_DIR
+from harness.registry import resolve_device  # noqa: E402
 from harness.train import TrainConfig, describe_device, train  # noqa: E402
 from tasks import training_mix  # noqa: E402
 
 SUFFIX = "-small"
+PROBE_LOG_EVERY = 10      # a probe's log points, between which pick_steps times a step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,23 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "done (--time-budget sets it for its children)")
     p.add_argument("--stream-dir", help="reuse a stream built by an earlier call (inputs.npy, targets.npy)")
     p.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)   # a --parallel probe process
+    p.add_argument("--record", type=Path, help=argparse.SUPPRESS)   # a --parallel child: where its record goes
     args = p.parse_args(argv)
+    if args.probe_steps < 2 * PROBE_LOG_EVERY:
+        p.error(f"--probe-steps must be >= {2 * PROBE_LOG_EVERY}: the probe times the steps between its log points, "
+                f"one every {PROBE_LOG_EVERY} steps")
     unknown = [m for m in args.models if m not in small_models.SMALL_MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; known: {', '.join(small_models.SMALL_MODELS)}")
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    from harness.registry import resolve_device as resolve
-    return resolve(name)
-
-
 # ------------------------------------------------------------------------------------------ the stream
-def stream_rows(args: argparse.Namespace, steps: int) -> int:
-    return steps * args.batch_size
-
-
 def build_or_load_stream(args: argparse.Namespace, rows: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """(inputs, targets, description) of the first `rows` rows of the stream."""
     from tokenizers import Tokenizer
@@ -131,13 +128,16 @@ def shape_of(args: argparse.Namespace, name: str) -> small_models.Shape:
     return small_models.matched_shape(name, reference)
 
 
+def run_flags(args: argparse.Namespace, steps: int) -> list[str]:
+    """The flags that decide a model's training run (what a retrain command and a child process repeat)."""
+    return ["--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+            "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
+            "--hidden-size", str(args.hidden_size), "--layers", str(args.layers), "--mlp-width", str(args.mlp_width)]
+
+
 def retrain_command(args: argparse.Namespace, name: str, steps: int) -> str:
-    parts = ["python", "scripts/train_small.py", "--corpus", Path(args.corpus).name, "--models", name,
-             "--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-             "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
-             "--hidden-size", str(args.hidden_size), "--layers", str(args.layers),
-             "--mlp-width", str(args.mlp_width)]
-    return shlex.join(parts)
+    return shlex.join(["python", "scripts/train_small.py", "--corpus", Path(args.corpus).name, "--models", name,
+                       *run_flags(args, steps)])
 
 
 def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, stream: dict) -> dict:
@@ -149,7 +149,7 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
     total, non_embedding = small_models.count_params(lm)
     train_config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr,
                                warmup_steps=min(args.warmup_steps, steps), seed=args.seed,
-                               log_every=10 if args.probe_only else 25)
+                               log_every=PROBE_LOG_EVERY if args.probe_only else 25)
 
     def progress(step: int, loss: float, lr: float) -> None:
         if step % (train_config.log_every * 20) == 0 or step == steps:
@@ -168,7 +168,7 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
     if args.probe_only:
         return record
     folder = Path(args.out) / (name + SUFFIX)
-    small_models.save(folder, name, lm, config, BPE_4K)
+    small_models.save(folder, lm, config, BPE_4K)
     record["state_floats_per_layer"] = small_models.state_floats_per_layer(name, config)
     (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     plot_losses(folder / "loss.png", record)
@@ -256,10 +256,7 @@ def run_children(args: argparse.Namespace, stream_dir: Path, scratch: Path, step
     """One process per model (same flags, the saved stream); returns {model: record} of those that finished."""
     records, procs = {}, {}
     base = [sys.executable, str(Path(__file__).resolve()), "--corpus", args.corpus, "--out", args.out,
-            "--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-            "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
-            "--hidden-size", str(args.hidden_size), "--layers", str(args.layers), "--mlp-width", str(args.mlp_width),
-            "--device", args.device, "--stream-dir", str(stream_dir)]
+            *run_flags(args, steps), "--device", args.device, "--stream-dir", str(stream_dir)]
     if deadline is not None:
         base += ["--deadline", str(deadline)]
     for name in args.models:
@@ -291,28 +288,22 @@ def pick_steps(probes: dict[str, dict], budget: float, cap: int, margin: float =
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    record_path = None
-    if "--record" in argv:                                 # a child process of --parallel: where to write
-        i = argv.index("--record")
-        record_path, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
     args = parse_args(argv)
-    steps = args.steps
     if args.parallel or args.time_budget:
         with tempfile.TemporaryDirectory(prefix="train-small-") as scratch:
             return train_in_processes(args, Path(scratch))
-    inputs, targets, stream = build_or_load_stream(args, stream_rows(args, steps))
+    inputs, targets, stream = build_or_load_stream(args, args.steps * args.batch_size)
     print(f"device: {describe_device(resolve_device(args.device))}", flush=True)
     for name in args.models:
-        record = train_one(args, name, steps, inputs, targets, stream)
-        if record_path is not None:
-            record_path.write_text(json.dumps(record))
+        record = train_one(args, name, args.steps, inputs, targets, stream)
+        if args.record is not None:
+            args.record.write_text(json.dumps(record))
     return 0
 
 
 def train_in_processes(args: argparse.Namespace, scratch: Path) -> int:
     """--parallel / --time-budget: the stream saved once (in scratch unless --stream-dir), one process per model."""
-    inputs, targets, stream = build_or_load_stream(args, stream_rows(args, args.steps))
+    inputs, targets, stream = build_or_load_stream(args, args.steps * args.batch_size)
     if args.stream_dir:
         stream_dir = Path(args.stream_dir)
     else:

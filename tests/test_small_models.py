@@ -129,7 +129,7 @@ def test_saved_model_loads_through_the_registry(tmp_path, name):
     with its weights rounded to bf16 (what the checkpoint stores); the tied head is stored once."""
     torch.manual_seed(0)
     lm, config = small_models.build(name, small_models.matched_shape(name, TINY))
-    folder = small_models.save(tmp_path / name, name, lm, config, BPE_4K)
+    folder = small_models.save(tmp_path / name, lm, config, BPE_4K)
     from safetensors import safe_open
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
