@@ -310,13 +310,13 @@ def train_in_processes(args: argparse.Namespace, scratch: Path) -> int:
         stream_dir = scratch
         save_stream(stream_dir, inputs, targets, stream)
     steps = args.steps
-    deadline = None
+    deadline = args.deadline
     if args.time_budget:
         probes = run_children(args, stream_dir, scratch, args.probe_steps, probe=True)
         if not probes:
             return 1
         steps = pick_steps(probes, args.time_budget, args.steps)
-        deadline = time.time() + args.time_budget
+        deadline = min(time.time() + args.time_budget, deadline or float("inf"))
     records = run_children(args, stream_dir, scratch, steps, probe=False, deadline=deadline)
     print(json.dumps({n: round(r["result"]["final_loss"], 4) for n, r in records.items()}), flush=True)
     return 0 if len(records) == len(args.models) else 1
