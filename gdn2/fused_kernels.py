@@ -161,6 +161,17 @@ def silu_mul_bwd(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tupl
 
 # ------------------------------------------------------------------------------------------ short convolution
 @triton.jit
+def _conv_input(x_ptr, c_ptr, b, rows, src, d, dmask, T, D, W: tl.constexpr):
+    """fp32 conv input x_in[b, src, d] for output rows `rows` [BT]: x [B, T, D] where 0 <= src < T, the cache
+    c [B, D, W-1] where src < 0 (for rows inside the sequence), zero elsewhere. -> [BT, BD]"""
+    from_x = tl.load(x_ptr + (b * T + src[:, None]) * D + d[None, :],
+                     mask=(src[:, None] >= 0) & (src[:, None] < T) & dmask[None, :], other=0.0)
+    from_c = tl.load(c_ptr + (b * D + d[None, :]) * (W - 1) + (src[:, None] + W - 1),
+                     mask=(src[:, None] < 0) & (rows[:, None] < T) & dmask[None, :], other=0.0)
+    return from_x.to(tl.float32) + from_c.to(tl.float32)
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, y_ptr, T, D, W: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BT: tl.constexpr, BD: tl.constexpr):
     """y[b, t, d] = silu(bias[d] + sum_j w[d, j] * x_in[b, t + j - (W-1), d]), x_in continuing the cache c
@@ -173,13 +184,8 @@ def _conv_fwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, y_ptr, T, D, W: tl.constexpr
     if HAS_BIAS:
         acc += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(W):
-        src = t + j - (W - 1)
-        from_x = tl.load(x_ptr + (b * T + src[:, None]) * D + d[None, :],
-                         mask=(src[:, None] >= 0) & (src[:, None] < T) & dmask[None, :], other=0.0)
-        from_c = tl.load(c_ptr + (b * D + d[None, :]) * (W - 1) + (src[:, None] + W - 1),
-                         mask=(src[:, None] < 0) & (t[:, None] < T) & dmask[None, :], other=0.0)
         weight = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
-        acc += (from_x.to(tl.float32) + from_c.to(tl.float32)) * weight[None, :]
+        acc += _conv_input(x_ptr, c_ptr, b, t, t + j - (W - 1), d, dmask, T, D, W) * weight[None, :]
     y = acc * tl.sigmoid(acc)
     tl.store(y_ptr + (b * T + t[:, None]) * D + d[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(t[:, None] < T) & dmask[None, :])
@@ -202,13 +208,8 @@ def _conv_bwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_p
         if HAS_BIAS:
             pre += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
         for j in tl.static_range(W):
-            src = rows + j - (W - 1)
-            from_x = tl.load(x_ptr + (b * T + src[:, None]) * D + d[None, :],
-                             mask=(src[:, None] >= 0) & (src[:, None] < T) & dmask[None, :], other=0.0)
-            from_c = tl.load(c_ptr + (b * D + d[None, :]) * (W - 1) + (src[:, None] + W - 1),
-                             mask=(src[:, None] < 0) & (rows[:, None] < T) & dmask[None, :], other=0.0)
             weight = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
-            pre += (from_x.to(tl.float32) + from_c.to(tl.float32)) * weight[None, :]
+            pre += _conv_input(x_ptr, c_ptr, b, rows, rows + j - (W - 1), d, dmask, T, D, W) * weight[None, :]
         live = (rows[:, None] < T) & dmask[None, :]
         dy = tl.load(dy_ptr + (b * T + rows[:, None]) * D + d[None, :], mask=live, other=0.0).to(tl.float32)
         s = tl.sigmoid(pre)
@@ -220,12 +221,7 @@ def _conv_bwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_p
             if HAS_BIAS:
                 tl.store(db_ptr + (b * NT + tb) * D + d, tl.sum(g, axis=0), mask=dmask)
             for j in tl.static_range(W):
-                src = t + j - (W - 1)
-                from_x = tl.load(x_ptr + (b * T + src[:, None]) * D + d[None, :],
-                                 mask=(src[:, None] >= 0) & (src[:, None] < T) & dmask[None, :], other=0.0)
-                from_c = tl.load(c_ptr + (b * D + d[None, :]) * (W - 1) + (src[:, None] + W - 1),
-                                 mask=(src[:, None] < 0) & (t[:, None] < T) & dmask[None, :], other=0.0)
-                part = tl.sum(g * (from_x.to(tl.float32) + from_c.to(tl.float32)), axis=0)
+                part = tl.sum(g * _conv_input(x_ptr, c_ptr, b, t, t + j - (W - 1), d, dmask, T, D, W), axis=0)
                 tl.store(dw_ptr + ((b * NT + tb) * D + d) * W + j, part, mask=dmask)
     tl.store(dx_ptr + (b * T + t[:, None]) * D + d[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=(t[:, None] < T) & dmask[None, :])
