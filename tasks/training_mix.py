@@ -1,16 +1,14 @@
 """The token stream the bundled small models train on: public-domain English text mixed with synthetic retrieval
 documents from our own task generators (scripts/train_small.py builds it once and every model reads the same rows).
 
-A row is `seq_len` input tokens, as many targets (the token to predict after each input, or IGNORE) and as many
-answer flags (True where the target is a retrieval answer; the training loss weighs answers apart from text):
+A row is `seq_len` input tokens and as many targets (the token to predict after each input, or IGNORE):
 - text rows (share `text_share`): a window of one training book; targets are the next tokens;
 - retrieval rows: documents of log-uniform length in [MIN_DOC_TOKENS, seq_len], each followed by EOS, then text
-  to the end of the row. A document has targets only at its answers, as in Zoology:
+  to the end of the row. A document is one of
   - a RULER needle document: tasks.ruler.niah's generator with RULER's templates (NEEDLE_FORMATS: S-NIAH-1/2/3,
-    MK-NIAH-1/2 and a two-key query); the prompt (input + answer prefix) and the answer are tokenized apart, as
-    the evaluation feeds the prompt and reads the generated answer; targets are the answer's tokens and the EOS;
-  - a token-level MQAR sequence (tasks.mqar, vocabulary = the model's, 4 to 64 pairs); targets at the query
-    positions (the values).
+    MK-NIAH-1/2 and a two-key query), the answer written after the answer prefix; every token is a target;
+  - a token-level MQAR sequence (tasks.mqar, vocabulary = the model's, 4 to 64 pairs); targets only at the query
+    positions (the values), as in Zoology.
 
 Held out, so that the evaluation measures what training did not show:
 - whole texts: the perplexity plays (hamlet, macbeth) and the essay haystack of the RULER tasks (areopagitica),
@@ -164,28 +162,22 @@ class MixBuilder:
         start = rng.randrange(max(1, len(words) - num_words))
         return EssayText(HaystackIdentity(self.book_names[book], "", "training"), words[start:start + num_words])
 
-    def _needle_text(self, rng: random.Random, name: str, num_units: int) -> tuple[str, str]:
-        """(prompt, answer) of a needle document: RULER's input + answer prefix, and " value[, value]." """
+    def _needle_text(self, rng: random.Random, name: str, num_units: int) -> str:
         knobs = NEEDLE_FORMATS[name]
         essay = self._essay(rng, num_units) if knobs.type_haystack == "essay" else None
         draft = NiahFamily(knobs, essay, draw_atom=self.draw_atom).draft(rng, num_units)
-        return draft.input + draft.answer_prefix, " " + ", ".join(draft.outputs) + "."
-
-    def _encode_needle(self, prompt_and_answer: tuple[str, str]) -> tuple[list[int], list[int]]:
-        prompt, answer = prompt_and_answer
-        return self.tokenizer.encode(prompt).ids, self.tokenizer.encode(answer).ids
+        return draft.input + draft.answer_prefix + " " + ", ".join(draft.outputs) + "."
 
     def _tokens_per_unit(self, name: str) -> tuple[float, float]:
         """(tokens at 0 units, tokens per unit) of a needle format, from two probe documents."""
         rng = random.Random(f"probe:{name}")
         low, high = 20, 200
-        t_low = sum(map(len, self._encode_needle(self._needle_text(rng, name, low))))
-        t_high = sum(map(len, self._encode_needle(self._needle_text(rng, name, high))))
+        t_low = len(self.tokenizer.encode(self._needle_text(rng, name, low)).ids)
+        t_high = len(self.tokenizer.encode(self._needle_text(rng, name, high)).ids)
         slope = (t_high - t_low) / (high - low)
         return t_low - slope * low, slope
 
     # ---------------------------------------------------------------- documents: (inputs, targets) lists
-    # A retrieval document's targets are all answers (IGNORE elsewhere); a text window's are all text.
     def text_window(self, rng: random.Random, num_tokens: int) -> tuple[list[int], list[int]]:
         book = rng.choices(range(len(self.book_tokens)), weights=self.book_weights)[0]
         tokens = self.book_tokens[book]
@@ -203,10 +195,9 @@ class MixBuilder:
         for _ in range(4):
             if units < min_units:
                 return None
-            prompt, answer = self._encode_needle(self._needle_text(rng, name, units))
-            if len(prompt) + len(answer) <= max_tokens:
-                return prompt + answer, [IGNORE] * (len(prompt) - 1) + answer + [self.eos_id]
-            ids = prompt + answer
+            ids = self.tokenizer.encode(self._needle_text(rng, name, units)).ids
+            if len(ids) <= max_tokens:
+                return ids, ids[1:] + [self.eos_id]
             units = int(units * 0.85 * max_tokens / len(ids))
         return None
 
@@ -219,15 +210,13 @@ class MixBuilder:
         return inputs[0].tolist(), labels[0].tolist()
 
     # ---------------------------------------------------------------- rows
-    def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Row `index`: (inputs, targets) [seq_len] int64, targets IGNORE where no loss is taken, and the answer
-        flags [seq_len] bool (True at the targets of retrieval documents)."""
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row `index`: (inputs [seq_len], targets [seq_len]) int64, targets IGNORE where no loss is taken."""
         L = self.config.seq_len
         rng = random.Random(f"mix:{self.config.seed}:{index}")
         if rng.random() < self.config.text_share:
             inputs, targets = self.text_window(rng, L)
-            return (np.asarray(inputs, dtype=np.int64), np.asarray(targets, dtype=np.int64),
-                    np.zeros(L, dtype=bool))
+            return np.asarray(inputs, dtype=np.int64), np.asarray(targets, dtype=np.int64)
         inputs: list[int] = []
         targets: list[int] = []
         while L - len(inputs) > MIN_DOC_TOKENS:
@@ -239,18 +228,16 @@ class MixBuilder:
                 break
             inputs += doc[0] + [self.eos_id]
             targets += doc[1] + [IGNORE]
-        answers = np.zeros(L, dtype=bool)
-        answers[:len(targets)] = np.asarray(targets) != IGNORE
         if len(inputs) < L:
             tail_inputs, tail_targets = self.text_window(rng, L - len(inputs))
             inputs += tail_inputs
             targets += tail_targets
-        return np.asarray(inputs, dtype=np.int64), np.asarray(targets, dtype=np.int64), answers
+        return np.asarray(inputs, dtype=np.int64), np.asarray(targets, dtype=np.int64)
 
-    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows [start, stop) stacked: (inputs, targets, answers) [stop - start, seq_len]."""
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [start, stop) stacked: (inputs, targets) [stop - start, seq_len] int64."""
         built = [self.row(i) for i in range(start, stop)]
-        return tuple(np.stack([b[k] for b in built]) for k in range(3))
+        return np.stack([b[0] for b in built]), np.stack([b[1] for b in built])
 
 
 # ------------------------------------------------------------------------------------------ the whole stream
@@ -262,14 +249,13 @@ def _init_worker(builder: MixBuilder) -> None:
     _WORKER_BUILDER = builder
 
 
-def _build_block(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _build_block(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return _WORKER_BUILDER.rows(*bounds)
 
 
 def build_stream(builder: MixBuilder, num_rows: int, workers: int = 1,
-                 block: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows [0, num_rows) of the stream: (inputs, targets) [num_rows, seq_len] int16 (vocab < 32768) and the
-    answer flags [num_rows, seq_len] bool."""
+                 block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [0, num_rows) of the stream: (inputs, targets) [num_rows, seq_len], int16 (vocab < 32768)."""
     if builder.config.vocab_size >= 2 ** 15:
         raise ValueError("the stream stores tokens as int16: vocab_size must be < 32768")
     bounds = [(a, min(a + block, num_rows)) for a in range(0, num_rows, block)]
@@ -280,13 +266,12 @@ def build_stream(builder: MixBuilder, num_rows: int, workers: int = 1,
             parts = pool.map(_build_block, bounds)
     inputs = np.concatenate([p[0] for p in parts]).astype(np.int16)
     targets = np.concatenate([p[1] for p in parts]).astype(np.int16)
-    answers = np.concatenate([p[2] for p in parts])
-    return inputs, targets, answers
+    return inputs, targets
 
 
-def stream_digest(inputs: np.ndarray, targets: np.ndarray, answers: np.ndarray) -> str:
+def stream_digest(inputs: np.ndarray, targets: np.ndarray) -> str:
     """sha256 of a built stream (recorded in model cards: the same digest means the same training data)."""
-    return hashlib.sha256(inputs.tobytes() + targets.tobytes() + answers.tobytes()).hexdigest()
+    return hashlib.sha256(inputs.tobytes() + targets.tobytes()).hexdigest()
 
 
 def describe_mix(config: MixConfig) -> dict:
