@@ -153,12 +153,12 @@ def free(*objects) -> None:
 
 def sync() -> None:
     if RUN["device"] == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def reset_peak() -> None:
     if RUN["device"] == "cuda":
-        reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_gib() -> float:
