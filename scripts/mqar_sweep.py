@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
     p.add_argument("--out", default="results/mqar")
+    p.add_argument("--replot", metavar="CSV", help="redraw OUT/mqar_sweep.png from a sweep's CSV (no training)")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "WIDTH"), help=argparse.SUPPRESS)  # a child run
     args = p.parse_args(argv)
     if args.batch_size % len(args.train_pairs):
@@ -179,6 +180,20 @@ def write_results(rows: list[dict], out: Path) -> None:
     plot(rows, out / "mqar_sweep.png")
 
 
+def read_results(path: Path) -> list[dict]:
+    """The rows of a mqar_sweep.csv with their numbers as numbers (what write_results was given)."""
+    def value(text: str):
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -202,15 +217,20 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{pairs} key-value pairs, {rows[0]['seq_len']} tokens", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy (% of queries)")
-    n = rows[0]["sequences"]
-    fig.suptitle(f"MQAR vs state size ({rows[0]['layers']} layers; {n} sequences per point; small-scale)", fontsize=10)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    n, steps = rows[0]["sequences"], rows[0]["steps"]
+    fig.suptitle(f"MQAR vs state size ({rows[0]['layers']} layers, {steps} training steps, one seed; {n} sequences "
+                 f"per point; small-scale)", fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4)
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        plot(read_results(Path(args.replot)), Path(args.out) / "mqar_sweep.png")
+        return 0
     if args.one:
         name, width = args.one[0], int(args.one[1])
         rows = run_one(args, name, width)

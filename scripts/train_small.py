@@ -114,6 +114,15 @@ def build_or_load_stream(args: argparse.Namespace, rows: int) -> tuple[np.ndarra
     return inputs, targets, description
 
 
+def rows_trained_on(description: dict, inputs: np.ndarray, targets: np.ndarray, rows: int) -> dict:
+    """The stream's description narrowed to its first `rows` rows, the ones a run of that many steps x batch reads
+    (a --parallel run builds the stream for its step cap): the digest is then the one the retrain command gets."""
+    if description["rows"] == rows:
+        return description
+    return {**description, "rows": rows,
+            "stream_sha256": training_mix.stream_digest(np.asarray(inputs[:rows]), np.asarray(targets[:rows]))}
+
+
 def save_stream(folder: Path, inputs: np.ndarray, targets: np.ndarray, description: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "inputs.npy", inputs)
@@ -156,6 +165,7 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
             print(f"[{name}] step {step}/{steps} loss {loss:.4f} lr {lr:.2e}", flush=True)
 
     result = train(lm, inputs, targets, train_config, device, progress, deadline=args.deadline)
+    stream = rows_trained_on(stream, inputs, targets, steps * args.batch_size)
     record = {
         "name": name + SUFFIX, "model": name, "family": small_models.SMALL_MODELS[name][0],
         "description": small_models.SMALL_MODELS[name][2], "shape": asdict(shape),

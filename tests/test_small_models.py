@@ -210,3 +210,18 @@ def test_pick_steps_fits_the_slowest_model():
     # 0.8 * 100 s / 0.05 s per step = 1600 steps for the slowest
     assert pick_steps({"a": probe(0.01), "b": probe(0.05)}, budget=100, cap=5000) == 1600
     assert pick_steps({"a": probe(0.01)}, budget=100, cap=3000) == 3000
+
+
+def test_card_digest_covers_the_rows_trained_on(builder):
+    """A --parallel run builds the stream for its step cap; the card's digest is over the rows its steps read, the
+    digest the retrain command's own (shorter) stream gets."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_small
+
+    inputs, targets = training_mix.build_stream(builder, 12)
+    description = {"rows": 12, "stream_sha256": training_mix.stream_digest(inputs, targets)}
+    narrowed = train_small.rows_trained_on(description, inputs, targets, 6)
+    assert narrowed["rows"] == 6
+    assert narrowed["stream_sha256"] == training_mix.stream_digest(*training_mix.build_stream(builder, 6))
+    assert narrowed["stream_sha256"] != description["stream_sha256"]
+    assert train_small.rows_trained_on(description, inputs, targets, 12) is description
