@@ -62,43 +62,58 @@ class RecurrentState:
 
 def chunk_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, k_weight: torch.Tensor,
                diag_weight: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int = 64):
-    """The chunked scan (see the module docstring).
+    """The chunked scan (see the module docstring), every chunk at once: no Python loop over the sequence.
 
     q, k: [B, T, R, H, N];  v: [B, T, R, H, P];  log_decay, k_weight, diag_weight: [B, T, H];
     initial_state: [B, H, P, N] or None (zeros).  Returns o [B, T, R, H, P] and final state [B, H, P, N], both in
-    fp32 (float64 when any input is float64). Memory O(B*H*(chunk_size*R)^2) per chunk.
+    fp32 (float64 when any input is float64). Memory O(B*H*T*chunk_size*R^2).
+
+    The state entering chunk c is S_c = exp(G_c) S_0 + sum_{j<c} exp(G_c - G_{j+1}) U_j, with G_c the summed log
+    decay of the chunks before c and U_j chunk j's own contribution; every exponent is a sum of log decays, <= 0.
     """
     Bsz, T, R, H, N = q.shape
     P = v.shape[-1]
     acc = _acc_dtype(q, k, v, log_decay, initial_state)
-    state = (torch.zeros(Bsz, H, P, N, dtype=acc, device=q.device) if initial_state is None
-             else initial_state.to(acc))
-    outputs = []
-    for a in range(0, T, chunk_size):
-        b = min(a + chunk_size, T)
-        L = b - a
-        # [B, L, R, H, X] -> [B, H, L*R, X]: row t*R + r is token t, rank r
-        qc = q[:, a:b].to(acc).permute(0, 3, 1, 2, 4).reshape(Bsz, H, L * R, N)
-        kc = k[:, a:b].to(acc).permute(0, 3, 1, 2, 4).reshape(Bsz, H, L * R, N)
-        vc = v[:, a:b].to(acc).permute(0, 3, 1, 2, 4).reshape(Bsz, H, L * R, P)
-        cum = log_decay[:, a:b].to(acc).cumsum(1).transpose(1, 2)                   # [B, H, L]
-        kw = k_weight[:, a:b].to(acc).transpose(1, 2)                               # [B, H, L]
-        dw = diag_weight[:, a:b].to(acc).transpose(1, 2)
-        t_idx = torch.arange(L, device=q.device)
-        strictly_lower = t_idx[:, None] > t_idx[None, :]
-        diff = cum[..., :, None] - cum[..., None, :]                                # Λ_t - Λ_s, [B, H, L, L]
-        weights = torch.where(strictly_lower, diff, torch.full_like(diff, -math.inf)).exp() * kw[..., None, :]
-        weights = weights + torch.diag_embed(dw)                                    # gamma_t on the diagonal
-        weights = weights.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)  # [B, H, LR, LR]
-        scores = qc @ kc.transpose(-1, -2)
-        decay_in = cum.exp().repeat_interleave(R, dim=-1)[..., None]                 # exp(Λ_t), [B, H, LR, 1]
-        o = (scores * weights) @ vc + decay_in * (qc @ state.transpose(-1, -2))
-        outputs.append(o.reshape(Bsz, H, L, R, P).permute(0, 2, 3, 1, 4))
-        to_end = (cum[..., -1:] - cum).exp() * kw                                    # exp(Λ_C - Λ_s) c_s
-        state = cum[..., -1, None, None].exp() * state + (vc * to_end.repeat_interleave(R, -1)[..., None]
-                                                          ).transpose(-1, -2) @ kc
-    o = torch.cat(outputs, dim=1) if outputs else q.new_zeros(Bsz, 0, R, H, P, dtype=acc)
-    return o, state
+    S0 = (torch.zeros(Bsz, H, P, N, dtype=acc, device=q.device) if initial_state is None
+          else initial_state.to(acc))
+    if T == 0:
+        return q.new_zeros(Bsz, 0, R, H, P, dtype=acc), S0
+    L = min(chunk_size, T)
+    nC = -(-T // L)
+    pad = nC * L - T                           # padded tokens: no decay, no weight, zero inputs; they change nothing
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:          # [B, T, R, H, X] -> [B, H, nC, L*R, X], row t*R + r
+        x = F.pad(x.to(acc), (0, 0, 0, 0, 0, 0, 0, pad))
+        return x.reshape(Bsz, nC, L, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, nC, L * R, x.shape[-1])
+
+    def per_token(x: torch.Tensor) -> torch.Tensor:       # [B, T, H] -> [B, H, nC, L]
+        return F.pad(x.to(acc), (0, 0, 0, pad)).reshape(Bsz, nC, L, H).permute(0, 3, 1, 2)
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    cum = per_token(log_decay).cumsum(-1)                                           # Λ_t within its chunk
+    kw, dw = per_token(k_weight), per_token(diag_weight)
+    t_idx = torch.arange(L, device=q.device)
+    strictly_lower = t_idx[:, None] > t_idx[None, :]
+    diff = cum[..., :, None] - cum[..., None, :]                                    # Λ_t - Λ_s, [B, H, nC, L, L]
+    weights = torch.where(strictly_lower, diff, torch.full_like(diff, -math.inf)).exp() * kw[..., None, :]
+    weights = weights + torch.diag_embed(dw)                                        # gamma_t on the diagonal
+    weights = weights.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)      # [B, H, nC, LR, LR]
+    o = ((qc @ kc.transpose(-1, -2)) * weights) @ vc                                # within each chunk
+
+    to_end = ((cum[..., -1:] - cum).exp() * kw).repeat_interleave(R, -1)[..., None]  # exp(Λ_C - Λ_s) c_s
+    own = (vc * to_end).transpose(-1, -2) @ kc                                      # U_j, [B, H, nC, P, N]
+    chunk_decay = cum[..., -1]                                                      # [B, H, nC]
+    after = chunk_decay.cumsum(-1)                                                  # G_{j+1}
+    before = F.pad(after, (1, 0))                                                   # G_c, c = 0..nC
+    c_idx = torch.arange(nC + 1, device=q.device)
+    earlier = c_idx[:, None] > c_idx[None, :nC]                                     # j < c, [nC + 1, nC]
+    gaps = before[..., :, None] - after[..., None, :]                               # G_c - G_{j+1}
+    carry = torch.where(earlier, gaps, torch.full_like(gaps, -math.inf)).exp()      # [B, H, nC + 1, nC]
+    states = (carry @ own.flatten(-2)).unflatten(-1, (P, N)) + before.exp()[..., None, None] * S0[:, :, None]
+    decay_in = cum.exp().repeat_interleave(R, dim=-1)[..., None]                    # exp(Λ_t), [B, H, nC, LR, 1]
+    o = o + decay_in * (qc @ states[:, :, :nC].transpose(-1, -2))
+    o = o.reshape(Bsz, H, nC * L, R, P).permute(0, 2, 3, 1, 4)[:, :T]
+    return o, states[:, :, nC]
 
 
 def _outer_sum(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
