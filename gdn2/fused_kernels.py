@@ -172,6 +172,20 @@ def _conv_input(x_ptr, c_ptr, b, rows, src, d, dmask, T, D, W: tl.constexpr):
 
 
 @triton.jit
+def _conv_pre(x_ptr, c_ptr, w_ptr, bias_ptr, b, rows, d, dmask, T, D, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BT: tl.constexpr, BD: tl.constexpr):
+    """fp32 pre-activation bias[d] + sum_j w[d, j] * x_in[b, rows + j - (W-1), d] of output rows `rows` [BT].
+    -> [BT, BD]"""
+    pre = tl.zeros([BT, BD], dtype=tl.float32)
+    if HAS_BIAS:
+        pre += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(W):
+        weight = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
+        pre += _conv_input(x_ptr, c_ptr, b, rows, rows + j - (W - 1), d, dmask, T, D, W) * weight[None, :]
+    return pre
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, y_ptr, T, D, W: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BT: tl.constexpr, BD: tl.constexpr):
     """y[b, t, d] = silu(bias[d] + sum_j w[d, j] * x_in[b, t + j - (W-1), d]), x_in continuing the cache c
@@ -180,12 +194,7 @@ def _conv_fwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, y_ptr, T, D, W: tl.constexpr
     t = tb * BT + tl.arange(0, BT)
     d = db * BD + tl.arange(0, BD)
     dmask = d < D
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    for j in tl.static_range(W):
-        weight = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
-        acc += _conv_input(x_ptr, c_ptr, b, t, t + j - (W - 1), d, dmask, T, D, W) * weight[None, :]
+    acc = _conv_pre(x_ptr, c_ptr, w_ptr, bias_ptr, b, t, d, dmask, T, D, W, HAS_BIAS, BT, BD)
     y = acc * tl.sigmoid(acc)
     tl.store(y_ptr + (b * T + t[:, None]) * D + d[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(t[:, None] < T) & dmask[None, :])
@@ -204,12 +213,7 @@ def _conv_bwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_p
     # g at the rows this block's dx needs (t .. t + W-1) and its own rows t, one shift at a time
     for k in tl.static_range(W):
         rows = t + k                                           # the output row whose gradient reaches t through j
-        pre = tl.zeros([BT, BD], dtype=tl.float32)
-        if HAS_BIAS:
-            pre += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        for j in tl.static_range(W):
-            weight = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
-            pre += _conv_input(x_ptr, c_ptr, b, rows, rows + j - (W - 1), d, dmask, T, D, W) * weight[None, :]
+        pre = _conv_pre(x_ptr, c_ptr, w_ptr, bias_ptr, b, rows, d, dmask, T, D, W, HAS_BIAS, BT, BD)
         live = (rows[:, None] < T) & dmask[None, :]
         dy = tl.load(dy_ptr + (b * T + rows[:, None]) * D + d[None, :], mask=live, other=0.0).to(tl.float32)
         s = tl.sigmoid(pre)
