@@ -174,16 +174,24 @@ def gib(n_bytes: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------ training
+def model_or_row(kind: str, family: str, impl: str, build) -> tuple[torch.nn.Module | None, list[dict]]:
+    """(build(), []), or (None, [its row]) when the family's kernels are missing here (skipped) or it cannot build
+    (failed): a family that cannot run here is a row, not a crash."""
+    missing = missing_kernels(family, impl)
+    if missing:
+        return None, [row(kind, family, impl, status="skipped", note=missing)]
+    try:
+        return build(), []
+    except Exception as err:  # noqa: BLE001
+        return None, [failure_row(kind, family, impl, err)]
+
+
 def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile: bool,
                checkpointing: bool) -> list[dict]:
     rows = []
-    missing = missing_kernels(family, impl)
-    if missing:
-        return [row("train", family, impl, status="skipped", note=missing)]
-    try:
-        model = build_model(family, impl).train()
-    except Exception as err:  # noqa: BLE001 - a family that cannot build here is a row, not a crash
-        return [failure_row("train", family, impl, err)]
+    model, refused = model_or_row("train", family, impl, lambda: build_model(family, impl).train())
+    if model is None:
+        return refused
     if checkpointing and (family, impl) == ("gdn2", "ours"):
         model.gradient_checkpointing_enable()
         impl = f"{impl}-ckpt"
@@ -266,13 +274,9 @@ def inference_model(family: str, impl: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def prefill_rows(family: str, impl: str, contexts) -> list[dict]:
-    missing = missing_kernels(family, impl)
-    if missing:
-        return [row("prefill", family, impl, status="skipped", note=missing)]
-    try:
-        model = inference_model(family, impl)
-    except Exception as err:  # noqa: BLE001
-        return [failure_row("prefill", family, impl, err)]
+    model, refused = model_or_row("prefill", family, impl, lambda: inference_model(family, impl))
+    if model is None:
+        return refused
     rows = []
     for T in contexts:
         ids = torch.randint(0, vocab(), (1, T), device=RUN["device"])
@@ -305,13 +309,9 @@ def decode_rows(family: str, impl: str, contexts, batches, steps: int) -> list[d
     recurrent caches the static CUDA-graph step, whose tokens must equal the plain step's."""
     from harness.graph_decode import StaticStep, static_step_possible
 
-    missing = missing_kernels(family, impl)
-    if missing:
-        return [row("decode", family, impl, status="skipped", note=missing)]
-    try:
-        model = inference_model(family, impl)
-    except Exception as err:  # noqa: BLE001
-        return [failure_row("decode", family, impl, err)]
+    model, refused = model_or_row("decode", family, impl, lambda: inference_model(family, impl))
+    if model is None:
+        return refused
     rows = []
     for B in batches:
         for T in contexts:
