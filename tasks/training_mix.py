@@ -6,9 +6,14 @@ A row is `seq_len` input tokens and as many targets (the token to predict after 
 - retrieval rows: documents of log-uniform length in [MIN_DOC_TOKENS, seq_len], each followed by EOS, then text
   to the end of the row. A document is one of
   - a RULER needle document: tasks.ruler.niah's generator with RULER's templates (NEEDLE_FORMATS: S-NIAH-1/2/3,
-    MK-NIAH-1/2 and a two-key query), the answer written after the answer prefix; every token is a target;
+    MK-NIAH-1/2 and a two-key query), the answer written after the answer prefix; every token is a target
+    (needle_targets "all") or only the answer's (needle_targets "answer": the answer tokenized apart from the
+    prompt, as an evaluation that generates after the prompt reads it);
   - a token-level MQAR sequence (tasks.mqar, vocabulary = the model's, 4 to 64 pairs); targets only at the query
-    positions (the values), as in Zoology.
+    positions (the values), as in Zoology;
+  - a copy document (share copy_share): a window of a training book written twice; targets only on the second
+    copy after its first token, each of which the model can read off the first copy (the induction pattern that
+    copying a retrieved value needs).
 
 Held out, so that the evaluation measures what training did not show:
 - whole texts: the perplexity plays (hamlet, macbeth) and the essay haystack of the RULER tasks (areopagitica),
@@ -67,16 +72,28 @@ class MixConfig:
 
     seq_len: int = 1024
     text_share: float = 0.5
-    mqar_share: float = 0.3           # of the documents in retrieval rows; the rest are needle documents
+    mqar_share: float = 0.3           # of the documents in retrieval rows
+    copy_share: float = 0.0           # of the documents in retrieval rows; the rest are needle documents
     vocab_size: int = 4096            # MQAR token range (the model's vocabulary)
     seed: int = 0
+    needle_targets: str = "all"       # "all" tokens of a needle document, or only its "answer"
+    needle_formats: tuple[str, ...] = tuple(NEEDLE_FORMATS)
 
     def __post_init__(self):
         if self.seq_len < 2 * MIN_DOC_TOKENS:
             raise ValueError(f"seq_len must be >= {2 * MIN_DOC_TOKENS}; got {self.seq_len}")
-        for name in ("text_share", "mqar_share"):
+        for name in ("text_share", "mqar_share", "copy_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
+        if self.mqar_share + self.copy_share > 1.0:
+            raise ValueError(f"mqar_share + copy_share must be <= 1 (the rest are needle documents); got "
+                             f"{self.mqar_share} + {self.copy_share}")
+        if self.needle_targets not in ("all", "answer"):
+            raise ValueError(f"needle_targets must be 'all' or 'answer'; got {self.needle_targets!r}")
+        unknown = sorted(set(self.needle_formats) - set(NEEDLE_FORMATS))
+        if unknown or not self.needle_formats:
+            raise ValueError(f"needle_formats must name one or more of {', '.join(NEEDLE_FORMATS)}; got "
+                             f"{', '.join(self.needle_formats) or 'none'}")
 
 
 # ------------------------------------------------------------------------------------------ corpus
@@ -162,11 +179,15 @@ class MixBuilder:
         start = rng.randrange(max(1, len(words) - num_words))
         return EssayText(HaystackIdentity(self.book_names[book], "", "training"), words[start:start + num_words])
 
-    def _needle_text(self, rng: random.Random, name: str, num_units: int) -> str:
+    def _needle_parts(self, rng: random.Random, name: str, num_units: int) -> tuple[str, str]:
+        """(prompt: the input and the answer prefix, answer: " " + the values + ".") of one needle document."""
         knobs = NEEDLE_FORMATS[name]
         essay = self._essay(rng, num_units) if knobs.type_haystack == "essay" else None
         draft = NiahFamily(knobs, essay, draw_atom=self.draw_atom).draft(rng, num_units)
-        return draft.input + draft.answer_prefix + " " + ", ".join(draft.outputs) + "."
+        return draft.input + draft.answer_prefix, " " + ", ".join(draft.outputs) + "."
+
+    def _needle_text(self, rng: random.Random, name: str, num_units: int) -> str:
+        return "".join(self._needle_parts(rng, name, num_units))
 
     def _tokens_per_unit(self, name: str) -> tuple[float, float]:
         """(tokens at 0 units, tokens per unit) of a needle format, from two probe documents."""
@@ -187,7 +208,7 @@ class MixBuilder:
 
     def needle_document(self, rng: random.Random, max_tokens: int) -> tuple[list[int], list[int]] | None:
         """A needle document of at most max_tokens tokens (EOS excluded), or None when none fits."""
-        name = rng.choice(sorted(NEEDLE_FORMATS))
+        name = rng.choice(sorted(self.config.needle_formats))
         base, slope = self.needle_slopes[name]
         knobs = NEEDLE_FORMATS[name]
         min_units = 1 if knobs.type_haystack == "essay" else knobs.num_keys * knobs.num_needle_v
@@ -195,11 +216,27 @@ class MixBuilder:
         for _ in range(4):
             if units < min_units:
                 return None
-            ids = self.tokenizer.encode(self._needle_text(rng, name, units)).ids
+            prompt, answer = self._needle_parts(rng, name, units)
+            if self.config.needle_targets == "all":
+                ids = self.tokenizer.encode(prompt + answer).ids
+                targets = ids[1:] + [self.eos_id]
+            else:
+                prompt_ids, answer_ids = self.tokenizer.encode(prompt).ids, self.tokenizer.encode(answer).ids
+                ids = prompt_ids + answer_ids
+                targets = [IGNORE] * (len(prompt_ids) - 1) + answer_ids + [self.eos_id]
             if len(ids) <= max_tokens:
-                return ids, ids[1:] + [self.eos_id]
+                return ids, targets
             units = int(units * 0.85 * max_tokens / len(ids))
         return None
+
+    def copy_document(self, rng: random.Random, max_tokens: int) -> tuple[list[int], list[int]] | None:
+        """A window of a training book written twice (at most max_tokens); targets on the second copy only, from its
+        second token (its first is the one token that the first copy does not give away)."""
+        half = max_tokens // 2
+        if half < MIN_DOC_TOKENS // 4:
+            return None
+        window, _ = self.text_window(rng, half)
+        return window + window, [IGNORE] * half + window[1:] + [self.eos_id]
 
     def mqar_document(self, rng: random.Random, max_tokens: int) -> tuple[list[int], list[int]] | None:
         pairs = [k for k in MQAR_PAIRS if 4 * k <= max_tokens and k < self.config.vocab_size // 2 - 1]
@@ -222,7 +259,10 @@ class MixBuilder:
         while L - len(inputs) > MIN_DOC_TOKENS:
             room = L - len(inputs) - 1                                  # one place for the EOS after it
             size = min(room, int(math.exp(rng.uniform(math.log(MIN_DOC_TOKENS), math.log(L)))))
-            make = self.mqar_document if rng.random() < self.config.mqar_share else self.needle_document
+            draw = rng.random()
+            make = (self.mqar_document if draw < self.config.mqar_share else
+                    self.copy_document if draw < self.config.mqar_share + self.config.copy_share else
+                    self.needle_document)
             doc = make(rng, size)
             if doc is None:
                 break
@@ -276,6 +316,6 @@ def stream_digest(inputs: np.ndarray, targets: np.ndarray) -> str:
 
 def describe_mix(config: MixConfig) -> dict:
     """The mix as a record for model cards."""
-    return {**asdict(config), "min_doc_tokens": MIN_DOC_TOKENS, "mqar_pairs": list(MQAR_PAIRS),
+    return {**asdict(config), "needle_formats": list(config.needle_formats), "min_doc_tokens": MIN_DOC_TOKENS, "mqar_pairs": list(MQAR_PAIRS),
             "needle_formats": {k: asdict(v) for k, v in NEEDLE_FORMATS.items()},
             "held_out_texts": list(HELD_OUT_TEXTS)}

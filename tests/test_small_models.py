@@ -108,6 +108,45 @@ def test_needle_documents_carry_their_answer(builder):
                 pytest.fail(f"no needle of key {key!r} holds an answered value in {text[-300:]!r}")
 
 
+def test_answer_targets_train_the_answer_alone(corpus):
+    """needle_targets='answer': the loss is on the answer tokens (and the EOS after them) only, each the next input
+    token, and they spell the answer that follows the answer prefix."""
+    tokenizer = Tokenizer.from_file(str(BPE_4K / "tokenizer.json"))
+    config = training_mix.MixConfig(seq_len=256, needle_targets="answer", needle_formats=("single_noise",))
+    answers = training_mix.MixBuilder(config, tokenizer, training_mix.read_corpus(corpus), eos_id=0)
+    rng = random.Random(2)
+    for _ in range(8):
+        ids, targets = answers.needle_document(rng, 400)
+        taken = [i for i, t in enumerate(targets) if t != IGNORE]
+        assert taken == list(range(taken[0], len(ids))) and targets[-1] == answers.eos_id
+        assert [targets[i] for i in taken[:-1]] == ids[taken[0] + 1:]
+        prompt, answer = tokenizer.decode(ids[:taken[0] + 1]), tokenizer.decode(ids[taken[0] + 1:])
+        assert prompt.endswith("mentioned in the provided text is"), prompt[-80:]
+        value = re.fullmatch(r" (\d{7})\.", answer)
+        assert value and f"is: {value.group(1)}." in prompt
+
+
+def test_copy_documents_repeat_a_window(builder):
+    """A copy document is a window written twice; the loss is on the second copy after its first token, and each
+    target is the next input token."""
+    rng = random.Random(3)
+    for size in (64, 200, 255):
+        ids, targets = builder.copy_document(rng, size)
+        half = size // 2
+        assert len(ids) == len(targets) == 2 * half and ids[:half] == ids[half:]
+        assert targets[:half] == [IGNORE] * half
+        assert targets[half:] == ids[half + 1:] + [builder.eos_id]
+
+
+def test_mix_shares_and_formats_are_checked():
+    with pytest.raises(ValueError, match="mqar_share \\+ copy_share"):
+        training_mix.MixConfig(mqar_share=0.6, copy_share=0.5)
+    with pytest.raises(ValueError, match="needle_targets"):
+        training_mix.MixConfig(needle_targets="answers")
+    with pytest.raises(ValueError, match="single_noise"):
+        training_mix.MixConfig(needle_formats=("single_nois",))
+
+
 # ------------------------------------------------------------------------------------------ the models
 def test_models_match_budget_and_state():
     shape = small_models.Shape()
@@ -182,13 +221,17 @@ def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
     import train_small
 
     flags = ["--corpus", str(corpus), "--models", "gdn2", "--steps", "3", "--batch-size", "2", "--seq-len", "128",
-             "--hidden-size", "64", "--layers", "1", "--mlp-width", "64", "--workers", "1", "--device", "cpu"]
+             "--hidden-size", "64", "--layers", "1", "--mlp-width", "64", "--workers", "1", "--device", "cpu",
+             "--text-share", "0.25", "--copy-share", "0.3", "--needle-targets", "answer",
+             "--needle-formats", "single_noise", "single_essay"]
     assert train_small.main(flags + ["--out", str(tmp_path / "a")]) == 0
     folder = tmp_path / "a" / "gdn2-small"
     record = json.loads((folder / "training.json").read_text())
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
                                                   "training.json", "loss.png", "README.md"}
     assert record["command"] in (folder / "README.md").read_text()
+    assert "--copy-share 0.3 --needle-targets answer --needle-formats single_noise single_essay" in record["command"]
+    assert record["stream"]["mix"]["copy_share"] == 0.3
     command = shlex.split(record["command"])[2:]
     command[command.index("--corpus") + 1] = str(corpus)
     assert train_small.main(command + ["--workers", "1", "--device", "cpu", "--out", str(tmp_path / "b")]) == 0
