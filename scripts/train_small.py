@@ -242,7 +242,7 @@ def mix_paragraph(mix: dict) -> str:
     text_pct = round(mix["text_share"] * 100)
     mqar_pct = round(mix["mqar_share"] * 100)
     copy_pct = round(mix.get("copy_share", 0.0) * 100)
-    formats = mix.get("needle_formats", list(training_mix.NEEDLE_FORMATS))
+    formats = list(mix.get("needle_formats", training_mix.NEEDLE_FORMATS))
     answer_only = mix.get("needle_targets", "all") == "answer"
     parts = [f"RULER-format needles ({100 - mqar_pct - copy_pct}%; formats {', '.join(formats)}; the loss on "
              f"{'their answers only' if answer_only else 'every token'})",

@@ -315,7 +315,7 @@ def stream_digest(inputs: np.ndarray, targets: np.ndarray) -> str:
 
 
 def describe_mix(config: MixConfig) -> dict:
-    """The mix as a record for model cards."""
-    return {**asdict(config), "needle_formats": list(config.needle_formats), "min_doc_tokens": MIN_DOC_TOKENS, "mqar_pairs": list(MQAR_PAIRS),
-            "needle_formats": {k: asdict(v) for k, v in NEEDLE_FORMATS.items()},
+    """The mix as a record for model cards (needle_formats: the formats drawn from, with their RULER knobs)."""
+    return {**asdict(config), "min_doc_tokens": MIN_DOC_TOKENS, "mqar_pairs": list(MQAR_PAIRS),
+            "needle_formats": {name: asdict(NEEDLE_FORMATS[name]) for name in config.needle_formats},
             "held_out_texts": list(HELD_OUT_TEXTS)}

@@ -232,6 +232,8 @@ def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
     assert record["command"] in (folder / "README.md").read_text()
     assert "--copy-share 0.3 --needle-targets answer --needle-formats single_noise single_essay" in record["command"]
     assert record["stream"]["mix"]["copy_share"] == 0.3
+    assert list(record["stream"]["mix"]["needle_formats"]) == ["single_noise", "single_essay"]
+    assert "copy documents, a book window written twice (30%" in " ".join((folder / "README.md").read_text().split())
     command = shlex.split(record["command"])[2:]
     command[command.index("--corpus") + 1] = str(corpus)
     assert train_small.main(command + ["--workers", "1", "--device", "cpu", "--out", str(tmp_path / "b")]) == 0
