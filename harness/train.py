@@ -50,6 +50,7 @@ class TrainResult:
     seconds: float
     device: str
     extra: dict = field(default_factory=dict)
+    needle_checks: list[tuple[int, dict]] = field(default_factory=list)   # (step, {set: answer exact match})
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -92,10 +93,34 @@ def lm_loss(lm: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
+@torch.no_grad()
+def answer_exact_match(lm: nn.Module, documents: list[tuple[list[int], int]], device: torch.device) -> float:
+    """Share of documents (token ids, prompt length) whose every answer token (ids[prompt length:]) is the model's
+    argmax given the tokens before it (teacher forcing: one forward pass per document)."""
+    was_training = lm.training
+    lm.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    hits = 0
+    for ids, prompt_len in documents:
+        x = torch.tensor([ids], device=device)
+        with autocast:
+            logits = lm(input_ids=x).logits[0, prompt_len - 1:len(ids) - 1]
+        hits += bool((logits.argmax(-1) == x[0, prompt_len:]).all())
+    lm.train(was_training)
+    return hits / len(documents)
+
+
+def needle_check(lm: nn.Module, needle_sets: dict, step: int, device: torch.device) -> tuple[int, dict]:
+    return step, {name: answer_exact_match(lm, docs, device) for name, docs in needle_sets.items()}
+
+
 def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainConfig, device: torch.device,
-          progress=None, deadline: float | None = None) -> TrainResult:
+          progress=None, deadline: float | None = None,
+          needle_sets: dict[str, list[tuple[list[int], int]]] | None = None, check_every: int = 0) -> TrainResult:
     """Train `lm` in place on the stream (module docstring). progress(step, loss, lr) is called every log_every.
-    deadline (time.time() seconds): stop at the first log point past it; the result records the steps done."""
+    deadline (time.time() seconds): stop at the first log point past it; the result records the steps done.
+    needle_sets {name: documents} with check_every > 0: answer_exact_match of each set every check_every steps and
+    after the last step (not counted in the run's seconds)."""
     needed = config.steps * config.batch_size
     if len(inputs) < needed:
         raise ValueError(f"the stream has {len(inputs)} rows; {config.steps} steps of {config.batch_size} need "
@@ -105,7 +130,7 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
     optimizer = torch.optim.AdamW(parameter_groups(lm, config.weight_decay), lr=config.lr, betas=(0.9, 0.95),
                                   eps=1e-8, fused=fused)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    losses, window, step_losses, elapsed = [], [], [], []
+    losses, window, step_losses, elapsed, checks = [], [], [], [], []
     start = time.perf_counter()
     steps_done = config.steps
     for step in range(config.steps):
@@ -132,9 +157,15 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
             if deadline is not None and time.time() > deadline and step + 1 < config.steps:
                 steps_done = step + 1
                 break
+        if needle_sets and check_every > 0 and (step + 1) % check_every == 0:
+            paused = time.perf_counter()
+            checks.append(needle_check(lm, needle_sets, step + 1, device))
+            start += time.perf_counter() - paused
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if needle_sets and check_every > 0 and (not checks or checks[-1][0] != steps_done):
+        checks.append(needle_check(lm, needle_sets, steps_done, device))
     tail = max(1, steps_done // 20)
     rows = steps_done * config.batch_size
     trained = int(np.count_nonzero(np.asarray(targets[:rows]) != IGNORE))
@@ -143,7 +174,7 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
         extra["stopped_by_deadline_at_step"] = steps_done
     return TrainResult(losses=losses, final_loss=float(np.mean(step_losses[-tail:])), steps_done=steps_done,
                        tokens=rows * inputs.shape[1], trained_tokens=trained, seconds=seconds,
-                       device=describe_device(device), extra=extra)
+                       device=describe_device(device), extra=extra, needle_checks=checks)
 
 
 def describe_device(device: torch.device) -> str:

@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the loss on every token of a needle document or on its answer only")
     p.add_argument("--needle-formats", nargs="+", choices=list(training_mix.NEEDLE_FORMATS),
                    default=list(defaults.needle_formats), help="the needle formats drawn from")
+    p.add_argument("--needle-check-every", type=int, default=0, metavar="STEPS",
+                   help="every STEPS steps (and at the end), the answer exact match of held-out training-style needle "
+                        "documents, recorded in training.json and the card (0: none)")
+    p.add_argument("--needle-check-docs", type=int, default=40, help="documents per needle check set")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--mlp-width", type=int, default=192, help="GDN-2's MLP width; the others match its budget")
@@ -158,6 +162,24 @@ def shape_of(args: argparse.Namespace, name: str) -> small_models.Shape:
     return small_models.matched_shape(name, reference)
 
 
+NEEDLE_CHECKS = (("single_noise", 0.5), ("single_noise", 1.0), ("single_essay", 1.0), ("multikey_essay", 1.0))
+_CHECK_SETS: dict[tuple, dict] = {}     # built once per process and (corpus, seq_len, seed, docs)
+
+
+def needle_check_sets(args: argparse.Namespace) -> dict[str, list[tuple[list[int], int]]]:
+    """{"format@tokens": documents} of NEEDLE_CHECKS (format, share of the training context)."""
+    from tokenizers import Tokenizer
+
+    key = (args.corpus, args.seq_len, args.seed, args.needle_check_docs)
+    if key not in _CHECK_SETS:
+        builder = training_mix.MixBuilder(mix_config(args), Tokenizer.from_file(str(BPE_4K / "tokenizer.json")),
+                                          training_mix.read_corpus(args.corpus),
+                                          eos_id=small_models.Shape().eos_token_id)
+        _CHECK_SETS[key] = {f"{name}@{int(share * args.seq_len)}": builder.check_documents(
+            name, int(share * args.seq_len), args.needle_check_docs) for name, share in NEEDLE_CHECKS}
+    return _CHECK_SETS[key]
+
+
 def run_flags(args: argparse.Namespace, steps: int) -> list[str]:
     """The flags that decide a model's training run (what a retrain command and a child process repeat)."""
     return ["--steps", str(steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
@@ -197,7 +219,12 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
         if step % (train_config.log_every * 20) == 0 or step == steps:
             print(f"[{name}] step {step}/{steps} loss {loss:.4f} lr {lr:.2e}", flush=True)
 
-    result = train(lm, inputs, targets, train_config, device, progress, deadline=args.deadline)
+    sets = needle_check_sets(args) if args.needle_check_every > 0 and not args.probe_only else None
+    result = train(lm, inputs, targets, train_config, device, progress, deadline=args.deadline, needle_sets=sets,
+                   check_every=args.needle_check_every)
+    for step, found in result.needle_checks:
+        print(f"[{name}] step {step} needle exact match: " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()),
+              flush=True)
     stream = rows_trained_on(stream, inputs, targets, steps * args.batch_size)
     record = {
         "name": name + SUFFIX, "model": name, "family": small_models.SMALL_MODELS[name][0],
@@ -235,6 +262,13 @@ def plot_losses(path: Path, record: dict) -> None:
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=80, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
+
+
+def needle_check_line(checks: list) -> str:
+    step, found = checks[-1]
+    sets = ", ".join(f"{name} {value:.2f}" for name, value in found.items())
+    return (f"{sets} at step {step:,} (answers of held-out training-style needle documents, teacher-forced; "
+            "the curve is in training.json)")
 
 
 def mix_paragraph(mix: dict) -> str:
@@ -278,6 +312,7 @@ def model_card(record: dict) -> str:
                       f"weight decay {t['weight_decay']}, clip {t['grad_clip']}, seed {t['seed']}"),
         ("final loss", f"{r['final_loss']:.4f} (mean training loss of the last 5% of steps, over every target of the "
                        "mix below)"),
+        *([("needle exact match", needle_check_line(r["needle_checks"]))] if r.get("needle_checks") else []),
         ("time and card", f"{r['seconds']:.0f} s on {r['device']}, {record['date']}, "
                           f"torch {record['software']['torch']}"),
     ]
@@ -314,7 +349,8 @@ def run_children(args: argparse.Namespace, stream_dir: Path, scratch: Path, step
     """One process per model (same flags, the saved stream); returns {model: record} of those that finished."""
     records, procs = {}, {}
     base = [sys.executable, str(Path(__file__).resolve()), "--corpus", args.corpus, "--out", args.out,
-            *run_flags(args, steps), "--device", args.device, "--stream-dir", str(stream_dir)]
+            *run_flags(args, steps), "--device", args.device, "--stream-dir", str(stream_dir),
+            "--needle-check-every", str(args.needle_check_every), "--needle-check-docs", str(args.needle_check_docs)]
     if deadline is not None:
         base += ["--deadline", str(deadline)]
     for name in args.models:

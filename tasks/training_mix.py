@@ -229,6 +229,20 @@ class MixBuilder:
             units = int(units * 0.85 * max_tokens / len(ids))
         return None
 
+    def check_documents(self, name: str, num_tokens: int, count: int) -> list[tuple[list[int], int]]:
+        """`count` needle documents of format `name` and about num_tokens tokens for checking a model during training:
+        (token ids, prompt length), the answer tokenized apart after the prompt. Training-style keys (not RULER's),
+        drawn from a seed space of their own ("check:"), so they are not rows of the stream."""
+        base, slope = self.needle_slopes[name]
+        units = max(1, int((num_tokens - base) / slope))
+        rng = random.Random(f"check:{self.config.seed}:{name}:{num_tokens}")
+        documents = []
+        for _ in range(count):
+            prompt, answer = self._needle_parts(rng, name, units)
+            prompt_ids = self.tokenizer.encode(prompt).ids
+            documents.append((prompt_ids + self.tokenizer.encode(answer.rstrip(".")).ids, len(prompt_ids)))
+        return documents
+
     def copy_document(self, rng: random.Random, max_tokens: int) -> tuple[list[int], list[int]] | None:
         """A window of a training book written twice (at most max_tokens); targets on the second copy only, from its
         second token (its first is the one token that the first copy does not give away)."""

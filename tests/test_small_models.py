@@ -126,6 +126,39 @@ def test_answer_targets_train_the_answer_alone(corpus):
         assert value and f"is: {value.group(1)}." in prompt
 
 
+def test_check_documents_hold_their_answer(builder):
+    """Needle check documents: the prompt ends with the answer prefix and the answer after it is the value of the
+    prompt's needle; the same call gives the same documents."""
+    documents = builder.check_documents("single_noise", 200, 5)
+    assert documents == builder.check_documents("single_noise", 200, 5) and len(documents) == 5
+    for ids, prompt_len in documents:
+        prompt, answer = builder.tokenizer.decode(ids[:prompt_len]), builder.tokenizer.decode(ids[prompt_len:])
+        assert prompt.endswith("mentioned in the provided text is") and re.fullmatch(r" \d{7}", answer)
+        assert f"is: {answer.strip()}." in prompt
+
+
+class _Oracle(torch.nn.Module):
+    """Logits that put all mass on the next input token (it reads ahead: a stand-in for a model that is always
+    right) or, with echo=True, on the current token (right only where a token repeats)."""
+
+    def __init__(self, echo: bool = False):
+        super().__init__()
+        self.echo = echo
+
+    def forward(self, input_ids):
+        guess = input_ids if self.echo else torch.roll(input_ids, -1, dims=1)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(guess, 4096).float()})()
+
+
+def test_answer_exact_match_counts_whole_answers():
+    from harness.train import answer_exact_match
+
+    documents = [([5, 6, 7, 8, 9], 3), ([5, 7, 7, 7, 7], 2), ([5, 6, 6, 6, 8], 2)]
+    assert answer_exact_match(_Oracle(), documents, torch.device("cpu")) == 1.0
+    # echo: the second document's answer 7 7 7 follows a 7 (right); the third's 6 6 8 is wrong at its last token
+    assert answer_exact_match(_Oracle(echo=True), documents, torch.device("cpu")) == pytest.approx(1 / 3)
+
+
 def test_copy_documents_repeat_a_window(builder):
     """A copy document is a window written twice; the loss is on the second copy after its first token, and each
     target is the next input token."""
@@ -223,7 +256,8 @@ def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
     flags = ["--corpus", str(corpus), "--models", "gdn2", "--steps", "3", "--batch-size", "2", "--seq-len", "128",
              "--hidden-size", "64", "--layers", "1", "--mlp-width", "64", "--workers", "1", "--device", "cpu",
              "--text-share", "0.25", "--copy-share", "0.3", "--needle-targets", "answer",
-             "--needle-formats", "single_noise", "single_essay"]
+             "--needle-formats", "single_noise", "single_essay", "--needle-check-every", "2",
+             "--needle-check-docs", "2"]
     assert train_small.main(flags + ["--out", str(tmp_path / "a")]) == 0
     folder = tmp_path / "a" / "gdn2-small"
     record = json.loads((folder / "training.json").read_text())
@@ -233,6 +267,11 @@ def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
     assert "--copy-share 0.3 --needle-targets answer --needle-formats single_noise single_essay" in record["command"]
     assert record["stream"]["mix"]["copy_share"] == 0.3
     assert list(record["stream"]["mix"]["needle_formats"]) == ["single_noise", "single_essay"]
+    checks = record["result"]["needle_checks"]
+    assert [step for step, _ in checks] == [2, 3]
+    assert all(set(found) == {"single_noise@64", "single_noise@128", "single_essay@128", "multikey_essay@128"} and
+               all(0.0 <= v <= 1.0 for v in found.values()) for _, found in checks)
+    assert "needle-check" not in record["command"]     # a check does not change the run
     assert "copy documents, a book window written twice (30%" in " ".join((folder / "README.md").read_text().split())
     command = shlex.split(record["command"])[2:]
     command[command.index("--corpus") + 1] = str(corpus)
