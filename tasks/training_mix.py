@@ -11,7 +11,8 @@ A row is `seq_len` input tokens and as many targets (the token to predict after 
     prompt, as an evaluation that generates after the prompt reads it);
   - a token-level MQAR sequence (tasks.mqar, vocabulary = the model's, 4 to 64 pairs); targets only at the query
     positions (the values), as in Zoology;
-  - a copy document (share copy_share): a window of a training book written twice; targets only on the second
+  - a copy document (share copy_share): a window of a training book (or random tokens) written twice; targets only
+    on the second
     copy after its first token, each of which the model can read off the first copy (the induction pattern that
     copying a retrieved value needs).
 
@@ -78,6 +79,7 @@ class MixConfig:
     seed: int = 0
     needle_targets: str = "all"       # "all" tokens of a needle document, or only its "answer"
     needle_formats: tuple[str, ...] = tuple(NEEDLE_FORMATS)
+    copy_source: str = "text"          # a copy document repeats a book "text" window or "random" tokens
 
     def __post_init__(self):
         if self.seq_len < 2 * MIN_DOC_TOKENS:
@@ -88,6 +90,8 @@ class MixConfig:
         if self.mqar_share + self.copy_share > 1.0:
             raise ValueError(f"mqar_share + copy_share must be <= 1 (the rest are needle documents); got "
                              f"{self.mqar_share} + {self.copy_share}")
+        if self.copy_source not in ("text", "random"):
+            raise ValueError(f"copy_source must be 'text' or 'random'; got {self.copy_source!r}")
         if self.needle_targets not in ("all", "answer"):
             raise ValueError(f"needle_targets must be 'all' or 'answer'; got {self.needle_targets!r}")
         unknown = sorted(set(self.needle_formats) - set(NEEDLE_FORMATS))
@@ -244,12 +248,16 @@ class MixBuilder:
         return documents
 
     def copy_document(self, rng: random.Random, max_tokens: int) -> tuple[list[int], list[int]] | None:
-        """A window of a training book written twice (at most max_tokens); targets on the second copy only, from its
-        second token (its first is the one token that the first copy does not give away)."""
+        """A window of a training book (copy_source "text") or uniform random tokens other than EOS ("random") written
+        twice (at most max_tokens); targets on the second copy only, from its second token (its first is the one
+        token that the first copy does not give away). Random tokens can only be predicted by copying."""
         half = max_tokens // 2
         if half < MIN_DOC_TOKENS // 4:
             return None
-        window, _ = self.text_window(rng, half)
+        if self.config.copy_source == "random":
+            window = [t + (t >= self.eos_id) for t in (rng.randrange(self.config.vocab_size - 1) for _ in range(half))]
+        else:
+            window, _ = self.text_window(rng, half)
         return window + window, [IGNORE] * half + window[1:] + [self.eos_id]
 
     def mqar_document(self, rng: random.Random, max_tokens: int) -> tuple[list[int], list[int]] | None:

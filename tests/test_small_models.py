@@ -171,9 +171,23 @@ def test_copy_documents_repeat_a_window(builder):
         assert targets[half:] == ids[half + 1:] + [builder.eos_id]
 
 
+def test_random_copy_documents_repeat_random_tokens(corpus):
+    tokenizer = Tokenizer.from_file(str(BPE_4K / "tokenizer.json"))
+    config = training_mix.MixConfig(seq_len=256, copy_source="random")
+    random_copies = training_mix.MixBuilder(config, tokenizer, training_mix.read_corpus(corpus), eos_id=0)
+    rng = random.Random(4)
+    first, _ = random_copies.copy_document(rng, 200)
+    second, targets = random_copies.copy_document(rng, 200)
+    assert first[:100] == first[100:] and second[:100] == second[100:] and first[:100] != second[:100]
+    assert targets == [IGNORE] * 100 + second[101:] + [0]
+    assert 0 not in first and min(first) >= 1 and max(first) < 4096 and len(set(first)) > 80
+
+
 def test_mix_shares_and_formats_are_checked():
     with pytest.raises(ValueError, match="mqar_share \\+ copy_share"):
         training_mix.MixConfig(mqar_share=0.6, copy_share=0.5)
+    with pytest.raises(ValueError, match="copy_source"):
+        training_mix.MixConfig(copy_source="book")
     with pytest.raises(ValueError, match="needle_targets"):
         training_mix.MixConfig(needle_targets="answers")
     with pytest.raises(ValueError, match="single_noise"):
@@ -255,7 +269,7 @@ def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
 
     flags = ["--corpus", str(corpus), "--models", "gdn2", "--steps", "3", "--batch-size", "2", "--seq-len", "128",
              "--hidden-size", "64", "--layers", "1", "--mlp-width", "64", "--workers", "1", "--device", "cpu",
-             "--text-share", "0.25", "--copy-share", "0.3", "--needle-targets", "answer",
+             "--text-share", "0.25", "--copy-share", "0.3", "--copy-source", "random", "--needle-targets", "answer",
              "--needle-formats", "single_noise", "single_essay", "--needle-check-every", "2",
              "--needle-check-docs", "2"]
     assert train_small.main(flags + ["--out", str(tmp_path / "a")]) == 0
@@ -264,7 +278,8 @@ def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
                                                   "training.json", "loss.png", "README.md"}
     assert record["command"] in (folder / "README.md").read_text()
-    assert "--copy-share 0.3 --needle-targets answer --needle-formats single_noise single_essay" in record["command"]
+    assert ("--copy-share 0.3 --copy-source random --needle-targets answer --needle-formats single_noise "
+            "single_essay") in record["command"]
     assert record["stream"]["mix"]["copy_share"] == 0.3
     assert list(record["stream"]["mix"]["needle_formats"]) == ["single_noise", "single_essay"]
     checks = record["result"]["needle_checks"]
@@ -272,7 +287,7 @@ def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
     assert all(set(found) == {"single_noise@64", "single_noise@128", "single_essay@128", "multikey_essay@128"} and
                all(0.0 <= v <= 1.0 for v in found.values()) for _, found in checks)
     assert "needle-check" not in record["command"]     # a check does not change the run
-    assert "copy documents, a book window written twice (30%" in " ".join((folder / "README.md").read_text().split())
+    assert "copy documents, random tokens written twice (30%" in " ".join((folder / "README.md").read_text().split())
     command = shlex.split(record["command"])[2:]
     command[command.index("--corpus") + 1] = str(corpus)
     assert train_small.main(command + ["--workers", "1", "--device", "cpu", "--out", str(tmp_path / "b")]) == 0
