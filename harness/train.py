@@ -93,21 +93,21 @@ def lm_loss(lm: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
-@torch.no_grad()
-def answer_exact_match(lm: nn.Module, documents: list[tuple[list[int], int]], device: torch.device) -> float:
+def answer_exact_match(lm: nn.Module, documents: list[tuple[list[int], int]], device: torch.device,
+                       batch_size: int = 8) -> float:
     """Share of documents (token ids, prompt length) whose every answer token (ids[prompt length:]) is the model's
-    argmax given the tokens before it (teacher forcing: one forward pass per document)."""
+    argmax given the tokens before it: the greedy flags of EvalModel.token_logprobs_many (teacher forcing, the
+    scoring path of the evaluation), batch_size documents per forward pass."""
+    from harness.model import EvalModel
+
+    model = EvalModel(name="training check", family="", lm=lm, tokenizer=None, device=device,
+                      dtype=torch.float32, source="the model in training", backend="", state_floats=0,
+                      batch_size=batch_size)
     was_training = lm.training
     lm.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    hits = 0
-    for ids, prompt_len in documents:
-        x = torch.tensor([ids], device=device)
-        with autocast:
-            logits = lm(input_ids=x).logits[0, prompt_len - 1:len(ids) - 1]
-        hits += bool((logits.argmax(-1) == x[0, prompt_len:]).all())
+    scored = model.token_logprobs_many(documents)
     lm.train(was_training)
-    return hits / len(documents)
+    return sum(bool(greedy.all()) for _, greedy in scored) / len(documents)
 
 
 def needle_check(lm: nn.Module, needle_sets: dict, step: int, device: torch.device) -> tuple[int, dict]:
@@ -131,6 +131,7 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
                                   eps=1e-8, fused=fused)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     losses, window, step_losses, elapsed, checks = [], [], [], [], []
+    checking = bool(needle_sets) and check_every > 0
     start = time.perf_counter()
     steps_done = config.steps
     for step in range(config.steps):
@@ -157,14 +158,14 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
             if deadline is not None and time.time() > deadline and step + 1 < config.steps:
                 steps_done = step + 1
                 break
-        if needle_sets and check_every > 0 and (step + 1) % check_every == 0:
+        if checking and (step + 1) % check_every == 0:
             paused = time.perf_counter()
             checks.append(needle_check(lm, needle_sets, step + 1, device))
             start += time.perf_counter() - paused
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    if needle_sets and check_every > 0 and (not checks or checks[-1][0] != steps_done):
+    if checking and (not checks or checks[-1][0] != steps_done):
         checks.append(needle_check(lm, needle_sets, steps_done, device))
     tail = max(1, steps_done // 20)
     rows = steps_done * config.batch_size

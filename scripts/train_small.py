@@ -14,6 +14,7 @@ the command that retrains it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -165,21 +166,22 @@ def shape_of(args: argparse.Namespace, name: str) -> small_models.Shape:
 
 
 NEEDLE_CHECKS = (("single_noise", 0.5), ("single_noise", 1.0), ("single_essay", 1.0), ("multikey_essay", 1.0))
-_CHECK_SETS: dict[tuple, dict] = {}     # built once per process and (corpus, seq_len, seed, docs)
 
 
 def needle_check_sets(args: argparse.Namespace) -> dict[str, list[tuple[list[int], int]]]:
     """{"format@tokens": documents} of NEEDLE_CHECKS (format, share of the training context)."""
+    return _needle_check_sets(args.corpus, args.seq_len, args.seed, args.needle_check_docs)
+
+
+@functools.lru_cache(maxsize=1)     # one set per process: every model of a call is checked on the same documents
+def _needle_check_sets(corpus: str, seq_len: int, seed: int, count: int) -> dict[str, list[tuple[list[int], int]]]:
     from tokenizers import Tokenizer
 
-    key = (args.corpus, args.seq_len, args.seed, args.needle_check_docs)
-    if key not in _CHECK_SETS:
-        builder = training_mix.MixBuilder(mix_config(args), Tokenizer.from_file(str(BPE_4K / "tokenizer.json")),
-                                          training_mix.read_corpus(args.corpus),
-                                          eos_id=small_models.Shape().eos_token_id)
-        _CHECK_SETS[key] = {f"{name}@{int(share * args.seq_len)}": builder.check_documents(
-            name, int(share * args.seq_len), args.needle_check_docs) for name, share in NEEDLE_CHECKS}
-    return _CHECK_SETS[key]
+    builder = training_mix.MixBuilder(training_mix.MixConfig(seq_len=seq_len, seed=seed),
+                                      Tokenizer.from_file(str(BPE_4K / "tokenizer.json")),
+                                      training_mix.read_corpus(corpus), eos_id=small_models.Shape().eos_token_id)
+    return {f"{name}@{int(share * seq_len)}": builder.check_documents(name, int(share * seq_len), count)
+            for name, share in NEEDLE_CHECKS}
 
 
 def run_flags(args: argparse.Namespace, steps: int) -> list[str]:

@@ -12,9 +12,8 @@ A row is `seq_len` input tokens and as many targets (the token to predict after 
   - a token-level MQAR sequence (tasks.mqar, vocabulary = the model's, 4 to 64 pairs); targets only at the query
     positions (the values), as in Zoology;
   - a copy document (share copy_share): a window of a training book (or random tokens) written twice; targets only
-    on the second
-    copy after its first token, each of which the model can read off the first copy (the induction pattern that
-    copying a retrieved value needs).
+    on the second copy after its first token, each of which the model can read off the first copy (the induction
+    pattern that copying a retrieved value needs).
 
 Held out, so that the evaluation measures what training did not show:
 - whole texts: the perplexity plays (hamlet, macbeth) and the essay haystack of the RULER tasks (areopagitica),

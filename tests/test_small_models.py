@@ -137,26 +137,31 @@ def test_check_documents_hold_their_answer(builder):
         assert f"is: {answer.strip()}." in prompt
 
 
-class _Oracle(torch.nn.Module):
-    """Logits that put all mass on the next input token (it reads ahead: a stand-in for a model that is always
-    right) or, with echo=True, on the current token (right only where a token repeats)."""
+class _Guesser(torch.nn.Module):
+    """Logits with all mass on the input token + 1 (right wherever a document counts up) or, with echo=True, on the
+    input token itself (right where a token repeats): a model whose every prediction is known in advance."""
 
     def __init__(self, echo: bool = False):
         super().__init__()
         self.echo = echo
 
-    def forward(self, input_ids):
-        guess = input_ids if self.echo else torch.roll(input_ids, -1, dims=1)
-        return type("Out", (), {"logits": torch.nn.functional.one_hot(guess, 4096).float()})()
+    def forward(self, input_ids, past_key_values=None, use_cache=False, logits_to_keep=0):
+        guess = input_ids if self.echo else input_ids + 1
+        logits = torch.nn.functional.one_hot(guess, 4096).float()[:, -logits_to_keep:]
+        return type("Out", (), {"logits": logits, "past_key_values": None})()
 
 
 def test_answer_exact_match_counts_whole_answers():
     from harness.train import answer_exact_match
 
-    documents = [([5, 6, 7, 8, 9], 3), ([5, 7, 7, 7, 7], 2), ([5, 6, 6, 6, 8], 2)]
-    assert answer_exact_match(_Oracle(), documents, torch.device("cpu")) == 1.0
-    # echo: the second document's answer 7 7 7 follows a 7 (right); the third's 6 6 8 is wrong at its last token
-    assert answer_exact_match(_Oracle(echo=True), documents, torch.device("cpu")) == pytest.approx(1 / 3)
+    cpu = torch.device("cpu")
+    counting = [([5, 6, 7, 8, 9], 3), ([10, 11, 12, 13], 1)]
+    # the second answer repeats its last prompt token (echo right); the third is 6 6 8 after a 6 (both wrong at 8)
+    documents = counting + [([5, 7, 7, 7, 7], 2), ([5, 6, 6, 6, 8], 2)]
+    for batch_size in (1, 3):
+        assert answer_exact_match(_Guesser(), counting, cpu, batch_size) == 1.0
+        assert answer_exact_match(_Guesser(), documents, cpu, batch_size) == 0.5
+        assert answer_exact_match(_Guesser(echo=True), documents, cpu, batch_size) == 0.25
 
 
 def test_copy_documents_repeat_a_window(builder):
