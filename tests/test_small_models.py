@@ -188,7 +188,25 @@ def test_random_copy_documents_repeat_random_tokens(corpus):
     assert 0 not in first and min(first) >= 1 and max(first) < 4096 and len(set(first)) > 80
 
 
+def test_row_fill_documents_leaves_text_only_where_no_document_fits(corpus):
+    """With row_fill "documents", text follows a retrieval row's last document only where fewer than MIN_DOC_TOKENS
+    places are left; with "text", a needle too long for the room ends some rows' documents early."""
+    tokenizer = Tokenizer.from_file(str(BPE_4K / "tokenizer.json"))
+    books = training_mix.read_corpus(corpus)
+
+    def text_tails(fill: str) -> list[int]:
+        config = training_mix.MixConfig(seq_len=512, text_share=0.0, mqar_share=0.1, copy_share=0.1, row_fill=fill)
+        builder = training_mix.MixBuilder(config, tokenizer, books, eos_id=0)
+        ends = [np.flatnonzero(builder.row(i)[0] == 0) for i in range(40)]   # EOS after each document
+        return [512 - 1 - int(end[-1]) if len(end) else 512 for end in ends]
+
+    assert max(text_tails("documents")) < training_mix.MIN_DOC_TOKENS
+    assert max(text_tails("text")) >= training_mix.MIN_DOC_TOKENS
+
+
 def test_mix_shares_and_formats_are_checked():
+    with pytest.raises(ValueError, match="row_fill"):
+        training_mix.MixConfig(row_fill="copies")
     with pytest.raises(ValueError, match="mqar_share \\+ copy_share"):
         training_mix.MixConfig(mqar_share=0.6, copy_share=0.5)
     with pytest.raises(ValueError, match="copy_source"):
