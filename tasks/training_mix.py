@@ -82,6 +82,7 @@ class MixConfig:
     copy_source: str = "text"          # a copy document repeats a book "text" window or "random" tokens
     row_fill: str = "text"             # where a drawn needle does not fit: "text" to the row's end, or "documents"
                                        # (a copy or MQAR document in its place, by their shares)
+    copy_warmup_rows: int = 0          # the stream's first rows hold copy documents only (then the mix above)
 
     def __post_init__(self):
         if self.seq_len < 2 * MIN_DOC_TOKENS:
@@ -94,6 +95,8 @@ class MixConfig:
                              f"{self.mqar_share} + {self.copy_share}")
         if self.copy_source not in ("text", "random"):
             raise ValueError(f"copy_source must be 'text' or 'random'; got {self.copy_source!r}")
+        if self.copy_warmup_rows < 0:
+            raise ValueError(f"copy_warmup_rows must be >= 0; got {self.copy_warmup_rows}")
         if self.row_fill not in ("text", "documents"):
             raise ValueError(f"row_fill must be 'text' or 'documents'; got {self.row_fill!r}")
         if self.needle_targets not in ("all", "answer"):
@@ -285,7 +288,8 @@ class MixBuilder:
         """Row `index`: (inputs [seq_len], targets [seq_len]) int64, targets IGNORE where no loss is taken."""
         L = self.config.seq_len
         rng = random.Random(f"mix:{self.config.seed}:{index}")
-        if rng.random() < self.config.text_share:
+        copy_only = index < self.config.copy_warmup_rows
+        if not copy_only and rng.random() < self.config.text_share:
             inputs, targets = self.text_window(rng, L)
             return np.asarray(inputs, dtype=np.int64), np.asarray(targets, dtype=np.int64)
         inputs: list[int] = []
@@ -294,7 +298,8 @@ class MixBuilder:
             room = L - len(inputs) - 1                                  # one place for the EOS after it
             size = min(room, int(math.exp(rng.uniform(math.log(MIN_DOC_TOKENS), math.log(L)))))
             draw = rng.random()
-            make = (self.mqar_document if draw < self.config.mqar_share else
+            make = (self.copy_document if copy_only else
+                    self.mqar_document if draw < self.config.mqar_share else
                     self.copy_document if draw < self.config.mqar_share + self.config.copy_share else
                     self.needle_document)
             doc = make(rng, size)

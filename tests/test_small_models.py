@@ -204,7 +204,30 @@ def test_row_fill_documents_leaves_text_only_where_no_document_fits(corpus):
     assert max(text_tails("text")) >= training_mix.MIN_DOC_TOKENS
 
 
+def test_copy_warmup_rows_hold_copy_documents_only(corpus):
+    """The first copy_warmup_rows rows are copy documents (each input half repeated, EOS between); later rows are the
+    mix's, the same as without a warm-up."""
+    tokenizer = Tokenizer.from_file(str(BPE_4K / "tokenizer.json"))
+    books = training_mix.read_corpus(corpus)
+    common = dict(seq_len=256, copy_source="random", row_fill="documents")
+    warm = training_mix.MixBuilder(training_mix.MixConfig(copy_warmup_rows=3, **common), tokenizer, books, eos_id=0)
+    plain = training_mix.MixBuilder(training_mix.MixConfig(**common), tokenizer, books, eos_id=0)
+    for index in range(3):
+        inputs, targets = warm.row(index)
+        ends = np.flatnonzero(inputs == 0)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        for start, end in zip(starts, ends, strict=True):
+            half = (end - start) // 2
+            assert (end - start) % 2 == 0 and np.array_equal(inputs[start:start + half], inputs[start + half:end])
+            assert np.array_equal(targets[start + half:end - 1], inputs[start + half + 1:end])
+        assert 256 - 1 - ends[-1] < training_mix.MIN_DOC_TOKENS
+    for index in range(3, 6):
+        assert all(np.array_equal(a, b) for a, b in zip(warm.row(index), plain.row(index), strict=True))
+
+
 def test_mix_shares_and_formats_are_checked():
+    with pytest.raises(ValueError, match="copy_warmup_rows"):
+        training_mix.MixConfig(copy_warmup_rows=-1)
     with pytest.raises(ValueError, match="row_fill"):
         training_mix.MixConfig(row_fill="copies")
     with pytest.raises(ValueError, match="mqar_share \\+ copy_share"):
