@@ -115,16 +115,20 @@ def needle_check(lm: nn.Module, needle_sets: dict, step: int, device: torch.devi
 
 
 def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainConfig, device: torch.device,
-          progress=None, deadline: float | None = None,
+          progress=None, deadline: float | None = None, stop_after: int | None = None,
           needle_sets: dict[str, list[tuple[list[int], int]]] | None = None, check_every: int = 0) -> TrainResult:
     """Train `lm` in place on the stream (module docstring). progress(step, loss, lr) is called every log_every.
     deadline (time.time() seconds): stop at the first log point past it; the result records the steps done.
+    stop_after: stop after that many steps (a log point) of the schedule set for config.steps, as a deadline did.
     needle_sets {name: documents} with check_every > 0: answer_exact_match of each set every check_every steps and
     after the last step (not counted in the run's seconds)."""
     needed = config.steps * config.batch_size
     if len(inputs) < needed:
         raise ValueError(f"the stream has {len(inputs)} rows; {config.steps} steps of {config.batch_size} need "
                          f"{needed}: build a longer stream (--rows) or train fewer steps")
+    if stop_after is not None and not (0 < stop_after <= config.steps and stop_after % config.log_every == 0):
+        raise ValueError(f"stop_after must be a multiple of log_every ({config.log_every}) in [1, {config.steps}]; "
+                         f"got {stop_after} (a deadline stops at a log point)")
     lm.to(device).train()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(parameter_groups(lm, config.weight_decay), lr=config.lr, betas=(0.9, 0.95),
@@ -155,7 +159,8 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
             window = []
             if progress is not None:
                 progress(step + 1, losses[-1][1], learning_rate(step, config))
-            if deadline is not None and time.time() > deadline and step + 1 < config.steps:
+            stop = step + 1 == stop_after or (deadline is not None and time.time() > deadline)
+            if stop and step + 1 < config.steps:
                 steps_done = step + 1
                 break
         if checking and (step + 1) % check_every == 0:

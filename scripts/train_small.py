@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=40)
     p.add_argument("--deadline", type=float, help="stop training at this time.time(); the card records the steps "
                    "done (--time-budget sets it for its children)")
+    p.add_argument("--stop-after", type=int, metavar="STEPS", help="stop after STEPS steps of the schedule set "
+                   "for --steps (replays a run that a deadline stopped; its card's command says so)")
     p.add_argument("--stream-dir", help="reuse a stream built by an earlier call (inputs.npy, targets.npy)")
     p.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)   # a --parallel probe process
     p.add_argument("--record", type=Path, help=argparse.SUPPRESS)   # a --parallel child: where its record goes
@@ -101,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         mix_config(args)
     except ValueError as err:
         p.error(f"training mix: {err}")
+    if args.stop_after is not None and (args.parallel or args.time_budget):
+        p.error("--stop-after replays one model's stopped run; it does not go with --parallel or --time-budget")
     unknown = [m for m in args.models if m not in small_models.SMALL_MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; known: {', '.join(small_models.SMALL_MODELS)}")
@@ -210,9 +214,11 @@ def mix_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def retrain_command(args: argparse.Namespace, name: str, steps: int) -> str:
+def retrain_command(args: argparse.Namespace, name: str, steps: int, steps_done: int) -> str:
+    """The command that trains model `name` again: its run flags, and --stop-after where a deadline stopped it."""
+    stop = ["--stop-after", str(steps_done)] if steps_done < steps else []
     return shlex.join(["python", "scripts/train_small.py", "--corpus", Path(args.corpus).name, "--models", name,
-                       *run_flags(args, steps)])
+                       *run_flags(args, steps), *stop])
 
 
 def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, stream: dict) -> dict:
@@ -231,8 +237,8 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
             print(f"[{name}] step {step}/{steps} loss {loss:.4f} lr {lr:.2e}", flush=True)
 
     sets = needle_check_sets(args) if args.needle_check_every > 0 and not args.probe_only else None
-    result = train(lm, inputs, targets, train_config, device, progress, deadline=args.deadline, needle_sets=sets,
-                   check_every=args.needle_check_every)
+    result = train(lm, inputs, targets, train_config, device, progress, deadline=args.deadline,
+                   stop_after=args.stop_after, needle_sets=sets, check_every=args.needle_check_every)
     for step, found in result.needle_checks:
         print(f"[{name}] step {step} needle exact match: " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()),
               flush=True)
@@ -241,7 +247,8 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
         "name": name + SUFFIX, "model": name, "family": small_models.SMALL_MODELS[name][0],
         "description": small_models.SMALL_MODELS[name][2], "shape": asdict(shape),
         "params": total, "non_embedding_params": non_embedding, "train": asdict(train_config),
-        "result": result.to_record(), "stream": stream, "command": retrain_command(args, name, steps),
+        "result": result.to_record(), "stream": stream,
+        "command": retrain_command(args, name, steps, result.steps_done),
         "software": {"torch": torch.__version__, "python": sys.version.split()[0],
                      "GDN2_TRITON_AUTOTUNE": os.environ.get("GDN2_TRITON_AUTOTUNE", "1")},
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -312,8 +319,8 @@ def mix_paragraph(mix: dict) -> str:
 def model_card(record: dict) -> str:
     r, s, t, mix = record["result"], record["shape"], record["train"], record["stream"]["mix"]
     state = record.get("state_floats_per_layer")
-    stopped = (f"; stopped by the time budget at step {r['steps_done']:,} of the {t['steps']:,} its schedule was "
-               "set for" if r["steps_done"] < t["steps"] else "")
+    stopped = (f"; stopped at step {r['steps_done']:,} of the {t['steps']:,} its schedule was set for (by the time "
+               "budget; the command below replays the stop)" if r["steps_done"] < t["steps"] else "")
     state_line = (f"{state:,} floats per layer (recurrent state)" if state else
                   f"none fixed: attention keeps a KV cache of {2 * s['hidden_size']} floats per token per layer")
     rows = [
@@ -339,7 +346,7 @@ def model_card(record: dict) -> str:
 
 A small model trained by this project so that the default evaluation shows a real comparison. Small-scale: it is
 not comparable to the paper's 1.3B models (100B tokens of FineWeb-Edu); it compares families with each other at one
-matched size, state size and token budget.
+matched size and state size (the steps and tokens of this one are in the table).
 
 | | |
 |---|---|

@@ -307,6 +307,28 @@ def test_training_learns_and_is_reproducible():
     assert other.losses != first.losses
 
 
+def test_stop_after_replays_a_deadline_stop():
+    """stop_after=N stops where a deadline stopped (a log point) with the schedule of the full step count: the same
+    weights as a run whose deadline had passed, other weights than a schedule set for N steps."""
+    pattern = np.tile(np.arange(1, 33), 5)[:129]
+    inputs = np.tile(pattern[:-1], (64, 1)).astype(np.int16)
+    targets = np.tile(pattern[1:], (64, 1)).astype(np.int16)
+
+    def run(steps, **stop):
+        torch.manual_seed(0)
+        lm, _ = small_models.build("transformer", small_models.matched_shape("transformer", TINY))
+        result = train(lm, inputs, targets, TrainConfig(steps=steps, batch_size=2, lr=1e-2, warmup_steps=3,
+                                                        log_every=5), torch.device("cpu"), **stop)
+        return result, torch.cat([p.detach().flatten() for p in lm.parameters()])
+
+    (replayed, w_replayed), (deadline, w_deadline) = run(20, stop_after=5), run(20, deadline=0.0)
+    (short, w_short) = run(5)
+    assert replayed.steps_done == deadline.steps_done == 5 and replayed.losses == deadline.losses
+    assert torch.equal(w_replayed, w_deadline) and not torch.equal(w_replayed, w_short)
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        run(20, stop_after=7)
+
+
 def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
     """train_small.py writes a full folder; running the command its card records (tiny, on CPU) gives the same
     final loss and the same weights."""
