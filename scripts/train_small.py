@@ -42,6 +42,7 @@ from tasks import training_mix  # noqa: E402
 
 SUFFIX = "-small"
 PROBE_LOG_EVERY = 10      # a probe's log points, between which pick_steps times a step
+BARRIER_TIMEOUT = 900     # seconds a probe waits at the barrier for its siblings (one may have failed)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,10 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-dir", help="reuse a stream built by an earlier call (inputs.npy, targets.npy)")
     p.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)   # a --parallel probe process
     p.add_argument("--record", type=Path, help=argparse.SUPPRESS)   # a --parallel child: where its record goes
+    p.add_argument("--barrier", type=Path, help=argparse.SUPPRESS)  # a probe child: where it waits for its siblings
     args = p.parse_args(argv)
-    if args.probe_steps < 2 * PROBE_LOG_EVERY:
-        p.error(f"--probe-steps must be >= {2 * PROBE_LOG_EVERY}: the probe times the steps between its log points, "
-                f"one every {PROBE_LOG_EVERY} steps")
+    if args.probe_steps < 3 * PROBE_LOG_EVERY:
+        p.error(f"--probe-steps must be >= {3 * PROBE_LOG_EVERY}: the probe times the steps from its second log point "
+                f"on, one every {PROBE_LOG_EVERY} steps")
     try:
         mix_config(args)
     except ValueError as err:
@@ -233,6 +235,8 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
                                log_every=PROBE_LOG_EVERY if args.probe_only else 25)
 
     def progress(step: int, loss: float, lr: float) -> None:
+        if args.barrier is not None and step == PROBE_LOG_EVERY:      # compiled: time the steps with every sibling
+            wait_at_barrier(args.barrier, name, BARRIER_TIMEOUT)
         if step % (train_config.log_every * 20) == 0 or step == steps:
             print(f"[{name}] step {step}/{steps} loss {loss:.4f} lr {lr:.2e}", flush=True)
 
@@ -377,9 +381,14 @@ def run_children(args: argparse.Namespace, stream_dir: Path, scratch: Path, step
             "--needle-check-every", str(args.needle_check_every), "--needle-check-docs", str(args.needle_check_docs)]
     if deadline is not None:
         base += ["--deadline", str(deadline)]
+    barrier = scratch / "barrier"
+    if probe:
+        barrier.mkdir(exist_ok=True)
+        (barrier / "count").write_text(str(len(args.models)))
     for name in args.models:
         out = scratch / f"{'probe' if probe else 'train'}-{name}.json"
-        cmd = base + ["--models", name, "--record", str(out)] + (["--probe-only"] if probe else [])
+        cmd = base + ["--models", name, "--record", str(out)]
+        cmd += ["--probe-only", "--barrier", str(barrier)] if probe else []
         env = {**os.environ, "OMP_NUM_THREADS": "2"}   # the processes share the CPU cores
         procs[name] = (subprocess.Popen(cmd, env=env), out)
     for name, (proc, out) in procs.items():
@@ -391,13 +400,27 @@ def run_children(args: argparse.Namespace, stream_dir: Path, scratch: Path, step
     return records
 
 
+def wait_at_barrier(folder: Path, name: str, timeout: float) -> bool:
+    """Mark `name` arrived in folder and wait until every sibling has (folder/count holds how many there are), so
+    that the probes time their steps while all share the card. False when the wait timed out."""
+    (folder / f"{name}.arrived").touch()
+    count = int((folder / "count").read_text())
+    stop = time.time() + timeout
+    while len(list(folder.glob("*.arrived"))) < count:
+        if time.time() > stop:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def pick_steps(probes: dict[str, dict], budget: float, cap: int, margin: float = 0.8) -> int:
     """The largest multiple of 50 steps (<= cap) that the slowest model finishes within margin * budget seconds,
-    timed over the probe's steps after its first log point (compilation and autotuning excluded)."""
+    timed over the probe's steps after its second log point (compilation, autotuning and the barrier excluded:
+    every probe runs those steps while all the others do)."""
     per_step = {}
     for name, r in probes.items():
-        (first, *_, last), times = r["result"]["losses"], r["result"]["extra"]["elapsed_at_log"]
-        per_step[name] = (times[-1] - times[0]) / (last[0] - first[0])
+        (_, second, *_, last), times = r["result"]["losses"], r["result"]["extra"]["elapsed_at_log"]
+        per_step[name] = (times[-1] - times[1]) / (last[0] - second[0])
     slowest = max(per_step.values())
     steps = int(margin * budget / slowest) // 50 * 50
     listing = ", ".join(f"{name} {ms * 1000:.0f}" for name, ms in per_step.items())

@@ -370,13 +370,35 @@ def test_pick_steps_fits_the_slowest_model():
     sys.path.insert(0, str(ROOT / "scripts"))
     from train_small import pick_steps
 
-    def probe(seconds_per_step):
-        elapsed = [5.0, 5.0 + 10 * seconds_per_step, 5.0 + 20 * seconds_per_step]
-        return {"result": {"losses": [[10, 9.0], [20, 8.0], [30, 7.0]], "extra": {"elapsed_at_log": elapsed}}}
+    def probe(seconds_per_step):      # compiled by the first log point, then 25 s at the barrier
+        elapsed = [5.0, 30.0 + 10 * seconds_per_step, 30.0 + 20 * seconds_per_step, 30.0 + 30 * seconds_per_step]
+        losses = [[10, 9.0], [20, 8.0], [30, 7.0], [40, 6.0]]
+        return {"result": {"losses": losses, "extra": {"elapsed_at_log": elapsed}}}
 
     # 0.8 * 100 s / 0.05 s per step = 1600 steps for the slowest
     assert pick_steps({"a": probe(0.01), "b": probe(0.05)}, budget=100, cap=5000) == 1600
     assert pick_steps({"a": probe(0.01)}, budget=100, cap=3000) == 3000
+
+
+def test_probes_wait_for_each_other_at_the_barrier(tmp_path):
+    """A probe that arrives first waits until every sibling has arrived (so all time their steps together); a
+    missing sibling ends the wait at the timeout instead of hanging."""
+    import threading
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_small import wait_at_barrier
+
+    (tmp_path / "count").write_text("2")
+    released = []
+    first = threading.Thread(target=lambda: released.append(wait_at_barrier(tmp_path, "a", timeout=30)))
+    first.start()
+    first.join(timeout=0.5)
+    assert first.is_alive() and not released            # alone at the barrier: still waiting
+    assert wait_at_barrier(tmp_path, "b", timeout=30)
+    first.join(timeout=5)
+    assert released == [True]
+    (tmp_path / "count").write_text("4")                 # a, b, c arrive; the fourth never does
+    assert wait_at_barrier(tmp_path, "c", timeout=0.2) is False
 
 
 def test_card_digest_covers_the_rows_trained_on(builder):
