@@ -146,12 +146,16 @@ def build_or_load_stream(args: argparse.Namespace, rows: int) -> tuple[np.ndarra
     return inputs, targets, description
 
 
+# The MixConfig fields set by a flag of the same name (--text-share ...), in the order a command repeats them.
+MIX_FLAGS = ("text_share", "mqar_share", "copy_share", "copy_source", "needle_targets", "row_fill", "copy_warmup_rows",
+             "needle_formats")
+
+
 def mix_config(args: argparse.Namespace) -> training_mix.MixConfig:
-    return training_mix.MixConfig(seq_len=args.seq_len, text_share=args.text_share, mqar_share=args.mqar_share,
-                                  copy_share=args.copy_share, vocab_size=small_models.Shape().vocab_size,
-                                  seed=args.seed, needle_targets=args.needle_targets,
-                                  needle_formats=tuple(args.needle_formats), copy_source=args.copy_source,
-                                  row_fill=args.row_fill, copy_warmup_rows=args.copy_warmup_rows)
+    knobs = {name: getattr(args, name) for name in MIX_FLAGS}
+    knobs["needle_formats"] = tuple(knobs["needle_formats"])
+    return training_mix.MixConfig(seq_len=args.seq_len, vocab_size=small_models.Shape().vocab_size, seed=args.seed,
+                                  **knobs)
 
 
 def rows_trained_on(description: dict, inputs: np.ndarray, targets: np.ndarray, rows: int) -> dict:
@@ -206,13 +210,11 @@ def run_flags(args: argparse.Namespace, steps: int) -> list[str]:
 
 def mix_flags(args: argparse.Namespace) -> list[str]:
     """The training-mix flags that differ from their defaults (a card of the default mix names none)."""
-    defaults, flags = training_mix.MixConfig(), []
-    for name in ("text_share", "mqar_share", "copy_share", "copy_source", "needle_targets", "row_fill",
-                 "copy_warmup_rows"):
-        if getattr(args, name) != getattr(defaults, name):
-            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    if tuple(args.needle_formats) != defaults.needle_formats:
-        flags += ["--needle-formats", *args.needle_formats]
+    config, defaults, flags = mix_config(args), training_mix.MixConfig(), []
+    for name in MIX_FLAGS:
+        value = getattr(config, name)
+        if value != getattr(defaults, name):
+            flags += ["--" + name.replace("_", "-"), *(map(str, value) if isinstance(value, tuple) else [str(value)])]
     return flags
 
 

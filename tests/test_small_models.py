@@ -288,12 +288,16 @@ def test_learning_rate_schedule():
     assert 0.1 < learning_rate(50, config) < 1.0
 
 
+def repeating_stream() -> tuple[np.ndarray, np.ndarray]:
+    """64 rows of one short counting pattern (1..32 repeated): inputs and next-token targets [64, 128]."""
+    pattern = np.tile(np.arange(1, 33), 5)[:129]
+    return np.tile(pattern[:-1], (64, 1)).astype(np.int16), np.tile(pattern[1:], (64, 1)).astype(np.int16)
+
+
 def test_training_learns_and_is_reproducible():
     """On a stream that repeats one short pattern the loss falls far below chance (log 4096 = 8.3); the same seed
     gives the same losses, another seed other ones."""
-    pattern = np.tile(np.arange(1, 33), 5)[:129]
-    inputs = np.tile(pattern[:-1], (64, 1)).astype(np.int16)
-    targets = np.tile(pattern[1:], (64, 1)).astype(np.int16)
+    inputs, targets = repeating_stream()
 
     def run(seed):
         torch.manual_seed(seed)
@@ -310,9 +314,7 @@ def test_training_learns_and_is_reproducible():
 def test_stop_after_replays_a_deadline_stop():
     """stop_after=N stops where a deadline stopped (a log point) with the schedule of the full step count: the same
     weights as a run whose deadline had passed, other weights than a schedule set for N steps."""
-    pattern = np.tile(np.arange(1, 33), 5)[:129]
-    inputs = np.tile(pattern[:-1], (64, 1)).astype(np.int16)
-    targets = np.tile(pattern[1:], (64, 1)).astype(np.int16)
+    inputs, targets = repeating_stream()
 
     def run(steps, **stop):
         torch.manual_seed(0)
