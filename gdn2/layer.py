@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from gdn2.configuration import GATE_GRANULARITIES
 from gdn2.fused import causal_conv_silu as causal_conv_silu  # noqa: F401  (the torch reference, re-exported)
-from gdn2.fused import gated_rms_norm, short_conv_silu
+from gdn2.fused import decay, gated_rms_norm, short_conv_silu
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
 
 # Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
@@ -180,9 +180,7 @@ class GatedDeltaNet2(nn.Module):
         if token_mask is not None:     # zero inputs: q = k = v = 0 there and the short convs carry zeros
             hidden_states = hidden_states * token_mask[..., None].to(hidden_states.dtype)
         q, k, v, conv_states = short_conv_qkv(self, hidden_states, state)
-        g = -self.A_log.float().exp().repeat_interleave(self.head_k_dim) * F.softplus(
-            self.f_proj(hidden_states).float() + self.dt_bias
-        )
+        g = decay(self.f_proj(hidden_states), self.A_log, self.dt_bias, self.head_k_dim)
         b = self.b_proj(hidden_states).sigmoid()
         if self.allow_neg_eigval:
             b = b * 2.0
