@@ -203,10 +203,11 @@ def _bad_count(value: Any) -> bool:
     return value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
 
 
-def validate_plan(plan: Plan) -> None:
+def validate_plan(plan: Plan, check_models: bool = True) -> None:
     """Refuse a plan that cannot run as asked, before any model loads or anything is stored: counts and lengths
     must be whole numbers >= 1, the seed a whole number >= 0, model specs and the tokenizer must name things that
-    exist, the device and dtype must be available here."""
+    exist (unless check_models is False: a caller's own loader resolves them), the device and dtype must be
+    available here."""
     from harness.registry import UnknownNameError, check_spec, resolve_device, resolve_dtype
 
     problems = []
@@ -228,7 +229,7 @@ def validate_plan(plan: Plan) -> None:
         bad = [x for x in cell.lengths or [None] if x is not None and _bad_count(x)]
         if bad:
             problems.append(f"task {cell.task}: lengths must be whole numbers >= 1, got {bad}")
-    for spec in plan.models:
+    for spec in plan.models if check_models else ():
         try:
             check_spec(spec, plan.tokenizer)
         except (UnknownNameError, ValueError, FileNotFoundError) as err:
@@ -538,7 +539,8 @@ class SweepRunner:
     # -------------------------------------------------------------------------------------------- top level
     def run(self) -> RunSummary:
         start = time.time()
-        validate_plan(self.plan)                  # bad input is refused before anything is loaded or stored
+        # bad input is refused before anything is loaded or stored; a caller's loader resolves its own model names
+        validate_plan(self.plan, check_models=self.loader is None)
         cells = self.plan.expand()
         tasks = resolve_tasks(self.plan)
         lock = self._lock()

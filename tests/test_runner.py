@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from harness.registry import load_model
-from harness.runner import CellPlan, Plan, SweepRunner, load_suite, parse_length, plan_from_suite
+from harness.runner import CellPlan, Plan, PlanError, SweepRunner, load_suite, parse_length, plan_from_suite
 from harness.store import CellIdentityError, ResultsStore
 
 SUPPORT = "test_runner_support"
@@ -55,6 +55,16 @@ def test_complete_plan_does_not_load_the_model(tmp_path, tiny):
         summary = SweepRunner(plan, store, progress=False, log=lambda m: None,
                               loader=lambda spec: loads.append(spec) or tiny).run()
     assert loads == [] and summary.cells[0].skipped == 2
+
+
+def test_a_loader_resolves_names_the_registry_does_not_know(tmp_path, tiny):
+    """benchmarks/bench_eval_hflm.py runs the runner on an in-memory model under its own name."""
+    plan = Plan(models=["my-model-in-memory"], cells=[CellPlan(f"{SUPPORT}:CountTask", [16])], samples=2)
+    with ResultsStore(tmp_path) as store:
+        summary = SweepRunner(plan, store, progress=False, log=lambda m: None, loader=lambda spec: tiny).run()
+    assert summary.cells[0].ok == 2
+    with ResultsStore(tmp_path / "registry") as store, pytest.raises(PlanError, match="unknown model 'my-model"):
+        SweepRunner(plan, store, progress=False, log=lambda m: None).run()
 
 
 def test_failing_cells_and_models_do_not_stop_the_sweep(tmp_path, tiny):
