@@ -24,6 +24,7 @@ import csv
 import datetime
 import gc
 import inspect
+import json
 import os
 import sys
 import time
@@ -435,6 +436,16 @@ def eval_rows(family: str, lengths, samples: int, batch_sizes, new_tokens: int) 
     return rows
 
 
+def autotune_winners() -> dict[str, dict[str, str]]:
+    """{kernel: {autotune key: the config the autotuner picked}} of the GDN-2 chunk kernels tuned in this process
+    (empty without autotuning: the interpreter or GDN2_TRITON_AUTOTUNE=0)."""
+    from gdn2.ops.triton.chunk import CHUNK_KERNELS
+    from gdn2.ops.triton.utils import config_name
+
+    return {name: {str(key): config_name(config) for key, config in kernel.cache.items()}
+            for name, kernel in CHUNK_KERNELS.items() if getattr(kernel, "cache", None)}
+
+
 # ------------------------------------------------------------------------------------------ rows, CSV, plot
 RUN = {}
 
@@ -652,6 +663,11 @@ def main(argv=None) -> int:
             rows += eval_rows(family, eval_lengths, samples=eval_samples, batch_sizes=(1, 8, 32), new_tokens=32)
             save(rows, out, plot=False)
     save(rows, out)
+    winners = autotune_winners()
+    if winners:
+        path = out / f"autotune-{RUN['card']}.json"
+        path.write_text(json.dumps(winners, indent=1) + "\n")
+        print(f"autotune winners: {path}")
     return 0
 
 
