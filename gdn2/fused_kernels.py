@@ -231,33 +231,41 @@ def _conv_bwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_p
              mask=(t[:, None] < T) & dmask[None, :])
 
 
-CONV_BT, CONV_BD = 64, 128
+# (rows BT, channels BD, warps) per program. Every element of a tile holds its own 64-bit addresses and masks, so
+# the tiles are small: at (64, 128, 4) the backward spilled 54 KB per thread on sm_90 and took 4.3 ms per call at
+# the 1.3B model's 16K tokens x 2,048 channels (36% of a training step); these two compile without spills for W = 4
+# (ptxas -v on the sm_90 build; docs/efficiency.md#the-training-path).
+CONV_FWD_TILE = (16, 128, 4)
+CONV_BWD_TILE = (16, 64, 4)
 
 
 def conv_silu_fwd(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, tile: tuple[int, int, int] = CONV_FWD_TILE) -> torch.Tensor:
     """silu(depthwise causal conv + bias) of contiguous x [B, T, D] continuing contiguous cache [B, D, W-1];
-    weight [D, W] contiguous."""
+    weight [D, W] contiguous. tile: (BT, BD, num_warps)."""
     B, T, D = x.shape
+    bt, bd, warps = tile
     y = torch.empty_like(x)
-    grid = (B, triton.cdiv(T, CONV_BT), triton.cdiv(D, CONV_BD))
+    grid = (B, triton.cdiv(T, bt), triton.cdiv(D, bd))
     _conv_fwd_kernel[grid](x, cache, weight, bias if bias is not None else weight, y, T, D, W=weight.shape[1],
-                           HAS_BIAS=bias is not None, BT=CONV_BT, BD=CONV_BD, num_warps=4)
+                           HAS_BIAS=bias is not None, BT=bt, BD=bd, num_warps=warps)
     return y
 
 
 def conv_silu_bwd(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  dy: torch.Tensor):
-    """(dx in x's dtype, dweight fp32 [D, W], dbias fp32 [D] or None) of conv_silu_fwd (no gradient for the cache)."""
+                  dy: torch.Tensor, tile: tuple[int, int, int] = CONV_BWD_TILE):
+    """(dx in x's dtype, dweight fp32 [D, W], dbias fp32 [D] or None) of conv_silu_fwd (no gradient for the cache).
+    tile: (BT, BD, num_warps)."""
     B, T, D = x.shape
     W = weight.shape[1]
-    nt = triton.cdiv(T, CONV_BT)
+    bt, bd, warps = tile
+    nt = triton.cdiv(T, bt)
     dx = torch.empty_like(x)
     dw = torch.empty(B, nt, D, W, dtype=torch.float32, device=x.device)
     db = torch.empty(B, nt, D, dtype=torch.float32, device=x.device) if bias is not None else None
-    _conv_bwd_kernel[(B, nt, triton.cdiv(D, CONV_BD))](x, cache, weight, bias if bias is not None else weight, dy, dx,
-                                                       dw, db if db is not None else dw, T, D, nt, W=W,
-                                                       HAS_BIAS=bias is not None, BT=CONV_BT, BD=CONV_BD, num_warps=4)
+    _conv_bwd_kernel[(B, nt, triton.cdiv(D, bd))](x, cache, weight, bias if bias is not None else weight, dy, dx,
+                                                  dw, db if db is not None else dw, T, D, nt, W=W,
+                                                  HAS_BIAS=bias is not None, BT=bt, BD=bd, num_warps=warps)
     return dx, dw.sum((0, 1)), None if db is None else db.sum((0, 1))
 
 
