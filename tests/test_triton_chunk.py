@@ -348,3 +348,24 @@ def test_unit_lower_inverse16_matches_float64():
         ref = torch.linalg.inv(torch.eye(16, dtype=torch.float64) + T.double())
         err = ((out.double() - ref).norm(dim=(-1, -2)) / ref.norm(dim=(-1, -2))).max().item()
         assert err <= 1e-6, (name, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2norm_kernels_equal_float64_autograd(dtype):
+    """The fused L2-norm's two passes (gdn2/ops/triton/l2norm.py): r = 1/sqrt(|x|^2 + eps) and the gradient of
+    x * r, against float64 autograd; 37 rows (not a multiple of the kernel's 16) of K = 80 (not a power of two), and
+    dx comes back in x's dtype."""
+    from gdn2.ops.triton.l2norm import inverse_norms, l2norm_vjp
+    from gdn2.ops.triton.utils import L2NORM_EPS
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(37, 80, generator=gen) * torch.rand(37, 1, generator=gen) * 3).to(dtype)
+    grad_hat = torch.randn(37, 80, generator=gen)
+    ref_x = x.double().requires_grad_()
+    ref_r = (ref_x.square().sum(-1) + L2NORM_EPS).rsqrt()
+    (ref_x * ref_r[:, None]).backward(grad_hat.double())
+    r = inverse_norms(x)
+    dx = l2norm_vjp(x, r, grad_hat)
+    assert r.dtype == torch.float32 and dx.dtype == dtype
+    assert rel(r, ref_r) < 1e-6
+    assert rel(dx, ref_x.grad) < (1e-6 if dtype == torch.float32 else 4e-3)     # bf16: the output's rounding

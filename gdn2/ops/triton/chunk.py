@@ -18,14 +18,8 @@ from gdn2.ops.triton import chunk_bwd, fwd_matrices, fwd_output, fwd_state, fwd_
 from gdn2.ops.triton.chunk_bwd import chunk_backward
 from gdn2.ops.triton.chunk_fwd import chunk_forward
 from gdn2.ops.triton.dispatch import plan_forward
-from gdn2.ops.triton.utils import inverse_norms, sequence_layout
-
-
-def _l2norm_vjp(x: torch.Tensor, inv_norm: torch.Tensor, grad_hat: torch.Tensor) -> torch.Tensor:
-    """Gradient wrt x of x_hat = x * inv_norm (inv_norm = 1/sqrt(|x|^2 + eps)): r (d - x_hat <x_hat, d>)."""
-    x_hat = x.float() * inv_norm[..., None]
-    return inv_norm[..., None] * (grad_hat - x_hat * (x_hat * grad_hat).sum(-1, keepdim=True))
-
+from gdn2.ops.triton.l2norm import inverse_norms, l2norm_vjp
+from gdn2.ops.triton.utils import sequence_layout
 
 # Every chunk kernel by the name the GPU check, the sm_90 compile report and the profiler use, in launch order.
 CHUNK_KERNELS = {
@@ -87,9 +81,9 @@ class ChunkGDN2Function(torch.autograd.Function):
         dht = dht.float().contiguous() if dht is not None else None
         dq, dk, db, dg, dv, dw, dh0 = chunk_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, saved, do, dht, scale,
                                                      layout, use_l2)
-        if use_l2:
-            dq = _l2norm_vjp(qf, rq, dq)
-            dk = _l2norm_vjp(kf, rk, dk)
+        if use_l2:                                    # in q's and k's dtype
+            dq = l2norm_vjp(qf, rq, dq.contiguous())
+            dk = l2norm_vjp(kf, rk, dk.contiguous())
         grads = [x.reshape(B, T, H, K) for x in (dq, dk)] + [dv.reshape(B, T, HV, V)]
         grads += [dg.reshape(B, T, H, K), db.reshape(B, T, H, K), dw.reshape(B, T, HV, V)]
         grads = [x.to(dt) for x, dt in zip(grads, dtypes, strict=False)]

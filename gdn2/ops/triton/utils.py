@@ -179,11 +179,6 @@ def sequence_layout(cu_seqlens: torch.Tensor | None, batch: int, length: int, de
     return _layout_from_cu(cu_seqlens.detach().to("cpu", torch.int64), device)
 
 
-def inverse_norms(x: torch.Tensor) -> torch.Tensor:
-    """[TT, H, K] -> [TT, H] fp32 1/sqrt(sum x^2 + eps): the only thing the fused L2-norm materialises."""
-    return torch.rsqrt(x.float().square().sum(-1) + L2NORM_EPS).contiguous()
-
-
 def block_sizes(K: int, V: int) -> tuple[int, int]:
     """(BK, BV) cap for the key / value blocks: 64, or the (power-of-two padded) dimension if smaller."""
     return min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
