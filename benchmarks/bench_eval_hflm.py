@@ -1,12 +1,13 @@
 """Batched evaluation against lm-eval's HFLM, same model, same call: GDN2ForCausalLM at the 1.3B shape (random init,
 bf16) with the bundled 4K BPE tokenizer (vocabulary 4096, so that every generated id decodes).
 
-- lm-eval: one task (offline copy, e.g. piqa) through HFLM at each batch size (its best is the reference) and through
-  the harness LM (harness/lm_eval_plugin.py) at each batch size; wall time and the task's metric for each.
+- lm-eval: each task (offline copies, e.g. piqa and squad) through HFLM at each batch size (its best is the reference)
+  and through the harness LM (harness/lm_eval_plugin.py) at each batch size; wall time, the task's metric, and how
+  the harness's per-document responses differ from HFLM's at the same batch size.
 - RULER: the runner on niah_single_1..3 and niah_multikey_1 at the given lengths, at batch 1 and batch N; wall time,
   mean score and the number of stored predictions that differ from batch 1's.
 
-    python benchmarks/bench_eval_hflm.py --task piqa --limit 500 --batch-sizes 1,16,64 \
+    python benchmarks/bench_eval_hflm.py --tasks piqa,squad --limit 500 --batch-sizes 1,16,64 \
         --ruler-lengths 1k,2k,4k,8k --ruler-samples 20 --out $OUT
 
 Writes <out>/eval-vs-hflm-<card>.csv and prints a table. Random weights: the scores are chance-level; what matters is
@@ -57,7 +58,8 @@ def build_model(smoke: bool):
     return lm, tokenizer, model
 
 
-def timed_evaluate(lm_obj, task_name: str, limit: int, manager) -> tuple[float, dict]:
+def timed_evaluate(lm_obj, task_name: str, limit: int, manager) -> tuple[float, dict, list]:
+    """(seconds, the task's metrics, each document's responses in document order) of one simple_evaluate call."""
     import lm_eval
 
     if torch.cuda.is_available():
@@ -65,13 +67,29 @@ def timed_evaluate(lm_obj, task_name: str, limit: int, manager) -> tuple[float, 
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm_obj, tasks=[task_name], limit=limit, task_manager=manager,
                                   bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                                  fewshot_random_seed=0)
+                                  fewshot_random_seed=0, log_samples=True)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    metrics = {k.split(",")[0]: v for k, v in out["results"][task_name].items()
+    metrics = {k.split(",")[0]: round(float(v), 4) for k, v in out["results"][task_name].items()
                if isinstance(v, float) and "stderr" not in k}
-    return seconds, metrics
+    responses = [s["resps"] for s in sorted(out["samples"][task_name], key=lambda s: s["doc_id"])]
+    return seconds, metrics, responses
+
+
+def disagreement(responses, reference) -> str:
+    """How a harness run's per-document responses differ from HFLM's: generations that differ (strings), or the
+    largest log-likelihood difference and the number of greedy flags that differ (loglikelihood requests)."""
+    flat = [r for doc in responses for req in doc for r in req]
+    flat_ref = [r for doc in reference for req in doc for r in req]
+    if len(flat) != len(flat_ref):
+        return f"{len(flat)} responses against {len(flat_ref)}"
+    if flat and isinstance(flat[0], str):
+        differ = sum(a != b for a, b in zip(flat, flat_ref, strict=True))
+        return f"{differ} of {len(flat)} generations differ from HFLM's"
+    diffs = [abs(a[0] - b[0]) for a, b in zip(flat, flat_ref, strict=True)]
+    greedy = sum(a[1] != b[1] for a, b in zip(flat, flat_ref, strict=True))
+    return f"log-likelihoods within {max(diffs, default=0):.2e} of HFLM's ({len(flat)}); {greedy} greedy flags differ"
 
 
 def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes) -> list[dict]:
@@ -83,6 +101,7 @@ def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes) -
     manager = task_manager(str(offline_include_path()))
     rows = []
     for size in batch_sizes:
+        reference = None
         for engine in ("HFLM", "harness"):
             try:
                 if engine == "HFLM":
@@ -91,9 +110,11 @@ def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes) -
                     lm_obj = HFLM(pretrained=lm, tokenizer=tokenizer, batch_size=size, device=str(model.device))
                 else:
                     lm_obj = HarnessLM(model=model, batch_size=size)
-                seconds, metrics = timed_evaluate(lm_obj, task_name, limit, manager)
+                seconds, metrics, responses = timed_evaluate(lm_obj, task_name, limit, manager)
+                agreement = disagreement(responses, reference) if reference is not None else ""
+                reference = responses if engine == "HFLM" else reference
                 rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds=round(seconds, 2),
-                                 score=str(metrics), status="ok"))
+                                 score=f"{metrics} {agreement}".strip(), status="ok"))
             except Exception as err:  # noqa: BLE001 - a failing engine is a row
                 rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds="", score="",
                                  status=f"{type(err).__name__}: {err}"[:200]))
@@ -133,7 +154,8 @@ def ruler_rows(model, lengths, samples: int, batch_sizes, workdir: Path) -> list
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="piqa", help="lm-eval task key of harness/lm_eval_tasks.py (offline copy)")
+    parser.add_argument("--tasks", default="piqa",
+                        help="comma list of lm-eval task keys of harness/lm_eval_tasks.py (offline copies)")
     parser.add_argument("--limit", type=int, default=500, help="documents of the lm-eval task")
     parser.add_argument("--batch-sizes", default="1,16,64", help="batch sizes for both engines")
     parser.add_argument("--ruler-lengths", default="1k,2k,4k,8k")
@@ -151,8 +173,8 @@ def main(argv=None) -> int:
     rows = []
     skip = set(args.skip.split(","))
     if "lm-eval" not in skip:
-        rows += lm_eval_rows(lm, tokenizer, model, args.task, args.limit,
-                             [int(b) for b in args.batch_sizes.split(",")])
+        for task in args.tasks.split(","):
+            rows += lm_eval_rows(lm, tokenizer, model, task, args.limit, [int(b) for b in args.batch_sizes.split(",")])
     if "ruler" not in skip:
         with tempfile.TemporaryDirectory() as workdir:
             rows += ruler_rows(model, args.ruler_lengths.split(","), args.ruler_samples,
