@@ -33,7 +33,7 @@ from benchmarks.csv_rows import write_csv  # noqa: E402
 RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1")
 
 
-def build_model(smoke: bool):
+def build_model(smoke: bool, dtype_name: str = "bfloat16"):
     """(GDN2ForCausalLM in bf16 on the device, the bundled tokenizer, an EvalModel over both)."""
     from gdn2 import GDN2ForCausalLM, named_config
     from harness.bundled import BPE_4K
@@ -45,7 +45,7 @@ def build_model(smoke: bool):
     torch.manual_seed(0)
     with torch.device(device):
         lm = GDN2ForCausalLM(config)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, dtype_name) if device.type == "cuda" else torch.float32
     lm = lm.to(dtype).eval()
     for module in lm.modules():                      # decay parameters stay fp32, as the loader keeps them
         for name in ("A_log", "dt_bias"):
@@ -92,7 +92,9 @@ def disagreement(responses, reference) -> str:
     return f"log-likelihoods within {max(diffs, default=0):.2e} of HFLM's ({len(flat)}); {greedy} greedy flags differ"
 
 
-def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes) -> list[dict]:
+def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes, repeats: int) -> list[dict]:
+    """Per batch size, HFLM then the harness LM; each timed on the last of `repeats` runs (the first pays the
+    Triton compiles of new shapes, which would otherwise favour whichever engine runs second)."""
     from harness.lm_eval_plugin import HarnessLM
     from harness.lm_eval_tasks import CATALOG, offline_include_path, task_manager
 
@@ -110,7 +112,8 @@ def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes) -
                     lm_obj = HFLM(pretrained=lm, tokenizer=tokenizer, batch_size=size, device=str(model.device))
                 else:
                     lm_obj = HarnessLM(model=model, batch_size=size)
-                seconds, metrics, responses = timed_evaluate(lm_obj, task_name, limit, manager)
+                for _ in range(repeats):
+                    seconds, metrics, responses = timed_evaluate(lm_obj, task_name, limit, manager)
                 agreement = disagreement(responses, reference) if reference is not None else ""
                 reference = responses if engine == "HFLM" else reference
                 rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds=round(seconds, 2),
@@ -122,7 +125,8 @@ def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes) -
     return rows
 
 
-def ruler_rows(model, lengths, samples: int, batch_sizes, workdir: Path) -> list[dict]:
+def ruler_rows(model, lengths, samples: int, batch_sizes, workdir: Path, repeats: int) -> list[dict]:
+    """The runner on RULER_TASKS at each batch size, timed on the last of `repeats` runs (each into a fresh store)."""
     from harness.runner import CellPlan, Plan, SweepRunner
     from harness.store import ResultsStore
     from tasks.cli import parse_length
@@ -131,11 +135,12 @@ def ruler_rows(model, lengths, samples: int, batch_sizes, workdir: Path) -> list
     for size in batch_sizes:
         plan = Plan(models=[model.name], cells=[CellPlan(t, [parse_length(x) for x in lengths]) for t in RULER_TASKS],
                     samples=samples, batch_size=size, device=str(model.device))
-        folder = workdir / f"ruler-b{size}"
-        start = time.perf_counter()
-        with ResultsStore(folder) as store:
-            summary = SweepRunner(plan, store, progress=False, log=lambda m: None, loader=lambda spec: model).run()
-        seconds = time.perf_counter() - start
+        for repeat in range(repeats):
+            folder = workdir / f"ruler-b{size}-{repeat}"
+            start = time.perf_counter()
+            with ResultsStore(folder) as store:
+                summary = SweepRunner(plan, store, progress=False, log=lambda m: None, loader=lambda spec: model).run()
+            seconds = time.perf_counter() - start
         conn = sqlite3.connect(folder / "results.sqlite")
         stored = conn.execute("SELECT task, length, sample_index, score, prediction FROM samples "
                               "ORDER BY task, length, sample_index").fetchall()
@@ -162,10 +167,15 @@ def main(argv=None) -> int:
     parser.add_argument("--ruler-samples", type=int, default=20)
     parser.add_argument("--ruler-batch-sizes", default="1,16")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: lm-eval, ruler")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs per engine and batch size; the last is timed (the first pays compiles)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="weights and activations on the GPU (float32 separates engine differences from bf16 "
+                             "rounding)")
     parser.add_argument("--smoke", action="store_true", help="the tiny GDN-2 config (checks the code paths)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "bench"))
     args = parser.parse_args(argv)
-    lm, tokenizer, model = build_model(args.smoke)
+    lm, tokenizer, model = build_model(args.smoke, args.dtype)
     card = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
     card += "-smoke" if args.smoke else ""
     date = datetime.date.today().isoformat()
@@ -174,12 +184,14 @@ def main(argv=None) -> int:
     skip = set(args.skip.split(","))
     if "lm-eval" not in skip:
         for task in args.tasks.split(","):
-            rows += lm_eval_rows(lm, tokenizer, model, task, args.limit, [int(b) for b in args.batch_sizes.split(",")])
+            rows += lm_eval_rows(lm, tokenizer, model, task, args.limit, [int(b) for b in args.batch_sizes.split(",")],
+                                 args.repeats)
     if "ruler" not in skip:
         with tempfile.TemporaryDirectory() as workdir:
             rows += ruler_rows(model, args.ruler_lengths.split(","), args.ruler_samples,
-                               [int(b) for b in args.ruler_batch_sizes.split(",")], Path(workdir))
-    rows = [{"card": card, "date": date, **r} for r in rows]
+                               [int(b) for b in args.ruler_batch_sizes.split(",")], Path(workdir), args.repeats)
+    dtype = str(model.dtype).removeprefix("torch.")
+    rows = [{"card": card, "date": date, "dtype": dtype, "repeats": args.repeats, **r} for r in rows]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, str(out / f"eval-vs-hflm-{card}.csv"))
