@@ -187,15 +187,21 @@ def model_or_row(kind: str, family: str, impl: str, build) -> tuple[torch.nn.Mod
         return None, [failure_row(kind, family, impl, err)]
 
 
+RECOMPUTE = {"none": None, "chunk": "chunk_recompute_enable", "blocks": "gradient_checkpointing_enable"}
+
+
 def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile: bool,
-               checkpointing: bool) -> list[dict]:
+               recompute: str) -> list[dict]:
+    """Training rows of one model at each shape. recompute (GDN2ForCausalLM only): 'chunk' recomputes the chunk
+    operator's intermediates in the backward pass (impl ours-recompute-chunk), 'blocks' whole blocks (ours-recompute-
+    blocks), 'none' keeps everything."""
     rows = []
     model, refused = model_or_row("train", family, impl, lambda: build_model(family, impl).train())
     if model is None:
         return refused
-    if checkpointing and (family, impl) == ("gdn2", "ours"):
-        model.gradient_checkpointing_enable()
-        impl = f"{impl}-ckpt"
+    if RECOMPUTE[recompute] and (family, impl) == ("gdn2", "ours"):
+        getattr(model, RECOMPUTE[recompute])()
+        impl = f"{impl}-recompute-{recompute}"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     for T, B in shapes:
         ids = torch.randint(0, vocab(), (B, T), device=RUN["device"])
@@ -608,8 +614,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,32", help="decode batch sizes")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per shape")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table and memory by phase, per shape")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="GDN2ForCausalLM recomputes each block in the backward pass (impl ours-ckpt)")
+    parser.add_argument("--recompute", choices=tuple(RECOMPUTE), default="none",
+                        help="GDN2ForCausalLM in training: recompute the chunk operator's intermediates ('chunk') or "
+                             "whole blocks ('blocks') in the backward pass")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "bench"))
     parser.add_argument("--merge", nargs="+", metavar="CSV", help="merge CSVs of one card and redraw the plot")
     parser.add_argument("--smoke", action="store_true",
@@ -651,7 +658,7 @@ def main(argv=None) -> int:
             [i for i in impls_of(family, with_fla) if i != "ours"]
         for impl in impls:
             if "train" in only:
-                rows += train_rows(family, impl, shapes, steps, paper, args.profile, args.gradient_checkpointing)
+                rows += train_rows(family, impl, shapes, steps, paper, args.profile, args.recompute)
                 save(rows, out, plot=False)
             if "prefill" in only:
                 rows += prefill_rows(family, impl, contexts or ((1024, 16384) if args.quick else PREFILL_CONTEXTS))

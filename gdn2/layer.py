@@ -131,6 +131,7 @@ class GatedDeltaNet2(nn.Module):
         self.conv_size = conv_size
         self.layer_idx = layer_idx
         self.erase_gate, self.write_gate = erase_gate, write_gate
+        self.recompute_chunk = False     # set by chunk_recompute_enable(): chunk intermediates recomputed in backward
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -198,7 +199,8 @@ class GatedDeltaNet2(nn.Module):
             o, recurrent = recurrent_step_gdn2(q, k, v, g, b, w, recurrent, use_qk_l2norm_in_kernel=True)
         else:
             o, recurrent = chunk_gdn2(
-                q, k, v, g, b, w, initial_state=previous, output_final_state=use_cache, use_qk_l2norm_in_kernel=True
+                q, k, v, g, b, w, initial_state=previous, output_final_state=use_cache, use_qk_l2norm_in_kernel=True,
+                recompute_in_backward=self.recompute_chunk,
             )
         gate = self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
         y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.value_dim))

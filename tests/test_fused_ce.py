@@ -134,10 +134,12 @@ def test_model_loss_and_every_gradient_equal_the_plain_path():
     labels = ids.clone()
     labels[0, :5] = -100
     results = {}
-    for mode in ("plain", "fused", "checkpointed"):
+    for mode in ("plain", "fused", "checkpointed", "chunk recomputed"):
         model = tiny()
         if mode == "checkpointed":
             model.gradient_checkpointing_enable()
+        if mode == "chunk recomputed":
+            model.chunk_recompute_enable()
         if mode == "plain":
             loss = plain_loss(model, ids, labels)
         else:
@@ -146,10 +148,31 @@ def test_model_loss_and_every_gradient_equal_the_plain_path():
             assert out.logits is None
         loss.backward()
         results[mode] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
-    for mode in ("fused", "checkpointed"):
+    for mode in ("fused", "checkpointed", "chunk recomputed"):
         torch.testing.assert_close(results[mode][0], results["plain"][0], rtol=1e-10, atol=1e-10)
         for name, grad in results["plain"][1].items():
             torch.testing.assert_close(results[mode][1][name], grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_chunk_recompute_keeps_less_for_the_backward_pass():
+    """chunk_recompute_enable(): each mixer's chunk operator keeps only its inputs (the torch path here, through a
+    checkpoint), so the forward pass keeps fewer bytes for the backward than with the intermediates kept."""
+    ids = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(1))
+    kept = {}
+    for recompute in (False, True):
+        model = tiny()
+        model.chunk_recompute_enable(recompute)
+        storages = {}
+
+        def pack(t, storages=storages):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids, use_cache=False)
+        kept[recompute] = sum(n for ptr, n in storages.items() if ptr not in params)
+    assert kept[True] < 0.8 * kept[False], kept
 
 
 def test_model_returns_logits_with_labels_when_autograd_is_off():

@@ -5,6 +5,7 @@ the only error is fp32 rounding through a 64-step solve and a few chunks of recu
 room for platforms with different summation orders while still failing any wrong index, mask or gate (those give
 errors of order 1e-1 .. 1).
 """
+import contextlib
 import sys
 
 import pytest
@@ -369,3 +370,47 @@ def test_l2norm_kernels_equal_float64_autograd(dtype):
     assert r.dtype == torch.float32 and dx.dtype == dtype
     assert rel(r, ref_r) < 1e-6
     assert rel(dx, ref_x.grad) < (1e-6 if dtype == torch.float32 else 4e-3)     # bf16: the output's rounding
+
+
+def kept_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass while fn() runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("bf16_plan", [False, True])
+def test_recompute_in_backward_keeps_only_inputs_and_gives_the_same_gradients(bf16_plan):
+    """recompute_in_backward: the Function keeps its packed inputs alone (q, k, v, g, b, w, the inverse norms, h0)
+    and its backward reruns the training forward. Its gradients are bit-identical to keeping the intermediates (the
+    backward reads the same intermediates), its output equals the keeping path's within fp32 rounding (the forward
+    ran the inference plan), and both match the float64 recurrence. Three chunks, fused L2-norm, grouped value
+    heads; on the fp32 and the 16-bit launch plans."""
+    inputs = make_inputs(1, 150, 2, 4, 32, 16, 1, False, seed=11)
+    results = {}
+    with planned_as(torch.bfloat16) if bf16_plan else contextlib.nullcontext():
+        assert_forward_backward_match(inputs, l2=True)
+        for recompute in (False, True):
+            leaves = [x.clone().requires_grad_() for x in inputs]
+
+            def run(leaves=leaves, recompute=recompute):
+                return chunk_gdn2(*leaves[:6], initial_state=leaves[6], output_final_state=True,
+                                  use_qk_l2norm_in_kernel=True, backend="triton", recompute_in_backward=recompute)
+
+            nbytes, (o, ht) = kept_bytes(run)
+            gen = torch.Generator().manual_seed(0)
+            do, dht = torch.randn(o.shape, generator=gen), torch.randn(ht.shape, generator=gen)
+            ((o * do).sum() + (ht * dht).sum()).backward()
+            results[recompute] = nbytes, o.detach(), [x.grad for x in leaves]
+    inputs_bytes = sum(x.numel() * 4 for x in inputs) + 2 * 150 * 2 * 4     # fp32 inputs + inverse norms of q, k
+    assert results[True][0] == inputs_bytes
+    assert results[False][0] > 2 * inputs_bytes
+    assert rel(results[True][1], results[False][1]) < 1e-6
+    for name, a, b in zip(["q", "k", "v", "g", "b", "w", "h0"], results[True][2], results[False][2], strict=True):
+        assert torch.equal(a, b), name

@@ -1,9 +1,11 @@
 """Public chunkwise GDN-2 operator with backend dispatch (fla's argument convention; see naive.py for the math)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from gdn2.ops.chunk_torch import torch_chunk_gdn2
 
@@ -44,13 +46,15 @@ def chunk_gdn2(
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    recompute_in_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise GDN-2: S_t = (I - k_t (b_t*k_t)^T) Diag(exp g_t) S_{t-1} + k_t (w_t*v_t)^T, o_t = scale S_t^T q_t.
 
     q, k, g, b: [B, T, H, K]; v, w: [B, T, Hv, V] (Hv a multiple of H); g is the natural-log decay (<= 0);
     initial_state: [N, Hv, K, V] with N = B, or the number of sequences when cu_seqlens [N + 1] packs them into B = 1.
     Returns o [B, T, Hv, V] (v's dtype) and the final state [N, Hv, K, V] in fp32 (float64 for float64 inputs)
-    when output_final_state, else None.
+    when output_final_state, else None. recompute_in_backward: keep only the inputs for the backward pass and run
+    the forward again there (less memory in training, one more forward's time); the same gradients.
     """
     chosen = resolve_backend(backend, q.device)
     args = dict(
@@ -61,7 +65,9 @@ def chunk_gdn2(
         cu_seqlens=cu_seqlens,
     )
     if chosen == "torch":
+        if recompute_in_backward and torch.is_grad_enabled():
+            return checkpoint(functools.partial(torch_chunk_gdn2, **args), q, k, v, g, b, w, use_reentrant=False)
         return torch_chunk_gdn2(q, k, v, g, b, w, **args)
     from gdn2.ops.triton import triton_chunk_gdn2  # imported lazily: CPU users never need Triton
 
-    return triton_chunk_gdn2(q, k, v, g, b, w, **args)
+    return triton_chunk_gdn2(q, k, v, g, b, w, **args, recompute_in_backward=recompute_in_backward)

@@ -1,13 +1,17 @@
 """Public Triton entry point for chunkwise GDN-2: picks the inference-only forward or the autograd Function.
 
     triton_chunk_gdn2(q, k, v, g, b, w, scale=None, initial_state=None, output_final_state=False,
-                      use_qk_l2norm_in_kernel=False, cu_seqlens=None) -> (o [B, T, Hv, V], final_state | None)
+                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, recompute_in_backward=False)
+        -> (o [B, T, Hv, V], final_state | None)
 
 q, k, g, b: [B, T, H, K]; v, w: [B, T, Hv, V] (Hv a multiple of H; value head j reads key head j // (Hv // H));
 g is the natural-log decay per key channel; the state is fp32 [N, Hv, K, V]. With cu_seqlens [N + 1], B must be 1.
 Dispatch: the autograd Function when grad mode is on and any input requires grad (chunk_fwd.chunk_forward keeping its
 intermediates, then chunk_bwd.chunk_backward); otherwise the same forward, its intermediates freed on return. Which
-forward launches run is one ForwardPlan per call (dispatch.plan_forward).
+forward launches run is one ForwardPlan per call (dispatch.plan_forward). With recompute_in_backward the Function
+keeps only its inputs: its forward runs the inference plan, and the backward runs the training forward again to get
+the intermediates (A, Aqk, Y, Qg, Kt, hs, R: 30 KB per token per layer at the 1.3B shapes in bf16) just before it
+reads them, so one layer's intermediates are alive at a time instead of every layer's.
 """
 from __future__ import annotations
 
@@ -58,14 +62,15 @@ def plan_for(v: torch.Tensor, K: int, layout, training: bool):
 
 class ChunkGDN2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, b, w, scale, initial_state, output_final_state, use_l2, cu_seqlens):
+    def forward(ctx, q, k, v, g, b, w, scale, initial_state, output_final_state, use_l2, cu_seqlens, recompute):
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
         qf, kf, vf, gf, bf, wf, rq, rk, h0, layout = packed_inputs(q, k, v, g, b, w, initial_state, use_l2,
                                                                    cu_seqlens)
         o, ht, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, output_final_state,
-                                     plan_for(vf, K, layout, training=True))
-        ctx.saved_names = tuple(saved)
+                                     plan_for(vf, K, layout, training=not recompute))
+        saved = {} if recompute else saved
+        ctx.saved_names, ctx.recompute = tuple(saved), recompute
         ctx.save_for_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, *saved.values())
         ctx.meta = (scale, layout, use_l2, (B, T, H, K, HV, V), initial_state is not None,
                     initial_state.dtype if initial_state is not None else None,
@@ -77,6 +82,9 @@ class ChunkGDN2Function(torch.autograd.Function):
         qf, kf, vf, gf, bf, wf, rq, rk, h0, *rest = ctx.saved_tensors
         saved = dict(zip(ctx.saved_names, rest, strict=False))
         scale, layout, use_l2, (B, T, H, K, HV, V), has_h0, h0_dtype, dtypes = ctx.meta
+        if ctx.recompute:
+            _, _, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, False,
+                                        plan_for(vf, K, layout, training=True))
         do = do.reshape(B * T, HV, V).contiguous()
         dht = dht.float().contiguous() if dht is not None else None
         dq, dk, db, dg, dv, dw, dh0 = chunk_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, saved, do, dht, scale,
@@ -88,7 +96,7 @@ class ChunkGDN2Function(torch.autograd.Function):
         grads += [dg.reshape(B, T, H, K), db.reshape(B, T, H, K), dw.reshape(B, T, HV, V)]
         grads = [x.to(dt) for x, dt in zip(grads, dtypes, strict=False)]
         dh0 = dh0.to(h0_dtype) if has_h0 else None
-        return (*grads, None, dh0, None, None, None)
+        return (*grads, None, dh0, None, None, None, None)
 
 
 def triton_chunk_gdn2(
@@ -103,8 +111,9 @@ def triton_chunk_gdn2(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    recompute_in_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunkwise GDN-2 on Triton kernels; see the module docstring for shapes and dispatch."""
+    """Chunkwise GDN-2 on Triton kernels; see the module docstring for shapes, dispatch and recompute_in_backward."""
     check_gdn2_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -114,7 +123,7 @@ def triton_chunk_gdn2(
     inputs = (q, k, v, g, b, w) + ((initial_state,) if initial_state is not None else ())
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return ChunkGDN2Function.apply(q, k, v, g, b, w, scale, initial_state, output_final_state,
-                                       use_qk_l2norm_in_kernel, cu_seqlens)
+                                       use_qk_l2norm_in_kernel, cu_seqlens, recompute_in_backward)
     qf, kf, vf, gf, bf, wf, rq, rk, h0, layout = packed_inputs(q, k, v, g, b, w, initial_state,
                                                                use_qk_l2norm_in_kernel, cu_seqlens)
     o, ht, _ = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_qk_l2norm_in_kernel,
