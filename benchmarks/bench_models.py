@@ -187,6 +187,15 @@ def model_or_row(kind: str, family: str, impl: str, build) -> tuple[torch.nn.Mod
         return None, [failure_row(kind, family, impl, err)]
 
 
+def compile_settings() -> str:
+    """The GDN2_TRITON_* switches that change the first step (utils.py): autotuning and parallel compiles."""
+    from gdn2.ops.triton import utils
+
+    if utils.INTERPRET:
+        return "Triton interpreter"
+    return f"autotune {'on' if utils.AUTOTUNE else 'off'}; parallel compile {'on' if utils.PARALLEL_COMPILE else 'off'}"
+
+
 RECOMPUTE = {"none": None, "chunk": "chunk_recompute_enable", "blocks": "gradient_checkpointing_enable"}
 
 
@@ -230,7 +239,7 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
             seconds = (time.perf_counter() - start) / steps
             rows.append(row("train", family, impl, seq_len=T, batch=B, tok_s=round(B * T / seconds),
                             ms=round(seconds * 1e3, 1), peak_gib=peak_gib(),
-                            first_step_s=round(first, 1), paper_tok_s=paper_value))
+                            first_step_s=round(first, 1), paper_tok_s=paper_value, note=compile_settings()))
             if profile:
                 profile_step(step, f"{family} {impl} train {T}x{B}", model, ids, opt)
         except Exception as err:  # noqa: BLE001 - out of memory or a failing model: a row, and the run goes on

@@ -414,3 +414,40 @@ def test_recompute_in_backward_keeps_only_inputs_and_gives_the_same_gradients(bf
     assert rel(results[True][1], results[False][1]) < 1e-6
     for name, a, b in zip(["q", "k", "v", "g", "b", "w", "h0"], results[True][2], results[False][2], strict=True):
         assert torch.equal(a, b), name
+
+
+class RecordingKernel:
+    """Stands in for a triton.jit function: records warmup() calls (what compile_in_parallel asks to compile)."""
+    __name__ = "recording"
+
+    def __init__(self, fail=False):
+        self.calls, self.fail = [], fail
+
+    def warmup(self, grid, **kwargs):
+        if self.fail:
+            raise RuntimeError("no driver")
+        self.calls.append(kwargs)
+
+
+def test_config_pruner_compiles_the_kept_configs_with_the_launch_arguments():
+    """GDN2_TRITON_PARALLEL_COMPILE: the autotuner's prune hook keeps the configs that fit and, when asked, compiles
+    each of them with the launch's own arguments (the autotuner's grid and warmup flags dropped) before the timing
+    runs; without the flag it compiles nothing; a failing compile is reported and the configs are still returned."""
+    from gdn2.ops.triton.utils import compile_in_parallel, config_pruner
+
+    configs = [triton.Config({"BV": 32}, num_warps=4), triton.Config({"BV": 64}, num_warps=8),
+               triton.Config({"BV": 128}, num_warps=8)]
+    fits = lambda config, dtype, K: config.kwargs["BV"] <= K   # noqa: E731
+    v = torch.zeros(4, dtype=torch.bfloat16)
+    kernel = RecordingKernel()
+    prune = config_pruner(kernel, fits, "v", (), parallel_compile=True)
+    kept = prune(configs, {"v": v, "T": 16}, K=64, grid=(3,), warmup=False)
+    assert kept == configs[:2]
+    assert [c["BV"] for c in kernel.calls] == [32, 64] and [c["num_warps"] for c in kernel.calls] == [4, 8]
+    assert all(c["v"] is v and c["T"] == 16 and c["K"] == 64 and "warmup" not in c for c in kernel.calls)
+    quiet = RecordingKernel()
+    assert config_pruner(quiet, fits, "v", (), parallel_compile=False)(configs, {"v": v}, K=64) == configs[:2]
+    assert quiet.calls == []
+    with pytest.warns(RuntimeWarning, match="parallel compile of recording failed"):
+        assert not compile_in_parallel(RecordingKernel(fail=True), configs, {"v": v}, {"K": 64})
+    assert not compile_in_parallel(kernel, configs[:1], {"v": v}, {})    # one config: nothing to overlap
