@@ -234,8 +234,9 @@ def _conv_bwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_p
 # (rows BT, channels BD, warps) per program. Every element of a tile holds its own 64-bit addresses and masks, so
 # the tiles are small: at (64, 128, 4) the backward spilled 54 KB per thread on sm_90 and took 4.3 ms per call at
 # the 1.3B model's 16K tokens x 2,048 channels (36% of a training step); these two compile without spills for W = 4
-# (ptxas -v on the sm_90 build). Per-tile times on an H100: benchmarks/bench_conv.py, docs/efficiency.md#training-
-# the-13b-gdn-2 (16 x 128 is also the faster backward there, 0.74 against 0.90 ms; the step was timed with 16 x 64).
+# (ptxas -v on the sm_90 build). Per-tile times on an H100: benchmarks/bench_conv.py and docs/efficiency.md,
+# "Training the 1.3B GDN-2" (16 x 128 is the faster backward there, 0.74 against 0.90 ms; the step was timed with
+# 16 x 64).
 CONV_FWD_TILE = (16, 128, 4)
 CONV_BWD_TILE = (16, 64, 4)
 
