@@ -34,7 +34,7 @@ RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey
 
 
 def build_model(smoke: bool, dtype_name: str = "bfloat16"):
-    """(GDN2ForCausalLM in bf16 on the device, the bundled tokenizer, an EvalModel over both)."""
+    """(GDN2ForCausalLM on the device in dtype_name (fp32 on CPU), the bundled tokenizer, an EvalModel over both)."""
     from gdn2 import GDN2ForCausalLM, named_config
     from harness.bundled import BPE_4K
     from harness.checkpoint import load_tokenizer

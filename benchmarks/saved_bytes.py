@@ -32,6 +32,7 @@ def saved_bytes_by_module(model: torch.nn.Module, ids: torch.Tensor, device_type
     seen: set[int] = set()
     kept: dict[str, int] = defaultdict(int)
     handles = []
+
     def enter(name: str):
         return lambda module, inputs: stack.append(name)
 
@@ -58,6 +59,20 @@ def saved_bytes_by_module(model: torch.nn.Module, ids: torch.Tensor, device_type
         for h in handles:
             h.remove()
     return kept
+
+
+def kept_bytes(fn, exclude: set[int] = frozenset()):
+    """(bytes of the distinct storages autograd keeps for the backward pass while fn() runs, fn's result); storages
+    whose data_ptr is in `exclude` (e.g. a model's parameters) are not counted."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(n for ptr, n in seen.items() if ptr not in exclude), out
 
 
 def piece_of(path: str) -> str:

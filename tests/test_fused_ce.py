@@ -157,21 +157,15 @@ def test_model_loss_and_every_gradient_equal_the_plain_path():
 def test_chunk_recompute_keeps_less_for_the_backward_pass():
     """chunk_recompute_enable(): each mixer's chunk operator keeps only its inputs (the torch path here, through a
     checkpoint), so the forward pass keeps fewer bytes for the backward than with the intermediates kept."""
+    from benchmarks.saved_bytes import kept_bytes
+
     ids = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(1))
     kept = {}
     for recompute in (False, True):
         model = tiny()
         model.chunk_recompute_enable(recompute)
-        storages = {}
-
-        def pack(t, storages=storages):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(ids, labels=ids, use_cache=False)
-        kept[recompute] = sum(n for ptr, n in storages.items() if ptr not in params)
+        kept[recompute], _ = kept_bytes(lambda model=model: model(ids, labels=ids, use_cache=False), exclude=params)
     assert kept[True] < 0.8 * kept[False], kept
 
 

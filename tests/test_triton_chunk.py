@@ -372,19 +372,6 @@ def test_l2norm_kernels_equal_float64_autograd(dtype):
     assert rel(dx, ref_x.grad) < (1e-6 if dtype == torch.float32 else 4e-3)     # bf16: the output's rounding
 
 
-def kept_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward pass while fn() runs."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
 @pytest.mark.parametrize("bf16_plan", [False, True])
 def test_recompute_in_backward_keeps_only_inputs_and_gives_the_same_gradients(bf16_plan):
     """recompute_in_backward: the Function keeps its packed inputs alone (q, k, v, g, b, w, the inverse norms, h0)
@@ -392,6 +379,8 @@ def test_recompute_in_backward_keeps_only_inputs_and_gives_the_same_gradients(bf
     backward reads the same intermediates), its output equals the keeping path's within fp32 rounding (the forward
     ran the inference plan), and both match the float64 recurrence. Three chunks, fused L2-norm, grouped value
     heads; on the fp32 and the 16-bit launch plans."""
+    from benchmarks.saved_bytes import kept_bytes
+
     inputs = make_inputs(1, 150, 2, 4, 32, 16, 1, False, seed=11)
     results = {}
     with planned_as(torch.bfloat16) if bf16_plan else contextlib.nullcontext():
