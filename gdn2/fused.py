@@ -137,20 +137,24 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.activation, ctx.backend, ctx.shapes = activation, backend, (x.shape, None if gate is None else gate.shape)
         # Under autocast the output is already in the autocast dtype: every linear reading it would cast it anyway,
         # each keeping its own copy for the backward pass.
+        # The backward pass reads x in that dtype too (an fp32 residual stream is kept in bf16; 1/rms is computed
+        # from the full x): x_hat's rounding is the bf16 rounding the linears' gradients already carry.
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        keep_dtype = out_dtype if out_dtype.itemsize < x.dtype.itemsize else None
+        ctx.x_dtype = x.dtype
         if backend == "triton":
             from gdn2.fused_kernels import rms_norm_fwd
 
             rows = x.reshape(-1, x.shape[-1]).contiguous()
             gate_rows = gate.reshape(rows.shape).contiguous() if gate is not None else None
-            y, rstd = rms_norm_fwd(rows, weight, eps, gate_rows, activation, out_dtype)
-            ctx.save_for_backward(rows, gate_rows, weight, rstd)
+            y, rstd, kept = rms_norm_fwd(rows, weight, eps, gate_rows, activation, out_dtype, keep_dtype)
+            ctx.save_for_backward(rows if kept is None else kept, gate_rows, weight, rstd)
             return y.view(x.shape)
         y, rstd = _rms_forward(x, weight, eps)
         if gate is not None:
             y = y * _activation(activation)[0](_wide(gate))
-        ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.save_for_backward(x if keep_dtype is None else x.to(keep_dtype), gate, weight, rstd)
         return y.to(out_dtype)
 
     @staticmethod
@@ -161,7 +165,7 @@ class RMSNormFunction(torch.autograd.Function):
             from gdn2.fused_kernels import rms_norm_bwd
 
             dx, dweight, dgate = rms_norm_bwd(x, weight, rstd, grad_y.reshape(x.shape).contiguous(), gate,
-                                              ctx.activation)
+                                              ctx.activation, ctx.x_dtype)
             return (dx.view(x_shape), None if dgate is None else dgate.view(gate_shape), dweight.to(weight.dtype),
                     None, None, None)
         grad_y, dgate = _wide(grad_y), None
@@ -171,13 +175,13 @@ class RMSNormFunction(torch.autograd.Function):
             dgate = (grad_y * _wide(x) * rstd * _wide(weight) * act_grad(gf)).to(gate.dtype)
             grad_y = grad_y * act(gf)
         dx, dweight = _rms_backward(x, weight, rstd, grad_y)
-        return dx.to(x.dtype), dgate, dweight.to(weight.dtype), None, None, None
+        return dx.to(ctx.x_dtype), dgate, dweight.to(weight.dtype), None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """x / rms(x) * weight over the last axis, fp32 math, x's dtype out (the autocast dtype under autocast). Saves x
-    and 1/rms only. backend: 'auto' (Triton kernels, gdn2/fused_kernels.py, for CUDA tensors; torch ops
-    otherwise), 'torch' or 'triton'."""
+    (in the output dtype where that is narrower) and 1/rms only. backend: 'auto' (Triton kernels,
+    gdn2/fused_kernels.py, for CUDA tensors; torch ops otherwise), 'torch' or 'triton'."""
     return RMSNormFunction.apply(x, None, weight, eps, "silu", _backend(x, backend))
 
 
@@ -298,10 +302,10 @@ class ConvSiluFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        from gdn2.fused_kernels import conv_silu_bwd
+        from gdn2.fused_kernels import conv_silu_bwd_two_pass
 
         x, cache, taps, bias = ctx.saved_tensors
-        dx, dweight, dbias = conv_silu_bwd(x, cache, taps, bias, grad_y.contiguous())
+        dx, dweight, dbias = conv_silu_bwd_two_pass(x, cache, taps, bias, grad_y.contiguous())
         return (dx, None, dweight.reshape(ctx.weight_shape).to(taps.dtype),
                 None if dbias is None else dbias.to(bias.dtype))
 

@@ -1,8 +1,9 @@
 """Triton kernels behind gdn2/fused.py's autograd Functions on CUDA: one launch per pass instead of the four to ten
 elementwise and reduction launches (each reading or writing an fp32 copy of the activation) of the torch expressions.
 
-    rms_norm_fwd(x [N, D], weight [D], eps, gate=None, activation, out_dtype=None) -> (y [N, D], rstd [N] fp32)
-    rms_norm_bwd(x, weight, rstd, dy, gate=None, activation) -> (dx, dweight fp32 [D], dgate or None)
+    rms_norm_fwd(x [N, D], weight [D], eps, gate=None, activation, out_dtype=None, keep_dtype=None)
+        -> (y [N, D], rstd [N] fp32, x in keep_dtype or None)
+    rms_norm_bwd(x, weight, rstd, dy, gate=None, activation, dx_dtype=None) -> (dx, dweight fp32 [D], dgate or None)
     silu_mul_fwd(gate, up) -> y;  silu_mul_bwd(gate, up, dy) -> (dgate, dup)
     conv_silu_fwd(x [B, T, D], cache [B, D, W-1], weight [D, W], bias) -> silu(causal depthwise conv), [B, T, D]
     conv_silu_bwd(x, cache, weight, bias, dy) -> (dx, dweight fp32, dbias fp32 or None)
@@ -41,13 +42,15 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _rms_fwd_kernel(x_ptr, w_ptr, g_ptr, y_ptr, rstd_ptr, N, D, eps, HAS_GATE: tl.constexpr, ACT: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_fwd_kernel(x_ptr, w_ptr, g_ptr, y_ptr, rstd_ptr, keep_ptr, N, D, eps, HAS_GATE: tl.constexpr,
+                    ACT: tl.constexpr, KEEP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows[:, None] < N) & (cols[None, :] < D)
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if KEEP:                                   # the copy of x the backward pass reads, in a narrower dtype
+        tl.store(keep_ptr + offs, x.to(keep_ptr.dtype.element_ty), mask=mask)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     y = x * rstd[:, None] * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     if HAS_GATE:
@@ -93,23 +96,28 @@ def _tile(D: int) -> tuple[int, int, int]:
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None,
-                 activation: str = "silu", out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [N, D] in out_dtype (None: x's), rstd [N] fp32) for contiguous x [N, D] (and gate [N, D])."""
+                 activation: str = "silu", out_dtype: torch.dtype | None = None,
+                 keep_dtype: torch.dtype | None = None):
+    """(y [N, D] in out_dtype (None: x's), rstd [N] fp32, x in keep_dtype or None) for contiguous x [N, D] (and
+    gate [N, D]); keep_dtype writes a copy of x in that dtype in the same pass."""
     N, D = x.shape
     y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    kept = torch.empty(x.shape, dtype=keep_dtype, device=x.device) if keep_dtype is not None else None
     block, rows, warps = _tile(D)
-    _rms_fwd_kernel[(triton.cdiv(N, rows),)](x, weight, gate if gate is not None else x, y, rstd, N, D, eps,
-                                            HAS_GATE=gate is not None, ACT=ACTIVATIONS[activation], ROWS=rows,
+    _rms_fwd_kernel[(triton.cdiv(N, rows),)](x, weight, gate if gate is not None else x, y, rstd,
+                                            kept if kept is not None else y, N, D, eps, HAS_GATE=gate is not None,
+                                            ACT=ACTIVATIONS[activation], KEEP=kept is not None, ROWS=rows,
                                             BLOCK=block, num_warps=warps)
-    return y, rstd
+    return y, rstd, kept
 
 
 def rms_norm_bwd(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
-                 gate: torch.Tensor | None = None, activation: str = "silu"):
-    """(dx in x's dtype, dweight fp32 [D], dgate in gate's dtype or None) of rms_norm_fwd."""
+                 gate: torch.Tensor | None = None, activation: str = "silu", dx_dtype: torch.dtype | None = None):
+    """(dx in dx_dtype (None: x's), dweight fp32 [D], dgate in gate's dtype or None) of rms_norm_fwd; x may be the
+    narrower copy rms_norm_fwd kept."""
     N, D = x.shape
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, dtype=dx_dtype or x.dtype, device=x.device)
     dg = torch.empty_like(gate) if gate is not None else None
     block, rows, warps = _tile(D)
     programs = triton.cdiv(N, rows * BACKWARD_TILES)
@@ -231,6 +239,45 @@ def _conv_bwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_p
              mask=(t[:, None] < T) & dmask[None, :])
 
 
+@triton.jit
+def _conv_bwd_grad_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D, NT, W: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """First pass of the two-pass backward: g = dy * silu'(pre) (pre recomputed) of this block's rows into g [B, T, D]
+    fp32, and the block's partial dw [b, tb, d, j] = sum_t g[t] * x_in[t + j - (W-1)] and dbias [b, tb, d]."""
+    b, tb, db = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    t = tb * BT + tl.arange(0, BT)
+    d = db * BD + tl.arange(0, BD)
+    dmask = d < D
+    live = (t[:, None] < T) & dmask[None, :]
+    pre = _conv_pre(x_ptr, c_ptr, w_ptr, bias_ptr, b, t, d, dmask, T, D, W, HAS_BIAS, BT, BD)
+    dy = tl.load(dy_ptr + (b * T + t[:, None]) * D + d[None, :], mask=live, other=0.0).to(tl.float32)
+    s = tl.sigmoid(pre)
+    g = tl.where(live, dy * s * (1 + pre * (1 - s)), 0.0)
+    tl.store(g_ptr + (b * T + t[:, None]) * D + d[None, :], g, mask=live)
+    if HAS_BIAS:
+        tl.store(db_ptr + (b * NT + tb) * D + d, tl.sum(g, axis=0), mask=dmask)
+    for j in tl.static_range(W):
+        part = tl.sum(g * _conv_input(x_ptr, c_ptr, b, t, t + j - (W - 1), d, dmask, T, D, W), axis=0)
+        tl.store(dw_ptr + ((b * NT + tb) * D + d) * W + j, part, mask=dmask)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(g_ptr, w_ptr, dx_ptr, T, D, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """Second pass: dx[t] = sum_k w[W-1-k] * g[t + k] (output row t + k reads input row t through tap W-1-k)."""
+    b, tb, db = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    t = tb * BT + tl.arange(0, BT)
+    d = db * BD + tl.arange(0, BD)
+    dmask = d < D
+    dx = tl.zeros([BT, BD], dtype=tl.float32)
+    for k in tl.static_range(W):
+        rows = t + k
+        g = tl.load(g_ptr + (b * T + rows[:, None]) * D + d[None, :], mask=(rows[:, None] < T) & dmask[None, :],
+                    other=0.0)
+        dx += g * tl.load(w_ptr + d * W + (W - 1 - k), mask=dmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(dx_ptr + (b * T + t[:, None]) * D + d[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=(t[:, None] < T) & dmask[None, :])
+
+
 # (rows BT, channels BD, warps) per program. Every element of a tile holds its own 64-bit addresses and masks, so
 # the tiles are small: at (64, 128, 4) the backward spilled 54 KB per thread on sm_90 and took 4.3 ms per call at
 # the 1.3B model's 16K tokens x 2,048 channels (36% of a training step); these two compile without spills for W = 4
@@ -268,6 +315,26 @@ def conv_silu_bwd(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bi
     _conv_bwd_kernel[(B, nt, triton.cdiv(D, bd))](x, cache, weight, bias if bias is not None else weight, dy, dx,
                                                   dw, db if db is not None else dw, T, D, nt, W=W,
                                                   HAS_BIAS=bias is not None, BT=bt, BD=bd, num_warps=warps)
+    return dx, dw.sum((0, 1)), None if db is None else db.sum((0, 1))
+
+
+def conv_silu_bwd_two_pass(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           dy: torch.Tensor, tile: tuple[int, int, int] = CONV_BWD_TILE):
+    """conv_silu_bwd in two passes: g = dy * silu'(pre) once per row into an fp32 [B, T, D] buffer with the weight
+    gradients, then dx from W shifted reads of g (the one-pass kernel recomputes pre W times)."""
+    B, T, D = x.shape
+    W = weight.shape[1]
+    bt, bd, warps = tile
+    nt = triton.cdiv(T, bt)
+    g = torch.empty(B, T, D, dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x)
+    dw = torch.empty(B, nt, D, W, dtype=torch.float32, device=x.device)
+    db = torch.empty(B, nt, D, dtype=torch.float32, device=x.device) if bias is not None else None
+    grid = (B, nt, triton.cdiv(D, bd))
+    _conv_bwd_grad_kernel[grid](x, cache, weight, bias if bias is not None else weight, dy, g, dw,
+                                db if db is not None else dw, T, D, nt, W=W, HAS_BIAS=bias is not None, BT=bt,
+                                BD=bd, num_warps=warps)
+    _conv_bwd_dx_kernel[grid](g, weight, dx, T, D, W=W, BT=bt, BD=bd, num_warps=warps)
     return dx, dw.sum((0, 1)), None if db is None else db.sum((0, 1))
 
 

@@ -242,6 +242,28 @@ def test_norm_output_under_autocast_is_the_autocast_dtype(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_norm_under_autocast_keeps_x_in_bf16_and_its_gradient_matches_float64(backend):
+    """An fp32 residual stream under bf16 autocast: the norm keeps x in bf16 (2 bytes per element, not 4) and 1/rms
+    from the full x; the gradients of x and the weight stay within bf16 rounding of the float64 ones."""
+    from benchmarks.saved_bytes import kept_bytes
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(37, 130, generator=g) * 3
+    w = 1 + 0.3 * torch.randn(130, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept, y = kept_bytes(lambda: rms_norm(*leaves, 1e-5, backend=backend))
+    assert kept == x.numel() * 2 + x.shape[0] * 4 + w.numel() * 4   # x in bf16, 1/rms fp32, the weight
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    (y.float() * weights).sum().backward()
+    exact = [t.double().requires_grad_(True) for t in (x, w)]
+    (plain_rms(*exact) * weights.double()).sum().backward()
+    for got, want in zip(leaves, exact, strict=True):
+        assert got.grad.dtype == torch.float32
+        assert float((got.grad.double() - want.grad).abs().max() / want.grad.abs().max()) < 2 ** -7
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_swiglu_down_equals_the_plain_projection(backend):
     g = torch.Generator().manual_seed(10)
     gate, up = (torch.randn(2, 7, 40, dtype=torch.float64, generator=g) for _ in range(2))
