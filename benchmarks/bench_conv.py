@@ -19,7 +19,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks.csv_rows import write_csv  # noqa: E402
 
-TILES = ((64, 128, 4), (16, 128, 4), (16, 64, 4), (8, 128, 4), (16, 128, 8), (32, 64, 8))
+TILES = ((64, 128, 4), (16, 128, 4), (16, 64, 4), (8, 128, 4), (16, 128, 8), (32, 64, 8), (32, 128, 4), (16, 256, 4))
 
 
 def main(argv=None) -> int:
