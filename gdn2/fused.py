@@ -141,7 +141,7 @@ class RMSNormFunction(torch.autograd.Function):
         # from the full x): x_hat's rounding is the bf16 rounding the linears' gradients already carry.
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        keep_dtype = out_dtype if out_dtype.itemsize < x.dtype.itemsize else None
+        keep_dtype = out_dtype if out_dtype.itemsize < x.dtype.itemsize and any(ctx.needs_input_grad[:3]) else None
         ctx.x_dtype = x.dtype
         if backend == "triton":
             from gdn2.fused_kernels import rms_norm_fwd
@@ -302,10 +302,10 @@ class ConvSiluFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        from gdn2.fused_kernels import conv_silu_bwd_two_pass
+        from gdn2.fused_kernels import conv_silu_bwd
 
         x, cache, taps, bias = ctx.saved_tensors
-        dx, dweight, dbias = conv_silu_bwd_two_pass(x, cache, taps, bias, grad_y.contiguous())
+        dx, dweight, dbias = conv_silu_bwd(x, cache, taps, bias, grad_y.contiguous())
         return (dx, None, dweight.reshape(ctx.weight_shape).to(taps.dtype),
                 None if dbias is None else dbias.to(bias.dtype))
 

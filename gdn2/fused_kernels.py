@@ -209,40 +209,9 @@ def _conv_fwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, y_ptr, T, D, W: tl.constexpr
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, T, D, NT, W: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """dx[t] = sum_k w[W-1-k] * g[t + k] with g = dy * silu'(pre) (pre recomputed); partial dw [b, tb, d, j] and
-    dbias [b, tb, d] of this block's output rows."""
-    b, tb, db = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    t = tb * BT + tl.arange(0, BT)
-    d = db * BD + tl.arange(0, BD)
-    dmask = d < D
-    dx = tl.zeros([BT, BD], dtype=tl.float32)
-    # g at the rows this block's dx needs (t .. t + W-1) and its own rows t, one shift at a time
-    for k in tl.static_range(W):
-        rows = t + k                                           # the output row whose gradient reaches t through j
-        pre = _conv_pre(x_ptr, c_ptr, w_ptr, bias_ptr, b, rows, d, dmask, T, D, W, HAS_BIAS, BT, BD)
-        live = (rows[:, None] < T) & dmask[None, :]
-        dy = tl.load(dy_ptr + (b * T + rows[:, None]) * D + d[None, :], mask=live, other=0.0).to(tl.float32)
-        s = tl.sigmoid(pre)
-        g = tl.where(live, dy * s * (1 + pre * (1 - s)), 0.0)
-        # output row t + k reads input row t through tap j = W-1-k
-        weight = tl.load(w_ptr + d * W + (W - 1 - k), mask=dmask, other=0.0).to(tl.float32)
-        dx += g * weight[None, :]
-        if k == 0:                                             # this block's own output rows: weight gradients
-            if HAS_BIAS:
-                tl.store(db_ptr + (b * NT + tb) * D + d, tl.sum(g, axis=0), mask=dmask)
-            for j in tl.static_range(W):
-                part = tl.sum(g * _conv_input(x_ptr, c_ptr, b, t, t + j - (W - 1), d, dmask, T, D, W), axis=0)
-                tl.store(dw_ptr + ((b * NT + tb) * D + d) * W + j, part, mask=dmask)
-    tl.store(dx_ptr + (b * T + t[:, None]) * D + d[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=(t[:, None] < T) & dmask[None, :])
-
-
-@triton.jit
 def _conv_bwd_grad_kernel(x_ptr, c_ptr, w_ptr, bias_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D, NT, W: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """First pass of the two-pass backward: g = dy * silu'(pre) (pre recomputed) of this block's rows into g [B, T, D]
+    """First pass of the backward: g = dy * silu'(pre) (pre recomputed) of this block's rows into g [B, T, D]
     fp32, and the block's partial dw [b, tb, d, j] = sum_t g[t] * x_in[t + j - (W-1)] and dbias [b, tb, d]."""
     b, tb, db = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     t = tb * BT + tl.arange(0, BT)
@@ -279,11 +248,10 @@ def _conv_bwd_dx_kernel(g_ptr, w_ptr, dx_ptr, T, D, W: tl.constexpr, BT: tl.cons
 
 
 # (rows BT, channels BD, warps) per program. Every element of a tile holds its own 64-bit addresses and masks, so
-# the tiles are small: at (64, 128, 4) the backward spilled 54 KB per thread on sm_90 and took 4.3 ms per call at
-# the 1.3B model's 16K tokens x 2,048 channels (36% of a training step); these two compile without spills for W = 4
-# (ptxas -v on the sm_90 build). Per-tile times on an H100: benchmarks/bench_conv.py and docs/efficiency.md,
-# "Training the 1.3B GDN-2" (16 x 128 is the faster backward there, 0.74 against 0.90 ms; the step was timed with
-# 16 x 64).
+# the tiles are small (a one-pass backward at 64 x 128 spilled 54 KB of registers per thread on sm_90). Per-tile
+# times on an H100: benchmarks/bench_conv.py and docs/efficiency.md, "Training the 1.3B GDN-2" (the backward at
+# 16 x 64 takes 0.55 ms per call at the 1.3B model's 16K tokens x 2,048 channels; 32 x 128 took 0.45 ms, but the
+# training step was timed with 16 x 64).
 CONV_FWD_TILE = (16, 128, 4)
 CONV_BWD_TILE = (16, 64, 4)
 
@@ -303,25 +271,9 @@ def conv_silu_fwd(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor,
 
 def conv_silu_bwd(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   dy: torch.Tensor, tile: tuple[int, int, int] = CONV_BWD_TILE):
-    """(dx in x's dtype, dweight fp32 [D, W], dbias fp32 [D] or None) of conv_silu_fwd (no gradient for the cache).
-    tile: (BT, BD, num_warps)."""
-    B, T, D = x.shape
-    W = weight.shape[1]
-    bt, bd, warps = tile
-    nt = triton.cdiv(T, bt)
-    dx = torch.empty_like(x)
-    dw = torch.empty(B, nt, D, W, dtype=torch.float32, device=x.device)
-    db = torch.empty(B, nt, D, dtype=torch.float32, device=x.device) if bias is not None else None
-    _conv_bwd_kernel[(B, nt, triton.cdiv(D, bd))](x, cache, weight, bias if bias is not None else weight, dy, dx,
-                                                  dw, db if db is not None else dw, T, D, nt, W=W,
-                                                  HAS_BIAS=bias is not None, BT=bt, BD=bd, num_warps=warps)
-    return dx, dw.sum((0, 1)), None if db is None else db.sum((0, 1))
-
-
-def conv_silu_bwd_two_pass(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           dy: torch.Tensor, tile: tuple[int, int, int] = CONV_BWD_TILE):
-    """conv_silu_bwd in two passes: g = dy * silu'(pre) once per row into an fp32 [B, T, D] buffer with the weight
-    gradients, then dx from W shifted reads of g (the one-pass kernel recomputes pre W times)."""
+    """(dx in x's dtype, dweight fp32 [D, W], dbias fp32 [D] or None) of conv_silu_fwd (no gradient for the cache),
+    in two passes: g = dy * silu'(pre) once per row into an fp32 [B, T, D] buffer with the partial weight gradients,
+    then dx from W shifted reads of g. tile: (BT, BD, num_warps) of both passes."""
     B, T, D = x.shape
     W = weight.shape[1]
     bt, bd, warps = tile
