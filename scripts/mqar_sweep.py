@@ -1,7 +1,8 @@
 """MQAR accuracy vs recurrent state size (the Zoology figure): every small-model family trained on MQAR alone at
 several widths, then scored on held-out MQAR sequences.
 
-    python scripts/mqar_sweep.py --widths 64 128 256 --steps 1500 --jobs 12 --out results/mqar     # on a GPU
+    python scripts/mqar_sweep.py --widths 64 128 --steps 3000 --jobs 16 --seed 0 --out s0     # on a GPU (CUDA MPS)
+    python scripts/mqar_sweep.py --replot s0/mqar_sweep.csv s1/mqar_sweep.csv --out results/mqar  # seeds -> one CSV
     python scripts/mqar_sweep.py --models gdn2 mamba2 --widths 64 --steps 5 --device cpu --out /tmp/m  # smoke
 
 Models: harness/small_models.py at width d, `--layers` layers, the MLP of each family matched to GDN-2's parameter
@@ -9,7 +10,8 @@ count; state per recurrent layer = 64 d floats for every recurrent family (the t
 sequence: 2 d floats per token per layer, shown at the evaluated length). Training: token-level MQAR (tasks.mqar:
 keys [1, V/2), values [V/2, V), power-law query gaps) of --seq-len tokens, each batch an equal mix of the
 --train-pairs counts; loss only at the query positions. Evaluation: --eval-sequences sequences per pair count in
---eval-pairs, drawn from the evaluation seeds (tasks.mqar.sample_seed), accuracy over all their queries.
+--eval-pairs, drawn from the evaluation seeds (tasks.mqar.sample_seed), accuracy over all their queries. --seed sets
+the initialisation, the training stream and the evaluation sequences: a sweep per seed is one replicate.
 Writes OUT/mqar_sweep.csv (one row per model x width x pair count) and OUT/mqar_sweep.png.
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ from harness.train import TrainConfig, describe_device, train  # noqa: E402
 from tasks.mqar import MQAR_TASK, mqar_arrays  # noqa: E402
 
 FIELDS = ["model", "family", "description", "width", "layers", "params", "state_floats_per_layer",
-          "kv_cache_floats_at_eval", "seq_len", "kv_pairs", "accuracy", "sequences", "queries", "lr", "steps",
+          "kv_cache_floats_at_eval", "seq_len", "kv_pairs", "accuracy", "sequences", "queries", "lr", "steps", "seed",
           "train_seconds", "final_loss", "device", "date"]
 
 
@@ -57,7 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
     p.add_argument("--out", default="results/mqar")
-    p.add_argument("--replot", metavar="CSV", help="redraw OUT/mqar_sweep.png from a sweep's CSV (no training)")
+    p.add_argument("--replot", nargs="+", metavar="CSV",
+                   help="write the rows of one or more sweeps' CSVs (e.g. one per seed) as OUT/mqar_sweep.csv and "
+                        "redraw OUT/mqar_sweep.png (no training)")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "WIDTH"), help=argparse.SUPPRESS)  # a child run
     args = p.parse_args(argv)
     if args.batch_size % len(args.train_pairs):
@@ -125,7 +129,7 @@ def run_one(args: argparse.Namespace, name: str, width: int) -> list[dict]:
             "params": small_models.count_params(lm)[0], "state_floats_per_layer": state,
             "kv_cache_floats_at_eval": 0 if state else 2 * width * args.seq_len, "seq_len": args.seq_len,
             "kv_pairs": pairs, "accuracy": round(accuracy, 2), "sequences": args.eval_sequences,
-            "queries": queries, "lr": args.lr, "steps": result.steps_done,
+            "queries": queries, "lr": args.lr, "steps": result.steps_done, "seed": args.seed,
             "train_seconds": round(result.seconds, 1), "final_loss": round(result.final_loss, 4),
             "device": result.device, "date": time.strftime("%Y-%m-%d", time.gmtime())})
         print(f"[{name} d={width}] pairs {pairs}: {accuracy:.1f}% of {queries} queries", flush=True)
@@ -172,7 +176,7 @@ def write_results(rows: list[dict], out: Path) -> None:
     if not rows:
         return
     out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=lambda r: (r["model"], r["width"], r["kv_pairs"]))
+    rows = sorted(rows, key=lambda r: (r["model"], r["width"], r["kv_pairs"], r["seed"]))
     with open(out / "mqar_sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()
@@ -201,25 +205,30 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     pair_counts = sorted({r["kv_pairs"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
     fig, axes = plt.subplots(1, len(pair_counts), figsize=(4.2 * len(pair_counts), 3.6), sharey=True, squeeze=False)
     for ax, pairs in zip(axes[0], pair_counts, strict=False):
         for model in sorted({r["model"] for r in rows}):
-            points = sorted((r["state_floats_per_layer"] or r["kv_cache_floats_at_eval"], r["accuracy"])
-                            for r in rows if r["model"] == model and r["kv_pairs"] == pairs)
-            if not points:
+            cells = [(r["state_floats_per_layer"] or r["kv_cache_floats_at_eval"], r["accuracy"])
+                     for r in rows if r["model"] == model and r["kv_pairs"] == pairs]
+            if not cells:
                 continue
-            xs, ys = zip(*points, strict=False)
+            xs = sorted({x for x, _ in cells})
+            means = [float(np.mean([a for x, a in cells if x == size])) for size in xs]
             style = dict(ls="--", marker="s") if model == "transformer" else dict(marker="o")
             label = "transformer (x: KV cache at this length)" if model == "transformer" else model
-            ax.plot(xs, ys, label=label, **style)
+            line, = ax.plot(xs, means, label=label, **style)
+            if len(seeds) > 1:                                  # each seed's run, around the mean
+                ax.scatter(*zip(*cells, strict=False), s=10, color=line.get_color(), alpha=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("recurrent state per layer (floats)")
         ax.set_title(f"{pairs} key-value pairs, {rows[0]['seq_len']} tokens", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy (% of queries)")
     n, steps = rows[0]["sequences"], rows[0]["steps"]
-    fig.suptitle(f"MQAR vs state size ({rows[0]['layers']} layers, {steps} training steps, one seed; {n} sequences "
-                 f"per point; small-scale)", fontsize=10)
+    runs = "one seed" if len(seeds) == 1 else f"mean of seeds {', '.join(map(str, seeds))} (dots: each seed)"
+    fig.suptitle(f"MQAR vs state size ({rows[0]['layers']} layers, {steps} training steps, {runs}; {n} sequences "
+                 f"per run and point; small-scale)", fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4)
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
@@ -229,7 +238,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.replot:
-        plot(read_results(Path(args.replot)), Path(args.out) / "mqar_sweep.png")
+        write_results([r for path in args.replot for r in read_results(Path(path))], Path(args.out))
         return 0
     if args.one:
         name, width = args.one[0], int(args.one[1])
