@@ -419,9 +419,10 @@ class RecordingKernel:
 
 
 def test_config_pruner_compiles_the_kept_configs_with_the_launch_arguments():
-    """GDN2_TRITON_PARALLEL_COMPILE: the autotuner's prune hook keeps the configs that fit and, when asked, compiles
-    each of them with the launch's own arguments (the autotuner's grid and warmup flags dropped) before the timing
-    runs; without the flag it compiles nothing; a failing compile is reported and the configs are still returned."""
+    """Parallel compile (GDN2_TRITON_PARALLEL_COMPILE): the autotuner's prune hook keeps the configs that fit and,
+    when asked, compiles each of them with the launch's own arguments (the autotuner's grid and warmup flags dropped)
+    before the timing runs; without the flag it compiles nothing; a failing compile is reported and the configs are
+    still returned."""
     from gdn2.ops.triton.utils import compile_in_parallel, config_pruner
 
     configs = [triton.Config({"BV": 32}, num_warps=4), triton.Config({"BV": 64}, num_warps=8),
