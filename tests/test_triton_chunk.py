@@ -82,6 +82,32 @@ def test_forward_backward_vs_float64_recurrence(B, T, H, HV, K, V, l2, cu):
     assert o.dtype == torch.float32 and ht.dtype == torch.float32
 
 
+def test_float16_storage_on_the_16bit_plan_and_the_bfloat16_warning():
+    """16-bit storage through the interpreter: float16 q, k, v, b, w on the plan 16-bit inputs get (g, h0 fp32), output,
+    final state and every gradient against the float64 recurrence on the same (rounded) inputs. Bound 2e-3, four
+    times float16's unit roundoff (4.9e-4), to which the stored intermediates and the outputs are rounded (seen:
+    3.2e-4 .. 4.7e-4). bfloat16 inputs, which the interpreter's tl.dot cannot compute, are warned about."""
+    from gdn2.ops.triton.chunk import BF16_UNDER_INTERPRETER
+
+    q, k, v, g, b, w, h0 = make_inputs(1, 130, 1, 2, 32, 16, 1, True, seed=21)
+    half = [x.half().requires_grad_() for x in (q, k, v)] + [g.clone().requires_grad_()]
+    half += [x.half().requires_grad_() for x in (b, w)] + [h0.clone().requires_grad_()]
+    o, ht = chunk_gdn2(*half[:6], initial_state=half[6], output_final_state=True, backend="triton")
+    assert o.dtype == torch.float16
+    do, dht = torch.randn(o.shape), torch.randn(ht.shape)
+    ((o.float() * do).sum() + (ht * dht).sum()).backward()
+    ref = [x.detach().double().requires_grad_() for x in half]
+    ro, rh = naive_recurrent_gdn2(*ref[:6], initial_state=ref[6], output_final_state=True)
+    ((ro * do.double()).sum() + (rh * dht.double()).sum()).backward()
+    assert rel(o, ro) < 2e-3 and rel(ht, rh) < 2e-3
+    for name, a, r in zip(["q", "k", "v", "g", "b", "w", "h0"], half, ref, strict=True):
+        assert rel(a.grad, r.grad) < 2e-3, (name, rel(a.grad, r.grad))
+    with pytest.warns(RuntimeWarning, match="bfloat16 inputs under TRITON_INTERPRET=1"):
+        chunk_gdn2(*(x.detach().bfloat16() if x.dtype == torch.float16 else x.detach() for x in half[:6]),
+                   backend="triton")
+    assert BF16_UNDER_INTERPRETER.startswith("bfloat16 inputs under TRITON_INTERPRET=1")
+
+
 def test_inference_forward_no_state_no_grad():
     """The no-grad path (inference forward) matches too, without an initial state and without the final state."""
     q, k, v, g, b, w, _ = make_inputs(1, 100, 1, 2, 16, 16, 1, True, seed=3)

@@ -15,6 +15,8 @@ reads them, so one layer's intermediates are alive at a time instead of every la
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from gdn2.ops.naive import check_gdn2_inputs
@@ -23,7 +25,7 @@ from gdn2.ops.triton.chunk_bwd import chunk_backward
 from gdn2.ops.triton.chunk_fwd import chunk_forward
 from gdn2.ops.triton.dispatch import plan_forward
 from gdn2.ops.triton.l2norm import inverse_norms, l2norm_vjp
-from gdn2.ops.triton.utils import sequence_layout
+from gdn2.ops.triton.utils import INTERPRET, sequence_layout
 
 # Every chunk kernel by the name the GPU check, the sm_90 compile report and the profiler use, in launch order.
 CHUNK_KERNELS = {
@@ -40,6 +42,13 @@ CHUNK_KERNELS = {
     "bwd_exact_diag": chunk_bwd.gdn2_bwd_kernel_exact_diag,
     "bwd_dqkg": chunk_bwd.gdn2_bwd_kernel_dqkg,
 }
+
+
+BF16_UNDER_INTERPRETER = (
+    "bfloat16 inputs under TRITON_INTERPRET=1: Triton's interpreter keeps bfloat16 as 16-bit integers and tl.dot "
+    "multiplies those, so the chunk kernels' values are wrong here (shapes and the tensors kept for the backward pass "
+    "are right). Interpret float32 or float16 inputs (dispatch.planned_as runs the 16-bit plans on float32), or use "
+    "backend='torch'.")
 
 
 def packed_inputs(q, k, v, g, b, w, initial_state, use_l2, cu_seqlens):
@@ -121,6 +130,8 @@ def triton_chunk_gdn2(
         raise ValueError(f"the Triton kernels support K, V <= 256; got K={K}, V={V} (use backend='torch')")
     scale = K ** -0.5 if scale is None else float(scale)
     inputs = (q, k, v, g, b, w) + ((initial_state,) if initial_state is not None else ())
+    if INTERPRET and any(x.dtype == torch.bfloat16 for x in inputs):
+        warnings.warn(BF16_UNDER_INTERPRETER, RuntimeWarning, stacklevel=2)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return ChunkGDN2Function.apply(q, k, v, g, b, w, scale, initial_state, output_final_state,
                                        use_qk_l2norm_in_kernel, cu_seqlens, recompute_in_backward)
