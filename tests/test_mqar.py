@@ -82,7 +82,7 @@ def test_sample_i_does_not_depend_on_the_number_of_samples():
     assert many[:2] == few
     assert len({tuple(s.input_ids) for s in many}) == 6          # distinct sequences, not one repeated
     assert [s.index for s in many] == list(range(6)) and all(s.seed == 7 for s in many)
-    # sample i is mqar_arrays of one sequence at its own seed (what stores written before this change hold)
+    # sample i is mqar_arrays of one sequence at its own seed, so the samples a result store holds stay reproducible
     inputs, labels = mqar_arrays(1, 128, 512, 8, seed=int(np.random.SeedSequence([7, 3]).generate_state(1)[0]))
     assert many[3].sample_seed == sample_seed(7, 3) and many[3].input_ids == inputs[0].tolist()
     assert many[3].target_ids == labels[0][labels[0] != IGNORE_INDEX].tolist()
