@@ -518,6 +518,29 @@ def software() -> str:
     return "; ".join(parts)
 
 
+def train_bars(ax, rows: list[dict], shapes: list[tuple[int, int]], key: str, with_paper: bool) -> None:
+    """Grouped bars of training rows' `key` ('tok_s' in thousands, or 'peak_gib') per (seq_len, batch) shape, one bar
+    per (family, impl), and the paper's tokens/s per family when with_paper."""
+    train = [r for r in rows if r["kind"] == "train" and r["status"] == "ok"]
+    series = sorted({(r["family"], r["impl"]) for r in train})
+    if with_paper:
+        series += [(f, "paper") for f in sorted({r["family"] for r in train if r["paper_tok_s"] not in ("", None)})]
+    width = 0.8 / max(len(series), 1)
+    scale = 1e3 if key == "tok_s" else 1.0
+    for i, (family, impl) in enumerate(series):
+        column = "paper_tok_s" if impl == "paper" else key
+        values = []
+        for T, B in shapes:
+            match = [r for r in train if r["family"] == family and (impl == "paper" or r["impl"] == impl)
+                     and int(r["seq_len"]) == T and int(r["batch"]) == B and r[column] not in ("", None)]
+            values.append(float(match[0][column]) / scale if match else 0)
+        ax.bar([x + i * width for x in range(len(shapes))], values, width, label=f"{family} ({impl})",
+               hatch="//" if impl == "paper" else None)
+    ax.set_xticks([x + 0.4 for x in range(len(shapes))], [f"{T // 1024}Kx{B}" for T, B in shapes])
+    if series:
+        ax.legend(fontsize=6)
+
+
 def write_plot(rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
@@ -531,28 +554,17 @@ def write_plot(rows: list[dict], path: Path) -> None:
     panels = [("prefill", "ms", None, "prefill latency, ms (batch 1)"),
               ("prefill", "peak_gib", None, "prefill peak memory, GiB (batch 1)")]
     panels += [("decode", "tok_s", b, f"decode tokens/s, batch {b}") for b in decode_batches]
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 * (1 + len(panels)), 5))
-    shapes = [f"{T // 1024}Kx{B}" for T, B in TRAIN_SHAPES]
+    fig, axes = plt.subplots(1, 2 + len(panels), figsize=(6 * (2 + len(panels)), 5))
     train = [r for r in rows if r["kind"] == "train" and r["status"] == "ok"]
-    series = sorted({(r["family"], r["impl"]) for r in train})
-    paper = sorted({r["family"] for r in rows if r["kind"] == "train" and r["paper_tok_s"] not in ("", None)})
-    width = 0.8 / max(len(series) + len(paper), 1)
-    for i, (family, impl) in enumerate(series + [(f, "paper") for f in paper]):
-        values = []
-        for T, B in TRAIN_SHAPES:
-            match = [r for r in rows if r["kind"] == "train" and r["family"] == family and int(r["seq_len"] or 0) == T
-                     and int(r["batch"] or 0) == B]
-            key = "paper_tok_s" if impl == "paper" else "tok_s"
-            match = [r for r in match if (impl == "paper" or r["impl"] == impl) and r[key] not in ("", None)]
-            values.append(float(match[0][key]) / 1e3 if match else 0)
-        axes[0].bar([x + i * width for x in range(len(shapes))], values, width, label=f"{family} ({impl})",
-                    hatch="//" if impl == "paper" else None)
-    axes[0].set_xticks([x + 0.4 for x in range(len(shapes))], shapes)
+    measured = sorted({(int(r["seq_len"]), int(r["batch"])) for r in train} - set(TRAIN_SHAPES))
+    shapes = list(TRAIN_SHAPES) + measured                  # Figure 2's, then any other measured shape
+    train_bars(axes[0], rows, shapes, "tok_s", with_paper=True)
     axes[0].set_ylabel("training K tokens/s")
     axes[0].set_title("training (bf16 autocast, fused AdamW); paper: hybrid models")
-    if series or paper:
-        axes[0].legend(fontsize=6)
-    for ax, (kind, key, batch, label) in zip(axes[1:], panels, strict=False):
+    train_bars(axes[1], rows, shapes, "peak_gib", with_paper=False)
+    axes[1].set_ylabel("peak GiB")
+    axes[1].set_title("training peak memory")
+    for ax, (kind, key, batch, label) in zip(axes[2:], panels, strict=False):
         for family, impl in sorted({(r["family"], r["impl"]) for r in rows if r["kind"] == kind}):
             points = sorted((int(r["context"]), float(r[key])) for r in rows
                             if r["kind"] == kind and r["status"] == "ok" and (r["family"], r["impl"]) == (family, impl)
