@@ -431,6 +431,34 @@ def test_recompute_in_backward_keeps_only_inputs_and_gives_the_same_gradients(bf
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("bf16_plan", [False, True])
+def test_recompute_backward_forms_no_output(monkeypatch, bf16_plan):
+    """The recompute backward reruns the forward for its intermediates alone: the state kernel does not form O and
+    the output kernel does not run there; the call's own forward formed O once."""
+    from gdn2.ops.triton import chunk_fwd
+
+    calls = []
+    walk, output = chunk_fwd.state_walk, chunk_fwd.output_forward
+
+    def recording_walk(*args):
+        calls.append(("state", args[9]))                 # fuse_output
+        return walk(*args)
+
+    def recording_output(*args):
+        calls.append(("output",))
+        return output(*args)
+
+    monkeypatch.setattr(chunk_fwd, "state_walk", recording_walk)
+    monkeypatch.setattr(chunk_fwd, "output_forward", recording_output)
+    leaves = [x.requires_grad_() for x in make_inputs(1, 70, 1, 2, 16, 16, 1, True, seed=4)]
+    with planned_as(torch.bfloat16) if bf16_plan else contextlib.nullcontext():
+        o, _ = chunk_gdn2(*leaves[:6], initial_state=leaves[6], backend="triton", recompute_in_backward=True)
+        assert calls == ([("state", True)] if bf16_plan else [("state", False), ("output",)])
+        calls.clear()
+        o.sum().backward()
+    assert calls == [("state", False)]
+
+
 class RecordingKernel:
     """Stands in for a triton.jit function: records warmup() calls (what compile_in_parallel asks to compile)."""
     __name__ = "recording"

@@ -9,9 +9,10 @@ g is the natural-log decay per key channel; the state is fp32 [N, Hv, K, V]. Wit
 Dispatch: the autograd Function when grad mode is on and any input requires grad (chunk_fwd.chunk_forward keeping its
 intermediates, then chunk_bwd.chunk_backward); otherwise the same forward, its intermediates freed on return. Which
 forward launches run is one ForwardPlan per call (dispatch.plan_forward). With recompute_in_backward the Function
-keeps only its inputs: its forward runs the inference plan, and the backward runs the training forward again to get
-the intermediates (A, Aqk, Y, Qg, Kt, hs, R: 30 KB per token per layer at the 1.3B shapes in bf16) just before it
-reads them, so one layer's intermediates are alive at a time instead of every layer's.
+keeps only its inputs: its forward runs the inference plan, and the backward runs the training forward again,
+without the output, to get the intermediates (A, Aqk, Y, Qg, Kt, hs, R: 30 KB per token per layer at the 1.3B
+shapes in bf16) just before it reads them, so one layer's intermediates are alive at a time instead of every
+layer's.
 """
 from __future__ import annotations
 
@@ -91,9 +92,9 @@ class ChunkGDN2Function(torch.autograd.Function):
         qf, kf, vf, gf, bf, wf, rq, rk, h0, *rest = ctx.saved_tensors
         saved = dict(zip(ctx.saved_names, rest, strict=False))
         scale, layout, use_l2, (B, T, H, K, HV, V), has_h0, h0_dtype, dtypes = ctx.meta
-        if ctx.recompute:
+        if ctx.recompute:                             # the intermediates alone: O is not needed again
             _, _, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, False,
-                                        plan_for(vf, K, layout, training=True))
+                                        plan_for(vf, K, layout, training=True).without_output())
         do = do.reshape(B * T, HV, V).contiguous()
         dht = dht.float().contiguous() if dht is not None else None
         dq, dk, db, dg, dv, dw, dh0 = chunk_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, saved, do, dht, scale,

@@ -41,11 +41,18 @@ class ForwardPlan:
     state_applies_a: the state kernel forms R = A (w v - E S_0); the wy kernel stops after A (inference only; needs
         solve_in_wy and output_in_state).
     keep_for_backward: the state kernel stores the per-chunk states and R, the wy kernel counts n_exact (training).
+    output: the forward computes O at all; off (without_output) for a backward that reruns the forward for its
+        intermediates alone.
     """
     solve_in_wy: bool
     output_in_state: bool
     state_applies_a: bool
     keep_for_backward: bool
+    output: bool = True
+
+    def without_output(self) -> ForwardPlan:
+        """The same launches with O left out: the state kernel does not form it, the output kernel does not run."""
+        return dataclasses.replace(self, output_in_state=False, output=False)
 
     @property
     def store_states(self) -> bool:
@@ -55,7 +62,7 @@ class ForwardPlan:
     def launches(self) -> tuple[str, ...]:
         """The forward's kernels in launch order, by their names in CHUNK_KERNELS."""
         matrices = () if self.solve_in_wy else ("fwd_intra", "fwd_exact_diag", "fwd_solve")
-        output = () if self.output_in_state else ("fwd_output",)
+        output = () if self.output_in_state or not self.output else ("fwd_output",)
         return (*matrices, "fwd_wy", "fwd_state", *output)
 
 
