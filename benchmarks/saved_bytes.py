@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from collections import defaultdict
@@ -109,8 +110,10 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-recompute", action="store_true",
                         help="model.chunk_recompute_enable(): the chunk intermediates recomputed in the backward pass")
     args = parser.parse_args(argv)
+    from gdn2.ops.triton.chunk import BF16_UNDER_INTERPRETER
+
     # only the kept tensors' sizes are read here, which the interpreter gets right for bfloat16 too
-    warnings.filterwarnings("ignore", message="bfloat16 inputs under TRITON_INTERPRET=1")
+    warnings.filterwarnings("ignore", message=re.escape(BF16_UNDER_INTERPRETER))
     short, long = (int(x) for x in args.lengths.split(","))
     if long <= short:
         raise SystemExit(f"error: --lengths takes two lengths, the second larger; got {args.lengths}")
