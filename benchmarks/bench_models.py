@@ -5,7 +5,9 @@ and batched evaluation (EvalModel at batch 1 against batch N on the same request
 
 Each family runs the harness's own model (ours: GDN2ForCausalLM; the reference paths with our Triton kernels for
 Gated DeltaNet and KDA; mamba-ssm's kernels for Mamba-2/3 when importable; transformers' Llama), and, when fla imports,
-fla's model of the same family in the same run (impl "fla"). Training rows carry the paper's number for the family
+fla's model of the same family in the same run (impl "fla"; impl "fla-matched": fla's Gated DeltaNet or KDA with its
+MLP widened to our GDN-2's parameter count, whose full-rank erase and write projections make it 1.45B against KDA's
+1.27B at the same shape). Training rows note the parameter count and carry the paper's number for the family
 (harness/paper/figure2_throughput.csv: the paper measured hybrid models, with sliding-window attention layers).
 
     python benchmarks/bench_models.py --only train --families gdn2,kda --out $OUT     # one piece per GPU call
@@ -84,7 +86,7 @@ def build_model(family: str, impl: str) -> torch.nn.Module:
     """The family's 1.3B model, random init, fp32 on the GPU. impl: 'ours' (what the harness runs) or 'fla'."""
     config = paper_config(family)
     with torch.device(RUN["device"]):
-        if impl == "fla":
+        if impl in ("fla", "fla-matched"):
             import fla.models
 
             model_class, config_class = (getattr(fla.models, name) for name in FLA_CLASSES[family])
@@ -93,6 +95,8 @@ def build_model(family: str, impl: str) -> torch.nn.Module:
 
                 config = paper_config("kda") if RUN.get("smoke") else dict(PAPER_DELTA_RULE_CONFIG)
             fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+            if impl == "fla-matched":
+                fields["intermediate_size"] = matched_mlp_width(model_class, config_class, fields, gdn2_params())
             return model_class(config_class(**fields))
         if family == "gdn2":
             from gdn2 import GDN2Config, GDN2ForCausalLM
@@ -117,6 +121,30 @@ def build_model(family: str, impl: str) -> torch.nn.Module:
         return build_llama(config)
 
 
+def count_params(build) -> int:
+    """Parameters of the model build() returns, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def gdn2_params() -> int:
+    """Our GDN-2's parameter count at its 1.3B config (1,450,096,416: full-rank erase and write projections)."""
+    from gdn2 import GDN2Config, GDN2ForCausalLM
+
+    return count_params(lambda: GDN2ForCausalLM(GDN2Config(**paper_config("gdn2"))))
+
+
+def matched_mlp_width(model_class, config_class, fields: dict, target: int) -> int:
+    """The MLP width that brings an fla model's parameter count nearest to target: each unit of width adds
+    3 * hidden_size * num_hidden_layers parameters (SwiGLU gate, up and down). fla's KDA at GDN-2's 1.3B shape has
+    1,272,928,032 parameters with its MLP of 6,144; 7,568 matches GDN-2's count exactly."""
+    with torch.device("meta"):
+        model = model_class(config_class(**fields))
+    base = sum(p.numel() for p in model.parameters())
+    width = model.model.layers[0].mlp.gate_proj.out_features
+    return width + round((target - base) / (3 * fields["hidden_size"] * fields["num_hidden_layers"]))
+
+
 def missing_kernels(family: str, impl: str) -> str | None:
     """Why the family's model would run on torch reference code here (hours at 1.3B), or None."""
     if impl != "ours" or RUN.get("smoke"):
@@ -132,8 +160,15 @@ def missing_kernels(family: str, impl: str) -> str | None:
     return None
 
 
-def impls_of(family: str, with_fla: bool) -> list[str]:
-    return ["ours"] + (["fla"] if with_fla and family in FLA_CLASSES else [])
+MATCHED_FAMILIES = ("gated_deltanet", "kda")   # fla models whose MLP can be widened to GDN-2's parameter count
+
+
+def impls_of(family: str, requested: list[str], with_fla: bool) -> list[str]:
+    """The requested impls that exist for the family: 'ours'; 'fla' (fla's model, where fla imports); 'fla-matched'
+    (fla's model with its MLP widened to our GDN-2's parameter count, Gated DeltaNet and KDA)."""
+    exists = {"ours": True, "fla": with_fla and family in FLA_CLASSES,
+              "fla-matched": with_fla and family in MATCHED_FAMILIES}
+    return [impl for impl in requested if exists[impl]]
 
 
 def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -196,6 +231,11 @@ def compile_settings() -> str:
     return f"autotune {'on' if utils.AUTOTUNE else 'off'}; parallel compile {'on' if utils.PARALLEL_COMPILE else 'off'}"
 
 
+def params_note(model: torch.nn.Module) -> str:
+    """'1,450.1M parameters' (the optimizer's fp32 weights, gradients and two moments: 16 bytes each)."""
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters"
+
+
 RECOMPUTE = {"none": None, "chunk": "chunk_recompute_enable", "blocks": "gradient_checkpointing_enable"}
 
 
@@ -239,7 +279,8 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
             seconds = (time.perf_counter() - start) / steps
             rows.append(row("train", family, impl, seq_len=T, batch=B, tok_s=round(B * T / seconds),
                             ms=round(seconds * 1e3, 1), peak_gib=peak_gib(),
-                            first_step_s=round(first, 1), paper_tok_s=paper_value, note=compile_settings()))
+                            first_step_s=round(first, 1), paper_tok_s=paper_value,
+                            note=f"{compile_settings()}; {params_note(model)}"))
             if profile:
                 profile_step(step, f"{family} {impl} train {T}x{B}", model, ids, opt)
         except Exception as err:  # noqa: BLE001 - out of memory or a failing model: a row, and the run goes on
@@ -627,7 +668,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="train,prefill,decode",
                         help="comma list of train, prefill, decode, eval (default: train,prefill,decode)")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
-    parser.add_argument("--impls", default="ours,fla", help="ours and/or fla (fla only where it imports)")
+    parser.add_argument("--impls", default="ours,fla",
+                        help="comma list of ours, fla, fla-matched (fla's model with its MLP widened to our GDN-2's "
+                             "parameter count; Gated DeltaNet and KDA); fla's only where it imports")
     parser.add_argument("--quick", action="store_true",
                         help="fewer points: train 2Kx8 and 16Kx1, prefill 1K/16K, decode 1K/16K, 3 timed steps")
     parser.add_argument("--shapes", help="training SEQxBATCH list, e.g. 2048x8,16384x1 (default: Figure 2's four)")
@@ -655,7 +698,10 @@ def main(argv=None) -> int:
     bad = [f for f in families if f not in FAMILIES]
     if unknown or bad:
         raise SystemExit(f"error: unknown --only {sorted(unknown)} or --families {bad}")
-    with_fla = "fla" in args.impls.split(",") and fla_available()
+    requested = args.impls.split(",")
+    if set(requested) - {"ours", "fla", "fla-matched"}:
+        raise SystemExit(f"error: unknown --impls {requested}; choose from ours, fla, fla-matched")
+    with_fla = bool({"fla", "fla-matched"} & set(requested)) and fla_available()
     shapes = parse_shapes(args.shapes) if args.shapes else (
         [TRAIN_SHAPES[0], TRAIN_SHAPES[-1]] if args.quick else list(TRAIN_SHAPES))
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
@@ -675,9 +721,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     rows = []
     for family in families:
-        impls = impls_of(family, with_fla) if "ours" in args.impls.split(",") else \
-            [i for i in impls_of(family, with_fla) if i != "ours"]
-        for impl in impls:
+        for impl in impls_of(family, requested, with_fla):
             if "train" in only:
                 rows += train_rows(family, impl, shapes, steps, paper, args.profile, args.recompute)
                 save(rows, out, plot=False)

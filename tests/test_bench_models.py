@@ -25,3 +25,29 @@ def test_training_rows_carry_the_papers_figure2_numbers():
     assert paper[("gdn2", 2048, 8)] == 38000
     assert paper[("mamba2", 16384, 1)] == 43300
     assert len(paper) == len(bench_models.FAMILIES) * len(bench_models.TRAIN_SHAPES)
+
+
+def test_fla_matched_kda_has_exactly_our_gdn2s_parameter_count(monkeypatch):
+    """impl 'fla-matched' widens fla's KDA MLP until its parameters equal GDN-2's at the 1.3B config: GDN-2's full-rank
+    erase and write projections hold 177,168,384 parameters more than KDA's (1,450,096,416 against 1,272,928,032),
+    which is 1,424 MLP units of 3 * 2304 * 18. Counted on the meta device (no memory)."""
+    import fla.models
+
+    from baselines.common import PAPER_DELTA_RULE_CONFIG
+
+    monkeypatch.setitem(bench_models.RUN, "smoke", False)
+    ours = bench_models.gdn2_params()
+    fields = dict(PAPER_DELTA_RULE_CONFIG)
+    plain = bench_models.count_params(lambda: fla.models.KDAForCausalLM(fla.models.KDAConfig(**fields)))
+    width = bench_models.matched_mlp_width(fla.models.KDAForCausalLM, fla.models.KDAConfig, fields, ours)
+    matched = bench_models.count_params(
+        lambda: fla.models.KDAForCausalLM(fla.models.KDAConfig(**fields, intermediate_size=width)))
+    assert (ours, plain, width) == (1_450_096_416, 1_272_928_032, 6144 + 1424)
+    assert matched == ours
+
+
+def test_impls_are_those_requested_that_exist_for_the_family():
+    assert bench_models.impls_of("kda", ["ours", "fla", "fla-matched"], with_fla=True) == ["ours", "fla", "fla-matched"]
+    assert bench_models.impls_of("gdn2", ["ours", "fla", "fla-matched"], with_fla=True) == ["ours", "fla"]
+    assert bench_models.impls_of("kda", ["fla-matched"], with_fla=False) == []
+    assert bench_models.impls_of("mamba3", ["ours", "fla"], with_fla=True) == ["ours"]
