@@ -228,7 +228,8 @@ def compile_settings() -> str:
 
     if utils.INTERPRET:
         return "Triton interpreter"
-    return f"autotune {'on' if utils.AUTOTUNE else 'off'}; parallel compile {'on' if utils.PARALLEL_COMPILE else 'off'}"
+    return (f"autotune {'on' if utils.AUTOTUNE else 'off'} ({utils.TUNE_WARMUP_MS},{utils.TUNE_REP_MS} ms); "
+            f"parallel compile {'on' if utils.PARALLEL_COMPILE else 'off'}")
 
 
 def params_note(model: torch.nn.Module) -> str:

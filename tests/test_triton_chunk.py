@@ -495,3 +495,20 @@ def test_config_pruner_compiles_the_kept_configs_with_the_launch_arguments():
     with pytest.warns(RuntimeWarning, match="parallel compile of recording failed"):
         assert not compile_in_parallel(RecordingKernel(fail=True), configs, {"v": v}, {"K": 64})
     assert not compile_in_parallel(kernel, configs[:1], {"v": v}, {})    # one config: nothing to overlap
+
+
+def test_autotuner_times_each_config_with_the_tune_budget(monkeypatch):
+    """GDN2_TRITON_TUNE_MS ('WARMUP,REP' ms) reaches triton.testing.do_bench for every timed config; anything but two
+    positive integers is refused with the expected form in the message."""
+    from gdn2.ops.triton import utils
+
+    assert utils._tune_ms("5,25") == (5, 25) and utils._tune_ms("25,100") == (25, 100)
+    for bad in ("5", "5,0", "a,b", "5,25,1", "-1,25"):
+        with pytest.raises(ValueError, match=r"GDN2_TRITON_TUNE_MS must be 'WARMUP,REP'.*got"):
+            utils._tune_ms(bad)
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(kw) or [1.0, 0.9, 1.1])
+    monkeypatch.setattr(utils, "TUNE_WARMUP_MS", 7)
+    monkeypatch.setattr(utils, "TUNE_REP_MS", 30)
+    assert utils._time_config(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert calls == [dict(warmup=7, rep=30, quantiles=(0.5, 0.2, 0.8))]

@@ -17,6 +17,11 @@ model's first training step at 2K x 8 took 34.4 s this way (docs/efficiency.md, 
 ``GDN2_TRITON_PARALLEL_COMPILE=0`` (read at import time) leaves every compile to the autotuner. Best effort: a failure
 leaves the compiles to the autotuner.
 
+The autotuner times each config with ``triton.testing.do_bench`` for ``GDN2_TRITON_TUNE_MS`` = "WARMUP,REP"
+milliseconds of warm-up and of timed repetitions (default "5,25"; Triton's own default is "25,100"). Every kernel
+here runs for 0.01-2 ms per call at the shapes that matter, so 25 ms are still 12 or more timed calls of each config,
+at a fifth of Triton's default time per config.
+
 Sequences
 ---------
 All kernels see packed tokens: [TT, H, K] with TT = B*T. A padded batch is treated as B packed sequences of length T,
@@ -30,10 +35,31 @@ import os
 
 import torch
 import triton
+import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("GDN2_TRITON_AUTOTUNE", "1") != "0"
 PARALLEL_COMPILE = os.environ.get("GDN2_TRITON_PARALLEL_COMPILE", "1") != "0"
+
+
+def _tune_ms(text: str) -> tuple[int, int]:
+    """'WARMUP,REP' (milliseconds, positive integers) -> (warmup, rep); a clear error for anything else."""
+    try:
+        warmup, rep = (int(part) for part in text.split(","))
+    except ValueError:
+        warmup = rep = 0
+    if warmup <= 0 or rep <= 0:
+        raise ValueError(f"GDN2_TRITON_TUNE_MS must be 'WARMUP,REP' in positive milliseconds, e.g. '5,25' (Triton's "
+                         f"default is '25,100'); got {text!r}")
+    return warmup, rep
+
+
+TUNE_WARMUP_MS, TUNE_REP_MS = _tune_ms(os.environ.get("GDN2_TRITON_TUNE_MS", "5,25"))
+
+
+def _time_config(kernel_call, quantiles):
+    """The autotuner's timing of one config: do_bench with the GDN2_TRITON_TUNE_MS budget."""
+    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
 # The chunk length C and the sub-chunk length of the diagonal blocks: every chunk kernel is written for these (its
 # tiles are tl.arange(0, 64) / tl.arange(0, 16)), the host code allocates and launches with the names.
 CHUNK = 64
@@ -111,7 +137,7 @@ def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton
         else:
             prune = config_pruner(fn, fits, dtype_arg, fits_args, PARALLEL_COMPILE)
             launcher = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
-                                       restore_value=list(restore_value))(fn)
+                                       restore_value=list(restore_value), do_bench=_time_config)(fn)
         launcher.fits = fits
         launcher.dtype_arg = dtype_arg
         launcher.fits_args = fits_args
