@@ -40,7 +40,15 @@ def with_grads(fn, *tensors):
 
 
 def check_kernels() -> None:
-    from gdn2.fused import decay, gated_rms_norm, linear_cross_entropy, rms_norm, short_conv_silu, swiglu_down
+    from gdn2.fused import (
+        decay,
+        gated_rms_norm,
+        gated_rms_norm_linear,
+        linear_cross_entropy,
+        rms_norm,
+        short_conv_silu,
+        swiglu_down,
+    )
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -49,6 +57,7 @@ def check_kernels() -> None:
         w = 1 + 0.1 * torch.randn(2304, device=dev)
         o, z = (torch.randn(4, 2048, 16, 128, device=dev).to(dtype) for _ in range(2))
         wo = 1 + 0.1 * torch.randn(128, device=dev)
+        o_proj = torch.randn(2304, 2048, device=dev) * 0.02
         gate, up = (torch.randn(2, 2048, 6208, device=dev).to(dtype) for _ in range(2))
         down = torch.randn(2304, 6208, device=dev) * 0.02
         cx = torch.randn(2, 2048, 2048, device=dev).to(dtype)
@@ -62,6 +71,9 @@ def check_kernels() -> None:
              lambda b: lambda o, z, w: gated_rms_norm(o, z, w, 1e-5, "silu", backend=b), (o, z, wo)),
             ("gated_rms_norm sigmoid [131072, 128]",
              lambda b: lambda o, z, w: gated_rms_norm(o, z, w, 1e-5, "sigmoid", backend=b), (o, z, wo)),
+            ("gated_rms_norm_linear silu [131072, 128] -> 2304",
+             lambda b: lambda o, z, w, p: gated_rms_norm_linear(o, z, w, p, 1e-5, "silu", backend=b),
+             (o, z, wo, o_proj)),
             ("swiglu_down [4096, 6208] -> 2304",
              lambda b: lambda g, u, w: swiglu_down(g, u, w, backend=b), (gate, up, down)),
             ("short_conv_silu [2, 2048, 2048] W=4",

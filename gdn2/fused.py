@@ -7,6 +7,9 @@ cross-entropy; the values of the unfused expressions).
 - rms_norm(x, weight, eps)                  y = x / rms(x) * weight (fp32 math, float64 for float64 inputs; x's dtype
                                             out, or the autocast dtype under autocast); saves x and 1/rms
 - gated_rms_norm(x, gate, weight, eps, activation)   rms_norm(x) * act(gate); saves x, gate and 1/rms
+- gated_rms_norm_linear(x, gate, norm_weight, proj_weight, eps, activation)
+                                            F.linear(gated_rms_norm(x, gate, ...) folded to [..., H*V], proj_weight);
+                                            saves x, gate and 1/rms, not the normed output
 - silu_mul(gate, up)                         silu(gate) * up; saves gate and up
 - swiglu_down(gate, up, weight)              F.linear(silu(gate) * up, weight); saves gate and up, not the product
 - short_conv_silu(x, cache, weight, bias)    SiLU(depthwise causal conv) of x [B, T, D]; saves x only
@@ -129,6 +132,50 @@ def _backend(x: torch.Tensor, backend: str) -> str:
     return "triton" if x.is_cuda and x.dtype != torch.float64 and x.shape[-1] <= 16384 else "torch"
 
 
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on x hands on: the autocast dtype under autocast (what an autocast linear computes in), else
+    x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _norm_forward(x, gate, weight, eps, activation, backend, out_dtype, keep_dtype=None):
+    """(y, rstd, x to keep, gate to keep) of y = x / rms(x) * weight [* act(gate)] over the last axis, x and gate
+    [..., D], weight [D]; y in out_dtype, of x's shape. Kept: backend 'triton' x and gate as contiguous rows [N, D]
+    (x written in keep_dtype by the same kernel when given), rstd [N]; 'torch' x and gate as given (x cast to
+    keep_dtype when given), rstd [..., 1]. The same inputs give the same y bit for bit (the backward's recompute)."""
+    if backend == "triton":
+        from gdn2.fused_kernels import rms_norm_fwd
+
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        gate_rows = gate.reshape(rows.shape).contiguous() if gate is not None else None
+        y, rstd, kept = rms_norm_fwd(rows, weight, eps, gate_rows, activation, out_dtype, keep_dtype)
+        return y.view(x.shape), rstd, rows if kept is None else kept, gate_rows
+    y, rstd = _rms_forward(x, weight, eps)
+    if gate is not None:
+        y = y * _activation(activation)[0](_wide(gate))
+    return y.to(out_dtype), rstd, x if keep_dtype is None else x.to(keep_dtype), gate
+
+
+def _norm_backward(x, gate, weight, rstd, grad_y, activation, backend, x_dtype):
+    """(dx in x_dtype, dgate in gate's dtype or None, dweight in weight's dtype) of _norm_forward from what it kept
+    (x, gate, rstd) and grad_y (any dtype, x's element count); dx and dgate have the kept tensors' shapes."""
+    if backend == "triton":
+        from gdn2.fused_kernels import rms_norm_bwd
+
+        dx, dweight, dgate = rms_norm_bwd(x, weight, rstd, grad_y.reshape(x.shape).contiguous(), gate, activation,
+                                          x_dtype)
+        return dx, dgate, dweight.to(weight.dtype)
+    grad_y, dgate = _wide(grad_y.reshape(x.shape)), None
+    if gate is not None:
+        act, act_grad = _activation(activation)
+        gf = _wide(gate)
+        dgate = (grad_y * _wide(x) * rstd * _wide(weight) * act_grad(gf)).to(gate.dtype)
+        grad_y = grad_y * act(gf)
+    dx, dweight = _rms_backward(x, weight, rstd, grad_y)
+    return dx.to(x_dtype), dgate, dweight.to(weight.dtype)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """y = x / rms(x) * weight [* act(gate)] over the last axis; see rms_norm and gated_rms_norm."""
 
@@ -139,43 +186,19 @@ class RMSNormFunction(torch.autograd.Function):
         # each keeping its own copy for the backward pass.
         # The backward pass reads x in that dtype too (an fp32 residual stream is kept in bf16; 1/rms is computed
         # from the full x): x_hat's rounding is the bf16 rounding the linears' gradients already carry.
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        out_dtype = _out_dtype(x)
         keep_dtype = out_dtype if out_dtype.itemsize < x.dtype.itemsize and any(ctx.needs_input_grad[:3]) else None
         ctx.x_dtype = x.dtype
-        if backend == "triton":
-            from gdn2.fused_kernels import rms_norm_fwd
-
-            rows = x.reshape(-1, x.shape[-1]).contiguous()
-            gate_rows = gate.reshape(rows.shape).contiguous() if gate is not None else None
-            y, rstd, kept = rms_norm_fwd(rows, weight, eps, gate_rows, activation, out_dtype, keep_dtype)
-            ctx.save_for_backward(rows if kept is None else kept, gate_rows, weight, rstd)
-            return y.view(x.shape)
-        y, rstd = _rms_forward(x, weight, eps)
-        if gate is not None:
-            y = y * _activation(activation)[0](_wide(gate))
-        ctx.save_for_backward(x if keep_dtype is None else x.to(keep_dtype), gate, weight, rstd)
-        return y.to(out_dtype)
+        y, rstd, x_kept, gate_kept = _norm_forward(x, gate, weight, eps, activation, backend, out_dtype, keep_dtype)
+        ctx.save_for_backward(x_kept, gate_kept, weight, rstd)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, gate, weight, rstd = ctx.saved_tensors
         x_shape, gate_shape = ctx.shapes
-        if ctx.backend == "triton":
-            from gdn2.fused_kernels import rms_norm_bwd
-
-            dx, dweight, dgate = rms_norm_bwd(x, weight, rstd, grad_y.reshape(x.shape).contiguous(), gate,
-                                              ctx.activation, ctx.x_dtype)
-            return (dx.view(x_shape), None if dgate is None else dgate.view(gate_shape), dweight.to(weight.dtype),
-                    None, None, None)
-        grad_y, dgate = _wide(grad_y), None
-        if gate is not None:
-            act, act_grad = _activation(ctx.activation)
-            gf = _wide(gate)
-            dgate = (grad_y * _wide(x) * rstd * _wide(weight) * act_grad(gf)).to(gate.dtype)
-            grad_y = grad_y * act(gf)
-        dx, dweight = _rms_backward(x, weight, rstd, grad_y)
-        return dx.to(ctx.x_dtype), dgate, dweight.to(weight.dtype), None, None, None
+        dx, dgate, dweight = _norm_backward(x, gate, weight, rstd, grad_y, ctx.activation, ctx.backend, ctx.x_dtype)
+        return dx.view(x_shape), None if dgate is None else dgate.view(gate_shape), dweight, None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
@@ -191,6 +214,60 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     1/rms."""
     _activation(activation)
     return RMSNormFunction.apply(x, gate, weight, eps, activation, _backend(x, backend))
+
+
+def _projection_shape(shape: torch.Size, width: int) -> tuple[int, ...]:
+    """[..., H, V] -> (..., H*V): x's heads folded into the projection's `width` input features (H*V must be width)."""
+    if len(shape) < 2 or shape[-2] * shape[-1] != width:
+        raise ValueError(f"x [..., H, V] must fold into the projection's {width} input features; got {tuple(shape)}")
+    return (*shape[:-2], width)
+
+
+class GatedNormLinearFunction(torch.autograd.Function):
+    """F.linear(gated_rms_norm(x, gate, norm_weight) folded to [..., H*V], proj_weight); see gated_rms_norm_linear."""
+
+    @staticmethod
+    def forward(ctx, x, gate, norm_weight, proj_weight, eps, activation, backend):
+        dtype = _out_dtype(x)
+        normed, rstd, x_kept, gate_kept = _norm_forward(x, gate, norm_weight, eps, activation, backend, dtype)
+        ctx.save_for_backward(x_kept, gate_kept, norm_weight, proj_weight, rstd)
+        ctx.eps, ctx.activation, ctx.backend, ctx.dtype = eps, activation, backend, dtype
+        ctx.shapes, ctx.x_dtype = (x.shape, gate.shape), x.dtype
+        return F.linear(normed.reshape(_projection_shape(x.shape, proj_weight.shape[1])), proj_weight.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate, norm_weight, proj_weight, rstd = ctx.saved_tensors
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)                  # [M, d_out]
+        grad_x = grad_gate = grad_norm_weight = grad_proj = None
+        if ctx.needs_input_grad[3]:            # the normed output recomputed, not kept: the forward's own bits
+            normed = _norm_forward(x, gate, norm_weight, ctx.eps, ctx.activation, ctx.backend, ctx.dtype)[0]
+            grad_proj = (grad_rows.t() @ normed.reshape(grad_rows.shape[0], -1)).to(proj_weight.dtype)
+        if any(ctx.needs_input_grad[:3]):      # [M, H*V] in the linear's dtype, as the linear would hand the norm
+            grad_normed = grad_rows @ proj_weight.to(ctx.dtype)
+            grad_x, grad_gate, grad_norm_weight = _norm_backward(x, gate, norm_weight, rstd, grad_normed,
+                                                                 ctx.activation, ctx.backend, ctx.x_dtype)
+            grad_x, grad_gate = grad_x.view(ctx.shapes[0]), grad_gate.view(ctx.shapes[1])
+        grads = (grad_x, grad_gate, grad_norm_weight)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)), grad_proj,
+                None, None, None)
+
+
+def gated_rms_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, proj_weight: torch.Tensor,
+                          eps: float, activation: str = "silu", backend: str = "auto") -> torch.Tensor:
+    """F.linear(gated_rms_norm(x, gate, norm_weight, eps, activation).reshape(..., H*V), proj_weight), the mixers'
+    output norm and projection, keeping what gated_rms_norm keeps (x, gate, 1/rms) and the weights only: the normed
+    output is recomputed in the backward pass (bit for bit, by the forward's code) for the projection weight's
+    gradient instead of being kept. x and gate [..., H, V] (the norm over V), norm_weight [V], proj_weight
+    [d_out, H*V]; returns [..., d_out]. Under autocast the normed output and the weight run in the autocast dtype,
+    as an autocast nn.Linear would. An x wider than that dtype is kept whole (gated_rms_norm keeps it narrowed), so
+    the recompute equals the forward."""
+    _activation(activation)
+    if gate.shape != x.shape or proj_weight.dim() != 2:
+        raise ValueError(f"gated_rms_norm_linear needs gate of x's shape and a 2-D proj_weight; got x "
+                         f"{tuple(x.shape)}, gate {tuple(gate.shape)}, proj_weight {tuple(proj_weight.shape)}")
+    _projection_shape(x.shape, proj_weight.shape[1])
+    return GatedNormLinearFunction.apply(x, gate, norm_weight, proj_weight, eps, activation, _backend(x, backend))
 
 
 # ------------------------------------------------------------------------------------------ SwiGLU

@@ -7,6 +7,7 @@ x [B, T, d] -> q, k = L2norm(SiLU(conv(W_q x))), SiLU(conv(W_k x))   [B, T, H, K
                (erase_gate / write_gate "scalar": one gate per head, broadcast over K / V: the paper's
                Table 5 ablations; "channel" is GDN-2)
             o = GDN-2(q, k, v, g, b, w);  y = o_proj(RMSNorm(o) * act(g_proj x)),  act = SiLU (or sigmoid)
+               (one autograd Function, gdn2.fused.gated_rms_norm_linear: the normed output is not kept)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from gdn2.configuration import GATE_GRANULARITIES
 from gdn2.fused import causal_conv_silu as causal_conv_silu  # noqa: F401  (the torch reference, re-exported)
-from gdn2.fused import decay, gated_rms_norm, short_conv_silu
+from gdn2.fused import decay, gated_rms_norm, gated_rms_norm_linear, short_conv_silu
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
 
 # Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
@@ -203,6 +204,8 @@ class GatedDeltaNet2(nn.Module):
                 recompute_in_backward=self.recompute_chunk,
             )
         gate = self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
-        y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.value_dim))
+        # o_proj(o_norm(o, gate)) without keeping the normed output for o_proj's weight gradient (recomputed)
+        y = gated_rms_norm_linear(o, gate, self.o_norm.weight, self.o_proj.weight, self.o_norm.eps,
+                                  self.o_norm.activation)
         new_state = GDN2LayerState(recurrent, conv_states) if use_cache else None
         return y, new_state

@@ -1,7 +1,8 @@
 """The training path's memory-lean pieces (gdn2/fused.py) against the plain PyTorch expressions they replace, in
 float64: chunked linear cross-entropy (loss and both gradients, ignored labels, chunk edges, autocast), RMSNorm,
-gated RMSNorm, SwiGLU product, the recomputed short convolution; and the whole GDN-2 model's loss and every
-parameter gradient with the fused loss and with block checkpointing against the plain forward."""
+gated RMSNorm, SwiGLU product, the output norm and projection in one Function, the recomputed short convolution;
+and the whole GDN-2 model's loss and every parameter gradient with the fused loss and with block checkpointing
+against the plain forward."""
 from __future__ import annotations
 
 import pytest
@@ -12,6 +13,7 @@ from gdn2 import GDN2ForCausalLM, named_config
 from gdn2.fused import (
     causal_conv_silu,
     gated_rms_norm,
+    gated_rms_norm_linear,
     linear_cross_entropy,
     rms_norm,
     short_conv_silu,
@@ -284,6 +286,110 @@ def test_swiglu_down_under_autocast_matches_an_autocast_linear():
     assert fused[0].dtype == torch.bfloat16 and fused[1][2].dtype == torch.float32
     assert_same((fused[0].float(), [t.float() for t in fused[1]]), (plain[0].float(), [t.float() for t in plain[1]]),
                 tol=2e-2)
+
+
+# ------------------------------------------------------------------------------ output norm + projection
+def _norm_linear_inputs(dtype, seed=14):
+    """The mixer's shapes, small: o [B, T, H, V] non-contiguous (the chunk operator's [B, H, T, V] transposed), gate
+    [B, T, H, V], norm weight [V], o_proj weight [d, H*V]; 74 rows of 40 (not a multiple of a tile)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 3, 37, 40, generator=g) * 3).transpose(1, 2).to(dtype)
+    gate = torch.randn(2, 37, 3, 40, generator=g).to(dtype)
+    return x, gate, 1 + 0.3 * torch.randn(40, generator=g), torch.randn(24, 120, generator=g) * 0.1
+
+
+def _unfused_norm_linear(activation, backend=None):
+    """F.linear(gated_rms_norm(x, gate, w).reshape(B, T, H*V), W); backend None: the plain expressions."""
+    act = F.silu if activation == "silu" else torch.sigmoid
+
+    def fn(x, gate, w, proj):
+        normed = plain_rms(x, w) * act(gate) if backend is None else gated_rms_norm(x, gate, w, 1e-5, activation,
+                                                                                   backend=backend)
+        return F.linear(normed.reshape(*x.shape[:2], -1), proj)
+    return fn
+
+
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gated_rms_norm_linear_equals_the_plain_composition_in_float64(backend, activation):
+    """The output and the gradients of x, gate, the norm weight and the projection weight against the plain
+    expressions in float64: float64 inputs on the torch path, fp32 ones on the kernels (interpreter; fp32 math)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    args = [t.to(dtype) for t in _norm_linear_inputs(torch.float64)]
+    out, grads = grads_of(lambda *t: gated_rms_norm_linear(*t, 1e-5, activation, backend=backend), *args)
+    assert out.shape == (2, 37, 24) and out.dtype == dtype and [g.dtype for g in grads] == [dtype] * 4
+    plain, exact = _unfused_norm_linear(activation), [t.double() for t in args]
+    # the reference's output cast to the inputs' dtype only so that grads_of weighs it with the Function's weights
+    _, exact_grads = grads_of(lambda *t: plain(*t).to(dtype), *exact)
+    tol = 1e-12 if backend == "torch" else 1e-5
+    assert_same((out.double(), [g.double() for g in grads]), (plain(*exact), exact_grads), tol=tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gated_rms_norm_linear_under_autocast_is_bit_identical_to_the_unfused_composition(backend):
+    """bf16 o and gate (what the mixer hands it under bf16 autocast), fp32 weights: the output and every gradient
+    equal those of F.linear(gated_rms_norm(...)) under the same autocast bit for bit: the same norm code gives the
+    same bf16 normed output in the forward and in the backward's recompute, and the same bf16 products follow."""
+    args = _norm_linear_inputs(torch.bfloat16)
+    for activation in ("silu", "sigmoid"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = grads_of(lambda *t: gated_rms_norm_linear(*t, 1e-5, activation, backend=backend), *args)
+            unfused = grads_of(_unfused_norm_linear(activation, backend), *args)
+        assert fused[0].dtype == torch.bfloat16 and [g.dtype for g in fused[1]] == [t.dtype for t in args]
+        assert torch.equal(fused[0], unfused[0])
+        for name, got, want in zip(("x", "gate", "norm weight", "proj weight"), *(r[1] for r in (fused, unfused)),
+                                   strict=True):
+            assert torch.equal(got, want), name
+
+
+def test_gated_rms_norm_linear_keeps_an_fp32_x_whole_under_autocast():
+    """An fp32 x under bf16 autocast is kept whole (the recompute must equal the forward's normed output), where
+    gated_rms_norm keeps it in bf16: the output and the projection's gradient equal the composition's bit for bit; the
+    gradients of x, gate and the norm weight differ from it, and stay within bf16 rounding of float64's."""
+    args = _norm_linear_inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = grads_of(lambda *t: gated_rms_norm_linear(*t, 1e-5, backend="torch"), *args)
+        unfused = grads_of(_unfused_norm_linear("silu", "torch"), *args)
+    assert torch.equal(fused[0], unfused[0]) and torch.equal(fused[1][3], unfused[1][3])
+    weights = torch.randn(fused[0].shape, generator=torch.Generator().manual_seed(7)).bfloat16().double()
+    exact = [t.double().requires_grad_(True) for t in args]
+    (_unfused_norm_linear("silu")(*exact) * weights).sum().backward()
+    for got, want in zip(fused[1], exact, strict=True):
+        assert got.dtype == torch.float32
+        assert float((got.double() - want.grad).abs().max() / want.grad.abs().max()) < 2 ** -7
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gated_rms_norm_linear_keeps_no_normed_output(backend, autocast):
+    """It keeps what gated_rms_norm alone keeps (x, gate, 1/rms; the weights are not counted), and the composition
+    keeps the normed output on top: 4 bytes per element in fp32, 2 under bf16 autocast (plus autocast's bf16 copy of
+    the projection weight)."""
+    from benchmarks.saved_bytes import kept_bytes
+
+    args = _norm_linear_inputs(torch.bfloat16 if autocast else torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in args]
+    weights = {t.untyped_storage().data_ptr() for t in leaves[2:]}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused, _ = kept_bytes(lambda: gated_rms_norm_linear(*leaves, 1e-5, backend=backend), exclude=weights)
+        norm, _ = kept_bytes(lambda: gated_rms_norm(*leaves[:3], 1e-5, backend=backend), exclude=weights)
+        unfused, _ = kept_bytes(lambda: _unfused_norm_linear("silu", backend)(*leaves), exclude=weights)
+    assert fused == norm
+    normed_bytes = args[0].numel() * (2 if autocast else 4)
+    assert unfused - fused == normed_bytes + (args[3].numel() * 2 if autocast else 0)
+
+
+def test_gated_rms_norm_linear_folds_the_last_two_axes_and_refuses_other_shapes():
+    """x [..., H, V] -> [..., d]: size-one axes (one head, one token) stay where they are."""
+    x, gate, w, proj = _norm_linear_inputs(torch.float32)
+    one = gated_rms_norm_linear(x[:1, :1, :1], gate[:1, :1, :1], w, proj[:, :40], 1e-5)
+    assert one.shape == (1, 1, 24)
+    torch.testing.assert_close(one, F.linear(gated_rms_norm(x[:1, :1, :1], gate[:1, :1, :1], w, 1e-5)[:, :, 0],
+                                             proj[:, :40]))
+    with pytest.raises(ValueError, match="gate of x's shape"):
+        gated_rms_norm_linear(x, gate[:, :5], w, proj, 1e-5)
+    with pytest.raises(ValueError, match=r"x \[\.\.\., H, V\] must fold"):
+        gated_rms_norm_linear(x, gate, w, proj[:, :100], 1e-5)
 
 
 @pytest.mark.parametrize("width,bias", [(4, False), (4, True), (2, True)])
