@@ -232,9 +232,11 @@ def compile_settings() -> str:
             f"parallel compile {'on' if utils.PARALLEL_COMPILE else 'off'}")
 
 
-def params_note(model: torch.nn.Module) -> str:
-    """'1,450.1M parameters' (the optimizer's fp32 weights, gradients and two moments: 16 bytes each)."""
-    return f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters"
+def run_note(impl: str, model: torch.nn.Module) -> str:
+    """A training row's note: our kernels' compile switches (ours only: fla tunes its own kernels) and the parameter
+    count ('1,450.1M parameters'; the optimizer keeps 16 bytes per parameter: fp32 weight, gradient, two moments)."""
+    params = f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters"
+    return f"{compile_settings()}; {params}" if impl.startswith("ours") else params
 
 
 RECOMPUTE = {"none": None, "chunk": "chunk_recompute_enable", "blocks": "gradient_checkpointing_enable"}
@@ -281,7 +283,7 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
             rows.append(row("train", family, impl, seq_len=T, batch=B, tok_s=round(B * T / seconds),
                             ms=round(seconds * 1e3, 1), peak_gib=peak_gib(),
                             first_step_s=round(first, 1), paper_tok_s=paper_value,
-                            note=f"{compile_settings()}; {params_note(model)}"))
+                            note=run_note(impl, model)))
             if profile:
                 profile_step(step, f"{family} {impl} train {T}x{B}", model, ids, opt)
         except Exception as err:  # noqa: BLE001 - out of memory or a failing model: a row, and the run goes on

@@ -248,9 +248,9 @@ def _conv_bwd_dx_kernel(g_ptr, w_ptr, dx_ptr, T, D, W: tl.constexpr, BT: tl.cons
 
 
 # (rows BT, channels BD, warps) per program. Every element of a tile holds its own 64-bit addresses and masks, so
-# the tiles are small (a one-pass backward at 64 x 128 spilled 54 KB of registers per thread on sm_90). The fastest
-# tile per pass on an H100 at the 1.3B model's 16K tokens x 2,048 channels (benchmarks/bench_conv.py,
-# results/bench/conv-*.csv): 32 x 128 took 0.113 ms forward (16 x 128: 0.123) and 0.446 ms backward (16 x 64: 0.551).
+# the tiles are small (a one-pass backward at 64 x 128 spilled 54 KB of registers per thread on sm_90). On an H100 at
+# the 1.3B model's 16K tokens x 2,048 channels (benchmarks/bench_conv.py, results/bench/conv-*.csv), 32 x 128 took
+# 0.446 ms backward, the fastest tile (16 x 64: 0.551), and 0.113 ms forward (the fastest, 8 x 128: 0.111).
 CONV_FWD_TILE = (32, 128, 4)
 CONV_BWD_TILE = (32, 128, 4)
 
