@@ -243,15 +243,19 @@ RECOMPUTE = {"none": None, "chunk": "chunk_recompute_enable", "blocks": "gradien
 
 
 def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile: bool,
-               recompute: str) -> list[dict]:
+               recompute: str, recompute_layers: int | None = None) -> list[dict]:
     """Training rows of one model at each shape. recompute (GDN2ForCausalLM only): 'chunk' recomputes the chunk
-    operator's intermediates in the backward pass (impl ours-recompute-chunk), 'blocks' whole blocks (ours-recompute-
+    operator's intermediates in the backward pass (impl ours-recompute-chunk; in the first recompute_layers mixers
+    only when given: ours-recompute-chunk-<layers>), 'blocks' whole blocks (ours-recompute-
     blocks), 'none' keeps everything."""
     rows = []
     model, refused = model_or_row("train", family, impl, lambda: build_model(family, impl).train())
     if model is None:
         return refused
-    if RECOMPUTE[recompute] and (family, impl) == ("gdn2", "ours"):
+    if recompute == "chunk" and (family, impl) == ("gdn2", "ours"):
+        model.chunk_recompute_enable(layers=recompute_layers)
+        impl = f"{impl}-recompute-chunk" + ("" if recompute_layers is None else f"-{recompute_layers}")
+    elif RECOMPUTE[recompute] and (family, impl) == ("gdn2", "ours"):
         getattr(model, RECOMPUTE[recompute])()
         impl = f"{impl}-recompute-{recompute}"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -684,11 +688,15 @@ def main(argv=None) -> int:
     parser.add_argument("--recompute", choices=tuple(RECOMPUTE), default="none",
                         help="GDN2ForCausalLM in training: recompute the chunk operator's intermediates ('chunk') or "
                              "whole blocks ('blocks') in the backward pass")
+    parser.add_argument("--recompute-layers", type=int, metavar="N",
+                        help="with --recompute chunk: only the first N GDN-2 mixers recompute (memory for time)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "bench"))
     parser.add_argument("--merge", nargs="+", metavar="CSV", help="merge CSVs of one card and redraw the plot")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny configs at tiny shapes, on the GPU or the CPU: checks every code path in seconds")
     args = parser.parse_args(argv)
+    if args.recompute_layers is not None and args.recompute != "chunk":
+        parser.error("--recompute-layers goes with --recompute chunk")
     if args.merge:
         save(read_rows(args.merge), Path(args.out))
         return 0
@@ -726,7 +734,8 @@ def main(argv=None) -> int:
     for family in families:
         for impl in impls_of(family, requested, with_fla):
             if "train" in only:
-                rows += train_rows(family, impl, shapes, steps, paper, args.profile, args.recompute)
+                rows += train_rows(family, impl, shapes, steps, paper, args.profile, args.recompute,
+                                   args.recompute_layers)
                 save(rows, out, plot=False)
             if "prefill" in only:
                 rows += prefill_rows(family, impl, contexts or ((1024, 16384) if args.quick else PREFILL_CONTEXTS))

@@ -83,13 +83,18 @@ class GDN2PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GDN2Block"]
 
-    def chunk_recompute_enable(self, enable: bool = True) -> None:
-        """Every GDN-2 mixer keeps only its chunk operator's inputs for the backward pass and recomputes the
-        operator's intermediates there: 30 KB less per token and layer at the 1.3B shapes in bf16, for one more
-        chunk forward per layer (lighter than gradient_checkpointing_enable(), which recomputes whole blocks)."""
-        for module in self.modules():
-            if isinstance(module, GatedDeltaNet2):
-                module.recompute_chunk = enable
+    def chunk_recompute_enable(self, enable: bool = True, layers: int | None = None) -> None:
+        """GDN-2 mixers keep only their chunk operator's inputs for the backward pass and recompute the operator's
+        intermediates there: 30 KB less per token and layer at the 1.3B shapes in bf16, for one more chunk forward
+        per layer (lighter than gradient_checkpointing_enable(), which recomputes whole blocks). layers: how many
+        mixers do so, from the first (None: all), to trade memory for time between the two ends."""
+        mixers = [module for module in self.modules() if isinstance(module, GatedDeltaNet2)]
+        count = len(mixers) if layers is None else layers
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(mixers):
+            raise ValueError(f"chunk_recompute_enable(layers=...) takes a number of mixers from 0 to {len(mixers)} "
+                             f"(None: all); got {layers!r}")
+        for index, module in enumerate(mixers):
+            module.recompute_chunk = enable and index < count
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -175,3 +175,27 @@ def test_reorder_cache_selects_batch_rows():
         swapped = model(ids[[1, 0], 39:], past_key_values=cache, use_cache=True).logits
         full = model(ids[[1, 0]], use_cache=False).logits[:, -1:]
     torch.testing.assert_close(swapped, full, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_recompute_in_the_first_layers_only():
+    """chunk_recompute_enable(layers=N) turns the recompute on in the first N GDN-2 mixers (None: all; 0: none),
+    keeps a byte count between the two ends, and refuses a count outside 0..L with the range in the message."""
+    from benchmarks.saved_bytes import kept_bytes
+
+    torch.manual_seed(0)
+    model = GDN2ForCausalLM(GDN2Config(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_heads=2, head_dim=16,
+                                       intermediate_size=64))
+    flags = lambda: [m.recompute_chunk for m in model.modules() if isinstance(m, GatedDeltaNet2)]  # noqa: E731
+    ids = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(1))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+    for layers, expected in ((None, [True] * 3), (1, [True, False, False]), (0, [False] * 3)):
+        model.chunk_recompute_enable(layers=layers)
+        assert flags() == expected
+        kept[layers], _ = kept_bytes(lambda: model(ids, labels=ids, use_cache=False), exclude=params)
+    assert kept[None] < kept[1] < kept[0], kept
+    model.chunk_recompute_enable(False, layers=2)
+    assert flags() == [False] * 3
+    for bad in (4, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"from 0 to 3 \(None: all\); got"):
+            model.chunk_recompute_enable(layers=bad)
