@@ -46,6 +46,7 @@ def check_kernels() -> None:
         gated_rms_norm_linear,
         linear_cross_entropy,
         rms_norm,
+        rms_norm_linears,
         short_conv_silu,
         swiglu_down,
     )
@@ -60,6 +61,7 @@ def check_kernels() -> None:
         o_proj = torch.randn(2304, 2048, device=dev) * 0.02
         gate, up = (torch.randn(2, 2048, 6208, device=dev).to(dtype) for _ in range(2))
         down = torch.randn(2304, 6208, device=dev) * 0.02
+        mlp_gate, mlp_up = (torch.randn(6208, 2304, device=dev) * 0.02 for _ in range(2))
         cx = torch.randn(2, 2048, 2048, device=dev).to(dtype)
         cw, cache = torch.randn(2048, 1, 4, device=dev) * 0.5, torch.randn(2, 2048, 3, device=dev).to(dtype)
         f = (torch.randn(8192, 2048, device=dev) * 4).to(dtype)
@@ -74,6 +76,9 @@ def check_kernels() -> None:
             ("gated_rms_norm_linear silu [131072, 128] -> 2304",
              lambda b: lambda o, z, w, p: gated_rms_norm_linear(o, z, w, p, 1e-5, "silu", backend=b),
              (o, z, wo, o_proj)),
+            ("rms_norm_linears [8192, 2304] -> 6208, 6208",
+             lambda b: lambda x, w, g, u: torch.cat(rms_norm_linears(x, w, 1e-5, (g, u), backend=b), -1),
+             (x, w, mlp_gate, mlp_up)),
             ("swiglu_down [4096, 6208] -> 2304",
              lambda b: lambda g, u, w: swiglu_down(g, u, w, backend=b), (gate, up, down)),
             ("short_conv_silu [2, 2048, 2048] W=4",

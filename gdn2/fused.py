@@ -10,6 +10,9 @@ cross-entropy; the values of the unfused expressions).
 - gated_rms_norm_linear(x, gate, norm_weight, proj_weight, eps, activation)
                                             F.linear(gated_rms_norm(x, gate, ...) folded to [..., H*V], proj_weight);
                                             saves x, gate and 1/rms, not the normed output
+- rms_norm_linears(x, norm_weight, eps, weights)
+                                            tuple(F.linear(rms_norm(x, norm_weight, eps), W) for W in weights);
+                                            saves x and 1/rms (as rms_norm), not the normed output
 - silu_mul(gate, up)                         silu(gate) * up; saves gate and up
 - swiglu_down(gate, up, weight)              F.linear(silu(gate) * up, weight); saves gate and up, not the product
 - short_conv_silu(x, cache, weight, bias)    SiLU(depthwise causal conv) of x [B, T, D]; saves x only
@@ -98,11 +101,12 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_hat * weight in fp32, 1/rms fp32 [..., 1])."""
-    xf = _wide(x)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return xf * rstd * _wide(weight), rstd
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, rstd: torch.Tensor | None = None,
+                 x_for_y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_hat * weight in fp32, 1/rms fp32 [..., 1]); 1/rms from x unless given, x_hat from x_for_y (default x)."""
+    if rstd is None:
+        rstd = torch.rsqrt(_wide(x).pow(2).mean(-1, keepdim=True) + eps)
+    return _wide(x if x_for_y is None else x_for_y) * rstd * _wide(weight), rstd
 
 
 def _rms_backward(x, weight, rstd, grad_y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,22 +143,25 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _norm_forward(x, gate, weight, eps, activation, backend, out_dtype, keep_dtype=None):
+def _norm_forward(x, gate, weight, eps, activation, backend, out_dtype, keep_dtype=None, round_x=False, rstd=None):
     """(y, rstd, x to keep, gate to keep) of y = x / rms(x) * weight [* act(gate)] over the last axis, x and gate
     [..., D], weight [D]; y in out_dtype, of x's shape. Kept: backend 'triton' x and gate as contiguous rows [N, D]
     (x written in keep_dtype by the same kernel when given), rstd [N]; 'torch' x and gate as given (x cast to
-    keep_dtype when given), rstd [..., 1]. The same inputs give the same y bit for bit (the backward's recompute)."""
+    keep_dtype when given), rstd [..., 1]. round_x: y from the kept x (1/rms still from the full x). rstd given (as
+    this function returned it): used instead of 1/rms of x. The same inputs give the same y bit for bit (the
+    backward's recompute), and so do the kept x and rstd of a round_x call."""
     if backend == "triton":
         from gdn2.fused_kernels import rms_norm_fwd
 
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         gate_rows = gate.reshape(rows.shape).contiguous() if gate is not None else None
-        y, rstd, kept = rms_norm_fwd(rows, weight, eps, gate_rows, activation, out_dtype, keep_dtype)
+        y, rstd, kept = rms_norm_fwd(rows, weight, eps, gate_rows, activation, out_dtype, keep_dtype, round_x, rstd)
         return y.view(x.shape), rstd, rows if kept is None else kept, gate_rows
-    y, rstd = _rms_forward(x, weight, eps)
+    kept = x if keep_dtype is None else x.to(keep_dtype)
+    y, rstd = _rms_forward(x, weight, eps, rstd, kept if round_x else None)
     if gate is not None:
         y = y * _activation(activation)[0](_wide(gate))
-    return y.to(out_dtype), rstd, x if keep_dtype is None else x.to(keep_dtype), gate
+    return y.to(out_dtype), rstd, kept, gate
 
 
 def _norm_backward(x, gate, weight, rstd, grad_y, activation, backend, x_dtype):
@@ -268,6 +275,59 @@ def gated_rms_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm_weight: torc
                          f"{tuple(x.shape)}, gate {tuple(gate.shape)}, proj_weight {tuple(proj_weight.shape)}")
     _projection_shape(x.shape, proj_weight.shape[1])
     return GatedNormLinearFunction.apply(x, gate, norm_weight, proj_weight, eps, activation, _backend(x, backend))
+
+
+class RMSNormLinearsFunction(torch.autograd.Function):
+    """tuple(F.linear(rms_norm(x, norm_weight), W) for W in weights); see rms_norm_linears."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps, backend, *weights):
+        dtype = _out_dtype(x)
+        keep_dtype = dtype if dtype.itemsize < x.dtype.itemsize else None
+        # y from the kept (narrowed) x and the full x's 1/rms: the backward's recompute from those two is exact
+        normed, rstd, x_kept, _ = _norm_forward(x, None, norm_weight, eps, "silu", backend, dtype, keep_dtype,
+                                                round_x=True)
+        ctx.save_for_backward(x_kept, norm_weight, rstd, *weights)
+        ctx.eps, ctx.backend, ctx.dtype, ctx.x_shape, ctx.x_dtype = eps, backend, dtype, x.shape, x.dtype
+        return tuple(F.linear(normed, w.to(dtype)) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        x, norm_weight, rstd, *weights = ctx.saved_tensors
+        grads = [g.reshape(-1, g.shape[-1]).to(ctx.dtype) for g in grad_outs]              # [M, d_i]
+        grad_x = grad_norm_weight = None
+        grad_weights = [None] * len(weights)
+        if any(ctx.needs_input_grad[4:]):      # the normed output recomputed, not kept: the forward's own bits
+            normed = _norm_forward(x, None, norm_weight, ctx.eps, "silu", ctx.backend, ctx.dtype, rstd=rstd)[0]
+            normed = normed.reshape(grads[0].shape[0], -1)                                   # [M, d]
+            grad_weights = [(g.t() @ normed).to(w.dtype) if need else None
+                            for g, w, need in zip(grads, weights, ctx.needs_input_grad[4:], strict=True)]
+        if any(ctx.needs_input_grad[:2]):      # sum over the linears of their input gradients, in fp32
+            grad_y = _wide(grads[0] @ weights[0].to(ctx.dtype))
+            for g, w in zip(grads[1:], weights[1:], strict=True):
+                grad_y += g @ w.to(ctx.dtype)
+            grad_x, _, grad_norm_weight = _norm_backward(x, None, norm_weight, rstd, grad_y, "silu", ctx.backend,
+                                                         ctx.x_dtype)
+            grad_x = grad_x.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+            grad_norm_weight = grad_norm_weight if ctx.needs_input_grad[1] else None
+        return grad_x, grad_norm_weight, None, None, *grad_weights
+
+
+def rms_norm_linears(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights, backend: str = "auto"
+                     ) -> tuple[torch.Tensor, ...]:
+    """tuple(F.linear(rms_norm(x, norm_weight, eps), W) for W in weights), a pre-norm and the linears reading it,
+    keeping what rms_norm keeps (x, narrowed to the autocast dtype under autocast, and 1/rms) and the weights only:
+    the normed output is recomputed once in the backward pass for the weights' gradients instead of being kept.
+    x [..., d], norm_weight [d], each W [d_i, d] (no biases); returns ([..., d_i], ...). Under autocast the normed
+    output and the weights run in the autocast dtype, as autocast nn.Linears would, and the normed output is
+    computed from the narrowed x (1/rms from the full x), so that the recompute equals it bit for bit; it differs from
+    rms_norm's (computed from the full x) by at most one bf16 unit in the last place (relative 2^-7; measured on
+    random inputs in tests/test_fused_ce.py). Without autocast nothing is narrowed and the output is rms_norm's."""
+    weights = tuple(weights)
+    if not weights or any(w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
+        raise ValueError(f"rms_norm_linears needs one or more weights [d_i, {x.shape[-1]}]; got "
+                         f"{[tuple(w.shape) for w in weights]}")
+    return RMSNormLinearsFunction.apply(x, norm_weight, eps, _backend(x, backend), *weights)
 
 
 # ------------------------------------------------------------------------------------------ SwiGLU

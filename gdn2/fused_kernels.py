@@ -1,8 +1,8 @@
 """Triton kernels behind gdn2/fused.py's autograd Functions on CUDA: one launch per pass instead of the four to ten
 elementwise and reduction launches (each reading or writing an fp32 copy of the activation) of the torch expressions.
 
-    rms_norm_fwd(x [N, D], weight [D], eps, gate=None, activation, out_dtype=None, keep_dtype=None)
-        -> (y [N, D], rstd [N] fp32, x in keep_dtype or None)
+    rms_norm_fwd(x [N, D], weight [D], eps, gate=None, activation, out_dtype=None, keep_dtype=None,
+                 round_x=False, rstd=None) -> (y [N, D], rstd [N] fp32, x in keep_dtype or None)
     rms_norm_bwd(x, weight, rstd, dy, gate=None, activation, dx_dtype=None) -> (dx, dweight fp32 [D], dgate or None)
     silu_mul_fwd(gate, up) -> y;  silu_mul_bwd(gate, up, dy) -> (dgate, dup)
     conv_silu_fwd(x [B, T, D], cache [B, D, W-1], weight [D, W], bias) -> silu(causal depthwise conv), [B, T, D]
@@ -43,20 +43,28 @@ def _act_grad(z, ACT: tl.constexpr):
 
 @triton.jit
 def _rms_fwd_kernel(x_ptr, w_ptr, g_ptr, y_ptr, rstd_ptr, keep_ptr, N, D, eps, HAS_GATE: tl.constexpr,
-                    ACT: tl.constexpr, KEEP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                    ACT: tl.constexpr, KEEP: tl.constexpr, ROUND_X: tl.constexpr, GIVEN_RSTD: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows[:, None] < N) & (cols[None, :] < D)
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GIVEN_RSTD:                             # 1/rms as an earlier pass computed it (a recompute of its y)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < N, other=0.0)
+    else:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     if KEEP:                                   # the copy of x the backward pass reads, in a narrower dtype
-        tl.store(keep_ptr + offs, x.to(keep_ptr.dtype.element_ty), mask=mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        kept = x.to(keep_ptr.dtype.element_ty)
+        tl.store(keep_ptr + offs, kept, mask=mask)
+        if ROUND_X:                            # y from the kept x (1/rms from the full x): recomputable from both
+            x = kept.to(tl.float32)
     y = x * rstd[:, None] * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     if HAS_GATE:
         y = y * _act(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), ACT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < N)
+    if not GIVEN_RSTD:
+        tl.store(rstd_ptr + rows, rstd, mask=rows < N)
 
 
 @triton.jit
@@ -97,18 +105,21 @@ def _tile(D: int) -> tuple[int, int, int]:
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None,
                  activation: str = "silu", out_dtype: torch.dtype | None = None,
-                 keep_dtype: torch.dtype | None = None):
+                 keep_dtype: torch.dtype | None = None, round_x: bool = False, rstd: torch.Tensor | None = None):
     """(y [N, D] in out_dtype (None: x's), rstd [N] fp32, x in keep_dtype or None) for contiguous x [N, D] (and
-    gate [N, D]); keep_dtype writes a copy of x in that dtype in the same pass."""
+    gate [N, D]); keep_dtype writes a copy of x in that dtype in the same pass. round_x: y is computed from that
+    copy (1/rms still from the full x), so that the copy and rstd give the same y again. rstd [N] fp32 given: used
+    instead of computing 1/rms from x (and returned as is)."""
     N, D = x.shape
     y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
-    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    given = rstd is not None
+    rstd = rstd if given else torch.empty(N, dtype=torch.float32, device=x.device)
     kept = torch.empty(x.shape, dtype=keep_dtype, device=x.device) if keep_dtype is not None else None
     block, rows, warps = _tile(D)
     _rms_fwd_kernel[(triton.cdiv(N, rows),)](x, weight, gate if gate is not None else x, y, rstd,
                                             kept if kept is not None else y, N, D, eps, HAS_GATE=gate is not None,
-                                            ACT=ACTIVATIONS[activation], KEEP=kept is not None, ROWS=rows,
-                                            BLOCK=block, num_warps=warps)
+                                            ACT=ACTIVATIONS[activation], KEEP=kept is not None, ROUND_X=round_x,
+                                            GIVEN_RSTD=given, ROWS=rows, BLOCK=block, num_warps=warps)
     return y, rstd, kept
 
 

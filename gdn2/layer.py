@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from gdn2.configuration import GATE_GRANULARITIES
 from gdn2.fused import causal_conv_silu as causal_conv_silu  # noqa: F401  (the torch reference, re-exported)
-from gdn2.fused import decay, gated_rms_norm, gated_rms_norm_linear, short_conv_silu
+from gdn2.fused import decay, gated_rms_norm, gated_rms_norm_linear, rms_norm_linears, short_conv_silu
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
 
 # Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
@@ -46,10 +46,12 @@ def inverse_softplus_dt(n: int) -> torch.Tensor:
     return dt + torch.log(-torch.expm1(-dt))
 
 
-def short_conv_qkv(mixer: nn.Module, x: torch.Tensor, state) -> tuple:
+def short_conv_qkv(mixer: nn.Module, x: torch.Tensor, state, projections: tuple | None = None) -> tuple:
     """q, k, v = SiLU(conv(W x)) for a mixer with q/k/v_proj and (if use_short_conv) q/k/v_conv1d, continuing the
-    conv inputs carried in state.conv_states. Returns (q, k, v, conv_states or None); shapes [B, T, D]."""
-    projections = (mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x))
+    conv inputs carried in state.conv_states; projections: (W_q x, W_k x, W_v x) when already computed (x unused).
+    Returns (q, k, v, conv_states or None); shapes [B, T, D]."""
+    if projections is None:
+        projections = (mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x))
     if not mixer.use_short_conv:
         return (*(F.silu(p) for p in projections), None)
     carried = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
@@ -171,22 +173,39 @@ class GatedDeltaNet2(nn.Module):
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
         self.dt_bias.copy_(inverse_softplus_dt(self.dt_bias.numel()))
 
+    def input_projections(self, hidden_states: torch.Tensor, norm: nn.Module | None = None) -> tuple:
+        """(W_q x, W_k x, W_v x, f_proj(x), b_proj(x), w_proj(x), g_proj(x)) [B, T, *] of x = hidden_states, or of
+        x = norm(hidden_states) for an RMSNorm module `norm` (weight, eps): then the norm runs with the seven linears
+        reading it as one Function (gdn2.fused.rms_norm_linears) that does not keep the normed x for the backward."""
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.f_proj[0], self.b_proj, self.w_proj, self.g_proj[0])
+        if norm is None:
+            outs = [linear(hidden_states) for linear in linears]
+        else:
+            outs = rms_norm_linears(hidden_states, norm.weight, norm.eps, [linear.weight for linear in linears])
+        q, k, v, f, b, w, g = outs
+        return q, k, v, self.f_proj[1](f), b, w, self.g_proj[1](g)
+
     def forward(
         self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
-        token_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None, norm: nn.Module | None = None,
     ) -> tuple[torch.Tensor, GDN2LayerState | None]:
         """hidden_states [B, T, d]; state: the carried state (None at the start of a sequence); token_mask [B, T]
         (1 = token, 0 = left padding; None: all tokens): padding leaves the state and the conv inputs as they were.
-        Returns y [B, T, d] and the state after the last token (when use_cache, else None)."""
+        norm: the block's pre-norm, applied here to hidden_states with the input projections (see
+        input_projections; not with token_mask). Returns y [B, T, d] and the state after the last token (when
+        use_cache, else None)."""
         B, T, _ = hidden_states.shape
         if token_mask is not None:     # zero inputs: q = k = v = 0 there and the short convs carry zeros
+            if norm is not None:
+                raise ValueError("the mixer takes a pre-norm to fuse only without token_mask: pass norm(x)")
             hidden_states = hidden_states * token_mask[..., None].to(hidden_states.dtype)
-        q, k, v, conv_states = short_conv_qkv(self, hidden_states, state)
-        g = decay(self.f_proj(hidden_states), self.A_log, self.dt_bias, self.head_k_dim)
-        b = self.b_proj(hidden_states).sigmoid()
+        q, k, v, f, b, w, gate = self.input_projections(hidden_states, norm)
+        q, k, v, conv_states = short_conv_qkv(self, hidden_states, state, (q, k, v))
+        g = decay(f, self.A_log, self.dt_bias, self.head_k_dim)
+        b = b.sigmoid()
         if self.allow_neg_eigval:
             b = b * 2.0
-        w = self.w_proj(hidden_states).sigmoid()
+        w = w.sigmoid()
 
         q, k, g = (x.reshape(B, T, self.num_heads, self.head_k_dim) for x in (q, k, g))
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
@@ -203,7 +222,7 @@ class GatedDeltaNet2(nn.Module):
                 q, k, v, g, b, w, initial_state=previous, output_final_state=use_cache, use_qk_l2norm_in_kernel=True,
                 recompute_in_backward=self.recompute_chunk,
             )
-        gate = self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
+        gate = gate.reshape(B, T, self.num_v_heads, self.head_v_dim)
         # o_proj(o_norm(o, gate)) without keeping the normed output for o_proj's weight gradient (recomputed)
         y = gated_rms_norm_linear(o, gate, self.o_norm.weight, self.o_proj.weight, self.o_norm.eps,
                                   self.o_norm.activation)

@@ -1,8 +1,10 @@
 """GDN-2 causal language model (transformers PreTrainedModel; module names follow fla's models).
 
 model.embeddings -> L x [ x += attn(attn_norm(x));  x += mlp(mlp_norm(x)) ] -> model.norm -> lm_head (untied)
-where attn is the GDN-2 mixer (gdn2/layer.py) and mlp a SwiGLU MLP. Decoding carries a GDN2Cache: per layer the
-fp32 recurrent state [B, Hv, K, V] and the short-conv inputs, O(1) memory per generated token.
+where attn is the GDN-2 mixer (gdn2/layer.py) and mlp a SwiGLU MLP. With autograd on, each pre-norm runs with the
+linears reading it as one Function (gdn2.fused.rms_norm_linears), which recomputes the normed x in the backward pass.
+Decoding carries a GDN2Cache: per layer the fp32 recurrent state [B, Hv, K, V] and the short-conv inputs, O(1) memory
+per generated token.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from gdn2.cache import RecurrentCache, check_forward_args, left_padding_mask, run_layers
 from gdn2.configuration import GDN2Config
-from gdn2.fused import causal_lm_loss, rms_norm, swiglu_down
+from gdn2.fused import causal_lm_loss, rms_norm, rms_norm_linears, swiglu_down
 from gdn2.layer import GatedDeltaNet2, GDN2LayerState
 
 # The GDN-2 model's cache is the shared recurrent cache (one GDN2LayerState per layer); the name stays for users.
@@ -42,8 +44,14 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu_down(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]; norm: the block's pre-norm, applied here to x with gate_proj and up_proj as one
+        Function (gdn2.fused.rms_norm_linears: the normed x is recomputed in the backward, not kept)."""
+        if norm is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = rms_norm_linears(x, norm.weight, norm.eps, (self.gate_proj.weight, self.up_proj.weight))
+        return swiglu_down(gate, up, self.down_proj.weight)
 
 
 class GDN2Block(nn.Module):
@@ -71,6 +79,13 @@ class GDN2Block(nn.Module):
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, state: GDN2LayerState | None, use_cache: bool, token_mask: torch.Tensor | None = None):
+        """x [B, T, d] -> (x [B, T, d], the mixer's new state). With autograd on and no token_mask, each pre-norm runs
+        inside the mixer and the MLP with the linears reading it (its output is not kept for the backward pass);
+        otherwise (inference, left padding) the norms run first, as separate modules."""
+        if torch.is_grad_enabled() and token_mask is None:
+            mixed, new_state = self.attn(x, state=state, use_cache=use_cache, norm=self.attn_norm)
+            x = x + mixed
+            return x + self.mlp(x, norm=self.mlp_norm), new_state
         mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, token_mask=token_mask)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))

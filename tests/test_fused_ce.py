@@ -16,6 +16,7 @@ from gdn2.fused import (
     gated_rms_norm_linear,
     linear_cross_entropy,
     rms_norm,
+    rms_norm_linears,
     short_conv_silu,
     silu_mul,
     swiglu_down,
@@ -427,3 +428,165 @@ def test_triton_decay_equals_the_mixer_expression():
     torch.testing.assert_close(fused[1][0].float(), plain[1][0].float(), rtol=1e-2, atol=1e-2)   # bf16 df
     for got, want in zip(fused[1][1:], plain[1][1:], strict=False):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ pre-norm + the linears reading it
+def _norm_linears_inputs(dtype, seed=15):
+    """x [2, 37, 40] non-contiguous (74 rows, not a multiple of a tile), norm weight [40], three weights [d_i, 40]."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(37, 2, 40, generator=g) * 3).transpose(0, 1).to(dtype)
+    weights = [torch.randn(n, 40, generator=g).to(dtype) * 0.2 for n in (24, 5, 40)]
+    return [x, (1 + 0.3 * torch.randn(40, generator=g)).to(dtype), *weights]
+
+
+def _norm_linears(backend=None):
+    """torch.cat(outputs, -1) of rms_norm_linears (backend given) or of the plain composition (None)."""
+    def fn(x, w, *weights):
+        if backend is None:
+            return torch.cat([F.linear(plain_rms(x, w), W) for W in weights], -1)
+        return torch.cat(rms_norm_linears(x, w, 1e-5, weights, backend=backend), -1)
+    return fn
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("torch", torch.float32),
+                                           ("triton", torch.float32)])
+def test_rms_norm_linears_equals_the_plain_composition_in_float64(backend, dtype):
+    """The outputs and the gradients of x, the norm weight and each linear weight against the plain expressions in
+    float64 (float64 inputs: 1e-12; fp32 inputs, torch ops or the kernels in the interpreter: 1e-5)."""
+    args = [t.to(dtype) for t in _norm_linears_inputs(torch.float64)]
+    outs = rms_norm_linears(args[0], args[1], 1e-5, args[2:], backend=backend)
+    assert [o.shape for o in outs] == [(2, 37, 24), (2, 37, 5), (2, 37, 40)] and outs[0].dtype == dtype
+    out, grads = grads_of(_norm_linears(backend), *args)
+    assert [g.dtype for g in grads] == [dtype] * 5
+    _, exact_grads = grads_of(lambda *t: _norm_linears()(*t).to(dtype), *[t.double() for t in args])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_same((out.double(), [g.double() for g in grads]),
+                (_norm_linears()(*[t.double() for t in args]), exact_grads), tol=tol)
+
+
+def _record_normed_outputs(monkeypatch):
+    """[(call kind, y)] of every _norm_forward call rms_norm_linears makes: 'forward' or 'recompute'."""
+    import gdn2.fused
+
+    calls, original = [], gdn2.fused._norm_forward
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(("recompute" if kwargs.get("rstd") is not None else "forward", result[0].clone()))
+        return result
+    monkeypatch.setattr(gdn2.fused, "_norm_forward", recording)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_linears_under_autocast_recomputes_the_forwards_normed_output_bit_for_bit(backend, x_dtype,
+                                                                                           monkeypatch):
+    """bf16 autocast, x in fp32 (the residual stream; kept in bf16) or bf16: the backward recomputes the forward's
+    bf16 normed output y bit for bit from the kept x and 1/rms, so the outputs are F.linear(y, bf16(W)) and each
+    weight's gradient is bf16(dout^T y) exactly."""
+    args = _norm_linears_inputs(torch.float32)
+    args[0] = args[0].to(x_dtype)
+    calls = _record_normed_outputs(monkeypatch)
+    leaves = [t.clone().requires_grad_(True) for t in args]
+    g = torch.Generator().manual_seed(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = rms_norm_linears(leaves[0], leaves[1], 1e-5, leaves[2:], backend=backend)
+    douts = [torch.randn(o.shape, generator=g).bfloat16() for o in outs]
+    torch.autograd.backward(outs, douts)
+    assert [kind for kind, _ in calls] == ["forward", "recompute"]
+    y = calls[0][1].reshape(2, 37, 40)
+    assert y.dtype == torch.bfloat16 and torch.equal(calls[1][1].reshape(y.shape), y)
+    for out, dout, W, leaf in zip(outs, douts, args[2:], leaves[2:], strict=True):
+        assert torch.equal(out, F.linear(y, W.bfloat16()))
+        assert leaf.grad.dtype == torch.float32
+        assert torch.equal(leaf.grad, (dout.reshape(-1, dout.shape[-1]).t() @ y.reshape(-1, 40)).float())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rms_norm_linears_under_autocast_normed_output_and_gradients_against_float64(backend, monkeypatch):
+    """An fp32 x under bf16 autocast: the normed output comes from the bf16 x (1/rms from the full x) and differs
+    from rms_norm's, computed from the full x, by at most 2^-7 relative (one bf16 unit in the last place; measured:
+    2^-7 on a quarter of the elements differing, torch ops, which round to nearest as the GPU kernel does; Triton's
+    CPU interpreter truncates to bf16, twice here, measured 1.4e-2 on half of them). Every gradient's largest error
+    is within 2^-7 of the largest float64 gradient element on the torch path (measured 2.2e-3 to 4.5e-3 over three
+    seeds; the unfused composition: the same range), 2^-6 in the interpreter (measured up to 1.1e-2 on the weights;
+    unfused: 5.1e-3)."""
+    args = _norm_linears_inputs(torch.float32)
+    calls = _record_normed_outputs(monkeypatch)
+    leaves = [t.clone().requires_grad_(True) for t in args]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _norm_linears(backend)(*leaves)
+        reference = rms_norm(args[0], args[1], 1e-5, backend=backend)
+    y = calls[0][1].reshape(reference.shape).float()
+    rel = (y - reference.float()).abs() / reference.float().abs()
+    assert 0 < float(rel.max()) <= (2 ** -7 if backend == "torch" else 2 ** -6)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).bfloat16()
+    (out.float() * weights.float()).sum().backward()
+    exact = [t.double().requires_grad_(True) for t in args]
+    (_norm_linears()(*exact) * weights.double()).sum().backward()
+    for got, want in zip(leaves, exact, strict=True):
+        assert got.grad.dtype == torch.float32
+        error = float((got.grad.double() - want.grad).abs().max() / want.grad.abs().max())
+        assert error < (2 ** -7 if backend == "torch" else 2 ** -6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rms_norm_linears_keeps_no_normed_output(backend, autocast):
+    """It keeps what rms_norm alone keeps (x, in bf16 under autocast, and 1/rms; the weights are not counted); the
+    composition keeps at least the normed output on top (4 bytes per element in fp32, 2 under autocast; here more:
+    the linears fold the non-contiguous normed x into copies, and autocast keeps bf16 copies of the weights)."""
+    from benchmarks.saved_bytes import kept_bytes
+
+    args = _norm_linears_inputs(torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in args]
+    params = {t.untyped_storage().data_ptr() for t in leaves[1:]}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused, _ = kept_bytes(lambda: rms_norm_linears(leaves[0], leaves[1], 1e-5, leaves[2:], backend=backend),
+                              exclude=params)
+        norm, _ = kept_bytes(lambda: rms_norm(*leaves[:2], 1e-5, backend=backend), exclude=params)
+        unfused, _ = kept_bytes(lambda: [F.linear(rms_norm(*leaves[:2], 1e-5, backend=backend), W)
+                                         for W in leaves[2:]], exclude=params)
+    normed_bytes = args[0].numel() * (2 if autocast else 4)
+    assert fused == norm == normed_bytes + 74 * 4
+    assert unfused - fused >= normed_bytes
+
+
+def test_rms_norm_linears_refuses_weights_of_another_width():
+    x, w, *weights = _norm_linears_inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"one or more weights \[d_i, 40\]"):
+        rms_norm_linears(x, w, 1e-5, [weights[0], weights[1][:, :30]])
+    with pytest.raises(ValueError, match="one or more weights"):
+        rms_norm_linears(x, w, 1e-5, [])
+
+
+def _unfused_block_forward(self, x, state, use_cache, token_mask=None):
+    """GDN2Block.forward with the norms run as separate modules (what the block runs without autograd)."""
+    mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, token_mask=token_mask)
+    x = x + mixed
+    return x + self.mlp(self.mlp_norm(x)), new_state
+
+
+def test_model_with_the_pre_norms_fused_equals_the_unfused_blocks(monkeypatch):
+    """float64: the loss and every parameter gradient with each pre-norm fused into its linears equal those of the
+    blocks running the norms as modules; the logits with autograd on equal those without it bit for bit."""
+    from gdn2.modeling import GDN2Block
+
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(17))
+    results = {}
+    for mode in ("fused", "unfused"):
+        if mode == "unfused":
+            monkeypatch.setattr(GDN2Block, "forward", _unfused_block_forward)
+        model = tiny()
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(results["fused"][0], results["unfused"][0], rtol=1e-12, atol=1e-12)
+    for name, grad in results["unfused"][1].items():
+        torch.testing.assert_close(results["fused"][1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    monkeypatch.undo()
+    model = tiny()
+    with_grad = model(ids, use_cache=False).logits
+    with torch.no_grad():
+        assert torch.equal(with_grad, model(ids, use_cache=False).logits)
