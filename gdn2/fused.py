@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 # Tokens per chunk of linear_cross_entropy: 2048 x 32000 fp32 logits are 262 MB, plus their softmax in place.
@@ -93,6 +94,15 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     F.cross_entropy(lm_head(hidden)[:, :-1], labels[:, 1:]) but through linear_cross_entropy (no logits)."""
     shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
     return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1))
+
+
+def plain(module: nn.Module, cls: type) -> bool:
+    """Whether module is exactly a cls (not a subclass or a wrapper such as a LoRA or quantized layer), has no
+    forward hooks and, for a linear, no bias: only then may a fused Function read its weight instead of calling it.
+    Otherwise the callers run the module itself, so nothing it adds is skipped."""
+    if type(module) is not cls or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    return getattr(module, "bias", None) is None
 
 
 # ------------------------------------------------------------------------------------------ norms

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from gdn2.configuration import GATE_GRANULARITIES
 from gdn2.fused import causal_conv_silu as causal_conv_silu  # noqa: F401  (the torch reference, re-exported)
-from gdn2.fused import decay, gated_rms_norm, gated_rms_norm_linear, rms_norm_linears, short_conv_silu
+from gdn2.fused import decay, gated_rms_norm, gated_rms_norm_linear, plain, rms_norm_linears, short_conv_silu
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
 
 # Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
@@ -178,10 +178,11 @@ class GatedDeltaNet2(nn.Module):
         x = norm(hidden_states) for an RMSNorm module `norm` (weight, eps): then the norm runs with the seven linears
         reading it as one Function (gdn2.fused.rms_norm_linears) that does not keep the normed x for the backward."""
         linears = (self.q_proj, self.k_proj, self.v_proj, self.f_proj[0], self.b_proj, self.w_proj, self.g_proj[0])
-        if norm is None:
-            outs = [linear(hidden_states) for linear in linears]
-        else:
+        if norm is not None and plain(norm, type(norm)) and all(plain(linear, nn.Linear) for linear in linears):
             outs = rms_norm_linears(hidden_states, norm.weight, norm.eps, [linear.weight for linear in linears])
+        else:                          # unfused: a wrapped or hooked module runs as itself (see gdn2.fused.plain)
+            x = hidden_states if norm is None else norm(hidden_states)
+            outs = [linear(x) for linear in linears]
         q, k, v, f, b, w, g = outs
         return q, k, v, self.f_proj[1](f), b, w, self.g_proj[1](g)
 
@@ -223,8 +224,11 @@ class GatedDeltaNet2(nn.Module):
                 recompute_in_backward=self.recompute_chunk,
             )
         gate = gate.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        # o_proj(o_norm(o, gate)) without keeping the normed output for o_proj's weight gradient (recomputed)
-        y = gated_rms_norm_linear(o, gate, self.o_norm.weight, self.o_proj.weight, self.o_norm.eps,
-                                  self.o_norm.activation)
+        if plain(self.o_norm, GatedRMSNorm) and plain(self.o_proj, nn.Linear):
+            # o_proj(o_norm(o, gate)) without keeping the normed output for o_proj's weight gradient (recomputed)
+            y = gated_rms_norm_linear(o, gate, self.o_norm.weight, self.o_proj.weight, self.o_norm.eps,
+                                      self.o_norm.activation)
+        else:
+            y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.value_dim))
         new_state = GDN2LayerState(recurrent, conv_states) if use_cache else None
         return y, new_state

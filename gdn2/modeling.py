@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from gdn2.cache import RecurrentCache, check_forward_args, left_padding_mask, run_layers
 from gdn2.configuration import GDN2Config
-from gdn2.fused import causal_lm_loss, rms_norm, rms_norm_linears, swiglu_down
+from gdn2.fused import causal_lm_loss, plain, rms_norm, rms_norm_linears, silu_mul, swiglu_down
 from gdn2.layer import GatedDeltaNet2, GDN2LayerState
 
 # The GDN-2 model's cache is the shared recurrent cache (one GDN2LayerState per layer); the name stays for users.
@@ -47,11 +47,15 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d]; norm: the block's pre-norm, applied here to x with gate_proj and up_proj as one
         Function (gdn2.fused.rms_norm_linears: the normed x is recomputed in the backward, not kept)."""
-        if norm is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
+        if norm is not None and plain(norm, type(norm)) and plain(self.gate_proj, nn.Linear) and \
+                plain(self.up_proj, nn.Linear):
             gate, up = rms_norm_linears(x, norm.weight, norm.eps, (self.gate_proj.weight, self.up_proj.weight))
-        return swiglu_down(gate, up, self.down_proj.weight)
+        else:                          # unfused: a wrapped or hooked module runs as itself (see gdn2.fused.plain)
+            x = x if norm is None else norm(x)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if plain(self.down_proj, nn.Linear):
+            return swiglu_down(gate, up, self.down_proj.weight)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class GDN2Block(nn.Module):
@@ -214,7 +218,8 @@ class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
         inside, -100 ignored). logits_to_keep > 0 computes only the last that many positions' logits.
         With labels and autograd on (training), the loss is the chunked linear cross-entropy (gdn2.fused) and the
         logits are not formed (None): [tokens, vocab] fp32 logits and their gradient would be the largest
-        activations of the step."""
+        activations of the step. (Unless lm_head is wrapped or hooked: then it runs as itself, see
+        gdn2.fused.plain.)"""
         out = self.model(
             input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
             use_cache=use_cache, attention_mask=attention_mask, **kwargs,
@@ -222,7 +227,7 @@ class GDN2ForCausalLM(GDN2PreTrainedModel, GenerationMixin):
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with labels")
         hidden = out.last_hidden_state
-        if labels is not None and torch.is_grad_enabled():
+        if labels is not None and torch.is_grad_enabled() and plain(self.lm_head, nn.Linear):
             loss = causal_lm_loss(hidden, self.lm_head.weight, labels)
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
         if logits_to_keep:

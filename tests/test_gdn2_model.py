@@ -199,3 +199,42 @@ def test_chunk_recompute_in_the_first_layers_only():
     for bad in (4, -1, 1.5, True):
         with pytest.raises(ValueError, match=r"from 0 to 3 \(None: all\); got"):
             model.chunk_recompute_enable(layers=bad)
+
+
+class ShiftedLinear(torch.nn.Linear):
+    """A LoRA-like wrapper: the linear plus a trainable shift its own forward adds."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=False, dtype=linear.weight.dtype)
+        self.weight = linear.weight
+        self.shift = torch.nn.Parameter(torch.full((linear.out_features,), 0.1, dtype=linear.weight.dtype))
+
+    def forward(self, x):
+        return super().forward(x) + self.shift
+
+
+def test_training_runs_wrapped_or_hooked_modules_as_themselves():
+    """The fused training Functions read module weights directly; a module that is a subclass or wrapper (LoRA-like)
+    or has a forward hook must run as itself: every replaced linear's shift gets a gradient, every hook fires, and the
+    training loss equals the no-grad loss of the same model (float64, no autocast)."""
+    torch.manual_seed(0)
+    model = GDN2ForCausalLM(GDN2Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16,
+                                       intermediate_size=64)).double()
+    block = model.model.layers[0]
+    wrapped = {"q_proj": block.attn, "o_proj": block.attn, "up_proj": block.mlp, "down_proj": block.mlp}
+    for name, parent in wrapped.items():
+        setattr(parent, name, ShiftedLinear(getattr(parent, name)))
+    model.lm_head = ShiftedLinear(model.lm_head)
+    calls = []
+    second = model.model.layers[1]
+    for module in (second.attn_norm, second.mlp.gate_proj, second.attn.o_norm):
+        module.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    with torch.no_grad():
+        reference = model(ids, labels=ids, use_cache=False).loss
+    torch.testing.assert_close(loss.detach(), reference, rtol=1e-12, atol=0)
+    shifted = [getattr(parent, name) for name, parent in wrapped.items()] + [model.lm_head]
+    assert all(m.shift.grad is not None and m.shift.grad.abs().sum() > 0 for m in shifted)
+    assert sorted(calls) == sorted(["RMSNorm", "Linear", "GatedRMSNorm"] * 2)        # one training, one no-grad pass
