@@ -312,10 +312,10 @@ class RMSNormLinearsFunction(torch.autograd.Function):
             normed = normed.reshape(grads[0].shape[0], -1)                                   # [M, d]
             grad_weights = [(g.t() @ normed).to(w.dtype) if need else None
                             for g, w, need in zip(grads, weights, ctx.needs_input_grad[4:], strict=True)]
-        if any(ctx.needs_input_grad[:2]):      # sum over the linears of their input gradients, in fp32
-            grad_y = _wide(grads[0] @ weights[0].to(ctx.dtype))
+        if any(ctx.needs_input_grad[:2]):      # the linears' input gradients summed in place, [M, d]
+            grad_y = grads[0] @ weights[0].to(ctx.dtype)
             for g, w in zip(grads[1:], weights[1:], strict=True):
-                grad_y += g @ w.to(ctx.dtype)
+                grad_y.addmm_(g, w.to(ctx.dtype))       # one read and write of grad_y per linear, no extra copies
             grad_x, _, grad_norm_weight = _norm_backward(x, None, norm_weight, rstd, grad_y, "silu", ctx.backend,
                                                          ctx.x_dtype)
             grad_x = grad_x.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
