@@ -28,22 +28,26 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 
 def saved_bytes_by_module(model: torch.nn.Module, ids: torch.Tensor, device_type: str) -> dict[str, int]:
-    """{module path: bytes of the storages first kept for backward while that module ran} for one forward pass."""
+    """{module path: bytes of the storages first kept for backward while that module ran} for one forward pass.
+    The module being run is followed with global module hooks: hooks on the modules themselves would make the model
+    run its modules unfused (gdn2.fused.plain), so the count would not be the training path's."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    names = {id(module): name for name, module in model.named_modules()}
     stack: list[str] = ["(model)"]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     kept: dict[str, int] = defaultdict(int)
-    handles = []
 
-    def enter(name: str):
-        return lambda module, inputs: stack.append(name)
+    def enter(module, inputs) -> None:
+        if id(module) in names:
+            stack.append(names[id(module)])
 
     def leave(module, inputs, output) -> None:       # returns None: the output stays as it is
-        stack.pop()
+        if id(module) in names:
+            stack.pop()
 
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(name)))
-        handles.append(module.register_forward_hook(leave))
+    handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()

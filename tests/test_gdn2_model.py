@@ -238,3 +238,22 @@ def test_training_runs_wrapped_or_hooked_modules_as_themselves():
     shifted = [getattr(parent, name) for name, parent in wrapped.items()] + [model.lm_head]
     assert all(m.shift.grad is not None and m.shift.grad.abs().sum() > 0 for m in shifted)
     assert sorted(calls) == sorted(["RMSNorm", "Linear", "GatedRMSNorm"] * 2)        # one training, one no-grad pass
+
+
+def test_saved_bytes_by_module_counts_the_fused_training_path():
+    """benchmarks/saved_bytes.py follows modules without hooking them (a hooked module runs unfused): the fused pieces
+    stay on (no linear that reads a pre-norm keeps anything of its own), and the bytes by module add up to every byte
+    the forward keeps."""
+    from benchmarks.saved_bytes import kept_bytes, saved_bytes_by_module
+
+    torch.manual_seed(0)
+    model = GDN2ForCausalLM(GDN2Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16,
+                                       intermediate_size=64))
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    by_module = saved_bytes_by_module(model, ids, "cpu")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = kept_bytes(lambda: model(input_ids=ids, labels=ids), exclude=params)
+    assert sum(by_module.values()) == total
+    fused_away = ("q_proj", "k_proj", "v_proj", "b_proj", "w_proj", "gate_proj", "up_proj", "o_proj", "down_proj")
+    assert not [name for name in by_module if name.rsplit(".", 1)[-1] in fused_away], sorted(by_module)
