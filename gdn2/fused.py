@@ -497,6 +497,14 @@ class DecayFunction(torch.autograd.Function):
         return df.view(ctx.shape), da.to(a_log.dtype), ddt.to(dt_bias.dtype), None
 
 
+def decay_again(f: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """decay(f, a_log, dt_bias, head_dim) without autograd: the forward's values again, bit for bit (the same code on
+    the same f), for an operator that recomputes g in its backward pass instead of keeping it (chunk_gdn2's
+    recompute_g)."""
+    with torch.no_grad():
+        return decay(f, a_log, dt_bias, head_dim)
+
+
 def decay(f: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, head_dim: int,
           backend: str = "auto") -> torch.Tensor:
     """decay_reference keeping only f (in its own dtype, bf16 under autocast) for the backward pass instead of three

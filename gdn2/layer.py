@@ -11,6 +11,7 @@ x [B, T, d] -> q, k = L2norm(SiLU(conv(W_q x))), SiLU(conv(W_k x))   [B, T, H, K
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,15 @@ import torch.nn.functional as F
 
 from gdn2.configuration import GATE_GRANULARITIES
 from gdn2.fused import causal_conv_silu as causal_conv_silu  # noqa: F401  (the torch reference, re-exported)
-from gdn2.fused import decay, gated_rms_norm, gated_rms_norm_linear, plain, rms_norm_linears, short_conv_silu
+from gdn2.fused import (
+    decay,
+    decay_again,
+    gated_rms_norm,
+    gated_rms_norm_linear,
+    plain,
+    rms_norm_linears,
+    short_conv_silu,
+)
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
 
 # Prompts up to this many tokens continue a cached state with the recurrent kernel instead of the chunkwise one.
@@ -219,9 +228,13 @@ class GatedDeltaNet2(nn.Module):
             recurrent = previous if use_cache else previous.clone()
             o, recurrent = recurrent_step_gdn2(q, k, v, g, b, w, recurrent, use_qk_l2norm_in_kernel=True)
         else:
+            # without padding g is the decay gate's output: recomputed from f (kept by the gate) in the backward
+            # pass instead of kept (fp32, 8 KB per token at the 1.3B shapes)
+            again = None if token_mask is not None else functools.partial(decay_again, f, self.A_log, self.dt_bias,
+                                                                           self.head_k_dim)
             o, recurrent = chunk_gdn2(
                 q, k, v, g, b, w, initial_state=previous, output_final_state=use_cache, use_qk_l2norm_in_kernel=True,
-                recompute_in_backward=self.recompute_chunk,
+                recompute_in_backward=self.recompute_chunk, recompute_g=again,
             )
         gate = gate.reshape(B, T, self.num_v_heads, self.head_v_dim)
         if plain(self.o_norm, GatedRMSNorm) and plain(self.o_proj, nn.Linear):

@@ -512,3 +512,43 @@ def test_autotuner_times_each_config_with_the_tune_budget(monkeypatch):
     monkeypatch.setattr(utils, "TUNE_REP_MS", 30)
     assert utils._time_config(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
     assert calls == [dict(warmup=7, rep=30, quantiles=(0.5, 0.2, 0.8))]
+
+
+@pytest.mark.parametrize("recompute_chunk", [False, True])
+def test_recompute_g_keeps_no_copy_of_g_and_gives_the_same_gradients(monkeypatch, recompute_chunk):
+    """recompute_g: with g the decay gate's output, the Function keeps no copy of g (exactly g's bytes fewer) and
+    calls the function in its backward; every gradient (q, k, v, b, w, h0 and, through g, f, A_log and dt_bias) is
+    bit-identical to keeping g, with and without recompute_in_backward. The decay gate runs its Triton kernel in
+    both passes (the interpreter here, as on a GPU)."""
+    import functools
+
+    import gdn2.fused
+    from benchmarks.saved_bytes import kept_bytes
+
+    monkeypatch.setattr(gdn2.fused, "_backend", lambda x, backend: "triton")
+    q, k, v, _, b, w, h0 = make_inputs(1, 150, 2, 4, 32, 16, 1, False, seed=12)
+    gen = torch.Generator().manual_seed(3)
+    f, a_log, dt_bias = torch.randn(1, 150, 64, generator=gen), torch.rand(2, generator=gen), torch.randn(64,
+                                                                                                          generator=gen)
+    results = {}
+    for again in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, b, w, h0, f, a_log, dt_bias)]
+        lq, lk, lv, lb, lw, lh0, lf, la, ldt = leaves
+        g = gdn2.fused.decay(lf, la, ldt, 32).reshape(1, 150, 2, 32)
+        recompute_g = functools.partial(gdn2.fused.decay_again, lf, la, ldt, 32) if again else None
+
+        def run(g=g, recompute_g=recompute_g, lq=lq, lk=lk, lv=lv, lb=lb, lw=lw, lh0=lh0):
+            return chunk_gdn2(lq, lk, lv, g, lb, lw, initial_state=lh0, output_final_state=True,
+                              use_qk_l2norm_in_kernel=True, backend="triton", recompute_in_backward=recompute_chunk,
+                              recompute_g=recompute_g)
+
+        nbytes, (o, ht) = kept_bytes(run)
+        out = torch.Generator().manual_seed(0)
+        do, dht = torch.randn(o.shape, generator=out), torch.randn(ht.shape, generator=out)
+        ((o * do).sum() + (ht * dht).sum()).backward()
+        results[again] = nbytes, o.detach(), [x.grad for x in leaves]
+    assert results[False][0] - results[True][0] == 150 * 64 * 4           # g: fp32 [1, 150, 2, 32]
+    assert torch.equal(results[True][1], results[False][1])
+    names = ["q", "k", "v", "b", "w", "h0", "f", "A_log", "dt_bias"]
+    for name, a, b_ in zip(names, results[True][2], results[False][2], strict=True):
+        assert torch.equal(a, b_), name

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -47,6 +48,7 @@ def chunk_gdn2(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     recompute_in_backward: bool = False,
+    recompute_g: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise GDN-2: S_t = (I - k_t (b_t*k_t)^T) Diag(exp g_t) S_{t-1} + k_t (w_t*v_t)^T, o_t = scale S_t^T q_t.
 
@@ -54,7 +56,9 @@ def chunk_gdn2(
     initial_state: [N, Hv, K, V] with N = B, or the number of sequences when cu_seqlens [N + 1] packs them into B = 1.
     Returns o [B, T, Hv, V] (v's dtype) and the final state [N, Hv, K, V] in fp32 (float64 for float64 inputs)
     when output_final_state, else None. recompute_in_backward: keep only the inputs for the backward pass and run
-    the forward again there (less memory in training, one more forward's time); the same gradients.
+    the forward again there (less memory in training, one more forward's time); the same gradients. recompute_g:
+    a function that returns g again, bit for bit (e.g. the decay gate on the f it keeps): the Triton path then keeps
+    no copy of g for the backward pass and calls it there (the torch path keeps what its ops keep).
     """
     chosen = resolve_backend(backend, q.device)
     args = dict(
@@ -70,4 +74,5 @@ def chunk_gdn2(
         return torch_chunk_gdn2(q, k, v, g, b, w, **args)
     from gdn2.ops.triton import triton_chunk_gdn2  # imported lazily: CPU users never need Triton
 
-    return triton_chunk_gdn2(q, k, v, g, b, w, **args, recompute_in_backward=recompute_in_backward)
+    return triton_chunk_gdn2(q, k, v, g, b, w, **args, recompute_in_backward=recompute_in_backward,
+                             recompute_g=recompute_g)

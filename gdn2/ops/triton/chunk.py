@@ -1,8 +1,8 @@
 """Public Triton entry point for chunkwise GDN-2: picks the inference-only forward or the autograd Function.
 
     triton_chunk_gdn2(q, k, v, g, b, w, scale=None, initial_state=None, output_final_state=False,
-                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, recompute_in_backward=False)
-        -> (o [B, T, Hv, V], final_state | None)
+                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, recompute_in_backward=False,
+                      recompute_g=None) -> (o [B, T, Hv, V], final_state | None)
 
 q, k, g, b: [B, T, H, K]; v, w: [B, T, Hv, V] (Hv a multiple of H; value head j reads key head j // (Hv // H));
 g is the natural-log decay per key channel; the state is fp32 [N, Hv, K, V]. With cu_seqlens [N + 1], B must be 1.
@@ -12,11 +12,14 @@ forward launches run is one ForwardPlan per call (dispatch.plan_forward). With r
 keeps only its inputs: its forward runs the inference plan, and the backward runs the training forward again,
 without the output, to get the intermediates (A, Aqk, Y, Qg, Kt, hs, R: 30 KB per token per layer at the 1.3B
 shapes in bf16) just before it reads them, so one layer's intermediates are alive at a time instead of every
-layer's.
+layer's. With recompute_g (a function returning g again, bit for bit, e.g. the decay gate run on the f it keeps)
+the Function does not keep g (fp32, 8 KB per token per layer at the 1.3B shapes) and calls recompute_g in its
+backward instead.
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -72,7 +75,8 @@ def plan_for(v: torch.Tensor, K: int, layout, training: bool):
 
 class ChunkGDN2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, b, w, scale, initial_state, output_final_state, use_l2, cu_seqlens, recompute):
+    def forward(ctx, q, k, v, g, b, w, scale, initial_state, output_final_state, use_l2, cu_seqlens, recompute,
+                recompute_g):
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
         qf, kf, vf, gf, bf, wf, rq, rk, h0, layout = packed_inputs(q, k, v, g, b, w, initial_state, use_l2,
@@ -80,8 +84,9 @@ class ChunkGDN2Function(torch.autograd.Function):
         o, ht, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, output_final_state,
                                      plan_for(vf, K, layout, training=not recompute))
         saved = {} if recompute else saved
-        ctx.saved_names, ctx.recompute = tuple(saved), recompute
-        ctx.save_for_backward(qf, kf, vf, gf, bf, wf, rq, rk, h0, *saved.values())
+        ctx.saved_names, ctx.recompute, ctx.recompute_g = tuple(saved), recompute, recompute_g
+        kept_g = None if recompute_g is not None else gf       # g [TT, H, K] fp32, or computed again in backward
+        ctx.save_for_backward(qf, kf, vf, kept_g, bf, wf, rq, rk, h0, *saved.values())
         ctx.meta = (scale, layout, use_l2, (B, T, H, K, HV, V), initial_state is not None,
                     initial_state.dtype if initial_state is not None else None,
                     tuple(x.dtype for x in (q, k, v, g, b, w)))
@@ -92,6 +97,8 @@ class ChunkGDN2Function(torch.autograd.Function):
         qf, kf, vf, gf, bf, wf, rq, rk, h0, *rest = ctx.saved_tensors
         saved = dict(zip(ctx.saved_names, rest, strict=False))
         scale, layout, use_l2, (B, T, H, K, HV, V), has_h0, h0_dtype, dtypes = ctx.meta
+        if gf is None:
+            gf = ctx.recompute_g().reshape(B * T, H, K).float().contiguous()
         if ctx.recompute:                             # the intermediates alone: O is not needed again
             _, _, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, False,
                                         plan_for(vf, K, layout, training=True).without_output())
@@ -106,7 +113,7 @@ class ChunkGDN2Function(torch.autograd.Function):
         grads += [dg.reshape(B, T, H, K), db.reshape(B, T, H, K), dw.reshape(B, T, HV, V)]
         grads = [x.to(dt) for x, dt in zip(grads, dtypes, strict=False)]
         dh0 = dh0.to(h0_dtype) if has_h0 else None
-        return (*grads, None, dh0, None, None, None, None)
+        return (*grads, None, dh0, None, None, None, None, None)
 
 
 def triton_chunk_gdn2(
@@ -122,8 +129,10 @@ def triton_chunk_gdn2(
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     recompute_in_backward: bool = False,
+    recompute_g: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunkwise GDN-2 on Triton kernels; see the module docstring for shapes, dispatch and recompute_in_backward."""
+    """Chunkwise GDN-2 on Triton kernels; see the module docstring for shapes, dispatch, recompute_in_backward and
+    recompute_g."""
     check_gdn2_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -135,7 +144,7 @@ def triton_chunk_gdn2(
         warnings.warn(BF16_UNDER_INTERPRETER, RuntimeWarning, stacklevel=2)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return ChunkGDN2Function.apply(q, k, v, g, b, w, scale, initial_state, output_final_state,
-                                       use_qk_l2norm_in_kernel, cu_seqlens, recompute_in_backward)
+                                       use_qk_l2norm_in_kernel, cu_seqlens, recompute_in_backward, recompute_g)
     qf, kf, vf, gf, bf, wf, rq, rk, h0, layout = packed_inputs(q, k, v, g, b, w, initial_state,
                                                                use_qk_l2norm_in_kernel, cu_seqlens)
     o, ht, _ = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_qk_l2norm_in_kernel,
