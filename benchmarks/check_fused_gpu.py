@@ -1,8 +1,9 @@
 """GPU check of the model-level kernels and paths (compiled Triton, not the CPU interpreter the tests use):
 gdn2/fused_kernels.py against the torch path of the same autograd Functions at the 1.3B model's shapes (fp32 and
 bf16; outputs and every gradient), the chunked linear cross-entropy against F.cross_entropy, a small GDN-2 model's
-loss and parameter gradients (fused path against the plain logits path, fp32), and greedy decoding from the CUDA
-graph (harness/graph_decode.py) against the plain step for each recurrent family's tiny model.
+loss and parameter gradients (fused path against the plain logits path, fp32), the training path's recomputes bit
+for bit (the pre-norms' output, g), and greedy decoding from the CUDA graph (harness/graph_decode.py) against the
+plain step for each recurrent family's tiny model.
 
     python benchmarks/check_fused_gpu.py            # prints one line per check and PASS / FAIL; exit 1 on a FAIL
 """
@@ -96,6 +97,46 @@ def check_kernels() -> None:
            with_grads(lambda h, w: F.cross_entropy(h @ w.t(), labels), hidden, head), 1e-4)
 
 
+def check_recomputes_are_exact() -> None:
+    """The training path's recomputes on compiled kernels, bit for bit (tol 0): rms_norm_linears' weight gradients
+    under bf16 autocast against dout^T y with the forward's own y, and the chunk operator's gradients with g
+    recomputed from f (recompute_g) against g kept, at a 1.3B layer's shapes in bf16."""
+    import functools
+
+    from gdn2.fused import _backend, _norm_forward, decay, decay_again, rms_norm_linears
+    from gdn2.ops import chunk_gdn2
+
+    torch.manual_seed(0)
+    x = torch.randn(8192, 2304, device="cuda", requires_grad=True)
+    w = (1 + 0.1 * torch.randn(2304, device="cuda")).requires_grad_()
+    lin = (torch.randn(2048, 2304, device="cuda") * 0.02).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        (out,) = rms_norm_linears(x, w, 1e-5, (lin,))
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    y = _norm_forward(x.detach(), None, w.detach(), 1e-5, "silu", _backend(x, "auto"), torch.bfloat16,
+                      torch.bfloat16, round_x=True)[0]                   # what the forward computed, as it did
+    report("rms_norm_linears bf16: the weight gradient from the forward's y", [lin.grad],
+           [(dout.t() @ y).float()], 0.0)
+
+    B, T, H, K = 2, 2048, 16, 128
+    q, k, v = (torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    b, wv = (torch.rand(B, T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    f = torch.randn(B, T, H * K, device="cuda", dtype=torch.bfloat16)
+    a_log, dt_bias = torch.empty(H, device="cuda").uniform_(0, 2.7), torch.randn(H * K, device="cuda")
+    grads = {}
+    for again in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, b, wv, f, a_log, dt_bias)]
+        lq, lk, lv, lb, lw, lf, la, ld = leaves
+        g = decay(lf, la, ld, K).reshape(B, T, H, K)
+        o, _ = chunk_gdn2(lq, lk, lv, g, lb, lw, use_qk_l2norm_in_kernel=True,
+                          recompute_g=functools.partial(decay_again, lf, la, ld, K) if again else None)
+        torch.manual_seed(1)
+        o.backward(torch.randn_like(o))
+        grads[again] = [o.detach()] + [t.grad for t in leaves]
+    report("chunk_gdn2 bf16, g recomputed (recompute_g) against g kept", grads[True], grads[False], 0.0)
+
+
 def check_model() -> None:
     from gdn2 import GDN2ForCausalLM, named_config
 
@@ -149,6 +190,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     check_kernels()
+    check_recomputes_are_exact()
     check_model()
     check_graph_decode()
     print(f"{len(FAILED)} failed" + (f": {', '.join(FAILED)}" if FAILED else ""))
