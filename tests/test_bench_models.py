@@ -51,3 +51,9 @@ def test_impls_are_those_requested_that_exist_for_the_family():
     assert bench_models.impls_of("gdn2", ["ours", "fla", "fla-matched"], with_fla=True) == ["ours", "fla"]
     assert bench_models.impls_of("kda", ["fla-matched"], with_fla=False) == []
     assert bench_models.impls_of("mamba3", ["ours", "fla"], with_fla=True) == ["ours"]
+
+
+def test_recompute_layers_needs_the_chunk_recompute(capsys):
+    with pytest.raises(SystemExit):
+        bench_models.main(["--recompute-layers", "4"])
+    assert "--recompute-layers goes with --recompute chunk" in capsys.readouterr().err
