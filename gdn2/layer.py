@@ -184,10 +184,11 @@ class GatedDeltaNet2(nn.Module):
 
     def input_projections(self, hidden_states: torch.Tensor, norm: nn.Module | None = None) -> tuple:
         """(W_q x, W_k x, W_v x, f_proj(x), b_proj(x), w_proj(x), g_proj(x)) [B, T, *] of x = hidden_states, or of
-        x = norm(hidden_states) for an RMSNorm module `norm` (weight, eps): then the norm runs with the seven linears
-        reading it as one Function (gdn2.fused.rms_norm_linears) that does not keep the normed x for the backward."""
+        x = norm(hidden_states) for a plain RMSNorm `norm` (weight, eps; the caller checks, gdn2.fused.plain): then it
+        runs with the seven linears reading it as one Function (gdn2.fused.rms_norm_linears) that does not keep the
+        normed x for the backward pass."""
         linears = (self.q_proj, self.k_proj, self.v_proj, self.f_proj[0], self.b_proj, self.w_proj, self.g_proj[0])
-        if norm is not None and plain(norm, type(norm)) and all(plain(linear, nn.Linear) for linear in linears):
+        if norm is not None and all(plain(linear, nn.Linear) for linear in linears):
             outs = rms_norm_linears(hidden_states, norm.weight, norm.eps, [linear.weight for linear in linears])
         else:                          # unfused: a wrapped or hooked module runs as itself (see gdn2.fused.plain)
             x = hidden_states if norm is None else norm(hidden_states)

@@ -47,8 +47,7 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d]; norm: the block's pre-norm, applied here to x with gate_proj and up_proj as one
         Function (gdn2.fused.rms_norm_linears: the normed x is recomputed in the backward, not kept)."""
-        if norm is not None and plain(norm, type(norm)) and plain(self.gate_proj, nn.Linear) and \
-                plain(self.up_proj, nn.Linear):
+        if norm is not None and plain(self.gate_proj, nn.Linear) and plain(self.up_proj, nn.Linear):
             gate, up = rms_norm_linears(x, norm.weight, norm.eps, (self.gate_proj.weight, self.up_proj.weight))
         else:                          # unfused: a wrapped or hooked module runs as itself (see gdn2.fused.plain)
             x = x if norm is None else norm(x)
@@ -86,10 +85,13 @@ class GDN2Block(nn.Module):
         """x [B, T, d] -> (x [B, T, d], the mixer's new state). With autograd on and no token_mask, each pre-norm runs
         inside the mixer and the MLP with the linears reading it (its output is not kept for the backward pass);
         otherwise (inference, left padding) the norms run first, as separate modules."""
-        if torch.is_grad_enabled() and token_mask is None:
-            mixed, new_state = self.attn(x, state=state, use_cache=use_cache, norm=self.attn_norm)
+        if torch.is_grad_enabled() and token_mask is None:   # a wrapped or hooked norm runs as itself (fused.plain)
+            norm = self.attn_norm if plain(self.attn_norm, RMSNorm) else None
+            mixed, new_state = self.attn(x if norm is not None else self.attn_norm(x), state=state,
+                                         use_cache=use_cache, norm=norm)
             x = x + mixed
-            return x + self.mlp(x, norm=self.mlp_norm), new_state
+            norm = self.mlp_norm if plain(self.mlp_norm, RMSNorm) else None
+            return x + self.mlp(x if norm is not None else self.mlp_norm(x), norm=norm), new_state
         mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, token_mask=token_mask)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))

@@ -5,6 +5,7 @@ import torch
 import gdn2
 from gdn2 import GDN2Config, GDN2ForCausalLM, named_config
 from gdn2.layer import GatedDeltaNet2
+from gdn2.modeling import RMSNorm
 
 
 def tiny_model(seed=0, **overrides) -> GDN2ForCausalLM:
@@ -213,18 +214,32 @@ class ShiftedLinear(torch.nn.Linear):
         return super().forward(x) + self.shift
 
 
+class ShiftedNorm(RMSNorm):
+    """An RMSNorm subclass whose own forward adds a trainable shift."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__(norm.weight.numel(), norm.eps)
+        self.weight = norm.weight
+        self.shift = torch.nn.Parameter(torch.full_like(norm.weight, 0.1))
+
+    def forward(self, x):
+        return super().forward(x) + self.shift
+
+
 def test_training_runs_wrapped_or_hooked_modules_as_themselves():
-    """The fused training Functions read module weights directly; a module that is a subclass or wrapper (LoRA-like)
-    or has a forward hook must run as itself: every replaced linear's shift gets a gradient, every hook fires, and the
-    training loss equals the no-grad loss of the same model (float64, no autocast)."""
+    """The fused training Functions read module weights directly; a module that is a subclass or wrapper (LoRA-like;
+    a norm subclass) or has a forward hook must run as itself: every replaced module's shift gets a gradient, every
+    hook fires, and the training loss equals the no-grad loss of the same model (float64, no autocast)."""
     torch.manual_seed(0)
-    model = GDN2ForCausalLM(GDN2Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16,
+    model = GDN2ForCausalLM(GDN2Config(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_heads=2, head_dim=16,
                                        intermediate_size=64)).double()
     block = model.model.layers[0]
     wrapped = {"q_proj": block.attn, "o_proj": block.attn, "up_proj": block.mlp, "down_proj": block.mlp}
     for name, parent in wrapped.items():
         setattr(parent, name, ShiftedLinear(getattr(parent, name)))
     model.lm_head = ShiftedLinear(model.lm_head)
+    third = model.model.layers[2]                   # norm subclasses beside plain linears
+    third.attn_norm, third.mlp_norm = ShiftedNorm(third.attn_norm), ShiftedNorm(third.mlp_norm)
     calls = []
     second = model.model.layers[1]
     for module in (second.attn_norm, second.mlp.gate_proj, second.attn.o_norm):
@@ -235,7 +250,8 @@ def test_training_runs_wrapped_or_hooked_modules_as_themselves():
     with torch.no_grad():
         reference = model(ids, labels=ids, use_cache=False).loss
     torch.testing.assert_close(loss.detach(), reference, rtol=1e-12, atol=0)
-    shifted = [getattr(parent, name) for name, parent in wrapped.items()] + [model.lm_head]
+    shifted = [getattr(parent, name) for name, parent in wrapped.items()]
+    shifted += [model.lm_head, third.attn_norm, third.mlp_norm]
     assert all(m.shift.grad is not None and m.shift.grad.abs().sum() > 0 for m in shifted)
     assert sorted(calls) == sorted(["RMSNorm", "Linear", "GatedRMSNorm"] * 2)        # one training, one no-grad pass
 
