@@ -239,7 +239,7 @@ def run_note(impl: str, model: torch.nn.Module) -> str:
     return f"{compile_settings()}; {params}" if impl.startswith("ours") else params
 
 
-RECOMPUTE = {"none": None, "chunk": "chunk_recompute_enable", "blocks": "gradient_checkpointing_enable"}
+RECOMPUTE = ("none", "chunk", "blocks")    # --recompute: GDN2ForCausalLM's switches, see train_rows
 
 
 def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile: bool,
@@ -252,12 +252,12 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
     model, refused = model_or_row("train", family, impl, lambda: build_model(family, impl).train())
     if model is None:
         return refused
-    if recompute == "chunk" and (family, impl) == ("gdn2", "ours"):
-        model.chunk_recompute_enable(layers=recompute_layers)
-        impl = f"{impl}-recompute-chunk" + ("" if recompute_layers is None else f"-{recompute_layers}")
-    elif RECOMPUTE[recompute] and (family, impl) == ("gdn2", "ours"):
-        getattr(model, RECOMPUTE[recompute])()
-        impl = f"{impl}-recompute-{recompute}"
+    if recompute != "none" and (family, impl) == ("gdn2", "ours"):
+        if recompute == "chunk":
+            model.chunk_recompute_enable(layers=recompute_layers)
+        else:
+            model.gradient_checkpointing_enable()
+        impl = f"{impl}-recompute-{recompute}" + ("" if recompute_layers is None else f"-{recompute_layers}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     for T, B in shapes:
         ids = torch.randint(0, vocab(), (B, T), device=RUN["device"])
@@ -685,7 +685,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,32", help="decode batch sizes")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per shape")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table and memory by phase, per shape")
-    parser.add_argument("--recompute", choices=tuple(RECOMPUTE), default="none",
+    parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
                         help="GDN2ForCausalLM in training: recompute the chunk operator's intermediates ('chunk') or "
                              "whole blocks ('blocks') in the backward pass")
     parser.add_argument("--recompute-layers", type=int, metavar="N",
