@@ -98,7 +98,7 @@ class ChunkGDN2Function(torch.autograd.Function):
         saved = dict(zip(ctx.saved_names, rest, strict=False))
         scale, layout, use_l2, (B, T, H, K, HV, V), has_h0, h0_dtype, dtypes = ctx.meta
         if gf is None:
-            gf = ctx.recompute_g().reshape(B * T, H, K).float().contiguous()
+            gf = ctx.recompute_g().reshape(B * T, H, K).to(dtypes[3]).contiguous()      # as packed_inputs gave it
         if ctx.recompute:                             # the intermediates alone: O is not needed again
             _, _, saved = chunk_forward(qf, kf, vf, gf, bf, wf, rq, rk, h0, scale, layout, use_l2, False,
                                         plan_for(vf, K, layout, training=True).without_output())
