@@ -85,17 +85,13 @@ class GDN2Block(nn.Module):
         """x [B, T, d] -> (x [B, T, d], the mixer's new state). With autograd on and no token_mask, each pre-norm runs
         inside the mixer and the MLP with the linears reading it (its output is not kept for the backward pass);
         otherwise (inference, left padding) the norms run first, as separate modules."""
-        if torch.is_grad_enabled() and token_mask is None:   # a wrapped or hooked norm runs as itself (fused.plain)
-            norm = self.attn_norm if plain(self.attn_norm, RMSNorm) else None
-            mixed, new_state = self.attn(x if norm is not None else self.attn_norm(x), state=state,
-                                         use_cache=use_cache, norm=norm)
-            x = x + mixed
-            norm = self.mlp_norm if plain(self.mlp_norm, RMSNorm) else None
-            return x + self.mlp(x if norm is not None else self.mlp_norm(x), norm=norm), new_state
-        mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, token_mask=token_mask)
+        fuse = torch.is_grad_enabled() and token_mask is None
+        norm = self.attn_norm if fuse and plain(self.attn_norm, RMSNorm) else None     # wrapped or hooked: as itself
+        mixed, new_state = self.attn(x if norm is not None else self.attn_norm(x), state=state, use_cache=use_cache,
+                                     token_mask=token_mask, norm=norm)
         x = x + mixed
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, new_state
+        norm = self.mlp_norm if fuse and plain(self.mlp_norm, RMSNorm) else None
+        return x + self.mlp(x if norm is not None else self.mlp_norm(x), norm=norm), new_state
 
 
 class GDN2PreTrainedModel(PreTrainedModel):
