@@ -12,8 +12,8 @@ its first config that fits the input dtype (the "default" config, first in each 
 compiles one variant per kernel instead of all of them. Autotuning stays the default (benchmarks).
 
 Autotuned kernels compile all their configs at once, in a thread pool, before the autotuner times them one by one
-(it would compile each on its first timing run; Triton's compiler releases the GIL). On an H100 whose Triton cache
-held none of the 1.3B model's kernels, its first training step at 2K x 8 took 24.5 s this way, with the timing budget
+(it would compile each on its first timing run; Triton's compiler releases the GIL). On a freshly started H100
+(empty Triton cache) the 1.3B model's first training step at 2K x 8 took 39.0 s this way, with the timing budget
 below (docs/efficiency.md, "Training the 1.3B GDN-2").
 ``GDN2_TRITON_PARALLEL_COMPILE=0`` (read at import time) leaves every compile to the autotuner. Best effort: a failure
 leaves the compiles to the autotuner.
