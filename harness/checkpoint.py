@@ -126,4 +126,19 @@ def load_tokenizer(folder: Path | None, explicit: str | None):
             f"no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json) in {target}; "
             "pass one with --tokenizer PATH"
         )
+    if _names_fast_tokenizer(target):
+        return PreTrainedTokenizerFast.from_pretrained(str(target))
     return AutoTokenizer.from_pretrained(str(target))
+
+
+def _names_fast_tokenizer(folder: Path) -> bool:
+    """True for a folder with a tokenizer.json whose tokenizer_config.json names PreTrainedTokenizerFast (the bundled
+    models, our trained tokenizers). That class is loaded directly: AutoTokenizer would first read config.json, and a
+    model_type transformers does not know (gdn2, fla's) makes it log a misleading "model of type" warning."""
+    import json
+
+    config = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    with open(config) as f:
+        return json.load(f).get("tokenizer_class") == "PreTrainedTokenizerFast"

@@ -123,3 +123,36 @@ def test_tokenizer_from_folder_explicit_path_or_clear_error(tmp_path, kda_state)
 def test_recurrent_families_have_no_hard_context_limit(tmp_path, kda_state):
     model = load_model(f"kda={folder_with(tmp_path, kda_state)}", device="cpu")
     assert model.max_length is None and model.trained_length == 2048  # fla's default max_position_embeddings
+
+
+def test_bundled_tokenizer_loads_without_a_model_type_warning():
+    """A folder whose config.json has a model_type transformers does not know (gdn2) and whose tokenizer_config
+    names PreTrainedTokenizerFast: the tokenizer equals AutoTokenizer's, and no "model of type" warning is logged
+    (AutoTokenizer logs one, having read config.json)."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from harness.checkpoint import load_tokenizer
+
+    folder = BPE_4K.parent / "gdn2-small"
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "gdn2"
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        ours = load_tokenizer(folder, None)
+        assert not [m for m in messages if "model of type" in m]
+        reference = AutoTokenizer.from_pretrained(str(folder))
+        assert [m for m in messages if "model of type" in m], "AutoTokenizer no longer warns: the check above is moot"
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    text = "The special magic number for sleepy-cabbage is: 4821937."
+    assert type(ours) is type(reference)
+    assert ours(text)["input_ids"] == reference(text)["input_ids"]
+    assert (ours.bos_token, ours.eos_token) == (reference.bos_token, reference.eos_token)
