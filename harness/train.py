@@ -187,3 +187,24 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+CODE_FOLDERS = ("gdn2", "baselines", "harness", "tasks", "scripts")
+
+
+def code_fingerprint(root) -> str:
+    """sha256 (16 hex digits) of the Python sources a training run executes: every *.py under CODE_FOLDERS of the
+    repository root, by relative path and content, in sorted order. Two runs with the same fingerprint ran the same
+    code; it needs no git (the GPU machine gets a copy of the tree without .git)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    digest = hashlib.sha256()
+    for folder in CODE_FOLDERS:
+        for path in sorted((root / folder).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

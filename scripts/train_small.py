@@ -37,7 +37,7 @@ from harness import small_models  # noqa: E402
 from harness.bundled import BPE_4K  # noqa: E402
 from harness.bundled import HERE as BUNDLED_DIR
 from harness.registry import resolve_device  # noqa: E402
-from harness.train import TrainConfig, describe_device, train  # noqa: E402
+from harness.train import TrainConfig, code_fingerprint, describe_device, train  # noqa: E402
 from tasks import training_mix  # noqa: E402
 
 SUFFIX = "-small"
@@ -256,7 +256,8 @@ def train_one(args: argparse.Namespace, name: str, steps: int, inputs, targets, 
         "result": result.to_record(), "stream": stream,
         "command": retrain_command(args, name, steps, result.steps_done),
         "software": {"torch": torch.__version__, "python": sys.version.split()[0],
-                     "GDN2_TRITON_AUTOTUNE": os.environ.get("GDN2_TRITON_AUTOTUNE", "1")},
+                     "GDN2_TRITON_AUTOTUNE": os.environ.get("GDN2_TRITON_AUTOTUNE", "1"),
+                     "code_sha256": code_fingerprint(ROOT)},
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     if args.probe_only:
@@ -344,7 +345,9 @@ def model_card(record: dict) -> str:
                        "mix below)"),
         *([("needle exact match", needle_check_line(r["needle_checks"]))] if r.get("needle_checks") else []),
         ("time and card", f"{r['seconds']:.0f} s on {r['device']}, {record['date']}, "
-                          f"torch {record['software']['torch']}"),
+                          f"torch {record['software']['torch']}"
+                          + (f", code sha256 `{record['software']['code_sha256']}`"
+                             if "code_sha256" in record["software"] else "")),
     ]
     table = "\n".join(f"| {label} | {value} |" for label, value in rows)
     stream = record["stream"]

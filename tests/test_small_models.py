@@ -366,6 +366,32 @@ def test_retraining_command_reproduces_the_card(tmp_path, corpus, monkeypatch):
     assert again["stream"]["stream_sha256"] == record["stream"]["stream_sha256"]
     assert (tmp_path / "b" / "gdn2-small" / "model.safetensors").read_bytes() == (
         folder / "model.safetensors").read_bytes()
+    from harness.train import code_fingerprint
+    assert again["software"]["code_sha256"] == record["software"]["code_sha256"] == code_fingerprint(ROOT)
+    assert f"code sha256 `{record['software']['code_sha256']}`" in (folder / "README.md").read_text()
+
+
+def test_code_fingerprint_follows_python_sources_only(tmp_path):
+    """Same sources, same fingerprint; an edited .py file changes it; other files and __pycache__ do not."""
+    import shutil
+
+    from harness.train import code_fingerprint
+    a = tmp_path / "a"
+    for folder in ("gdn2", "harness", "tasks"):
+        (a / folder / "sub").mkdir(parents=True)
+        (a / folder / "sub" / "m.py").write_text(f"X = '{folder}'\n")
+    shutil.copytree(a, tmp_path / "b")
+    first = code_fingerprint(a)
+    assert len(first) == 16 and first == code_fingerprint(tmp_path / "b")
+    (a / "tasks" / "notes.md").write_text("not code")
+    (a / "gdn2" / "__pycache__").mkdir()
+    (a / "gdn2" / "__pycache__" / "m.py").write_text("cached")
+    assert code_fingerprint(a) == first
+    (a / "harness" / "sub" / "m.py").write_text("X = 'edited'\n")
+    edited = code_fingerprint(a)
+    assert edited != first
+    (a / "harness" / "sub" / "m.py").rename(a / "harness" / "m.py")      # the same content at another path
+    assert code_fingerprint(a) not in (first, edited)
 
 
 def test_pick_steps_fits_the_slowest_model():
