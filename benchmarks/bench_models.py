@@ -27,6 +27,7 @@ import datetime
 import gc
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -242,6 +243,15 @@ def run_note(impl: str, model: torch.nn.Module) -> str:
 RECOMPUTE = ("none", "chunk", "blocks")    # --recompute: GDN2ForCausalLM's switches, see train_rows
 
 
+def checked_loss(loss: torch.Tensor, steps: int) -> float:
+    """The last timed step's loss as a float (read after the timing); a non-finite one fails the row, since its
+    tokens/s would time a broken step (random init starts near ln(vocabulary))."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite training loss ({value}) after {steps} steps")
+    return value
+
+
 def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile: bool,
                recompute: str, recompute_layers: int | None = None) -> list[dict]:
     """Training rows of one model at each shape. recompute (GDN2ForCausalLM only): 'chunk' recomputes the chunk
@@ -268,6 +278,7 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return loss.detach()
 
         paper_value = paper.get((family, T, B))
         try:
@@ -281,13 +292,14 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
             sync()
             start = time.perf_counter()
             for _ in range(steps):
-                step()
+                loss = step()
             sync()
             seconds = (time.perf_counter() - start) / steps
+            final_loss = checked_loss(loss, steps + 2)
             rows.append(row("train", family, impl, seq_len=T, batch=B, tok_s=round(B * T / seconds),
                             ms=round(seconds * 1e3, 1), peak_gib=peak_gib(),
                             first_step_s=round(first, 1), paper_tok_s=paper_value,
-                            note=run_note(impl, model)))
+                            note=f"{run_note(impl, model)}; last loss {final_loss:.3f}"))
             if profile:
                 profile_step(step, f"{family} {impl} train {T}x{B}", model, ids, opt)
         except Exception as err:  # noqa: BLE001 - out of memory or a failing model: a row, and the run goes on

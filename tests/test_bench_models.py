@@ -57,3 +57,24 @@ def test_recompute_layers_needs_the_chunk_recompute(capsys):
     with pytest.raises(SystemExit):
         bench_models.main(["--recompute-layers", "4"])
     assert "--recompute-layers goes with --recompute chunk" in capsys.readouterr().err
+
+
+def test_training_rows_read_the_loss_and_fail_a_non_finite_one(monkeypatch):
+    """A training row notes its last loss (random init: near ln(vocabulary)); a step whose loss is NaN gives an error
+    row, not a tokens/s. The tiny GDN-2 on the CPU (its kernels in Triton's interpreter)."""
+    import math
+
+    monkeypatch.setitem(bench_models.RUN, "device", "cpu")
+    monkeypatch.setitem(bench_models.RUN, "smoke", True)
+    [ok] = bench_models.train_rows("gdn2", "ours", [(64, 2)], steps=1, paper={}, profile=False, recompute="none")
+    assert ok["status"] == "ok" and ok["tok_s"] > 0
+    from gdn2 import NAMED_CONFIGS
+    loss = float(ok["note"].rsplit("last loss ", 1)[1])
+    assert abs(loss - math.log(NAMED_CONFIGS["gdn2-tiny"]["vocab_size"])) < 0.5     # ln 4096 = 8.32
+
+    plain_loss = bench_models.loss_of
+    monkeypatch.setattr(bench_models, "loss_of", lambda model, ids: plain_loss(model, ids) * float("nan"))
+    [failed] = bench_models.train_rows("gdn2", "ours", [(64, 2)], steps=1, paper={}, profile=False,
+                                       recompute="none")
+    assert failed["status"] == "error" and failed["tok_s"] == ""
+    assert "non-finite training loss (nan) after 3 steps" in failed["note"]
