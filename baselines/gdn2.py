@@ -161,6 +161,7 @@ class GDN2Family(ModelFamily):
 
     def _wrap(self, source: str, lm, tokenizer, device, dtype) -> EvalModel:
         from baselines.common import SlidingWindowAttention, keep_fp32
+        from gdn2 import GDN2ForCausalLM
 
         lm = keep_fp32(lm.to(device=device, dtype=dtype).eval(), names=("A_log", "dt_bias"))
         config = lm.config
@@ -173,6 +174,9 @@ class GDN2Family(ModelFamily):
             state_floats=config.state_floats_per_layer(),
             max_length=config.max_position_embeddings if full_attention else None,
             trained_length=config.max_position_embeddings, info=info,
+            # GDN2ForCausalLM masks left padding exactly (tests/test_gdn2_padding.py); attention layers are not
+            # checked for it, so hybrids prefill each prompt alone
+            left_padded_prefill=isinstance(lm, GDN2ForCausalLM) and not attention,
         )
 
     # ---------------------------------------------------------------- conformance (harness/doctor.py)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from harness.batching import DecodeBatch, cache_signature, stack_caches
+from harness.batching import DecodeBatch, RecurrentBatch, cache_signature, stack_caches
 from harness.graph_decode import MIN_TOKENS_FOR_GRAPH, StaticStep, static_step_possible
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class EvalModel:
     # greedy steps from static buffers and a CUDA graph (harness/graph_decode.py): None = on CUDA where the cache
     # allows it, True = wherever the cache allows it (on the CPU without the graph), False = never
     static_decode: bool | None = None
+    # generate_ids_many prefills the prompts of a batch together, left-padded with an attention mask, where the
+    # model's forward leaves every state unchanged over padding (our GDN-2 without attention layers:
+    # tests/test_gdn2_padding.py); otherwise each prompt is prefilled on its own and the caches are stacked
+    left_padded_prefill: bool = False
 
     # ---------------------------------------------------------------- sizes
     def state_floats_per_layer(self) -> int:
@@ -279,9 +283,10 @@ class EvalModel:
                           segment: int | None = None, stop_when: Callable[[list[int]], bool] | None = None,
                           batch_size: int | None = None) -> list[list[int]]:
         """generate_ids of each prompt, in prompt order, batch_size (None: self.batch_size) samples decoded together:
-        each prompt is prefilled on its own, the caches are stacked, and every step feeds one token per sample
-        still running (stop_when is applied to each sample's own tokens). Samples whose caches cannot share a
-        batch (harness/batching.py) are decoded in separate groups."""
+        the prompts are prefilled together left-padded (left_padded_prefill) or each on its own with the caches
+        stacked, and every step feeds one token per sample still running (stop_when is applied to each sample's
+        own tokens). Samples whose caches cannot share a batch (harness/batching.py) are decoded in separate
+        groups."""
         batch_size = batch_size or self.batch_size
         results: list = [None] * len(prompts)
         for group in length_groups([len(p) for p in prompts], batch_size):
@@ -290,6 +295,12 @@ class EvalModel:
                 continue
             for i in group:
                 self.check_length(len(prompts[i]) + max_new_tokens)
+            if self.left_padded_prefill:
+                logits, cache = self._prefill_left_padded([prompts[i] for i in group], segment)
+                decoded = self._decode(RecurrentBatch(cache), logits, max_new_tokens, stop_ids, stop_when)
+                for i, ids in zip(group, decoded, strict=True):
+                    results[i] = ids
+                continue
             prefilled = {i: self._prefill(prompts[i], segment) for i in group}
             for members in _stackable_groups({i: cache for i, (_, cache) in prefilled.items()}):
                 logits = torch.cat([prefilled[i][0] for i in members], 0)
@@ -309,6 +320,23 @@ class EvalModel:
         cache, logits = None, None
         for start in range(0, tokens.shape[1], segment):
             logits, cache = self._forward(tokens[:, start:start + segment], cache, 1)
+        return logits[:, -1], cache
+
+    def _prefill_left_padded(self, prompts: Sequence[Sequence[int]], segment: int | None) -> tuple[torch.Tensor, Any]:
+        """Run prompts together, left-padded to the longest, in segments with the cache carried and an attention
+        mask over the padding; returns (each prompt's last logits [B, vocab], the batched cache). Only for models
+        whose forward leaves every state unchanged over padding (left_padded_prefill)."""
+        segment = segment or self.segment
+        longest = max(len(p) for p in prompts)
+        pad = int(prompts[0][0])                                       # any real token id: masked out
+        tokens = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long,
+                              device=self.device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long,
+                            device=self.device)
+        cache, logits = None, None
+        for start in range(0, longest, segment):
+            end = min(start + segment, longest)
+            logits, cache = self._forward(tokens[:, start:end], cache, 1, attention_mask=mask[:, :end])
         return logits[:, -1], cache
 
     def _decode(self, batch: DecodeBatch, logits: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],

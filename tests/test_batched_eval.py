@@ -234,3 +234,37 @@ def test_runner_reruns_a_failed_batch_one_sample_at_a_time(tmp_path, oom, monkey
     conn.close()
     assert [(i, status) for i, status, _, _ in rows] == [(0, "ok"), (1, "ok"), (2, "error"), (3, "ok"), (4, "ok")]
     assert rows[2][2] == "exception" and "sample 2 cannot be scored" in rows[2][3]
+
+
+def test_our_gdn2_prefills_a_batch_together_left_padded(model):
+    """Our GDN2ForCausalLM (no attention layers) prefills the prompts of a batch as one left-padded batch, with the
+    attention mask, in segments; every other family prefills each prompt alone. The tokens equal the batch-1 path
+    either way (test_greedy_generation_of_stacked_caches_equals_batch_one)."""
+    calls = []
+    forward, alone, together = model._forward, model._prefill, model._prefill_left_padded
+
+    def spy_forward(ids, cache, keep, **kwargs):
+        calls.append(("forward", tuple(ids.shape), "attention_mask" in kwargs))
+        return forward(ids, cache, keep, **kwargs)
+
+    def spy_alone(prompt, segment):
+        calls.append(("alone", len(prompt)))
+        return alone(prompt, segment)
+
+    def spy_together(prompts, segment):
+        calls.append(("together", [len(p) for p in prompts]))
+        return together(prompts, segment)
+
+    prompts = [random_ids(n, 300 + seed) for seed, n in enumerate([40, 9, 33])]
+    model._forward, model._prefill, model._prefill_left_padded = spy_forward, spy_alone, spy_together
+    try:
+        model.generate_ids_many(prompts, 3, batch_size=3)
+    finally:
+        del model._forward, model._prefill, model._prefill_left_padded
+    prefills = [call for call in calls if call[0] != "forward"]
+    assert model.left_padded_prefill == (model.family == "gdn2")
+    if model.left_padded_prefill:
+        assert prefills == [("together", [40, 33, 9])]             # length_groups orders by length
+        assert calls[1:4] == [("forward", (3, 16), True), ("forward", (3, 16), True), ("forward", (3, 8), True)]
+    else:
+        assert sorted(prefills) == [("alone", 9), ("alone", 33), ("alone", 40)]
