@@ -11,8 +11,10 @@ scoring of long texts) is written once, here.
 Batches (batch_size > 1, the *_many methods and those built on them) never let padding into a recurrent state:
 - scoring right-pads a batch of sequences (sorted by length) and reads each row only at its real positions; the
   models are causal, so padding after a sequence cannot change its earlier positions;
-- generation prefills each prompt on its own, stacks the per-sample caches along the batch axis
-  (harness/batching.py) and decodes all samples together one token per step; a sample that stops drops out.
+- generation prefills each prompt on its own and stacks the per-sample caches along the batch axis
+  (harness/batching.py), or, for models that mask left padding exactly (left_padded_prefill: our GDN2ForCausalLM),
+  prefills the batch together left-padded; then it decodes all samples together one token per step; a sample that
+  stops drops out.
 Both give the batch-1 results (up to floating-point summation order), tested per family in tests/test_batched_eval.py.
 """
 from __future__ import annotations
