@@ -176,7 +176,7 @@ class GDN2Family(ModelFamily):
             trained_length=config.max_position_embeddings, info=info,
             # GDN2ForCausalLM masks left padding exactly (tests/test_gdn2_padding.py); attention layers are not
             # checked for it, so hybrids prefill each prompt alone
-            left_padded_prefill=isinstance(lm, GDN2ForCausalLM) and not attention,
+            masks_left_padding=isinstance(lm, GDN2ForCausalLM) and not attention,
         )
 
     # ---------------------------------------------------------------- conformance (harness/doctor.py)

@@ -1,8 +1,8 @@
 """Decoding several prefilled samples as one batch: their per-sample caches stacked along the batch axis.
 
 EvalModel prefills each prompt on its own (no padding ever enters a recurrent state), then decodes all of them
-together one token per step; only models that mask left padding exactly (EvalModel.left_padded_prefill: our
-GDN2ForCausalLM) prefill a batch together and skip the stacking. This module turns a list of batch-1 caches into
+together one token per step; only models that mask left padding exactly (EvalModel.masks_left_padding: our
+GDN2ForCausalLM) prefill a batch together on CUDA and skip the stacking. This module turns a list of batch-1 caches into
 one batched cache and back:
 
     batch = stack_caches([cache_a, cache_b], lengths=[17, 40])   # None: this cache type cannot be stacked

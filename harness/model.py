@@ -12,9 +12,9 @@ Batches (batch_size > 1, the *_many methods and those built on them) never let p
 - scoring right-pads a batch of sequences (sorted by length) and reads each row only at its real positions; the
   models are causal, so padding after a sequence cannot change its earlier positions;
 - generation prefills each prompt on its own and stacks the per-sample caches along the batch axis
-  (harness/batching.py), or, for models that mask left padding exactly (left_padded_prefill: our GDN2ForCausalLM),
-  prefills the batch together left-padded; then it decodes all samples together one token per step; a sample that
-  stops drops out.
+  (harness/batching.py), or, for models that mask left padding exactly (masks_left_padding: our GDN2ForCausalLM),
+  on CUDA prefills the batch together left-padded (batched_prefill); then it decodes all samples together one
+  token per step; a sample that stops drops out.
 Both give the batch-1 results (up to floating-point summation order), tested per family in tests/test_batched_eval.py.
 """
 from __future__ import annotations
@@ -73,10 +73,12 @@ class EvalModel:
     # greedy steps from static buffers and a CUDA graph (harness/graph_decode.py): None = on CUDA where the cache
     # allows it, True = wherever the cache allows it (on the CPU without the graph), False = never
     static_decode: bool | None = None
-    # generate_ids_many prefills the prompts of a batch together, left-padded with an attention mask, where the
-    # model's forward leaves every state unchanged over padding (our GDN-2 without attention layers:
-    # tests/test_gdn2_padding.py); otherwise each prompt is prefilled on its own and the caches are stacked
-    left_padded_prefill: bool = False
+    # the model's forward leaves every state unchanged over left padding given an attention mask (our GDN-2 without
+    # attention layers: tests/test_gdn2_padding.py), so generate_ids_many may prefill a batch together, left-padded
+    masks_left_padding: bool = False
+    # prefill a batch together where the model allows it: None = on CUDA (on the 2-core CPU one prompt at a time is
+    # faster: docs/efficiency.md), True = wherever allowed, False = never (each prompt alone, caches stacked)
+    batched_prefill: bool | None = None
 
     # ---------------------------------------------------------------- sizes
     def state_floats_per_layer(self) -> int:
@@ -285,7 +287,7 @@ class EvalModel:
                           segment: int | None = None, stop_when: Callable[[list[int]], bool] | None = None,
                           batch_size: int | None = None) -> list[list[int]]:
         """generate_ids of each prompt, in prompt order, batch_size (None: self.batch_size) samples decoded together:
-        the prompts are prefilled together left-padded (left_padded_prefill) or each on its own with the caches
+        the prompts are prefilled together left-padded (_use_batched_prefill) or each on its own with the caches
         stacked, and every step feeds one token per sample still running (stop_when is applied to each sample's
         own tokens). Samples whose caches cannot share a batch (harness/batching.py) are decoded in separate
         groups."""
@@ -297,7 +299,7 @@ class EvalModel:
                 continue
             for i in group:
                 self.check_length(len(prompts[i]) + max_new_tokens)
-            if self.left_padded_prefill:
+            if self._use_batched_prefill():
                 logits, cache = self._prefill_left_padded([prompts[i] for i in group], segment)
                 decoded = self._decode(RecurrentBatch(cache), logits, max_new_tokens, stop_ids, stop_when)
                 for i, ids in zip(group, decoded, strict=True):
@@ -324,10 +326,14 @@ class EvalModel:
             logits, cache = self._forward(tokens[:, start:start + segment], cache, 1)
         return logits[:, -1], cache
 
+    def _use_batched_prefill(self) -> bool:
+        allowed = self.batched_prefill if self.batched_prefill is not None else self.device.type == "cuda"
+        return self.masks_left_padding and allowed
+
     def _prefill_left_padded(self, prompts: Sequence[Sequence[int]], segment: int | None) -> tuple[torch.Tensor, Any]:
         """Run prompts together, left-padded to the longest, in segments with the cache carried and an attention
         mask over the padding; returns (each prompt's last logits [B, vocab], the batched cache). Only for models
-        whose forward leaves every state unchanged over padding (left_padded_prefill)."""
+        whose forward leaves every state unchanged over padding (masks_left_padding)."""
         segment = segment or self.segment
         longest = max(len(p) for p in prompts)
         pad = int(prompts[0][0])                                       # any real token id: masked out

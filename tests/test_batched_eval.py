@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: intra-op thr
 def model(request, tmp_path_factory):
     loaded = load_tiny(request.param, tmp_path_factory.mktemp(request.param))
     loaded.segment = 16          # several segments per sequence: the batch carries its cache across them
+    loaded.batched_prefill = True    # where the model allows it (our GDN-2), also on the CPU
     return loaded
 
 
@@ -238,8 +239,8 @@ def test_runner_reruns_a_failed_batch_one_sample_at_a_time(tmp_path, oom, monkey
 
 def test_our_gdn2_prefills_a_batch_together_left_padded(model):
     """Our GDN2ForCausalLM (no attention layers) prefills the prompts of a batch as one left-padded batch, with the
-    attention mask, in segments; every other family prefills each prompt alone. The tokens equal the batch-1 path
-    either way (test_greedy_generation_of_stacked_caches_equals_batch_one)."""
+    attention mask, in segments (batched_prefill True; None: on CUDA only); every other family prefills each prompt
+    alone. The tokens equal the batch-1 path either way (test_greedy_generation_of_stacked_caches_equals_batch_one)."""
     calls = []
     forward, alone, together = model._forward, model._prefill, model._prefill_left_padded
 
@@ -255,16 +256,24 @@ def test_our_gdn2_prefills_a_batch_together_left_padded(model):
         calls.append(("together", [len(p) for p in prompts]))
         return together(prompts, segment)
 
+    def prefills(batched_prefill):
+        calls.clear()
+        model.batched_prefill = batched_prefill
+        model.generate_ids_many(prompts, 3, batch_size=3)
+        return [call for call in calls if call[0] != "forward"]
+
     prompts = [random_ids(n, 300 + seed) for seed, n in enumerate([40, 9, 33])]
+    each_alone = [("alone", 9), ("alone", 33), ("alone", 40)]
     model._forward, model._prefill, model._prefill_left_padded = spy_forward, spy_alone, spy_together
     try:
-        model.generate_ids_many(prompts, 3, batch_size=3)
+        assert model.masks_left_padding == (model.family == "gdn2")
+        if model.masks_left_padding:
+            assert prefills(True) == [("together", [40, 33, 9])]          # length_groups orders by length
+            assert calls[1:4] == [("forward", (3, 16), True), ("forward", (3, 16), True), ("forward", (3, 8), True)]
+        else:
+            assert sorted(prefills(True)) == each_alone
+        assert sorted(prefills(None)) == each_alone                          # None: on CUDA only
+        assert sorted(prefills(False)) == each_alone
     finally:
         del model._forward, model._prefill, model._prefill_left_padded
-    prefills = [call for call in calls if call[0] != "forward"]
-    assert model.left_padded_prefill == (model.family == "gdn2")
-    if model.left_padded_prefill:
-        assert prefills == [("together", [40, 33, 9])]             # length_groups orders by length
-        assert calls[1:4] == [("forward", (3, 16), True), ("forward", (3, 16), True), ("forward", (3, 8), True)]
-    else:
-        assert sorted(prefills) == [("alone", 9), ("alone", 33), ("alone", 40)]
+        model.batched_prefill = True
