@@ -76,8 +76,8 @@ class EvalModel:
     # the model's forward leaves every state unchanged over left padding given an attention mask (our GDN-2 without
     # attention layers: tests/test_gdn2_padding.py), so generate_ids_many may prefill a batch together, left-padded
     masks_left_padding: bool = False
-    # prefill a batch together where the model allows it: None = on CUDA (on the 2-core CPU one prompt at a time is
-    # faster: docs/efficiency.md), True = wherever allowed, False = never (each prompt alone, caches stacked)
+    # prefill a batch together where the model allows it: None = on CUDA (on the 2-core CPU a batch gains nothing:
+    # docs/efficiency.md), True = wherever allowed, False = never (each prompt alone, caches stacked)
     batched_prefill: bool | None = None
 
     # ---------------------------------------------------------------- sizes

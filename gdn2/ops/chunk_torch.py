@@ -25,8 +25,14 @@ from gdn2.ops.naive import check_gdn2_inputs, compute_dtype, prepare_inputs, seq
 
 CHUNK_SIZE = 64
 SUB = 16                 # rows per block of the decayed products (_pairwise_decayed_products)
-# Upper bound on elements of the [.., C, C, K] decay-difference tensor built at once (bounds peak memory).
-_PAIRWISE_BUDGET = 1 << 25
+
+
+def _pairwise_budget(device: torch.device) -> int:
+    """Upper bound on the elements of the largest decay temporary ([.., C, C, K] or [.., C/SUB, C, K]) built at
+    once. On the CPU 2^19 (2 MiB in fp32) keeps the elementwise passes in cache: a forward of the bundled gdn2-small
+    over 8 x 2,048 tokens on 2 cores takes 1.25 s in slices of 2^19 against 2.45 s in slices of 2^25 (1.15 s
+    against 1.3-1.5 s as eight 2,048-token forwards). On a GPU, 2^25 bounds peak memory with few launches."""
+    return 1 << 19 if device.type == "cpu" else 1 << 25
 
 
 def _pad_to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -46,7 +52,7 @@ def _pairwise_exact(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, in
     lead = G.shape[:-2]
     flat = [x.reshape(-1, C, K) for x in (left, right, G)]
     mask = torch.ones(C, C, dtype=torch.bool, device=G.device).tril(0 if inclusive else -1)
-    step = max(1, _PAIRWISE_BUDGET // (C * C * K))
+    step = max(1, _pairwise_budget(G.device) // (C * C * K))
     parts = []
     for i in range(0, flat[0].shape[0], step):
         lf, rt, g = (x[i:i + step] for x in flat)
@@ -67,6 +73,16 @@ def _pairwise_decayed_products(left: torch.Tensor, right: torch.Tensor, G: torch
     C, K = G.shape[-2:]
     if C % SUB or C == SUB or bool((G[..., 1:, :] > G[..., :-1, :]).any()):
         return _pairwise_exact(left, right, G, inclusive)
+    lead = G.shape[:-2]
+    flat = [x.reshape(-1, C, K) for x in (left, right, G)]
+    step = max(1, _pairwise_budget(G.device) // (C // SUB * C * K))           # items per slice of [.., nb, C, K]
+    parts = [_pairwise_blocked(*(x[i:i + step] for x in flat), inclusive) for i in range(0, flat[0].shape[0], step)]
+    return torch.cat(parts).reshape(*lead, C, C)
+
+
+def _pairwise_blocked(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool) -> torch.Tensor:
+    """_pairwise_decayed_products for [n, C, K] inputs whose G never increases (blocks of SUB rows)."""
+    C, K = G.shape[-2:]
     lead, nb = G.shape[:-2], C // SUB
     starts = G[..., ::SUB, :]                                                       # [..., nb, K]: G at b_i
     left_scaled = left * (G - starts.repeat_interleave(SUB, dim=-2)).exp()          # exp(G_r - G_b(r))
