@@ -60,6 +60,13 @@ class RecurrentState:
     v_last: torch.Tensor | None = None
 
 
+def _rows_per_scan(device: torch.device) -> int | None:
+    """Batch rows per chunk_scan pass: one on the CPU, where a row's [H, nC, L*R, L*R] temporaries stay in cache
+    (8 x 1,024 tokens of the bundled mamba2-small on 2 cores: 0.32 s row by row, 0.70 s as one batch); all of them
+    (None) on a GPU."""
+    return 1 if device.type == "cpu" else None
+
+
 def chunk_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, k_weight: torch.Tensor,
                diag_weight: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int = 64):
     """The chunked scan (see the module docstring), every chunk at once: no Python loop over the sequence.
@@ -72,6 +79,13 @@ def chunk_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: tor
     decay of the chunks before c and U_j chunk j's own contribution; every exponent is a sum of log decays, <= 0.
     """
     Bsz, T, R, H, N = q.shape
+    rows = _rows_per_scan(q.device)
+    if rows is not None and Bsz > rows:
+        parts = [chunk_scan(q[i:i + rows], k[i:i + rows], v[i:i + rows], log_decay[i:i + rows],
+                            k_weight[i:i + rows], diag_weight[i:i + rows],
+                            None if initial_state is None else initial_state[i:i + rows], chunk_size)
+                 for i in range(0, Bsz, rows)]
+        return torch.cat([o for o, _ in parts]), torch.cat([state for _, state in parts])
     P = v.shape[-1]
     acc = _acc_dtype(q, k, v, log_decay, initial_state)
     S0 = (torch.zeros(Bsz, H, P, N, dtype=acc, device=q.device) if initial_state is None

@@ -24,7 +24,10 @@ def _inputs(B, T, R, H, N, P, seed=0):
 @pytest.mark.parametrize("R", [1, 3])
 @pytest.mark.parametrize("trapezoid", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_chunk_scan_matches_token_serial_float64(T, chunk, R, trapezoid, with_state):
+@pytest.mark.parametrize("rows_per_scan", [1, None])     # the CPU's row-by-row passes; the GPU's whole batch
+def test_chunk_scan_matches_token_serial_float64(monkeypatch, T, chunk, R, trapezoid, with_state, rows_per_scan):
+    import baselines.mamba_common as mamba_common
+    monkeypatch.setattr(mamba_common, "_rows_per_scan", lambda device: rows_per_scan)
     q, k, v, a, gamma, eta, state = _inputs(2, T, R, 3, 8, 5)
     eta = eta if trapezoid else None
     if with_state and not trapezoid:
