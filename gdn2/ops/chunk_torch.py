@@ -29,9 +29,10 @@ SUB = 16                 # rows per block of the decayed products (_pairwise_dec
 
 def _pairwise_budget(device: torch.device) -> int:
     """Upper bound on the elements of the largest decay temporary ([.., C, C, K] or [.., C/SUB, C, K]) built at
-    once. On the CPU 2^19 (2 MiB in fp32) keeps the elementwise passes in cache: a forward of the bundled gdn2-small
-    over 8 x 2,048 tokens on 2 cores takes 1.25 s in slices of 2^19 against 2.45 s in slices of 2^25 (1.15 s
-    against 1.3-1.5 s as eight 2,048-token forwards). On a GPU, 2^25 bounds peak memory with few launches."""
+    once. On the CPU 2^19 (2 MiB in fp32) keeps the elementwise passes in cache: with the masked -inf exponents of
+    _pairwise_exact, a forward of the bundled gdn2-small over 8 x 2,048 tokens on 2 cores took 1.25 s in slices of
+    2^19 against 2.45 s in slices of 2^25 (1.15 s against 1.3-1.5 s as eight 2,048-token forwards). On a GPU, 2^25
+    bounds peak memory with few launches."""
     return 1 << 19 if device.type == "cpu" else 1 << 25
 
 
@@ -45,9 +46,12 @@ def _pad_to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return x.reshape(B, Tp // chunk, chunk, H, D).permute(0, 3, 1, 2, 4)
 
 
-def _pairwise_exact(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool) -> torch.Tensor:
+def _pairwise_exact(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool,
+                    nonincreasing: bool = False) -> torch.Tensor:
     """M_rs = sum_d left_rd right_sd exp(G_rd - G_sd) for s < r (s <= r if inclusive), else 0, with every
-    exponent formed as a difference. left, right, G: [..., C, K] -> [..., C, C], in slices to bound memory."""
+    exponent formed as a difference. left, right, G: [..., C, K] -> [..., C, C], in slices to bound memory.
+    nonincreasing (G never increases along C): every kept exponent is <= 0, so the exponents are clamped at 0 and
+    the dropped pairs zeroed after the sum, one pass fewer than masking each exponent to -inf."""
     C, K = G.shape[-2:]
     lead = G.shape[:-2]
     flat = [x.reshape(-1, C, K) for x in (left, right, G)]
@@ -57,8 +61,12 @@ def _pairwise_exact(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, in
     for i in range(0, flat[0].shape[0], step):
         lf, rt, g = (x[i:i + step] for x in flat)
         diff = g[:, :, None, :] - g[:, None, :, :]                              # [n, C(r), C(s), K]
-        decay = torch.where(mask[None, :, :, None], diff, diff.new_tensor(float("-inf"))).exp()
-        parts.append(torch.einsum("nrk,nsk,nrsk->nrs", lf, rt, decay))
+        if nonincreasing:
+            products = torch.einsum("nrk,nsk,nrsk->nrs", lf, rt, diff.clamp_max_(0).exp_())
+            parts.append(products * mask)
+        else:
+            decay = torch.where(mask[None, :, :, None], diff, diff.new_tensor(float("-inf"))).exp()
+            parts.append(torch.einsum("nrk,nsk,nrsk->nrs", lf, rt, decay))
     return torch.cat(parts).reshape(*lead, C, C)
 
 
@@ -88,11 +96,11 @@ def _pairwise_blocked(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, 
     left_scaled = left * (G - starts.repeat_interleave(SUB, dim=-2)).exp()          # exp(G_r - G_b(r))
     before = torch.arange(C, device=G.device)[None, :] < torch.arange(0, C, SUB, device=G.device)[:, None]
     to_start = starts[..., :, None, :] - G[..., None, :, :]                          # [..., nb, C(s), K]
-    right_scaled = torch.where(before[:, :, None], to_start, to_start.new_tensor(float("-inf"))).exp()
-    right_scaled = right_scaled * right[..., None, :, :]                             # exp(G_b - G_s) r_s, s < b
+    # exp(G_b - G_s) r_s for s < b, else 0 (those exponents are >= 0: clamped to 0, then zeroed by the mask)
+    right_scaled = to_start.clamp_max_(0).exp_() * (right[..., None, :, :] * before[:, :, None])
     out = left_scaled.reshape(*lead, nb, SUB, K) @ right_scaled.transpose(-1, -2)   # [..., nb, SUB, C]
     blocks = [x.reshape(*lead, nb, SUB, K) for x in (left, right, G)]
-    inside = _pairwise_exact(*blocks, inclusive)                                     # [..., nb, SUB, SUB]
+    inside = _pairwise_exact(*blocks, inclusive, nonincreasing=True)                 # [..., nb, SUB, SUB]
     out = out.clone()
     for i in range(nb):
         out[..., i, :, i * SUB:(i + 1) * SUB] = inside[..., i, :, :]
