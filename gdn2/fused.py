@@ -13,6 +13,8 @@ cross-entropy; the values of the unfused expressions).
 - rms_norm_linears(x, norm_weight, eps, weights)
                                             tuple(F.linear(rms_norm(x, norm_weight, eps), W) for W in weights);
                                             saves x and 1/rms (as rms_norm), not the normed output
+- norm_linears(x, norm, linears)             rms_norm_linears with the modules' weights where they are plain
+                                            modules (plain), else the modules called one by one
 - silu_mul(gate, up)                         silu(gate) * up; saves gate and up
 - swiglu_down(gate, up, weight)              F.linear(silu(gate) * up, weight); saves gate and up, not the product
 - short_conv_silu(x, cache, weight, bias)    SiLU(depthwise causal conv) of x [B, T, D]; saves x only
@@ -338,6 +340,16 @@ def rms_norm_linears(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wei
         raise ValueError(f"rms_norm_linears needs one or more weights [d_i, {x.shape[-1]}]; got "
                          f"{[tuple(w.shape) for w in weights]}")
     return RMSNormLinearsFunction.apply(x, norm_weight, eps, _backend(x, backend), *weights)
+
+
+def norm_linears(x: torch.Tensor, norm: nn.Module | None, linears) -> tuple[torch.Tensor, ...]:
+    """tuple(linear(norm(x)) for linear in linears), or of x itself for norm None; norm is a plain RMSNorm (weight,
+    eps; the caller checks it). Where every linear is plain, the norm and the linears run as one rms_norm_linears
+    Function (the normed x is not kept for the backward pass); otherwise each module runs as itself (see plain)."""
+    if norm is not None and all(plain(linear, nn.Linear) for linear in linears):
+        return rms_norm_linears(x, norm.weight, norm.eps, [linear.weight for linear in linears])
+    x = x if norm is None else norm(x)
+    return tuple(linear(x) for linear in linears)
 
 
 # ------------------------------------------------------------------------------------------ SwiGLU

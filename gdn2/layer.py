@@ -26,8 +26,8 @@ from gdn2.fused import (
     decay_again,
     gated_rms_norm,
     gated_rms_norm_linear,
+    norm_linears,
     plain,
-    rms_norm_linears,
     short_conv_silu,
 )
 from gdn2.ops import chunk_gdn2, recurrent_step_gdn2
@@ -188,12 +188,7 @@ class GatedDeltaNet2(nn.Module):
         runs with the seven linears reading it as one Function (gdn2.fused.rms_norm_linears) that does not keep the
         normed x for the backward pass."""
         linears = (self.q_proj, self.k_proj, self.v_proj, self.f_proj[0], self.b_proj, self.w_proj, self.g_proj[0])
-        if norm is not None and all(plain(linear, nn.Linear) for linear in linears):
-            outs = rms_norm_linears(hidden_states, norm.weight, norm.eps, [linear.weight for linear in linears])
-        else:                          # unfused: a wrapped or hooked module runs as itself (see gdn2.fused.plain)
-            x = hidden_states if norm is None else norm(hidden_states)
-            outs = [linear(x) for linear in linears]
-        q, k, v, f, b, w, g = outs
+        q, k, v, f, b, w, g = norm_linears(hidden_states, norm, linears)
         return q, k, v, self.f_proj[1](f), b, w, self.g_proj[1](g)
 
     def forward(

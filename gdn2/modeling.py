@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from gdn2.cache import RecurrentCache, check_forward_args, left_padding_mask, run_layers
 from gdn2.configuration import GDN2Config
-from gdn2.fused import causal_lm_loss, plain, rms_norm, rms_norm_linears, silu_mul, swiglu_down
+from gdn2.fused import causal_lm_loss, norm_linears, plain, rms_norm, silu_mul, swiglu_down
 from gdn2.layer import GatedDeltaNet2, GDN2LayerState
 
 # The GDN-2 model's cache is the shared recurrent cache (one GDN2LayerState per layer); the name stays for users.
@@ -47,11 +47,7 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d]; norm: the block's pre-norm, applied here to x with gate_proj and up_proj as one
         Function (gdn2.fused.rms_norm_linears: the normed x is recomputed in the backward, not kept)."""
-        if norm is not None and plain(self.gate_proj, nn.Linear) and plain(self.up_proj, nn.Linear):
-            gate, up = rms_norm_linears(x, norm.weight, norm.eps, (self.gate_proj.weight, self.up_proj.weight))
-        else:                          # unfused: a wrapped or hooked module runs as itself (see gdn2.fused.plain)
-            x = x if norm is None else norm(x)
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = norm_linears(x, norm, (self.gate_proj, self.up_proj))
         if plain(self.down_proj, nn.Linear):
             return swiglu_down(gate, up, self.down_proj.weight)
         return self.down_proj(silu_mul(gate, up))
