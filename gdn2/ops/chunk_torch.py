@@ -18,6 +18,8 @@ inputs); the state is carried in that dtype. Padding a sequence at its end with 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,16 @@ def _pad_to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return x.reshape(B, Tp // chunk, chunk, H, D).permute(0, 3, 1, 2, 4)
 
 
+def _in_slices(products, left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, per_item: int) -> torch.Tensor:
+    """products(left, right, G) -> [n, C, C] over [..., C, K] inputs, run on slices of the flattened leading axes
+    whose largest temporary (per_item elements for each item) stays within _pairwise_budget."""
+    C, K = G.shape[-2:]
+    flat = [x.reshape(-1, C, K) for x in (left, right, G)]
+    step = max(1, _pairwise_budget(G.device) // per_item)
+    parts = [products(*(x[i:i + step] for x in flat)) for i in range(0, flat[0].shape[0], step)]
+    return torch.cat(parts).reshape(*G.shape[:-2], C, C)
+
+
 def _pairwise_exact(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool,
                     nonincreasing: bool = False) -> torch.Tensor:
     """M_rs = sum_d left_rd right_sd exp(G_rd - G_sd) for s < r (s <= r if inclusive), else 0, with every
@@ -52,21 +64,16 @@ def _pairwise_exact(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, in
     nonincreasing (G never increases along C): every kept exponent is <= 0, so the exponents are clamped at 0 and
     the dropped pairs zeroed after the sum, one pass fewer than masking each exponent to -inf."""
     C, K = G.shape[-2:]
-    lead = G.shape[:-2]
-    flat = [x.reshape(-1, C, K) for x in (left, right, G)]
     mask = torch.ones(C, C, dtype=torch.bool, device=G.device).tril(0 if inclusive else -1)
-    step = max(1, _pairwise_budget(G.device) // (C * C * K))
-    parts = []
-    for i in range(0, flat[0].shape[0], step):
-        lf, rt, g = (x[i:i + step] for x in flat)
+
+    def products(lf, rt, g):
         diff = g[:, :, None, :] - g[:, None, :, :]                              # [n, C(r), C(s), K]
         if nonincreasing:
-            products = torch.einsum("nrk,nsk,nrsk->nrs", lf, rt, diff.clamp_max_(0).exp_())
-            parts.append(products * mask)
-        else:
-            decay = torch.where(mask[None, :, :, None], diff, diff.new_tensor(float("-inf"))).exp()
-            parts.append(torch.einsum("nrk,nsk,nrsk->nrs", lf, rt, decay))
-    return torch.cat(parts).reshape(*lead, C, C)
+            return torch.einsum("nrk,nsk,nrsk->nrs", lf, rt, diff.clamp_max_(0).exp_()) * mask
+        decay = torch.where(mask[None, :, :, None], diff, diff.new_tensor(float("-inf"))).exp()
+        return torch.einsum("nrk,nsk,nrsk->nrs", lf, rt, decay)
+
+    return _in_slices(products, left, right, G, C * C * K)
 
 
 def _pairwise_decayed_products(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool):
@@ -80,11 +87,8 @@ def _pairwise_decayed_products(left: torch.Tensor, right: torch.Tensor, G: torch
     C, K = G.shape[-2:]
     if C % SUB or C == SUB or bool((G[..., 1:, :] > G[..., :-1, :]).any()):
         return _pairwise_exact(left, right, G, inclusive)
-    lead = G.shape[:-2]
-    flat = [x.reshape(-1, C, K) for x in (left, right, G)]
-    step = max(1, _pairwise_budget(G.device) // (C // SUB * C * K))           # items per slice of [.., nb, C, K]
-    parts = [_pairwise_blocked(*(x[i:i + step] for x in flat), inclusive) for i in range(0, flat[0].shape[0], step)]
-    return torch.cat(parts).reshape(*lead, C, C)
+    blocked = functools.partial(_pairwise_blocked, inclusive=inclusive)
+    return _in_slices(blocked, left, right, G, C // SUB * C * K)                   # largest: [.., nb, C, K]
 
 
 def _pairwise_blocked(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, inclusive: bool) -> torch.Tensor:
