@@ -1,6 +1,7 @@
 """Checkpoint files: resolve a local folder or hub id, read weights and tokenizers, load with named errors."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,8 +36,6 @@ def resolve_source(source: str) -> Path:
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder (safetensors preferred, sharded or not; else pytorch_model.bin)."""
-    import json
-
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -135,10 +134,7 @@ def _names_fast_tokenizer(folder: Path) -> bool:
     """True for a folder with a tokenizer.json whose tokenizer_config.json names PreTrainedTokenizerFast (the bundled
     models, our trained tokenizers). That class is loaded directly: AutoTokenizer would first read config.json, and a
     model_type transformers does not know (gdn2, fla's) makes it log a misleading "model of type" warning."""
-    import json
-
     config = folder / "tokenizer_config.json"
     if not (folder / "tokenizer.json").is_file() or not config.is_file():
         return False
-    with open(config) as f:
-        return json.load(f).get("tokenizer_class") == "PreTrainedTokenizerFast"
+    return json.loads(config.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast"

@@ -8,10 +8,12 @@ autocast on CUDA (fp32 on CPU), parameters and optimizer state fp32. Loss: mean 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -192,13 +194,10 @@ def describe_device(device: torch.device) -> str:
 CODE_FOLDERS = ("gdn2", "baselines", "harness", "tasks", "scripts")
 
 
-def code_fingerprint(root) -> str:
+def code_fingerprint(root: str | Path) -> str:
     """sha256 (16 hex digits) of the Python sources a training run executes: every *.py under CODE_FOLDERS of the
     repository root, by relative path and content, in sorted order. Two runs with the same fingerprint ran the same
     code; it needs no git (the GPU machine gets a copy of the tree without .git)."""
-    import hashlib
-    from pathlib import Path
-
     root = Path(root)
     digest = hashlib.sha256()
     for folder in CODE_FOLDERS:
