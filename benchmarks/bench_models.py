@@ -253,11 +253,14 @@ def checked_loss(loss: torch.Tensor, steps: int) -> float:
 
 
 def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile: bool,
-               recompute: str, recompute_layers: int | None = None) -> list[dict]:
+               recompute: str, recompute_layers: int | None = None, compile_ahead: bool = True) -> list[dict]:
     """Training rows of one model at each shape. recompute (GDN2ForCausalLM only): 'chunk' recomputes the chunk
     operator's intermediates in the backward pass (impl ours-recompute-chunk; in the first recompute_layers mixers
     only when given: ours-recompute-chunk-<layers>), 'blocks' whole blocks (ours-recompute-
-    blocks), 'none' keeps everything."""
+    blocks), 'none' keeps everything. compile_ahead (our models): before each shape's first step, one throwaway
+    pass inside gdn2's compile_step compiles the step's kernels all at once; the first step's time includes it."""
+    from gdn2.ops.triton.compile_ahead import compile_step, counting_compiles
+
     rows = []
     model, refused = model_or_row("train", family, impl, lambda: build_model(family, impl).train())
     if model is None:
@@ -272,9 +275,12 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
     for T, B in shapes:
         ids = torch.randint(0, vocab(), (B, T), device=RUN["device"])
 
-        def step():
+        def forward_loss():
             with torch.autocast(RUN["device"], dtype=torch.bfloat16):
-                loss = loss_of(model, ids)
+                return loss_of(model, ids)
+
+        def step():
+            loss = forward_loss()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -284,9 +290,18 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
         try:
             sync()
             start = time.perf_counter()
-            step()                                   # first step: Triton autotuning and compiles included
-            sync()
+            ahead_note = ""
+            if compile_ahead and impl.startswith("ours"):
+                variants = compile_step(forward_loss, model.parameters())
+                sync()
+                if variants:
+                    ahead_note = f"; compiled ahead: {variants} kernel variants in {time.perf_counter() - start:.1f} s"
+            with counting_compiles() as compiled:
+                step()                               # first step: Triton autotuning and compiles included
+                sync()
             first = time.perf_counter() - start
+            if ahead_note:
+                ahead_note += f", {len(compiled)} compiled in the first step"
             step()
             reset_peak()
             sync()
@@ -299,7 +314,7 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
             rows.append(row("train", family, impl, seq_len=T, batch=B, tok_s=round(B * T / seconds),
                             ms=round(seconds * 1e3, 1), peak_gib=peak_gib(),
                             first_step_s=round(first, 1), paper_tok_s=paper_value,
-                            note=f"{run_note(impl, model)}; last loss {final_loss:.3f}"))
+                            note=f"{run_note(impl, model)}; last loss {final_loss:.3f}{ahead_note}"))
             if profile:
                 profile_step(step, f"{family} {impl} train {T}x{B}", model, ids, opt)
         except Exception as err:  # noqa: BLE001 - out of memory or a failing model: a row, and the run goes on
@@ -702,6 +717,9 @@ def main(argv=None) -> int:
                              "whole blocks ('blocks') in the backward pass")
     parser.add_argument("--recompute-layers", type=int, metavar="N",
                         help="with --recompute chunk: only the first N GDN-2 mixers recompute (memory for time)")
+    parser.add_argument("--no-compile-ahead", action="store_true",
+                        help="our models: compile each kernel when first launched instead of all at once before the "
+                             "first training step (gdn2/ops/triton/compile_ahead.py)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "bench"))
     parser.add_argument("--merge", nargs="+", metavar="CSV", help="merge CSVs of one card and redraw the plot")
     parser.add_argument("--smoke", action="store_true",
@@ -747,7 +765,7 @@ def main(argv=None) -> int:
         for impl in impls_of(family, requested, with_fla):
             if "train" in only:
                 rows += train_rows(family, impl, shapes, steps, paper, args.profile, args.recompute,
-                                   args.recompute_layers)
+                                   args.recompute_layers, compile_ahead=not args.no_compile_ahead)
                 save(rows, out, plot=False)
             if "prefill" in only:
                 rows += prefill_rows(family, impl, contexts or ((1024, 16384) if args.quick else PREFILL_CONTEXTS))

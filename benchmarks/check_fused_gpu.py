@@ -2,8 +2,8 @@
 gdn2/fused_kernels.py against the torch path of the same autograd Functions at the 1.3B model's shapes (fp32 and
 bf16; outputs and every gradient), the chunked linear cross-entropy against F.cross_entropy, a small GDN-2 model's
 loss and parameter gradients (fused path against the plain logits path, fp32), the training path's recomputes bit
-for bit (the pre-norms' output, g), and greedy decoding from the CUDA graph (harness/graph_decode.py) against the
-plain step for each recurrent family's tiny model.
+for bit (the pre-norms' output, g), compile_step (a step after it compiles nothing), and greedy decoding from the
+CUDA graph (harness/graph_decode.py) against the plain step for each recurrent family's tiny model.
 
     python benchmarks/check_fused_gpu.py            # prints one line per check and PASS / FAIL; exit 1 on a FAIL
 """
@@ -156,6 +156,34 @@ def check_model() -> None:
     report("GDN-2 tiny: loss and every parameter gradient, fp32", grads["fused"], grads["plain"], 1e-3)
 
 
+def check_compile_ahead() -> None:
+    """compile_step, then a real bf16 training step of a small GDN-2 (run first, before other checks compile its
+    kernels): the step compiles nothing, every variant it launched was compiled ahead, and compile_step left the
+    parameters unchanged and no gradient."""
+    from gdn2 import GDN2ForCausalLM, named_config
+    from gdn2.ops.triton.compile_ahead import compile_step, counting_compiles
+
+    torch.manual_seed(0)
+    model = GDN2ForCausalLM(named_config("gdn2-tiny", num_hidden_layers=2)).cuda().train()
+    ids = torch.randint(0, 4096, (2, 512), device="cuda")
+
+    def loss():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(ids, labels=ids, use_cache=False).loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    variants = compile_step(loss, model.parameters())
+    untouched = all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before, strict=True))
+    with counting_compiles() as compiled:
+        loss().backward()
+        torch.cuda.synchronize()
+    ok = untouched and variants > 0 and not compiled
+    if not ok:
+        FAILED.append("compile ahead")
+    print(f"{'PASS' if ok else 'FAIL'}  compile_step: {variants} variants ahead; the step then compiled "
+          f"{len(compiled)} {sorted(set(compiled))}; parameters and gradients untouched: {untouched}", flush=True)
+
+
 def check_graph_decode() -> None:
     import tempfile
 
@@ -189,6 +217,7 @@ def main() -> int:
         raise SystemExit("error: this check needs a CUDA GPU (the CPU tests run the kernels in Triton's interpreter)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    check_compile_ahead()
     check_kernels()
     check_recomputes_are_exact()
     check_model()

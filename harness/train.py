@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gdn2.ops.triton.compile_ahead import compile_step
+
 IGNORE = -100
 
 
@@ -116,6 +118,15 @@ def needle_check(lm: nn.Module, needle_sets: dict, step: int, device: torch.devi
     return step, {name: answer_exact_match(lm, docs, device) for name, docs in needle_sets.items()}
 
 
+def compile_first_step(lm: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, autocast) -> None:
+    """Compile every Triton kernel of a training step at once, in threads, before the first step (gdn2's
+    compile_step: a throwaway forward and backward whose kernels run nothing; the gradients are set to None)."""
+    def loss():
+        with autocast:
+            return lm_loss(lm, inputs, targets)
+    compile_step(loss, lm.parameters())
+
+
 def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainConfig, device: torch.device,
           progress=None, deadline: float | None = None, stop_after: int | None = None,
           needle_sets: dict[str, list[tuple[list[int], int]]] | None = None, check_every: int = 0) -> TrainResult:
@@ -139,6 +150,8 @@ def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainC
     losses, window, step_losses, elapsed, checks = [], [], [], [], []
     checking = bool(needle_sets) and check_every > 0
     start = time.perf_counter()
+    if device.type == "cuda":
+        compile_first_step(lm, *batch_at(inputs, targets, 0, config.batch_size, device), autocast)
     steps_done = config.steps
     for step in range(config.steps):
         for group in optimizer.param_groups:
