@@ -12,6 +12,7 @@ import hashlib
 import math
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -124,7 +125,14 @@ def compile_first_step(lm: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     def loss():
         with autocast:
             return lm_loss(lm, inputs, targets)
-    compile_step(loss, lm.parameters())
+    try:
+        compile_step(loss, lm.parameters())
+    except Exception as err:  # noqa: BLE001 - the step itself still compiles what it launches
+        warnings.warn(f"compiling the step's kernels ahead failed ({type(err).__name__}: {err}); each kernel "
+                      "compiles when first launched (GDN2_TRITON_COMPILE_AHEAD=0 skips the attempt)", RuntimeWarning,
+                      stacklevel=2)
+        for p in lm.parameters():
+            p.grad = None
 
 
 def train(lm: nn.Module, inputs: np.ndarray, targets: np.ndarray, config: TrainConfig, device: torch.device,

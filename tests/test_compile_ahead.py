@@ -122,3 +122,26 @@ def test_compile_step_without_cuda_is_a_plain_pass_that_drops_its_gradients():
     assert ahead.compile_step(loss, model.parameters()) == 0
     assert ran and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_switched_off_by_the_environment_setting(monkeypatch, recorded):
+    monkeypatch.setattr(ahead, "ENABLED", False)              # GDN2_TRITON_COMPILE_AHEAD=0
+    with ahead.compile_ahead() as queue:
+        assert queue is None and JITFunction.run.__name__ == "run"
+
+
+def test_training_goes_on_when_compiling_ahead_fails(monkeypatch):
+    """harness/train.py: a failed compile-ahead is a warning naming the switch, and leaves no gradient behind."""
+    from harness import train
+
+    model = torch.nn.Linear(4, 4)
+
+    def failing(run_loss, parameters):
+        run_loss().sum().backward()
+        raise RuntimeError("ptxas failed")
+
+    monkeypatch.setattr(train, "compile_step", failing)
+    monkeypatch.setattr(train, "lm_loss", lambda lm, x, y: lm(x))
+    with pytest.warns(RuntimeWarning, match="GDN2_TRITON_COMPILE_AHEAD=0"):
+        train.compile_first_step(model, torch.randn(2, 4), None, ahead.contextlib.nullcontext())
+    assert all(p.grad is None for p in model.parameters())

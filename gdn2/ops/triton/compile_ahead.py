@@ -13,7 +13,8 @@ may be used. ``compile_step`` is the usual use: a throwaway forward and backward
 
 A launch keeps only what selects the compiled variant: each tensor argument becomes its dtype and address (the
 address decides the 16-byte alignment specialization), the other arguments stay as passed. The pass's activations are
-freed as usual while the compiles run. Under TRITON_INTERPRET=1 nothing is compiled and the context does nothing.
+freed as usual while the compiles run. Under TRITON_INTERPRET=1 nothing is compiled and the context does nothing;
+``GDN2_TRITON_COMPILE_AHEAD=0`` (read at import time) turns it off too, leaving each compile to the first launch.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 from .utils import INTERPRET
+
+ENABLED = os.environ.get("GDN2_TRITON_COMPILE_AHEAD", "1") != "0"
 
 
 class LaunchArg:
@@ -111,8 +114,8 @@ def compile_ahead(threads: int | None = None):
     """Inside: a Triton kernel launch (plain or autotuned) is not run; its compiles are queued in a pool of `threads`
     (default: the CPU count), each distinct variant once. On exit: waits for them (a failed compile raises here).
     Yields the queue (its `.jobs` holds one compile per variant). Does nothing (yields None) under TRITON_INTERPRET=1
-    or without CUDA."""
-    if INTERPRET or not torch.cuda.is_available():
+    or without CUDA, or with GDN2_TRITON_COMPILE_AHEAD=0."""
+    if INTERPRET or not ENABLED or not torch.cuda.is_available():
         yield None
         return
     jit_run, tuner_run = JITFunction.run, Autotuner.run
