@@ -290,18 +290,16 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
         try:
             sync()
             start = time.perf_counter()
-            ahead_note = ""
-            if compile_ahead and impl.startswith("ours"):
-                variants = compile_step(forward_loss, model.parameters())
-                sync()
-                if variants:
-                    ahead_note = f"; compiled ahead: {variants} kernel variants in {time.perf_counter() - start:.1f} s"
+            ahead_of_time = compile_ahead and impl.startswith("ours")
+            variants = compile_step(forward_loss, model.parameters()) if ahead_of_time else 0
+            sync()
+            ahead = time.perf_counter() - start
             with counting_compiles() as compiled:
                 step()                               # first step: Triton autotuning and compiles included
                 sync()
             first = time.perf_counter() - start
-            if ahead_note:
-                ahead_note += f", {len(compiled)} compiled in the first step"
+            ahead_note = (f"; compiled ahead: {variants} kernel variants in {ahead:.1f} s, {len(compiled)} compiled "
+                          "in the first step") if variants else ""
             step()
             reset_peak()
             sync()

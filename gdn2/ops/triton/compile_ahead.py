@@ -26,7 +26,7 @@ import torch
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from .utils import INTERPRET
+from .utils import INTERPRET, configs_that_fit
 
 ENABLED = os.environ.get("GDN2_TRITON_COMPILE_AHEAD", "1") != "0"
 
@@ -70,13 +70,10 @@ def variant_key(fn, args: tuple, kwargs: dict) -> tuple:
 def fitting_configs(tuner: Autotuner, args: tuple, kwargs: dict) -> list:
     """The configs the autotuner would time for this launch: those that fit it (utils.tuned's `fits`), all of them
     for an autotuner built elsewhere."""
-    fits = getattr(tuner, "fits", None)
-    if fits is None:
+    if getattr(tuner, "fits", None) is None:
         return list(tuner.configs)
     named = {**dict(zip(tuner.arg_names, args, strict=False)), **kwargs}
-    extra = [named[a] for a in tuner.fits_args]
-    return [c for c in tuner.configs if fits(c, named[tuner.dtype_arg].dtype, named.get("K"), *extra)] \
-        or list(tuner.configs)
+    return configs_that_fit(tuner.configs, tuner.fits, tuner.dtype_arg, tuner.fits_args, named)
 
 
 class CompileQueue:
@@ -99,14 +96,13 @@ class CompileQueue:
         if key not in self.jobs:
             self.jobs[key] = self.pool.submit(self.compile, fn, args, kwargs)
 
-    def wait(self) -> int:
-        """Wait for every compile; re-raises the first failure. Returns how many variants were compiled."""
+    def wait(self) -> None:
+        """Wait for every compile; re-raises the first failure."""
         try:
             for job in self.jobs.values():
                 job.result()
         finally:
             self.pool.shutdown(wait=True)
-        return len(self.jobs)
 
 
 @contextlib.contextmanager

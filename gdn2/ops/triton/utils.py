@@ -105,9 +105,7 @@ class FixedLaunch:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             named = {**dict(zip(self.fn.arg_names, args, strict=False)), **kwargs}
-            dtype = named[self.dtype_arg].dtype
-            extra = [named[a] for a in self.fits_args]
-            config = next((c for c in self.configs if self.fits(c, dtype, named.get("K"), *extra)), self.configs[0])
+            config = configs_that_fit(self.configs, self.fits, self.dtype_arg, self.fits_args, named)[0]
             meta = dict(config.kwargs)
             resolved = grid({**kwargs, **meta}) if callable(grid) else grid
             reg = {"maxnreg": config.maxnreg} if config.maxnreg else {}
@@ -147,14 +145,19 @@ def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton
     return wrap
 
 
+def configs_that_fit(configs, fits, dtype_arg: str, fits_args: tuple, named: dict) -> list:
+    """The configs that fit a launch (its arguments by name; see tuned for fits, dtype_arg and fits_args), in their
+    order; all of them if none does."""
+    extra = [named[a] for a in fits_args]
+    return [c for c in configs if fits(c, named[dtype_arg].dtype, named.get("K"), *extra)] or list(configs)
+
+
 def config_pruner(fn, fits, dtype_arg: str, fits_args: tuple, parallel_compile: bool):
     """The autotuner's early_config_prune for fn: the configs that fit the launch (see tuned), all of them if none
     does; with parallel_compile, those configs are compiled at once before the autotuner times them. The autotuner
     calls it once per new key."""
     def prune(configs, named_args, **kwargs):
-        named = {**named_args, **kwargs}
-        extra = [named[a] for a in fits_args]
-        kept = [c for c in configs if fits(c, named[dtype_arg].dtype, named.get("K"), *extra)] or list(configs)
+        kept = configs_that_fit(configs, fits, dtype_arg, fits_args, {**named_args, **kwargs})
         if parallel_compile:
             compile_in_parallel(fn, kept, named_args, kwargs)
         return kept
