@@ -145,13 +145,15 @@ def ruler_rows(model, lengths, samples: int, batch_sizes, workdir: Path, repeats
         stored = conn.execute("SELECT task, length, sample_index, score, prediction FROM samples "
                               "ORDER BY task, length, sample_index").fetchall()
         conn.close()
-        reference = stored if reference is None else reference
-        differ = sum(a[4] != b[4] for a, b in zip(stored, reference, strict=False))
+        if reference is None:
+            reference, agreement = stored, "the reference for the other batch sizes"
+        else:
+            differ = sum(a[4] != b[4] for a, b in zip(stored, reference, strict=False))
+            agreement = f"{differ} predictions differ from batch {batch_sizes[0]}'s"
         scores = [r[3] for r in stored if r[3] is not None]
         rows.append(dict(kind=f"ruler {','.join(lengths)} x {samples}", engine="harness runner", batch=size,
                          seconds=round(seconds, 2),
-                         score=f"mean {sum(scores) / max(len(scores), 1):.2f} over {len(scores)}; "
-                               f"{differ} predictions differ from batch {batch_sizes[0]}'s",
+                         score=f"mean {sum(scores) / max(len(scores), 1):.2f} over {len(scores)}; {agreement}",
                          status="ok" if not summary.failed_cells else f"{len(summary.failed_cells)} failed cells"))
         print(rows[-1], flush=True)
     return rows

@@ -300,6 +300,8 @@ def train_rows(family: str, impl: str, shapes, steps: int, paper: dict, profile:
             first = time.perf_counter() - start
             ahead_note = (f"; compiled ahead: {variants} kernel variants in {ahead:.1f} s, {len(compiled)} compiled "
                           "in the first step") if variants else ""
+            if impl.startswith("ours") and not compile_ahead:
+                ahead_note = f"; compile-ahead off: {len(compiled)} kernel variants compiled in the first step"
             step()
             reset_peak()
             sync()

@@ -78,3 +78,15 @@ def test_training_rows_read_the_loss_and_fail_a_non_finite_one(monkeypatch):
                                        recompute="none")
     assert failed["status"] == "error" and failed["tok_s"] == ""
     assert "non-finite training loss (nan) after 3 steps" in failed["note"]
+
+
+def test_a_training_row_says_when_compile_ahead_was_off(monkeypatch):
+    """--no-compile-ahead rows of our models say so, with the number of kernel variants their first step compiled
+    (none under the interpreter), so that two first-step times from one run can be told apart in the CSV."""
+    monkeypatch.setitem(bench_models.RUN, "device", "cpu")
+    monkeypatch.setitem(bench_models.RUN, "smoke", True)
+    [off] = bench_models.train_rows("gdn2", "ours", [(64, 2)], steps=1, paper={}, profile=False, recompute="none",
+                                    compile_ahead=False)
+    [on] = bench_models.train_rows("gdn2", "ours", [(64, 2)], steps=1, paper={}, profile=False, recompute="none")
+    assert off["note"].endswith("; compile-ahead off: 0 kernel variants compiled in the first step")
+    assert "compile-ahead" not in on["note"] and "compiled ahead" not in on["note"]    # nothing compiles on the CPU
