@@ -141,6 +141,7 @@ def tuned(configs: list[triton.Config], key: list[str], interpret_config: triton
         launcher.dtype_arg = dtype_arg
         launcher.fits_args = fits_args
         launcher.interpret_config = interpret_config
+        launcher.gpu_configs = list(configs)        # the GPU's configs, also under the interpreter (check_bounds_cpu)
         return launcher
     return wrap
 
