@@ -3,13 +3,20 @@ gdn2/fused_kernels.py against the torch path of the same autograd Functions at t
 bf16; outputs and every gradient), the chunked linear cross-entropy against F.cross_entropy, a small GDN-2 model's
 loss and parameter gradients (fused path against the plain logits path, fp32), the training path's recomputes bit
 for bit (the pre-norms' output, g), compile_step (a step after it compiles nothing), and greedy decoding from the
-CUDA graph (harness/graph_decode.py) against the plain step for each recurrent family's tiny model.
+CUDA graph (harness/graph_decode.py) against the plain step for each recurrent family's tiny model, and a bf16
+training step of a small GDN-2 at heads of 32 and 64 (finite loss and gradients).
 
-    python benchmarks/check_fused_gpu.py            # prints one line per check and PASS / FAIL; exit 1 on a FAIL
+Each group runs in its own process, so a fault that poisons the CUDA context (an illegal memory access) fails its
+group and the others still run.
+
+    python benchmarks/check_fused_gpu.py                 # one line per check, PASS / FAIL; exit 1 on a FAIL
+    python benchmarks/check_fused_gpu.py --only kernels  # one group in this process
 """
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -156,15 +163,43 @@ def check_model() -> None:
     report("GDN-2 tiny: loss and every parameter gradient, fp32", grads["fused"], grads["plain"], 1e-3)
 
 
+def bf16_step(head_dim: int) -> None:
+    """One bf16-autocast training step of a 2-layer GDN-2 with heads of head_dim on [2, 512] tokens, on the
+    autotuned kernels and without compile_step: the loss and every gradient finite."""
+    from gdn2 import GDN2ForCausalLM, named_config
+
+    torch.manual_seed(0)
+    config = named_config("gdn2-tiny", num_hidden_layers=2, head_dim=head_dim)
+    model = GDN2ForCausalLM(config).cuda().train()
+    ids = torch.randint(0, 4096, (2, 512), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    torch.cuda.synchronize()
+    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    if not finite:
+        FAILED.append(f"bf16 step, heads of {head_dim}")
+    print(f"{'PASS' if finite else 'FAIL'}  bf16 training step, heads of {head_dim}: loss {float(loss):.4f}, "
+          f"loss and every gradient finite: {finite}", flush=True)
+
+
+def check_bf16_step_heads_32() -> None:
+    bf16_step(32)
+
+
+def check_bf16_step_heads_64() -> None:
+    bf16_step(64)
+
+
 def check_compile_ahead() -> None:
-    """compile_step, then a real bf16 training step of a small GDN-2 (run first, before other checks compile its
-    kernels): the step compiles nothing, every variant it launched was compiled ahead, and compile_step left the
-    parameters unchanged and no gradient."""
+    """compile_step, then a real bf16 training step of a small GDN-2 (heads of 64, the bundled small models'; its
+    own process, so nothing is compiled before): the step compiles nothing, every variant it launched was compiled
+    ahead, and compile_step left the parameters unchanged and no gradient."""
     from gdn2 import GDN2ForCausalLM, named_config
     from gdn2.ops.triton.compile_ahead import compile_step, counting_compiles
 
     torch.manual_seed(0)
-    model = GDN2ForCausalLM(named_config("gdn2-tiny", num_hidden_layers=2)).cuda().train()
+    model = GDN2ForCausalLM(named_config("gdn2-tiny", num_hidden_layers=2, head_dim=64)).cuda().train()
     ids = torch.randint(0, 4096, (2, 512), device="cuda")
 
     def loss():
@@ -212,18 +247,40 @@ def check_graph_decode() -> None:
                   f"{same}/{len(prompts)} samples equal", flush=True)
 
 
-def main() -> int:
+CHECKS = {"compile_ahead": check_compile_ahead, "kernels": check_kernels, "recomputes": check_recomputes_are_exact,
+          "model": check_model, "graph_decode": check_graph_decode, "bf16_step_64": check_bf16_step_heads_64,
+          "bf16_step_32": check_bf16_step_heads_32}
+
+
+def run_group(name: str) -> int:
+    """One check group in a child process: 1 if it failed (a check failed, raised, or the process died), else 0."""
+    done = subprocess.run([sys.executable, __file__, "--only", name], capture_output=True, text=True)
+    print(done.stdout, end="", flush=True)
+    if done.returncode not in (0, 1, 2):
+        tail = " | ".join(line for line in done.stderr.strip().splitlines()[-3:])
+        print(f"FAIL  {name}: the process ended with exit code {done.returncode}: {tail[:400]}", flush=True)
+        return 1
+    return int(done.returncode != 0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=sorted(CHECKS), help="run one group in this process")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: this check needs a CUDA GPU (the CPU tests run the kernels in Triton's interpreter)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.only:
+        try:
+            CHECKS[args.only]()
+        except Exception as err:  # noqa: BLE001 - a raising check is a failed check, named with its error
+            print(f"FAIL  {args.only}: {type(err).__name__}: {str(err).splitlines()[0][:300]}", flush=True)
+            return 2
+        return 1 if FAILED else 0
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    check_compile_ahead()
-    check_kernels()
-    check_recomputes_are_exact()
-    check_model()
-    check_graph_decode()
-    print(f"{len(FAILED)} failed" + (f": {', '.join(FAILED)}" if FAILED else ""))
-    return 1 if FAILED else 0
+    failed = [name for name in CHECKS if run_group(name)]
+    print(f"{len(failed)} groups failed" + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
