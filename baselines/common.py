@@ -256,7 +256,9 @@ class MixerStackLM(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            scores = logits[:, :-1].flatten(0, 1)          # in fp32 at least (float64 stays float64)
+            loss = F.cross_entropy(scores.to(torch.promote_types(scores.dtype, torch.float32)),
+                                   labels[:, 1:].flatten(), ignore_index=-100)
         return LMOutput(logits=logits, past_key_values=past_key_values if use_cache else None, loss=loss)
 
 

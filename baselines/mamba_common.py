@@ -335,17 +335,31 @@ class MambaLM(nn.Module):
         return self.lm_head
 
     def forward(self, input_ids: torch.Tensor, past_key_values: LayerStates | None = None, use_cache: bool = False,
-                logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None, **unused) -> LMOutput:
+                logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **unused) -> LMOutput:
+        """input_ids [B, T]. With labels [B, T] and autograd on, the loss is gdn2.fused's chunked linear
+        cross-entropy (no [B, T, vocab] logits) and logits is None; without autograd, the logits and their loss."""
         check_forward_args(attention_mask, unused)
         x = self.backbone.embeddings(input_ids)
         if self.config.residual_in_fp32:
             x = x.float() if x.dtype != torch.float64 else x
         x, past_key_values = run_layers(self.backbone.layers, x, past_key_values, use_cache)
         x = self.backbone.norm_f(x)
+        cache = past_key_values if use_cache else None
+        if labels is not None and torch.is_grad_enabled():
+            from gdn2.fused import causal_lm_loss
+
+            return LMOutput(logits=None, past_key_values=cache,
+                            loss=causal_lm_loss(x.to(self.lm_head.weight.dtype), self.lm_head.weight, labels))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x.to(self.lm_head.weight.dtype))
-        return LMOutput(logits=logits, past_key_values=past_key_values if use_cache else None)
+        loss = None
+        if labels is not None:
+            scores = logits[:, :-1].flatten(0, 1)          # in fp32 at least (float64 stays float64)
+            loss = F.cross_entropy(scores.to(torch.promote_types(scores.dtype, torch.float32)),
+                                   labels[:, 1:].flatten(), ignore_index=-100)
+        return LMOutput(logits=logits, past_key_values=cache, loss=loss)
 
 
 def keep_fp32(lm: nn.Module, names=("A_log", "dt_bias", "D", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o")):

@@ -219,3 +219,35 @@ def test_paper_config_counts():
     assert s2 == s3 == s3m == 262_144
     for family, cfg in (("mamba2", {}), ("mamba3", {}), ("mamba3", {"is_mimo": True, "mimo_rank": 4})):
         assert get_family(family).state_floats_per_layer({"model_type": family, **PAPER, **cfg}) == 262_144
+
+
+@pytest.mark.parametrize("family,config", [("mamba2", FLA_M2), ("mamba3", FLA_M3)])
+def test_training_loss_with_labels_equals_the_loss_of_the_logits(family, config):
+    """With labels and autograd on, MambaLM's loss is the chunked linear cross-entropy (no logits kept): the same
+    loss and the same gradient of every parameter as cross-entropy over its full logits, in float64; ignored labels
+    (-100) count for nothing. Without autograd it returns the logits and their loss."""
+    lm = _random_lm(family, config).double().train()
+    ids = torch.randint(0, config["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+
+    def loss_and_grads(fused: bool):
+        lm.zero_grad(set_to_none=True)
+        if fused:
+            out = lm(ids, labels=labels)
+            assert out.logits is None
+            loss = out.loss
+        else:
+            logits = lm(ids).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                     ignore_index=-100)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in lm.parameters()]
+
+    fused, plain = loss_and_grads(True), loss_and_grads(False)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        out = lm(ids, labels=labels)
+    assert out.logits.shape == (2, 21, config["vocab_size"])
+    torch.testing.assert_close(out.loss, plain[0], rtol=1e-10, atol=1e-12)
