@@ -36,15 +36,18 @@ def test_extents_follow_the_view_not_the_storage():
     assert bounds.outside(addresses, 4, [(start, end)]) == 2   # a 4-byte item from end - 2 and one from end
 
 
+@pytest.mark.parametrize("plan", [torch.float32, torch.bfloat16], ids=["fp32-plan", "16-bit-plan"])
 @pytest.mark.parametrize("strong_decay", [False, True], ids=["midpoint", "exact"])
 @pytest.mark.parametrize("round_index", range(7))
-def test_chunk_op_stays_inside_its_tensors_under_every_config(round_index, strong_decay):
+def test_chunk_op_stays_inside_its_tensors_under_every_config(round_index, strong_decay, plan):
     """Two chunks, the second partly filled, with heads of 32 (the shape whose bf16 training step faulted on an H100);
-    slow decays (the midpoint path) or decays strong enough that every sub-chunk takes the exact path; forward with
-    the final state, and backward."""
+    slow decays (the midpoint path) or decays strong enough that every sub-chunk takes the exact path; the launches
+    of fp32 inputs or of 16-bit ones (planned_as, on fp32 values); forward with the final state, and backward."""
+    from gdn2.ops.triton.dispatch import planned_as
+
     assert bounds.max_configs() == 7
     inputs = bounds.chunk_inputs(B=2, T=80, H=1, K=32, V=32, dtype=torch.float32, strong_decay=strong_decay)
-    with bounds.every_config(round_index), bounds.checked_addresses() as seen:
+    with planned_as(plan), bounds.every_config(round_index), bounds.checked_addresses() as seen:
         bounds.chunk_step(inputs)
     assert len(seen.launched) >= 8
     assert seen.found == {}
