@@ -179,7 +179,7 @@ def bf16_step(head_dim: int) -> None:
     finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     if not finite:
         FAILED.append(f"bf16 step, heads of {head_dim}")
-    print(f"{'PASS' if finite else 'FAIL'}  bf16 training step, heads of {head_dim}: loss {float(loss):.4f}, "
+    print(f"{'PASS' if finite else 'FAIL'}  bf16 training step, heads of {head_dim}: loss {float(loss.detach()):.4f}, "
           f"loss and every gradient finite: {finite}", flush=True)
 
 
@@ -274,7 +274,8 @@ def main(argv=None) -> int:
         try:
             CHECKS[args.only]()
         except Exception as err:  # noqa: BLE001 - a raising check is a failed check, named with its error
-            print(f"FAIL  {args.only}: {type(err).__name__}: {str(err).splitlines()[0][:300]}", flush=True)
+            first_line = (str(err).splitlines() or [""])[0]
+            print(f"FAIL  {args.only}: {type(err).__name__}: {first_line[:300]}", flush=True)
             return 2
         return 1 if FAILED else 0
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
