@@ -1,12 +1,14 @@
-"""Bytes a GDN-2 block keeps for the backward pass, per token and layer, by the module that keeps them.
+"""Bytes a block keeps for the backward pass, per token and layer, by the module that keeps them.
 
-Runs one training forward pass of a GDN2ForCausalLM (any named config, a few layers) under bf16 autocast with a
+Runs one training forward pass of a GDN2ForCausalLM (any named config, a few layers), or of our Gated DeltaNet or
+KDA model at its 1.3B config (--family; a few layers), under bf16 autocast with a
 saved-tensors hook that records every tensor autograd keeps, attributed to the innermost module running when it was
 saved; each storage is counted once. Two sequence lengths are run and the difference is divided by the extra
 tokens, so what does not grow with the tokens (autocast's bf16 copies of the weights) drops out. On CPU the chunk
 kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set here), so the tensors are the ones the GPU path keeps.
 
     .venv/bin/python benchmarks/saved_bytes.py --config gdn2-1.3B --layers 1 --lengths 64,128 [--chunk-recompute]
+    .venv/bin/python benchmarks/saved_bytes.py --family kda --layers 1
 
 Prints a table (KB per token per layer) and the total; no GPU needed.
 """
@@ -33,7 +35,7 @@ def saved_bytes_by_module(model: torch.nn.Module, ids: torch.Tensor, device_type
     run its modules unfused (gdn2.fused.plain), so the count would not be the training path's."""
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-    names = {id(module): name for name, module in model.named_modules()}
+    names = {id(module): name or "(model)" for name, module in model.named_modules()}
     stack: list[str] = ["(model)"]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
@@ -97,9 +99,11 @@ def use_triton_paths_on_cpu() -> None:
 
     import gdn2.fused
     import gdn2.layer
+    import gdn2.ops
     from gdn2.ops import chunk_gdn2
 
     gdn2.layer.chunk_gdn2 = functools.partial(chunk_gdn2, backend="triton")
+    gdn2.ops.chunk_gdn2 = gdn2.layer.chunk_gdn2       # the baselines' gated_delta_rule looks it up at each call
     gdn2.fused._backend = lambda x, backend: "torch" if x.dtype == torch.float64 else "triton"
 
 
@@ -107,7 +111,9 @@ def main(argv=None) -> int:
     from gdn2 import GDN2ForCausalLM, named_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="gdn2-1.3B")
+    parser.add_argument("--config", default="gdn2-1.3B", help="a named GDN-2 config (--family gdn2)")
+    parser.add_argument("--family", default="gdn2", choices=("gdn2", "gated_deltanet", "kda"),
+                        help="gated_deltanet, kda: our model of that family at its 1.3B config")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--lengths", default="64,128", help="two sequence lengths (multiples of 64)")
     parser.add_argument("--batch", type=int, default=1)
@@ -124,22 +130,36 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         use_triton_paths_on_cpu()
-    config = named_config(args.config, num_hidden_layers=args.layers, vocab_size=4096)
     torch.manual_seed(0)
-    with device:
-        model = GDN2ForCausalLM(config)
+    if args.family == "gdn2":
+        config = named_config(args.config, num_hidden_layers=args.layers, vocab_size=4096)
+        with device:
+            model = GDN2ForCausalLM(config)
+        model.chunk_recompute_enable(args.chunk_recompute)
+        title = (f"{args.config}: hidden {config.hidden_size}, {config.num_heads} heads of {config.head_dim}, MLP "
+                 f"{config.intermediate_size}")
+    else:
+        from harness.registry import get_family
+
+        if args.chunk_recompute:
+            raise SystemExit("error: --chunk-recompute is GDN2ForCausalLM's switch (--family gdn2)")
+        family = get_family(args.family)
+        fields = {**family.paper_config, "num_hidden_layers": args.layers, "vocab_size": 4096}
+        with device:
+            model = family.build_reference(fields)
+        title = f"{args.family} 1.3B config: " + ", ".join(f"{k} {v}" for k, v in sorted(fields.items())
+                                                           if k not in ("model_type", "architectures"))
     model.train()
-    model.chunk_recompute_enable(args.chunk_recompute)
+    vocab = 4096
     runs = []
     for T in (short, long):
-        ids = torch.randint(0, config.vocab_size, (args.batch, T), device=device)
+        ids = torch.randint(0, vocab, (args.batch, T), device=device)
         runs.append(saved_bytes_by_module(model, ids, device.type))
     tokens = args.batch * (long - short)
     per_piece: dict[str, float] = defaultdict(float)
     for path in set(runs[0]) | set(runs[1]):
         per_piece[piece_of(path)] += (runs[1].get(path, 0) - runs[0].get(path, 0)) / tokens / args.layers
-    print(f"# {args.config}: hidden {config.hidden_size}, {config.num_heads} heads of {config.head_dim}, MLP "
-          f"{config.intermediate_size}; bf16 autocast; {args.layers} layer(s), lengths {short} and {long}, batch "
+    print(f"# {title}; bf16 autocast; {args.layers} layer(s), lengths {short} and {long}, batch "
           f"{args.batch}; {device.type}{'; chunk intermediates recomputed' if args.chunk_recompute else ''}")
     print(f"{'kept by':<28s} {'KB per token per layer':>24s}")
     for piece, nbytes in sorted(per_piece.items(), key=lambda kv: -kv[1]):

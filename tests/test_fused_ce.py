@@ -590,3 +590,28 @@ def test_model_with_the_pre_norms_fused_equals_the_unfused_blocks(monkeypatch):
     with_grad = model(ids, use_cache=False).logits
     with torch.no_grad():
         assert torch.equal(with_grad, model(ids, use_cache=False).logits)
+
+
+def test_saved_bytes_names_the_pieces_a_kda_block_keeps(monkeypatch):
+    """benchmarks/saved_bytes.py on our KDA model (tiny config, the Triton paths in the interpreter): the unfused
+    pieces of its block (pre-norms, the gated output norm) keep bytes under their own names, the loss under
+    '(model)', and the per-module counts add up to what autograd keeps in all."""
+    import gdn2.fused
+    import gdn2.layer
+    import gdn2.ops
+    from benchmarks.saved_bytes import kept_bytes, saved_bytes_by_module, use_triton_paths_on_cpu
+    from harness.registry import get_family
+
+    for module, name in ((gdn2.layer, "chunk_gdn2"), (gdn2.ops, "chunk_gdn2"), (gdn2.fused, "_backend")):
+        monkeypatch.setattr(module, name, getattr(module, name))     # restored after the test
+    use_triton_paths_on_cpu()
+    torch.manual_seed(0)
+    model = get_family("kda").build_reference(dict(hidden_size=64, num_hidden_layers=1, num_heads=2, head_dim=16,
+                                                   vocab_size=256, intermediate_size=128)).train()
+    ids = torch.randint(0, 256, (1, 64))
+    kept = saved_bytes_by_module(model, ids, "cpu")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = kept_bytes(lambda: model(input_ids=ids, labels=ids), exclude=params)
+    assert kept["(model)"] > 0 and kept["model.layers.0.attn_norm"] > 0 and kept["model.layers.0.attn.o_norm"] > 0
+    assert sum(kept.values()) == total
