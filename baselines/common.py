@@ -263,6 +263,20 @@ class MixerStackLM(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ delta-rule recurrences
+def gated_output(mixer: nn.Module, o: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """mixer.o_proj(mixer.o_norm(o, gate)) over the heads: o, gate [B, T, Hv, V] -> [B, T, d]. Where both modules are
+    plain (a GatedRMSNorm and a bias-free nn.Linear, no hooks) they run as gdn2.fused's gated_rms_norm_linear, which
+    recomputes the normed output for o_proj's weight gradient instead of keeping it (GDN-2's output path); otherwise
+    each module runs as itself, the normed output cast to dtype (the hidden states') first."""
+    from gdn2.fused import gated_rms_norm_linear, plain
+
+    if plain(mixer.o_norm, GatedRMSNorm) and plain(mixer.o_proj, nn.Linear):
+        return gated_rms_norm_linear(o, gate, mixer.o_norm.weight, mixer.o_proj.weight, mixer.o_norm.eps,
+                                     mixer.o_norm.activation)
+    B, T = o.shape[:2]
+    return mixer.o_proj(mixer.o_norm(o, gate).reshape(B, T, -1).to(dtype))
+
+
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      previous: torch.Tensor | None, use_cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule with a per-key-channel decay (KDA; Gated DeltaNet when g is constant over K), run through

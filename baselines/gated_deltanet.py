@@ -26,6 +26,7 @@ from baselines.common import (
     ShortConvolution,
     gate_activation,
     gated_delta_rule,
+    gated_output,
 )
 from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
 from harness.registry import register_family
@@ -93,10 +94,10 @@ class GatedDeltaNetMixer(nn.Module):
         o, recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent_state if state is not None else None,
                                         use_cache)
         if self.use_gate:
-            o = self.o_norm(o, self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim))
+            gate = self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
+            y = gated_output(self, o, gate, hidden_states.dtype)
         else:
-            o = self.o_norm(o)
-        y = self.o_proj(o.reshape(B, T, self.value_dim).to(hidden_states.dtype))
+            y = self.o_proj(self.o_norm(o).reshape(B, T, self.value_dim).to(hidden_states.dtype))
         return y, (GDN2LayerState(recurrent, conv_states) if use_cache else None)
 
 

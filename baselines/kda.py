@@ -19,7 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.common import PAPER_DELTA_RULE_CONFIG, FLAFamilyBase, GatedRMSNorm, ShortConvolution, gated_delta_rule
+from baselines.common import (
+    PAPER_DELTA_RULE_CONFIG,
+    FLAFamilyBase,
+    GatedRMSNorm,
+    ShortConvolution,
+    gated_delta_rule,
+    gated_output,
+)
 from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
 from harness.registry import register_family
 
@@ -95,7 +102,7 @@ class KDAMixer(nn.Module):
         o, recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent_state if state is not None else None,
                                         use_cache)
         gate = self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
-        y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.value_dim).to(hidden_states.dtype))
+        y = gated_output(self, o, gate, hidden_states.dtype)
         return y, (GDN2LayerState(recurrent, conv_states) if use_cache else None)
 
 

@@ -329,3 +329,31 @@ def test_hybrid_with_full_attention_has_a_hard_context_limit(tmp_path):
 
     with pytest.raises(ContextTooLongError, match="context limit of 512"):
         model.loglikelihood([("word " * 600, " end")])
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "kda"])
+def test_fused_output_norm_and_projection_equal_the_modules(name):
+    """The mixers' o_proj(o_norm(o, gate)) runs as gdn2.fused's gated_rms_norm_linear (the normed output recomputed
+    for o_proj's weight gradient, not kept); a forward hook on o_proj makes it run as the two modules instead.
+    Output and every parameter's gradient agree in float64, and the fused path keeps less for the backward pass."""
+    from benchmarks.saved_bytes import kept_bytes
+
+    m = first_mixer(random_model(name)).double()
+    x = torch.randn(2, 40, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        kept, (y, _) = kept_bytes(lambda: m(x), exclude=params)
+        y.square().sum().backward()
+        return kept, [y.detach()] + [p.grad.clone() for p in m.parameters()]
+
+    fused_kept, fused = run()
+    hook = m.o_proj.register_forward_hook(lambda module, args, out: None)
+    try:
+        modules_kept, modules = run()
+    finally:
+        hook.remove()
+    for a, b in zip(fused, modules, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert fused_kept < modules_kept
