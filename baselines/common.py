@@ -182,10 +182,22 @@ class PreNormBlock(nn.Module):
             self.mlp = None
 
     def forward(self, x: torch.Tensor, state: Any, use_cache: bool):
-        mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache)
+        """With autograd on, a plain RMSNorm pre-norm runs inside a mixer that takes it (`takes_pre_norm`: its input
+        projections read it as one Function that does not keep the normed x) and inside a SwiGLUMLP (gate and up
+        projections, the same); otherwise each norm runs first, as its own module."""
+        from gdn2.fused import plain
+
+        fuse = torch.is_grad_enabled()
+        if fuse and getattr(self.attn, "takes_pre_norm", False) and plain(self.attn_norm, RMSNorm):
+            mixed, new_state = self.attn(x, state=state, use_cache=use_cache, norm=self.attn_norm)
+        else:
+            mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache)
         x = x + mixed
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x))
+            if fuse and type(self.mlp) is SwiGLUMLP and plain(self.mlp_norm, RMSNorm):
+                x = x + self.mlp(x, norm=self.mlp_norm)
+            else:
+                x = x + self.mlp(self.mlp_norm(x))
         return x, new_state
 
 

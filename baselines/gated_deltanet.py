@@ -28,6 +28,7 @@ from baselines.common import (
     gated_delta_rule,
     gated_output,
 )
+from gdn2.fused import norm_linears
 from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
 from harness.registry import register_family
 
@@ -42,6 +43,8 @@ GDN_DEFAULTS = dict(
 
 class GatedDeltaNetMixer(nn.Module):
     """Gated DeltaNet token mixer. x [B, T, d] -> y [B, T, d]; state: GDN2LayerState (fp32 [B, Hv, K, V] + convs)."""
+
+    takes_pre_norm = True      # forward(..., norm=): the block fuses its pre-norm into the input projections
 
     def __init__(self, hidden_size: int, expand_v: float, head_dim: int, num_heads: int, num_v_heads: int | None,
                  use_gate: bool = True, use_short_conv: bool = True, allow_neg_eigval: bool = False,
@@ -80,22 +83,27 @@ class GatedDeltaNetMixer(nn.Module):
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False):
+    def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
+                norm: nn.Module | None = None):
+        """hidden_states [B, T, d] -> (y [B, T, d], state or None). norm: the block's pre-norm, applied here to
+        hidden_states with the input projections as one Function (gdn2.fused.norm_linears: the normed input is
+        recomputed in the backward pass, not kept); None: hidden_states is already normed."""
         B, T, _ = hidden_states.shape
-        q, k, v, conv_states = short_conv_qkv(self, hidden_states, state)
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.a_proj)
+        q, k, v, b, a, *gate = norm_linears(hidden_states, norm, linears + ((self.g_proj,) if self.use_gate else ()))
+        q, k, v, conv_states = short_conv_qkv(self, hidden_states, state, (q, k, v))
         q = q.reshape(B, T, self.num_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        beta = self.b_proj(hidden_states).float().sigmoid()
+        beta = b.float().sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         g = g[..., None].expand(B, T, self.num_v_heads, self.head_k_dim)
         o, recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent_state if state is not None else None,
                                         use_cache)
         if self.use_gate:
-            gate = self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
-            y = gated_output(self, o, gate, hidden_states.dtype)
+            y = gated_output(self, o, gate[0].reshape(B, T, self.num_v_heads, self.head_v_dim), hidden_states.dtype)
         else:
             y = self.o_proj(self.o_norm(o).reshape(B, T, self.value_dim).to(hidden_states.dtype))
         return y, (GDN2LayerState(recurrent, conv_states) if use_cache else None)

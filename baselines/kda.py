@@ -27,6 +27,7 @@ from baselines.common import (
     gated_delta_rule,
     gated_output,
 )
+from gdn2.fused import norm_linears
 from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
 from harness.registry import register_family
 
@@ -41,6 +42,8 @@ KDA_DEFAULTS = dict(
 
 class KDAMixer(nn.Module):
     """KDA token mixer. x [B, T, d] -> y [B, T, d]; state: GDN2LayerState (fp32 [B, Hv, K, V] + conv inputs)."""
+
+    takes_pre_norm = True      # forward(..., norm=): the block fuses its pre-norm into the input projections
 
     def __init__(self, hidden_size: int, expand_v: float, head_dim: int, num_heads: int, num_v_heads: int | None,
                  use_short_conv: bool = True, allow_neg_eigval: bool = False, safe_gate: bool = False,
@@ -89,19 +92,25 @@ class KDAMixer(nn.Module):
             return self.lower_bound * torch.sigmoid(A * x)
         return -A * F.softplus(x)
 
-    def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False):
+    def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
+                norm: nn.Module | None = None):
+        """hidden_states [B, T, d] -> (y [B, T, d], state or None). norm: the block's pre-norm, applied here to
+        hidden_states with the input projections as one Function (gdn2.fused.norm_linears: the normed input is
+        recomputed in the backward pass, not kept); None: hidden_states is already normed."""
         B, T, _ = hidden_states.shape
-        q, k, v, conv_states = short_conv_qkv(self, hidden_states, state)
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.f_proj[0], self.g_proj[0])
+        q, k, v, b, f, g = norm_linears(hidden_states, norm, linears)
+        q, k, v, conv_states = short_conv_qkv(self, hidden_states, state, (q, k, v))
         q = q.reshape(B, T, self.num_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        beta = self.b_proj(hidden_states).float().sigmoid()
+        beta = b.float().sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        g = self.decay(self.f_proj(hidden_states))
-        o, recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent_state if state is not None else None,
+        decay = self.decay(self.f_proj[1](f))
+        o, recurrent = gated_delta_rule(q, k, v, decay, beta, state.recurrent_state if state is not None else None,
                                         use_cache)
-        gate = self.g_proj(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
+        gate = self.g_proj[1](g).reshape(B, T, self.num_v_heads, self.head_v_dim)
         y = gated_output(self, o, gate, hidden_states.dtype)
         return y, (GDN2LayerState(recurrent, conv_states) if use_cache else None)
 

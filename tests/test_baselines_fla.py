@@ -357,3 +357,35 @@ def test_fused_output_norm_and_projection_equal_the_modules(name):
     for a, b in zip(fused, modules, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert fused_kept < modules_kept
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "gated_deltanet-gva", "gated_deltanet-hybrid", "kda",
+                                  "kda-gva-bounded", "kda-hybrid"])
+def test_pre_norms_fused_into_the_projections_equal_the_modules(name):
+    """In training the blocks run their pre-norms inside the mixer's input projections (not the hybrids' attention
+    layers, which take no norm) and the MLP's gate and up projections (gdn2.fused.norm_linears); forward hooks on the
+    norms make them run as modules instead. The loss and every parameter's gradient agree in float64, and the fused
+    blocks keep less for the backward pass."""
+    from benchmarks.saved_bytes import kept_bytes
+
+    lm = random_model(name).double().train()
+    ids = torch.randint(0, CONFIGS[name]["vocab_size"], (2, 33), generator=torch.Generator().manual_seed(2))
+    params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
+
+    def run():
+        lm.zero_grad(set_to_none=True)
+        kept, out = kept_bytes(lambda: lm(ids, labels=ids), exclude=params)
+        out.loss.backward()
+        return kept, [out.loss.detach()] + [p.grad.clone() for p in lm.parameters()]
+
+    fused_kept, fused = run()
+    hooks = [module.register_forward_hook(lambda module, args, out: None)
+             for block in lm.model.layers for module in (block.attn_norm, block.mlp_norm)]
+    try:
+        modules_kept, modules = run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for a, b in zip(fused, modules, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert fused_kept < modules_kept

@@ -593,10 +593,10 @@ def test_model_with_the_pre_norms_fused_equals_the_unfused_blocks(monkeypatch):
 
 
 def test_saved_bytes_names_the_pieces_a_kda_block_keeps(monkeypatch):
-    """benchmarks/saved_bytes.py on our KDA model (tiny config, the Triton paths in the interpreter): the unfused
-    pieces of its block (the pre-norms) keep bytes under their own names, the fused output norm and projection none
-    (they run inside the mixer's gated_rms_norm_linear), the loss under '(model)', and the per-module counts add up to
-    what autograd keeps in all."""
+    """benchmarks/saved_bytes.py on our KDA model (tiny config, the Triton paths in the interpreter): the fused block
+    keeps nothing under its norms (they run inside the mixer's and the MLP's projections, and the output norm inside
+    gated_rms_norm_linear); a hooked pre-norm runs as its own module and keeps its bytes under its name; the loss's
+    go under '(model)'; and the per-module counts add up to what autograd keeps in all."""
     import gdn2.fused
     import gdn2.layer
     import gdn2.ops
@@ -610,10 +610,15 @@ def test_saved_bytes_names_the_pieces_a_kda_block_keeps(monkeypatch):
     model = get_family("kda").build_reference(dict(hidden_size=64, num_hidden_layers=1, num_heads=2, head_dim=16,
                                                    vocab_size=256, intermediate_size=128)).train()
     ids = torch.randint(0, 256, (1, 64))
-    kept = saved_bytes_by_module(model, ids, "cpu")
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = saved_bytes_by_module(model, ids, "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         total, _ = kept_bytes(lambda: model(input_ids=ids, labels=ids), exclude=params)
-    assert kept["(model)"] > 0 and kept["model.layers.0.attn_norm"] > 0 and kept["model.layers.0.mlp_norm"] > 0
-    assert "model.layers.0.attn.o_norm" not in kept and "model.layers.0.attn.o_proj" not in kept
     assert sum(kept.values()) == total
+    assert kept["(model)"] > 0 and kept["model.layers.0.attn"] > 0
+    block = "model.layers.0."
+    assert not {block + n for n in ("attn_norm", "mlp_norm", "attn.o_norm", "attn.o_proj", "attn.q_proj")} & set(kept)
+    model.model.layers[0].attn_norm.register_forward_hook(lambda module, args, out: None)
+    hooked = saved_bytes_by_module(model, ids, "cpu")
+    assert hooked[block + "attn_norm"] > 0 and hooked[block + "attn.q_proj"] > 0 and block + "mlp_norm" not in hooked
+    assert sum(hooked.values()) > total
