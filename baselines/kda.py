@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from baselines.common import (
     PAPER_DELTA_RULE_CONFIG,
@@ -27,6 +26,7 @@ from baselines.common import (
     gated_delta_rule,
     gated_output,
 )
+from gdn2.fused import decay as gdn2_decay
 from gdn2.fused import norm_linears
 from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
 from harness.registry import register_family
@@ -84,13 +84,14 @@ class KDAMixer(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
     def decay(self, f: torch.Tensor) -> torch.Tensor:
-        """f_proj output [B, T, Hv*K] -> log decay g [B, T, Hv, K] (fp32)."""
+        """f_proj output [B, T, Hv*K] -> log decay g [B, T, Hv, K] (fp32). Without lower_bound it is GDN-2's decay
+        (gdn2.fused.decay: one Triton kernel per pass on CUDA, keeping only f for the backward pass)."""
         B, T, _ = f.shape
+        if self.lower_bound is None:
+            return gdn2_decay(f, self.A_log, self.dt_bias, self.head_k_dim).view(B, T, self.num_v_heads,
+                                                                                self.head_k_dim)
         x = (f.float() + self.dt_bias.float()).view(B, T, self.num_v_heads, self.head_k_dim)
-        A = self.A_log.float().exp()[:, None]
-        if self.lower_bound is not None:
-            return self.lower_bound * torch.sigmoid(A * x)
-        return -A * F.softplus(x)
+        return self.lower_bound * torch.sigmoid(self.A_log.float().exp()[:, None] * x)
 
     def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
                 norm: nn.Module | None = None):
