@@ -290,13 +290,15 @@ def gated_output(mixer: nn.Module, o: torch.Tensor, gate: torch.Tensor, dtype: t
 
 
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                     previous: torch.Tensor | None, use_cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     previous: torch.Tensor | None, use_cache: bool, recompute_g=None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule with a per-key-channel decay (KDA; Gated DeltaNet when g is constant over K), run through
     gdn2.ops with b = w = beta (the GDN-2 reduction): S <- Diag(exp g) S; S <- S + beta k (v - S^T k)^T.
 
     q, k [B, T, H, K] (L2-normalised inside); v [B, T, Hv, V]; g [B, T, Hv, K] natural-log decay (fp32);
     beta [B, T, Hv]; previous [B, Hv, K, V] fp32 or None. Key heads are repeated over their value-head group.
-    Returns o [B, T, Hv, V] and the state after the last token (None unless use_cache).
+    Returns o [B, T, Hv, V] and the state after the last token (None unless use_cache). recompute_g: a function
+    returning g again bit for bit (chunk_gdn2's: the Triton path then keeps no fp32 copy of g for the backward pass).
     Dispatch: chunkwise (Triton on CUDA, torch on CPU); a few tokens continuing a state use the recurrent step.
     """
     from gdn2.layer import RECURRENT_MAX_TOKENS
@@ -313,7 +315,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         o, state = recurrent_step_gdn2(q, k, v, g, b, w, state, use_qk_l2norm_in_kernel=True)
         return o, state if use_cache else None
     return chunk_gdn2(q, k, v, g, b, w, initial_state=previous, output_final_state=use_cache,
-                      use_qk_l2norm_in_kernel=True)
+                      use_qk_l2norm_in_kernel=True, recompute_g=recompute_g)
 
 
 # ------------------------------------------------------------------------------------------ fla-format families

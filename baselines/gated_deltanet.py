@@ -14,6 +14,8 @@ The recurrence runs through gdn2.ops with the decay broadcast over K and b = w =
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -83,6 +85,17 @@ class GatedDeltaNetMixer(nn.Module):
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
+    def decay(self, a: torch.Tensor) -> torch.Tensor:
+        """a_proj output [B, T, Hv] -> log decay g [B, T, Hv, K] (fp32; one value per head, broadcast over K)."""
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        return g[..., None].expand(*a.shape, self.head_k_dim)
+
+    def decay_again(self, a: torch.Tensor) -> torch.Tensor:
+        """decay(a) again without autograd, bit for bit: the chunk operator's recompute_g, so that it keeps no fp32
+        copy of g for the backward pass."""
+        with torch.no_grad():
+            return self.decay(a)
+
     def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
                 norm: nn.Module | None = None):
         """hidden_states [B, T, d] -> (y [B, T, d], state or None). norm: the block's pre-norm, applied here to
@@ -98,10 +111,9 @@ class GatedDeltaNetMixer(nn.Module):
         beta = b.float().sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        g = g[..., None].expand(B, T, self.num_v_heads, self.head_k_dim)
+        g = self.decay(a)
         o, recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent_state if state is not None else None,
-                                        use_cache)
+                                        use_cache, recompute_g=functools.partial(self.decay_again, a))
         if self.use_gate:
             y = gated_output(self, o, gate[0].reshape(B, T, self.num_v_heads, self.head_v_dim), hidden_states.dtype)
         else:

@@ -15,6 +15,8 @@ The recurrence runs through gdn2.ops with b = w = beta (GDN-2 reduces to KDA).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -93,6 +95,12 @@ class KDAMixer(nn.Module):
         x = (f.float() + self.dt_bias.float()).view(B, T, self.num_v_heads, self.head_k_dim)
         return self.lower_bound * torch.sigmoid(self.A_log.float().exp()[:, None] * x)
 
+    def decay_again(self, f: torch.Tensor) -> torch.Tensor:
+        """decay(f) again without autograd, bit for bit (the same code on the same f): the chunk operator's
+        recompute_g, so that it keeps no fp32 copy of g for the backward pass."""
+        with torch.no_grad():
+            return self.decay(f)
+
     def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
                 norm: nn.Module | None = None):
         """hidden_states [B, T, d] -> (y [B, T, d], state or None). norm: the block's pre-norm, applied here to
@@ -108,9 +116,10 @@ class KDAMixer(nn.Module):
         beta = b.float().sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        decay = self.decay(self.f_proj[1](f))
+        f = self.f_proj[1](f)
+        decay = self.decay(f)
         o, recurrent = gated_delta_rule(q, k, v, decay, beta, state.recurrent_state if state is not None else None,
-                                        use_cache)
+                                        use_cache, recompute_g=functools.partial(self.decay_again, f))
         gate = self.g_proj[1](g).reshape(B, T, self.num_v_heads, self.head_v_dim)
         y = gated_output(self, o, gate, hidden_states.dtype)
         return y, (GDN2LayerState(recurrent, conv_states) if use_cache else None)

@@ -389,3 +389,35 @@ def test_pre_norms_fused_into_the_projections_equal_the_modules(name):
     for a, b in zip(fused, modules, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert fused_kept < modules_kept
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "kda"])
+def test_decay_recomputed_in_the_backward_pass_gives_the_same_gradients(name, monkeypatch):
+    """On the Triton path (the interpreter here, fp32) the mixers hand the chunk operator recompute_g (their decay run
+    again on the input they keep), so it keeps no fp32 copy of g: every gradient is bit for bit the one the operator
+    gives when it keeps g, and less is kept."""
+    import functools
+
+    import baselines.common
+    import gdn2.ops
+    from benchmarks.saved_bytes import kept_bytes
+
+    monkeypatch.setattr(gdn2.ops, "chunk_gdn2", functools.partial(gdn2.ops.chunk_gdn2, backend="triton"))
+    m = first_mixer(random_model(name)).train()
+    x = torch.randn(1, 70, 64, generator=torch.Generator().manual_seed(4))
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        kept, (y, _) = kept_bytes(lambda: m(x), exclude=params)
+        y.square().sum().backward()
+        return kept, [y.detach()] + [p.grad.clone() for p in m.parameters()]
+
+    recomputed_kept, recomputed = run()
+    keep_g = baselines.common.gated_delta_rule
+    monkeypatch.setattr(f"baselines.{name}.gated_delta_rule",
+                        lambda *args, recompute_g=None: keep_g(*args, recompute_g=None))
+    kept_kept, kept = run()
+    for a, b in zip(recomputed, kept, strict=True):
+        assert torch.equal(a, b)
+    assert recomputed_kept < kept_kept
