@@ -289,6 +289,17 @@ def gated_output(mixer: nn.Module, o: torch.Tensor, gate: torch.Tensor, dtype: t
     return mixer.o_proj(mixer.o_norm(o, gate).reshape(B, T, -1).to(dtype))
 
 
+def delta_rule_heads(mixer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> tuple:
+    """The delta-rule mixers' projections split into heads: q, k [B, T, H*K] -> [B, T, H, K], v [B, T, Hv*V] ->
+    [B, T, Hv, V], and beta = sigmoid(b) [B, T, Hv] in fp32 (times 2 with mixer.allow_neg_eigval)."""
+    B, T = q.shape[:2]
+    beta = b.float().sigmoid()
+    if mixer.allow_neg_eigval:
+        beta = beta * 2.0
+    return (q.reshape(B, T, mixer.num_heads, mixer.head_k_dim), k.reshape(B, T, mixer.num_heads, mixer.head_k_dim),
+            v.reshape(B, T, mixer.num_v_heads, mixer.head_v_dim), beta)
+
+
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      previous: torch.Tensor | None, use_cache: bool, recompute_g=None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -26,6 +26,7 @@ from baselines.common import (
     GatedRMSNorm,
     RMSNorm,
     ShortConvolution,
+    delta_rule_heads,
     gate_activation,
     gated_delta_rule,
     gated_output,
@@ -90,12 +91,6 @@ class GatedDeltaNetMixer(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         return g[..., None].expand(*a.shape, self.head_k_dim)
 
-    def decay_again(self, a: torch.Tensor) -> torch.Tensor:
-        """decay(a) again without autograd, bit for bit: the chunk operator's recompute_g, so that it keeps no fp32
-        copy of g for the backward pass."""
-        with torch.no_grad():
-            return self.decay(a)
-
     def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
                 norm: nn.Module | None = None):
         """hidden_states [B, T, d] -> (y [B, T, d], state or None). norm: the block's pre-norm, applied here to
@@ -105,15 +100,11 @@ class GatedDeltaNetMixer(nn.Module):
         linears = (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.a_proj)
         q, k, v, b, a, *gate = norm_linears(hidden_states, norm, linears + ((self.g_proj,) if self.use_gate else ()))
         q, k, v, conv_states = short_conv_qkv(self, hidden_states, state, (q, k, v))
-        q = q.reshape(B, T, self.num_heads, self.head_k_dim)
-        k = k.reshape(B, T, self.num_heads, self.head_k_dim)
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        beta = b.float().sigmoid()
-        if self.allow_neg_eigval:
-            beta = beta * 2.0
+        q, k, v, beta = delta_rule_heads(self, q, k, v, b)
         g = self.decay(a)
+        # recompute_g: the decay again, without autograd, bit for bit; the chunk operator keeps no fp32 g
         o, recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent_state if state is not None else None,
-                                        use_cache, recompute_g=functools.partial(self.decay_again, a))
+                                        use_cache, recompute_g=functools.partial(torch.no_grad()(self.decay), a))
         if self.use_gate:
             y = gated_output(self, o, gate[0].reshape(B, T, self.num_v_heads, self.head_v_dim), hidden_states.dtype)
         else:

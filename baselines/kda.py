@@ -25,6 +25,7 @@ from baselines.common import (
     FLAFamilyBase,
     GatedRMSNorm,
     ShortConvolution,
+    delta_rule_heads,
     gated_delta_rule,
     gated_output,
 )
@@ -95,12 +96,6 @@ class KDAMixer(nn.Module):
         x = (f.float() + self.dt_bias.float()).view(B, T, self.num_v_heads, self.head_k_dim)
         return self.lower_bound * torch.sigmoid(self.A_log.float().exp()[:, None] * x)
 
-    def decay_again(self, f: torch.Tensor) -> torch.Tensor:
-        """decay(f) again without autograd, bit for bit (the same code on the same f): the chunk operator's
-        recompute_g, so that it keeps no fp32 copy of g for the backward pass."""
-        with torch.no_grad():
-            return self.decay(f)
-
     def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
                 norm: nn.Module | None = None):
         """hidden_states [B, T, d] -> (y [B, T, d], state or None). norm: the block's pre-norm, applied here to
@@ -110,16 +105,12 @@ class KDAMixer(nn.Module):
         linears = (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.f_proj[0], self.g_proj[0])
         q, k, v, b, f, g = norm_linears(hidden_states, norm, linears)
         q, k, v, conv_states = short_conv_qkv(self, hidden_states, state, (q, k, v))
-        q = q.reshape(B, T, self.num_heads, self.head_k_dim)
-        k = k.reshape(B, T, self.num_heads, self.head_k_dim)
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        beta = b.float().sigmoid()
-        if self.allow_neg_eigval:
-            beta = beta * 2.0
+        q, k, v, beta = delta_rule_heads(self, q, k, v, b)
         f = self.f_proj[1](f)
         decay = self.decay(f)
+        # recompute_g: the decay again, without autograd, bit for bit; the chunk operator keeps no fp32 g
         o, recurrent = gated_delta_rule(q, k, v, decay, beta, state.recurrent_state if state is not None else None,
-                                        use_cache, recompute_g=functools.partial(self.decay_again, f))
+                                        use_cache, recompute_g=functools.partial(torch.no_grad()(self.decay), f))
         gate = self.g_proj[1](g).reshape(B, T, self.num_v_heads, self.head_v_dim)
         y = gated_output(self, o, gate, hidden_states.dtype)
         return y, (GDN2LayerState(recurrent, conv_states) if use_cache else None)
