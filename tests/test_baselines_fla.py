@@ -127,6 +127,22 @@ def first_mixer(lm):
     return lm.model.layers[0].attn
 
 
+def kept_and_gradients(module: torch.nn.Module, run) -> tuple[int, list[torch.Tensor]]:
+    """run() -> (output, loss) under benchmarks.saved_bytes.kept_bytes, then loss.backward(): (bytes autograd kept
+    beyond the parameters, [output] + every parameter's gradient)."""
+    from benchmarks.saved_bytes import kept_bytes
+
+    module.zero_grad(set_to_none=True)
+    kept, (output, loss) = kept_bytes(run, exclude={p.untyped_storage().data_ptr() for p in module.parameters()})
+    loss.backward()
+    return kept, [output.detach()] + [p.grad.clone() for p in module.parameters()]
+
+
+def mixer_output_and_loss(mixer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _ = mixer(x)
+    return y, y.square().sum()
+
+
 @pytest.mark.parametrize("name", ["gated_deltanet", "gated_deltanet-gva"])
 def test_gdn_mixer_matches_token_serial_reference(name):
     m = first_mixer(random_model(name))
@@ -336,22 +352,12 @@ def test_fused_output_norm_and_projection_equal_the_modules(name):
     """The mixers' o_proj(o_norm(o, gate)) runs as gdn2.fused's gated_rms_norm_linear (the normed output recomputed
     for o_proj's weight gradient, not kept); a forward hook on o_proj makes it run as the two modules instead.
     Output and every parameter's gradient agree in float64, and the fused path keeps less for the backward pass."""
-    from benchmarks.saved_bytes import kept_bytes
-
     m = first_mixer(random_model(name)).double()
     x = torch.randn(2, 40, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-
-    def run():
-        m.zero_grad(set_to_none=True)
-        kept, (y, _) = kept_bytes(lambda: m(x), exclude=params)
-        y.square().sum().backward()
-        return kept, [y.detach()] + [p.grad.clone() for p in m.parameters()]
-
-    fused_kept, fused = run()
+    fused_kept, fused = kept_and_gradients(m, lambda: mixer_output_and_loss(m, x))
     hook = m.o_proj.register_forward_hook(lambda module, args, out: None)
     try:
-        modules_kept, modules = run()
+        modules_kept, modules = kept_and_gradients(m, lambda: mixer_output_and_loss(m, x))
     finally:
         hook.remove()
     for a, b in zip(fused, modules, strict=True):
@@ -366,23 +372,18 @@ def test_pre_norms_fused_into_the_projections_equal_the_modules(name):
     layers, which take no norm) and the MLP's gate and up projections (gdn2.fused.norm_linears); forward hooks on the
     norms make them run as modules instead. The loss and every parameter's gradient agree in float64, and the fused
     blocks keep less for the backward pass."""
-    from benchmarks.saved_bytes import kept_bytes
-
     lm = random_model(name).double().train()
     ids = torch.randint(0, CONFIGS[name]["vocab_size"], (2, 33), generator=torch.Generator().manual_seed(2))
-    params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
 
     def run():
-        lm.zero_grad(set_to_none=True)
-        kept, out = kept_bytes(lambda: lm(ids, labels=ids), exclude=params)
-        out.loss.backward()
-        return kept, [out.loss.detach()] + [p.grad.clone() for p in lm.parameters()]
+        loss = lm(ids, labels=ids).loss
+        return loss, loss
 
-    fused_kept, fused = run()
+    fused_kept, fused = kept_and_gradients(lm, run)
     hooks = [module.register_forward_hook(lambda module, args, out: None)
              for block in lm.model.layers for module in (block.attn_norm, block.mlp_norm)]
     try:
-        modules_kept, modules = run()
+        modules_kept, modules = kept_and_gradients(lm, run)
     finally:
         for hook in hooks:
             hook.remove()
@@ -400,24 +401,15 @@ def test_decay_recomputed_in_the_backward_pass_gives_the_same_gradients(name, mo
 
     import baselines.common
     import gdn2.ops
-    from benchmarks.saved_bytes import kept_bytes
 
     monkeypatch.setattr(gdn2.ops, "chunk_gdn2", functools.partial(gdn2.ops.chunk_gdn2, backend="triton"))
     m = first_mixer(random_model(name)).train()
     x = torch.randn(1, 70, 64, generator=torch.Generator().manual_seed(4))
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-
-    def run():
-        m.zero_grad(set_to_none=True)
-        kept, (y, _) = kept_bytes(lambda: m(x), exclude=params)
-        y.square().sum().backward()
-        return kept, [y.detach()] + [p.grad.clone() for p in m.parameters()]
-
-    recomputed_kept, recomputed = run()
+    recomputed_kept, recomputed = kept_and_gradients(m, lambda: mixer_output_and_loss(m, x))
     keep_g = baselines.common.gated_delta_rule
     monkeypatch.setattr(f"baselines.{name}.gated_delta_rule",
                         lambda *args, recompute_g=None: keep_g(*args, recompute_g=None))
-    kept_kept, kept = run()
+    kept_kept, kept = kept_and_gradients(m, lambda: mixer_output_and_loss(m, x))
     for a, b in zip(recomputed, kept, strict=True):
         assert torch.equal(a, b)
     assert recomputed_kept < kept_kept
