@@ -1,9 +1,11 @@
 """Batched evaluation against lm-eval's HFLM, same model, same call: GDN2ForCausalLM at the 1.3B shape (random init,
 bf16) with the bundled 4K BPE tokenizer (vocabulary 4096, so that every generated id decodes).
 
-- lm-eval: each task (offline copies, e.g. piqa and squad) through HFLM at each batch size (its best is the reference)
-  and through the harness LM (harness/lm_eval_plugin.py) at each batch size; wall time, the task's metric, and how
-  the harness's per-document responses differ from HFLM's at the same batch size.
+- lm-eval: each task (offline copies, e.g. piqa and squad) through an LM that answers at once (lm-eval's own share of
+  every row), then through HFLM at each batch size (its best is the reference) and through the harness LM
+  (harness/lm_eval_plugin.py) at each batch size; wall time, the time inside the LM's request methods
+  (engine_seconds), the task's metric, and how the harness's per-document responses differ from HFLM's at the same
+  batch size. --profile writes cProfile's heaviest calls of each engine's timed run.
 - RULER: the runner on niah_single_1..3 and niah_multikey_1 at the given lengths, at batch 1 and batch N; wall time,
   mean score and the number of stored predictions that differ from batch 1's.
 
@@ -58,23 +60,70 @@ def build_model(smoke: bool, dtype_name: str = "bfloat16"):
     return lm, tokenizer, model
 
 
-def timed_evaluate(lm_obj, task_name: str, limit: int, manager) -> tuple[float, dict, list]:
-    """(seconds, the task's metrics, each document's responses in document order) of one simple_evaluate call."""
+REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+def timed_evaluate(lm_obj, task_name: str, limit: int, manager, profile: str | None = None) -> tuple[float, float, dict,
+                                                                                                     list]:
+    """(seconds of the whole simple_evaluate call, seconds inside the LM's request methods, the task's metrics, each
+    document's responses in document order). profile: a path that gets cProfile's 40 heaviest calls of the run."""
+    import cProfile
+    import pstats
+
     import lm_eval
 
+    inside = [0.0]
+    for name in REQUEST_METHODS:                     # each request method timed on this instance, synchronised
+        method = getattr(type(lm_obj), name)
+
+        def timed(*args, _method=method, **kwargs):
+            start = time.perf_counter()
+            out = _method(lm_obj, *args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            inside[0] += time.perf_counter() - start
+            return out
+        setattr(lm_obj, name, timed)
+    profiler = cProfile.Profile() if profile else None
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
+    if profiler:
+        profiler.enable()
     out = lm_eval.simple_evaluate(model=lm_obj, tasks=[task_name], limit=limit, task_manager=manager,
                                   bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                   fewshot_random_seed=0, log_samples=True)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if profiler:
+        profiler.disable()
+        with open(profile, "w") as f:
+            pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(40)
+    for name in REQUEST_METHODS:
+        delattr(lm_obj, name)
     metrics = {k.split(",")[0]: round(float(v), 4) for k, v in out["results"][task_name].items()
                if isinstance(v, float) and "stderr" not in k}
     responses = [s["resps"] for s in sorted(out["samples"][task_name], key=lambda s: s["doc_id"])]
-    return seconds, metrics, responses
+    return seconds, inside[0], metrics, responses
+
+
+def instant_lm():
+    """An lm-eval LM that answers every request at once (log-likelihood -1, greedy False; empty generations): a run
+    through it times lm-eval's own share of a simple_evaluate call (building requests, scoring, aggregating)."""
+    from lm_eval.api.model import LM
+
+    class InstantLM(LM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return [(-1.0, False) for _ in requests]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return [-1.0 for _ in requests]
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return ["" for _ in requests]
+
+    return InstantLM()
 
 
 def disagreement(responses, reference) -> str:
@@ -92,9 +141,11 @@ def disagreement(responses, reference) -> str:
     return f"log-likelihoods within {max(diffs, default=0):.2e} of HFLM's ({len(flat)}); {greedy} greedy flags differ"
 
 
-def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes, repeats: int) -> list[dict]:
-    """Per batch size, HFLM then the harness LM; each timed on the last of `repeats` runs (the first pays the
-    Triton compiles of new shapes, which would otherwise favour whichever engine runs second)."""
+def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes, repeats: int,
+                 profile_dir: str | None = None) -> list[dict]:
+    """lm-eval's own share (an LM that answers at once), then per batch size HFLM and the harness LM; each timed on
+    the last of `repeats` runs (the first pays the Triton compiles of new shapes, which would otherwise favour
+    whichever engine runs second). engine_seconds: the time inside the LM's request methods."""
     from harness.lm_eval_plugin import HarnessLM
     from harness.lm_eval_tasks import CATALOG, offline_include_path, task_manager
 
@@ -102,6 +153,12 @@ def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes, r
     task_name = CATALOG[task_key].task_name(offline=True)
     manager = task_manager(str(offline_include_path()))
     rows = []
+    for _ in range(repeats):
+        seconds, _, _, _ = timed_evaluate(instant_lm(), task_name, limit, manager)
+    rows.append(dict(kind=f"lm-eval {task_name}", engine="lm-eval alone (instant LM)", batch="",
+                     seconds=round(seconds, 2),
+                     engine_seconds=0, score="lm-eval's own work: the same in every row", status="ok"))
+    print(rows[-1], flush=True)
     for size in batch_sizes:
         reference = None
         for engine in ("HFLM", "harness"):
@@ -112,15 +169,17 @@ def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes, r
                     lm_obj = HFLM(pretrained=lm, tokenizer=tokenizer, batch_size=size, device=str(model.device))
                 else:
                     lm_obj = HarnessLM(model=model, batch_size=size)
-                for _ in range(repeats):
-                    seconds, metrics, responses = timed_evaluate(lm_obj, task_name, limit, manager)
+                for repeat in range(repeats):
+                    profile = (os.path.join(profile_dir, f"profile-{task_key}-{engine}-b{size}.txt")
+                               if profile_dir and repeat == repeats - 1 else None)
+                    seconds, inside, metrics, responses = timed_evaluate(lm_obj, task_name, limit, manager, profile)
                 agreement = disagreement(responses, reference) if reference is not None else ""
                 reference = responses if engine == "HFLM" else reference
                 rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds=round(seconds, 2),
-                                 score=f"{metrics} {agreement}".strip(), status="ok"))
+                                 engine_seconds=round(inside, 2), score=f"{metrics} {agreement}".strip(), status="ok"))
             except Exception as err:  # noqa: BLE001 - a failing engine is a row
-                rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds="", score="",
-                                 status=f"{type(err).__name__}: {err}"[:200]))
+                rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds="", engine_seconds="",
+                                 score="", status=f"{type(err).__name__}: {err}"[:200]))
             print(rows[-1], flush=True)
     return rows
 
@@ -174,9 +233,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="weights and activations on the GPU (float32 separates engine differences from bf16 "
                              "rounding)")
+    parser.add_argument("--profile", action="store_true",
+                        help="write cProfile's heaviest calls of each engine's timed lm-eval run to "
+                             "<out>/profile-*.txt")
     parser.add_argument("--smoke", action="store_true", help="the tiny GDN-2 config (checks the code paths)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "bench"))
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     lm, tokenizer, model = build_model(args.smoke, args.dtype)
     card = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
     card += "-smoke" if args.smoke else ""
@@ -187,15 +251,13 @@ def main(argv=None) -> int:
     if "lm-eval" not in skip:
         for task in args.tasks.split(","):
             rows += lm_eval_rows(lm, tokenizer, model, task, args.limit, [int(b) for b in args.batch_sizes.split(",")],
-                                 args.repeats)
+                                 args.repeats, args.out if args.profile else None)
     if "ruler" not in skip:
         with tempfile.TemporaryDirectory() as workdir:
             rows += ruler_rows(model, args.ruler_lengths.split(","), args.ruler_samples,
                                [int(b) for b in args.ruler_batch_sizes.split(",")], Path(workdir), args.repeats)
     dtype = str(model.dtype).removeprefix("torch.")
     rows = [{"card": card, "date": date, "dtype": dtype, "repeats": args.repeats, **r} for r in rows]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, str(out / f"eval-vs-hflm-{card}.csv"))
     print(f"wrote {out / f'eval-vs-hflm-{card}.csv'}")
     return 0

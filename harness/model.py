@@ -215,7 +215,9 @@ class EvalModel:
     def _score_padded(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None = None):
         """(log p(ids[t] | ids[:t]) float64 CPU, argmax of that prediction long CPU) for t in [score_from, len(ids))
         of each request, all requests in one right-padded batch run in segments with the cache carried. Row r is
-        read only at its real positions; the padding after it never reaches them (causal models)."""
+        read only at its real positions; the padding after it never reaches them (causal models). The scored
+        positions of all rows are scored together (one log-softmax per SCORE_POSITIONS of them) and copied to the
+        CPU once."""
         segment = segment or self.segment
         for ids, score_from in requests:
             if not 1 <= score_from <= len(ids) - 1:
@@ -228,20 +230,25 @@ class EvalModel:
         inputs = tokens[:, :-1]                                        # position t predicts token t + 1
         first = [score_from - 1 for _, score_from in requests]        # inputs index of each row's first score
         ends = [len(ids) - 1 for ids, _ in requests]                   # one past each row's last scored input
-        logprobs: list[list[torch.Tensor]] = [[] for _ in requests]
-        argmax: list[list[torch.Tensor]] = [[] for _ in requests]
+        pieces: list[tuple[int, torch.Tensor, torch.Tensor]] = []      # (row, logprobs, argmax) on the device
         cache = None
         for start in range(0, inputs.shape[1], segment):
             end = min(start + segment, inputs.shape[1])
             rows = [r for r in range(len(requests)) if first[r] < end and ends[r] > start]
             kept_from = min((max(start, first[r]) for r in rows), default=end - 1)
             logits, cache = self._forward(inputs[:, start:end], cache, end - kept_from)
-            for r in rows:
-                a, b = max(start, first[r]), min(end, ends[r])
-                scores = logits[r, a - kept_from:b - kept_from].float()          # [b - a, vocab]
-                targets = tokens[r, a + 1:b + 1]
-                logprobs[r].append((scores.gather(-1, targets[:, None])[:, 0] - scores.logsumexp(-1)).double().cpu())
-                argmax[r].append(scores.argmax(-1).cpu())
+            spans = [(r, max(start, first[r]), min(end, ends[r])) for r in rows]
+            for lp, am, chunk in _score_spans(logits, tokens, spans, kept_from):
+                pieces += [(r, lp_r, am_r) for (r, _, _), lp_r, am_r in zip(chunk, lp, am, strict=True)]
+        logprobs: list[list[torch.Tensor]] = [[] for _ in requests]
+        argmax: list[list[torch.Tensor]] = [[] for _ in requests]
+        if pieces:
+            flat_lp = torch.cat([p[1] for p in pieces]).double().cpu()
+            flat_am = torch.cat([p[2] for p in pieces]).cpu()
+            sizes = [p[1].numel() for p in pieces]
+            for (r, _, _), lp, am in zip(pieces, flat_lp.split(sizes), flat_am.split(sizes), strict=True):
+                logprobs[r].append(lp)
+                argmax[r].append(am)
         return [(torch.cat(lp), torch.cat(am)) for lp, am in zip(logprobs, argmax, strict=False)]
 
     def split_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -432,8 +439,7 @@ class EvalModel:
         stops = [s for s in stop or () if s]
         eos = self.tokenizer.eos_token_id
         outputs = self.generate_ids_many(prompts, max_new_tokens, stop_ids=[eos] if eos is not None else [],
-                                         stop_when=(lambda generated: any(s in self.decode(generated) for s in stops))
-                                         if stops else None)
+                                         stop_when=StopStrings(self.decode, stops) if stops else None)
         texts = []
         for ids in outputs:
             text = self.decode(ids)
@@ -452,6 +458,25 @@ class EvalModel:
         }
 
 
+class StopStrings:
+    """stop_when for generate_ids: whether the text of the generated ids contains a stop string. Each step decodes
+    only the last `tail` ids (a stop string of n characters spans at most 4n byte-level tokens, plus the two it
+    cuts at its ends), so the check costs the same at every length; a hit is confirmed on the whole text. A stop
+    string that a tail would miss is found at a later step or not at all, which never changes the returned text:
+    greedy_texts cuts the whole text at its first stop string."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stops: Sequence[str]):
+        self.decode, self.stops = decode, list(stops)
+        self.tail = max(4 * len(s) + 2 for s in self.stops)
+
+    def __call__(self, generated: Sequence[int]) -> bool:
+        text = self.decode(generated[-self.tail:])
+        if not any(s in text for s in self.stops):
+            return False
+        text = self.decode(generated) if len(generated) > self.tail else text
+        return any(s in text for s in self.stops)
+
+
 def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices of lengths in groups of at most batch_size, longest first, so that a group's lengths are close."""
     if batch_size < 1:
@@ -467,3 +492,29 @@ def _stackable_groups(caches: dict[int, Any]) -> list[list[int]]:
         signature = cache_signature(cache)
         groups.setdefault(signature if signature is not None else ("alone", i), []).append(i)
     return list(groups.values())
+
+
+SCORE_POSITIONS = 4096     # scored positions per log-softmax in _score_spans (bounds its fp32 copy of the logits)
+
+
+def _score_spans(logits: torch.Tensor, tokens: torch.Tensor, spans: Sequence[tuple[int, int, int]], kept_from: int):
+    """Yield (logprobs, argmax, group) per group of spans holding up to SCORE_POSITIONS positions: for each
+    (row, a, b) of the group, log p(tokens[row, t + 1]) and the argmax of the prediction at inputs positions
+    t in [a, b), read from logits [B, kept, vocab] whose column 0 is position kept_from; logprobs and argmax are
+    lists of device tensors [b - a], one per span. One log-softmax per group, no copy to the CPU."""
+    groups: list[list[tuple[int, int, int]]] = []
+    size = 0
+    for span in spans:
+        if not groups or size + span[2] - span[1] > SCORE_POSITIONS:
+            groups.append([])
+            size = 0
+        groups[-1].append(span)
+        size += span[2] - span[1]
+    for group in groups:
+        rows = torch.cat([torch.full((b - a,), r, dtype=torch.long) for r, a, b in group]).to(logits.device)
+        cols = torch.cat([torch.arange(a, b) for _, a, b in group]).to(logits.device)
+        scores = logits[rows, cols - kept_from].float()                          # [positions, vocab]
+        targets = tokens[rows, cols + 1]
+        logprobs = scores.gather(-1, targets[:, None])[:, 0] - scores.logsumexp(-1)
+        sizes = [b - a for _, a, b in group]
+        yield list(logprobs.split(sizes)), list(scores.argmax(-1).split(sizes)), group

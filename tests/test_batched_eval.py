@@ -38,6 +38,45 @@ def test_logprobs_of_padded_batches_equal_batch_one(model):
         assert torch.equal(greedy3, greedy1)
 
 
+def test_scoring_positions_in_small_groups_equals_one_group(model, monkeypatch):
+    """_score_spans bounds its fp32 copy of the logits by scoring SCORE_POSITIONS positions at a time: groups of a
+    few positions (spans split across groups, spans longer than a group alone) give the same numbers bit for bit."""
+    import harness.model
+
+    requests = [(random_ids(n, 300 + seed), max(1, n // 3)) for seed, n in enumerate(LENGTHS)]
+    whole = model.token_logprobs_many(requests, batch_size=4)
+    monkeypatch.setattr(harness.model, "SCORE_POSITIONS", 5)
+    for (lp, greedy), (lp5, greedy5) in zip(whole, model.token_logprobs_many(requests, batch_size=4), strict=True):
+        assert torch.equal(lp5, lp) and torch.equal(greedy5, greedy)
+
+
+def test_stop_strings_on_the_tail_find_what_the_whole_text_holds():
+    """StopStrings decodes only the last ids each step; on the bundled byte-level BPE it first says stop at the
+    same length as the whole-text check, over random generations and stop strings of 1 to 12 characters taken from
+    the decoded text (so each is hit), most of them first hit past the tail's length."""
+    import random
+
+    from harness.bundled import BPE_4K
+    from harness.checkpoint import load_tokenizer
+    from harness.model import StopStrings
+
+    tokenizer = load_tokenizer(None, str(BPE_4K))
+    decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+    rng = random.Random(0)
+    hits = 0
+    for trial in range(12):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(120)]
+        text = decode(ids)
+        start = rng.randrange(len(text) // 2, len(text) - 12)
+        stops = [text[start:start + 1 + trial], "\n\n"]
+        check = StopStrings(decode, stops)
+        first_whole = next(n for n in range(1, len(ids) + 1) if any(s in decode(ids[:n]) for s in stops))
+        first_tail = next(n for n in range(1, len(ids) + 1) if check(ids[:n]))
+        assert first_tail == first_whole, trial
+        hits += first_whole > check.tail
+    assert hits > 6
+
+
 def test_teacher_forced_argmax_of_batches_equals_batch_one(model):
     sequences = [random_ids(n, 100 + seed) for seed, n in enumerate(LENGTHS)]
     assert model.next_token_argmax_many(sequences, batch_size=4) == model.next_token_argmax_many(sequences,
