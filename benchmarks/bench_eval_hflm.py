@@ -35,14 +35,20 @@ from benchmarks.csv_rows import write_csv  # noqa: E402
 RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1")
 
 
-def build_model(smoke: bool, dtype_name: str = "bfloat16"):
-    """(GDN2ForCausalLM on the device in dtype_name (fp32 on CPU), the bundled tokenizer, an EvalModel over both)."""
+def build_model(smoke: bool, dtype_name: str = "bfloat16", spec: str | None = None):
+    """(GDN2ForCausalLM on the device in dtype_name (fp32 on CPU), the bundled tokenizer, an EvalModel over both);
+    spec: a registry model instead (e.g. a bundled trained model), its module and tokenizer as loaded."""
     from gdn2 import GDN2ForCausalLM, named_config
     from harness.bundled import BPE_4K
     from harness.checkpoint import load_tokenizer
     from harness.model import EvalModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec:
+        from harness.registry import load_model
+
+        model = load_model(spec, device=str(device), dtype=dtype_name if device.type == "cuda" else "float32")
+        return model.lm, model.tokenizer, model
     config = named_config("gdn2-tiny" if smoke else "gdn2-1.3B", vocab_size=4096)
     torch.manual_seed(0)
     with torch.device(device):
@@ -236,14 +242,16 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="write cProfile's heaviest calls of each engine's timed lm-eval run to "
                              "<out>/profile-*.txt")
+    parser.add_argument("--model", default=None,
+                        help="a registry spec (e.g. the bundled gdn2-small) instead of the random 1.3B GDN-2")
     parser.add_argument("--smoke", action="store_true", help="the tiny GDN-2 config (checks the code paths)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "bench"))
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lm, tokenizer, model = build_model(args.smoke, args.dtype)
+    lm, tokenizer, model = build_model(args.smoke, args.dtype, args.model)
     card = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
-    card += "-smoke" if args.smoke else ""
+    card += "-smoke" if args.smoke else f"-{model.name}" if args.model else ""
     date = datetime.date.today().isoformat()
     print(f"# {card} {date} torch {torch.__version__}", flush=True)
     rows = []

@@ -196,3 +196,20 @@ def _pad_dynamic_caches(caches: Sequence[Any], lengths: Sequence[int]) -> Padded
     for row, n in enumerate(lengths):
         mask[row, longest - n:] = 1
     return PaddedKVBatch(stacked, mask, torch.tensor(list(lengths), dtype=torch.long, device=device))
+
+
+def batch_of_equal_lengths(cache: Any, rows: int, length: int) -> DecodeBatch | None:
+    """The DecodeBatch over a cache that a forward pass built for `rows` prompts of `length` tokens each (no
+    padding); None for a cache type this module does not know."""
+    from gdn2.cache import RecurrentCache
+
+    if isinstance(cache, RecurrentCache):
+        return RecurrentBatch(cache)
+    if _is_fla_cache(cache):
+        return FLABatch(cache)
+    if _is_dynamic_kv_cache(cache):
+        device = cache.layers[0].keys.device
+        return PaddedKVBatch(cache, torch.ones(rows, length, dtype=torch.long, device=device),
+                             torch.full((rows,), length, dtype=torch.long, device=device))
+    return None
+

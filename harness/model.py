@@ -10,7 +10,9 @@ scoring of long texts) is written once, here.
 
 Batches (batch_size > 1, the *_many methods and those built on them) never let padding into a recurrent state:
 - scoring right-pads a batch of sequences (sorted by length) and reads each row only at its real positions; the
-  models are causal, so padding after a sequence cannot change its earlier positions;
+  models are causal, so padding after a sequence cannot change its earlier positions. Requests that share their
+  unscored prefix (the context of a multiple-choice question) run it once, prefilled as generation prompts are, and
+  score each continuation from a copy of its state (recurrent caches only; a transformer scores each request whole);
 - generation prefills each prompt on its own and stacks the per-sample caches along the batch axis
   (harness/batching.py), or, for models that mask left padding exactly (masks_left_padding: our GDN2ForCausalLM),
   on CUDA prefills the batch together left-padded (batched_prefill); then it decodes all samples together one
@@ -26,7 +28,14 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from harness.batching import DecodeBatch, RecurrentBatch, cache_signature, stack_caches
+from harness.batching import (
+    DecodeBatch,
+    RecurrentBatch,
+    batch_of_equal_lengths,
+    cache_signature,
+    select_rows,
+    stack_caches,
+)
 from harness.graph_decode import MIN_TOKENS_FOR_GRAPH, StaticStep, static_step_possible
 
 log = logging.getLogger(__name__)
@@ -79,6 +88,8 @@ class EvalModel:
     # prefill a batch together where the model allows it: None = on CUDA (on the 2-core CPU a batch gains nothing:
     # docs/efficiency.md), True = wherever allowed, False = never (each prompt alone, caches stacked)
     batched_prefill: bool | None = None
+    # whether this model's cache rows can be copied for shared prefixes (_score_shared_prefixes; None: not tried yet)
+    _rows_copyable: bool | None = field(default=None, init=False, repr=False)
 
     # ---------------------------------------------------------------- sizes
     def state_floats_per_layer(self) -> int:
@@ -183,22 +194,65 @@ class EvalModel:
         return [(float(lp.sum()), bool(greedy.all())) for lp, greedy in self.token_logprobs_many(scored)]
 
     # ---------------------------------------------------------------- batched scoring
+    @torch.no_grad()
     def token_logprobs_many(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None = None,
                             batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """token_logprobs(ids, score_from) of each (ids, score_from) request, in request order, batch_size
-        (None: self.batch_size) requests of similar length per forward pass, right-padded."""
+        (None: self.batch_size) requests of similar length per forward pass, right-padded. With batch_size > 1,
+        requests whose unscored tokens start with the same prefix (a multiple-choice question's context) run that
+        prefix once where the cache allows it (_score_shared_prefixes)."""
+        batch_size = batch_size or self.batch_size
         results: list = [None] * len(requests)
-        for group in length_groups([len(ids) for ids, _ in requests], batch_size or self.batch_size):
+        rest = self._score_shared_prefixes(requests, segment, batch_size, results) if batch_size > 1 \
+            else list(range(len(requests)))
+        for group in length_groups([len(requests[i][0]) for i in rest], batch_size):
+            group = [rest[i] for i in group]
             if len(group) == 1:
                 ids, score_from = requests[group[0]]
                 results[group[0]] = self.token_logprobs(ids, score_from, segment)
                 continue
             scored = self._score_padded([requests[i] for i in group], segment)
             for i, (logprobs, argmax) in zip(group, scored, strict=False):
-                ids, score_from = requests[i]
-                targets = torch.tensor(list(ids[score_from:]), dtype=torch.long)
-                results[i] = (logprobs, argmax == targets)
+                results[i] = (logprobs, argmax == torch.tensor(list(requests[i][0][requests[i][1]:])))
         return results
+
+    def _score_shared_prefixes(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None,
+                               batch_size: int, results: list) -> list[int]:
+        """Score the requests that share their prefix ids[:score_from - 1] with another request: each such prefix
+        runs once (prefilled like generation prompts, batch_size at a time), then each request's tail
+        ids[score_from - 1:] is scored from a copy of its prefix's state, batch_size tails per forward pass. Fills
+        results[i] for those requests and returns the indices of the others. Only for caches whose rows can be
+        copied (RecurrentCache: our models and the reference paths); others score every request whole."""
+        from gdn2.cache import RecurrentCache
+
+        by_prefix: dict[tuple[int, ...], list[int]] = {}
+        for i, (ids, score_from) in enumerate(requests):
+            if score_from >= 2:
+                by_prefix.setdefault(tuple(ids[:score_from - 1]), []).append(i)
+        shared = [prefix for prefix, members in by_prefix.items() if len(members) > 1]
+        if not shared or self._rows_copyable is False:
+            return list(range(len(requests)))
+        done: set[int] = set()
+        for prefix_group in self._prefill_groups([len(p) for p in shared], batch_size):
+            prefixes = [shared[j] for j in prefix_group]
+            for members, _, batch in self._prefill_batches([list(p) for p in prefixes], segment):
+                self._rows_copyable = isinstance(batch.cache, RecurrentCache)
+                if not self._rows_copyable:
+                    return [i for i in range(len(requests)) if i not in done]
+                rows = [(row, i) for row, j in enumerate(members) for i in by_prefix[prefixes[j]]]
+                tails = [(requests[i][0][requests[i][1] - 1:], 1) for _, i in rows]
+                for chunk in length_groups([len(ids) for ids, _ in tails], batch_size):
+                    index = torch.tensor([rows[c][0] for c in chunk])
+                    cache = RecurrentCache(len(batch.cache.states))
+                    cache.states = [select_rows(state, index) for state in batch.cache.states]
+                    cache.seen_tokens = batch.cache.seen_tokens
+                    scored = self._score_padded([tails[c] for c in chunk], segment, cache=cache,
+                                                seen=max(len(prefixes[members[rows[c][0]]]) for c in chunk))
+                    for c, (logprobs, argmax) in zip(chunk, scored, strict=True):
+                        i = rows[c][1]
+                        results[i] = (logprobs, argmax == torch.tensor(list(requests[i][0][requests[i][1]:])))
+                        done.add(i)
+        return [i for i in range(len(requests)) if i not in done]
 
     def next_token_argmax_many(self, sequences: Sequence[Sequence[int]], segment: int | None = None,
                                batch_size: int | None = None) -> list[list[int]]:
@@ -211,18 +265,34 @@ class EvalModel:
                 results[i] = argmax.tolist()
         return results
 
+    def _prefill_groups(self, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+        """Indices of prefixes to prefill together, at most batch_size each: any lengths where the model prefills a
+        left-padded batch (_use_batched_prefill), else runs of one length only, two or more (prefilling prefixes
+        one by one would cost more forward passes than sharing them saves)."""
+        if self._use_batched_prefill():
+            return length_groups(lengths, batch_size)
+        runs: list[list[int]] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            if runs and lengths[runs[-1][0]] == lengths[i] and len(runs[-1]) < batch_size:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return [run for run in runs if len(run) > 1]
+
     @torch.no_grad()
-    def _score_padded(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None = None):
+    def _score_padded(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None = None,
+                      cache: Any = None, seen: int = 0):
         """(log p(ids[t] | ids[:t]) float64 CPU, argmax of that prediction long CPU) for t in [score_from, len(ids))
         of each request, all requests in one right-padded batch run in segments with the cache carried. Row r is
         read only at its real positions; the padding after it never reaches them (causal models). The scored
         positions of all rows are scored together (one log-softmax per SCORE_POSITIONS of them) and copied to the
-        CPU once."""
+        CPU once. cache: the batch's state before ids (row r: what request r's ids continue), holding at most
+        `seen` tokens."""
         segment = segment or self.segment
         for ids, score_from in requests:
             if not 1 <= score_from <= len(ids) - 1:
                 raise ValueError(f"score_from must be in [1, {len(ids) - 1}] for {len(ids)} tokens; got {score_from}")
-            self.check_length(len(ids) - 1)
+            self.check_length(seen + len(ids) - 1)
         longest = max(len(ids) for ids, _ in requests)
         pad = int(requests[0][0][0])                                   # any real token id: it is never read
         tokens = torch.tensor([list(ids) + [pad] * (longest - len(ids)) for ids, _ in requests],
@@ -231,7 +301,6 @@ class EvalModel:
         first = [score_from - 1 for _, score_from in requests]        # inputs index of each row's first score
         ends = [len(ids) - 1 for ids, _ in requests]                   # one past each row's last scored input
         pieces: list[tuple[int, torch.Tensor, torch.Tensor]] = []      # (row, logprobs, argmax) on the device
-        cache = None
         for start in range(0, inputs.shape[1], segment):
             end = min(start + segment, inputs.shape[1])
             rows = [r for r in range(len(requests)) if first[r] < end and ends[r] > start]
@@ -306,28 +375,50 @@ class EvalModel:
                 continue
             for i in group:
                 self.check_length(len(prompts[i]) + max_new_tokens)
-            if self._use_batched_prefill():
-                logits, cache = self._prefill_left_padded([prompts[i] for i in group], segment)
-                decoded = self._decode(RecurrentBatch(cache), logits, max_new_tokens, stop_ids, stop_when)
-                for i, ids in zip(group, decoded, strict=True):
-                    results[i] = ids
-                continue
-            prefilled = {i: self._prefill(prompts[i], segment) for i in group}
-            for members in _stackable_groups({i: cache for i, (_, cache) in prefilled.items()}):
-                logits = torch.cat([prefilled[i][0] for i in members], 0)
-                caches = [prefilled.pop(i)[1] for i in members]
-                batch = stack_caches(caches, [len(prompts[i]) for i in members]) if len(members) > 1 \
-                    else DecodeBatch(caches[0])
-                del caches
+            for members, logits, batch in self._prefill_batches([prompts[i] for i in group], segment):
                 decoded = self._decode(batch, logits, max_new_tokens, stop_ids, stop_when)
-                for i, ids in zip(members, decoded, strict=True):
-                    results[i] = ids
+                for j, ids in zip(members, decoded, strict=True):
+                    results[group[j]] = ids
         return results
+
+    def _prefill_batches(self, prompts: Sequence[Sequence[int]], segment: int | None):
+        """Prefill prompts for continuing them together: yields (indices into prompts, their last logits [n, vocab],
+        a DecodeBatch of their caches). Prompts of one length run as one batch (no padding); others left-padded in
+        one batch where the model masks padding exactly (_use_batched_prefill), else each prompt alone with the
+        caches stacked, one batch per cache signature (harness/batching.py)."""
+        if len(prompts) > 1 and len({len(p) for p in prompts}) == 1:
+            logits, cache = self._prefill_equal_lengths(prompts, segment)
+            batch = batch_of_equal_lengths(cache, len(prompts), len(prompts[0]))
+            if batch is not None:
+                yield list(range(len(prompts))), logits, batch
+                return
+        if self._use_batched_prefill():
+            logits, cache = self._prefill_left_padded(prompts, segment)
+            yield list(range(len(prompts))), logits, RecurrentBatch(cache)
+            return
+        prefilled = {i: self._prefill(p, segment) for i, p in enumerate(prompts)}
+        for members in _stackable_groups({i: cache for i, (_, cache) in prefilled.items()}):
+            logits = torch.cat([prefilled[i][0] for i in members], 0)
+            caches = [prefilled.pop(i)[1] for i in members]
+            batch = stack_caches(caches, [len(prompts[i]) for i in members]) if len(members) > 1 \
+                else DecodeBatch(caches[0])
+            del caches
+            yield members, logits, batch
 
     def _prefill(self, prompt_ids: Sequence[int], segment: int | None) -> tuple[torch.Tensor, Any]:
         """Run a prompt through the model in segments; returns (last position's logits [1, vocab], cache)."""
         segment = segment or self.segment
         tokens = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)[None]
+        cache, logits = None, None
+        for start in range(0, tokens.shape[1], segment):
+            logits, cache = self._forward(tokens[:, start:start + segment], cache, 1)
+        return logits[:, -1], cache
+
+    def _prefill_equal_lengths(self, prompts: Sequence[Sequence[int]], segment: int | None) -> tuple[torch.Tensor,
+                                                                                                      Any]:
+        """Run prompts of one length together, in segments; returns (each prompt's last logits [B, vocab], cache)."""
+        segment = segment or self.segment
+        tokens = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=self.device)
         cache, logits = None, None
         for start in range(0, tokens.shape[1], segment):
             logits, cache = self._forward(tokens[:, start:start + segment], cache, 1)
