@@ -10,9 +10,9 @@ scoring of long texts) is written once, here.
 
 Batches (batch_size > 1, the *_many methods and those built on them) never let padding into a recurrent state:
 - scoring right-pads a batch of sequences (sorted by length) and reads each row only at its real positions; the
-  models are causal, so padding after a sequence cannot change its earlier positions. Requests that share their
-  unscored prefix (the context of a multiple-choice question) run it once, prefilled as generation prompts are, and
-  score each continuation from a copy of its state (recurrent caches only; a transformer scores each request whole);
+  models are causal, so padding after a sequence cannot change its earlier positions. For models that mask left
+  padding exactly, requests that share their unscored prefix (the context of a multiple-choice question) run it
+  once, left-padded, and score each continuation from a copy of its state, where that saves enough tokens;
 - generation prefills each prompt on its own and stacks the per-sample caches along the batch axis
   (harness/batching.py), or, for models that mask left padding exactly (masks_left_padding: our GDN2ForCausalLM),
   on CUDA prefills the batch together left-padded (batched_prefill); then it decodes all samples together one
@@ -88,8 +88,6 @@ class EvalModel:
     # prefill a batch together where the model allows it: None = on CUDA (on the 2-core CPU a batch gains nothing:
     # docs/efficiency.md), True = wherever allowed, False = never (each prompt alone, caches stacked)
     batched_prefill: bool | None = None
-    # whether this model's cache rows can be copied for shared prefixes (_score_shared_prefixes; None: not tried yet)
-    _rows_copyable: bool | None = field(default=None, init=False, repr=False)
 
     # ---------------------------------------------------------------- sizes
     def state_floats_per_layer(self) -> int:
@@ -199,8 +197,8 @@ class EvalModel:
                             batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """token_logprobs(ids, score_from) of each (ids, score_from) request, in request order, batch_size
         (None: self.batch_size) requests of similar length per forward pass, right-padded. With batch_size > 1,
-        requests whose unscored tokens start with the same prefix (a multiple-choice question's context) run that
-        prefix once where the cache allows it (_score_shared_prefixes)."""
+        requests whose unscored tokens start with the same prefix (a multiple-choice question's context) may run
+        that prefix once (_score_shared_prefixes)."""
         batch_size = batch_size or self.batch_size
         results: list = [None] * len(requests)
         rest = self._score_shared_prefixes(requests, segment, batch_size, results) if batch_size > 1 \
@@ -218,40 +216,41 @@ class EvalModel:
 
     def _score_shared_prefixes(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None,
                                batch_size: int, results: list) -> list[int]:
-        """Score the requests that share their prefix ids[:score_from - 1] with another request: each such prefix
-        runs once (prefilled like generation prompts, batch_size at a time), then each request's tail
-        ids[score_from - 1:] is scored from a copy of its prefix's state, batch_size tails per forward pass. Fills
-        results[i] for those requests and returns the indices of the others. Only for caches whose rows can be
-        copied (RecurrentCache: our models and the reference paths); others score every request whole."""
+        """Score the requests that share their prefix ids[:score_from - 1] with another request: the prefixes run
+        once, batch_size at a time, left-padded (models that mask left padding exactly: our GDN-2), then each
+        request's tail ids[score_from - 1:] is scored from a copy of its prefix's state, batch_size tails per
+        forward pass. Only where that saves at least SHARED_PREFIX_SAVING of the tokens scoring each request whole
+        would feed (the extra prefill passes cost more than they save below it). Fills results[i] for the requests
+        it scores and returns the indices of the others."""
         from gdn2.cache import RecurrentCache
 
+        if not self.masks_left_padding or self.batched_prefill is False:
+            return list(range(len(requests)))
         by_prefix: dict[tuple[int, ...], list[int]] = {}
         for i, (ids, score_from) in enumerate(requests):
             if score_from >= 2:
                 by_prefix.setdefault(tuple(ids[:score_from - 1]), []).append(i)
         shared = [prefix for prefix, members in by_prefix.items() if len(members) > 1]
-        if not shared or self._rows_copyable is False:
+        saved = sum(len(prefix) * (len(by_prefix[prefix]) - 1) for prefix in shared)
+        if saved < SHARED_PREFIX_SAVING * sum(len(ids) - 1 for ids, _ in requests):
             return list(range(len(requests)))
         done: set[int] = set()
-        for prefix_group in self._prefill_groups([len(p) for p in shared], batch_size):
-            prefixes = [shared[j] for j in prefix_group]
-            for members, _, batch in self._prefill_batches([list(p) for p in prefixes], segment):
-                self._rows_copyable = isinstance(batch.cache, RecurrentCache)
-                if not self._rows_copyable:
-                    return [i for i in range(len(requests)) if i not in done]
-                rows = [(row, i) for row, j in enumerate(members) for i in by_prefix[prefixes[j]]]
-                tails = [(requests[i][0][requests[i][1] - 1:], 1) for _, i in rows]
-                for chunk in length_groups([len(ids) for ids, _ in tails], batch_size):
-                    index = torch.tensor([rows[c][0] for c in chunk])
-                    cache = RecurrentCache(len(batch.cache.states))
-                    cache.states = [select_rows(state, index) for state in batch.cache.states]
-                    cache.seen_tokens = batch.cache.seen_tokens
-                    scored = self._score_padded([tails[c] for c in chunk], segment, cache=cache,
-                                                seen=max(len(prefixes[members[rows[c][0]]]) for c in chunk))
-                    for c, (logprobs, argmax) in zip(chunk, scored, strict=True):
-                        i = rows[c][1]
-                        results[i] = (logprobs, argmax == torch.tensor(list(requests[i][0][requests[i][1]:])))
-                        done.add(i)
+        for group in length_groups([len(p) for p in shared], batch_size):
+            prefixes = [shared[j] for j in group]
+            _, prefilled = self._prefill_left_padded([list(p) for p in prefixes], segment)
+            rows = [(row, i) for row, prefix in enumerate(prefixes) for i in by_prefix[prefix]]
+            tails = [(requests[i][0][requests[i][1] - 1:], 1) for _, i in rows]
+            for chunk in length_groups([len(ids) for ids, _ in tails], batch_size):
+                index = torch.tensor([rows[c][0] for c in chunk])
+                cache = RecurrentCache(len(prefilled.states))
+                cache.states = [select_rows(state, index) for state in prefilled.states]
+                cache.seen_tokens = prefilled.seen_tokens
+                scored = self._score_padded([tails[c] for c in chunk], segment, cache=cache,
+                                            seen=max(len(prefixes[rows[c][0]]) for c in chunk))
+                for c, (logprobs, argmax) in zip(chunk, scored, strict=True):
+                    i = rows[c][1]
+                    results[i] = (logprobs, argmax == torch.tensor(list(requests[i][0][requests[i][1]:])))
+                    done.add(i)
         return [i for i in range(len(requests)) if i not in done]
 
     def next_token_argmax_many(self, sequences: Sequence[Sequence[int]], segment: int | None = None,
@@ -264,20 +263,6 @@ class EvalModel:
             for i, (_, argmax) in zip(group, scored, strict=False):
                 results[i] = argmax.tolist()
         return results
-
-    def _prefill_groups(self, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-        """Indices of prefixes to prefill together, at most batch_size each: any lengths where the model prefills a
-        left-padded batch (_use_batched_prefill), else runs of one length only, two or more (prefilling prefixes
-        one by one would cost more forward passes than sharing them saves)."""
-        if self._use_batched_prefill():
-            return length_groups(lengths, batch_size)
-        runs: list[list[int]] = []
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            if runs and lengths[runs[-1][0]] == lengths[i] and len(runs[-1]) < batch_size:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-        return [run for run in runs if len(run) > 1]
 
     @torch.no_grad()
     def _score_padded(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None = None,
@@ -586,6 +571,11 @@ def _stackable_groups(caches: dict[int, Any]) -> list[list[int]]:
 
 
 SCORE_POSITIONS = 4096     # scored positions per log-softmax in _score_spans (bounds its fp32 copy of the logits)
+# _score_shared_prefixes runs shared prefixes once only where that saves this share of the tokens fed: the bundled
+# gdn2-small on the 2-core CPU (docs/efficiency.md) scored arc_easy (a 4-way choice of short answers, 64% of the
+# tokens saved) 1.6x faster and hellaswag (4 longer endings, 50%) 1.2x faster this way, piqa (2 long solutions, 20%)
+# 1.5x slower
+SHARED_PREFIX_SAVING = 0.4
 
 
 def _score_spans(logits: torch.Tensor, tokens: torch.Tensor, spans: Sequence[tuple[int, int, int]], kept_from: int):

@@ -38,31 +38,46 @@ def test_logprobs_of_padded_batches_equal_batch_one(model):
         assert torch.equal(greedy3, greedy1)
 
 
+def count_fed_tokens(model, monkeypatch) -> list[int]:
+    """The token count (batch x length) of every forward pass the model runs from now on."""
+    fed: list[int] = []
+    forward = model._forward
+    monkeypatch.setattr(model, "_forward", lambda ids, *a, **k: fed.append(ids.numel()) or forward(ids, *a, **k))
+    return fed
+
+
 def test_requests_sharing_a_context_run_it_once_with_the_batch_one_results(model, monkeypatch):
-    """Multiple-choice requests (one context, several continuations) at batch size 4: every recurrent family runs
-    the shared contexts it can prefill together (any lengths for our GDN-2, which masks left padding; contexts of
-    one length for the others) once and scores the continuations from copies of their state, feeding fewer tokens;
-    the transformer's cache rows are not copied, so it scores each request whole. Either way the results are the
-    batch-1 path's. Also a one-token continuation, a request scored from its first token and requests sharing no
-    context."""
+    """Multiple-choice requests (one context, several short continuations) at batch size 4: our GDN-2 (which masks
+    left padding) runs each shared context once, left-padded, and scores the continuations from copies of its
+    state, feeding fewer tokens than the requests hold; the other families score each request whole. Either way the
+    results are the batch-1 path's. Also a one-token continuation, a request scored from its first token and
+    requests sharing no context."""
     contexts = [random_ids(n, 400 + i) for i, n in enumerate((30, 30, 12, 12, 25))]
     requests = [(context + random_ids(n, 500 + 10 * c + n), len(context))
                 for c, context in enumerate(contexts) for n in (1, 3, 8)]
     requests += [(random_ids(20, 600), 14), (random_ids(9, 601), 1),
                  (contexts[0] + random_ids(4, 602), len(contexts[0]))]
     alone = model.token_logprobs_many(requests, batch_size=1)
-    fed = []
-    forward = model._forward
-    monkeypatch.setattr(model, "_forward", lambda ids, *a, **k: fed.append(ids.numel()) or forward(ids, *a, **k))
+    fed = count_fed_tokens(model, monkeypatch)
     shared = model.token_logprobs_many(requests, batch_size=4)
     for (lp1, greedy1), (lp4, greedy4) in zip(alone, shared, strict=True):
         torch.testing.assert_close(lp4, lp1, rtol=RTOL, atol=0)
         assert torch.equal(greedy4, greedy1)
     whole = sum(len(ids) - 1 for ids, _ in requests)      # what scoring each request whole feeds, at the least
-    if model.family == "transformer":
-        assert model._rows_copyable is False and sum(fed) >= whole
-    else:
-        assert model._rows_copyable is True and sum(fed) < whole
+    assert (sum(fed) < whole) == model.masks_left_padding
+
+
+def test_a_shared_context_short_against_its_continuations_is_not_run_apart(model, monkeypatch):
+    """Two long continuations of a short context (piqa's shape) would save under SHARED_PREFIX_SAVING of the tokens:
+    each request is scored whole, by every family."""
+    from harness.model import SHARED_PREFIX_SAVING
+
+    requests = [(random_ids(6, 700 + i) + random_ids(30, 800 + 10 * i + j), 6) for i in range(4) for j in range(2)]
+    saved = 4 * 5
+    assert saved < SHARED_PREFIX_SAVING * sum(len(ids) - 1 for ids, _ in requests)
+    fed = count_fed_tokens(model, monkeypatch)
+    model.token_logprobs_many(requests, batch_size=4)
+    assert sum(fed) >= sum(len(ids) - 1 for ids, _ in requests)
 
 
 def test_scoring_positions_in_small_groups_equals_one_group(model, monkeypatch):
