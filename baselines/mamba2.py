@@ -31,6 +31,7 @@ from baselines.mamba_common import (
     MambaLM,
     MambaLMConfig,
     RecurrentState,
+    gated_norm_out,
     trapezoid_scan,
     trapezoid_step,
 )
@@ -177,10 +178,13 @@ class Mamba2Mixer(nn.Module):
                 o, new_ssm = trapezoid_scan(Ch, Bh, x.unsqueeze(2), A * dt, dt, None, previous, c.chunk_size)
             y = o[:, :, 0] + D.to(o.dtype) * x.to(o.dtype)                          # [B, T, H, P]
         y = y.reshape(Bsz, T, c.ssm_dim)
-        y = self.norm(y, z) if c.rmsnorm else y * F.silu(z.to(y.dtype))
-        if c.d_mlp:
-            y = torch.cat([(F.silu(z0) * x0).to(y.dtype), y], dim=-1)
-        out = self.out_proj(y.to(hidden_states.dtype))
+        if c.rmsnorm and not c.d_mlp:
+            out = gated_norm_out(self.norm, self.out_proj, y, z, hidden_states.dtype)
+        else:
+            y = self.norm(y, z) if c.rmsnorm else y * F.silu(z.to(y.dtype))
+            if c.d_mlp:
+                y = torch.cat([(F.silu(z0) * x0).to(y.dtype), y], dim=-1)
+            out = self.out_proj(y.to(hidden_states.dtype))
         new_state = Mamba2LayerState(conv_cache, new_ssm) if use_cache else None
         return out, new_state
 

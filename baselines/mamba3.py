@@ -42,6 +42,7 @@ from baselines.mamba_common import (
     MambaLM,
     MambaLMConfig,
     RecurrentState,
+    gated_norm_out,
     trapezoid_scan,
     trapezoid_step,
 )
@@ -193,10 +194,11 @@ class Mamba3Mixer(nn.Module):
             o, new_ssm = trapezoid_scan(q, k, v, A * DT, gamma, eta, previous, c.chunk_size)
         o = o + self.D.to(acc)[:, None] * v                                        # [B, T, R, H, P]
         zh = z.reshape(Bsz, T, H, P).to(acc)
-        if not c.is_mimo:
-            y = o[:, :, 0]
-            y = (self.norm(y.reshape(Bsz, T, c.d_inner), zh.reshape(Bsz, T, c.d_inner)) if c.is_outproj_norm
-                 else (y * F.silu(zh)).reshape(Bsz, T, c.d_inner))
+        if not c.is_mimo and c.is_outproj_norm:
+            out = gated_norm_out(self.norm, self.out_proj, o[:, :, 0].reshape(Bsz, T, c.d_inner), z,
+                                 hidden_states.dtype)
+        elif not c.is_mimo:
+            out = self.out_proj((o[:, :, 0] * F.silu(zh)).reshape(Bsz, T, c.d_inner).to(hidden_states.dtype))
         else:
             z_r = zh[:, :, None] * self.mimo_z.to(acc).transpose(0, 1)             # [B, T, R, H, P]
             if c.is_outproj_norm:
@@ -204,7 +206,7 @@ class Mamba3Mixer(nn.Module):
             else:
                 o = o * F.silu(z_r)
             y = (o * self.mimo_o.to(acc).transpose(0, 1)).sum(2).reshape(Bsz, T, c.d_inner)
-        out = self.out_proj(y.to(hidden_states.dtype))
+            out = self.out_proj(y.to(hidden_states.dtype))
         new_state = Mamba3LayerState(theta[:, -1], new_ssm) if use_cache else None
         return out, new_state
 
@@ -233,8 +235,9 @@ class Mamba3Mixer(nn.Module):
             return_final_states=True)
         y = y.reshape(Bsz, T, c.d_inner)
         if c.is_outproj_norm:
-            y = self.norm(y, z)
-        out = self.out_proj(y.to(hidden_states.dtype))
+            out = gated_norm_out(self.norm, self.out_proj, y, z, hidden_states.dtype)
+        else:
+            out = self.out_proj(y.to(hidden_states.dtype))
         if not use_cache:
             return out, None
         ssm_state = RecurrentState(ssm.float(), k_last.float().reshape(Bsz, 1, H, N),

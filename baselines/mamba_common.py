@@ -225,17 +225,84 @@ class GroupedRMSNormGated(nn.Module):
             raise ValueError(f"RMSNormGated: group_size {self.group_size} must divide dim {dim}")
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        acc = _acc_dtype(x)
-        xf = x.to(acc)
-        if z is not None and not self.norm_before_gate:
-            xf = xf * F.silu(z.to(acc))
-        shape = xf.shape
-        grouped = xf.reshape(*shape[:-1], -1, self.group_size)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = grouped.reshape(shape) * self.weight.to(acc)
-        if z is not None and self.norm_before_gate:
-            y = y * F.silu(z.to(acc))
-        return y.to(x.dtype)
+        return _grouped_gated_norm(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)[0].to(x.dtype)
+
+
+def _grouped_gated_norm(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float, group_size: int,
+                        norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupedRMSNormGated's y in the compute dtype (fp32, float64 for float64 x), and 1/rms [..., groups, 1]."""
+    acc = _acc_dtype(x)
+    xf = x.to(acc)
+    if z is not None and not norm_before_gate:
+        xf = xf * F.silu(z.to(acc))
+    shape = xf.shape
+    grouped = xf.reshape(*shape[:-1], -1, group_size)
+    rstd = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    y = (grouped * rstd).reshape(shape) * weight.to(acc)
+    if z is not None and norm_before_gate:
+        y = y * F.silu(z.to(acc))
+    return y, rstd
+
+
+def _silu_grad(z: torch.Tensor) -> torch.Tensor:
+    sig = torch.sigmoid(z)
+    return sig * (1 + z * (1 - sig))
+
+
+class GatedNormOutFunction(torch.autograd.Function):
+    """F.linear(GroupedRMSNormGated(x, z) in `dtype`, proj_weight), keeping x, z and 1/rms only; see gated_norm_out."""
+
+    @staticmethod
+    def forward(ctx, x, z, norm_weight, proj_weight, eps, group_size, norm_before_gate, dtype):
+        y, rstd = _grouped_gated_norm(x, z, norm_weight, eps, group_size, norm_before_gate)
+        ctx.save_for_backward(x, z, norm_weight, proj_weight, rstd)
+        ctx.eps, ctx.group_size, ctx.norm_before_gate, ctx.dtype = eps, group_size, norm_before_gate, dtype
+        return F.linear(y.to(x.dtype).to(dtype), proj_weight.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, z, norm_weight, proj_weight, rstd = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.dtype)
+        y, _ = _grouped_gated_norm(x, z, norm_weight, ctx.eps, ctx.group_size, ctx.norm_before_gate)  # recomputed
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_proj = (rows.t() @ y.to(x.dtype).to(ctx.dtype).reshape(rows.shape[0], -1)).to(proj_weight.dtype)
+        acc = y.dtype
+        grad_y = (grad_out @ proj_weight.to(ctx.dtype)).to(x.dtype).to(acc)
+        xf, zf, w = x.to(acc), z.to(acc), norm_weight.to(acc)
+        grad_z = None
+        if ctx.norm_before_gate:                  # y = n * w * silu(z), n = x / rms(x)
+            n = (xf.reshape(*xf.shape[:-1], -1, ctx.group_size) * rstd).reshape(xf.shape)
+            grad_z = grad_y * n * w * _silu_grad(zf)
+            grad_nw = grad_y * F.silu(zf)
+        else:                                     # y = n * w, n = u / rms(u), u = x * silu(z)
+            u = xf * F.silu(zf)
+            n = (u.reshape(*u.shape[:-1], -1, ctx.group_size) * rstd).reshape(u.shape)
+            grad_nw = grad_y
+        grad_norm_weight = (grad_nw * n).reshape(-1, n.shape[-1]).sum(0).to(norm_weight.dtype)
+        grad_n = (grad_nw * w).reshape(*n.shape[:-1], -1, ctx.group_size)
+        n_grouped = n.reshape(grad_n.shape)
+        grad_in = (rstd * (grad_n - n_grouped * (grad_n * n_grouped).mean(-1, keepdim=True))).reshape(n.shape)
+        if not ctx.norm_before_gate:              # through u = x * silu(z)
+            grad_z = grad_in * xf * _silu_grad(zf)
+            grad_in = grad_in * F.silu(zf)
+        return grad_in.to(x.dtype), grad_z.to(z.dtype), grad_norm_weight, grad_proj, None, None, None, None
+
+
+def gated_norm_out(norm: nn.Module, out_proj: nn.Module, y: torch.Tensor, z: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """out_proj(norm(y, z).to(dtype)), the Mamba mixers' output: y, z [..., D] -> [..., d]. Where both modules are
+    plain (a GroupedRMSNormGated and a bias-free nn.Linear, no hooks) one Function computes it and keeps y, z and
+    1/rms only, recomputing the normed output in the backward pass (the norm's fp32 intermediates were the largest
+    thing a Mamba layer kept: 80 KB per token at the 1.3B shape, benchmarks/saved_bytes.py); the same values,
+    under autocast in its dtype as an autocast nn.Linear. Otherwise each module runs as itself."""
+    from gdn2.fused import plain
+
+    if plain(norm, GroupedRMSNormGated) and plain(out_proj, nn.Linear):
+        device = y.device.type
+        linear_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        return GatedNormOutFunction.apply(y, z, norm.weight, out_proj.weight, norm.eps, norm.group_size,
+                                          norm.norm_before_gate, linear_dtype)
+    return out_proj(norm(y, z).to(dtype))
 
 
 class FP32LayerNorm(nn.LayerNorm):

@@ -112,8 +112,10 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="gdn2-1.3B", help="a named GDN-2 config (--family gdn2)")
-    parser.add_argument("--family", default="gdn2", choices=("gdn2", "gated_deltanet", "kda"),
-                        help="gated_deltanet, kda: our model of that family at its 1.3B config")
+    parser.add_argument("--family", default="gdn2", choices=("gdn2", "gated_deltanet", "kda", "mamba2", "mamba3"),
+                        help="gated_deltanet, kda, mamba2, mamba3: our model of that family at its 1.3B config (the "
+                             "Mamba scans on the CPU run the torch reference, which keeps other tensors than "
+                             "mamba-ssm's kernels: their rows other than the scan's are the GPU path's)")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--lengths", default="64,128", help="two sequence lengths (multiples of 64)")
     parser.add_argument("--batch", type=int, default=1)
@@ -146,7 +148,16 @@ def main(argv=None) -> int:
         family = get_family(args.family)
         fields = {**family.paper_config, "num_hidden_layers": args.layers, "vocab_size": 4096}
         with device:
-            model = family.build_reference(fields)
+            if args.family == "mamba2":
+                from baselines.mamba2 import build_mamba2, mamba2_configs
+
+                model = build_mamba2(mamba2_configs(fields))
+            elif args.family == "mamba3":
+                from baselines.mamba3 import build_mamba3, mamba3_configs
+
+                model = build_mamba3(mamba3_configs(fields))
+            else:
+                model = family.build_reference(fields)
         title = f"{args.family} 1.3B config: " + ", ".join(f"{k} {v}" for k, v in sorted(fields.items())
                                                            if k not in ("model_type", "architectures"))
     model.train()

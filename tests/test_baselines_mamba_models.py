@@ -251,3 +251,69 @@ def test_training_loss_with_labels_equals_the_loss_of_the_logits(family, config)
         out = lm(ids, labels=labels)
     assert out.logits.shape == (2, 21, config["vocab_size"])
     torch.testing.assert_close(out.loss, plain[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm_before_gate,groups", [(False, 1), (False, 4), (True, 4)])
+def test_gated_norm_out_equals_the_two_modules(norm_before_gate, groups):
+    """gated_norm_out (one Function that keeps y, z and 1/rms and recomputes the normed output) against
+    out_proj(GroupedRMSNormGated(y, z)): output and the gradients of y, z, the norm weight and the projection weight
+    agree in float64, for Mamba-2's order (gate, then norm) and Mamba-3's (norm, then gate), over one group and
+    several; under bf16 autocast the outputs are the same bits; and the Function keeps less."""
+    from baselines.mamba_common import GroupedRMSNormGated, gated_norm_out
+    from tests.test_baselines_fla import kept_and_gradients
+
+    gen = torch.Generator().manual_seed(4)
+    norm = GroupedRMSNormGated(32, eps=1e-5, group_size=32 // groups, norm_before_gate=norm_before_gate)
+    out_proj = torch.nn.Linear(32, 24, bias=False)
+    with torch.no_grad():
+        norm.weight.mul_(1 + 0.3 * torch.randn(32, generator=gen))
+    mods = torch.nn.ModuleList([norm, out_proj]).double()
+    y = torch.randn(2, 7, 32, dtype=torch.float64, generator=gen, requires_grad=True)
+    z = torch.randn(2, 7, 32, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def run(fused: bool):
+        def forward():
+            out = gated_norm_out(norm, out_proj, y, z, torch.float64) if fused else out_proj(norm(y, z))
+            return out, (out * torch.linspace(-1, 1, 24, dtype=torch.float64)).square().sum()
+        y.grad = z.grad = None
+        kept, grads = kept_and_gradients(mods, forward)
+        return kept, grads + [y.grad.clone(), z.grad.clone()]
+
+    fused_kept, fused = run(True)
+    modules_kept, modules = run(False)
+    for a, b in zip(fused, modules, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert fused_kept < modules_kept
+    mods.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yb, zb = y.detach().bfloat16(), z.detach().bfloat16()
+        assert torch.equal(gated_norm_out(norm, out_proj, yb, zb, torch.float32), out_proj(norm(yb, zb).float()))
+
+
+@pytest.mark.parametrize("family,config", [("mamba2", FLA_M2), ("mamba3", {**FLA_M3, "is_outproj_norm": True}),
+                                           ("mamba3", FLA_M3_MIMO)])
+def test_mixers_output_path_fused_equals_the_modules(family, config):
+    """The Mamba mixers run their gated norm and out_proj as gated_norm_out (Mamba-2; Mamba-3 SISO with
+    is_outproj_norm; MIMO's per-rank norm stays as modules); a forward hook on each out_proj makes them run as the
+    two modules. The loss and every parameter's gradient agree in float64, and the fused model keeps less for the
+    backward pass (MIMO, with nothing fused, the same)."""
+    from tests.test_baselines_fla import kept_and_gradients
+
+    lm = _random_lm(family, config).double().train()
+    ids = torch.randint(0, config["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        loss = lm(ids, labels=ids).loss
+        return loss, loss
+
+    fused_kept, fused = kept_and_gradients(lm, run)
+    hooks = [layer.mixer.out_proj.register_forward_hook(lambda module, args, out: None)
+             for layer in lm.backbone.layers]
+    try:
+        modules_kept, modules = kept_and_gradients(lm, run)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for a, b in zip(fused, modules, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert fused_kept < modules_kept if not config.get("is_mimo") else fused_kept == modules_kept
