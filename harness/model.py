@@ -210,8 +210,8 @@ class EvalModel:
                 results[group[0]] = self.token_logprobs(ids, score_from, segment)
                 continue
             scored = self._score_padded([requests[i] for i in group], segment)
-            for i, (logprobs, argmax) in zip(group, scored, strict=False):
-                results[i] = (logprobs, argmax == torch.tensor(list(requests[i][0][requests[i][1]:])))
+            for i, (logprobs, argmax) in zip(group, scored, strict=True):
+                results[i] = _with_greedy(requests[i], logprobs, argmax)
         return results
 
     def _score_shared_prefixes(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None,
@@ -249,7 +249,7 @@ class EvalModel:
                                             seen=max(len(prefixes[rows[c][0]]) for c in chunk))
                 for c, (logprobs, argmax) in zip(chunk, scored, strict=True):
                     i = rows[c][1]
-                    results[i] = (logprobs, argmax == torch.tensor(list(requests[i][0][requests[i][1]:])))
+                    results[i] = _with_greedy(requests[i], logprobs, argmax)
                     done.add(i)
         return [i for i in range(len(requests)) if i not in done]
 
@@ -392,16 +392,12 @@ class EvalModel:
 
     def _prefill(self, prompt_ids: Sequence[int], segment: int | None) -> tuple[torch.Tensor, Any]:
         """Run a prompt through the model in segments; returns (last position's logits [1, vocab], cache)."""
-        segment = segment or self.segment
-        tokens = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)[None]
-        cache, logits = None, None
-        for start in range(0, tokens.shape[1], segment):
-            logits, cache = self._forward(tokens[:, start:start + segment], cache, 1)
-        return logits[:, -1], cache
+        return self._prefill_equal_lengths([prompt_ids], segment)
 
     def _prefill_equal_lengths(self, prompts: Sequence[Sequence[int]], segment: int | None) -> tuple[torch.Tensor,
                                                                                                       Any]:
-        """Run prompts of one length together, in segments; returns (each prompt's last logits [B, vocab], cache)."""
+        """Run prompts of one length together (no padding), in segments with the cache carried; returns (each
+        prompt's last logits [B, vocab], cache)."""
         segment = segment or self.segment
         tokens = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=self.device)
         cache, logits = None, None
@@ -551,6 +547,12 @@ class StopStrings:
             return False
         text = self.decode(generated) if len(generated) > self.tail else text
         return any(s in text for s in self.stops)
+
+
+def _with_greedy(request: tuple[Sequence[int], int], logprobs: torch.Tensor, argmax: torch.Tensor):
+    """(logprobs, whether each scored token is the argmax) of a request (ids, score_from)."""
+    ids, score_from = request
+    return logprobs, argmax == torch.tensor(list(ids[score_from:]))
 
 
 def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
