@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gdn2.cache import RecurrentCache, check_forward_args, run_layers
+from gdn2.cache import RecurrentCache, check_forward_args, left_padding_mask, run_layers
 from gdn2.layer import GatedRMSNorm as _GDN2GatedRMSNorm
 from gdn2.layer import ShortConvolution as ShortConvolution  # noqa: F401  (re-exported)
 from gdn2.modeling import RMSNorm as RMSNorm  # noqa: F401  (re-exported)
@@ -181,17 +181,19 @@ class PreNormBlock(nn.Module):
         else:
             self.mlp = None
 
-    def forward(self, x: torch.Tensor, state: Any, use_cache: bool):
+    def forward(self, x: torch.Tensor, state: Any, use_cache: bool, token_mask: torch.Tensor | None = None):
         """With autograd on, a plain RMSNorm pre-norm runs inside a mixer that takes it (`takes_pre_norm`: its input
         projections read it as one Function that does not keep the normed x) and inside a SwiGLUMLP (gate and up
-        projections, the same); otherwise each norm runs first, as its own module."""
+        projections, the same); otherwise each norm runs first, as its own module. token_mask [B, T] (1 = token,
+        0 = left padding) goes to the mixer, which must take it (`masks_padding`)."""
         from gdn2.fused import plain
 
-        fuse = torch.is_grad_enabled()
+        fuse = torch.is_grad_enabled() and token_mask is None
+        mask = {} if token_mask is None else {"token_mask": token_mask}
         if fuse and getattr(self.attn, "takes_pre_norm", False) and plain(self.attn_norm, RMSNorm):
             mixed, new_state = self.attn(x, state=state, use_cache=use_cache, norm=self.attn_norm)
         else:
-            mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache)
+            mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, **mask)
         x = x + mixed
         if self.mlp is not None:
             if fuse and type(self.mlp) is SwiGLUMLP and plain(self.mlp_norm, RMSNorm):
@@ -249,14 +251,23 @@ class MixerStackLM(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    @property
+    def masks_left_padding(self) -> bool:
+        """Whether every mixer passes left padding with its state unchanged (`masks_padding`: the delta-rule
+        mixers; not attention layers), so that forward takes a left-padded attention_mask."""
+        return all(getattr(getattr(layer, "attn", None), "masks_padding", False) for layer in self.model.layers)
+
     def forward(self, input_ids: torch.Tensor, past_key_values: LayerStates | None = None,
                 use_cache: bool = False, logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **unused) -> LMOutput:
-        """input_ids [B, T]; attention_mask, if given, must be all ones (padding would enter the state). With
-        labels and autograd on, the loss is gdn2.fused's chunked linear cross-entropy and logits is None."""
-        check_forward_args(attention_mask, unused)
+        """input_ids [B, T]; attention_mask [B, seen + T] may mark left padding where every mixer masks it
+        (masks_left_padding): padded positions leave every state unchanged, so each row computes what it computes
+        alone; other padding is refused. With labels and autograd on, the loss is gdn2.fused's chunked linear
+        cross-entropy and logits is None."""
+        token_mask = left_padding_mask(attention_mask, input_ids.shape[1]) if self.masks_left_padding else None
+        check_forward_args(None if token_mask is not None else attention_mask, unused)
         x, past_key_values = run_layers(self.model.layers, self.model.embeddings(input_ids), past_key_values,
-                                        use_cache)
+                                        use_cache, **({} if token_mask is None else {"token_mask": token_mask}))
         x = self.model.norm(x)
         if labels is not None and torch.is_grad_enabled():
             from gdn2.fused import causal_lm_loss
@@ -287,6 +298,16 @@ def gated_output(mixer: nn.Module, o: torch.Tensor, gate: torch.Tensor, dtype: t
                                      mixer.o_norm.activation)
     B, T = o.shape[:2]
     return mixer.o_proj(mixer.o_norm(o, gate).reshape(B, T, -1).to(dtype))
+
+
+def mask_padding(token_mask: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor [B, T, ...] with its padded positions (token_mask [B, T] 0) set to 0; unchanged without a mask.
+    A delta-rule mixer zeroes q, k and v before the short convolution: left padding precedes every token of its row
+    (gdn2.cache.left_padding_mask refuses anything else), where the state is still zero, so with k = v = 0 it stays
+    zero, and each conv window sees zeros there, as at a sequence start."""
+    if token_mask is None:
+        return tensors
+    return tuple(t * token_mask.reshape(*token_mask.shape, *([1] * (t.dim() - 2))).to(t.dtype) for t in tensors)
 
 
 def delta_rule_heads(mixer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> tuple:
@@ -528,6 +549,9 @@ class FLAFamilyBase(ModelFamily):
             source=source, backend=self.backend_for(device, config), state_floats=self.mixer_state_floats(settings),
             max_length=settings.get("max_position_embeddings") if full_attention else None,
             trained_length=settings.get("max_position_embeddings"), info=info,
+            # our delta-rule mixers mask left padding exactly (tests/test_batched_eval.py); fla's own models and the
+            # hybrids' attention layers are not checked for it, so they prefill each prompt alone
+            masks_left_padding=isinstance(lm, MixerStackLM) and lm.masks_left_padding,
         )
 
     # ---------------------------------------------------------------- conformance (harness/doctor.py)

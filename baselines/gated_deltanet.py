@@ -30,6 +30,7 @@ from baselines.common import (
     gate_activation,
     gated_delta_rule,
     gated_output,
+    mask_padding,
 )
 from gdn2.fused import norm_linears
 from gdn2.layer import GDN2LayerState, inverse_softplus_dt, short_conv_qkv
@@ -48,6 +49,7 @@ class GatedDeltaNetMixer(nn.Module):
     """Gated DeltaNet token mixer. x [B, T, d] -> y [B, T, d]; state: GDN2LayerState (fp32 [B, Hv, K, V] + convs)."""
 
     takes_pre_norm = True      # forward(..., norm=): the block fuses its pre-norm into the input projections
+    masks_padding = True       # forward(..., token_mask=): left padding passes with the state unchanged
 
     def __init__(self, hidden_size: int, expand_v: float, head_dim: int, num_heads: int, num_v_heads: int | None,
                  use_gate: bool = True, use_short_conv: bool = True, allow_neg_eigval: bool = False,
@@ -92,13 +94,16 @@ class GatedDeltaNetMixer(nn.Module):
         return g[..., None].expand(*a.shape, self.head_k_dim)
 
     def forward(self, hidden_states: torch.Tensor, state: GDN2LayerState | None = None, use_cache: bool = False,
-                norm: nn.Module | None = None):
+                norm: nn.Module | None = None, token_mask: torch.Tensor | None = None):
         """hidden_states [B, T, d] -> (y [B, T, d], state or None). norm: the block's pre-norm, applied here to
         hidden_states with the input projections as one Function (gdn2.fused.norm_linears: the normed input is
-        recomputed in the backward pass, not kept); None: hidden_states is already normed."""
+        recomputed in the backward pass, not kept); None: hidden_states is already normed. token_mask [B, T]
+        (0 = left padding): q, k and v are zero there (common.mask_padding), so the state stays zero and the conv
+        windows see zeros, as at a sequence start."""
         B, T, _ = hidden_states.shape
         linears = (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.a_proj)
         q, k, v, b, a, *gate = norm_linears(hidden_states, norm, linears + ((self.g_proj,) if self.use_gate else ()))
+        q, k, v = mask_padding(token_mask, q, k, v)
         q, k, v, conv_states = short_conv_qkv(self, hidden_states, state, (q, k, v))
         q, k, v, beta = delta_rule_heads(self, q, k, v, b)
         g = self.decay(a)

@@ -10,9 +10,9 @@ already loaded EvalModel instead of a spec.
 
 Semantics, request by request. batch_size (lm-eval's --batch_size, or the loaded EvalModel's own when "auto" or
 absent) requests run together, with EvalModel's batching (harness/model.py): no padding enters a recurrent state,
-the choices of one question run their shared context once (our GDN-2, where it pays), and the results equal batch size
-1's. Inputs get special tokens as HFLM gives them (EvalModel.encode_input: the tokenizer's default, e.g. Llama's
-BOS, unless the spec says bos=true|false):
+the choices of one question run their shared context once (our delta-rule models, where it pays), and the results
+equal batch size 1's. Inputs get special tokens as HFLM gives them (EvalModel.encode_input: the tokenizer's
+default, e.g. Llama's BOS, unless the spec says bos=true|false):
 - loglikelihood: EvalModel.split_request's tokenisation (lm-eval's _encode_pair: trailing context whitespace moved
   to the continuation, the context encoded alone, the continuation = what the whole string adds past it, empty
   context -> prefix token); the whole input runs with the state carried, no truncation. A model with a hard

@@ -14,7 +14,8 @@ Batches (batch_size > 1, the *_many methods and those built on them) never let p
   padding exactly, requests that share their unscored prefix (the context of a multiple-choice question) run it
   once, left-padded, and score each continuation from a copy of its state, where that saves enough tokens;
 - generation prefills each prompt on its own and stacks the per-sample caches along the batch axis
-  (harness/batching.py), or, for models that mask left padding exactly (masks_left_padding: our GDN2ForCausalLM),
+  (harness/batching.py), or, for models that mask left padding exactly (masks_left_padding: our GDN-2, Gated
+  DeltaNet and KDA models without attention layers),
   on CUDA prefills the batch together left-padded (batched_prefill); then it decodes all samples together one
   token per step; a sample that stops drops out.
 Both give the batch-1 results (up to floating-point summation order), tested per family in tests/test_batched_eval.py.
@@ -82,8 +83,9 @@ class EvalModel:
     # greedy steps from static buffers and a CUDA graph (harness/graph_decode.py): None = on CUDA where the cache
     # allows it, True = wherever the cache allows it (on the CPU without the graph), False = never
     static_decode: bool | None = None
-    # the model's forward leaves every state unchanged over left padding given an attention mask (our GDN-2 without
-    # attention layers: tests/test_gdn2_padding.py), so generate_ids_many may prefill a batch together, left-padded
+    # the model's forward leaves every state unchanged over left padding given an attention mask (our GDN-2, Gated
+    # DeltaNet and KDA models without attention layers: tests/test_gdn2_padding.py, tests/test_baselines_fla.py), so
+    # generate_ids_many may prefill a batch together, left-padded, and scoring may run shared prefixes once
     masks_left_padding: bool = False
     # prefill a batch together where the model allows it: None = on CUDA (on the 2-core CPU a batch gains nothing:
     # docs/efficiency.md), True = wherever allowed, False = never (each prompt alone, caches stacked)
@@ -217,7 +219,7 @@ class EvalModel:
     def _score_shared_prefixes(self, requests: Sequence[tuple[Sequence[int], int]], segment: int | None,
                                batch_size: int, results: list) -> list[int]:
         """Score the requests that share their prefix ids[:score_from - 1] with another request: the prefixes run
-        once, batch_size at a time, left-padded (models that mask left padding exactly: our GDN-2), then each
+        once, batch_size at a time, left-padded (models that mask left padding exactly, masks_left_padding), then each
         request's tail ids[score_from - 1:] is scored from a copy of its prefix's state, batch_size tails per
         forward pass. Only where that saves at least SHARED_PREFIX_SAVING of the tokens scoring each request whole
         would feed (the extra prefill passes cost more than they save below it). Fills results[i] for the requests
