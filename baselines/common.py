@@ -302,9 +302,10 @@ def gated_output(mixer: nn.Module, o: torch.Tensor, gate: torch.Tensor, dtype: t
 
 def mask_padding(token_mask: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each tensor [B, T, ...] with its padded positions (token_mask [B, T] 0) set to 0; unchanged without a mask.
-    A delta-rule mixer zeroes q, k and v before the short convolution: left padding precedes every token of its row
-    (gdn2.cache.left_padding_mask refuses anything else), where the state is still zero, so with k = v = 0 it stays
-    zero, and each conv window sees zeros there, as at a sequence start."""
+    Left padding precedes every token of its row (gdn2.cache.left_padding_mask refuses anything else), where a
+    recurrent state is still zero: a mixer that zeroes what writes into its state there (the delta rule's q, k, v
+    before the short convolution; Mamba-2's conv inputs and outputs) keeps it zero, and each conv window sees zeros
+    there, as at a sequence start."""
     if token_mask is None:
         return tensors
     return tuple(t * token_mask.reshape(*token_mask.shape, *([1] * (t.dim() - 2))).to(t.dtype) for t in tensors)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.common import ShortConvolution
+from baselines.common import ShortConvolution, mask_padding
 from baselines.mamba_common import (
     GroupedRMSNormGated,
     MambaLM,
@@ -118,6 +118,8 @@ def _mamba_ssm_kernels():
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 mixer; hidden_states [B, T, d] -> [B, T, d]. Parameter names as mamba-ssm / fla."""
 
+    masks_padding = True       # forward(..., token_mask=): left padding passes with the state unchanged
+
     def __init__(self, config: Mamba2MixerConfig, layer_idx: int | None = None):
         super().__init__()
         c = self.config = config
@@ -151,13 +153,19 @@ class Mamba2Mixer(nn.Module):
             dt = dt.clamp(lo, hi)
         return dt
 
-    def forward(self, hidden_states: torch.Tensor, state: Mamba2LayerState | None = None, use_cache: bool = False):
+    def forward(self, hidden_states: torch.Tensor, state: Mamba2LayerState | None = None, use_cache: bool = False,
+                token_mask: torch.Tensor | None = None):
+        """hidden_states [B, T, d] -> (y [B, T, d], state or None). token_mask [B, T] (0 = left padding): the conv
+        inputs and outputs (x, B, C) are zero there, so the state stays zero (padding precedes every token of its
+        row) and each conv window sees zeros, as at a sequence start."""
         c = self.config
         Bsz, T, _ = hidden_states.shape
         H, P, G, N = c.num_heads, c.head_dim, c.n_groups, c.state_size
         z0, x0, z, xBC, dt_raw = torch.split(self.in_proj(hidden_states),
                                              [c.d_mlp, c.d_mlp, c.ssm_dim, c.conv_dim, H], dim=-1)
+        xBC, = mask_padding(token_mask, xBC)
         xBC, conv_cache = self.conv1d(xBC, None if state is None else state.conv)
+        xBC, = mask_padding(token_mask, xBC)          # the conv's bias would write silu(bias) at padding
         x, B, C = torch.split(xBC, [c.ssm_dim, G * N, G * N], dim=-1)
         x = x.reshape(Bsz, T, H, P)
         B, C = B.reshape(Bsz, T, G, N), C.reshape(Bsz, T, G, N)

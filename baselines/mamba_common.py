@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.common import LayerStates, LMOutput, RMSNorm
-from gdn2.cache import check_forward_args, run_layers
+from gdn2.cache import check_forward_args, left_padding_mask, run_layers
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -360,9 +360,11 @@ class MambaBlock(nn.Module):
         else:
             self.mlp = None
 
-    def forward(self, x: torch.Tensor, state, use_cache: bool):
+    def forward(self, x: torch.Tensor, state, use_cache: bool, token_mask: torch.Tensor | None = None):
+        """token_mask [B, T] (0 = left padding) goes to the mixer, which must take it (`masks_padding`)."""
         param_dtype = self.mixer.out_proj.weight.dtype
-        mixed, new_state = self.mixer(self.norm(x).to(param_dtype), state=state, use_cache=use_cache)
+        mask = {} if token_mask is None else {"token_mask": token_mask}
+        mixed, new_state = self.mixer(self.norm(x).to(param_dtype), state=state, use_cache=use_cache, **mask)
         x = x + mixed.to(x.dtype)
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x).to(param_dtype)).to(x.dtype)
@@ -401,16 +403,25 @@ class MambaLM(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    @property
+    def masks_left_padding(self) -> bool:
+        """Whether every mixer passes left padding with its state unchanged (`masks_padding`: Mamba-2's)."""
+        return all(getattr(layer.mixer, "masks_padding", False) for layer in self.backbone.layers)
+
     def forward(self, input_ids: torch.Tensor, past_key_values: LayerStates | None = None, use_cache: bool = False,
                 logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **unused) -> LMOutput:
-        """input_ids [B, T]. With labels [B, T] and autograd on, the loss is gdn2.fused's chunked linear
-        cross-entropy (no [B, T, vocab] logits) and logits is None; without autograd, the logits and their loss."""
-        check_forward_args(attention_mask, unused)
+        """input_ids [B, T]; attention_mask [B, seen + T] may mark left padding where every mixer masks it
+        (masks_left_padding: Mamba-2), other padding is refused. With labels [B, T] and autograd on, the loss is
+        gdn2.fused's chunked linear cross-entropy (no [B, T, vocab] logits) and logits is None; without autograd, the
+        logits and their loss."""
+        token_mask = left_padding_mask(attention_mask, input_ids.shape[1]) if self.masks_left_padding else None
+        check_forward_args(None if token_mask is not None else attention_mask, unused)
         x = self.backbone.embeddings(input_ids)
         if self.config.residual_in_fp32:
             x = x.float() if x.dtype != torch.float64 else x
-        x, past_key_values = run_layers(self.backbone.layers, x, past_key_values, use_cache)
+        x, past_key_values = run_layers(self.backbone.layers, x, past_key_values, use_cache,
+                                        **({} if token_mask is None else {"token_mask": token_mask}))
         x = self.backbone.norm_f(x)
         cache = past_key_values if use_cache else None
         if labels is not None and torch.is_grad_enabled():
@@ -512,6 +523,7 @@ def load_mamba_family(family, source: str, device: torch.device, dtype: torch.dt
         state_floats=mixer.state_floats(), max_length=None, trained_length=None,
         info={"checkpoint_format": config.source_format, "mixer_config": dict(vars(mixer)),
               "num_layers": config.num_hidden_layers},
+        masks_left_padding=lm.masks_left_padding,      # Mamba-2's mixers mask left padding (tests/test_batched_eval)
     )
 
 

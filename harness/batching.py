@@ -2,7 +2,7 @@
 
 EvalModel prefills each prompt on its own (no padding ever enters a recurrent state), then decodes all of them
 together one token per step; only models that mask left padding exactly (EvalModel.masks_left_padding: our GDN-2,
-Gated DeltaNet and KDA models without attention layers) prefill a batch together on CUDA and skip the stacking.
+Gated DeltaNet, KDA and Mamba-2 models without attention layers) prefill a batch together on CUDA and skip the stacking.
 This module turns a list of batch-1 caches into one batched cache and back:
 
     batch = stack_caches([cache_a, cache_b], lengths=[17, 40])   # None: this cache type cannot be stacked

@@ -10,7 +10,7 @@ already loaded EvalModel instead of a spec.
 
 Semantics, request by request. batch_size (lm-eval's --batch_size, or the loaded EvalModel's own when "auto" or
 absent) requests run together, with EvalModel's batching (harness/model.py): no padding enters a recurrent state,
-the choices of one question run their shared context once (our delta-rule models, where it pays), and the results
+the choices of one question run their shared context once (our models that mask padding, where it pays), and the results
 equal batch size 1's. Inputs get special tokens as HFLM gives them (EvalModel.encode_input: the tokenizer's
 default, e.g. Llama's BOS, unless the spec says bos=true|false):
 - loglikelihood: EvalModel.split_request's tokenisation (lm-eval's _encode_pair: trailing context whitespace moved

@@ -317,3 +317,38 @@ def test_mixers_output_path_fused_equals_the_modules(family, config):
     for a, b in zip(fused, modules, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert fused_kept < modules_kept if not config.get("is_mimo") else fused_kept == modules_kept
+
+
+def test_mamba2_left_padded_batch_equals_each_row_alone():
+    """Mamba-2 takes a left-padded batch (attention_mask 0 before a row's tokens): its mixers zero the conv inputs
+    and outputs at padded positions (the conv's bias would otherwise write into the state there), so every row's
+    logits, SSM state and conv inputs equal the row alone, and so does the next step; in float64, over several
+    chunks, to 1e-6 as the other families' batch-1 checks. Mamba-3 refuses padding, naming the cause."""
+    lm = _random_lm("mamba2", FLA_M2).double()
+    with torch.no_grad():
+        for layer in lm.backbone.layers:                 # a conv bias far from 0, so that padding would show
+            layer.mixer.conv1d.bias.add_(1.0)
+    lengths = [40, 23, 5]
+    rows = [torch.randint(1, 4096, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    longest = max(lengths)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    assert lm.masks_left_padding
+    with torch.no_grad():
+        batch = lm(ids, attention_mask=mask, use_cache=True)
+        nxt = torch.tensor([[5], [6], [7]])
+        step = lm(nxt, past_key_values=batch.past_key_values, use_cache=True,
+                  attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1))
+        for i, r in enumerate(rows):
+            alone = lm(torch.tensor([r]), use_cache=True)
+            torch.testing.assert_close(batch.logits[i, longest - len(r):], alone.logits[0], rtol=1e-6, atol=1e-6)
+            alone_step = lm(nxt[i:i + 1], past_key_values=alone.past_key_values, use_cache=True)
+            torch.testing.assert_close(step.logits[i], alone_step.logits[0], rtol=1e-6, atol=1e-6)
+            for layer, layer_alone in zip(step.past_key_values.states, alone_step.past_key_values.states,
+                                          strict=True):
+                torch.testing.assert_close(layer.ssm.ssm[i], layer_alone.ssm.ssm[0], rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(layer.conv[i], layer_alone.conv[0], rtol=1e-6, atol=1e-6)
+    mamba3 = _random_lm("mamba3", FLA_M3).double()
+    assert not mamba3.masks_left_padding
+    with pytest.raises(ValueError, match="padding would enter the recurrent state"):
+        mamba3(ids, attention_mask=mask)
