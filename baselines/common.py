@@ -304,8 +304,8 @@ def mask_padding(token_mask: torch.Tensor | None, *tensors: torch.Tensor) -> tup
     """Each tensor [B, T, ...] with its padded positions (token_mask [B, T] 0) set to 0; unchanged without a mask.
     Left padding precedes every token of its row (gdn2.cache.left_padding_mask refuses anything else), where a
     recurrent state is still zero: a mixer that zeroes what writes into its state there (the delta rule's q, k, v
-    before the short convolution; Mamba-2's conv inputs and outputs) keeps it zero, and each conv window sees zeros
-    there, as at a sequence start."""
+    before the short convolution; Mamba-2's conv inputs and outputs; Mamba-3's x and DT) keeps it zero, and each
+    conv window sees zeros there, as at a sequence start."""
     if token_mask is None:
         return tensors
     return tuple(t * token_mask.reshape(*token_mask.shape, *([1] * (t.dim() - 2))).to(t.dtype) for t in tensors)

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from baselines.common import mask_padding
 from baselines.mamba2 import is_mamba_ssm_config, mamba_ssm_layer, mamba_ssm_lm_config
 from baselines.mamba_common import (
     GroupedRMSNormGated,
@@ -132,6 +133,8 @@ def _rotate(x: torch.Tensor, theta: torch.Tensor, pairwise: bool) -> torch.Tenso
 class Mamba3Mixer(nn.Module):
     """The Mamba-3 mixer (SISO or MIMO); hidden_states [B, T, d] -> [B, T, d]. Names as mamba-ssm / fla."""
 
+    masks_padding = True       # forward(..., token_mask=): left padding passes with the state unchanged
+
     def __init__(self, config: Mamba3MixerConfig, layer_idx: int | None = None):
         super().__init__()
         c = self.config = config
@@ -160,7 +163,11 @@ class Mamba3Mixer(nn.Module):
         dt = (torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).exp().clamp(min=1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, hidden_states: torch.Tensor, state: Mamba3LayerState | None = None, use_cache: bool = False):
+    def forward(self, hidden_states: torch.Tensor, state: Mamba3LayerState | None = None, use_cache: bool = False,
+                token_mask: torch.Tensor | None = None):
+        """hidden_states [B, T, d] -> (y [B, T, d], state or None). token_mask [B, T] (0 = left padding): x and DT
+        are zero there, so nothing is written or decayed, the rotary angle does not advance and the first token's
+        trapezoid term sees a zero previous value, as at a sequence start."""
         c = self.config
         Bsz, T, _ = hidden_states.shape
         H, R, G, N, P, A_n = c.num_heads, c.rank, c.n_groups, c.state_size, c.head_dim, c.num_rope_angles
@@ -169,6 +176,7 @@ class Mamba3Mixer(nn.Module):
         acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
         A = (-F.softplus(dd_A.to(acc))).clamp(max=-c.A_floor)                    # [B, T, H]
         DT = F.softplus(dd_dt.to(acc) + self.dt_bias.to(acc))
+        x, DT = mask_padding(token_mask, x, DT)
         if self.use_kernels and hidden_states.is_cuda and not c.is_mimo and not (state is not None and T == 1):
             return self._siso_kernel(hidden_states, z, x, B, C, A, DT, trap, angles, state, use_cache)
         lam = torch.sigmoid(trap.to(acc))

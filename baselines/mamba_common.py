@@ -405,14 +405,15 @@ class MambaLM(nn.Module):
 
     @property
     def masks_left_padding(self) -> bool:
-        """Whether every mixer passes left padding with its state unchanged (`masks_padding`: Mamba-2's)."""
+        """Whether every mixer passes left padding with its state unchanged (`masks_padding`: Mamba-2's and
+        Mamba-3's)."""
         return all(getattr(layer.mixer, "masks_padding", False) for layer in self.backbone.layers)
 
     def forward(self, input_ids: torch.Tensor, past_key_values: LayerStates | None = None, use_cache: bool = False,
                 logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **unused) -> LMOutput:
         """input_ids [B, T]; attention_mask [B, seen + T] may mark left padding where every mixer masks it
-        (masks_left_padding: Mamba-2), other padding is refused. With labels [B, T] and autograd on, the loss is
+        (masks_left_padding), other padding is refused. With labels [B, T] and autograd on, the loss is
         gdn2.fused's chunked linear cross-entropy (no [B, T, vocab] logits) and logits is None; without autograd, the
         logits and their loss."""
         token_mask = left_padding_mask(attention_mask, input_ids.shape[1]) if self.masks_left_padding else None
@@ -523,7 +524,7 @@ def load_mamba_family(family, source: str, device: torch.device, dtype: torch.dt
         state_floats=mixer.state_floats(), max_length=None, trained_length=None,
         info={"checkpoint_format": config.source_format, "mixer_config": dict(vars(mixer)),
               "num_layers": config.num_hidden_layers},
-        masks_left_padding=lm.masks_left_padding,      # Mamba-2's mixers mask left padding (tests/test_batched_eval)
+        masks_left_padding=lm.masks_left_padding,      # the mixers mask left padding (test_baselines_mamba_models)
     )
 
 

@@ -2,8 +2,8 @@
 
 EvalModel prefills each prompt on its own (no padding ever enters a recurrent state), then decodes all of them
 together one token per step; only models that mask left padding exactly (EvalModel.masks_left_padding: our GDN-2,
-Gated DeltaNet, KDA and Mamba-2 models without attention layers) prefill a batch together on CUDA and skip the stacking.
-This module turns a list of batch-1 caches into one batched cache and back:
+Gated DeltaNet, KDA, Mamba-2 and Mamba-3 models without attention layers) prefill a batch together on CUDA and skip
+the stacking. This module turns a list of batch-1 caches into one batched cache and back:
 
     batch = stack_caches([cache_a, cache_b], lengths=[17, 40])   # None: this cache type cannot be stacked
     out = lm(input_ids=next_ids [B, 1], past_key_values=batch.cache, use_cache=True, **batch.step_kwargs())

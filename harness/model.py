@@ -15,7 +15,7 @@ Batches (batch_size > 1, the *_many methods and those built on them) never let p
   once, left-padded, and score each continuation from a copy of its state, where that saves enough tokens;
 - generation prefills each prompt on its own and stacks the per-sample caches along the batch axis
   (harness/batching.py), or, for models that mask left padding exactly (masks_left_padding: our GDN-2, Gated
-  DeltaNet, KDA and Mamba-2 models without attention layers), on CUDA prefills the batch together left-padded
+  DeltaNet, KDA, Mamba-2 and Mamba-3 models without attention layers), on CUDA prefills the batch together left-padded
   (batched_prefill); then it decodes all samples together one token per step; a sample that stops drops out.
 Both give the batch-1 results (up to floating-point summation order), tested per family in tests/test_batched_eval.py.
 """
@@ -83,9 +83,9 @@ class EvalModel:
     # allows it, True = wherever the cache allows it (on the CPU without the graph), False = never
     static_decode: bool | None = None
     # the model's forward leaves every state unchanged over left padding given an attention mask (our GDN-2, Gated
-    # DeltaNet, KDA and Mamba-2 models without attention layers: tests/test_gdn2_padding.py, test_baselines_fla.py,
-    # test_baselines_mamba_models.py), so
-    # generate_ids_many may prefill a batch together, left-padded, and scoring may run shared prefixes once
+    # DeltaNet, KDA, Mamba-2 and Mamba-3 models without attention layers: tests/test_gdn2_padding.py,
+    # test_baselines_fla.py, test_baselines_mamba_models.py), so generate_ids_many may prefill a batch together,
+    # left-padded, and scoring may run shared prefixes once
     masks_left_padding: bool = False
     # prefill a batch together where the model allows it: None = on CUDA (on the 2-core CPU a batch gains nothing:
     # docs/efficiency.md), True = wherever allowed, False = never (each prompt alone, caches stacked)

@@ -319,15 +319,18 @@ def test_mixers_output_path_fused_equals_the_modules(family, config):
     assert fused_kept < modules_kept if not config.get("is_mimo") else fused_kept == modules_kept
 
 
-def test_mamba2_left_padded_batch_equals_each_row_alone():
-    """Mamba-2 takes a left-padded batch (attention_mask 0 before a row's tokens): its mixers zero the conv inputs
-    and outputs at padded positions (the conv's bias would otherwise write into the state there), so every row's
-    logits, SSM state and conv inputs equal the row alone, and so does the next step; in float64, over several
-    chunks, to 1e-6 as the other families' batch-1 checks. Mamba-3 refuses padding, naming the cause."""
-    lm = _random_lm("mamba2", FLA_M2).double()
-    with torch.no_grad():
-        for layer in lm.backbone.layers:                 # a conv bias far from 0, so that padding would show
-            layer.mixer.conv1d.bias.add_(1.0)
+@pytest.mark.parametrize("family,config", [("mamba2", FLA_M2), ("mamba3", FLA_M3), ("mamba3", FLA_M3_MIMO)])
+def test_left_padded_batch_equals_each_row_alone(family, config):
+    """Mamba-2 and Mamba-3 take a left-padded batch (attention_mask 0 before a row's tokens): Mamba-2's mixers zero
+    the conv inputs and outputs at padded positions (a conv bias far from 0 here would otherwise write into the
+    state), Mamba-3's zero x and DT (no write, no decay, no rotary advance, a zero previous value for the first
+    token's trapezoid term). Every row's logits and state equal the row alone, and so does the next step; in
+    float64, over several chunks, to 1e-6 as the other families' batch-1 checks."""
+    lm = _random_lm(family, config).double()
+    if family == "mamba2":
+        with torch.no_grad():
+            for layer in lm.backbone.layers:
+                layer.mixer.conv1d.bias.add_(1.0)
     lengths = [40, 23, 5]
     rows = [torch.randint(1, 4096, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
     longest = max(lengths)
@@ -346,9 +349,15 @@ def test_mamba2_left_padded_batch_equals_each_row_alone():
             torch.testing.assert_close(step.logits[i], alone_step.logits[0], rtol=1e-6, atol=1e-6)
             for layer, layer_alone in zip(step.past_key_values.states, alone_step.past_key_values.states,
                                           strict=True):
-                torch.testing.assert_close(layer.ssm.ssm[i], layer_alone.ssm.ssm[0], rtol=1e-6, atol=1e-6)
-                torch.testing.assert_close(layer.conv[i], layer_alone.conv[0], rtol=1e-6, atol=1e-6)
-    mamba3 = _random_lm("mamba3", FLA_M3).double()
-    assert not mamba3.masks_left_padding
-    with pytest.raises(ValueError, match="padding would enter the recurrent state"):
-        mamba3(ids, attention_mask=mask)
+                state = [t[i] for t in layer_tensors(layer)]
+                assert len(state) >= 2                  # conv or angle, and the SSM state at least
+                torch.testing.assert_close(state, [t[0] for t in layer_tensors(layer_alone)], rtol=1e-6, atol=1e-6)
+
+
+def layer_tensors(state) -> list[torch.Tensor]:
+    """Every tensor of a Mamba layer state (conv buffer, SSM state, last key and value, rotary angle)."""
+    from gdn2.cache import map_tensors
+
+    found: list[torch.Tensor] = []
+    map_tensors(state, lambda t: found.append(t) or t)
+    return found

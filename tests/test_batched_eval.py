@@ -347,7 +347,7 @@ def test_our_gdn2_prefills_a_batch_together_left_padded(model):
     each_alone = [("alone", 9), ("alone", 33), ("alone", 40)]
     model._forward, model._prefill, model._prefill_left_padded = spy_forward, spy_alone, spy_together
     try:
-        assert model.masks_left_padding == (model.family in ("gdn2", "gated_deltanet", "kda", "mamba2")
+        assert model.masks_left_padding == (model.family != "transformer"
                                             and not model.info.get("hybrid_attention_layers"))
         if model.masks_left_padding:
             assert prefills(True) == [("together", [40, 33, 9])]          # length_groups orders by length
