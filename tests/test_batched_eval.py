@@ -139,6 +139,19 @@ def test_greedy_generation_of_stacked_caches_equals_batch_one(model):
     assert model.generate_ids_many(prompts, 12, stop_when=stop_when, batch_size=5) == alone
 
 
+def test_prompts_of_one_length_prefill_as_one_batch(model, monkeypatch):
+    """Prompts of one length prefill as one batch without padding, for every family (the transformer's cache too),
+    and decode to the batch-1 tokens; the spy sees one prefill of all three."""
+    prompts = [random_ids(24, 700 + seed) for seed in range(3)]
+    alone = [model.generate_ids(p, max_new_tokens=6) for p in prompts]
+    calls = []
+    together = model._prefill_equal_lengths
+    monkeypatch.setattr(model, "_prefill_equal_lengths",
+                        lambda ps, segment: calls.append(len(ps)) or together(ps, segment))
+    assert model.generate_ids_many(prompts, 6, batch_size=3) == alone
+    assert calls == [3]
+
+
 def test_text_level_calls_batch_through_model_batch_size(model):
     model.batch_size = 1
     requests = [("The quick brown", " fox"), ("A", " longer continuation here"), ("", " empty context")]
