@@ -14,7 +14,7 @@ and computing the output): configs-...-inference.csv.
 
 --probe runs one config instead of timing: the named kernels pinned to --config, every other chunk kernel to its
 first config, so nothing is autotuned; one process per config, under CUDA_LAUNCH_BLOCKING=1, tells which launch
-config faults at a shape:
+config faults at a shape (without a GPU, under TRITON_INTERPRET=1, it is a dry run of the same launches in fp32):
 
     CUDA_LAUNCH_BLOCKING=1 python benchmarks/time_configs.py --probe --kernels bwd_dav --config BV=64,w4,s2 \
         --B 2 --T 512 --heads 2 --head-dim 32
@@ -121,16 +121,20 @@ def probe(names: list[str], args) -> None:
     if args.config is None:
         raise SystemExit("--probe needs --config NAME (a config of the named kernels)")
     for n, kernel in CHUNK_KERNELS.items():
-        configs = getattr(kernel, "_all_configs", kernel.configs)
+        configs = kernel.gpu_configs
         chosen = [c for c in configs if config_name(c) == args.config] if n in names else configs[:1]
         if not chosen:
             raise SystemExit(f"{n} has no config named {args.config}; its configs: {[config_name(c) for c in configs]}")
         pin_config(kernel, chosen[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"      # cpu: under TRITON_INTERPRET=1, fp32 (a dry run)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v, g, b, w, _ = (x.requires_grad_() for x in inputs(args.B, args.T, seed=0, heads=args.heads,
-                                                              key_dim=args.head_dim, value_dim=args.head_dim))
+                                                              key_dim=args.head_dim, value_dim=args.head_dim,
+                                                              dtype=dtype, device=device))
     o, ht = triton_chunk_gdn2(q, k, v, g, b, w, output_final_state=True)
     torch.autograd.backward((o, ht), (torch.randn_like(o), torch.randn_like(ht)))
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     finite = all(bool(torch.isfinite(x.grad).all()) for x in (q, k, v, g, b, w))
     print(f"probe {','.join(names)} {args.config} B{args.B} T{args.T} heads {args.heads}x{args.head_dim}: "
           f"completed, gradients finite: {finite}", flush=True)
