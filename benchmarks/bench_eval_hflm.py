@@ -132,26 +132,31 @@ def instant_lm():
     return InstantLM()
 
 
-def disagreement(responses, reference) -> str:
-    """How a harness run's per-document responses differ from HFLM's: generations that differ (strings), or the
-    largest log-likelihood difference and the number of greedy flags that differ (loglikelihood requests)."""
+def disagreement(responses, reference, name: str = "HFLM") -> str:
+    """How a run's per-document responses differ from the reference engine's (`name`): generations that differ
+    (strings), or the largest log-likelihood difference and the number of greedy flags that differ."""
     flat = [r for doc in responses for req in doc for r in req]
     flat_ref = [r for doc in reference for req in doc for r in req]
     if len(flat) != len(flat_ref):
         return f"{len(flat)} responses against {len(flat_ref)}"
     if flat and isinstance(flat[0], str):
         differ = sum(a != b for a, b in zip(flat, flat_ref, strict=True))
-        return f"{differ} of {len(flat)} generations differ from HFLM's"
+        return f"{differ} of {len(flat)} generations differ from {name}'s"
     diffs = [abs(a[0] - b[0]) for a, b in zip(flat, flat_ref, strict=True)]
     greedy = sum(a[1] != b[1] for a, b in zip(flat, flat_ref, strict=True))
-    return f"log-likelihoods within {max(diffs, default=0):.2e} of HFLM's ({len(flat)}); {greedy} greedy flags differ"
+    return (f"log-likelihoods within {max(diffs, default=0):.2e} of {name}'s ({len(flat)}); {greedy} greedy flags "
+            "differ")
+
+
+ENGINES = ("HFLM", "harness", "harness-whole")      # harness-whole: the harness LM with share_prefixes off
 
 
 def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes, repeats: int,
-                 profile_dir: str | None = None) -> list[dict]:
-    """lm-eval's own share (an LM that answers at once), then per batch size HFLM and the harness LM; each timed on
-    the last of `repeats` runs (the first pays the Triton compiles of new shapes, which would otherwise favour
-    whichever engine runs second). engine_seconds: the time inside the LM's request methods."""
+                 profile_dir: str | None = None, engines=ENGINES[:2]) -> list[dict]:
+    """lm-eval's own share (an LM that answers at once), then per batch size each engine: HFLM, the harness LM, the
+    harness LM with shared prefixes off (EvalModel.share_prefixes); each timed on the last of `repeats` runs (the
+    first pays the Triton compiles of new shapes, which would otherwise favour whichever engine runs second).
+    engine_seconds: the time inside the LM's request methods."""
     from harness.lm_eval_plugin import HarnessLM
     from harness.lm_eval_tasks import CATALOG, offline_include_path, task_manager
 
@@ -166,26 +171,30 @@ def lm_eval_rows(lm, tokenizer, model, task_key: str, limit: int, batch_sizes, r
                      engine_seconds=0, score="lm-eval's own work: the same in every row", status="ok"))
     print(rows[-1], flush=True)
     for size in batch_sizes:
-        reference = None
-        for engine in ("HFLM", "harness"):
+        reference = reference_name = None
+        for engine in engines:
             try:
                 if engine == "HFLM":
                     from lm_eval.models.huggingface import HFLM  # needs accelerate
 
                     lm_obj = HFLM(pretrained=lm, tokenizer=tokenizer, batch_size=size, device=str(model.device))
                 else:
+                    model.share_prefixes = engine == "harness"
                     lm_obj = HarnessLM(model=model, batch_size=size)
                 for repeat in range(repeats):
                     profile = (os.path.join(profile_dir, f"profile-{task_key}-{engine}-b{size}.txt")
                                if profile_dir and repeat == repeats - 1 else None)
                     seconds, inside, metrics, responses = timed_evaluate(lm_obj, task_name, limit, manager, profile)
-                agreement = disagreement(responses, reference) if reference is not None else ""
-                reference = responses if engine == "HFLM" else reference
+                agreement = disagreement(responses, reference, reference_name) if reference is not None else ""
+                if reference is None:
+                    reference, reference_name = responses, engine
                 rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds=round(seconds, 2),
                                  engine_seconds=round(inside, 2), score=f"{metrics} {agreement}".strip(), status="ok"))
             except Exception as err:  # noqa: BLE001 - a failing engine is a row
                 rows.append(dict(kind=f"lm-eval {task_name}", engine=engine, batch=size, seconds="", engine_seconds="",
                                  score="", status=f"{type(err).__name__}: {err}"[:200]))
+            finally:
+                model.share_prefixes = True
             print(rows[-1], flush=True)
     return rows
 
@@ -239,6 +248,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="weights and activations on the GPU (float32 separates engine differences from bf16 "
                              "rounding)")
+    parser.add_argument("--engines", default="HFLM,harness",
+                        help=f"comma list of {', '.join(ENGINES)} (the first that runs is the reference of agreement)")
     parser.add_argument("--profile", action="store_true",
                         help="write cProfile's heaviest calls of each engine's timed lm-eval run to "
                              "<out>/profile-*.txt")
@@ -247,6 +258,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="the tiny GDN-2 config (checks the code paths)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "bench"))
     args = parser.parse_args(argv)
+    unknown = set(args.engines.split(",")) - set(ENGINES)
+    if unknown:
+        parser.error(f"unknown --engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm, tokenizer, model = build_model(args.smoke, args.dtype, args.model)
@@ -259,7 +273,7 @@ def main(argv=None) -> int:
     if "lm-eval" not in skip:
         for task in args.tasks.split(","):
             rows += lm_eval_rows(lm, tokenizer, model, task, args.limit, [int(b) for b in args.batch_sizes.split(",")],
-                                 args.repeats, args.out if args.profile else None)
+                                 args.repeats, args.out if args.profile else None, args.engines.split(","))
     if "ruler" not in skip:
         with tempfile.TemporaryDirectory() as workdir:
             rows += ruler_rows(model, args.ruler_lengths.split(","), args.ruler_samples,

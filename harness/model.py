@@ -90,6 +90,9 @@ class EvalModel:
     # prefill a batch together where the model allows it: None = on CUDA (on the 2-core CPU a batch gains nothing:
     # docs/efficiency.md), True = wherever allowed, False = never (each prompt alone, caches stacked)
     batched_prefill: bool | None = None
+    # score requests that share a prefix by running it once where that pays (_score_shared_prefixes); False: every
+    # request whole
+    share_prefixes: bool = True
 
     # ---------------------------------------------------------------- sizes
     def state_floats_per_layer(self) -> int:
@@ -226,7 +229,7 @@ class EvalModel:
         it scores and returns the indices of the others."""
         from gdn2.cache import RecurrentCache
 
-        if not self.masks_left_padding or self.batched_prefill is False:
+        if not (self.share_prefixes and self.masks_left_padding) or self.batched_prefill is False:
             return list(range(len(requests)))
         by_prefix: dict[tuple[int, ...], list[int]] = {}
         for i, (ids, score_from) in enumerate(requests):

@@ -65,6 +65,16 @@ def test_requests_sharing_a_context_run_it_once_with_the_batch_one_results(model
         assert torch.equal(greedy4, greedy1)
     whole = sum(len(ids) - 1 for ids, _ in requests)      # what scoring each request whole feeds, at the least
     assert (sum(fed) < whole) == model.masks_left_padding
+    fed.clear()
+    model.share_prefixes = False                            # the switch: every request whole, the same results
+    try:
+        for (lp4, greedy4), (lp_whole, greedy_whole) in zip(shared, model.token_logprobs_many(requests, batch_size=4),
+                                                            strict=True):
+            torch.testing.assert_close(lp_whole, lp4, rtol=RTOL, atol=0)
+            assert torch.equal(greedy_whole, greedy4)
+    finally:
+        model.share_prefixes = True
+    assert sum(fed) >= whole
 
 
 def test_a_shared_context_short_against_its_continuations_is_not_run_apart(model, monkeypatch):
