@@ -35,6 +35,7 @@ from baselines.mamba_common import (
     trapezoid_scan,
     trapezoid_step,
 )
+from gdn2.fused import norm_linears
 from harness.model import EvalModel
 from harness.registry import ModelFamily, register_family
 
@@ -119,6 +120,7 @@ class Mamba2Mixer(nn.Module):
     """The Mamba-2 mixer; hidden_states [B, T, d] -> [B, T, d]. Parameter names as mamba-ssm / fla."""
 
     masks_padding = True       # forward(..., token_mask=): left padding passes with the state unchanged
+    takes_pre_norm = True      # forward(..., norm=): the block fuses its pre-norm into in_proj
 
     def __init__(self, config: Mamba2MixerConfig, layer_idx: int | None = None):
         super().__init__()
@@ -154,14 +156,15 @@ class Mamba2Mixer(nn.Module):
         return dt
 
     def forward(self, hidden_states: torch.Tensor, state: Mamba2LayerState | None = None, use_cache: bool = False,
-                token_mask: torch.Tensor | None = None):
+                token_mask: torch.Tensor | None = None, norm: nn.Module | None = None):
         """hidden_states [B, T, d] -> (y [B, T, d], state or None). token_mask [B, T] (0 = left padding): the conv
         inputs and outputs (x, B, C) are zero there, so the state stays zero (padding precedes every token of its
-        row) and each conv window sees zeros, as at a sequence start."""
+        row) and each conv window sees zeros, as at a sequence start. norm: the block's pre-norm, run with in_proj
+        as one Function (gdn2.fused.norm_linears: the normed input is not kept); None: hidden_states is normed."""
         c = self.config
         Bsz, T, _ = hidden_states.shape
         H, P, G, N = c.num_heads, c.head_dim, c.n_groups, c.state_size
-        z0, x0, z, xBC, dt_raw = torch.split(self.in_proj(hidden_states),
+        z0, x0, z, xBC, dt_raw = torch.split(norm_linears(hidden_states, norm, (self.in_proj,))[0],
                                              [c.d_mlp, c.d_mlp, c.ssm_dim, c.conv_dim, H], dim=-1)
         xBC, = mask_padding(token_mask, xBC)
         xBC, conv_cache = self.conv1d(xBC, None if state is None else state.conv)

@@ -47,6 +47,7 @@ from baselines.mamba_common import (
     trapezoid_scan,
     trapezoid_step,
 )
+from gdn2.fused import norm_linears
 from harness.model import EvalModel
 from harness.registry import ModelFamily, register_family
 
@@ -134,6 +135,7 @@ class Mamba3Mixer(nn.Module):
     """The Mamba-3 mixer (SISO or MIMO); hidden_states [B, T, d] -> [B, T, d]. Names as mamba-ssm / fla."""
 
     masks_padding = True       # forward(..., token_mask=): left padding passes with the state unchanged
+    takes_pre_norm = True      # forward(..., norm=): the block fuses its pre-norm into in_proj
 
     def __init__(self, config: Mamba3MixerConfig, layer_idx: int | None = None):
         super().__init__()
@@ -164,15 +166,18 @@ class Mamba3Mixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, hidden_states: torch.Tensor, state: Mamba3LayerState | None = None, use_cache: bool = False,
-                token_mask: torch.Tensor | None = None):
+                token_mask: torch.Tensor | None = None, norm: nn.Module | None = None):
         """hidden_states [B, T, d] -> (y [B, T, d], state or None). token_mask [B, T] (0 = left padding): x and DT
         are zero there, so nothing is written or decayed, the rotary angle does not advance and the first token's
-        trapezoid term sees a zero previous value, as at a sequence start."""
+        trapezoid term sees a zero previous value, as at a sequence start. norm: the block's pre-norm, run with
+        in_proj as one Function (gdn2.fused.norm_linears: the normed input is not kept); None: hidden_states is
+        normed."""
         c = self.config
         Bsz, T, _ = hidden_states.shape
         H, R, G, N, P, A_n = c.num_heads, c.rank, c.n_groups, c.state_size, c.head_dim, c.num_rope_angles
         z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(
-            self.in_proj(hidden_states), [c.d_inner, c.d_inner, N * G * R, N * G * R, H, H, H, A_n], dim=-1)
+            norm_linears(hidden_states, norm, (self.in_proj,))[0],
+            [c.d_inner, c.d_inner, N * G * R, N * G * R, H, H, H, A_n], dim=-1)
         acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
         A = (-F.softplus(dd_A.to(acc))).clamp(max=-c.A_floor)                    # [B, T, H]
         DT = F.softplus(dd_dt.to(acc) + self.dt_bias.to(acc))

@@ -361,10 +361,18 @@ class MambaBlock(nn.Module):
             self.mlp = None
 
     def forward(self, x: torch.Tensor, state, use_cache: bool, token_mask: torch.Tensor | None = None):
-        """token_mask [B, T] (0 = left padding) goes to the mixer, which must take it (`masks_padding`)."""
+        """token_mask [B, T] (0 = left padding) goes to the mixer, which must take it (`masks_padding`). With
+        autograd on, a plain RMSNorm runs inside the mixer's in_proj (`takes_pre_norm`: one Function that does not
+        keep the normed x) where no cast lies between them; otherwise the norm runs first, as its own module."""
+        from gdn2.fused import plain
+
         param_dtype = self.mixer.out_proj.weight.dtype
-        mask = {} if token_mask is None else {"token_mask": token_mask}
-        mixed, new_state = self.mixer(self.norm(x).to(param_dtype), state=state, use_cache=use_cache, **mask)
+        if torch.is_grad_enabled() and token_mask is None and x.dtype == param_dtype and \
+                getattr(self.mixer, "takes_pre_norm", False) and plain(self.norm, RMSNorm):
+            mixed, new_state = self.mixer(x, state=state, use_cache=use_cache, norm=self.norm)
+        else:
+            mask = {} if token_mask is None else {"token_mask": token_mask}
+            mixed, new_state = self.mixer(self.norm(x).to(param_dtype), state=state, use_cache=use_cache, **mask)
         x = x + mixed.to(x.dtype)
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x).to(param_dtype)).to(x.dtype)

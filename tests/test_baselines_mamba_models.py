@@ -320,6 +320,32 @@ def test_mixers_output_path_fused_equals_the_modules(family, config):
 
 
 @pytest.mark.parametrize("family,config", [("mamba2", FLA_M2), ("mamba3", FLA_M3), ("mamba3", FLA_M3_MIMO)])
+def test_pre_norm_fused_into_in_proj_equals_the_modules(family, config):
+    """In training the Mamba blocks run their pre-norm inside the mixer's in_proj (gdn2.fused.norm_linears); a
+    forward hook on each block's norm makes it run as a module instead. The loss and every parameter's gradient
+    agree in float64, and the fused blocks keep less for the backward pass."""
+    from tests.test_baselines_fla import kept_and_gradients
+
+    lm = _random_lm(family, config).double().train()
+    ids = torch.randint(0, config["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        loss = lm(ids, labels=ids).loss
+        return loss, loss
+
+    fused_kept, fused = kept_and_gradients(lm, run)
+    hooks = [layer.norm.register_forward_hook(lambda module, args, out: None) for layer in lm.backbone.layers]
+    try:
+        modules_kept, modules = kept_and_gradients(lm, run)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for a, b in zip(fused, modules, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert fused_kept < modules_kept
+
+
+@pytest.mark.parametrize("family,config", [("mamba2", FLA_M2), ("mamba3", FLA_M3), ("mamba3", FLA_M3_MIMO)])
 def test_left_padded_batch_equals_each_row_alone(family, config):
     """Mamba-2 and Mamba-3 take a left-padded batch (attention_mask 0 before a row's tokens): Mamba-2's mixers zero
     the conv inputs and outputs at padded positions (a conv bias far from 0 here would otherwise write into the
