@@ -497,6 +497,18 @@ def test_config_pruner_compiles_the_kept_configs_with_the_launch_arguments():
     assert not compile_in_parallel(kernel, configs[:1], {"v": v}, {})    # one config: nothing to overlap
 
 
+def test_dav_takes_no_value_block_wider_than_the_value_width():
+    """At heads of 32 (V = 32) dav's launches keep only its BV=32 entries (a BV=64 block would compute on masked
+    columns only); at V = 64 and 128 every entry; a launch without V (the GPU checker's call) keeps every entry."""
+    from gdn2.ops.triton.chunk_bwd import DAV_CONFIGS, dav_fits
+    from gdn2.ops.triton.utils import configs_that_fit
+
+    do = torch.zeros(1, dtype=torch.bfloat16)
+    kept = {V: configs_that_fit(DAV_CONFIGS, dav_fits, "do", ("V",), {"do": do, "V": V}) for V in (32, 64, 128)}
+    assert [c.kwargs["BV"] for c in kept[32]] == [32, 32] and kept[64] == kept[128] == DAV_CONFIGS
+    assert all(dav_fits(c, torch.bfloat16, 128) for c in DAV_CONFIGS)
+
+
 def test_autotuner_times_each_config_with_the_tune_budget(monkeypatch):
     """GDN2_TRITON_TUNE_MS ('WARMUP,REP' ms) reaches triton.testing.do_bench for every timed config; anything but two
     positive integers is refused with the expected form in the message."""

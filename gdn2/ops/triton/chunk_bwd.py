@@ -119,6 +119,12 @@ DAV_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
                triton.Config({"BV": 32}, num_warps=8, num_stages=1),
                triton.Config({"BV": 64}, num_warps=4, num_stages=1)]
 DAV_INTERPRET = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
+
+
+def dav_fits(config, dtype, K, V=None) -> bool:
+    """dav's value blocks no wider than the (power-of-two padded) value width V: a wider block only computes on
+    masked columns (V = 32 at heads of 32, where the BV=64 entries are dropped); every entry when V is not given."""
+    return V is None or config.kwargs["BV"] <= max(16, triton.next_power_of_2(V))
 # dqkg: BKS key channels per program (every product here reduces over rows, never over K, so K splits over the grid).
 # The entries within 1.15x of the best at B=8, T=4096; 8 warps took twice as long (docs/kernels.md#launch-configs).
 DQKG_CONFIGS = [triton.Config({"BKS": bks}, num_warps=4, num_stages=st, maxnreg=reg)
@@ -267,7 +273,8 @@ def gdn2_bwd_kernel_dqk(q, k, g, b, rq, rk, A, hs, dhs, do, dR, R, dq, dk, db, d
     tl.store(dG + kptr, dGp, mask=mk)
 
 
-@tuned(DAV_CONFIGS, key=["V", "HV", "NK", "PREC", "PREC_T"], interpret_config=DAV_INTERPRET, dtype_arg="do")
+@tuned(DAV_CONFIGS, key=["V", "HV", "NK", "PREC", "PREC_T"], interpret_config=DAV_INTERPRET, fits=dav_fits,
+       dtype_arg="do", fits_args=("V",))
 @triton.jit
 def gdn2_bwd_kernel_dav(v, w, A, do, dR, R, dAE, dv, dw, dT, dAqk, cu_seqlens, chunk_indices, TT,
                         H: tl.constexpr, HV: tl.constexpr, V: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
