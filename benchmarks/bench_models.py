@@ -484,12 +484,15 @@ def eval_rows(family: str, lengths, samples: int, batch_sizes, new_tokens: int) 
     """EvalModel on synthetic RULER-like requests (prompts of 0.9 L..L tokens, greedy generation of new_tokens) and
     lm-eval-like scoring requests (512 context + 8 continuation tokens): wall time at batch 1 and batch N, outputs
     compared."""
+    from gdn2 import GDN2ForCausalLM
     from harness.model import EvalModel
 
     lm = inference_model(family, "ours")
+    # as the registry's loaders set it: our recurrent models mask left padding (batched prefill on CUDA)
+    masks = lm.masks_left_padding if hasattr(lm, "masks_left_padding") else isinstance(lm, GDN2ForCausalLM)
     model = EvalModel(name=f"{family}-1.3B-random", family=family, lm=lm, tokenizer=None,
-                      device=torch.device(RUN["device"]),
-                      dtype=torch.bfloat16, source="random init", backend="bench", state_floats=0)
+                      device=torch.device(RUN["device"]), dtype=torch.bfloat16, source="random init",
+                      backend="bench", state_floats=0, masks_left_padding=masks)
     g = torch.Generator().manual_seed(0)
     rows = []
     for L in lengths:
