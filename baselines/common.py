@@ -550,7 +550,7 @@ class FLAFamilyBase(ModelFamily):
             source=source, backend=self.backend_for(device, config), state_floats=self.mixer_state_floats(settings),
             max_length=settings.get("max_position_embeddings") if full_attention else None,
             trained_length=settings.get("max_position_embeddings"), info=info,
-            # our delta-rule mixers mask left padding exactly (tests/test_batched_eval.py); fla's own models and the
+            # our delta-rule mixers mask left padding exactly (tests/test_baselines_fla.py); fla's own models and the
             # hybrids' attention layers are not checked for it, so they prefill each prompt alone
             masks_left_padding=isinstance(lm, MixerStackLM) and lm.masks_left_padding,
         )
