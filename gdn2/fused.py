@@ -449,22 +449,26 @@ def causal_conv_silu(x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor,
 
 
 class ConvSiluFunction(torch.autograd.Function):
+    """short_conv_silu's Triton path. x is kept as given: a slice of a larger projection (Mamba-2's conv input is one
+    of in_proj's outputs) keeps that projection alive instead of a copy, which the scan keeps anyway; the backward
+    pass makes it contiguous again."""
+
     @staticmethod
     def forward(ctx, x, cache, weight, bias):
         from gdn2.fused_kernels import conv_silu_fwd
 
-        x, cache = x.contiguous(), cache.to(x.dtype).contiguous()
+        cache = cache.to(x.dtype).contiguous()
         taps = weight.reshape(weight.shape[0], -1).contiguous()
         ctx.save_for_backward(x, cache, taps, bias)
         ctx.weight_shape = weight.shape
-        return conv_silu_fwd(x, cache, taps, bias)
+        return conv_silu_fwd(x.contiguous(), cache, taps, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         from gdn2.fused_kernels import conv_silu_bwd
 
         x, cache, taps, bias = ctx.saved_tensors
-        dx, dweight, dbias = conv_silu_bwd(x, cache, taps, bias, grad_y.contiguous())
+        dx, dweight, dbias = conv_silu_bwd(x.contiguous(), cache, taps, bias, grad_y.contiguous())
         return (dx, None, dweight.reshape(ctx.weight_shape).to(taps.dtype),
                 None if dbias is None else dbias.to(bias.dtype))
 

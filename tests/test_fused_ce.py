@@ -412,6 +412,33 @@ def test_triton_short_conv_equals_the_torch_conv(width, bias):
                 tol=1e-5)
 
 
+def test_triton_short_conv_keeps_a_sliced_input_without_a_copy():
+    """A conv input sliced out of a wider projection (Mamba-2's xBC out of in_proj) is kept as that slice, not as a
+    contiguous copy: autograd keeps no storage of its size besides the projection's own; the gradient of the
+    projection equals the torch conv's."""
+    from benchmarks.saved_bytes import kept_bytes
+
+    g = torch.Generator().manual_seed(14)
+    projection = torch.randn(2, 40, 96, generator=g, requires_grad=True)
+    cache = torch.zeros(2, 64, 3)
+    weight = torch.randn(64, 1, 4, generator=g) * 0.5
+
+    mix = torch.randn(2, 40, 64, generator=g)          # the loss's weights: kept by the loss, not by the conv
+
+    def run(conv):
+        return lambda: (lambda y: (y, (y * mix).sum()))(conv(projection[..., 16:80]))
+
+    exclude = {t.untyped_storage().data_ptr() for t in (projection, weight, mix)}
+    kept, (y, loss) = kept_bytes(run(lambda x: short_conv_silu(x, cache, weight, None, backend="triton")),
+                                 exclude=exclude)
+    assert kept < 2 * 40 * 64 * 4              # the slice's contiguous copy would be one [2, 40, 64] fp32 tensor
+    loss.backward()
+    grad = projection.grad.clone()
+    projection.grad = None
+    (causal_conv_silu(projection[..., 16:80], cache, weight, None) * mix).sum().backward()
+    torch.testing.assert_close(grad, projection.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_decay_equals_the_mixer_expression():
     """The decay kernels (interpreter) against the mixer's torch expression: g and the gradients of f, A_log and
     dt_bias; f in bf16 as autocast hands it over, f large enough to reach softplus's linear branch."""
