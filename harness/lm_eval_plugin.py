@@ -5,7 +5,8 @@
 
 model_args: spec (a registry spec: bundled name, family=path, checkpoint folder), device, dtype, tokenizer,
 allow_longer_context, max_length (window of loglikelihood_rolling), rolling ("windows" | "carry"),
-truncate_input_to (left-truncate every input to this many tokens, recorded), segment. In Python, `model=` takes an
+truncate_input_to (left-truncate every input to this many tokens, recorded), segment, share_prefixes (false: every
+loglikelihood request scored whole, no shared contexts). In Python, `model=` takes an
 already loaded EvalModel instead of a spec.
 
 Semantics, request by request. batch_size (lm-eval's --batch_size, or the loaded EvalModel's own when "auto" or
@@ -66,7 +67,8 @@ class HarnessLM(LM):
     def __init__(self, spec: str | None = None, model: EvalModel | None = None, device: str = "auto",
                  dtype: str = "auto", tokenizer: str | None = None, allow_longer_context: bool = False,
                  max_length: int | None = None, rolling: str = "windows", truncate_input_to: int | None = None,
-                 segment: int | None = None, batch_size: Any = None, max_batch_size: Any = None, **unused: Any) -> None:
+                 segment: int | None = None, share_prefixes: Any = None, batch_size: Any = None,
+                 max_batch_size: Any = None, **unused: Any) -> None:
         super().__init__()
         if unused:
             log.warning("harness LM: ignoring model_args %s (not used by this LM)", sorted(unused))
@@ -84,6 +86,8 @@ class HarnessLM(LM):
             raise ValueError(f"rolling must be 'windows' (lm-eval's disjoint windows) or 'carry'; got {rolling!r}")
         if segment:
             model.segment = int(segment)
+        if share_prefixes is not None:
+            model.share_prefixes = _as_bool(share_prefixes)
         if batch_size not in (None, "auto"):
             if int(batch_size) < 1:
                 raise ValueError(f"batch_size must be a positive integer or 'auto'; got {batch_size!r}")

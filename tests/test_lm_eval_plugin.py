@@ -143,6 +143,17 @@ def test_registered_and_built_from_arg_string():
     assert lm.model.name == "gdn2-tiny-random" and lm.max_length == 4096   # the model's training length
 
 
+def test_share_prefixes_model_arg_switches_shared_contexts():
+    """model_args share_prefixes=false turns the shared-context path off (EvalModel.share_prefixes); absent, the
+    model's own setting stays; a value that is not a boolean is refused by name."""
+    lm = HarnessLM.create_from_arg_string("spec=gdn2-tiny-random,device=cpu,dtype=float32,share_prefixes=false")
+    assert lm.model.share_prefixes is False
+    assert HarnessLM(model=lm.model).model.share_prefixes is False
+    assert HarnessLM(model=lm.model, share_prefixes="true").model.share_prefixes is True
+    with pytest.raises(ValueError, match="expected a boolean"):
+        HarnessLM(model=lm.model, share_prefixes="sometimes")
+
+
 def test_cli_substitutes_rendered_offline_folder(tmp_path):
     from harness.lm_eval_cli import TEMPLATE_DIR, rewrite_argv
     from harness.lm_eval_tasks import offline_include_path
