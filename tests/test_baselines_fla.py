@@ -138,6 +138,58 @@ def kept_and_gradients(module: torch.nn.Module, run) -> tuple[int, list[torch.Te
     return kept, [output.detach()] + [p.grad.clone() for p in module.parameters()]
 
 
+def fused_matches_modules(module: torch.nn.Module, run, hooked) -> tuple[int, int]:
+    """kept_and_gradients of run() as it is (fused) and with a no-op forward hook on each module of `hooked` (which
+    makes it run as itself, gdn2.fused.plain); asserts the output and every gradient agree in float64 and returns
+    (bytes kept fused, bytes kept as modules)."""
+    fused_kept, fused = kept_and_gradients(module, run)
+    hooks = [m.register_forward_hook(lambda m, args, out: None) for m in hooked]
+    try:
+        modules_kept, modules = kept_and_gradients(module, run)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for a, b in zip(fused, modules, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    return fused_kept, modules_kept
+
+
+def state_tensors(state) -> list[torch.Tensor]:
+    """Every tensor of a layer state (recurrent or SSM state, conv buffers, a Mamba-3 rotary angle), in order."""
+    from gdn2.cache import map_tensors
+
+    found: list[torch.Tensor] = []
+    map_tensors(state, lambda t: found.append(t) or t)
+    return found
+
+
+def assert_left_padding_is_exact(lm: torch.nn.Module, lengths: list[int], vocab_size: int) -> None:
+    """A left-padded batch of random rows of these lengths (attention_mask 0 before a row's tokens) through lm: each
+    row's logits at its real positions, the next step's logits and every tensor of every layer's state equal the row
+    run alone, to 1e-6 in float64 (the torch chunk path moves by ~1e-8 with the batch it runs in, without any
+    padding; padding that reached a real position would move them by O(1))."""
+    rows = [torch.randint(1, vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    longest = max(lengths)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    assert lm.masks_left_padding
+    with torch.no_grad():
+        batch = lm(ids, attention_mask=mask, use_cache=True)
+        nxt = torch.arange(5, 5 + len(rows))[:, None]
+        step = lm(nxt, past_key_values=batch.past_key_values, use_cache=True,
+                  attention_mask=torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], 1))
+        for i, r in enumerate(rows):
+            alone = lm(torch.tensor([r]), use_cache=True)
+            torch.testing.assert_close(batch.logits[i, longest - len(r):], alone.logits[0], rtol=1e-6, atol=1e-6)
+            alone_step = lm(nxt[i:i + 1], past_key_values=alone.past_key_values, use_cache=True)
+            torch.testing.assert_close(step.logits[i], alone_step.logits[0], rtol=1e-6, atol=1e-6)
+            for layer, layer_alone in zip(step.past_key_values.states, alone_step.past_key_values.states,
+                                          strict=True):
+                state = [t[i] for t in state_tensors(layer)]
+                assert len(state) >= 2                  # the recurrent state and a conv buffer or angle at least
+                torch.testing.assert_close(state, [t[0] for t in state_tensors(layer_alone)], rtol=1e-6, atol=1e-6)
+
+
 def mixer_output_and_loss(mixer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y, _ = mixer(x)
     return y, y.square().sum()
@@ -354,14 +406,7 @@ def test_fused_output_norm_and_projection_equal_the_modules(name):
     Output and every parameter's gradient agree in float64, and the fused path keeps less for the backward pass."""
     m = first_mixer(random_model(name)).double()
     x = torch.randn(2, 40, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    fused_kept, fused = kept_and_gradients(m, lambda: mixer_output_and_loss(m, x))
-    hook = m.o_proj.register_forward_hook(lambda module, args, out: None)
-    try:
-        modules_kept, modules = kept_and_gradients(m, lambda: mixer_output_and_loss(m, x))
-    finally:
-        hook.remove()
-    for a, b in zip(fused, modules, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    fused_kept, modules_kept = fused_matches_modules(m, lambda: mixer_output_and_loss(m, x), [m.o_proj])
     assert fused_kept < modules_kept
 
 
@@ -379,16 +424,8 @@ def test_pre_norms_fused_into_the_projections_equal_the_modules(name):
         loss = lm(ids, labels=ids).loss
         return loss, loss
 
-    fused_kept, fused = kept_and_gradients(lm, run)
-    hooks = [module.register_forward_hook(lambda module, args, out: None)
-             for block in lm.model.layers for module in (block.attn_norm, block.mlp_norm)]
-    try:
-        modules_kept, modules = kept_and_gradients(lm, run)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for a, b in zip(fused, modules, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    norms = [module for block in lm.model.layers for module in (block.attn_norm, block.mlp_norm)]
+    fused_kept, modules_kept = fused_matches_modules(lm, run, norms)
     assert fused_kept < modules_kept
 
 
@@ -417,36 +454,13 @@ def test_decay_recomputed_in_the_backward_pass_gives_the_same_gradients(name, mo
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "gated_deltanet-gva", "kda", "kda-gva-bounded"])
 def test_left_padded_batch_equals_each_row_alone(name):
-    """Our Gated DeltaNet and KDA models take a left-padded batch (attention_mask 0 before a row's tokens): every
-    row's logits at its real positions, its recurrent state and its conv inputs equal the row run alone, and so does
-    the next step from the batched cache; in float64, over more than one chunk, to 1e-6 relative: the torch chunk
-    path's results move by ~1e-8 with the batch they are computed in (seen without any padding), where padding that
-    reached a real position would move them by O(1). The hybrids refuse padding (their attention layers do not mask
-    it) with an error naming the cause."""
+    """Our Gated DeltaNet and KDA models take a left-padded batch: every row's logits, recurrent state and conv
+    inputs equal the row run alone, and so does the next step from the batched cache (assert_left_padding_is_exact,
+    over more than one chunk). The hybrids refuse padding (their attention layers do not mask it) with an error
+    naming the cause."""
     lm = random_model(name).double()
-    lengths = [70, 23, 5]
-    rows = [torch.randint(1, CONFIGS[name]["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)).tolist()
-            for n in lengths]
-    longest = max(lengths)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
-    assert lm.masks_left_padding
-    with torch.no_grad():
-        batch = lm(ids, attention_mask=mask, use_cache=True)
-        nxt = torch.tensor([[5], [6], [7]])
-        step = lm(nxt, past_key_values=batch.past_key_values, use_cache=True,
-                  attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1))
-        for i, r in enumerate(rows):
-            alone = lm(torch.tensor([r]), use_cache=True)
-            torch.testing.assert_close(batch.logits[i, longest - len(r):], alone.logits[0], rtol=1e-6, atol=1e-6)
-            alone_step = lm(nxt[i:i + 1], past_key_values=alone.past_key_values, use_cache=True)
-            torch.testing.assert_close(step.logits[i], alone_step.logits[0], rtol=1e-6, atol=1e-6)
-            for layer, layer_alone in zip(step.past_key_values.states, alone_step.past_key_values.states,
-                                          strict=True):
-                torch.testing.assert_close(layer.recurrent_state[i], layer_alone.recurrent_state[0], rtol=1e-6,
-                                           atol=1e-6)
-                for conv, conv_alone in zip(layer.conv_states, layer_alone.conv_states, strict=True):
-                    torch.testing.assert_close(conv[i], conv_alone[0], rtol=1e-6, atol=1e-6)
+    assert_left_padding_is_exact(lm, [70, 23, 5], CONFIGS[name]["vocab_size"])
+    ids, mask = torch.ones(2, 4, dtype=torch.long), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     hybrid = random_model(name.split("-")[0] + "-hybrid").double()
     assert not hybrid.masks_left_padding
     with pytest.raises(ValueError, match="padding would enter the recurrent state"):

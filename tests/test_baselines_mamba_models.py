@@ -290,14 +290,10 @@ def test_gated_norm_out_equals_the_two_modules(norm_before_gate, groups):
         assert torch.equal(gated_norm_out(norm, out_proj, yb, zb, torch.float32), out_proj(norm(yb, zb).float()))
 
 
-@pytest.mark.parametrize("family,config", [("mamba2", FLA_M2), ("mamba3", {**FLA_M3, "is_outproj_norm": True}),
-                                           ("mamba3", FLA_M3_MIMO)])
-def test_mixers_output_path_fused_equals_the_modules(family, config):
-    """The Mamba mixers run their gated norm and out_proj as gated_norm_out (Mamba-2; Mamba-3 SISO with
-    is_outproj_norm; MIMO's per-rank norm stays as modules); a forward hook on each out_proj makes them run as the
-    two modules. The loss and every parameter's gradient agree in float64, and the fused model keeps less for the
-    backward pass (MIMO, with nothing fused, the same)."""
-    from tests.test_baselines_fla import kept_and_gradients
+def training_loss_fused_and_as_modules(family, config, hooked) -> tuple[int, int]:
+    """A tiny float64 model's training loss and every gradient, fused and with hooked(lm)'s modules run as
+    themselves (tests.test_baselines_fla.fused_matches_modules: asserted equal); returns the bytes kept each way."""
+    from tests.test_baselines_fla import fused_matches_modules
 
     lm = _random_lm(family, config).double().train()
     ids = torch.randint(0, config["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(3))
@@ -306,16 +302,18 @@ def test_mixers_output_path_fused_equals_the_modules(family, config):
         loss = lm(ids, labels=ids).loss
         return loss, loss
 
-    fused_kept, fused = kept_and_gradients(lm, run)
-    hooks = [layer.mixer.out_proj.register_forward_hook(lambda module, args, out: None)
-             for layer in lm.backbone.layers]
-    try:
-        modules_kept, modules = kept_and_gradients(lm, run)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for a, b in zip(fused, modules, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    return fused_matches_modules(lm, run, hooked(lm))
+
+
+@pytest.mark.parametrize("family,config", [("mamba2", FLA_M2), ("mamba3", {**FLA_M3, "is_outproj_norm": True}),
+                                           ("mamba3", FLA_M3_MIMO)])
+def test_mixers_output_path_fused_equals_the_modules(family, config):
+    """The Mamba mixers run their gated norm and out_proj as gated_norm_out (Mamba-2; Mamba-3 SISO with
+    is_outproj_norm; MIMO's per-rank norm stays as modules); a forward hook on each out_proj makes them run as the
+    two modules. The loss and every parameter's gradient agree in float64, and the fused model keeps less for the
+    backward pass (MIMO, with nothing fused, the same)."""
+    fused_kept, modules_kept = training_loss_fused_and_as_modules(
+        family, config, lambda lm: [layer.mixer.out_proj for layer in lm.backbone.layers])
     assert fused_kept < modules_kept if not config.get("is_mimo") else fused_kept == modules_kept
 
 
@@ -324,24 +322,8 @@ def test_pre_norm_fused_into_in_proj_equals_the_modules(family, config):
     """In training the Mamba blocks run their pre-norm inside the mixer's in_proj (gdn2.fused.norm_linears); a
     forward hook on each block's norm makes it run as a module instead. The loss and every parameter's gradient
     agree in float64, and the fused blocks keep less for the backward pass."""
-    from tests.test_baselines_fla import kept_and_gradients
-
-    lm = _random_lm(family, config).double().train()
-    ids = torch.randint(0, config["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(3))
-
-    def run():
-        loss = lm(ids, labels=ids).loss
-        return loss, loss
-
-    fused_kept, fused = kept_and_gradients(lm, run)
-    hooks = [layer.norm.register_forward_hook(lambda module, args, out: None) for layer in lm.backbone.layers]
-    try:
-        modules_kept, modules = kept_and_gradients(lm, run)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for a, b in zip(fused, modules, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    fused_kept, modules_kept = training_loss_fused_and_as_modules(
+        family, config, lambda lm: [layer.norm for layer in lm.backbone.layers])
     assert fused_kept < modules_kept
 
 
@@ -350,40 +332,13 @@ def test_left_padded_batch_equals_each_row_alone(family, config):
     """Mamba-2 and Mamba-3 take a left-padded batch (attention_mask 0 before a row's tokens): Mamba-2's mixers zero
     the conv inputs and outputs at padded positions (a conv bias far from 0 here would otherwise write into the
     state), Mamba-3's zero x and DT (no write, no decay, no rotary advance, a zero previous value for the first
-    token's trapezoid term). Every row's logits and state equal the row alone, and so does the next step; in
-    float64, over several chunks, to 1e-6 as the other families' batch-1 checks."""
+    token's trapezoid term). Every row's logits and state equal the row alone, and so does the next step, over
+    several chunks (tests.test_baselines_fla.assert_left_padding_is_exact)."""
+    from tests.test_baselines_fla import assert_left_padding_is_exact
+
     lm = _random_lm(family, config).double()
     if family == "mamba2":
         with torch.no_grad():
             for layer in lm.backbone.layers:
                 layer.mixer.conv1d.bias.add_(1.0)
-    lengths = [40, 23, 5]
-    rows = [torch.randint(1, 4096, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
-    longest = max(lengths)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
-    assert lm.masks_left_padding
-    with torch.no_grad():
-        batch = lm(ids, attention_mask=mask, use_cache=True)
-        nxt = torch.tensor([[5], [6], [7]])
-        step = lm(nxt, past_key_values=batch.past_key_values, use_cache=True,
-                  attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1))
-        for i, r in enumerate(rows):
-            alone = lm(torch.tensor([r]), use_cache=True)
-            torch.testing.assert_close(batch.logits[i, longest - len(r):], alone.logits[0], rtol=1e-6, atol=1e-6)
-            alone_step = lm(nxt[i:i + 1], past_key_values=alone.past_key_values, use_cache=True)
-            torch.testing.assert_close(step.logits[i], alone_step.logits[0], rtol=1e-6, atol=1e-6)
-            for layer, layer_alone in zip(step.past_key_values.states, alone_step.past_key_values.states,
-                                          strict=True):
-                state = [t[i] for t in layer_tensors(layer)]
-                assert len(state) >= 2                  # conv or angle, and the SSM state at least
-                torch.testing.assert_close(state, [t[0] for t in layer_tensors(layer_alone)], rtol=1e-6, atol=1e-6)
-
-
-def layer_tensors(state) -> list[torch.Tensor]:
-    """Every tensor of a Mamba layer state (conv buffer, SSM state, last key and value, rotary angle)."""
-    from gdn2.cache import map_tensors
-
-    found: list[torch.Tensor] = []
-    map_tensors(state, lambda t: found.append(t) or t)
-    return found
+    assert_left_padding_is_exact(lm, [40, 23, 5], config["vocab_size"])
