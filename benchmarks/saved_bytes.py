@@ -1,11 +1,12 @@
 """Bytes a block keeps for the backward pass, per token and layer, by the module that keeps them.
 
-Runs one training forward pass of a GDN2ForCausalLM (any named config, a few layers), or of our Gated DeltaNet or
-KDA model at its 1.3B config (--family; a few layers), under bf16 autocast with a
-saved-tensors hook that records every tensor autograd keeps, attributed to the innermost module running when it was
-saved; each storage is counted once. Two sequence lengths are run and the difference is divided by the extra
-tokens, so what does not grow with the tokens (autocast's bf16 copies of the weights) drops out. On CPU the chunk
-kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set here), so the tensors are the ones the GPU path keeps.
+Runs one training forward pass of a GDN2ForCausalLM (any named config, a few layers), or of our Gated DeltaNet, KDA,
+Mamba-2 or Mamba-3 model at its 1.3B config (--family; a few layers), under bf16 autocast with a saved-tensors hook
+that records every tensor autograd keeps, attributed to the innermost module running when it was saved; each storage
+is counted once. Two sequence lengths are run and the difference is divided by the extra tokens, so what does not
+grow with the tokens (autocast's bf16 copies of the weights) drops out. On CPU the chunk kernels run in Triton's
+interpreter (TRITON_INTERPRET=1 is set here), so the tensors are the ones the GPU path keeps; the Mamba scans run
+their torch reference there (mamba-ssm's kernels need CUDA), which keeps other tensors than the kernels do.
 
     .venv/bin/python benchmarks/saved_bytes.py --config gdn2-1.3B --layers 1 --lengths 64,128 [--chunk-recompute]
     .venv/bin/python benchmarks/saved_bytes.py --family kda --layers 1
